@@ -1,0 +1,35 @@
+# Two commands on a fresh machine with only Python 3.11:  `make demo`  and  `make test`.
+# uv is bootstrapped from PyPI into .tools/ when it is not on PATH; dependencies come from uv.lock.
+PYTHON ?= python3.11
+UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
+RUN := $(UV) run --frozen --no-sync
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export GX_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
+
+.PHONY: setup demo test bench docs clean
+
+.tools/bin/uv:
+	$(PYTHON) -m venv .tools
+	.tools/bin/pip install --quiet --disable-pip-version-check uv
+
+.venv/.synced: $(if $(findstring .tools,$(UV)),.tools/bin/uv) pyproject.toml uv.lock
+	$(UV) sync --frozen --python $(PYTHON)
+	@touch $@
+
+setup: .venv/.synced  ## create .venv with the locked dependencies
+
+demo: setup  ## the main job on data_samples/: validated ingest into the raw store
+	$(RUN) scfrisk ingest --source data_samples/platform
+
+test: setup  ## the whole test suite
+	$(RUN) pytest
+
+bench: setup  ## benchmarks; figures go to docs/benchmarks.md
+	$(RUN) python -m benchmarks
+
+docs: setup  ## regenerate docs/data.md and docs/features.md from the code
+	$(RUN) python -m pipelines.docs
+
+clean:
+	rm -rf .scfrisk .venv .tools

@@ -1,0 +1,144 @@
+"""Workspace configuration: one `scfrisk.toml`, every key overridable from the environment.
+
+All state of a run lives under one workspace folder, ``SCFRISK_HOME`` (default ``.scfrisk`` in the
+current directory), so two workspaces never mix. Relative paths in the config are resolved against it.
+
+Precedence, highest first: environment (``SCFRISK_<KEY>`` at the top level, ``SCFRISK_<SECTION>__<KEY>``
+inside a section), then the TOML file, then the defaults below. The file is ``$SCFRISK_CONFIG`` when set,
+else ``scfrisk.toml`` in the current directory when present, else none.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from pipelines.errors import ScfriskError
+
+CONFIG_ENV = "SCFRISK_CONFIG"
+DEFAULT_CONFIG_FILE = "scfrisk.toml"
+
+
+class ConfigError(ScfriskError):
+    """A configuration file or variable that cannot be used; the message says which key and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsConfig(_Section):
+    """Where each layer keeps its files, relative to the workspace unless absolute."""
+
+    raw_store: Path = Path("raw")
+    feature_store: Path = Path("features")
+    reports: Path = Path("reports")
+    published: Path = Path("published")
+    validation: Path = Path("validation")
+    mlflow_artifacts: Path = Path("mlartifacts")
+
+
+class MlflowConfig(_Section):
+    """Tracking store; empty `tracking_uri` means an embedded SQLite file in the workspace."""
+
+    tracking_uri: str = ""
+    experiment: str = "scfrisk"
+    registered_model: str = "scfrisk-pd"
+
+
+class ModelConfig(_Section):
+    """Training settings shared by the default-model flows."""
+
+    seed: int = 42
+    label_horizon_months: int = Field(12, ge=1, le=36)
+    test_months: int = Field(4, ge=1)
+    valid_months: int = Field(4, ge=1)
+
+
+class IngestConfig(_Section):
+    """Rules of the validated ingestion that are settings rather than schema."""
+
+    max_failure_examples: int = Field(5, ge=1, le=100)
+    allow_future_seconds: int = Field(0, ge=0)
+
+
+class Settings(BaseSettings):
+    """The validated configuration of one workspace."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SCFRISK_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    home: Path = Path(".scfrisk")
+    seed: int = 42
+    policy_file: Path = Path("policy.toml")
+    paths: PathsConfig = PathsConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    model: ModelConfig = ModelConfig()
+    ingest: IngestConfig = IngestConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs; the environment must win over it.
+        return env_settings, init_settings
+
+    def path(self, key: str) -> Path:
+        """Absolute path of a `[paths]` entry, resolved against the workspace."""
+        value = getattr(self.paths, key)
+        return value if value.is_absolute() else self.home_dir / value
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.mlflow.tracking_uri:
+            return self.mlflow.tracking_uri
+        return f"sqlite:///{self.home_dir / 'mlflow.db'}"
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"unknown key '{key}'"
+    return f"'{key}': {error['msg']} (got {error.get('input')!r})"
+
+
+def load_settings(config_file: Path | str | None = None) -> Settings:
+    """Read, merge and validate the configuration; raise `ConfigError` naming every bad key."""
+    if config_file is None:
+        config_file = os.environ.get(CONFIG_ENV) or (
+            DEFAULT_CONFIG_FILE if Path(DEFAULT_CONFIG_FILE).is_file() else None
+        )
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if config_file is not None:
+        path = Path(config_file)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise ConfigError(f"invalid configuration ({source} + SCFRISK_* environment): {problems}") from exc

@@ -1,0 +1,35 @@
+"""Shared fixtures: an isolated workspace per test and one real Prefect server per test session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_UI_ENABLED", "false")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from pipelines.config import Settings  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data_samples" / "platform"
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect API for the whole session (starting one costs ~13 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Settings of a fresh workspace under the test's own temporary folder."""
+    return Settings(home=tmp_path / "home")

@@ -1,0 +1,57 @@
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import ConfigError, load_settings
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "scfrisk.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_keep_all_state_in_the_workspace(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCFRISK_HOME", str(tmp_path / "ws"))
+    settings = load_settings(_write(tmp_path, ""))
+    assert settings.home_dir == (tmp_path / "ws").resolve()
+    assert settings.path("raw_store") == settings.home_dir / "raw"
+    assert settings.tracking_uri == f"sqlite:///{settings.home_dir / 'mlflow.db'}"
+
+
+def test_environment_overrides_file_for_every_level(tmp_path, monkeypatch):
+    path = _write(tmp_path, 'home = "a"\n[mlflow]\nexperiment = "from-file"\n[model]\nseed = 1\n')
+    monkeypatch.setenv("SCFRISK_MLFLOW__EXPERIMENT", "from-env")
+    monkeypatch.setenv("SCFRISK_MODEL__SEED", "7")
+    settings = load_settings(path)
+    assert settings.mlflow.experiment == "from-env"
+    assert settings.model.seed == 7
+    assert settings.home == Path("a")
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'paths.raw_stor'"):
+        load_settings(_write(tmp_path, '[paths]\nraw_stor = "x"\n'))
+
+
+def test_wrong_type_is_named_with_its_value(tmp_path):
+    with pytest.raises(ConfigError, match=r"'model.seed'.*'abc'"):
+        load_settings(_write(tmp_path, '[model]\nseed = "abc"\n'))
+
+
+def test_wrong_type_from_environment_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCFRISK_MODEL__TEST_MONTHS", "0")
+    with pytest.raises(ConfigError, match=r"'model.test_months'"):
+        load_settings(_write(tmp_path, ""))
+
+
+def test_missing_and_malformed_files_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(_write(tmp_path, "[paths\n"))
+
+
+def test_repository_config_is_valid():
+    repo_config = Path(__file__).resolve().parents[1] / "scfrisk.toml"
+    assert load_settings(repo_config).mlflow.registered_model == "scfrisk-pd"
