@@ -67,6 +67,19 @@ class IngestConfig(_Section):
     allow_future_seconds: int = Field(0, ge=0)
 
 
+class ServiceConfig(_Section):
+    """The scoring service. API keys are `key` (every scope) or `key:scope+scope` (scopes: score, read);
+    keys from the comma-separated `SCFRISK_API_KEYS` variable are added to these."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_keys: tuple[str, ...] = ()
+    max_batch_size: int = Field(500, ge=1, le=100_000)
+    max_request_bytes: int = Field(1_000_000, ge=1024)
+    audit_log: Path = Path("audit/decisions.jsonl")
+    reload_interval_seconds: float = Field(2.0, gt=0.0)
+
+
 class Settings(BaseSettings):
     """The validated configuration of one workspace."""
 
@@ -84,6 +97,7 @@ class Settings(BaseSettings):
     mlflow: MlflowConfig = MlflowConfig()
     model: ModelConfig = ModelConfig()
     ingest: IngestConfig = IngestConfig()
+    service: ServiceConfig = ServiceConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -100,6 +114,12 @@ class Settings(BaseSettings):
     def path(self, key: str) -> Path:
         """Absolute path of a `[paths]` entry, resolved against the workspace."""
         value = getattr(self.paths, key)
+        return value if value.is_absolute() else self.home_dir / value
+
+    @property
+    def audit_log(self) -> Path:
+        """Absolute path of the service's append-only decision log, resolved against the workspace."""
+        value = self.service.audit_log
         return value if value.is_absolute() else self.home_dir / value
 
     @property
