@@ -1,0 +1,206 @@
+"""Limit engine: per merchant and product, eligibility, limit, binding constraint, EL, price and profit.
+
+Everything is column arithmetic on numpy arrays (one pass per product, no row loops), so a million
+merchant-product rows take well under a second. The policy supplies every number; this module only
+knows how to combine them:
+
+    limit = min(absolute cap, concentration cap, exposure base x advance rate, EL budget / (PD x LGD x CCF))
+
+rounded down to the policy's step. Money is viewed over one year of the facility drawn at EAD:
+APR = funding + PD x LGD + operating + margin (the risk-based floor), and
+expected profit = EAD x (APR + fees) x (1 - PD) - EL - EAD x (funding + operating).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from models.master_scale import MasterScale
+from models.policy import (
+    CreditPolicy,
+    EligibleReceivables,
+    ExposureBase,
+    ProductPolicy,
+    RevenueCapacity,
+    UnsettledOrders,
+    WarehouseInventory,
+)
+from pipelines.errors import ScfriskError
+
+FEATURES: tuple[str, ...] = (
+    "segment",
+    "category",
+    "tenure_days",
+    "net_sales_30d",
+    "net_sales_90d",
+    "unsettled_order_value",
+    "open_receivables_current",
+    "receivables_top_counterparty_share",
+    "inventory_value_in_warehouse",
+)
+"""Feature-store columns the engine reads (the feature store guarantees these names)."""
+
+REQUIRED: tuple[str, ...] = ("merchant_id", "pd", *FEATURES)
+
+CONSTRAINTS: tuple[str, ...] = ("absolute_cap", "concentration_cap", "collateral", "el_budget")
+"""What can bind a limit, in the order ties are resolved."""
+
+EXCLUSIONS: tuple[str, ...] = ("segment", "tenure", "sales", "grade", "apr_cap", "min_limit")
+"""Eligibility rules in the order they are checked; a row reports the first one it fails."""
+
+LIMIT_COLUMNS: tuple[str, ...] = (
+    "merchant_id",
+    "product",
+    "pd",
+    "grade",
+    "eligible",
+    "exclusion_reason",
+    "exposure_base",
+    "limit",
+    "binding_constraint",
+    "ead",
+    "expected_loss",
+    "apr",
+    "expected_profit",
+    "policy_version",
+)
+
+
+class LimitInputError(ScfriskError):
+    """The merchant table handed to the engine misses columns or holds impossible values."""
+
+
+def check_input(frame: pd.DataFrame, scale: MasterScale) -> None:
+    """Refuse input the engine would silently misprice: missing columns, bad PDs, grades off the scale."""
+    missing = [c for c in REQUIRED if c not in frame.columns]
+    if missing:
+        raise LimitInputError(f"limit input misses columns {missing}; it needs {list(REQUIRED)}")
+    pd_values = frame["pd"].to_numpy(dtype=float)
+    bad = ~((pd_values >= 0.0) & (pd_values <= 1.0))
+    if bad.any():
+        example = frame.loc[bad, ["merchant_id", "pd"]].iloc[0]
+        raise LimitInputError(
+            f"column 'pd' must lie in [0, 1]: {int(bad.sum())} rows do not, e.g. merchant "
+            f"{example['merchant_id']} with pd {example['pd']}"
+        )
+    if "grade" in frame.columns:
+        expected = scale.assign(pd_values)
+        off = frame["grade"].astype(str).to_numpy() != expected
+        if off.any():
+            i = int(np.flatnonzero(off)[0])
+            raise LimitInputError(
+                f"column 'grade' disagrees with the policy master scale on {int(off.sum())} rows, e.g. "
+                f"merchant {frame['merchant_id'].iloc[i]}: pd {pd_values[i]:.4f} graded "
+                f"{frame['grade'].iloc[i]}, policy says {expected[i]} (PD model and policy out of step?)"
+            )
+
+
+def _amount(frame: pd.DataFrame, column: str) -> np.ndarray:
+    """A money or share feature as floats; a merchant without that activity has 0, not NaN."""
+    return np.nan_to_num(frame[column].to_numpy(dtype=float), nan=0.0)
+
+
+def exposure_base(frame: pd.DataFrame, base: ExposureBase) -> np.ndarray:
+    """The collateral (or capacity) value each merchant offers for a product, before the advance rate."""
+    match base:
+        case UnsettledOrders():
+            return _amount(frame, "unsettled_order_value")
+        case EligibleReceivables(max_counterparty_share=cap):
+            excess = np.clip(_amount(frame, "receivables_top_counterparty_share") - cap, 0.0, 1.0)
+            return _amount(frame, "open_receivables_current") * (1.0 - excess)
+        case WarehouseInventory(haircuts=haircuts, default_haircut=default):
+            categories = list(haircuts)
+            codes = pd.Categorical(frame["category"], categories=categories).codes
+            cut = np.append(np.array([haircuts[c] for c in categories]), default)[codes]  # code -1: default
+            return _amount(frame, "inventory_value_in_warehouse") * (1.0 - cut)
+        case RevenueCapacity(months_of_sales=months):
+            return months * _amount(frame, "net_sales_90d") / 3.0
+    raise AssertionError(f"unhandled exposure base {base!r}")  # pragma: no cover - the union is closed
+
+
+def apr_floor(pd_values: np.ndarray, terms: ProductPolicy) -> np.ndarray:
+    """Risk-based annual rate: what the loan costs to fund, lose, run, plus the margin."""
+    p = terms.pricing
+    return p.funding_rate + pd_values * terms.lgd + p.operating_rate + p.margin
+
+
+def expected_profit(ead: np.ndarray, apr: np.ndarray, pd_values: np.ndarray, terms: ProductPolicy) -> np.ndarray:
+    """One year of income net of expected loss and costs; `pd_values` may be realised 0/1 defaults."""
+    p = terms.pricing
+    income = ead * (apr + p.fee_rate) * (1.0 - pd_values)
+    return income - pd_values * terms.lgd * ead - ead * (p.funding_rate + p.operating_rate)
+
+
+def product_limits(frame: pd.DataFrame, product: str, policy: CreditPolicy) -> pd.DataFrame:
+    """Limits of every row of `frame` for one product (input already checked by `check_input`)."""
+    terms = policy.product(product)
+    scale = policy.master_scale
+    n = len(frame)
+    pd_values = frame["pd"].to_numpy(dtype=float)
+    grade_index = scale.grade_index(pd_values)
+    advance = np.zeros(len(scale.grades))
+    advance[: len(terms.advance_rate)] = list(terms.advance_rate.values())
+
+    base = exposure_base(frame, terms.base)
+    with np.errstate(divide="ignore"):
+        el_cap = terms.el_budget / (pd_values * terms.lgd * terms.ccf)  # PD 0: no EL bound (inf)
+    caps = np.stack(
+        [
+            np.full(n, terms.max_limit),
+            terms.max_sales_share * _amount(frame, "net_sales_90d"),
+            base * advance[grade_index],
+            el_cap,
+        ]
+    )
+    binding = caps.argmin(axis=0)
+    raw = caps[binding, np.arange(n)]
+    limit = np.floor(raw / terms.round_to) * terms.round_to
+    apr = apr_floor(pd_values, terms)
+
+    failed = (
+        ~np.isin(frame["segment"].to_numpy(dtype=object), terms.segments),
+        ~(frame["tenure_days"].to_numpy(dtype=float) >= terms.min_tenure_days),
+        ~(frame["net_sales_90d"].to_numpy(dtype=float) >= terms.min_net_sales_90d),
+        grade_index >= len(terms.advance_rate),
+        apr > terms.pricing.max_apr,
+        limit < max(terms.min_limit, terms.round_to),
+    )
+    reason = np.full(n, -1, dtype=np.int8)
+    for code in reversed(range(len(EXCLUSIONS))):  # the first rule failed wins
+        reason[failed[code]] = code
+    eligible = reason < 0
+
+    limit = np.where(eligible, limit, 0.0)
+    ead = limit * terms.ccf
+    expected_loss = pd_values * terms.lgd * ead
+    return pd.DataFrame(
+        {
+            "merchant_id": frame["merchant_id"].to_numpy(),
+            "product": pd.Categorical.from_codes(
+                np.full(n, list(policy.products).index(product), dtype=np.int8), categories=list(policy.products)
+            ),
+            "pd": pd_values,
+            "grade": pd.Categorical.from_codes(grade_index, categories=scale.names, ordered=True),
+            "eligible": eligible,
+            "exclusion_reason": pd.Categorical.from_codes(reason, categories=list(EXCLUSIONS)),
+            "exposure_base": base,
+            "limit": limit,
+            "binding_constraint": pd.Categorical.from_codes(
+                np.where(eligible, binding, -1).astype(np.int8), categories=list(CONSTRAINTS)
+            ),
+            "ead": ead,
+            "expected_loss": expected_loss,
+            "apr": np.where(eligible, apr, np.nan),
+            "expected_profit": np.where(eligible, expected_profit(ead, apr, pd_values, terms), 0.0),
+            "policy_version": policy.version,
+        },
+        index=frame.index,
+    )
+
+
+def compute_limits(merchants: pd.DataFrame, policy: CreditPolicy) -> pd.DataFrame:
+    """One row per merchant x policy product, products in policy order (see `LIMIT_COLUMNS`)."""
+    check_input(merchants, policy.master_scale)
+    frames = [product_limits(merchants, product, policy) for product in policy.products]
+    return pd.concat(frames, ignore_index=True)
