@@ -143,7 +143,7 @@ def product_limits(frame: pd.DataFrame, product: str, policy: CreditPolicy) -> p
     advance[: len(terms.advance_rate)] = list(terms.advance_rate.values())
 
     base = exposure_base(frame, terms.base)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore"):
         el_cap = terms.el_budget / (pd_values * terms.lgd * terms.ccf)  # PD 0: no EL bound (inf)
     caps = np.stack(
         [

@@ -1,0 +1,190 @@
+"""Limit engine and decisions: the properties a risk officer relies on, checked on generated merchants."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from models.decision import CreditRequest, Outcome, decide
+from models.limits import CONSTRAINTS, LimitInputError, compute_limits, expected_profit
+from models.policy import PolicyError, load_policy, parse_policy
+
+POLICY_FILE = Path(__file__).resolve().parents[1] / "policy.toml"
+POLICY = load_policy(POLICY_FILE)
+MONEY = st.floats(0.0, 1e7, allow_nan=False)
+
+
+def merchants(n: int, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(
+        {
+            "merchant_id": [f"M{i:07d}" for i in range(n)],
+            "pd": rng.beta(1.0, 25.0, n),
+            "segment": rng.choice(["corporate", "individual"], n),
+            "category": rng.choice(["apparel", "electronics", "food", "toys"], n),
+            "tenure_days": rng.integers(0, 2000, n),
+            "net_sales_30d": rng.lognormal(9.0, 1.0, n),
+            "net_sales_90d": rng.lognormal(10.0, 1.0, n),
+            "unsettled_order_value": rng.lognormal(8.0, 1.0, n),
+            "open_receivables_current": rng.lognormal(9.0, 1.0, n),
+            "receivables_top_counterparty_share": rng.uniform(0.0, 1.0, n),
+            "inventory_value_in_warehouse": rng.lognormal(9.0, 1.5, n),
+        }
+    )
+
+
+merchant_rows = st.fixed_dictionaries(
+    {
+        "segment": st.sampled_from(["corporate", "individual"]),
+        "category": st.sampled_from(["apparel", "electronics", "food", "auto_parts"]),
+        "tenure_days": st.integers(0, 3000),
+        "net_sales_30d": MONEY,
+        "net_sales_90d": MONEY,
+        "unsettled_order_value": MONEY,
+        "open_receivables_current": MONEY,
+        "receivables_top_counterparty_share": st.floats(0.0, 1.0),
+        "inventory_value_in_warehouse": MONEY,
+    }
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(row=merchant_rows, pds=st.lists(st.floats(0.0, 1.0), min_size=2, max_size=12))
+def test_limits_never_increase_as_pd_rises_for_a_fixed_base(row, pds):
+    pds = sorted(pds)
+    frame = pd.DataFrame([{**row, "merchant_id": f"M{i}", "pd": p} for i, p in enumerate(pds)])
+    limits = compute_limits(frame, POLICY)
+    for product, group in limits.groupby("product", observed=True):
+        assert np.all(np.diff(group["limit"].to_numpy()) <= 0), product
+
+
+@settings(max_examples=60, deadline=None)
+@given(row=merchant_rows, pd_value=st.floats(0.0, 1.0))
+def test_limits_never_exceed_any_cap(row, pd_value):
+    frame = pd.DataFrame([{**row, "merchant_id": "M1", "pd": pd_value}])
+    limits = compute_limits(frame, POLICY).set_index("product")
+    for product, terms in POLICY.products.items():
+        out = limits.loc[product]
+        assert 0.0 <= out["limit"] <= terms.max_limit
+        assert out["limit"] <= terms.max_sales_share * row["net_sales_90d"] + 1e-6
+        if out["eligible"]:
+            assert out["limit"] <= out["exposure_base"] * terms.advance_rate[out["grade"]] + 1e-6
+            assert out["limit"] % terms.round_to == 0 and out["limit"] >= terms.min_limit
+        assert out["expected_loss"] <= terms.el_budget + 1e-6
+        assert out["exposure_base"] >= 0.0
+
+
+def test_ineligible_rows_get_zero_and_their_first_failed_rule():
+    limits = compute_limits(merchants(5000), POLICY)
+    out = limits[~limits["eligible"]]
+    assert len(out) > 0 and out["exclusion_reason"].notna().all()
+    assert (out[["limit", "ead", "expected_loss", "expected_profit"]] == 0).all().all()
+    assert out["binding_constraint"].isna().all() and out["apr"].isna().all()
+    assert limits.loc[limits["eligible"], "exclusion_reason"].isna().all()
+    # Each rule the policy names excludes someone in a realistic book; individuals never get receivables.
+    receivables = limits[limits["product"] == "receivable_financing"]
+    individual = receivables["merchant_id"].isin(merchants(5000).query("segment == 'individual'")["merchant_id"])
+    assert (receivables.loc[individual, "exclusion_reason"] == "segment").all()
+    assert {"segment", "tenure", "sales", "grade", "min_limit"} <= set(out["exclusion_reason"].astype(str))
+
+
+def test_the_first_failing_rule_is_the_one_reported():
+    frame = merchants(1).assign(segment="individual", tenure_days=1, net_sales_90d=1.0, pd=0.9)
+    reason = compute_limits(frame, POLICY).set_index("product")["exclusion_reason"]
+    assert reason["receivable_financing"] == "segment"  # segment is checked before tenure, sales and grade
+    assert reason["microloan"] == "tenure"
+
+
+def test_binding_constraint_is_the_smallest_cap():
+    limits = compute_limits(merchants(5000), POLICY)
+    eligible = limits[limits["eligible"]]
+    assert set(eligible["binding_constraint"].astype(str)) <= set(CONSTRAINTS)
+    assert {"collateral", "concentration_cap"} <= set(eligible["binding_constraint"].astype(str))
+    capped = eligible[eligible["binding_constraint"] == "absolute_cap"]
+    for product, group in capped.groupby("product", observed=True):
+        assert (group["limit"] == POLICY.products[product].max_limit).all()
+
+
+def test_el_apr_and_profit_arithmetic():
+    limits = compute_limits(merchants(3000), POLICY)
+    for product, group in limits[limits["eligible"]].groupby("product", observed=True):
+        terms, p = POLICY.products[product], POLICY.products[product].pricing
+        ead = group["limit"] * terms.ccf
+        np.testing.assert_allclose(group["ead"], ead)
+        np.testing.assert_allclose(group["expected_loss"], group["pd"] * terms.lgd * ead)
+        floor = p.funding_rate + group["pd"] * terms.lgd + p.operating_rate + p.margin
+        assert (group["apr"] >= floor - 1e-12).all() and (group["apr"] <= p.max_apr).all()
+        income = ead * (group["apr"] + p.fee_rate) * (1 - group["pd"])
+        profit = income - group["expected_loss"] - ead * (p.funding_rate + p.operating_rate)
+        np.testing.assert_allclose(group["expected_profit"], profit)
+
+
+def test_profit_at_the_apr_floor_is_the_margin_less_the_pd_weighted_price():
+    """At APR = funding + PD*LGD + opex + margin, profit per unit = margin + fee - PD * (APR + fee) exactly."""
+    terms = POLICY.products["order_financing"]
+    pd_values = np.array([0.0, 0.01, 0.1])
+    apr = terms.pricing.funding_rate + pd_values * terms.lgd + terms.pricing.operating_rate + terms.pricing.margin
+    profit = expected_profit(np.ones(3), apr, pd_values, terms)
+    fee = terms.pricing.fee_rate
+    np.testing.assert_allclose(profit, terms.pricing.margin + fee - pd_values * (apr + fee))
+    assert profit[0] > 0 > expected_profit(np.ones(1), apr[2:], np.ones(1), terms)[0]  # a realised default loses
+
+
+def test_a_product_added_in_toml_alone_appears_in_the_limits_table():
+    text = POLICY_FILE.read_text() + (
+        "\n[products.platform_settlement_advance]\n"
+        'segments = ["individual"]\nmin_tenure_days = 30\nmin_net_sales_90d = 0\nworst_grade = "C"\n'
+        "advance_rate = { A = 0.5, B = 0.4, C = 0.3 }\nmax_sales_share = 1.0\nmax_limit = 10000\n"
+        "min_limit = 100\nround_to = 50\nel_budget = 100\nlgd = 0.2\ntenor_days = 14\n"
+        "pricing = { funding_rate = 0.05, operating_rate = 0.01, margin = 0.02, max_apr = 0.3 }\n"
+        'base = { kind = "unsettled_orders" }\n'
+    )
+    policy = parse_policy(tomllib.loads(text))
+    limits = compute_limits(merchants(2000), policy)
+    new = limits[limits["product"] == "platform_settlement_advance"]
+    assert len(new) == 2000 and new["eligible"].sum() > 0
+    assert (new["limit"] <= 10000).all() and (new["limit"] % 50 == 0).all()
+    assert set(new.loc[new["eligible"], "grade"].astype(str)) <= {"A", "B", "C"}
+
+
+def test_input_errors_name_the_column():
+    frame = merchants(10)
+    with pytest.raises(LimitInputError, match=r"misses columns \['tenure_days'\]"):
+        compute_limits(frame.drop(columns="tenure_days"), POLICY)
+    with pytest.raises(LimitInputError, match=r"'pd' must lie in \[0, 1\]: 1 rows do not, e.g. merchant M0000003"):
+        compute_limits(frame.assign(pd=np.where(frame.index == 3, 1.5, frame["pd"])), POLICY)
+    wrong = frame.assign(pd=0.03, grade="A")
+    with pytest.raises(LimitInputError, match=r"'grade' disagrees .* 10 rows.*graded A, policy says D"):
+        compute_limits(wrong, POLICY)
+
+
+def test_decisions_approve_counter_refer_and_decline_with_reasons():
+    frame = merchants(3).assign(
+        segment="corporate", tenure_days=1000, net_sales_90d=90000.0, unsettled_order_value=10000.0, pd=0.003
+    )
+    frame.loc[2, "pd"] = 0.5
+    limits = compute_limits(frame, POLICY)
+    limit = limits.query("merchant_id == 'M0000000' and product == 'order_financing'")["limit"].iloc[0]
+    assert limit == 8000  # 80% advance on 10,000 of unsettled orders at grade A
+
+    def ask(merchant: str, amount: float):
+        return decide(CreditRequest(merchant_id=merchant, product="order_financing", requested_amount=amount), limits, POLICY)
+
+    approved = ask("M0000000", 5000)
+    assert (approved.outcome, approved.amount, approved.tenor_days) == (Outcome.APPROVE, 5000, 60)
+    countered = ask("M0000000", 12000)
+    assert (countered.outcome, countered.amount) == (Outcome.COUNTER_OFFER, 8000)
+    assert "80% of the unsettled orders (10,000)" in countered.reasons[1]
+    referred = ask("M0000000", 50000)
+    assert referred.outcome == Outcome.REFER and referred.amount == 0 and "more than 2 x" in referred.reasons[0]
+    declined = ask("M0000002", 100)
+    assert declined.outcome == Outcome.DECLINE and "risk grade G is worse than E" in declined.reasons[0]
+    assert ask("M9999999", 100).outcome == Outcome.REFER
+    with pytest.raises(PolicyError, match="unknown product 'leasing'"):
+        decide(CreditRequest(merchant_id="M0000000", product="leasing", requested_amount=1), limits, POLICY)
