@@ -52,6 +52,7 @@ EXCLUSIONS: tuple[str, ...] = ("segment", "tenure", "sales", "grade", "apr_cap",
 LIMIT_COLUMNS: tuple[str, ...] = (
     "merchant_id",
     "product",
+    "segment",
     "pd",
     "grade",
     "eligible",
@@ -180,6 +181,7 @@ def product_limits(frame: pd.DataFrame, product: str, policy: CreditPolicy) -> p
             "product": pd.Categorical.from_codes(
                 np.full(n, list(policy.products).index(product), dtype=np.int8), categories=list(policy.products)
             ),
+            "segment": frame["segment"].to_numpy(),
             "pd": pd_values,
             "grade": pd.Categorical.from_codes(grade_index, categories=scale.names, ordered=True),
             "eligible": eligible,
