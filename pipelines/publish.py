@@ -1,0 +1,182 @@
+"""Publishing: an immutable, checked bundle per run, made live by one atomic pointer switch.
+
+Layout under `settings.path("published")`:
+    bundles/<bundle_id>/   manifest.json (hashes of every file) + model, features, limits, reasons, policy, report
+    rejected/<bundle_id>/  bundles that failed their checks, kept for inspection, never live
+    CURRENT                the live bundle id, replaced with `os.replace` so readers see the old or the new id
+The service polls CURRENT and reloads; `rollback` points it back at an older bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipelines.config import Settings
+from pipelines.errors import ScfriskError
+from serving.bundle import (
+    BUNDLES_DIR,
+    FEATURES_FILE,
+    LIMITS_FILE,
+    MANIFEST,
+    MODEL_DIR,
+    POINTER,
+    POLICY_FILE,
+    REASONS_FILE,
+    REPORT_FILE,
+    Bundle,
+    current_bundle_id,
+    file_digest,
+    load_bundle,
+    read_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+CHECK_ROWS = 200
+"""Rows of the online snapshot re-scored before a switch."""
+PD_TOLERANCE = 1e-6
+
+
+class BundleCheckError(ScfriskError):
+    """A bundle failed a check before going live; it stays out of service."""
+
+
+@dataclass(frozen=True)
+class BundleParts:
+    """What a run hands to publishing; tables may be in memory or already written Parquet files."""
+
+    model_dir: Path
+    model_version: str
+    feature_set_version: str
+    features_as_of: str
+    online_features: pd.DataFrame | Path
+    limits: pd.DataFrame | Path
+    reason_codes: pd.DataFrame | Path
+    policy_file: Path
+    risk_report: Path | None = None
+
+
+def _put(source: pd.DataFrame | Path, target: Path) -> None:
+    if isinstance(source, pd.DataFrame):
+        source.to_parquet(target, index=False)
+    else:
+        shutil.copyfile(source, target)
+
+
+def _stage(parts: BundleParts, staging: Path) -> dict[str, str]:
+    """Copy the parts into `staging`; returns the manifest's file table (relative path -> SHA-256)."""
+    shutil.copytree(parts.model_dir, staging / MODEL_DIR)
+    _put(parts.online_features, staging / FEATURES_FILE)
+    _put(parts.limits, staging / LIMITS_FILE)
+    _put(parts.reason_codes, staging / REASONS_FILE)
+    shutil.copyfile(parts.policy_file, staging / POLICY_FILE)
+    if parts.risk_report is not None:
+        shutil.copyfile(parts.risk_report, staging / REPORT_FILE)
+    return {str(p.relative_to(staging)): file_digest(p) for p in sorted(staging.rglob("*")) if p.is_file()}
+
+
+def build_bundle(parts: BundleParts, published: Path, now: datetime | None = None) -> Path:
+    """Write a new bundle into a staging folder of `published` and return it (not yet checked or live)."""
+    from models.policy import load_policy
+
+    staging = published / f".staging-{uuid.uuid4().hex}"
+    staging.mkdir(parents=True)
+    files = _stage(parts, staging)
+    content = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    created = (now or datetime.now(UTC)).astimezone(UTC)
+    manifest = {
+        "bundle_id": f"{created:%Y%m%dT%H%M%S%fZ}-{content[:8]}",
+        "created_at": created.isoformat(),
+        "model_version": parts.model_version,
+        "feature_set_version": parts.feature_set_version,
+        "features_as_of": parts.features_as_of,
+        "policy_version": load_policy(parts.policy_file).version,
+        "files": files,
+    }
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return staging
+
+
+def check_bundle(bundle_dir: Path) -> Bundle:
+    """Verify hashes, load the bundle exactly as the service will, and re-score part of its snapshot; raise on any doubt."""
+    bundle = load_bundle(bundle_dir)
+    sample = bundle.snapshot.head(CHECK_ROWS)
+    pd_values = bundle.model.predict_pd(sample)
+    if not np.all(np.isfinite(pd_values) & (pd_values >= 0.0) & (pd_values <= 1.0)):
+        raise BundleCheckError(f"the model scores non-finite or out-of-range PDs on {FEATURES_FILE}")
+    missing = sorted(set(sample["merchant_id"]) - set(bundle.online))
+    if missing:
+        raise BundleCheckError(f"{LIMITS_FILE} has no rows for {len(missing)} snapshot merchants, e.g. {missing[:3]}")
+    stored = np.array([bundle.online[m].pd for m in sample["merchant_id"]])
+    worst = float(np.max(np.abs(stored - pd_values))) if len(stored) else 0.0
+    if worst > PD_TOLERANCE:
+        raise BundleCheckError(
+            f"{LIMITS_FILE} PDs differ from the bundled model's by up to {worst:.3g}: the limits were computed "
+            "with another model or another feature snapshot"
+        )
+    return bundle
+
+
+def switch_to(published: Path, bundle_id: str) -> None:
+    """Make `bundle_id` live: write the pointer beside the old one, then rename over it (atomic)."""
+    if not (published / BUNDLES_DIR / bundle_id / MANIFEST).is_file():
+        raise ScfriskError(f"no published bundle '{bundle_id}' in {published / BUNDLES_DIR}")
+    tmp = published / f"{POINTER}.tmp"
+    with tmp.open("w") as handle:
+        handle.write(bundle_id + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, published / POINTER)
+    log.info("bundle %s is live", bundle_id)
+
+
+def publish(parts: BundleParts, settings: Settings) -> str:
+    """Build, check and switch in a bundle; a bundle that fails a check is moved to `rejected/`."""
+    published = settings.path("published")
+    staging = build_bundle(parts, published)
+    bundle_id = read_manifest(staging)["bundle_id"]
+    try:
+        check_bundle(staging)
+    except ScfriskError as exc:
+        rejected = published / "rejected" / bundle_id
+        rejected.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, rejected)
+        raise BundleCheckError(f"bundle {bundle_id} was not published ({rejected}): {exc}") from exc
+    (published / BUNDLES_DIR).mkdir(exist_ok=True)
+    os.replace(staging, published / BUNDLES_DIR / bundle_id)
+    switch_to(published, bundle_id)
+    return bundle_id
+
+
+def list_bundles(published: Path) -> list[str]:
+    """Published bundle ids, oldest first (ids start with their UTC creation time)."""
+    root = published / BUNDLES_DIR
+    return sorted(p.name for p in root.iterdir() if (p / MANIFEST).is_file()) if root.is_dir() else []
+
+
+def rollback(settings: Settings, to: str | None = None) -> str:
+    """Switch to bundle `to`, or to the newest bundle older than the live one; it is re-checked first."""
+    published = settings.path("published")
+    bundles = list_bundles(published)
+    live = current_bundle_id(published)
+    if to is None:
+        older = [b for b in bundles if live is None or b < live]
+        if not older:
+            raise ScfriskError(f"no bundle older than the live one ({live}) to roll back to in {published}")
+        to = older[-1]
+    elif to not in bundles:
+        raise ScfriskError(f"no published bundle '{to}'; published: {', '.join(bundles) or 'none'}")
+    check_bundle(published / BUNDLES_DIR / to)
+    switch_to(published, to)
+    return to

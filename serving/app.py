@@ -1,0 +1,300 @@
+"""The scoring service the loan engine calls: FastAPI app factory over the live published bundle.
+
+A request takes the bundle reference once and keeps it to the end, so a reload (load the new bundle
+fully, then swap one reference) never changes the answer of a request in flight. A bundle that cannot
+be loaded is not swapped in: the old one keeps serving and `/readyz` says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request, Security
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import APIKeyHeader
+
+from pipelines.config import Settings
+from pipelines.errors import ScfriskError
+from serving.audit import AuditLog
+from serving.auth import ApiKey, Keyring
+from serving.bundle import (
+    BUNDLES_DIR,
+    MANIFEST,
+    REPORT_FILE,
+    Bundle,
+    Scored,
+    current_bundle_id,
+    load_bundle,
+    read_manifest,
+)
+from serving.schemas import (
+    BatchRequest,
+    BatchResponse,
+    Health,
+    MerchantLimits,
+    ModelInfo,
+    Problem,
+    Readiness,
+    ScoreRequest,
+    ScoreResponse,
+)
+
+log = logging.getLogger(__name__)
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem, "description": "No or unknown API key in X-API-Key."},
+    403: {"model": Problem, "description": "The API key lacks the scope this endpoint needs."},
+    413: {"model": Problem, "description": "Request body or batch larger than the configured maximum."},
+    503: {"model": Problem, "description": "No bundle published or loaded yet."},
+}
+NOT_FOUND = {404: {"model": Problem, "description": "Unknown merchant, report or bundle."}}
+
+
+class LiveBundle:
+    """The one reference requests read; replaced whole by `refresh`, never mutated."""
+
+    def __init__(self, published: Path) -> None:
+        self.published = published
+        self.bundle: Bundle | None = None
+        self.failed: tuple[str, str] | None = None
+        """(bundle id, error) of the last bundle that could not be loaded."""
+
+    def require(self) -> Bundle:
+        bundle = self.bundle
+        if bundle is None:
+            raise HTTPException(503, "no bundle is live yet: run the pipeline's publish step")
+        return bundle
+
+    async def refresh(self) -> None:
+        """Load the bundle the pointer names if it is new; on failure keep the current one."""
+        target = current_bundle_id(self.published)
+        live = self.bundle.bundle_id if self.bundle else None
+        if target is None or target == live or (self.failed and self.failed[0] == target):
+            return
+        try:
+            bundle = await asyncio.to_thread(load_bundle, self.published / BUNDLES_DIR / target)
+        except Exception as exc:  # any failure to load must leave the old bundle serving
+            self.failed = (target, f"{type(exc).__name__}: {exc}")
+            log.error("bundle %s could not be loaded, still serving %s: %s", target, live, exc)
+            return
+        self.bundle, self.failed = bundle, None
+        log.info("serving bundle %s (model %s, policy %s)", target, bundle.model_version, bundle.policy_version)
+
+
+def _validation_error(loc: list[Any], message: str) -> RequestValidationError:
+    return RequestValidationError([{"type": "value_error", "loc": tuple(loc), "msg": message, "input": None}])
+
+
+class BodyLimit:
+    """Pure ASGI guard: refuse bodies over `max_bytes` before they are read whole (413)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if length.isdigit() and int(length) > self.max_bytes:
+            response = JSONResponse({"detail": f"request body exceeds {self.max_bytes} bytes"}, status_code=413)
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise HTTPException(413, f"request body exceeds {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
+    """The service for one workspace; refuses to build without an API key."""
+    if not keyring.keys:
+        raise ScfriskError(
+            "no API key configured: set SCFRISK_API_KEYS (comma separated, 'key' or 'key:score+read') "
+            "or [service].api_keys"
+        )
+    service = settings.service
+    live = LiveBundle(settings.path("published"))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        audit = AuditLog(settings.audit_log)
+        app.state.audit = audit
+        await live.refresh()
+
+        async def watch() -> None:
+            while True:
+                await asyncio.sleep(service.reload_interval_seconds)
+                await live.refresh()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            audit.close()
+
+    app = FastAPI(
+        title="scfrisk scoring service",
+        version="1",
+        description="PD, grade, limits per product, decision and reason codes for platform merchants.",
+        lifespan=lifespan,
+    )
+    app.state.live = live
+    app.add_middleware(BodyLimit, max_bytes=service.max_request_bytes)
+    key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key with the needed scope.")
+
+    def scope(name: str):
+        def check(key: str | None = Security(key_header)) -> ApiKey:
+            found = keyring.identify(key)
+            if found is None:
+                raise HTTPException(401, "missing or unknown API key in the X-API-Key header")
+            if name not in found.scopes:
+                raise HTTPException(403, f"API key {found.key_id} lacks the '{name}' scope")
+            return found
+
+        return check
+
+    def answer(bundle: Bundle, scored: Scored, req: ScoreRequest, caller: ApiKey, request_id: str) -> dict[str, Any]:
+        decision = bundle.decide(scored, req.product, req.requested_amount)
+        app.state.audit.write({
+            "request_id": request_id,
+            "time": datetime.now(UTC).isoformat(),
+            "caller": caller.key_id,
+            "merchant_id": req.merchant_id,
+            "product": req.product,
+            "requested_amount": req.requested_amount,
+            "features": req.features,
+            "inputs_hash": scored.inputs_hash,
+            "bundle_id": bundle.bundle_id,
+            "model_version": bundle.model_version,
+            "policy_version": bundle.policy_version,
+            "pd": scored.pd,
+            "grade": scored.grade,
+            "decision": decision and decision["outcome"],
+            "approved_amount": decision and decision["amount"],
+            "reasons": [r["code"] for r in scored.reason_codes],
+        })
+        return {
+            "request_id": request_id,
+            "merchant_id": req.merchant_id,
+            "pd": scored.pd,
+            "grade": scored.grade,
+            "limits": scored.limits,
+            "decision": decision,
+            "reason_codes": scored.reason_codes,
+            "model_version": bundle.model_version,
+            "features_as_of": bundle.features_as_of,
+            "policy_version": bundle.policy_version,
+            "bundle_id": bundle.bundle_id,
+        }
+
+    def check_request(bundle: Bundle, req: ScoreRequest, loc: list[Any]) -> None:
+        if req.product is not None and req.product not in bundle.policy.products:
+            known = ", ".join(bundle.policy.products)
+            raise _validation_error([*loc, "product"], f"unknown product '{req.product}'; known: {known}")
+        if req.features is not None:
+            missing = bundle.missing_inputs(req.features)
+            if missing:
+                raise _validation_error([*loc, "features", missing[0]],
+                                        f"features payload misses {len(missing)} input(s): {', '.join(missing)}")
+        elif req.merchant_id not in bundle.online:
+            raise HTTPException(404, f"merchant '{req.merchant_id}' is not in the online store of bundle "
+                                     f"{bundle.bundle_id}; send its features instead")
+
+    @app.post("/v1/score", response_model=ScoreResponse, responses={**ERRORS, **NOT_FOUND}, tags=["scoring"])
+    async def score(req: ScoreRequest, caller: ApiKey = Depends(scope("score"))) -> dict[str, Any]:
+        """Score one merchant: online-store lookup by `merchant_id`, or an explicit `features` payload."""
+        bundle = live.require()
+        check_request(bundle, req, ["body"])
+        if req.features is not None:
+            scored = await run_in_threadpool(bundle.score_features, req.features)
+        else:
+            scored = bundle.online[req.merchant_id]
+        return answer(bundle, scored, req, caller, uuid.uuid4().hex)
+
+    @app.post("/v1/score/batch", response_model=BatchResponse, responses={**ERRORS, **NOT_FOUND}, tags=["scoring"])
+    async def score_batch(batch: BatchRequest, caller: ApiKey = Depends(scope("score"))) -> dict[str, Any]:
+        """Score up to `max_batch_size` requests; explicit payloads are scored together in one pass."""
+        if len(batch.requests) > service.max_batch_size:
+            raise HTTPException(413, f"batch of {len(batch.requests)} requests exceeds max_batch_size "
+                                     f"{service.max_batch_size}")
+        bundle = live.require()
+        for i, req in enumerate(batch.requests):
+            check_request(bundle, req, ["body", "requests", i])
+        payloads = [req.features for req in batch.requests if req.features is not None]
+        if payloads:
+            import pandas as pd
+
+            fresh = iter(await run_in_threadpool(bundle.score_frame, pd.DataFrame(payloads)))
+        results = [
+            answer(bundle, next(fresh) if req.features is not None else bundle.online[req.merchant_id],
+                   req, caller, uuid.uuid4().hex)
+            for req in batch.requests
+        ]
+        return {"results": results}
+
+    @app.get("/v1/merchants/{merchant_id}/limits", response_model=MerchantLimits,
+             responses={**ERRORS, **NOT_FOUND}, tags=["lookup"])
+    async def merchant_limits(merchant_id: str, caller: ApiKey = Depends(scope("read"))) -> dict[str, Any]:
+        """Current limits per product of an online-store merchant."""
+        bundle = live.require()
+        scored = bundle.online.get(merchant_id)
+        if scored is None:
+            raise HTTPException(404, f"merchant '{merchant_id}' is not in the online store of bundle {bundle.bundle_id}")
+        return {"merchant_id": merchant_id, "pd": scored.pd, "grade": scored.grade, "limits": scored.limits,
+                "features_as_of": bundle.features_as_of, "policy_version": bundle.policy_version}
+
+    @app.get("/v1/model", response_model=ModelInfo, responses=ERRORS, tags=["lookup"])
+    async def model_info(caller: ApiKey = Depends(scope("read"))) -> dict[str, Any]:
+        """What is live: bundle, model, feature set and policy versions, and the inputs a payload needs."""
+        bundle = live.require()
+        m = bundle.manifest
+        return {"bundle_id": bundle.bundle_id, "model_version": bundle.model_version,
+                "feature_set_version": m["feature_set_version"], "features_as_of": bundle.features_as_of,
+                "policy_version": bundle.policy_version, "created_at": m["created_at"],
+                "inputs": bundle.input_columns, "products": list(bundle.policy.products),
+                "online_merchants": len(bundle.online)}
+
+    @app.get("/reports/{version}", response_class=HTMLResponse, responses={**ERRORS, **NOT_FOUND}, tags=["lookup"])
+    async def report(version: str, caller: ApiKey = Depends(scope("read"))) -> HTMLResponse:
+        """The risk report of a model version, from the newest published bundle that carries it."""
+        root = live.published / BUNDLES_DIR
+        for bundle_dir in sorted(root.iterdir(), reverse=True) if root.is_dir() else []:
+            path = bundle_dir / REPORT_FILE
+            if (bundle_dir / MANIFEST).is_file() and path.is_file():
+                if read_manifest(bundle_dir)["model_version"] == version:
+                    return HTMLResponse(path.read_text())
+        raise HTTPException(404, f"no published risk report for model version '{version}'")
+
+    @app.get("/healthz", response_model=Health, tags=["operations"])
+    async def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, tags=["operations"])
+    async def readyz() -> JSONResponse:
+        """Ready when a bundle is live; `degraded` when a newer published bundle failed to load."""
+        bundle, failed = live.bundle, live.failed
+        if bundle is None:
+            body = {"status": "not_ready", "bundle_id": None, "detail": failed and failed[1]}
+            return JSONResponse(body, status_code=503)
+        if failed:
+            detail = f"bundle {failed[0]} failed to load, still serving {bundle.bundle_id}: {failed[1]}"
+            return JSONResponse({"status": "degraded", "bundle_id": bundle.bundle_id, "detail": detail})
+        return JSONResponse({"status": "ready", "bundle_id": bundle.bundle_id, "detail": None})
+
+    return app

@@ -1,0 +1,226 @@
+"""A published bundle, read and made ready to answer: the on-disk layout, the pointer, and scoring.
+
+Everything the service says about an online-store merchant is computed once when a bundle loads (PD,
+grade, limits per product, reason codes) so a request is a dict lookup plus the decision for its amount.
+Merchants the store lacks are scored on the fly through the same model, limit engine and explainer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from models import limits as limit_engine
+from models.decision import CreditRequest, decide
+from models.pd_model import PDModel
+from models.policy import CreditPolicy, load_policy
+from pipelines.errors import ScfriskError
+from serving.audit import inputs_hash
+
+BUNDLES_DIR = "bundles"
+POINTER = "CURRENT"
+MANIFEST = "manifest.json"
+MODEL_DIR = "model"
+FEATURES_FILE = "online_features.parquet"
+LIMITS_FILE = "limits.parquet"
+REASONS_FILE = "reason_codes.parquet"
+POLICY_FILE = "policy.toml"
+REPORT_FILE = "risk_report.html"
+
+LIMIT_FIELDS = ("product", "eligible", "limit", "binding_constraint", "apr", "expected_loss", "exclusion_reason")
+"""Columns of the limit table the service returns, one entry per product."""
+REASON_COLUMNS = ("merchant_id", "rank", "code", "description")
+MAX_REASONS = 4
+
+
+class BundleError(ScfriskError):
+    """A bundle that is incomplete, altered or inconsistent; the message names the file and the check."""
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(bundle_dir: Path) -> dict[str, Any]:
+    path = bundle_dir / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{bundle_dir} has no {MANIFEST}; it is not a published bundle")
+    return json.loads(path.read_text())
+
+
+def verify_files(bundle_dir: Path, manifest: dict[str, Any]) -> None:
+    """Every file the manifest lists exists with the recorded SHA-256, and no other file is present."""
+    listed = manifest["files"]
+    present = {str(p.relative_to(bundle_dir)) for p in bundle_dir.rglob("*") if p.is_file()} - {MANIFEST}
+    missing = sorted(set(listed) - present)
+    extra = sorted(present - set(listed))
+    altered = sorted(name for name in set(listed) & present if file_digest(bundle_dir / name) != listed[name])
+    if missing or extra or altered:
+        raise BundleError(
+            f"bundle {bundle_dir.name} does not match its manifest: missing {missing}, unlisted {extra}, "
+            f"hash mismatch {altered}"
+        )
+
+
+def current_bundle_id(published: Path) -> str | None:
+    """The live bundle according to the pointer file, or None before the first publish."""
+    try:
+        return (published / POINTER).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def _clean(value: Any) -> Any:
+    """numpy / pandas scalars to JSON values; NaN and missing become None."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, np.generic):
+        return _clean(value.item())
+    return value
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{k: _clean(v) for k, v in row.items()} for row in frame.astype(object).to_dict("records")]
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Everything decided about one merchant, independent of the request's product and amount."""
+
+    merchant_id: str | None
+    pd: float
+    grade: str
+    rows: tuple[dict[str, Any], ...]
+    """Full limit-table rows, one per product (what the decision reads)."""
+    reason_codes: tuple[dict[str, Any], ...]
+    inputs_hash: str
+    limits: tuple[dict[str, Any], ...] = field(init=False, repr=False, compare=False)
+    by_product: dict[str, dict[str, Any]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "limits", tuple({k: row[k] for k in LIMIT_FIELDS} for row in self.rows))
+        object.__setattr__(self, "by_product", {row["product"]: row for row in self.rows})
+
+
+class Bundle:
+    """One loaded bundle; immutable once built, so requests can share it across threads."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], model: PDModel, policy: CreditPolicy,
+                 features: pd.DataFrame, limits: pd.DataFrame, reasons: pd.DataFrame) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.bundle_id: str = manifest["bundle_id"]
+        self.model_version: str = manifest["model_version"]
+        self.features_as_of: str = manifest["features_as_of"]
+        self.model = model
+        self.policy = policy
+        self.input_columns = list(dict.fromkeys([*model.feature_names, *limit_engine.FEATURES]))
+        self.snapshot = features.set_index("merchant_id", drop=False)
+        self.online = self._precompute(features, limits, reasons)
+
+    @property
+    def policy_version(self) -> str:
+        return self.policy.version
+
+    def _precompute(self, features: pd.DataFrame, limits: pd.DataFrame, reasons: pd.DataFrame) -> dict[str, Scored]:
+        limit_rows: dict[str, list[dict[str, Any]]] = {}
+        for row in _records(limits[list(limit_engine.LIMIT_COLUMNS)]):
+            limit_rows.setdefault(row["merchant_id"], []).append(row)
+        reason_rows: dict[str, list[dict[str, Any]]] = {}
+        for row in _records(reasons.sort_values(["merchant_id", "rank"])):
+            reason_rows.setdefault(row["merchant_id"], []).append({"code": row["code"], "description": row["description"]})
+        hashes = dict(zip(features["merchant_id"], map(inputs_hash, _records(features[self.input_columns]))))
+        return {
+            merchant: Scored(
+                merchant_id=merchant,
+                pd=rows[0]["pd"],
+                grade=rows[0]["grade"],
+                rows=tuple(rows),
+                reason_codes=tuple(reason_rows.get(merchant, [])[:MAX_REASONS]),
+                inputs_hash=hashes[merchant],
+            )
+            for merchant, rows in limit_rows.items()
+        }
+
+    def features_of(self, merchant_id: str) -> dict[str, Any]:
+        """The stored inputs of an online merchant (what its precomputed answer was scored from)."""
+        return _records(self.snapshot.loc[[merchant_id], self.input_columns])[0]
+
+    def missing_inputs(self, features: dict[str, Any]) -> list[str]:
+        return [name for name in self.input_columns if name not in features]
+
+    def score_frame(self, frame: pd.DataFrame) -> list[Scored]:
+        """Score explicit feature rows (one merchant each) through the model, limit engine and explainer."""
+        frame = frame.reset_index(drop=True)
+        if "merchant_id" not in frame.columns:
+            frame["merchant_id"] = [f"payload-{i}" for i in range(len(frame))]
+        frame["pd"] = self.model.predict_pd(frame)
+        table = limit_engine.compute_limits(frame, self.policy)
+        reasons = explain_rows(self.model, frame)
+        hashes = [inputs_hash(r) for r in _records(frame[self.input_columns])]
+        out = []
+        for i, merchant in enumerate(frame["merchant_id"]):
+            rows = _records(table.loc[table["merchant_id"] == merchant, list(limit_engine.LIMIT_COLUMNS)])
+            out.append(Scored(merchant_id=merchant, pd=float(frame["pd"].iloc[i]), grade=rows[0]["grade"],
+                              rows=tuple(rows),
+                              reason_codes=tuple(reasons[i][:MAX_REASONS]), inputs_hash=hashes[i]))
+        return out
+
+    def score_features(self, features: dict[str, Any]) -> Scored:
+        return self.score_frame(pd.DataFrame([features]))[0]
+
+    def decide(self, scored: Scored, product: str | None, requested_amount: float | None) -> dict[str, Any] | None:
+        """The decision on a request for an amount of a product; None when the caller asked for neither."""
+        if product is None or requested_amount is None:
+            return None
+        request = CreditRequest(merchant_id=scored.merchant_id, product=product, requested_amount=requested_amount)
+        made = decide(request, pd.DataFrame([scored.by_product[product]]), self.policy)
+        return {"outcome": made.outcome.value, "amount": made.amount, "limit": made.limit, "apr": made.apr,
+                "tenor_days": made.tenor_days, "reasons": list(made.reasons)}
+
+
+def explain_rows(model: PDModel, frame: pd.DataFrame) -> list[list[dict[str, Any]]]:
+    # Placeholder until models.reason_codes lands.
+    return [[] for _ in range(len(frame))]
+
+
+def _read_table(path: Path, required: tuple[str, ...] | list[str]) -> pd.DataFrame:
+    if not path.is_file():
+        raise BundleError(f"bundle file {path.name} is missing from {path.parent}")
+    frame = pd.read_parquet(path)
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise BundleError(f"bundle file {path.name} lacks columns {missing}")
+    return frame
+
+
+def load_bundle(bundle_dir: Path) -> Bundle:
+    """Verify, read every part of a bundle and precompute the online answers; raises `BundleError` naming the part."""
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    verify_files(bundle_dir, manifest)
+    model = PDModel.load(bundle_dir / MODEL_DIR)
+    policy = load_policy(bundle_dir / POLICY_FILE)
+    if policy.version != manifest["policy_version"]:
+        raise BundleError(f"{POLICY_FILE} is version {policy.version}, the manifest says {manifest['policy_version']}")
+    inputs = ["merchant_id", *dict.fromkeys([*model.feature_names, *limit_engine.FEATURES])]
+    features = _read_table(bundle_dir / FEATURES_FILE, inputs)
+    if features["merchant_id"].duplicated().any():
+        raise BundleError(f"{FEATURES_FILE} holds more than one row for some merchants")
+    limits = _read_table(bundle_dir / LIMITS_FILE, limit_engine.LIMIT_COLUMNS)
+    unknown = sorted(set(limits["product"].astype(str)) - set(policy.products))
+    if unknown:
+        raise BundleError(f"{LIMITS_FILE} has products {unknown} that policy {policy.version} does not define")
+    reasons = _read_table(bundle_dir / REASONS_FILE, REASON_COLUMNS)
+    return Bundle(bundle_dir, manifest, model, policy, features, limits, reasons)
