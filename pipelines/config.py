@@ -58,6 +58,19 @@ class ModelConfig(_Section):
     label_horizon_months: int = Field(12, ge=1, le=36)
     test_months: int = Field(4, ge=1)
     valid_months: int = Field(4, ge=1)
+    max_rounds: int = Field(1000, ge=10, le=20000)
+    search_trials: int = Field(8, ge=1, le=200)
+    threads: int = Field(1, ge=1, le=256)
+
+
+class GatesConfig(_Section):
+    """What a challenger must show on the out-of-time test before it replaces the champion."""
+
+    auc_tolerance: float = Field(0.005, ge=0.0, le=0.2)
+    max_ece: float = Field(0.02, gt=0.0, le=0.5)
+    max_score_psi: float = Field(0.25, gt=0.0, le=5.0)
+    require_monotone_grades: bool = True
+    min_grade_count: int = Field(30, ge=1)
 
 
 class IngestConfig(_Section):
@@ -96,6 +109,7 @@ class Settings(BaseSettings):
     paths: PathsConfig = PathsConfig()
     mlflow: MlflowConfig = MlflowConfig()
     model: ModelConfig = ModelConfig()
+    gates: GatesConfig = GatesConfig()
     ingest: IngestConfig = IngestConfig()
     service: ServiceConfig = ServiceConfig()
 

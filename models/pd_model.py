@@ -1,0 +1,136 @@
+"""The fitted default model as one object: booster, feature contract, calibrator and master scale.
+
+Everything downstream (explanations, limits, the service) scores through `PDModel`, so the way raw values
+become model input -- sentinels, unknown categories, missing columns -- is decided here once.
+Saved as the booster's own text format plus one JSON file: no pickled code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+
+from models.calibration import Calibrator
+from models.master_scale import MasterScale
+from pipelines.errors import ScfriskError
+
+FeatureKind = Literal["numeric", "categorical"]
+
+MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none", "?", "-", "-999", "-9999", "-99999"})
+"""Text that means 'no value' in exported tables (case-insensitive, stripped)."""
+NUMERIC_SENTINELS = (-999.0, -9999.0, -99999.0)
+"""Numeric codes that legacy systems use for 'missing'; they must not look like very small values."""
+
+BOOSTER_FILE = "booster.txt"
+SPEC_FILE = "pd_model.json"
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One model input: numeric, or categorical with the levels seen in training (others become missing)."""
+
+    name: str
+    kind: FeatureKind
+    direction: int = 0
+    """+1: a larger value must never lower the PD, -1: never raise it, 0: unconstrained."""
+    levels: tuple[str, ...] = ()
+
+
+def clean_numeric(values: pd.Series) -> pd.Series:
+    """Float values with text, missing tokens and sentinels turned into NaN."""
+    numbers = pd.to_numeric(values, errors="coerce").astype(float)
+    return numbers.mask(numbers.isin(NUMERIC_SENTINELS) | ~np.isfinite(numbers))
+
+
+def clean_text(values: pd.Series) -> pd.Series:
+    """Stripped strings (object dtype) with missing tokens turned into NaN; 1.0 and 1 give the same level."""
+    if pd.api.types.is_float_dtype(values) and (values.dropna() % 1 == 0).all():
+        values = values.astype("Int64")
+    text = values.astype("string").str.strip()
+    missing = text.isna() | text.str.lower().isin(MISSING_TOKENS)
+    return text.astype(object).where(~missing.to_numpy(dtype=bool), np.nan)
+
+
+def prepare_features(df: pd.DataFrame, features: tuple[FeatureSpec, ...]) -> pd.DataFrame:
+    """Model input frame: floats for numerics, fixed-level categoricals; unknown levels and sentinels -> NaN."""
+    missing = [f.name for f in features if f.name not in df.columns]
+    if missing:
+        raise ScfriskError(
+            f"input lacks {len(missing)} model feature(s): {', '.join(missing[:10])}"
+            f"{' ...' if len(missing) > 10 else ''}; columns present: {', '.join(map(str, df.columns[:20]))}"
+        )
+    columns = {}
+    for spec in features:
+        if spec.kind == "numeric":
+            columns[spec.name] = clean_numeric(df[spec.name]).to_numpy()
+        else:
+            columns[spec.name] = pd.Categorical(clean_text(df[spec.name]), categories=list(spec.levels))
+    return pd.DataFrame(columns, index=df.index)
+
+
+@dataclass
+class PDModel:
+    """A calibrated probability-of-default model; `predict_pd` is what every consumer should call."""
+
+    booster: lgb.Booster
+    features: tuple[FeatureSpec, ...]
+    calibrator: Calibrator
+    master_scale: MasterScale | None = None
+    metadata: dict[str, Any] | None = None
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+    def prepare(self, df: pd.DataFrame) -> pd.DataFrame:
+        """Raw feature values -> the frame the booster was trained on (same columns, dtypes, levels)."""
+        return prepare_features(df, self.features)
+
+    def raw_margin(self, df: pd.DataFrame) -> np.ndarray:
+        """Uncalibrated log-odds of the booster (what SHAP values add up to)."""
+        return self.booster.predict(self.prepare(df), raw_score=True)
+
+    def predict_pd(self, df: pd.DataFrame) -> np.ndarray:
+        """Calibrated probability of default, one per row."""
+        return self.calibrator.transform(self.raw_margin(df))
+
+    def grade(self, df: pd.DataFrame) -> np.ndarray:
+        if self.master_scale is None:
+            raise ScfriskError("this model was saved without a master scale; grades are not available")
+        return self.master_scale.assign(self.predict_pd(df))
+
+    def save(self, directory: Path | str) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.booster.save_model(str(directory / BOOSTER_FILE))
+        spec = {
+            "features": [asdict(f) for f in self.features],
+            "calibrator": self.calibrator.to_dict(),
+            "master_scale": self.master_scale.model_dump() if self.master_scale else None,
+            "metadata": self.metadata or {},
+        }
+        (directory / SPEC_FILE).write_text(json.dumps(spec, indent=2, default=str))
+        return directory
+
+    @classmethod
+    def load(cls, directory: Path | str) -> PDModel:
+        directory = Path(directory)
+        if not (directory / SPEC_FILE).is_file() or not (directory / BOOSTER_FILE).is_file():
+            raise ScfriskError(f"{directory} is not a saved PD model (needs {BOOSTER_FILE} and {SPEC_FILE})")
+        spec = json.loads((directory / SPEC_FILE).read_text())
+        features = tuple(
+            FeatureSpec(f["name"], f["kind"], int(f["direction"]), tuple(f["levels"])) for f in spec["features"]
+        )
+        return cls(
+            booster=lgb.Booster(model_file=str(directory / BOOSTER_FILE)),
+            features=features,
+            calibrator=Calibrator.from_dict(spec["calibrator"]),
+            master_scale=MasterScale(**spec["master_scale"]) if spec["master_scale"] else None,
+            metadata=spec["metadata"],
+        )
