@@ -1,0 +1,94 @@
+"""DuckDB SQL generated from the feature definitions: one range join per source, then grouped aggregates.
+
+The query reads a relation `entities(merchant_id, as_of)` and returns one row per entity with every
+feature. Each source joins its facts to the entities with `time < as_of` (and a lower bound from the
+longest window of its features), exposes only its point-in-time columns, and aggregates each feature
+with `FILTER` for its own window and filter. Two-stage features group by their key first. Missing
+aggregates take the feature's `fill`; derived features are computed last from the filled values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from features.definitions import DERIVED, FEATURES, SOURCES, Feature, Source
+
+
+def window_predicate(f: Feature) -> str:
+    """Keep facts with age in (lag, lag + window] days, plus the feature's own filter."""
+    parts = []
+    if f.lag_days:
+        parts.append(f"age_days > {f.lag_days}")
+    if f.window_days is not None:
+        parts.append(f"age_days <= {f.lag_days + f.window_days}")
+    if f.filter:
+        parts.append(f"({f.filter})")
+    return " AND ".join(parts) or "true"
+
+
+def _facts_sql(source: Source, features: list[Feature], tables: Mapping[str, str]) -> str:
+    lookbacks = [f.lookback_days for f in features]
+    time = f"t.{source.time_column}"
+    bound = "" if None in lookbacks else f" AND {time} >= e.as_of - INTERVAL {max(lookbacks)} DAY"  # type: ignore[type-var]
+    columns = ",\n       ".join(f"{expr} AS {name}" for name, expr in source.columns)
+    relation = source.relation.format(table=tables[source.table], **tables)
+    return (
+        f"SELECT e.merchant_id, e.as_of, (epoch_us(e.as_of) - epoch_us({time})) / 86400e6 AS age_days,\n"
+        f"       {columns}\n"
+        f"FROM entities e JOIN {relation} t\n"
+        f"  ON t.merchant_id = e.merchant_id AND {time} < e.as_of{bound}"
+    )
+
+
+def _per_key_sql(f: Feature) -> str:
+    outer = f.outer.format(x="x", k="k")  # type: ignore[union-attr]
+    return (
+        f"(SELECT merchant_id, as_of, {outer} AS {f.name} FROM (\n"
+        f"   SELECT merchant_id, as_of, {f.per} AS k, {f.aggregation} AS x FROM facts\n"
+        f"   WHERE {window_predicate(f)} GROUP BY ALL)\n"
+        f" GROUP BY merchant_id, as_of) AS {f.name}"
+    )
+
+
+def source_sql(source: Source, features: list[Feature], tables: Mapping[str, str]) -> str:
+    """One row per entity that has any fact of this source in reach, one column per feature."""
+    single = [f for f in features if f.per is None]
+    per_key = [f for f in features if f.per is not None]
+    aggregates = "".join(f",\n       {f.aggregation} FILTER (WHERE {window_predicate(f)}) AS {f.name}" for f in single)
+    joins = "".join(
+        f"\n  LEFT JOIN {_per_key_sql(f)} USING (merchant_id, as_of)" for f in per_key
+    )
+    return (
+        f"WITH facts AS MATERIALIZED (\n{_facts_sql(source, features, tables)}\n),\n"
+        f"single AS (SELECT merchant_id, as_of{aggregates}\n  FROM facts GROUP BY merchant_id, as_of)\n"
+        f"SELECT * FROM single{joins}"
+    )
+
+
+def _filled(f: Feature) -> str:
+    value = f"s_{f.source}.{f.name}"
+    if f.fill is not None:
+        value = f"coalesce({value}, {f.fill})"
+    return value if f.kind == "categorical" else f"CAST({value} AS DOUBLE)"
+
+
+def features_sql(tables: Mapping[str, str], features: tuple[Feature, ...] = FEATURES) -> str:
+    """The whole point-in-time query over `entities`; `tables` maps raw table names to SQL readers."""
+    by_source: dict[str, list[Feature]] = {}
+    for f in features:
+        if f.source != DERIVED:
+            by_source.setdefault(f.source, []).append(f)
+    joins = "".join(
+        f"\n  LEFT JOIN (\n{source_sql(SOURCES[name], fs, tables)}\n) s_{name}"
+        f" ON s_{name}.merchant_id = e.merchant_id AND s_{name}.as_of = e.as_of"
+        for name, fs in by_source.items()
+    )
+    base = ",\n       ".join(f"{_filled(f)} AS {f.name}" for fs in by_source.values() for f in fs)
+    derived = "".join(f",\n       CAST({f.aggregation} AS DOUBLE) AS {f.name}" for f in features if f.source == DERIVED)
+    ordered = ", ".join(f.name for f in features)
+    return (
+        f"SELECT merchant_id, as_of, {ordered} FROM (\n"
+        f"SELECT *{derived} FROM (\n"
+        f"SELECT e.merchant_id, e.as_of,\n       {base}\n"
+        f"FROM entities e{joins}))"
+    )

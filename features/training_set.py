@@ -1,0 +1,124 @@
+"""Point-in-time feature retrieval: entity rows (merchant_id, as_of, ...) in, the same rows plus features out.
+
+Every feature sees only facts strictly before the row's own `as_of` (see `features.definitions`). The work
+runs in DuckDB over the raw store's Parquet files, in batches of merchants so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+
+import duckdb
+import numpy as np
+import pandas as pd
+from rich.progress import track
+
+from features.definitions import FEATURES, SOURCES
+from features.sql import features_sql
+from pipelines.errors import ScfriskError
+from pipelines.raw_store import RawStore
+from pipelines.schemas import TABLES
+
+log = logging.getLogger(__name__)
+
+KEYS = ["merchant_id", "as_of"]
+DEFAULT_BATCH_ROWS = 50_000
+
+
+def table_readers(raw_store: RawStore) -> dict[str, str]:
+    """SQL readers of the raw tables the features use; a table with no data reads as empty."""
+    if not any(raw_store.has_table(name) for name in TABLES):
+        raise ScfriskError(f"raw store {raw_store.root} holds no data; run `scfrisk ingest` first")
+    needed = {s.table for s in SOURCES.values()}
+    needed |= {name for s in SOURCES.values() for name in re.findall(r"\{(\w+)\}", s.relation)} - {"table"}
+    return {
+        name: (
+            f"read_parquet('{raw_store.table_glob(name)}', hive_partitioning = false)"
+            if raw_store.has_table(name)
+            else _empty_relation(name)
+        )
+        for name in sorted(needed)
+    }
+
+
+def _empty_relation(name: str) -> str:
+    log.warning("raw table %s has no data; features from it are empty", name)
+    columns = ", ".join(
+        f"CAST(NULL AS {_DUCKDB_TYPES[str(c.type)]}) AS {c.name}" for c in TABLES[name].columns
+    )
+    return f"(SELECT {columns} WHERE false)"
+
+
+_DUCKDB_TYPES = {
+    "string": "VARCHAR",
+    "int8": "TINYINT",
+    "int32": "INTEGER",
+    "int64": "BIGINT",
+    "double": "DOUBLE",
+    "timestamp[us]": "TIMESTAMP",
+}
+
+
+def normalise_entities(entity_df: pd.DataFrame) -> pd.DataFrame:
+    """Check the entity frame and give `as_of` one type: naive UTC microsecond timestamps."""
+    missing = [c for c in KEYS if c not in entity_df.columns]
+    if missing:
+        raise ScfriskError(f"entity frame lacks column(s) {', '.join(missing)}; it needs merchant_id and as_of")
+    clash = sorted(set(entity_df.columns) & {f.name for f in FEATURES})
+    if clash:
+        raise ScfriskError(f"entity frame already has feature column(s) {', '.join(clash)}; rename or drop them")
+    for key in KEYS:
+        n_null = int(entity_df[key].isna().sum())
+        if n_null:
+            raise ScfriskError(f"entity frame has {n_null} row(s) with an empty {key}")
+    try:
+        as_of = pd.to_datetime(entity_df["as_of"])
+    except (ValueError, TypeError) as exc:
+        raise ScfriskError(f"entity frame column as_of is not a timestamp: {exc}") from exc
+    if as_of.dt.tz is not None:
+        as_of = as_of.dt.tz_convert("UTC").dt.tz_localize(None)
+    out = entity_df.copy()
+    out["merchant_id"] = out["merchant_id"].astype(str)
+    out["as_of"] = as_of.astype("datetime64[us]")
+    return out
+
+
+def _merchant_batches(entities: pd.DataFrame, batch_rows: int) -> list[pd.DataFrame]:
+    """Split entities into batches of whole merchants, about `batch_rows` rows each."""
+    n_batches = max(1, int(np.ceil(len(entities) / batch_rows)))
+    if n_batches == 1:
+        return [entities]
+    codes = pd.factorize(entities["merchant_id"], sort=True)[0]
+    return [part for _, part in entities.groupby(codes * n_batches // (codes.max() + 1), sort=True)]
+
+
+def compute_features(
+    entities: pd.DataFrame,
+    tables: Mapping[str, str],
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    connection: duckdb.DuckDBPyConnection | None = None,
+) -> pd.DataFrame:
+    """Features for distinct (merchant_id, as_of) pairs, one row each, columns in definition order."""
+    con = connection or duckdb.connect()
+    sql = features_sql(tables)
+    batches = _merchant_batches(entities[KEYS].drop_duplicates(), batch_rows)
+    parts = []
+    for batch in track(batches, description="features", disable=len(batches) < 2):
+        con.register("entities", batch)
+        parts.append(con.execute(sql).df())
+        con.unregister("entities")
+    return pd.concat(parts, ignore_index=True)
+
+
+def get_training_set(
+    entity_df: pd.DataFrame,
+    raw_store: RawStore,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+) -> pd.DataFrame:
+    """The entity rows, in order and with every other column unchanged, plus all features as of each row."""
+    entities = normalise_entities(entity_df)
+    features = compute_features(entities, table_readers(raw_store), batch_rows)
+    log.info("computed %d features for %d entity rows", len(FEATURES), len(entities))
+    return entities.merge(features, on=KEYS, how="left", validate="many_to_one")
