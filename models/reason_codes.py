@@ -1,0 +1,231 @@
+"""Reason codes: for one merchant, the factors that pushed its default risk up (and those that lowered it),
+in the words of the feature catalogue, with the merchant's value and the value typical of approved merchants.
+
+A reason is a SHAP contribution (log-odds, see `models.explain`) of a feature the booster split on. Only
+strictly positive contributions can be an adverse reason, only strictly negative ones a mitigating factor,
+so a feature that did not move this merchant's score never appears, and there is no generic fallback.
+Because the calibrated PD is monotone in the log-odds, the order of reasons is the order on the PD scale.
+
+Two ways to get them, one table format:
+- `ReasonCodeIndex`: built in batch at publish time for every merchant of the online store (exact TreeSHAP
+  costs milliseconds per row), saved to Parquet + JSON, answered per request by a dict lookup.
+- `explain_payloads`: on the fly for explicit feature payloads, through the same model and texts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from features.definitions import FEATURE_INDEX, Feature, format_value
+from models.explain import Explanation, explain
+from models.pd_model import PDModel
+from pipelines.errors import ScfriskError
+
+TOP_N = 4
+APPROVED_QUANTILE = 0.5
+"""Training merchants whose PD is at or below this quantile count as 'approved' for reference values."""
+REFERENCES_KEY = "reason_code_references"
+"""Where the training flow stores reference values in `PDModel.metadata`, so every consumer uses the same."""
+RAISES, LOWERS = "raises", "lowers"
+COLUMNS = ("merchant_id", "direction", "rank", "code", "description", "contribution", "value", "reference")
+TABLE_FILE, META_FILE = "reason_codes.parquet", "reason_codes.json"
+
+
+@dataclass(frozen=True)
+class Reason:
+    code: str
+    """The feature's name, stable across model versions."""
+    description: str
+    """The sentence a risk officer reads."""
+    contribution: float
+    """Log-odds this feature added (> 0) or removed (< 0) for this merchant."""
+    value: str
+    reference: str
+
+
+@dataclass(frozen=True)
+class MerchantReasons:
+    raised: tuple[Reason, ...]
+    """Up to `TOP_N` factors that increased the risk, largest first: what an adverse-action notice cites."""
+    lowered: tuple[Reason, ...]
+    """Up to `TOP_N` factors that decreased it, most protective first."""
+
+
+def reference_values(inputs: pd.DataFrame, pd_values: np.ndarray,
+                     approved_quantile: float = APPROVED_QUANTILE) -> dict[str, Any]:
+    """Typical value per feature among approved (low-PD) training merchants: median, or commonest level.
+
+    Computed on the model input (`PDModel.prepare`), so it is on the same footing as the merchant's value.
+    """
+    pd_values = np.asarray(pd_values, float)
+    approved = inputs[pd_values <= np.quantile(pd_values, approved_quantile)]
+    out: dict[str, Any] = {}
+    for name in inputs.columns:
+        column = approved[name]
+        if isinstance(column.dtype, pd.CategoricalDtype) or not pd.api.types.is_numeric_dtype(column):
+            counts = column.value_counts()
+            out[name] = str(counts.index[0]) if len(counts) else None
+        else:
+            median = column.median()
+            out[name] = None if pd.isna(median) else float(median)
+    return out
+
+
+def model_references(model: PDModel) -> dict[str, Any]:
+    """The reference values the training flow stored with the model."""
+    references = (model.metadata or {}).get(REFERENCES_KEY)
+    if not references:
+        raise ScfriskError(
+            f"the PD model has no '{REFERENCES_KEY}' in its metadata; retrain it (training stores the "
+            "reference values of approved merchants) or pass references explicitly"
+        )
+    return references
+
+
+def _label(feature: Feature) -> str:
+    """The description's first clause without the final period: 'Share of orders ... refunded'."""
+    return feature.description.split(": ")[0].rstrip(".")
+
+
+def describe(feature: Feature, value: Any, reference: Any) -> tuple[str, str, str]:
+    """(value text, reference text, sentence) for one feature of one merchant."""
+    value_text, reference_text = format_value(value, feature.unit), format_value(reference, feature.unit)
+    return value_text, reference_text, f"{_label(feature)}: {value_text}; typical for approved merchants: {reference_text}"
+
+
+def _definitions_for(columns: list[str], definitions: Mapping[str, Feature]) -> list[Feature]:
+    missing = [c for c in columns if c not in definitions]
+    if missing:
+        raise ScfriskError(
+            f"no catalogue definition for model feature(s) {missing[:10]}: every reason must be worded from "
+            "features/definitions.py; add them there or drop them from the model"
+        )
+    return [definitions[c] for c in columns]
+
+
+def top_reasons(contributions: pd.DataFrame, inputs: pd.DataFrame, references: Mapping[str, Any],
+                definitions: Mapping[str, Feature] = FEATURE_INDEX, top_n: int = TOP_N) -> pd.DataFrame:
+    """The reason table (`COLUMNS`) of every row: up to `top_n` strictly positive and `top_n` strictly
+    negative contributions each, ranked by size; the row index becomes `merchant_id`."""
+    names = list(contributions.columns)
+    specs = _definitions_for(names, definitions)
+    c = contributions.to_numpy(float)
+    values = inputs[names].to_numpy(object)
+    parts = []
+    for direction, sign in ((RAISES, 1.0), (LOWERS, -1.0)):
+        order = np.argsort(-sign * c, axis=1, kind="stable")[:, :top_n]
+        chosen = np.take_along_axis(c, order, axis=1)
+        row, rank = np.nonzero(sign * chosen > 0)
+        parts.append(pd.DataFrame({"row": row, "direction": direction, "rank": rank + 1,
+                                   "col": order[row, rank], "contribution": chosen[row, rank]}))
+    long = pd.concat(parts, ignore_index=True).sort_values(["row", "direction", "rank"], ascending=[True, False, True])
+    texts = [describe(specs[col], values[row, col], references.get(names[col]))
+             for row, col in zip(long["row"].to_numpy(), long["col"].to_numpy())]
+    value_text, reference_text, sentence = zip(*texts) if texts else ((), (), ())
+    return pd.DataFrame({
+        "merchant_id": contributions.index.to_numpy()[long["row"].to_numpy()].astype(str),
+        "direction": long["direction"].to_numpy(),
+        "rank": long["rank"].to_numpy(np.int16),
+        "code": np.array(names, dtype=object)[long["col"].to_numpy()],
+        "description": list(sentence),
+        "contribution": long["contribution"].to_numpy(),
+        "value": list(value_text),
+        "reference": list(reference_text),
+    })
+
+
+def explain_payloads(model: PDModel, frame: pd.DataFrame, references: Mapping[str, Any] | None = None,
+                     definitions: Mapping[str, Feature] = FEATURE_INDEX, top_n: int = TOP_N) -> pd.DataFrame:
+    """Reason table for explicit raw feature rows (one merchant each): exact TreeSHAP on the fly."""
+    inputs = model.prepare(frame)
+    explanation = explain(model.booster, inputs)
+    return top_reasons(explanation.values, inputs, references or model_references(model), definitions, top_n)
+
+
+def as_reasons(table: pd.DataFrame) -> MerchantReasons:
+    """One merchant's rows of a reason table as objects."""
+    reasons = {RAISES: [], LOWERS: []}
+    for row in table.sort_values("rank").itertuples(index=False):
+        reasons[row.direction].append(Reason(row.code, row.description, float(row.contribution), row.value, row.reference))
+    return MerchantReasons(tuple(reasons[RAISES]), tuple(reasons[LOWERS]))
+
+
+class ReasonCodeIndex:
+    """Precomputed reason codes of a scored population, O(1) per merchant.
+
+    Rows are kept as Python lists sliced by merchant: a lookup builds at most 2 x `TOP_N` small objects,
+    microseconds, so the service never runs TreeSHAP for a merchant of the online store.
+    """
+
+    def __init__(self, table: pd.DataFrame, metadata: Mapping[str, Any] | None = None) -> None:
+        missing = [c for c in COLUMNS if c not in table.columns]
+        if missing:
+            raise ScfriskError(f"reason-code table lacks columns {missing}")
+        table = table.sort_values(["merchant_id", "direction", "rank"], ascending=[True, False, True],
+                                  ignore_index=True)
+        self.table = table[list(COLUMNS)]
+        self.metadata = dict(metadata or {})
+        merchants, starts = np.unique(table["merchant_id"].to_numpy(str), return_index=True)
+        stops = np.append(starts[1:], len(table))
+        self._slices = {m: (int(a), int(b)) for m, a, b in zip(merchants.tolist(), starts, stops)}
+        self._columns = {c: table[c].tolist() for c in COLUMNS[1:]}
+
+    @classmethod
+    def build(cls, explanation: Explanation, inputs: pd.DataFrame, references: Mapping[str, Any],
+              definitions: Mapping[str, Feature] = FEATURE_INDEX, top_n: int = TOP_N,
+              model_version: str = "") -> ReasonCodeIndex:
+        """From batch SHAP values whose index is the merchant id, and the model input they explain."""
+        table = top_reasons(explanation.values, inputs, references, definitions, top_n)
+        return cls(table, {"model_version": model_version, "base_value": explanation.base_value, "top_n": top_n,
+                           "references": dict(references)})
+
+    def __len__(self) -> int:
+        return len(self._slices)
+
+    def __contains__(self, merchant_id: object) -> bool:
+        return merchant_id in self._slices
+
+    def lookup(self, merchant_id: str) -> MerchantReasons:
+        try:
+            start, stop = self._slices[merchant_id]
+        except KeyError:
+            raise ScfriskError(
+                f"merchant '{merchant_id}' is not in the reason-code index of model version "
+                f"{self.metadata.get('model_version') or '?'}; score it from an explicit feature payload"
+            ) from None
+        col = self._columns
+        raised, lowered = [], []
+        for i in range(start, stop):
+            reason = Reason(col["code"][i], col["description"][i], col["contribution"][i], col["value"][i],
+                            col["reference"][i])
+            (raised if col["direction"][i] == RAISES else lowered).append(reason)
+        return MerchantReasons(tuple(raised), tuple(lowered))
+
+    def save(self, directory: Path | str) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.table.to_parquet(directory / TABLE_FILE, index=False)
+        (directory / META_FILE).write_text(json.dumps(self.metadata, indent=2, default=_json_default))
+        return directory
+
+    @classmethod
+    def load(cls, directory: Path | str) -> ReasonCodeIndex:
+        directory = Path(directory)
+        if not (directory / TABLE_FILE).is_file():
+            raise ScfriskError(f"{directory} holds no reason-code index ({TABLE_FILE} is missing)")
+        meta = directory / META_FILE
+        return cls(pd.read_parquet(directory / TABLE_FILE), json.loads(meta.read_text()) if meta.is_file() else {})
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        value = value.item()
+    return None if isinstance(value, float) and math.isnan(value) else value
