@@ -12,8 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.decision import CreditRequest, Outcome, decide
-from models.limits import CONSTRAINTS, LimitInputError, compute_limits, expected_profit
+from models.html_report import Paragraph, Section, Table, render_page
+from models.limits import CONSTRAINTS, LIMIT_COLUMNS, LimitInputError, compute_limits, expected_profit
 from models.policy import PolicyError, load_policy, parse_policy
+from models.strategy import backtest_limits, strategy_tables, write_strategy_report
 
 POLICY_FILE = Path(__file__).resolve().parents[1] / "policy.toml"
 POLICY = load_policy(POLICY_FILE)
@@ -188,3 +190,69 @@ def test_decisions_approve_counter_refer_and_decline_with_reasons():
     assert ask("M9999999", 100).outcome == Outcome.REFER
     with pytest.raises(PolicyError, match="unknown product 'leasing'"):
         decide(CreditRequest(merchant_id="M0000000", product="leasing", requested_amount=1), limits, POLICY)
+
+
+def test_limits_table_has_the_documented_columns():
+    assert list(compute_limits(merchants(5), POLICY).columns) == list(LIMIT_COLUMNS)
+
+
+def _backtest_set(n: int = 4000) -> pd.DataFrame:
+    frame = merchants(n, seed=3)
+    rng = np.random.default_rng(4)
+    return frame.assign(
+        product=rng.choice(list(POLICY.products), n), defaulted=(rng.uniform(size=n) < frame["pd"]).astype(int)
+    )
+
+
+def test_backtest_realised_figures_follow_the_defaults():
+    test = _backtest_set()
+    backtest = backtest_limits(test, POLICY)
+    assert len(backtest) == len(test) and (backtest["product"].astype(str) == test["product"]).all()
+    for product, group in backtest[backtest["eligible"]].groupby("product", observed=True):
+        terms = POLICY.products[product]
+        bad = group["defaulted"] == 1
+        np.testing.assert_allclose(group.loc[bad, "realised_loss"], terms.lgd * group.loc[bad, "ead"])
+        assert (group.loc[~bad, "realised_loss"] == 0).all()
+        assert (group.loc[bad, "realised_profit"] < 0).all() and (group.loc[~bad, "realised_profit"] > 0).all()
+    with pytest.raises(PolicyError, match="unknown product 'leasing'"):
+        backtest_limits(test.assign(product="leasing"), POLICY)
+
+
+def test_strategy_tables_add_up_and_pick_the_most_profitable_cutoff():
+    backtest = backtest_limits(_backtest_set(), POLICY)
+    tables = strategy_tables(backtest)
+    assert tables.by_grade["count"].sum() == tables.by_segment["count"].sum() == len(backtest)
+    np.testing.assert_allclose(tables.by_product["realised_profit"].sum(), backtest["realised_profit"].sum())
+    for product, curve in tables.cutoff_curve.groupby("product"):
+        assert np.all(np.diff(curve["approval_rate"]) >= 0) and np.all(np.diff(curve["cutoff_pd"]) > 0)
+        eligible = backtest[(backtest["product"] == product) & backtest["eligible"]]
+        last = curve.iloc[-1]  # the loosest cut-off approves every eligible row
+        assert last["approved"] == len(eligible)
+        np.testing.assert_allclose(last["realised_profit"], eligible["realised_profit"].sum())
+        best = tables.best_cutoffs.set_index("product").loc[product]
+        assert best["realised_profit"] == curve["realised_profit"].max()
+
+
+@pytest.mark.slow
+def test_strategy_report_is_one_self_contained_page_and_parquet_logged_to_mlflow(tmp_path, settings):
+    import mlflow
+
+    tables = strategy_tables(backtest_limits(_backtest_set(1500), POLICY))
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    with mlflow.start_run() as run:
+        page = write_strategy_report(tables, tmp_path / "strategy", POLICY.version, run.info.run_id, settings.tracking_uri)
+    text = page.read_text()
+    assert text.count("data:image/png;base64,") == 2 and "@media print" in text
+    assert 'src="http' not in text and "<script" not in text  # nothing fetched: it works offline and on paper
+    assert pd.read_parquet(tmp_path / "strategy" / "best_cutoffs.parquet").shape[0] == len(POLICY.products)
+    client = mlflow.tracking.MlflowClient(settings.tracking_uri)
+    logged = {f.path for f in client.list_artifacts(run.info.run_id, "strategy")}
+    assert {"strategy/strategy.html", "strategy/cutoff_curve.parquet"} <= logged
+    assert "strategy.microloan.best_cutoff_pd" in client.get_run(run.info.run_id).data.metrics
+
+
+def test_html_page_escapes_data_and_formats_tables():
+    frame = pd.DataFrame({"name": ["<b>x</b>"], "rate": [0.1234], "amount": [1234567.0], "missing": [np.nan]})
+    page = render_page("T & Co", [Section("S", [Table(frame, formats={"rate": "{:.1%}"}), Paragraph("a < b")])])
+    assert "&lt;b&gt;x&lt;/b&gt;" in page and "<b>x</b>" not in page and "T &amp; Co" in page
+    assert "12.3%" in page and "1,234,567" in page and "a &lt; b" in page and "–" in page
