@@ -269,7 +269,10 @@ def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
                 "inputs": bundle.input_columns, "products": list(bundle.policy.products),
                 "online_merchants": len(bundle.online)}
 
-    @app.get("/reports/{version}", response_class=HTMLResponse, responses={**ERRORS, **NOT_FOUND}, tags=["lookup"])
+    html = {200: {"description": "The report as a self-contained HTML page.",
+                  "content": {"text/html": {"schema": {"type": "string"}}}}}
+
+    @app.get("/reports/{version}", responses={**html, **ERRORS, **NOT_FOUND}, tags=["lookup"])
     async def report(version: str, caller: ApiKey = Depends(scope("read"))) -> HTMLResponse:
         """The risk report of a model version, from the newest published bundle that carries it."""
         root = live.published / BUNDLES_DIR

@@ -1,0 +1,211 @@
+"""The scoring service over a real uvicorn server on loopback, with real bundles published beside it."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import schemathesis
+import uvicorn
+from hypothesis import HealthCheck, given, settings as hypothesis_settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from pipelines.config import ServiceConfig, Settings
+from pipelines.errors import ScfriskError
+from pipelines.publish import publish, rollback, switch_to
+from serving.app import create_app
+from serving.audit import read_audit, replay
+from serving.auth import Keyring
+from serving.bundle import BUNDLES_DIR, LIMITS_FILE
+from tests.service_fixtures import make_parts, online_snapshot, train_model
+
+KEY = "full-access-key-0123456789"
+READ_KEY = "read-only-key-0123456789"
+MERCHANT = "M0000003"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    """Bundle 1 published, then the service started on a free loopback port."""
+    work = tmp_path_factory.mktemp("service")
+    settings = Settings(home=work / "home", service=ServiceConfig(max_batch_size=5, max_request_bytes=20_000,
+                                                                 reload_interval_seconds=0.05))
+    model, snapshot = train_model(seed=7), online_snapshot(300)
+    first = publish(make_parts(work, model, snapshot), settings)
+    keyring = Keyring.from_config([f"{READ_KEY}:read"], {"SCFRISK_API_KEYS": KEY})
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, keyring), host="127.0.0.1", port=port,
+                                          log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": KEY}, timeout=30)
+    _wait(lambda: _ready(client))
+    yield {"client": client, "settings": settings, "work": work, "model": model, "snapshot": snapshot,
+           "first": first, "url": f"http://127.0.0.1:{port}"}
+    server.should_exit = True
+    thread.join(10)
+
+
+def _ready(client: httpx.Client) -> bool:
+    try:
+        return client.get("/readyz").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _live(client: httpx.Client) -> str:
+    return client.get("/readyz").json()["bundle_id"]
+
+
+def test_online_merchant_gets_pd_limits_decision_and_reasons(service):
+    body = service["client"].post("/v1/score", json={"merchant_id": MERCHANT, "product": "microloan",
+                                                      "requested_amount": 1_000_000}).json()
+    assert 0 < body["pd"] < 1 and body["grade"] in "ABCDEFG"
+    assert [row["product"] for row in body["limits"]] == ["order_financing", "receivable_financing",
+                                                         "warehouse_receipt_financing", "microloan"]
+    assert body["decision"]["outcome"] in {"refer", "decline"} and body["decision"]["reasons"]
+    assert 1 <= len(body["reason_codes"]) <= 4
+    assert body["policy_version"] and body["model_version"] == "1" and body["features_as_of"].startswith("2026")
+
+
+def test_explicit_payload_scores_like_the_online_store(service):
+    client, snapshot = service["client"], service["snapshot"]
+    features = snapshot.drop(columns="merchant_id").iloc[3].to_dict()
+    online = client.post("/v1/score", json={"merchant_id": MERCHANT}).json()
+    explicit = client.post("/v1/score", json={"features": features}).json()
+    assert explicit["pd"] == pytest.approx(online["pd"], abs=1e-12)
+    assert explicit["limits"] == online["limits"]
+    del features["net_sales_90d"]
+    problem = client.post("/v1/score", json={"features": features})
+    assert problem.status_code == 422
+    assert problem.json()["detail"][0]["loc"] == ["body", "features", "net_sales_90d"]
+
+
+def test_errors_name_what_is_wrong(service):
+    client = service["client"]
+    assert client.post("/v1/score", json={"merchant_id": "M9999999"}).status_code == 404
+    bad = client.post("/v1/score", json={"merchant_id": MERCHANT, "product": "yacht", "requested_amount": 5})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "product"]
+    assert client.post("/v1/score", json={"merchant_id": MERCHANT, "requested_amount": -1}).status_code == 422
+    huge = {"merchant_id": MERCHANT, "features": {f"f{i}": "x" * 100 for i in range(300)}}
+    assert client.post("/v1/score", json=huge).status_code == 413
+    batch = {"requests": [{"merchant_id": MERCHANT}] * 6}
+    assert client.post("/v1/score/batch", json=batch).status_code == 413
+
+
+def test_api_keys_and_scopes(service):
+    url = service["url"]
+    assert httpx.post(f"{url}/v1/score", json={"merchant_id": MERCHANT}).status_code == 401
+    wrong = httpx.post(f"{url}/v1/score", json={"merchant_id": MERCHANT}, headers={"X-API-Key": "x" * 30})
+    assert wrong.status_code == 401
+    read_only = {"X-API-Key": READ_KEY}
+    denied = httpx.post(f"{url}/v1/score", json={"merchant_id": MERCHANT}, headers=read_only)
+    assert denied.status_code == 403 and "'score' scope" in denied.json()["detail"]
+    assert READ_KEY not in denied.text
+    assert httpx.get(f"{url}/v1/merchants/{MERCHANT}/limits", headers=read_only).status_code == 200
+    assert httpx.get(f"{url}/healthz").status_code == 200 and httpx.get(f"{url}/openapi.json").status_code == 200
+    with pytest.raises(ScfriskError, match="no API key configured"):
+        create_app(service["settings"], Keyring.from_config([], {}))
+
+
+def test_batch_lookups_and_report(service):
+    client, snapshot = service["client"], service["snapshot"]
+    features = snapshot.drop(columns="merchant_id").iloc[5].to_dict()
+    batch = client.post("/v1/score/batch", json={"requests": [
+        {"merchant_id": MERCHANT}, {"features": features, "product": "order_financing", "requested_amount": 100},
+        {"merchant_id": "M0000005"}]}).json()["results"]
+    assert batch[1]["pd"] == pytest.approx(batch[2]["pd"], abs=1e-12) and batch[1]["decision"]["outcome"]
+    limits = client.get(f"/v1/merchants/{MERCHANT}/limits").json()
+    assert limits["limits"] == batch[0]["limits"]
+    model = client.get("/v1/model").json()
+    assert "refund_rate_90d" in model["inputs"] and model["online_merchants"] == 300
+    report = client.get(f"/reports/{model['model_version']}")
+    assert report.status_code == 200 and "Risk report" in report.text
+    assert client.get("/reports/no-such-version").status_code == 404
+
+
+def test_audit_log_reproduces_decisions(service):
+    client, settings = service["client"], service["settings"]
+    features = service["snapshot"].drop(columns="merchant_id").iloc[7].to_dict()
+    ids = [client.post("/v1/score", json=body).json()["request_id"] for body in (
+        {"merchant_id": MERCHANT, "product": "order_financing", "requested_amount": 2500},
+        {"features": features, "product": "microloan", "requested_amount": 40_000})]
+    records = {r["request_id"]: r for r in read_audit(settings.audit_log)}
+    for request_id in ids:
+        record = records[request_id]
+        assert KEY not in str(record) and record["caller"].startswith("key-")
+        again = replay(record, settings.path("published") / BUNDLES_DIR)
+        assert again == {"pd": record["pd"], "grade": record["grade"], "decision": record["decision"]}
+
+
+def test_publish_during_traffic_fails_no_request_then_rollback_and_broken_bundle(service):
+    client, settings, work = service["client"], service["settings"], service["work"]
+    before = _live(client)
+    stop = threading.Event()
+
+    def hammer() -> list[int]:
+        codes = []
+        with httpx.Client(base_url=service["url"], headers={"X-API-Key": KEY}) as own:
+            while not stop.is_set():
+                codes.append(own.post("/v1/score", json={"merchant_id": MERCHANT}).status_code)
+        return codes
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(hammer) for _ in range(4)]
+        second = publish(make_parts(work, train_model(seed=9, rounds=20), service["snapshot"], version="2"), settings)
+        _wait(lambda: _live(client) == second)
+        stop.set()
+        codes = [c for f in futures for c in f.result()]
+    assert codes and set(codes) == {200}
+    assert client.post("/v1/score", json={"merchant_id": MERCHANT}).json()["model_version"] == "2"
+
+    assert rollback(settings) == before
+    _wait(lambda: _live(client) == before)
+
+    published = settings.path("published")
+    (published / BUNDLES_DIR / second / LIMITS_FILE).write_bytes(b"corrupt")
+    switch_to(published, second)  # as if someone forced a damaged bundle live
+    _wait(lambda: client.get("/readyz").json()["status"] == "degraded")
+    ready = client.get("/readyz").json()
+    assert ready["bundle_id"] == before and second in ready["detail"] and "hash mismatch" in ready["detail"]
+    assert client.post("/v1/score", json={"merchant_id": MERCHANT}).json()["bundle_id"] == before
+    switch_to(published, before)
+
+
+def test_contract(service):
+    """Generated requests to every operation never get a 5xx, and every response matches the OpenAPI schema."""
+    schema = schemathesis.openapi.from_url(f"{service['url']}/openapi.json")
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/score", "/v1/score/batch", "/v1/merchants/{merchant_id}/limits"}
+    for operation in operations:
+
+        @given(case=operation.as_strategy())
+        @hypothesis_settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+        def exercise(case):
+            case.call_and_validate(base_url=service["url"], headers={"X-API-Key": KEY}, checks=checks)
+
+        exercise()
