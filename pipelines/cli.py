@@ -75,6 +75,37 @@ def ingest(
     typer.echo(result.describe())
 
 
+@app.command()
+def serve(
+    ctx: typer.Context,
+    host: Annotated[str | None, typer.Option(help="Interface to bind (default: [service].host).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: [service].port).")] = None,
+) -> None:
+    """Serve the live published bundle over HTTP (needs an API key in SCFRISK_API_KEYS or [service])."""
+    import os
+
+    import uvicorn
+
+    from serving.app import create_app
+    from serving.auth import Keyring
+
+    settings = _settings(ctx)
+    application = create_app(settings, Keyring.from_config(settings.service.api_keys, os.environ))
+    uvicorn.run(application, host=host or settings.service.host, port=port or settings.service.port,
+                workers=1, log_level="info", access_log=False)
+
+
+@app.command()
+def rollback(
+    ctx: typer.Context,
+    to: Annotated[str | None, typer.Option(help="Bundle id to go live (default: the one before the live one).")] = None,
+) -> None:
+    """Point the service back at an earlier published bundle (it is re-checked before the switch)."""
+    from pipelines.publish import rollback as switch_back
+
+    typer.echo(f"live bundle: {switch_back(_settings(ctx), to)}")
+
+
 def run() -> None:
     """Console entry point: user errors print one line and exit 2, never a traceback."""
     try:
