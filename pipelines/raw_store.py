@@ -4,19 +4,38 @@ Every table is partitioned by the month of its own time column (see `pipelines.s
 `table_glob(name)` (DuckDB: `read_parquet(glob)`), and never depend on the partition column. The manifest
 records what is in the store; its `snapshot_id` changes exactly when the data does, so downstream stages
 can reuse work computed on the same snapshot.
+
+Writes are all or nothing and incremental: only the partitions a batch touches are rebuilt (upserted by
+the table's key, sorted by it, written deterministically) in a staging folder, then renamed into place,
+and the manifest is written last. Re-writing identical data leaves every byte as it was.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.schemas import TABLES, TableSpec
+
+log = logging.getLogger(__name__)
+
 MANIFEST = "_manifest.json"
+STAGING = "_staging"
+PART = "part-0.parquet"
 
 
 class RawStore:
-    """Read-side view of a raw store folder."""
+    """A raw store folder: read-side paths and manifest, plus the transactional batch write."""
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
@@ -37,3 +56,105 @@ class RawStore:
     @property
     def snapshot_id(self) -> str | None:
         return self.manifest()["snapshot_id"]
+
+    def distinct_values(self, name: str, column: str) -> pa.Array:
+        """Every stored value of a column (the domain of foreign keys pointing at it)."""
+        if not self.has_table(name):
+            return pa.array([], type=TABLES[name].column_index[column].type)
+        sql = f"SELECT DISTINCT {column} FROM read_parquet('{self.table_glob(name)}')"
+        return duckdb.sql(sql).to_arrow_table().column(0).combine_chunks()
+
+    def write(self, batch: Mapping[str, pa.Table]) -> dict[str, list[str]]:
+        """Upsert validated tables (schema-conformed, keys unique); return the months rewritten per table."""
+        staging = self.root / STAGING
+        shutil.rmtree(staging, ignore_errors=True)
+        old = self.manifest()
+        try:
+            staged = {name: self._stage(TABLES[name], table, staging / name) for name, table in batch.items()}
+            manifest = _next_manifest(old, staged)
+            changed = {
+                name: [m for m, part in parts.items() if _entry(old, name, m) != part.get("sha256")]
+                for name, parts in staged.items()
+            }
+            for name, months in changed.items():
+                for month in months:
+                    self._swap_in(staging / name, name, month)
+            if manifest != old:
+                tmp = self.root / (MANIFEST + ".tmp")
+                tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+                os.replace(tmp, self.root / MANIFEST)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return changed
+
+    def _stage(self, spec: TableSpec, table: pa.Table, out: Path) -> dict[str, dict[str, Any]]:
+        """Rebuild every partition the batch touches under `out`; an emptied partition maps to {}."""
+        con = duckdb.connect()
+        con.register("batch", table)
+        month = f"strftime({spec.time_column}, '%Y-%m')"
+        months = {m for (m,) in con.sql(f"SELECT DISTINCT {month} FROM batch").fetchall()}
+        if self.has_table(spec.name):
+            # A re-delivered row whose time moved to another month must leave its old partition.
+            moved = con.sql(
+                f"SELECT DISTINCT regexp_extract(filename, 'month=([0-9-]+)', 1) "
+                f"FROM read_parquet('{self.table_glob(spec.name)}', filename=true) s "
+                f"SEMI JOIN batch b ON s.{spec.key} = b.{spec.key}"
+            ).fetchall()
+            months |= {m for (m,) in moved}
+        columns = ", ".join(c.name for c in spec.columns)
+        staged: dict[str, dict[str, Any]] = {}
+        for m in sorted(months):
+            sql = f"SELECT {columns} FROM batch WHERE {month} = '{m}'"
+            existing = self.table_dir(spec.name) / f"month={m}" / PART
+            if existing.is_file():
+                sql += (
+                    f" UNION ALL SELECT {columns} FROM read_parquet('{existing}') s"
+                    f" ANTI JOIN batch b ON s.{spec.key} = b.{spec.key}"
+                )
+            merged = con.sql(f"{sql} ORDER BY {spec.key}").to_arrow_table().cast(spec.arrow_schema)
+            if merged.num_rows == 0:
+                staged[m] = {}
+                continue
+            path = out / f"month={m}" / PART
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(merged, path, compression="zstd", row_group_size=1 << 20)
+            staged[m] = {"rows": merged.num_rows, "sha256": _sha256(path)}
+        con.close()
+        return staged
+
+    def _swap_in(self, staging: Path, name: str, month: str) -> None:
+        target = self.table_dir(name) / f"month={month}"
+        staged = staging / f"month={month}" / PART
+        if staged.is_file():
+            target.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, target / PART)
+        else:
+            shutil.rmtree(target, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _entry(manifest: dict[str, Any], name: str, month: str) -> str | None:
+    return manifest["tables"].get(name, {}).get("partitions", {}).get(month, {}).get("sha256")
+
+
+def _next_manifest(old: dict[str, Any], staged: Mapping[str, Mapping[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The manifest after the swap; `snapshot_id` hashes every partition's content hash."""
+    tables = json.loads(json.dumps(old["tables"]))
+    for name, parts in staged.items():
+        partitions = tables.setdefault(name, {"partitions": {}})["partitions"]
+        for month, part in parts.items():
+            if part:
+                partitions[month] = part
+            else:
+                partitions.pop(month, None)
+        tables[name]["partitions"] = dict(sorted(partitions.items()))
+        tables[name]["rows"] = sum(p["rows"] for p in partitions.values())
+    snapshot = hashlib.sha256(json.dumps(tables, sort_keys=True).encode()).hexdigest()[:16]
+    return {"snapshot_id": snapshot, "tables": dict(sorted(tables.items()))}

@@ -1,0 +1,186 @@
+"""`scfrisk ingest`: read a batch of platform tables, validate all of it, then load it into the raw store.
+
+A batch folder holds `<table>.parquet`, `<table>/` (Parquet parts) or `<table>.csv` for any subset of
+the tables in `pipelines.schemas`. The batch is all or nothing: every table is validated (foreign keys
+against the batch plus the store) before a single partition is written. `oracle/` is the simulator's
+ground truth and is never ingested.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from prefect import flow
+
+from pipelines.config import Settings
+from pipelines.errors import ScfriskError
+from pipelines.raw_store import RawStore
+from pipelines.schemas import TABLES, TableSpec
+from pipelines.validation import ReferenceKeys, validate_tables
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+IGNORED = {"oracle"}
+"""Folders a batch may carry that are not data to load (the simulator's ground truth)."""
+
+
+class BatchError(ScfriskError):
+    """A batch folder that cannot be read as platform tables."""
+
+
+def locate_tables(source: Path) -> dict[str, Path]:
+    """Map each table of the batch to its file or folder, in dependency order; unknown names are errors."""
+    if not source.is_dir():
+        raise BatchError(f"batch folder {source} does not exist")
+    found: dict[str, Path] = {}
+    for path in sorted(source.iterdir()):
+        if path.name.startswith(".") or path.name in IGNORED:
+            continue
+        name = path.name if path.is_dir() else path.stem
+        if name not in TABLES or not (path.is_dir() or path.suffix in (".parquet", ".csv")):
+            raise BatchError(
+                f"unknown table file '{path.name}' in {source}; expected <table>.parquet, <table>.csv or "
+                f"<table>/ for tables: {', '.join(TABLES)}"
+            )
+        if name in found:
+            raise BatchError(f"table '{name}' is given twice in {source}: {found[name].name} and {path.name}")
+        found[name] = path
+    if not found:
+        raise BatchError(f"no table files in {source}; expected any of: {', '.join(TABLES)}")
+    return {name: found[name] for name in TABLES if name in found}
+
+
+def conform(table: pa.Table, spec: TableSpec, from_text: bool = False) -> pa.Table:
+    """Cast columns to their schema types where that is lossless, in schema order, extras last.
+
+    Text (CSV) is parsed into any type; typed (Parquet) columns only change width or unit. A column that
+    will not cast is left as delivered so the type expectation reports it with the delivered type.
+    """
+    columns: dict[str, pa.ChunkedArray] = {}
+    extras = [n for n in table.column_names if n not in spec.column_index]
+    for name in [c.name for c in spec.columns if c.name in table.column_names] + extras:
+        column = table.column(name)
+        col = spec.column_index.get(name)
+        if col is not None and column.type != col.type and (from_text or _same_family(column.type, col.type)):
+            try:
+                column = pc.cast(column, col.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                pass
+        columns[name] = column
+    return pa.table(columns)
+
+
+def _same_family(actual: pa.DataType, expected: pa.DataType) -> bool:
+    families = (pa.types.is_integer, pa.types.is_floating, pa.types.is_timestamp)
+    return any(f(actual) and f(expected) for f in families) or (
+        pa.types.is_integer(actual) and pa.types.is_floating(expected)
+    )
+
+
+def read_table(path: Path, spec: TableSpec) -> pa.Table:
+    """One table of the batch, conformed to its spec; an unreadable file is a `BatchError`."""
+    try:
+        if path.suffix == ".csv":
+            options = pacsv.ConvertOptions(
+                column_types={c.name: pa.string() for c in spec.columns}, strings_can_be_null=True
+            )
+            return conform(pacsv.read_csv(path, convert_options=options), spec, from_text=True)
+        return conform(pq.read_table(path), spec)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise BatchError(f"cannot read table '{spec.name}' from {path}: {exc}") from exc
+
+
+def reference_keys(batch: Mapping[str, pa.Table], store: RawStore) -> ReferenceKeys:
+    """The domain of every foreign key used by the batch: referenced keys in the batch and in the store."""
+    domains: dict[tuple[str, str], pa.Array] = {}
+    for name in batch:
+        for fk in TABLES[name].foreign_keys:
+            ref_type = TABLES[fk.table].column_index[fk.ref_column].type
+            parts = [store.distinct_values(fk.table, fk.ref_column)]
+            ref = batch.get(fk.table)
+            if ref is not None and fk.ref_column in ref.column_names and ref.column(fk.ref_column).type == ref_type:
+                parts.append(ref.column(fk.ref_column).combine_chunks())
+            domains[(fk.table, fk.ref_column)] = pc.unique(pa.concat_arrays(parts))
+    return domains
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What one ingest loaded and where: enough for a user to find the data and the validation report."""
+
+    source: str
+    store: Path
+    snapshot_id: str | None
+    rows: dict[str, int]
+    partitions_written: dict[str, list[str]]
+    store_rows: dict[str, int]
+    data_docs: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        lines = [f"ingested {sum(self.rows.values()):,} rows from {self.source} into raw store {self.store}"]
+        for name, rows in self.rows.items():
+            months = self.partitions_written[name]
+            written = f"{len(months)} partition(s) rewritten" if months else "unchanged"
+            lines.append(
+                f"  {name}: {rows:,} rows in batch, {written}, {self.store_rows.get(name, 0):,} rows stored"
+            )
+        lines.append(f"snapshot {self.snapshot_id}; validation report: {self.data_docs}")
+        return "\n".join(lines)
+
+
+def read_batch(source: Path) -> dict[str, pa.Table]:
+    """Every table of the batch folder, conformed to its spec, in dependency order."""
+    return {name: read_table(path, TABLES[name]) for name, path in locate_tables(source).items()}
+
+
+def ingest(source: Path, settings: Settings, now: datetime | None = None) -> IngestResult:
+    """Read, validate (all tables, before any write), then upsert the batch; `now` bounds timestamps."""
+    store = RawStore(settings.path("raw_store"))
+    now = now or datetime.now(UTC).replace(tzinfo=None)
+    clock = _Stopwatch()
+    batch = clock.time("read", read_batch, source)
+    data_docs = clock.time("validate", validate_tables, batch, TABLES, reference_keys(batch, store), settings, now)
+    written = clock.time("write", store.write, batch)
+    manifest = store.manifest()
+    return IngestResult(
+        source=str(source),
+        store=store.root,
+        snapshot_id=manifest["snapshot_id"],
+        rows={name: table.num_rows for name, table in batch.items()},
+        partitions_written=written,
+        store_rows={name: t["rows"] for name, t in manifest["tables"].items()},
+        data_docs=data_docs,
+        seconds=clock.seconds,
+    )
+
+
+class _Stopwatch:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def time(self, stage: str, fn: Callable[..., T], *args: Any) -> T:
+        start = time.perf_counter()
+        out = fn(*args)
+        self.seconds[stage] = round(time.perf_counter() - start, 3)
+        log.info("%s took %.1f s", stage, self.seconds[stage])
+        return out
+
+
+@flow(name="ingest")
+def ingest_flow(source: str, settings: Settings) -> IngestResult:
+    """Prefect shell of `ingest`: one flow run per batch, visible in the workspace's Prefect UI."""
+    result = ingest(Path(source), settings)
+    log.info(result.describe())
+    return result
