@@ -160,7 +160,7 @@ def product_limits(frame: pd.DataFrame, product: str, policy: CreditPolicy) -> p
     apr = apr_floor(pd_values, terms)
 
     failed = (
-        ~np.isin(frame["segment"].to_numpy(dtype=object), terms.segments),
+        ~frame["segment"].isin(terms.segments).to_numpy(),
         ~(frame["tenure_days"].to_numpy(dtype=float) >= terms.min_tenure_days),
         ~(frame["net_sales_90d"].to_numpy(dtype=float) >= terms.min_net_sales_90d),
         grade_index >= len(terms.advance_rate),
@@ -177,11 +177,11 @@ def product_limits(frame: pd.DataFrame, product: str, policy: CreditPolicy) -> p
     expected_loss = pd_values * terms.lgd * ead
     return pd.DataFrame(
         {
-            "merchant_id": frame["merchant_id"].to_numpy(),
+            "merchant_id": frame["merchant_id"].array,
             "product": pd.Categorical.from_codes(
                 np.full(n, list(policy.products).index(product), dtype=np.int8), categories=list(policy.products)
             ),
-            "segment": frame["segment"].to_numpy(),
+            "segment": frame["segment"].array,
             "pd": pd_values,
             "grade": pd.Categorical.from_codes(grade_index, categories=scale.names, ordered=True),
             "eligible": eligible,
