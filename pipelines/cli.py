@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -104,6 +105,19 @@ def rollback(
     from pipelines.publish import rollback as switch_back
 
     typer.echo(f"live bundle: {switch_back(_settings(ctx), to)}")
+
+
+@app.command()
+def limits(
+    ctx: typer.Context,
+    as_of: Annotated[
+        datetime | None, typer.Option("--as-of", help="Point in time of PDs and features (default: now, UTC).")
+    ] = None,
+) -> None:
+    """Credit limits of every merchant and product from the champion PD model and the credit policy."""
+    from pipelines.limits import limits_flow
+
+    typer.echo(limits_flow(settings=_settings(ctx), as_of=as_of).describe())
 
 
 def run() -> None:
