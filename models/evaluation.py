@@ -5,11 +5,14 @@ Pure functions on arrays and frames, so the same numbers serve training, gates, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score, roc_curve
 
 from models.master_scale import MasterScale
+from models.pd_model import PDModel
 
 ECE_BINS = 10
 PSI_BINS = 10
@@ -86,3 +89,41 @@ def oracle_gap(y: np.ndarray, model_pd: np.ndarray, true_pd: np.ndarray) -> dict
         "auc_gap_to_oracle": oracle["auc"] - model["auc"],
         "brier_gap_to_oracle": model["brier"] - oracle["brier"],
     }
+
+
+@dataclass
+class Evaluation:
+    """Everything measured on the out-of-time test, as logged to MLflow and gated on."""
+
+    metrics: dict[str, float]
+    """Flat names: `test_auc`, `baseline_auc`, `score_psi`, `grades_monotone`, `oracle_auc`..."""
+    by_group: pd.DataFrame
+    grades: pd.DataFrame
+    scored: pd.DataFrame
+    """Per row: slice, y, pd, baseline_pd and the grouping columns (for plots)."""
+
+
+def evaluate_model(model: PDModel, baseline_pd: np.ndarray, frame: pd.DataFrame, y: pd.Series, slices: pd.Series,
+                   group_cols: list[str], true_pd: pd.Series | None = None, min_grade_count: int = 1,
+                   grade_tolerance_z: float = 0.0) -> Evaluation:
+    """Test metrics of the model and the baseline, by segment/product, by grade, with stability and oracle gap."""
+    scored = pd.DataFrame({"slice": slices.to_numpy(), "y": y.to_numpy(), "pd": model.predict_pd(frame),
+                           "baseline_pd": baseline_pd}, index=frame.index)
+    for col in group_cols:
+        scored[col] = frame[col].astype(object).fillna("missing").to_numpy()
+    test = scored[scored["slice"] == "test"]
+    metrics = {f"test_{k}": v for k, v in pd_metrics(test["y"].to_numpy(), test["pd"].to_numpy()).items()}
+    metrics.update({f"baseline_{k}": v for k, v in pd_metrics(test["y"].to_numpy(), test["baseline_pd"].to_numpy())
+                    .items() if k in ("auc", "gini", "ks", "brier", "ece")})
+    metrics["score_psi"] = population_stability_index(scored.loc[scored["slice"] == "train", "pd"].to_numpy(),
+                                                      test["pd"].to_numpy())
+    grades = pd.DataFrame()
+    if model.master_scale is not None:
+        grades = grades_by(test, model.master_scale, group_cols)
+        metrics["grades_monotone"] = float(model.master_scale.is_monotone(test["pd"].to_numpy(), test["y"].to_numpy(),
+                                                                          min_grade_count, grade_tolerance_z))
+    if true_pd is not None:
+        oracle = true_pd.reindex(test.index)
+        known = oracle.notna().to_numpy()
+        metrics.update(oracle_gap(test["y"].to_numpy()[known], test["pd"].to_numpy()[known], oracle.to_numpy()[known]))
+    return Evaluation(metrics, metrics_by(test, group_cols), grades, scored)

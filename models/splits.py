@@ -15,8 +15,9 @@ from pipelines.errors import ScfriskError
 SLICES = ("train", "valid", "test")
 
 
-def time_split(times: pd.Series, valid_months: int, test_months: int) -> pd.Series:
-    """Slice name per row: the last `test_months` calendar months test, the `valid_months` before validate."""
+def time_split(times: pd.Series, valid_months: int, test_months: int = 0) -> pd.Series:
+    """Slice name per row: the last `test_months` calendar months test (0: no test slice, e.g. when a separate
+    test table is given), the `valid_months` before validate, the rest trains."""
     stamps = pd.to_datetime(times, errors="coerce")
     if stamps.isna().any():
         raise ScfriskError(
@@ -28,8 +29,7 @@ def time_split(times: pd.Series, valid_months: int, test_months: int) -> pd.Seri
     test_start, valid_start = last - (test_months - 1), last - (test_months + valid_months - 1)
     slices = pd.Series(np.where(months >= test_start, "test", np.where(months >= valid_start, "valid", "train")),
                        index=times.index, name="slice")
-    present = set(slices)
-    if present != set(SLICES):
+    if set(slices) != set(SLICES[: 3 if test_months else 2]):
         span = f"{months.min()}..{last}"
         raise ScfriskError(
             f"time column '{times.name}' spans {span} ({months.nunique()} months): too short for "

@@ -71,6 +71,7 @@ class GatesConfig(_Section):
     max_score_psi: float = Field(0.25, gt=0.0, le=5.0)
     require_monotone_grades: bool = True
     min_grade_count: int = Field(30, ge=1)
+    grade_tolerance_z: float = Field(1.64, ge=0.0, le=5.0)
 
 
 class IngestConfig(_Section):

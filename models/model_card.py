@@ -1,0 +1,67 @@
+"""The model card: what a reviewer needs to approve a PD model, as Markdown logged with every run."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from models.evaluation import Evaluation
+from models.gates import GateDecision
+from models.pd_model import PDModel
+
+LIMITATIONS = (
+    "- Trained on approved and disbursed applications only: PDs for profiles the policy used to reject "
+    "are extrapolations (reject inference is not applied).",
+    "- Out-of-time test covers the most recent cohorts only; performance may drift with the economy, "
+    "platform rules or a new merchant mix -- monitor score PSI and per-grade bad rates.",
+    "- Monotone constraints encode the expected direction of declared features; categorical effects are "
+    "unconstrained.",
+    "- Calibrated on the validation cohort; a shift in the default rate needs recalibration, not a refit.",
+)
+
+
+def _table(frame: pd.DataFrame, floatfmt: str = "{:.4f}") -> str:
+    frame = frame.reset_index()
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    for row in frame.itertuples(index=False):
+        cells = [floatfmt.format(v) if isinstance(v, float) else str(v) for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_model_card(title: str, model: PDModel, split: pd.DataFrame, evaluation: Evaluation,
+                      decision: GateDecision | None, source: str) -> str:
+    m = evaluation.metrics
+    features = ", ".join(f"{f.name} ({f.kind}{', ' + format(f.direction, '+d') if f.direction else ''})"
+                         for f in model.features)
+    performance = pd.DataFrame(
+        {"model": [m["test_auc"], m["test_gini"], m["test_ks"], m["test_brier"], m["test_ece"]],
+         "logistic baseline": [m["baseline_auc"], m["baseline_gini"], m["baseline_ks"], m["baseline_brier"],
+                               m["baseline_ece"]]},
+        index=pd.Index(["AUC", "Gini", "KS", "Brier", "ECE"], name="metric"),
+    )
+    sections = [
+        f"# Model card: {title}",
+        "## Purpose\nProbability of default (90+ days past due within the performance window) of a merchant's "
+        "credit application, used for grades, limits and prices. Not for marketing or any decision on "
+        "protected attributes.",
+        f"## Data\nSource: {source}\n\n" + _table(split),
+        f"## Model\nLightGBM with monotone constraints, {model.calibrator.method} calibration on the validation "
+        f"cohort. {len(model.features)} features: {features}.",
+        "## Performance (out-of-time test)\n" + _table(performance)
+        + f"\n\nScore PSI train vs test: {m['score_psi']:.4f}. Log loss: {m['test_log_loss']:.4f}.",
+    ]
+    if "oracle_auc" in m:
+        sections.append(f"Simulator's true PD on the same rows: AUC {m['oracle_auc']:.4f}, Brier "
+                        f"{m['oracle_brier']:.4f} (model gap: AUC {m['auc_gap_to_oracle']:+.4f}).")
+    if not evaluation.grades.empty:
+        overall = evaluation.grades[evaluation.grades["by"] == "all"].drop(columns=["by", "value"])
+        sections.append(f"## Grades (master scale)\nMonotone bad rate: "
+                        f"{'yes' if m.get('grades_monotone') else 'NO'}\n\n" + _table(overall.set_index("grade")))
+    if not evaluation.by_group.empty:
+        cols = ["by", "value", "n", "default_rate", "auc", "brier", "ece"]
+        sections.append("## By segment and product\n" + _table(evaluation.by_group[cols].set_index("by")))
+    if decision is not None:
+        sections.append(f"## Champion/challenger decision\n{'Promoted' if decision.promote else 'Not promoted'}"
+                        ":\n\n" + "\n".join(f"- {r}" for r in decision.reasons))
+    sections.append("## Limitations\n" + "\n".join(LIMITATIONS))
+    return "\n\n".join(sections) + "\n"

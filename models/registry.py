@@ -1,0 +1,133 @@
+"""MLflow: experiment set-up inside the workspace, the PD model as a pyfunc, aliases and promotions.
+
+The registered model returns the calibrated PD (LightGBM's own pyfunc flavour would return labels), and
+carries the library-native `PDModel` files so other layers can load the model without MLflow's wrapper.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+
+import models
+import pipelines
+from models.gates import GateDecision
+from models.pd_model import PDModel
+from pipelines.config import Settings
+from pipelines.errors import ScfriskError
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+ARTIFACT_KEY = "pd_model"
+
+
+class PDPyfunc(mlflow.pyfunc.PythonModel):
+    """`mlflow.pyfunc.load_model(...).predict(raw_features)` -> calibrated PD per row."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        self.model = PDModel.load(context.artifacts[ARTIFACT_KEY])
+
+    def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
+                params: dict | None = None) -> np.ndarray:
+        return self.model.predict_pd(pd.DataFrame(model_input))
+
+
+def configure_mlflow(settings: Settings) -> MlflowClient:
+    """Point MLflow at the workspace store and make sure the experiment keeps its artifacts there too
+    (without an explicit location MLflow writes ./mlartifacts in the current directory)."""
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    client = MlflowClient()
+    if client.get_experiment_by_name(settings.mlflow.experiment) is None:
+        location = settings.path("mlflow_artifacts") / settings.mlflow.experiment
+        location.mkdir(parents=True, exist_ok=True)
+        client.create_experiment(settings.mlflow.experiment, artifact_location=location.as_uri())
+    mlflow.set_experiment(settings.mlflow.experiment)
+    return client
+
+
+def log_pd_model(model: PDModel, example: pd.DataFrame, registered_model: str) -> str:
+    """Log the model to the active run and register it; returns the new version number."""
+    example = example[model.feature_names].head(5).copy()
+    for spec in model.features:
+        example[spec.name] = example[spec.name].astype(float if spec.kind == "numeric" else object)
+    signature = infer_signature(example, pd.Series(model.predict_pd(example), name="pd"))
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = model.save(Path(tmp) / ARTIFACT_KEY)
+        info = mlflow.pyfunc.log_model(name=ARTIFACT_KEY, python_model=PDPyfunc(), artifacts={ARTIFACT_KEY: str(saved)},
+                                       signature=signature, input_example=example,
+                                       registered_model_name=registered_model,
+                                       code_paths=[str(Path(p).parent) for p in (models.__file__, pipelines.__file__)],
+                                       pip_requirements=_requirements())
+    return str(info.registered_model_version)
+
+
+def _requirements() -> list[str]:
+    """Pinned runtime needs of the pyfunc (skips MLflow's slow environment inference)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("mlflow", "lightgbm", "numpy", "pandas", "scikit-learn",
+                                                     "pydantic", "pyarrow")]
+
+
+def load_pd_model(settings: Settings, alias: str = CHAMPION) -> PDModel | None:
+    """The registered PDModel behind an alias, or None when no version carries it."""
+    client = configure_mlflow(settings)
+    try:
+        client.get_model_version_by_alias(settings.mlflow.registered_model, alias)
+    except MlflowException:
+        return None
+    local = mlflow.artifacts.download_artifacts(f"models:/{settings.mlflow.registered_model}@{alias}")
+    return PDModel.load(Path(local) / "artifacts" / ARTIFACT_KEY)
+
+
+def champion_auc_on(settings: Settings, frame: pd.DataFrame, y: np.ndarray) -> float | None:
+    """The champion's AUC on these rows (a fair comparison); None without a champion or its features."""
+    from sklearn.metrics import roc_auc_score
+
+    champion = load_pd_model(settings, CHAMPION)
+    if champion is None:
+        return None
+    try:
+        return float(roc_auc_score(y, champion.predict_pd(frame)))
+    except ScfriskError as exc:
+        log.warning("champion cannot score the new test set (%s); comparing with its logged AUC", exc)
+    version = MlflowClient().get_model_version_by_alias(settings.mlflow.registered_model, CHAMPION)
+    return MlflowClient().get_run(version.run_id).data.metrics.get("test_auc")
+
+
+def apply_decision(settings: Settings, version: str, decision: GateDecision) -> None:
+    """The new version becomes the challenger, and the champion too when the gates passed."""
+    client, name = MlflowClient(), settings.mlflow.registered_model
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    client.set_model_version_tag(name, version, "gate_decision", "promoted" if decision.promote else "rejected")
+    client.set_model_version_tag(name, version, "gate_reasons", "; ".join(decision.reasons))
+    if decision.promote:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    log.info("version %s: %s", version, "champion" if decision.promote else "challenger only")
+
+
+def promote(settings: Settings, version: str, reason: str, user: str | None = None) -> None:
+    """Manual override: make `version` the champion, recording who, when and why on the version."""
+    if not reason.strip():
+        raise ScfriskError("a manual promotion needs a --reason")
+    client, name = configure_mlflow(settings), settings.mlflow.registered_model
+    try:
+        client.get_model_version(name, version)
+    except MlflowException:
+        raise ScfriskError(f"registered model '{name}' has no version {version}") from None
+    client.set_registered_model_alias(name, CHAMPION, version)
+    tags = {"promotion": "manual", "promoted_by": user or getpass.getuser(),
+            "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"), "promotion_reason": reason}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)

@@ -1,0 +1,213 @@
+"""`scfrisk train`: split -> train -> evaluate -> log and register in MLflow -> champion/challenger gate.
+
+Two entry points share one run: the feature store (labels from the raw store's loans, point-in-time
+features) and any feature table (`--table`). The Prefect flows are thin shells over `run_training`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from prefect import flow
+
+from models.evaluation import Evaluation, evaluate_model
+from models.gates import GateDecision, decide_promotion
+from models.master_scale import load_master_scale
+from models.model_card import render_model_card
+from models.plots import calibration_plot, ks_plot, roc_plot, score_distribution_plot
+from models.registry import apply_decision, champion_auc_on, configure_mlflow, log_pd_model
+from models.splits import split_summary, stratified_split, time_split
+from models.training import TrainingResult, binary_target, infer_features, train_pd_model
+from pipelines.config import Settings
+from pipelines.errors import ScfriskError
+
+log = logging.getLogger(__name__)
+
+GROUP_COLUMNS = ("segment", "merchant_type", "product")
+"""Columns that metrics and grades are broken down by, when the table has them."""
+STRATIFIED_FRACTIONS = (0.2, 0.2)
+"""(validation, test) shares of a table without a time column."""
+METRICS_OUT_KEYS = {"auc": "test_auc", "gini": "test_gini", "ks": "test_ks", "brier": "test_brier",
+                    "ece": "test_ece", "n_test": "test_n", "baseline_auc": "baseline_auc"}
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    run_id: str
+    version: str
+    decision: GateDecision
+    metrics: dict[str, float]
+    split: pd.DataFrame
+
+    def describe(self) -> str:
+        m = self.metrics
+        return (f"model version {self.version} (run {self.run_id}): OOT AUC {m['test_auc']:.4f} "
+                f"(baseline {m['baseline_auc']:.4f}), ECE {m['test_ece']:.4f}, PSI {m['score_psi']:.4f}; "
+                f"{'promoted to champion' if self.decision.promote else 'challenger only'}\n  "
+                + "\n  ".join(self.decision.reasons))
+
+
+def read_table(path: Path | str) -> pd.DataFrame:
+    """A Parquet file/folder or CSV file as a DataFrame (CSV cells kept as text; kinds are inferred later)."""
+    path = Path(path)
+    if not path.exists():
+        raise ScfriskError(f"table {path} does not exist")
+    if path.is_dir() or path.suffix.lower() in (".parquet", ".pq"):
+        return pd.read_parquet(path)
+    if path.suffix.lower() in (".csv", ".txt"):
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    raise ScfriskError(f"table {path}: unsupported format '{path.suffix}' (use .parquet or .csv)")
+
+
+def _require_columns(frame: pd.DataFrame, columns: dict[str, str | None], table: str) -> None:
+    for role, name in columns.items():
+        if name is not None and name not in frame.columns:
+            raise ScfriskError(f"{role} column '{name}' is not in {table}; columns present: "
+                               f"{', '.join(map(str, frame.columns))}")
+
+
+def data_hash(frame: pd.DataFrame) -> str:
+    """Fingerprint of the training data snapshot: same rows and values, same hash."""
+    hashed = pd.util.hash_pandas_object(frame.astype(str), index=False).to_numpy()
+    return hashlib.sha256(hashed.tobytes()).hexdigest()[:16]
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def assign_slices(frame: pd.DataFrame, y: pd.Series, time_col: str | None, has_test_table: bool,
+                  settings: Settings) -> pd.Series:
+    """Out of time when there is a time column; a given test table is the test slice as is."""
+    n_test = int((frame["__source"] == "test_table").sum()) if has_test_table else 0
+    own = frame.index[: len(frame) - n_test]
+    if time_col is not None:
+        slices = time_split(frame.loc[own, time_col], settings.model.valid_months,
+                            0 if has_test_table else settings.model.test_months)
+    else:
+        valid_frac, test_frac = STRATIFIED_FRACTIONS
+        slices = stratified_split(y[own], valid_frac, 0.0 if has_test_table else test_frac, settings.seed)
+    return pd.concat([slices, pd.Series("test", index=frame.index[len(own):], name="slice")])
+
+
+def run_training(settings: Settings, frame: pd.DataFrame, target: str, *, time_col: str | None = None,
+                 id_col: str | None = None, test_frame: pd.DataFrame | None = None,
+                 directions: dict[str, int] | None = None, kinds: dict[str, str] | None = None,
+                 exclude: tuple[str, ...] = (), true_pd: pd.Series | None = None, source: str = "table",
+                 feature_set_version: str = "table") -> TrainOutcome:
+    """Train, evaluate, log, register and gate one model on a labelled table (plus an optional test table)."""
+    _require_columns(frame, {"target": target, "time": time_col, "id": id_col}, source)
+    if test_frame is not None:
+        _require_columns(test_frame, {"target": target, "time": time_col}, "the test table")
+    parts = [frame.assign(__source="table")]
+    if test_frame is not None:
+        parts.append(test_frame.assign(__source="test_table"))
+    data = pd.concat(parts, ignore_index=True)
+    if true_pd is not None:
+        true_pd = pd.Series(true_pd.to_numpy(), index=data.index[: len(true_pd)])
+    y = binary_target(data[target])
+    if time_col is not None:
+        data[time_col] = pd.to_datetime(data[time_col], errors="coerce")
+    slices = assign_slices(data, y, time_col, test_frame is not None, settings)
+    drop = {target, "__source", *(c for c in (time_col, id_col) if c), *exclude}
+    features = infer_features(data[slices == "train"], drop, directions, kinds)
+    scale = load_master_scale(settings.policy_file)
+    result = train_pd_model(data, y, slices, features, seed=settings.model.seed, max_rounds=settings.model.max_rounds,
+                            search_trials=settings.model.search_trials, threads=settings.model.threads,
+                            master_scale=scale)
+    groups = [c for c in GROUP_COLUMNS if c in data.columns and c not in drop]
+    baseline_pd = result.baseline.predict_pd(result.model.prepare(data))
+    evaluation = evaluate_model(result.model, baseline_pd, data, y, slices, groups, true_pd,
+                                settings.gates.min_grade_count, settings.gates.grade_tolerance_z)
+    split = split_summary(slices, y, data[time_col] if time_col else None)
+    result.model.metadata = {"feature_set_version": feature_set_version, "source": source,
+                             "data_hash": data_hash(data), "trained_on": split.to_dict(orient="index")}
+    return _log_and_gate(settings, data, y, slices, result, evaluation, split, source)
+
+
+def _log_and_gate(settings: Settings, data: pd.DataFrame, y: pd.Series, slices: pd.Series, result: TrainingResult,
+                  evaluation: Evaluation, split: pd.DataFrame, source: str) -> TrainOutcome:
+    model, metrics = result.model, evaluation.metrics
+    configure_mlflow(settings)
+    test = (slices == "test").to_numpy()
+    with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        mlflow.set_tags({"feature_set_version": model.metadata["feature_set_version"], "source": source,
+                         "data_hash": model.metadata["data_hash"], "git_commit": git_commit() or "none",
+                         "calibration": model.calibrator.method})
+        mlflow.log_params({**{f"lgb_{k}": v for k, v in result.params.items()}, "seed": settings.model.seed,
+                           "valid_months": settings.model.valid_months, "test_months": settings.model.test_months,
+                           "search_trials": settings.model.search_trials, "n_features": len(model.features),
+                           "calibration": model.calibrator.method})
+        for name, row in split.iterrows():
+            mlflow.log_params({f"split_{name}_{k}": v for k, v in row.items()})
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
+        mlflow.log_metrics({f"calibration_cv_log_loss_{k}": v for k, v in result.calibration_scores.items()})
+        mlflow.log_dict(split.reset_index().to_dict(orient="records"), "split.json")
+        mlflow.log_dict({"features": [f.__dict__ for f in model.features]}, "features.json")
+        mlflow.log_table(result.search_log, "search.json")
+        mlflow.log_table(evaluation.by_group, "metrics_by_group.json")
+        if not evaluation.grades.empty:
+            mlflow.log_table(evaluation.grades, "grades.json")
+        scored = evaluation.scored
+        y_test, pd_test = scored.loc[test, "y"].to_numpy(), scored.loc[test, "pd"].to_numpy()
+        for path in (roc_plot(y_test, {"LightGBM": pd_test, "logistic baseline": scored.loc[test, "baseline_pd"]
+                                       .to_numpy()}, out / "roc.png"),
+                     ks_plot(y_test, pd_test, out / "ks.png"),
+                     calibration_plot(y_test, pd_test, out / "calibration.png"),
+                     score_distribution_plot({s: scored.loc[(slices == s).to_numpy(), "pd"].to_numpy()
+                                              for s in ("train", "valid", "test")}, out / "score_distribution.png")):
+            mlflow.log_artifact(str(path), "plots")
+        version = log_pd_model(model, data.loc[test], settings.mlflow.registered_model)
+        champion_auc = champion_auc_on(settings, data.loc[test], y_test)
+        decision = decide_promotion(metrics["test_auc"], metrics["test_ece"], metrics["score_psi"],
+                                    bool(metrics.get("grades_monotone", 1.0)), champion_auc, settings.gates)
+        apply_decision(settings, version, decision)
+        mlflow.set_tags({"gate_decision": "promoted" if decision.promote else "rejected",
+                         "registered_version": version})
+        mlflow.log_dict({**decision.as_dict(), "version": version, "champion_auc": champion_auc}, "gate_decision.json")
+        card = render_model_card(f"{settings.mlflow.registered_model} v{version}", model, split, evaluation,
+                                 decision, source)
+        mlflow.log_text(card, "model_card.md")
+    outcome = TrainOutcome(run.info.run_id, version, decision, metrics, split)
+    log.info(outcome.describe())
+    return outcome
+
+
+def write_metrics(outcome: TrainOutcome, path: Path | str) -> Path:
+    """The test metrics JSON of `--metrics-out`."""
+    m = outcome.metrics
+    payload = {key: m[name] for key, name in METRICS_OUT_KEYS.items()}
+    payload["n_test"] = int(payload["n_test"])
+    payload["n_train"] = int(outcome.split.loc["train", "rows"])
+    payload.update(version=outcome.version, run_id=outcome.run_id, promoted=outcome.decision.promote)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+@flow(name="train-table")
+def train_table_flow(settings: Settings, table: str, target: str, time_col: str | None = None,
+                     id_col: str | None = None, test_table: str | None = None,
+                     metrics_out: str | None = None) -> TrainOutcome:
+    """Prefect shell of `scfrisk train --table`."""
+    outcome = run_training(settings, read_table(table), target, time_col=time_col, id_col=id_col,
+                           test_frame=read_table(test_table) if test_table else None, source=str(table))
+    if metrics_out:
+        write_metrics(outcome, metrics_out)
+    return outcome
