@@ -40,29 +40,45 @@ def _facts_sql(source: Source, features: list[Feature], tables: Mapping[str, str
     )
 
 
-def _per_key_sql(f: Feature) -> str:
-    outer = f.outer.format(x="x", k="k")  # type: ignore[union-attr]
+def _per_key_sql(facts: str, per: str, features: list[Feature]) -> str:
+    """Features sharing a key: one inner grouping (a column per feature), one outer aggregate each."""
+    inner = "".join(f", {f.aggregation} FILTER (WHERE {window_predicate(f)}) AS x_{f.name}" for f in features)
+    outer = ", ".join(f"{f.outer.format(x=f'x_{f.name}', k='k')} AS {f.name}" for f in features)  # type: ignore[union-attr]
     return (
-        f"(SELECT merchant_id, as_of, {outer} AS {f.name} FROM (\n"
-        f"   SELECT merchant_id, as_of, {f.per} AS k, {f.aggregation} AS x FROM facts\n"
-        f"   WHERE {window_predicate(f)} GROUP BY ALL)\n"
-        f" GROUP BY merchant_id, as_of) AS {f.name}"
+        f"(SELECT merchant_id, as_of, {outer} FROM (\n"
+        f"   SELECT merchant_id, as_of, {per} AS k{inner} FROM {facts} GROUP BY ALL)\n"
+        f" GROUP BY merchant_id, as_of)"
     )
+
+
+def _single_sql(facts: str, features: list[Feature]) -> str:
+    aggregates = "".join(f", {f.aggregation} FILTER (WHERE {window_predicate(f)}) AS {f.name}" for f in features)
+    return f"(SELECT merchant_id, as_of{aggregates} FROM {facts} GROUP BY merchant_id, as_of)"
 
 
 def source_sql(source: Source, features: list[Feature], tables: Mapping[str, str]) -> str:
-    """One row per entity that has any fact of this source in reach, one column per feature."""
-    single = [f for f in features if f.per is None]
-    per_key = [f for f in features if f.per is not None]
-    aggregates = "".join(f",\n       {f.aggregation} FILTER (WHERE {window_predicate(f)}) AS {f.name}" for f in single)
-    joins = "".join(
-        f"\n  LEFT JOIN {_per_key_sql(f)} USING (merchant_id, as_of)" for f in per_key
-    )
-    return (
-        f"WITH facts AS MATERIALIZED (\n{_facts_sql(source, features, tables)}\n),\n"
-        f"single AS (SELECT merchant_id, as_of{aggregates}\n  FROM facts GROUP BY merchant_id, as_of)\n"
-        f"SELECT * FROM single{joins}"
-    )
+    """One row per entity that has any fact of this source in reach, one column per feature.
+
+    Aggregates run in separate passes, each over its own join bounded by its longest window: the plain
+    ones together, each DISTINCT one alone and each two-stage key together (in DuckDB one DISTINCT
+    aggregate slows every aggregate of its grouping; a shared materialised join is slower than re-joining).
+    """
+    plain = [f for f in features if f.per is None and "DISTINCT" not in f.aggregation.upper()]
+    groups = [plain] if plain else []
+    groups += [[f] for f in features if f.per is None and f not in plain]
+    per_key: dict[str, list[Feature]] = {}
+    for f in features:
+        if f.per is not None:
+            per_key.setdefault(f.per, []).append(f)
+    groups += list(per_key.values())
+
+    def one_pass(fs: list[Feature]) -> str:
+        facts = f"(\n{_facts_sql(source, fs, tables)}\n) AS facts"
+        return _per_key_sql(facts, fs[0].per, fs) if fs[0].per else _single_sql(facts, fs)
+
+    first, *rest = (one_pass(fs) for fs in groups)
+    joins = "".join(f"\n  FULL JOIN {p} USING (merchant_id, as_of)" for p in rest)
+    return f"SELECT * FROM {first}{joins}"
 
 
 def _filled(f: Feature) -> str:
