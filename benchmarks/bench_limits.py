@@ -55,7 +55,9 @@ def _base(row: dict, terms: ProductPolicy) -> float:
         excess = min(max(row["receivables_top_counterparty_share"] - base.max_counterparty_share, 0.0), 1.0)
         return row["open_receivables_current"] * (1.0 - excess)
     if base.kind == "warehouse_inventory":
-        return row["inventory_value_in_warehouse"] * (1.0 - base.haircuts.get(row["category"], base.default_haircut))
+        return row["inventory_value_in_warehouse"] * (
+            1.0 - base.haircuts.get(row["category"], base.default_haircut)
+        )
     return base.months_of_sales * row["net_sales_90d"] / 3.0
 
 
@@ -63,7 +65,7 @@ def limit_row_by_row(merchants: pd.DataFrame, policy: CreditPolicy) -> list[floa
     """The baseline: one Python loop iteration per merchant and product."""
     names = policy.master_scale.names
     limits = []
-    for product, terms in policy.products.items():
+    for terms in policy.products.values():
         for row in merchants.to_dict("records"):
             grade = names[int(policy.master_scale.grade_index(np.array([row["pd"]]))[0])]
             if (
@@ -129,8 +131,12 @@ def main() -> None:
     }
     for key, value in figures.items():
         log.info("%-24s %s", key, f"{value:,.3f}" if isinstance(value, float) else f"{value:,}")
-    log.info("baseline limits equal the engine's on the sample: %s; goal < %.0f s: %s", agree, GOAL_SECONDS,
-             "met" if vectorised < GOAL_SECONDS else "MISSED")
+    log.info(
+        "baseline limits equal the engine's on the sample: %s; goal < %.0f s: %s",
+        agree,
+        GOAL_SECONDS,
+        "met" if vectorised < GOAL_SECONDS else "MISSED",
+    )
 
     write_section(
         "Credit limits",

@@ -73,7 +73,9 @@ def binding_reason(constraint: str, row: dict[str, Any], product: str, terms: Pr
         case "collateral":
             rate = terms.advance_rate[row["grade"]]
             base = terms.base.kind.replace("_", " ")
-            return f"the limit is {rate:.0%} of the {base} ({row['exposure_base']:,.0f}) at grade {row['grade']}"
+            return (
+                f"the limit is {rate:.0%} of the {base} ({row['exposure_base']:,.0f}) at grade {row['grade']}"
+            )
         case "el_budget":
             return f"at PD {row['pd']:.2%} a larger limit would exceed the expected-loss budget of {terms.el_budget:,.0f}"
     raise AssertionError(f"unknown constraint {constraint!r}")  # pragma: no cover
@@ -88,18 +90,40 @@ def decide(request: CreditRequest, limits: pd.DataFrame, policy: CreditPolicy) -
         return Decision(outcome, amount, limit, apr, terms.tenor_days, reasons, policy.version)
 
     if match.empty:
-        return decision(Outcome.REFER, 0.0, 0.0, None, f"no {request.product} limit on file for {request.merchant_id}")
+        return decision(
+            Outcome.REFER, 0.0, 0.0, None, f"no {request.product} limit on file for {request.merchant_id}"
+        )
     row = match.iloc[0].to_dict()
     limit, asked = float(row["limit"]), request.requested_amount
     if not row["eligible"]:
-        return decision(Outcome.DECLINE, 0.0, 0.0, None, exclusion_reason(row["exclusion_reason"], row, request.product, terms))
+        return decision(
+            Outcome.DECLINE,
+            0.0,
+            0.0,
+            None,
+            exclusion_reason(row["exclusion_reason"], row, request.product, terms),
+        )
     apr = float(row["apr"])
     if asked <= limit:
-        return decision(Outcome.APPROVE, asked, limit, apr, f"requested {asked:,.0f} is within the limit of {limit:,.0f}")
+        return decision(
+            Outcome.APPROVE, asked, limit, apr, f"requested {asked:,.0f} is within the limit of {limit:,.0f}"
+        )
     why = binding_reason(row["binding_constraint"], row, request.product, terms)
     if asked > policy.decision.refer_ratio * limit:
         ratio = policy.decision.refer_ratio
         return decision(
-            Outcome.REFER, 0.0, limit, apr, f"requested {asked:,.0f} is more than {ratio:g} x the limit of {limit:,.0f}", why
+            Outcome.REFER,
+            0.0,
+            limit,
+            apr,
+            f"requested {asked:,.0f} is more than {ratio:g} x the limit of {limit:,.0f}",
+            why,
         )
-    return decision(Outcome.COUNTER_OFFER, limit, limit, apr, f"requested {asked:,.0f} exceeds the limit of {limit:,.0f}", why)
+    return decision(
+        Outcome.COUNTER_OFFER,
+        limit,
+        limit,
+        apr,
+        f"requested {asked:,.0f} exceeds the limit of {limit:,.0f}",
+        why,
+    )

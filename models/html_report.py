@@ -13,7 +13,7 @@ import io
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -125,7 +125,9 @@ def _table(block: Table) -> str:
     for record in frame.itertuples(index=False):  # display only: a report table has at most max_rows rows
         cells = []
         for column, value in zip(frame.columns, record):
-            text, numeric = _cell(value.item() if hasattr(value, "item") else value, block.formats.get(column))
+            text, numeric = _cell(
+                value.item() if hasattr(value, "item") else value, block.formats.get(column)
+            )
             cells.append(f'<td class="num">{text}</td>' if numeric else f"<td>{text}</td>")
         rows.append(f"<tr>{''.join(cells)}</tr>")
     more = len(block.frame) - len(frame)
@@ -165,7 +167,7 @@ def render_page(title: str, sections: Sequence[Section], subtitle: str = "") -> 
         f'<section id="{a}"><h2>{html.escape(s.title)}</h2>{"".join(_RENDER[type(b)](b) for b in s.blocks)}</section>'
         for a, s in zip(anchors, sections)
     )
-    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'

@@ -126,7 +126,9 @@ def apr_floor(pd_values: np.ndarray, terms: ProductPolicy) -> np.ndarray:
     return p.funding_rate + pd_values * terms.lgd + p.operating_rate + p.margin
 
 
-def expected_profit(ead: np.ndarray, apr: np.ndarray, pd_values: np.ndarray, terms: ProductPolicy) -> np.ndarray:
+def expected_profit(
+    ead: np.ndarray, apr: np.ndarray, pd_values: np.ndarray, terms: ProductPolicy
+) -> np.ndarray:
     """One year of income net of expected loss and costs; `pd_values` may be realised 0/1 defaults."""
     p = terms.pricing
     income = ead * (apr + p.fee_rate) * (1.0 - pd_values)
@@ -179,7 +181,8 @@ def product_limits(frame: pd.DataFrame, product: str, policy: CreditPolicy) -> p
         {
             "merchant_id": frame["merchant_id"].array,
             "product": pd.Categorical.from_codes(
-                np.full(n, list(policy.products).index(product), dtype=np.int8), categories=list(policy.products)
+                np.full(n, list(policy.products).index(product), dtype=np.int8),
+                categories=list(policy.products),
             ),
             "segment": frame["segment"].array,
             "pd": pd_values,

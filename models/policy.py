@@ -7,6 +7,7 @@ is a new `[products.<name>]` table that reuses one of the exposure-base kinds be
 from __future__ import annotations
 
 import tomllib
+from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -69,7 +70,9 @@ ExposureBase = Annotated[
 ]
 
 
-BASE_KINDS = tuple(get_args(m.model_fields["kind"].annotation)[0] for m in get_args(get_args(ExposureBase)[0]))
+BASE_KINDS = tuple(
+    get_args(m.model_fields["kind"].annotation)[0] for m in get_args(get_args(ExposureBase)[0])
+)
 
 
 class Pricing(_Strict):
@@ -130,7 +133,9 @@ class CreditPolicy(_Strict):
         for product, terms in self.products.items():
             key = f"products.{product}"
             if terms.worst_grade not in names:
-                raise ValueError(f"{key}.worst_grade: unknown grade '{terms.worst_grade}'; master scale: {names}")
+                raise ValueError(
+                    f"{key}.worst_grade: unknown grade '{terms.worst_grade}'; master scale: {names}"
+                )
             eligible = names[: names.index(terms.worst_grade) + 1]
             if list(terms.advance_rate) != eligible:
                 raise ValueError(
@@ -138,7 +143,7 @@ class CreditPolicy(_Strict):
                     f"in order, no gap or overlap), got {list(terms.advance_rate)}"
                 )
             rates = list(terms.advance_rate.values())
-            if any(worse > better for better, worse in zip(rates, rates[1:])):
+            if any(worse > better for better, worse in pairwise(rates)):
                 raise ValueError(f"{key}.advance_rate: must not rise for worse grades, got {rates}")
         return self
 

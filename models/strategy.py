@@ -156,7 +156,13 @@ def _cutoff_figure(curve: pd.DataFrame) -> Figure:
         bad = ax.twinx()
         bad.plot(data["approval_rate"], data["expected_bad_rate"], color="#c0392b", label="expected bad rate")
         if realised:
-            bad.plot(data["approval_rate"], data["realised_bad_rate"], color="#c0392b", linestyle="--", label="realised")
+            bad.plot(
+                data["approval_rate"],
+                data["realised_bad_rate"],
+                color="#c0392b",
+                linestyle="--",
+                label="realised",
+            )
         bad.set_ylabel("bad rate", color="#c0392b")
         bad.legend(loc="upper left", fontsize=8, frameon=False)
     return figure
@@ -187,30 +193,45 @@ def strategy_sections(tables: StrategyTables, policy_version: str) -> list[Secti
         "expected profit": float(total["expected_profit"].sum()),
     }
     if realised:
-        figures |= {"realised loss": float(total["realised_loss"].sum()), "realised profit": float(total["realised_profit"].sum())}
+        figures |= {
+            "realised loss": float(total["realised_loss"].sum()),
+            "realised profit": float(total["realised_profit"].sum()),
+        }
     profit = "realised" if realised else "expected"
     return [
         Section(
             "Summary",
             [
                 Paragraph(
-                    ("Out-of-time backtest: limits the policy would have granted, against realised defaults. "
-                     if realised else "Current book under the policy (expected figures). ")
+                    (
+                        "Out-of-time backtest: limits the policy would have granted, against realised defaults. "
+                        if realised
+                        else "Current book under the policy (expected figures). "
+                    )
                     + "Profit is one year of the facility drawn at EAD, net of loss, funding and operating cost."
                 ),
                 KeyFigures(figures),
             ],
         ),
         Section("By product", [Table(tables.by_product, formats=RATE_FORMATS)]),
-        Section("By grade", [Image.from_figure(_grade_figure(tables.by_grade), f"Profit and loss by grade ({profit})"),
-                             Table(tables.by_grade, formats=RATE_FORMATS)]),
+        Section(
+            "By grade",
+            [
+                Image.from_figure(_grade_figure(tables.by_grade), f"Profit and loss by grade ({profit})"),
+                Table(tables.by_grade, formats=RATE_FORMATS),
+            ],
+        ),
         Section("By segment", [Table(tables.by_segment, formats=RATE_FORMATS)]),
         Section(
             "Cut-off curves",
             [
-                Image.from_figure(_cutoff_figure(tables.cutoff_curve),
-                                  f"Approval rate vs bad rate vs {profit} profit; dotted line: profit-maximising cut-off"),
-                Table(tables.best_cutoffs, caption="Profit-maximising cut-off per product", formats=RATE_FORMATS),
+                Image.from_figure(
+                    _cutoff_figure(tables.cutoff_curve),
+                    f"Approval rate vs bad rate vs {profit} profit; dotted line: profit-maximising cut-off",
+                ),
+                Table(
+                    tables.best_cutoffs, caption="Profit-maximising cut-off per product", formats=RATE_FORMATS
+                ),
             ],
         ),
     ]
@@ -227,8 +248,12 @@ def write_strategy_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, frame in tables.items():
         frame.to_parquet(out_dir / f"{name}.parquet", index=False)
-    page = write_page(out_dir / "strategy.html", "Credit strategy", strategy_sections(tables, policy_version),
-                      subtitle=f"policy {policy_version}")
+    page = write_page(
+        out_dir / "strategy.html",
+        "Credit strategy",
+        strategy_sections(tables, policy_version),
+        subtitle=f"policy {policy_version}",
+    )
     if run_id is not None:
         from mlflow.tracking import MlflowClient
 

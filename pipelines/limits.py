@@ -55,7 +55,9 @@ def merchants_as_of(store: RawStore, as_of: datetime) -> pd.DataFrame:
     ).df()
 
 
-def limits_table(features: pd.DataFrame, model: PDModel, model_version: str, policy: CreditPolicy) -> pd.DataFrame:
+def limits_table(
+    features: pd.DataFrame, model: PDModel, model_version: str, policy: CreditPolicy
+) -> pd.DataFrame:
     """Score PDs with the model and apply the policy: the published limits table (pure)."""
     scored = features.assign(pd=model.predict_pd(features))
     limits = compute_limits(scored, policy)
@@ -97,7 +99,9 @@ def build_limits(settings: Settings, as_of: datetime | None = None) -> LimitsRes
     path = limits_path(settings, as_of)
     path.parent.mkdir(parents=True, exist_ok=True)
     limits.to_parquet(path, index=False)
-    return LimitsResult(path, as_of, len(limits), len(entities), int(limits["eligible"].sum()), version, policy.version)
+    return LimitsResult(
+        path, as_of, len(limits), len(entities), int(limits["eligible"].sum()), version, policy.version
+    )
 
 
 @flow(name="limits")

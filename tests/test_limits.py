@@ -91,7 +91,9 @@ def test_ineligible_rows_get_zero_and_their_first_failed_rule():
     assert limits.loc[limits["eligible"], "exclusion_reason"].isna().all()
     # Each rule the policy names excludes someone in a realistic book; individuals never get receivables.
     receivables = limits[limits["product"] == "receivable_financing"]
-    individual = receivables["merchant_id"].isin(merchants(5000).query("segment == 'individual'")["merchant_id"])
+    individual = receivables["merchant_id"].isin(
+        merchants(5000).query("segment == 'individual'")["merchant_id"]
+    )
     assert (receivables.loc[individual, "exclusion_reason"] == "segment").all()
     assert {"segment", "tenure", "sales", "grade", "min_limit"} <= set(out["exclusion_reason"].astype(str))
 
@@ -131,11 +133,18 @@ def test_profit_at_the_apr_floor_is_the_margin_less_the_pd_weighted_price():
     """At APR = funding + PD*LGD + opex + margin, profit per unit = margin + fee - PD * (APR + fee) exactly."""
     terms = POLICY.products["order_financing"]
     pd_values = np.array([0.0, 0.01, 0.1])
-    apr = terms.pricing.funding_rate + pd_values * terms.lgd + terms.pricing.operating_rate + terms.pricing.margin
+    apr = (
+        terms.pricing.funding_rate
+        + pd_values * terms.lgd
+        + terms.pricing.operating_rate
+        + terms.pricing.margin
+    )
     profit = expected_profit(np.ones(3), apr, pd_values, terms)
     fee = terms.pricing.fee_rate
     np.testing.assert_allclose(profit, terms.pricing.margin + fee - pd_values * (apr + fee))
-    assert profit[0] > 0 > expected_profit(np.ones(1), apr[2:], np.ones(1), terms)[0]  # a realised default loses
+    assert (
+        profit[0] > 0 > expected_profit(np.ones(1), apr[2:], np.ones(1), terms)[0]
+    )  # a realised default loses
 
 
 def test_a_product_added_in_toml_alone_appears_in_the_limits_table():
@@ -159,7 +168,9 @@ def test_input_errors_name_the_column():
     frame = merchants(10)
     with pytest.raises(LimitInputError, match=r"misses columns \['tenure_days'\]"):
         compute_limits(frame.drop(columns="tenure_days"), POLICY)
-    with pytest.raises(LimitInputError, match=r"'pd' must lie in \[0, 1\]: 1 rows do not, e.g. merchant M0000003"):
+    with pytest.raises(
+        LimitInputError, match=r"'pd' must lie in \[0, 1\]: 1 rows do not, e.g. merchant M0000003"
+    ):
         compute_limits(frame.assign(pd=np.where(frame.index == 3, 1.5, frame["pd"])), POLICY)
     wrong = frame.assign(pd=0.03, grade="A")
     with pytest.raises(LimitInputError, match=r"'grade' disagrees .* 10 rows.*graded A, policy says D"):
@@ -176,7 +187,11 @@ def test_decisions_approve_counter_refer_and_decline_with_reasons():
     assert limit == 8000  # 80% advance on 10,000 of unsettled orders at grade A
 
     def ask(merchant: str, amount: float):
-        return decide(CreditRequest(merchant_id=merchant, product="order_financing", requested_amount=amount), limits, POLICY)
+        return decide(
+            CreditRequest(merchant_id=merchant, product="order_financing", requested_amount=amount),
+            limits,
+            POLICY,
+        )
 
     approved = ask("M0000000", 5000)
     assert (approved.outcome, approved.amount, approved.tenor_days) == (Outcome.APPROVE, 5000, 60)
@@ -184,7 +199,9 @@ def test_decisions_approve_counter_refer_and_decline_with_reasons():
     assert (countered.outcome, countered.amount) == (Outcome.COUNTER_OFFER, 8000)
     assert "80% of the unsettled orders (10,000)" in countered.reasons[1]
     referred = ask("M0000000", 50000)
-    assert referred.outcome == Outcome.REFER and referred.amount == 0 and "more than 2 x" in referred.reasons[0]
+    assert (
+        referred.outcome == Outcome.REFER and referred.amount == 0 and "more than 2 x" in referred.reasons[0]
+    )
     declined = ask("M0000002", 100)
     assert declined.outcome == Outcome.DECLINE and "risk grade G is worse than E" in declined.reasons[0]
     assert ask("M9999999", 100).outcome == Outcome.REFER
@@ -200,7 +217,8 @@ def _backtest_set(n: int = 4000) -> pd.DataFrame:
     frame = merchants(n, seed=3)
     rng = np.random.default_rng(4)
     return frame.assign(
-        product=rng.choice(list(POLICY.products), n), defaulted=(rng.uniform(size=n) < frame["pd"]).astype(int)
+        product=rng.choice(list(POLICY.products), n),
+        defaulted=(rng.uniform(size=n) < frame["pd"]).astype(int),
     )
 
 
@@ -213,7 +231,9 @@ def test_backtest_realised_figures_follow_the_defaults():
         bad = group["defaulted"] == 1
         np.testing.assert_allclose(group.loc[bad, "realised_loss"], terms.lgd * group.loc[bad, "ead"])
         assert (group.loc[~bad, "realised_loss"] == 0).all()
-        assert (group.loc[bad, "realised_profit"] < 0).all() and (group.loc[~bad, "realised_profit"] > 0).all()
+        assert (group.loc[bad, "realised_profit"] < 0).all() and (
+            group.loc[~bad, "realised_profit"] > 0
+        ).all()
     with pytest.raises(PolicyError, match="unknown product 'leasing'"):
         backtest_limits(test.assign(product="leasing"), POLICY)
 
@@ -240,7 +260,9 @@ def test_strategy_report_is_one_self_contained_page_and_parquet_logged_to_mlflow
     tables = strategy_tables(backtest_limits(_backtest_set(1500), POLICY))
     mlflow.set_tracking_uri(settings.tracking_uri)
     with mlflow.start_run() as run:
-        page = write_strategy_report(tables, tmp_path / "strategy", POLICY.version, run.info.run_id, settings.tracking_uri)
+        page = write_strategy_report(
+            tables, tmp_path / "strategy", POLICY.version, run.info.run_id, settings.tracking_uri
+        )
     text = page.read_text()
     assert text.count("data:image/png;base64,") == 2 and "@media print" in text
     assert 'src="http' not in text and "<script" not in text  # nothing fetched: it works offline and on paper
@@ -253,6 +275,8 @@ def test_strategy_report_is_one_self_contained_page_and_parquet_logged_to_mlflow
 
 def test_html_page_escapes_data_and_formats_tables():
     frame = pd.DataFrame({"name": ["<b>x</b>"], "rate": [0.1234], "amount": [1234567.0], "missing": [np.nan]})
-    page = render_page("T & Co", [Section("S", [Table(frame, formats={"rate": "{:.1%}"}), Paragraph("a < b")])])
+    page = render_page(
+        "T & Co", [Section("S", [Table(frame, formats={"rate": "{:.1%}"}), Paragraph("a < b")])]
+    )
     assert "&lt;b&gt;x&lt;/b&gt;" in page and "<b>x</b>" not in page and "T &amp; Co" in page
     assert "12.3%" in page and "1,234,567" in page and "a &lt; b" in page and "–" in page

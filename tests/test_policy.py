@@ -44,7 +44,9 @@ def test_advance_rate_above_100_percent_is_named():
 
 
 def test_overlapping_master_scale_grades_are_refused():
-    _refused(lambda d: d["master_scale"]["grades"][3].update(max_pd=0.015), r"master_scale.*strictly increase")
+    _refused(
+        lambda d: d["master_scale"]["grades"][3].update(max_pd=0.015), r"master_scale.*strictly increase"
+    )
 
 
 def test_master_scale_gap_at_the_top_is_refused():
@@ -94,7 +96,10 @@ def test_unknown_haircut_category_is_named():
 
 
 def test_misspelt_key_is_named():
-    _refused(lambda d: d["products"]["microloan"].update(tenor_dayz=30), r"unknown key 'products\.microloan\.tenor_dayz'")
+    _refused(
+        lambda d: d["products"]["microloan"].update(tenor_dayz=30),
+        r"unknown key 'products\.microloan\.tenor_dayz'",
+    )
 
 
 def test_every_problem_is_reported_at_once():
