@@ -8,8 +8,9 @@ pre-application behaviour predicts default well but not perfectly. The truth goe
 training never reads.
 
 The output is a snapshot at the end of the window: nothing that happens lies at or after `config.end`
-(only agreed future dates, `SCHEDULED_COLUMNS`, may), and each status is the state at that instant. Generation is vectorised with numpy, one chunk of merchants at a
-time, and every chunk writes its own part file per table so memory stays bounded.
+(only agreed future dates, `SCHEDULED_COLUMNS`, may), and each status is the state at that instant.
+Generation is vectorised with numpy, one chunk of merchants at a time, and every chunk writes its own
+part file per table so memory stays bounded.
 """
 
 from __future__ import annotations
@@ -26,7 +27,16 @@ import pyarrow.parquet as pq
 from rich.progress import Progress
 
 from pipelines.errors import ScfriskError
-from pipelines.schemas import CATEGORIES, EVENT_TYPES, ORDER_STATUSES, PRODUCTS, REGIONS, TABLES, TIMESTAMP
+from pipelines.schemas import (
+    CATEGORIES,
+    EVENT_TYPES,
+    MERCHANT_TYPES,
+    ORDER_STATUSES,
+    PRODUCTS,
+    REGIONS,
+    TABLES,
+    TIMESTAMP,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +90,7 @@ WAREHOUSES_PER_REGION = 3
 # Loans. Products in `PRODUCTS` order: order, receivable, warehouse-receipt financing, microloan.
 PRODUCT_PD_OFFSET = np.array([-0.2, -0.5, 0.0, 0.5])
 PRODUCT_BASE_RATE = np.array([0.08, 0.07, 0.10, 0.14])
-PRODUCT_TENOR_DAYS = (np.array([30, 60, 90]), np.array([30, 60, 90]), np.array([90, 120, 180]),
-                      np.array([90, 180, 270, 360]))
+PRODUCT_TENOR_DAYS = ((30, 60, 90), (30, 60, 90), (90, 120, 180), (90, 180, 270, 360))
 AMORTISING = np.array([False, False, False, True])
 """Microloans repay monthly; the secured products repay in one bullet at maturity (from settlements)."""
 PD_INTERCEPT = -3.85
@@ -123,7 +132,7 @@ class SimulationConfig:
 
     @property
     def end(self) -> np.datetime64:
-        """First instant after the window: every timestamp of the snapshot is strictly before it."""
+        """First instant after the window: everything recorded in the snapshot happened before it."""
         return (self.first_month + self.months).astype("datetime64[s]")
 
     @property
@@ -300,6 +309,7 @@ class _World:
             self.window_start + rng.random(n) * span_during,
         ).astype(np.int64)
         self.capital = np.round(_lognormal(rng, 2_000_000, 1.0, n), -3)
+        self.uses_warehouse = rng.random(n) < np.where(self.corporate, 0.45, 0.08)
         # Scale: orders per month at neutral health in a neutral month; corporates sell ~2.5x more.
         scale_mean = config.orders_per_month * 1.12 * np.where(self.corporate, 1.9, 0.75)
         self.scale = _lognormal(rng, scale_mean, 1.0, n)
@@ -353,7 +363,7 @@ class _World:
             TABLES["merchants"].arrow_schema,
             {
                 "merchant_id": pa.array(self.merchant_ids),
-                "merchant_type": _strings(np.where(self.corporate, 0, 1), ["corporate", "individual"]),
+                "merchant_type": _strings(np.where(self.corporate, 0, 1), MERCHANT_TYPES),  # corporate, individual
                 "category": _strings(self.category, CATEGORIES),
                 "region": _strings(self.region, REGIONS),
                 "onboarded_at": _ts(self.onboarded),
@@ -468,9 +478,8 @@ def _events(w: _World) -> pa.Table:
 
 def _inventory(w: _World) -> pa.Table:
     rng = w.rng
-    uses_warehouse = rng.random(w.n) < np.where(w.corporate, 0.45, 0.08)
     seasonal = SEASONALITY[w.calendar_month[: w.months] - 1][None, :]
-    rate = uses_warehouse[:, None] * w.active * 0.8 * seasonal * np.sqrt(w.scale[:, None] / 10.0)
+    rate = w.uses_warehouse[:, None] * w.active * 0.8 * seasonal * np.sqrt(w.scale[:, None] / 10.0)
     cells = w.rows_per_cell(rate)
     merchant, n = cells // w.months, len(cells)
     h = w.health[:, : w.months].ravel()[cells]
@@ -549,12 +558,12 @@ def _loans(w: _World) -> tuple[pa.Table, pa.Table, pa.Table, pa.Table]:
     merchant, month, n = cells // w.months, cells % w.months, len(cells)
     h = h_all.ravel()[cells]
 
-    # Product: what the merchant can pledge decides what it asks for.
+    # Product: what the merchant can pledge (B2B receivables, goods in a warehouse) decides what it asks for.
     weights = np.stack(
         [
             np.full(n, 0.45),
-            np.where(w.corporate[merchant], 0.35, 0.02),
-            np.where(w.corporate[merchant], 0.20, 0.05),
+            np.where(w.corporate[merchant], 0.35, 0.03),  # individuals: platform receivables only
+            np.where(w.uses_warehouse[merchant], 0.35, 0.0),
             0.2 + 0.2 * ~w.corporate[merchant] + 0.15 * (h < -1.0),
         ],
         axis=1,

@@ -216,3 +216,20 @@ def test_total_orders_follow_the_configured_volume(small: Path) -> None:
     total = sum(pq.read_metadata(p).num_rows for p in (small / "orders").glob("part-*.parquet"))
     per_merchant_month = total / (SMALL.n_merchants * SMALL.months)
     assert 5 < per_merchant_month < 20, per_merchant_month
+
+
+def test_sample_secured_products_go_to_merchants_with_the_collateral(sample: Path) -> None:
+    con = _db(sample)
+    share = con.execute(
+        """select avg((exists (select 1 from inventory_receipts r where r.merchant_id = a.merchant_id
+                                 and r.received_at < a.applied_at))::int)
+           from loan_applications a where product = 'warehouse_receipt_financing'"""
+    ).fetchone()[0]
+    assert share > 0.95, f"only {share:.1%} of warehouse-receipt applicants ever deposited goods before applying"
+    by_type = dict(
+        con.execute(
+            """select merchant_type, avg((product = 'receivable_financing')::int)
+               from loan_applications join merchants using (merchant_id) group by 1"""
+        ).fetchall()
+    )
+    assert by_type["corporate"] > 5 * by_type["individual"]
