@@ -7,6 +7,7 @@ renamed to features of `features/definitions.py`, so reason codes are worded fro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import pandas as pd
@@ -34,7 +35,7 @@ NOT_FEATURES = {"application_id", "applied_at", "product", "defaulted", "true_pd
 class Trained:
     model: PDModel
     frame: pd.DataFrame
-    """Every application with its slice, `pd` and `y`; `merchant_id` is unique."""
+    """Every application with its slice, `pd` and `y`; `merchant_id` is unique. Shared: do not mutate."""
 
 
 def catalogue_applications(n: int, seed: int) -> pd.DataFrame:
@@ -45,6 +46,7 @@ def catalogue_applications(n: int, seed: int) -> pd.DataFrame:
     return frame
 
 
+@cache
 def train(n: int = 4000, seed: int = 7, max_rounds: int = 120) -> Trained:
     frame = catalogue_applications(n, seed)
     frame["slice"] = time_split(frame["applied_at"], valid_months=3, test_months=4)
