@@ -82,10 +82,14 @@ def conform(table: pa.Table, spec: TableSpec, from_text: bool = False) -> pa.Tab
 
 
 def _same_family(actual: pa.DataType, expected: pa.DataType) -> bool:
-    families = (pa.types.is_integer, pa.types.is_floating, pa.types.is_timestamp)
+    families = (pa.types.is_integer, pa.types.is_floating, pa.types.is_timestamp, _is_text)
     return any(f(actual) and f(expected) for f in families) or (
         pa.types.is_integer(actual) and pa.types.is_floating(expected)
     )
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
 def read_table(path: Path, spec: TableSpec) -> pa.Table:

@@ -42,12 +42,13 @@ class Failure:
     """One failed expectation, in words a data provider can act on."""
 
     table: str
-    column: str
+    columns: tuple[str, ...]
+    """The column checked, or (later, earlier) for an ordered pair; empty for table-level checks."""
     expectation: str
     detail: str
 
     def __str__(self) -> str:
-        where = f"{self.table}.{self.column}" if self.column else self.table
+        where = " >= ".join(f"{self.table}.{c}" for c in self.columns) or self.table
         return f"{where}: {self.expectation} {self.detail}"
 
 
@@ -143,56 +144,59 @@ def _rule(config: Any) -> str:
     }
     if config.type == "expect_column_values_to_be_in_set":
         shown["value_set"] = kwargs["value_set"]
-    args = ", ".join(f"{k}={_show(v) if not isinstance(v, list) else v}" for k, v in shown.items())
-    return f"{config.type}({args})"
+    args = ", ".join(f"{k}={v if isinstance(v, (list, str)) else _show(v)}" for k, v in shown.items())
+    return f"{config.type}({args})" if args else config.type
+
+
+def _columns(kwargs: Mapping[str, Any]) -> tuple[str, ...]:
+    if "column" in kwargs:
+        return (kwargs["column"],)
+    return (kwargs["column_A"], kwargs["column_B"]) if "column_A" in kwargs else ()
+
+
+def _detail(config: Any, out: Mapping[str, Any], max_examples: int) -> tuple[str, set[str]]:
+    """What went wrong, and which columns it makes unusable for the other checks."""
+    if config.type == "expect_table_columns_to_match_set":
+        observed, expected = set(out.get("observed_value") or []), set(config.kwargs["column_set"])
+        missing, extra = sorted(expected - observed), sorted(observed - expected)
+        parts = []
+        if missing:
+            parts.append(f"missing required column(s) {missing}")
+        if extra:
+            parts.append(f"unknown column(s) {extra}")
+        return "failed: " + "; ".join(parts), set(missing)
+    broken = set(_columns(config.kwargs)) if config.type == "expect_column_values_to_be_of_type" else set()
+    if "unexpected_count" not in out:
+        return f"failed: observed {_show(out.get('observed_value'))}", broken
+    detail = f"failed for {out['unexpected_count']} of {out['element_count']} rows"
+    shown = dict.fromkeys(_show(v) for v in out.get("partial_unexpected_list", []) if not _is_missing(v))
+    examples = list(shown)[:max_examples]
+    if examples:
+        detail += ", e.g. " + ", ".join(examples)
+    return detail, broken
 
 
 def describe_failures(table: str, result: Any, max_examples: int) -> list[Failure]:
     """Turn a GX suite result into one `Failure` per failed expectation.
 
-    An expectation that could not even run on a missing or wrongly typed column is left out when that
-    column already has a failure: the first failure is the one to fix.
+    A missing or mistyped column makes its other checks meaningless (they fail or cannot run), so
+    only the cause is reported for it: the first failure is the one to fix.
     """
-    failures: list[Failure] = []
-    crashed: list[tuple[str, Any]] = []
+    found: list[tuple[Failure, bool]] = []
+    broken: set[str] = set()
     for res in result.results:
         if res.success:
             continue
         config = res.expectation_config
-        kwargs = config.kwargs
-        column = kwargs.get("column") or (
-            f"{kwargs['column_A']} >= {table}.{kwargs['column_B']}" if "column_A" in kwargs else ""
-        )
+        columns = _columns(config.kwargs)
         if res.exception_info and res.exception_info.get("raised_exception"):
-            crashed.append((column, res))
+            reason = (str(res.exception_info.get("exception_message")).splitlines() or [""])[0]
+            found.append((Failure(table, columns, _rule(config), f"could not be evaluated: {reason}"), False))
             continue
-        out = res.result
-        if config.type == "expect_table_columns_to_match_set":
-            observed = set(out.get("observed_value") or [])
-            expected = set(kwargs["column_set"])
-            parts = []
-            if missing := sorted(expected - observed):
-                parts.append(f"missing required column(s) {missing}")
-            if extra := sorted(observed - expected):
-                parts.append(f"unknown column(s) {extra}")
-            detail = "failed: " + "; ".join(parts)
-        elif "unexpected_count" in out:
-            examples = [v for v in out.get("partial_unexpected_list", []) if not _is_missing(v)]
-            detail = f"failed for {out['unexpected_count']} of {out['element_count']} rows"
-            if examples:
-                detail += ", e.g. " + ", ".join(_show(v) for v in examples[:max_examples])
-        else:
-            detail = f"failed: observed {_show(out.get('observed_value'))}"
-        failures.append(Failure(table, column, _rule(config), detail))
-    flagged = {f.column for f in failures}
-    for column, res in crashed:
-        if column in flagged or "" in flagged:
-            continue
-        message = (str(res.exception_info.get("exception_message")).splitlines() or [""])[0]
-        failures.append(
-            Failure(table, column, _rule(res.expectation_config), f"could not be evaluated: {message}")
-        )
-    return failures
+        detail, unusable = _detail(config, res.result, max_examples)
+        broken |= unusable
+        found.append((Failure(table, columns, _rule(config), detail), bool(unusable)))
+    return [f for f, cause in found if cause or not broken.intersection(f.columns)]
 
 
 def _context(docs_dir: Path) -> Any:

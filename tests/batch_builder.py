@@ -8,6 +8,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.ingest import conform
 from pipelines.schemas import TABLES
 
 
@@ -123,11 +124,8 @@ def valid_batch() -> dict[str, pd.DataFrame]:
 
 
 def to_arrow(name: str, frame: pd.DataFrame) -> pa.Table:
-    """The frame in its schema types (columns the schema does not know keep pandas' inferred type)."""
-    if set(frame.columns) <= set(TABLES[name].column_index):
-        schema = pa.schema([f for f in TABLES[name].arrow_schema if f.name in frame.columns])
-        return pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
-    return pa.Table.from_pandas(frame, preserve_index=False)
+    """The frame in its schema types where they fit (a deliberately wrong column keeps its own type)."""
+    return conform(pa.Table.from_pandas(frame, preserve_index=False), TABLES[name])
 
 
 def write_batch(folder: Path, tables: dict[str, pd.DataFrame], fmt: str = "parquet") -> Path:
