@@ -120,6 +120,17 @@ def limits(
     typer.echo(limits_flow(settings=_settings(ctx), as_of=as_of).describe())
 
 
+@app.command()
+def report(
+    ctx: typer.Context,
+    model_version: Annotated[str, typer.Option("--model-version", help="Registered version of the PD model.")],
+) -> None:
+    """Risk report of a model version: one self-contained HTML file in the workspace, also logged to MLflow."""
+    from pipelines.report import report_for_version
+
+    typer.echo(f"risk report: {report_for_version(_settings(ctx), model_version)}")
+
+
 def run() -> None:
     """Console entry point: user errors print one line and exit 2, never a traceback."""
     try:
