@@ -23,6 +23,7 @@ from models.evaluation import Evaluation, evaluate_model
 from models.gates import GateDecision, decide_promotion
 from models.master_scale import load_master_scale
 from models.model_card import render_model_card
+from models.reason_codes import REFERENCES_KEY, reference_values
 from models.plots import calibration_plot, ks_plot, roc_plot, score_distribution_plot
 from models.registry import apply_decision, champion_auc_on, configure_mlflow, log_pd_model
 from models.splits import split_summary, stratified_split, time_split
@@ -129,13 +130,17 @@ def run_training(settings: Settings, frame: pd.DataFrame, target: str, *, time_c
     result = train_pd_model(data, y, slices, features, seed=settings.model.seed, max_rounds=settings.model.max_rounds,
                             search_trials=settings.model.search_trials, threads=settings.model.threads,
                             master_scale=scale)
-    groups = [c for c in GROUP_COLUMNS if c in data.columns and c not in drop]
+    groups = [c for c in GROUP_COLUMNS if c in data.columns and c != target]
     baseline_pd = result.baseline.predict_pd(result.model.prepare(data))
     evaluation = evaluate_model(result.model, baseline_pd, data, y, slices, groups, true_pd,
                                 settings.gates.min_grade_count, settings.gates.grade_tolerance_z)
     split = split_summary(slices, y, data[time_col] if time_col else None)
-    result.model.metadata = {"feature_set_version": feature_set_version, "source": source,
-                             "data_hash": data_hash(data), "trained_on": split.to_dict(orient="index")}
+    train = (slices == "train").to_numpy()
+    result.model.metadata = {
+        "feature_set_version": feature_set_version, "source": source, "data_hash": data_hash(data),
+        "trained_on": split.to_dict(orient="index"),
+        REFERENCES_KEY: reference_values(result.model.prepare(data[train]), evaluation.scored.loc[train, "pd"]),
+    }
     return _log_and_gate(settings, data, y, slices, result, evaluation, split, source)
 
 
@@ -208,6 +213,51 @@ def train_table_flow(settings: Settings, table: str, target: str, time_col: str 
     """Prefect shell of `scfrisk train --table`."""
     outcome = run_training(settings, read_table(table), target, time_col=time_col, id_col=id_col,
                            test_frame=read_table(test_table) if test_table else None, source=str(table))
+    if metrics_out:
+        write_metrics(outcome, metrics_out)
+    return outcome
+
+
+ENTITY_COLUMNS = ["application_id", "loan_id", "merchant_id", "as_of", "product", "defaulted"]
+
+
+def feature_store_table(settings: Settings) -> pd.DataFrame:
+    """Completed loan outcomes joined with point-in-time features as of each application."""
+    from features.labels import application_outcomes
+    from features.training_set import get_training_set
+    from pipelines.raw_store import RawStore
+
+    store = RawStore(settings.path("raw_store"))
+    outcomes = application_outcomes(store, settings.model.label_horizon_months)
+    complete = outcomes.loc[outcomes["outcome_complete"], ENTITY_COLUMNS]
+    if complete.empty:
+        raise ScfriskError(f"none of the {len(outcomes)} loans in {store.root} has a complete "
+                           f"{settings.model.label_horizon_months}-month outcome yet; ingest a longer history")
+    return get_training_set(complete.reset_index(drop=True), store)
+
+
+def oracle_pd(oracle_dir: Path | str, loan_ids: pd.Series) -> pd.Series:
+    """The simulator's true PD of each loan (NaN where unknown), aligned with `loan_ids`."""
+    path = Path(oracle_dir) / "oracle" / "loans"
+    if not path.exists():
+        raise ScfriskError(f"no simulator oracle at {path}; pass the folder `scfrisk simulate --out` wrote")
+    truth = pd.read_parquet(path, columns=["loan_id", "true_pd"]).set_index("loan_id")["true_pd"]
+    return pd.Series(loan_ids.map(truth).to_numpy(dtype=float), index=loan_ids.index, name="true_pd")
+
+
+@flow(name="train")
+def train_flow(settings: Settings, oracle: str | None = None, metrics_out: str | None = None) -> TrainOutcome:
+    """Prefect shell of `scfrisk train`: feature store -> train -> evaluate -> register -> gate."""
+    from features.definitions import FEATURES, feature_set_version
+
+    frame = feature_store_table(settings)
+    outcome = run_training(
+        settings, frame, "defaulted", time_col="as_of", id_col="application_id",
+        directions={f.name: f.direction for f in FEATURES}, kinds={f.name: f.kind for f in FEATURES},
+        exclude=tuple(c for c in ENTITY_COLUMNS if c not in ("defaulted", "as_of", "application_id")),
+        true_pd=oracle_pd(oracle, frame["loan_id"]) if oracle else None,
+        source=f"feature store {settings.path('raw_store')}", feature_set_version=feature_set_version(),
+    )
     if metrics_out:
         write_metrics(outcome, metrics_out)
     return outcome
