@@ -43,6 +43,8 @@ class Column:
     allowed: tuple[str, ...] | None = None
     min_value: float | None = None
     max_value: float | None = None
+    scheduled: bool = False
+    """A planned date (due, maturity, promised delivery): may lie in the future, unlike a fact's time."""
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,8 @@ def _money(name: str, what: str, nullable: bool = False) -> Column:
     return Column(name, pa.float64(), what, nullable=nullable, min_value=0.0)
 
 
-def _ts(name: str, what: str, nullable: bool = False) -> Column:
-    return Column(name, TIMESTAMP, what, nullable=nullable)
+def _ts(name: str, what: str, nullable: bool = False, scheduled: bool = False) -> Column:
+    return Column(name, TIMESTAMP, what, nullable=nullable, scheduled=scheduled)
 
 
 _MERCHANT_FK = ForeignKey("merchant_id", "merchants", "merchant_id")
@@ -131,7 +133,7 @@ ORDERS = TableSpec(
         _ts("ordered_at", "When the order was paid by the buyer."),
         _money("amount", "Order value paid by the buyer."),
         Column("status", pa.string(), "Latest status of the order.", allowed=ORDER_STATUSES),
-        _ts("promised_delivery_at", "Delivery date promised to the buyer."),
+        _ts("promised_delivery_at", "Delivery date promised to the buyer.", scheduled=True),
         _ts("shipped_at", "When the merchant shipped it.", nullable=True),
         _ts("delivered_at", "When it reached the buyer.", nullable=True),
         _ts("cancelled_at", "When it was cancelled (before shipping).", nullable=True),
@@ -195,7 +197,7 @@ RECEIVABLES = TableSpec(
         Column("counterparty_id", pa.string(), "Who owes it: a business buyer or `platform`."),
         _money("amount", "Amount owed."),
         _ts("issued_at", "When the invoice was issued."),
-        _ts("due_at", "When payment is due."),
+        _ts("due_at", "When payment is due.", scheduled=True),
         _ts("paid_at", "When it was paid; empty while unpaid.", nullable=True),
     ),
 )
@@ -233,7 +235,7 @@ LOANS = TableSpec(
         _money("principal", "Amount disbursed."),
         Column("annual_rate", pa.float64(), "Annual interest rate charged.", min_value=0.0, max_value=1.0),
         _ts("disbursed_at", "When the money was paid out."),
-        _ts("maturity_at", "When the loan is due in full."),
+        _ts("maturity_at", "When the loan is due in full.", scheduled=True),
     ),
 )
 
