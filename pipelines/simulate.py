@@ -72,7 +72,8 @@ SCHEDULED_COLUMNS: dict[str, str] = {
     "loans": "maturity_at",
 }
 """Dates agreed in advance, known when the row is created: the only timestamps that may lie after the
-snapshot (an order placed on the last day was promised for next week). Everything that HAPPENS is before it."""
+snapshot (an order placed on the last day was promised for next week). Everything that happens is
+before it."""
 
 ID_COLUMNS = ("order_id", "event_id", "receipt_id", "receivable_id", "application_id", "loan_id", "record_id")
 """Int64 keys: each chunk numbers from 1 and the writer shifts them past the previous chunks'."""
@@ -154,6 +155,10 @@ class SimulationSummary:
     def default_rate(self) -> float:
         return self.complete_defaults / self.complete_loans if self.complete_loans else float("nan")
 
+    @property
+    def mean_true_pd(self) -> float:
+        return self.true_pd_sum / self.complete_loans if self.complete_loans else float("nan")
+
     def add(self, tables: dict[str, pa.Table]) -> None:
         for name in TABLES:
             self.rows[name] = self.rows.get(name, 0) + tables[name].num_rows
@@ -167,11 +172,15 @@ class SimulationSummary:
         c = self.config
         last_day = (c.end - np.timedelta64(1, "D")).astype("datetime64[D]")
         lines = [
-            f"simulated {c.n_merchants:,} merchants x {c.months} months ({c.start} .. {last_day}, "
-            f"seed {c.seed}) into {self.out} in {self.seconds:.1f} s",
+            (
+                f"simulated {c.n_merchants:,} merchants x {c.months} months ({c.start} .. {last_day}, "
+                f"seed {c.seed}) into {self.out} in {self.seconds:.1f} s"
+            ),
             *(f"  {name:<20} {n:>12,} rows" for name, n in self.rows.items()),
-            f"  loans with a complete {OUTCOME_MONTHS}-month window: {self.complete_loans:,}, "
-            f"defaulted {self.default_rate:.2%} (mean true PD {self.true_pd_sum / max(self.complete_loans, 1):.2%})",
+            (
+                f"  loans with a complete {OUTCOME_MONTHS}-month window: {self.complete_loans:,}, "
+                f"defaulted {self.default_rate:.2%} (mean true PD {self.mean_true_pd:.2%})"
+            ),
         ]
         return "\n".join(lines)
 
@@ -313,7 +322,9 @@ class _World:
         # Scale: orders per month at neutral health in a neutral month; corporates sell ~2.5x more.
         scale_mean = config.orders_per_month * 1.12 * np.where(self.corporate, 1.9, 0.75)
         self.scale = _lognormal(rng, scale_mean, 1.0, n)
-        self.ticket = _lognormal(rng, CATEGORY_TICKET[self.category] * np.where(self.corporate, 1.4, 1.0), 0.4, n)
+        self.ticket = _lognormal(
+            rng, CATEGORY_TICKET[self.category] * np.where(self.corporate, 1.4, 1.0), 0.4, n
+        )
 
         self.health = self._health(horizon)
         seasonal = SEASONALITY[self.calendar_month[: self.months] - 1]
@@ -323,7 +334,9 @@ class _World:
         tenure_months = (hi - self.onboarded[:, None]) / (30 * DAY)
         ramp = 1.0 - 0.6 * np.exp(-np.maximum(tenure_months, 0.0) / 3.0)
         h = self.health[:, : self.months]
-        self.order_rate = self.scale[:, None] * seasonal[None, :] * np.exp(0.45 * h - 0.1) * ramp * self.active
+        self.order_rate = (
+            self.scale[:, None] * seasonal[None, :] * np.exp(0.45 * h - 0.1) * ramp * self.active
+        )
 
     def _health(self, horizon: int) -> np.ndarray:
         rng, n = self.rng, self.n
@@ -363,7 +376,9 @@ class _World:
             TABLES["merchants"].arrow_schema,
             {
                 "merchant_id": pa.array(self.merchant_ids),
-                "merchant_type": _strings(np.where(self.corporate, 0, 1), MERCHANT_TYPES),  # corporate, individual
+                "merchant_type": _strings(
+                    np.where(self.corporate, 0, 1), MERCHANT_TYPES
+                ),  # corporate, individual
                 "category": _strings(self.category, CATEGORIES),
                 "region": _strings(self.region, REGIONS),
                 "onboarded_at": _ts(self.onboarded),
@@ -454,7 +469,8 @@ def _events(w: _World) -> pa.Table:
         "cs_response": complaints + rng.poisson(w.active * 2.0),  # complaints plus buyer inquiries
     }
     counts = np.stack(
-        [rates[t] if t in ("complaint", "cs_response") else rng.poisson(rates[t]) for t in EVENT_TYPES], axis=-1
+        [rates[t] if t in ("complaint", "cs_response") else rng.poisson(rates[t]) for t in EVENT_TYPES],
+        axis=-1,
     ).ravel()
     rows = np.repeat(np.arange(counts.size), counts)
     cells, event_type = rows // len(EVENT_TYPES), rows % len(EVENT_TYPES)
@@ -484,7 +500,9 @@ def _inventory(w: _World) -> pa.Table:
     merchant, n = cells // w.months, len(cells)
     h = w.health[:, : w.months].ravel()[cells]
     received = w.spread_in_month(cells)
-    quantity = np.maximum(np.round(_lognormal(rng, 20.0 * np.sqrt(w.scale[merchant]), 0.7, n)), 1).astype(np.int64)
+    quantity = np.maximum(np.round(_lognormal(rng, 20.0 * np.sqrt(w.scale[merchant]), 0.7, n)), 1).astype(
+        np.int64
+    )
     value = np.round(quantity * w.ticket[merchant] * rng.uniform(0.45, 0.65, n), 2)
     turnover_days = _lognormal(rng, 35.0 * np.exp(-0.4 * h), 0.5, n)
     released = received + (turnover_days * DAY).astype(np.int64)
@@ -549,7 +567,9 @@ def _receivables(w: _World) -> pa.Table:
 def _loans(w: _World) -> tuple[pa.Table, pa.Table, pa.Table, pa.Table]:
     rng = w.rng
     months = np.arange(w.months)
-    first_data_month = np.searchsorted(w.month_start, np.maximum(w.onboarded, w.window_start), side="right") - 1
+    first_data_month = (
+        np.searchsorted(w.month_start, np.maximum(w.onboarded, w.window_start), side="right") - 1
+    )
     eligible = months[None, :] >= first_data_month[:, None] + HISTORY_MONTHS
     h_all = w.health[:, : w.months]
     appetite = rng.normal(-0.2, 1.0, w.n)
@@ -662,10 +682,14 @@ def _performance(
     amortising = AMORTISING[product]
     tenor = maturity - disbursed
     missed = np.where(
-        amortising, disbursed + (rng.uniform(0.15, 1.0, m) * np.minimum(tenor, 240 * DAY)).astype(np.int64), maturity
+        amortising,
+        disbursed + (rng.uniform(0.15, 1.0, m) * np.minimum(tenor, 240 * DAY)).astype(np.int64),
+        maturity,
     )
     slips = ~defaulted & (rng.random(m) < _sigmoid(-2.0 - 0.8 * h))
-    slip_start = np.where(amortising, disbursed + (rng.uniform(0.2, 0.9, m) * tenor).astype(np.int64), maturity)
+    slip_start = np.where(
+        amortising, disbursed + (rng.uniform(0.2, 0.9, m) * tenor).astype(np.int64), maturity
+    )
     slip_end = slip_start + (rng.uniform(5.0, 60.0, m) * DAY).astype(np.int64)
     repaid = np.where(slips, np.maximum(maturity, slip_end), maturity)
     closed = np.where(defaulted, missed + WRITE_OFF_DPD * DAY, repaid)

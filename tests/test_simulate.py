@@ -1,4 +1,4 @@
-"""The simulator: exact schemas, a consistent end-of-window snapshot, and a default signal models can learn."""
+"""The simulator: exact schemas, a consistent end-of-window snapshot, a default signal models can learn."""
 
 from __future__ import annotations
 
@@ -75,7 +75,9 @@ def test_nothing_happens_at_or_after_the_window_end(
         for column in spec.timestamp_columns:
             if SCHEDULED_COLUMNS.get(name) == column:
                 continue  # a promise or due date agreed before the end may point past it
-            late = con.execute(f"select count(*) from {name} where {column} >= timestamp '{end}'").fetchone()[0]
+            late = con.execute(f"select count(*) from {name} where {column} >= timestamp '{end}'").fetchone()[
+                0
+            ]
             assert late == 0, f"{name}.{column}: {late} rows at or after {end}"
 
 
@@ -114,7 +116,10 @@ def test_status_is_the_latest_state_at_the_window_end(small: Path) -> None:
            group by status"""
     ).fetchall()
     assert wrong == []
-    assert con.execute("select count(*) from orders where (rating is null) <> (rated_at is null)").fetchone()[0] == 0
+    assert (
+        con.execute("select count(*) from orders where (rating is null) <> (rated_at is null)").fetchone()[0]
+        == 0
+    )
 
 
 def test_applications_need_three_months_of_history(small: Path) -> None:
@@ -125,10 +130,13 @@ def test_applications_need_three_months_of_history(small: Path) -> None:
     ).fetchone()[0]
     assert early == 0
     onboarded = con.execute(
-        "select count(*) filter (where onboarded_at < '2024-01-01'), count(*) filter (where onboarded_at >= '2024-01-01') "
+        "select count(*) filter (where onboarded_at < '2024-01-01'), "
+        "count(*) filter (where onboarded_at >= '2024-01-01') "
         "from merchants"
     ).fetchone()
-    assert min(onboarded) > 0.2 * SMALL.n_merchants, f"onboarding not spread around the window start: {onboarded}"
+    assert min(onboarded) > 0.2 * SMALL.n_merchants, (
+        f"onboarding not spread around the window start: {onboarded}"
+    )
 
 
 def test_sample_default_rate_is_in_band_and_matches_loan_performance(sample: Path) -> None:
@@ -160,7 +168,9 @@ def test_sample_true_pd_and_health_predict_default(sample: Path) -> None:
 def test_sample_gmv_peaks_in_june_and_november(sample: Path) -> None:
     gmv = (
         _db(sample)
-        .execute("select date_trunc('month', ordered_at) m, sum(amount) gmv from orders group by 1 order by 1")
+        .execute(
+            "select date_trunc('month', ordered_at) m, sum(amount) gmv from orders group by 1 order by 1"
+        )
         .df()["gmv"]
         .to_numpy()
     )
@@ -178,7 +188,9 @@ def test_sample_corporate_and_individual_merchants_differ(sample: Path) -> None:
         ).fetchall()
     )
     assert by_type["corporate"] > 1.8 * by_type["individual"]
-    capital = dict(con.execute("select merchant_type, count(registered_capital) from merchants group by 1").fetchall())
+    capital = dict(
+        con.execute("select merchant_type, count(registered_capital) from merchants group by 1").fetchall()
+    )
     assert capital["individual"] == 0 and capital["corporate"] > 0
     b2b = dict(
         con.execute(
@@ -192,7 +204,9 @@ def test_sample_corporate_and_individual_merchants_differ(sample: Path) -> None:
 def test_sample_health_drives_behaviour(sample: Path) -> None:
     """Worse-health merchant-months refund, complain and log in as designed."""
     con = _db(sample)
-    con.execute(f"create view health as select * from read_parquet('{sample}/oracle/merchant_health/*.parquet')")
+    con.execute(
+        f"create view health as select * from read_parquet('{sample}/oracle/merchant_health/*.parquet')"
+    )
     rates = con.execute(
         """select h.health < 0 as weak, avg((o.status = 'refunded')::int) refund_rate
            from orders o join health h on o.merchant_id = h.merchant_id
@@ -205,7 +219,11 @@ def test_sample_health_drives_behaviour(sample: Path) -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"start": "2024-01-15"}, "first day of a month"), ({"start": "soon"}, "YYYY-MM-DD"), ({"months": 2}, "months")],
+    [
+        ({"start": "2024-01-15"}, "first day of a month"),
+        ({"start": "soon"}, "YYYY-MM-DD"),
+        ({"months": 2}, "months"),
+    ],
 )
 def test_bad_config_is_a_user_error(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ScfriskError, match=message):
@@ -225,7 +243,9 @@ def test_sample_secured_products_go_to_merchants_with_the_collateral(sample: Pat
                                  and r.received_at < a.applied_at))::int)
            from loan_applications a where product = 'warehouse_receipt_financing'"""
     ).fetchone()[0]
-    assert share > 0.95, f"only {share:.1%} of warehouse-receipt applicants ever deposited goods before applying"
+    assert share > 0.95, (
+        f"only {share:.1%} of warehouse-receipt applicants ever deposited goods before applying"
+    )
     by_type = dict(
         con.execute(
             """select merchant_type, avg((product = 'receivable_financing')::int)
