@@ -121,6 +121,119 @@ def limits(
 
 
 @app.command()
+def train(
+    ctx: typer.Context,
+    table: Annotated[
+        Path | None, typer.Option(help="Train on this Parquet/CSV feature table instead of the feature store.")
+    ] = None,
+    target: Annotated[str, typer.Option(help="Default flag column of --table (0/1, or e.g. good/bad).")] = "defaulted",
+    time_col: Annotated[
+        str | None, typer.Option("--time-col", help="Application time of --table rows: out-of-time split.")
+    ] = None,
+    id_col: Annotated[str | None, typer.Option("--id-col", help="Row identifier of --table (not a feature).")] = None,
+    test_table: Annotated[
+        Path | None, typer.Option("--test-table", help="Test on this table; --table only gives train/validation.")
+    ] = None,
+    metrics_out: Annotated[Path | None, typer.Option("--metrics-out", help="Write test metrics JSON here.")] = None,
+    oracle: Annotated[
+        Path | None, typer.Option(help="Simulator output folder: compare with its true PD (oracle/).")
+    ] = None,
+) -> None:
+    """Train, evaluate and register a PD model; it replaces the champion only if it passes the gates."""
+    from pipelines.train import train_flow, train_table_flow
+
+    if table is not None:
+        outcome = train_table_flow(settings=_settings(ctx), table=str(table), target=target, time_col=time_col,
+                                   id_col=id_col, test_table=str(test_table) if test_table else None,
+                                   metrics_out=str(metrics_out) if metrics_out else None)
+    else:
+        outcome = train_flow(settings=_settings(ctx), oracle=str(oracle) if oracle else None,
+                             metrics_out=str(metrics_out) if metrics_out else None)
+    typer.echo(outcome.describe())
+
+
+@app.command()
+def promote(
+    ctx: typer.Context,
+    version: Annotated[str, typer.Option(help="Registered model version to make champion.")],
+    reason: Annotated[str, typer.Option(help="Why the gates are overridden (recorded on the version).")],
+) -> None:
+    """Manual override: make a model version the champion, recording who, when and why."""
+    from models.registry import promote as promote_version
+
+    settings = _settings(ctx)
+    promote_version(settings, version, reason)
+    typer.echo(f"{settings.mlflow.registered_model} version {version} is now champion")
+
+
+features_app = typer.Typer(help="Feature store: point-in-time training sets, offline snapshots, online vectors.",
+                            no_args_is_help=True)
+app.add_typer(features_app, name="features")
+
+
+def _read_table(path: Path):  # noqa: ANN202 - pandas is imported lazily
+    import pandas as pd
+
+    if not path.is_file():
+        raise ScfriskError(f"entity file {path} does not exist")
+    if path.suffix.lower() == ".csv":
+        return pd.read_csv(path)
+    if path.suffix.lower() == ".parquet":
+        return pd.read_parquet(path)
+    raise ScfriskError(f"{path}: use a .parquet or .csv file")
+
+
+@features_app.command("training-set")
+def features_training_set(
+    ctx: typer.Context,
+    entities: Annotated[Path, typer.Option(help="Parquet/CSV with merchant_id, as_of and any columns to carry.")],
+    out: Annotated[Path, typer.Option(help="Output .parquet or .csv: the entity rows plus every feature.")],
+) -> None:
+    """Point-in-time features for each entity row, using only facts strictly before its as_of."""
+    from features.training_set import get_training_set
+    from pipelines.raw_store import RawStore
+
+    if out.suffix.lower() not in (".csv", ".parquet"):
+        raise ScfriskError(f"{out}: use a .parquet or .csv file")
+    frame = get_training_set(_read_table(entities), RawStore(_settings(ctx).path("raw_store")))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".csv":
+        frame.to_csv(out, index=False)
+    else:
+        frame.to_parquet(out, index=False)
+    typer.echo(f"{len(frame):,} rows x {frame.shape[1]} columns -> {out}")
+
+
+@features_app.command("materialize")
+def features_materialize(
+    ctx: typer.Context,
+    as_of: Annotated[datetime, typer.Option("--as-of", help="Point in time of the served feature vectors.")],
+) -> None:
+    """Write the offline snapshot for as_of (or reuse it) and publish it as the online store."""
+    from features.offline_store import OfflineStore
+    from features.online_store import publish_online
+    from pipelines.raw_store import RawStore
+
+    settings = _settings(ctx)
+    offline = OfflineStore(settings.path("feature_store"), RawStore(settings.path("raw_store")))
+    typer.echo(f"online features as of {as_of:%Y-%m-%d %H:%M:%S} -> {publish_online(offline, as_of)}")
+
+
+@features_app.command("build")
+def features_build(
+    ctx: typer.Context,
+    online_as_of: Annotated[
+        datetime | None, typer.Option("--online-as-of", help="As-of of the online vectors (default: latest month).")
+    ] = None,
+) -> None:
+    """Training set, monthly snapshots and online vectors, recomputed only where the data changed."""
+    from features.flow import build_features_flow
+
+    result = build_features_flow(settings=_settings(ctx), online_as_of=online_as_of.isoformat() if online_as_of else None)
+    typer.echo(result.describe())
+
+
+@app.command()
 def report(
     ctx: typer.Context,
     model_version: Annotated[str, typer.Option("--model-version", help="Registered version of the PD model.")],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +16,8 @@ from pipelines.schemas import TABLES
 
 
 def write_raw_store(root: Path, tables: dict[str, list[dict] | pd.DataFrame]) -> RawStore:
-    """One Parquet file per table and month of its time column; unspecified columns are empty."""
+    """One Parquet file per table and month of its time column (replacing what was there); unspecified
+    columns are empty."""
     digest = hashlib.sha256()
     counts = {}
     for name, rows in tables.items():
@@ -29,6 +31,7 @@ def write_raw_store(root: Path, tables: dict[str, list[dict] | pd.DataFrame]) ->
         table = pa.Table.from_pandas(frame[[c.name for c in spec.columns]], preserve_index=False)
         table = table.cast(spec.arrow_schema)
         months = frame[spec.time_column].dt.strftime("%Y-%m")
+        shutil.rmtree(root / name, ignore_errors=True)
         for month in sorted(months.unique()):
             folder = root / name / f"month={month}"
             folder.mkdir(parents=True, exist_ok=True)

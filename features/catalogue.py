@@ -1,0 +1,57 @@
+"""`docs/features.md`, generated from the definitions so the catalogue can never drift from the SQL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from features.definitions import DERIVED, FEATURES, Feature, feature_set_version
+
+DIRECTION = {1: "higher = riskier", -1: "higher = safer", 0: "neutral"}
+
+
+def _window(f: Feature) -> str:
+    if f.source == DERIVED:
+        return "-"
+    if f.window_days is None:
+        return "all history"
+    return f"{f.window_days} d" + (f", {f.lag_days} d earlier" if f.lag_days else "")
+
+
+def _how(f: Feature) -> str:
+    how = f"`{f.aggregation}`"
+    if f.per:
+        how = f"per `{f.per}`: {how}, then `{f.outer.format(x='x', k=f.per)}`"  # type: ignore[union-attr]
+    if f.filter:
+        how += f" where `{f.filter}`"
+    return how.replace("|", "\\|")
+
+
+def render_catalogue() -> str:
+    """The feature catalogue as Markdown: one row per feature, in definition order."""
+    lines = [
+        "# Feature catalogue",
+        "",
+        f"Generated from `features/definitions.py` by `python -m pipelines.docs`; do not edit by hand. "
+        f"Feature-set version `{feature_set_version()}`, {len(FEATURES)} features.",
+        "",
+        "Every feature of a merchant as of time T uses only facts whose own timestamp is strictly before T "
+        "(an order refunded after T counts as not refunded, a rating given after T is unknown). A window of "
+        "N days keeps facts from T - N days (inclusive) to T (exclusive). Empty values mean *unknown* (a rate "
+        "with no denominator); sums and counts with no facts are 0.",
+        "",
+        "| feature | meaning | source | window | computed as | unit | risk direction |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for f in FEATURES:
+        lines.append(
+            f"| `{f.name}` | {f.description} | {f.source} | {_window(f)} | {_how(f)} | {f.unit} | "
+            f"{'categorical' if f.kind == 'categorical' else DIRECTION[f.direction]} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_catalogue(path: Path | str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_catalogue())
+    return path

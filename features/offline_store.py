@@ -1,0 +1,114 @@
+"""Offline store: materialised feature snapshots as Parquet, reused while the data and definitions hold.
+
+Layout under `settings.path("feature_store")`:
+    version=<feature_set_version>/as_of=<YYYY-MM-DDTHHMMSS>.parquet   one row per merchant onboarded before as_of
+    version=<feature_set_version>/training_set.parquet               application outcomes + features
+Each file carries `feature_set_version`, `as_of` and the raw `snapshot_id` in its Parquet metadata; a file is
+reused only when both still match, so a new ingest or a changed definition recomputes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from features.definitions import feature_set_version
+from features.labels import application_outcomes
+from features.training_set import get_training_set, table_readers
+from pipelines.raw_store import RawStore
+
+log = logging.getLogger(__name__)
+
+META_KEYS = ("feature_set_version", "as_of", "raw_snapshot_id")
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    meta = pq.read_schema(path).metadata or {}
+    return {k.decode(): v.decode() for k, v in meta.items() if k.decode() in META_KEYS}
+
+
+def write_with_metadata(frame: pd.DataFrame, path: Path, metadata: dict[str, str]) -> Path:
+    """Write atomically (temp file + rename) so a reader never sees half a snapshot."""
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    return path
+
+
+class OfflineStore:
+    """Feature snapshots of one raw store, keyed by as_of, for the current feature-set version."""
+
+    def __init__(self, root: Path | str, raw_store: RawStore) -> None:
+        self.root = Path(root)
+        self.raw_store = raw_store
+        self.version = feature_set_version()
+
+    @property
+    def version_dir(self) -> Path:
+        return self.root / f"version={self.version}"
+
+    def snapshot_path(self, as_of: pd.Timestamp) -> Path:
+        return self.version_dir / f"as_of={pd.Timestamp(as_of):%Y-%m-%dT%H%M%S}.parquet"
+
+    def _is_current(self, path: Path) -> bool:
+        snapshot = self.raw_store.snapshot_id
+        return (
+            snapshot is not None
+            and path.is_file()
+            and read_metadata(path).get("raw_snapshot_id") == snapshot
+        )
+
+    def _metadata(self, as_of: str) -> dict[str, str]:
+        return {"feature_set_version": self.version, "as_of": as_of,
+                "raw_snapshot_id": str(self.raw_store.snapshot_id)}
+
+    def merchants_as_of(self, as_of: pd.Timestamp) -> pd.DataFrame:
+        """Entity frame of every merchant onboarded strictly before as_of."""
+        merchants = table_readers(self.raw_store)["merchants"]
+        return duckdb.connect().execute(
+            f"SELECT merchant_id, ?::TIMESTAMP AS as_of FROM {merchants} "
+            "WHERE onboarded_at < ?::TIMESTAMP ORDER BY merchant_id",
+            [pd.Timestamp(as_of).to_pydatetime()] * 2,
+        ).df()
+
+    def materialize(self, as_of: pd.Timestamp | str) -> Path:
+        """The snapshot for as_of, computed only if missing or stale."""
+        as_of = pd.Timestamp(as_of)
+        path = self.snapshot_path(as_of)
+        if self._is_current(path):
+            log.info("reusing feature snapshot %s", path.name)
+            return path
+        features = get_training_set(self.merchants_as_of(as_of), self.raw_store)
+        log.info("materialised %d merchants as of %s", len(features), as_of)
+        return write_with_metadata(features, path, self._metadata(as_of.isoformat()))
+
+    def read(self, as_of: pd.Timestamp | str) -> pd.DataFrame:
+        return pd.read_parquet(self.materialize(as_of))
+
+    def training_set(self, horizon_months: int) -> Path:
+        """Every loan's outcome with its features as of the application, computed only when stale."""
+        path = self.version_dir / f"training_set_h{int(horizon_months)}.parquet"
+        if self._is_current(path):
+            log.info("reusing training set %s", path.name)
+            return path
+        frame = get_training_set(application_outcomes(self.raw_store, horizon_months), self.raw_store)
+        return write_with_metadata(frame, path, self._metadata("applied_at"))
+
+
+def month_starts(raw_store: RawStore) -> list[pd.Timestamp]:
+    """First instant of every month after the first order, up to the month after the last one."""
+    orders = table_readers(raw_store)["orders"]
+    first, last = duckdb.connect().execute(f"SELECT min(ordered_at), max(ordered_at) FROM {orders}").fetchone()
+    if first is None:
+        return []
+    return list(pd.date_range(pd.Timestamp(first).to_period("M").to_timestamp() + pd.offsets.MonthBegin(1),
+                              pd.Timestamp(last).to_period("M").to_timestamp() + pd.offsets.MonthBegin(1),
+                              freq="MS"))

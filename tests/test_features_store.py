@@ -1,0 +1,96 @@
+"""Offline snapshots, online lookup, the generated catalogue, the CLI and the Prefect build flow."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from features.catalogue import render_catalogue
+from features.definitions import feature_names
+from features.flow import build_features_flow
+from features.offline_store import OfflineStore, read_metadata
+from features.online_store import OnlineStore, publish_online
+from pipelines.cli import app
+from pipelines.errors import ScfriskError
+from tests.conftest import REPO
+from tests.rawdata import write_raw_store
+from tests.test_features import TABLES, T
+
+
+@pytest.fixture
+def offline(settings):
+    store = write_raw_store(settings.path("raw_store"), TABLES)
+    return OfflineStore(settings.path("feature_store"), store)
+
+
+def _as_python(value):
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def test_online_lookup_equals_offline_snapshot(offline):
+    publish_online(offline, T)
+    online = OnlineStore.load(offline.root)
+    snapshot = offline.read(T)
+    assert len(online) == len(snapshot) == 3 and online.as_of == T
+    for _, row in snapshot.iterrows():
+        assert online.lookup(row["merchant_id"]) == {n: _as_python(row[n]) for n in feature_names()}
+    assert online.lookup("M404") is None
+    assert online.lookup("M1")["net_sales_30d"] == 300.0
+
+
+def test_snapshot_reused_until_raw_data_changes(offline):
+    path = offline.materialize(T)
+    meta = read_metadata(path)
+    assert meta["raw_snapshot_id"] == offline.raw_store.snapshot_id
+    assert meta["feature_set_version"] == offline.version
+    os.utime(path, (0, 0))
+    assert offline.materialize(T).stat().st_mtime == 0  # reused
+    changed = {**TABLES, "orders": TABLES["orders"][:1]}
+    write_raw_store(offline.raw_store.root, changed)
+    assert offline.materialize(T).stat().st_mtime > 0  # new snapshot_id: recomputed
+    assert offline.read(T).set_index("merchant_id").loc["M1", "gmv_90d"] == 100.0
+
+
+def test_merchants_onboarded_after_as_of_are_not_in_the_snapshot(offline):
+    assert sorted(offline.read(T)["merchant_id"]) == ["M1", "M2", "M3"]
+    assert sorted(offline.read(pd.Timestamp("2023-06-01"))["merchant_id"]) == ["M1", "M3"]
+
+
+def test_online_store_missing_is_a_user_error(tmp_path):
+    with pytest.raises(ScfriskError, match="features materialize"):
+        OnlineStore.load(tmp_path)
+
+
+def test_catalogue_is_generated_and_up_to_date():
+    text = render_catalogue()
+    for name in feature_names():
+        assert f"| `{name}` |" in text
+    assert (REPO / "docs" / "features.md").read_text() == text, "run `python -m pipelines.docs`"
+
+
+def test_cli_training_set_from_csv(offline, settings, tmp_path, monkeypatch):
+    monkeypatch.setenv("SCFRISK_HOME", str(settings.home_dir))
+    entities = tmp_path / "entities.csv"
+    pd.DataFrame({"merchant_id": ["M1", "M2"], "as_of": [T, T], "application_id": [2, 9]}).to_csv(entities, index=False)
+    out = tmp_path / "train.parquet"
+    result = CliRunner().invoke(app, ["features", "training-set", "--entities", str(entities), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    frame = pd.read_parquet(out)
+    assert list(frame["application_id"]) == [2, 9]
+    assert frame.loc[0, "net_sales_30d"] == 300.0
+
+
+def test_build_flow_then_rerun_reuses_everything(offline, settings, prefect_server):
+    first = build_features_flow(settings=settings)
+    assert first.online_as_of == pd.Timestamp("2024-08-01")  # month after the last order
+    training = pd.read_parquet(first.training_set)
+    assert list(training["application_id"]) == [3, 1]
+    assert training.set_index("application_id").loc[1, "tenure_days"] == pytest.approx((T - pd.Timestamp("2023-01-01")).days - 200)
+    assert OnlineStore.load(offline.root).lookup("M1")["gmv_90d"] == 1420.0  # includes the order at T
+    stamps = {p: p.stat().st_mtime_ns for p in [first.training_set, *first.snapshots]}
+    second = build_features_flow(settings=settings)
+    assert {p: p.stat().st_mtime_ns for p in [second.training_set, *second.snapshots]} == stamps
