@@ -1,7 +1,8 @@
 """Publishing: an immutable, checked bundle per run, made live by one atomic pointer switch.
 
 Layout under `settings.path("published")`:
-    bundles/<bundle_id>/   manifest.json (hashes of every file) + model, features, limits, reasons, policy, report
+    bundles/<bundle_id>/   manifest.json (hashes of every file) + model, features, limits, reason-code index
+                           (`models.reason_codes` format, as saved by `ReasonCodeIndex.save`), policy, report
     rejected/<bundle_id>/  bundles that failed their checks, kept for inspection, never live
     CURRENT                the live bundle id, replaced with `os.replace` so readers see the old or the new id
 The service polls CURRENT and reloads; `rollback` points it back at an older bundle.
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from models.reason_codes import ReasonCodeIndex, explain_payloads
 from pipelines.config import Settings
 from pipelines.errors import ScfriskError
 from serving.bundle import (
@@ -32,9 +34,9 @@ from serving.bundle import (
     MODEL_DIR,
     POINTER,
     POLICY_FILE,
-    REASONS_FILE,
     REPORT_FILE,
     Bundle,
+    adverse_codes,
     current_bundle_id,
     file_digest,
     load_bundle,
@@ -62,7 +64,8 @@ class BundleParts:
     features_as_of: str
     online_features: pd.DataFrame | Path
     limits: pd.DataFrame | Path
-    reason_codes: pd.DataFrame | Path
+    reason_codes: ReasonCodeIndex
+    """Built in batch for the online snapshot by the same model (`ReasonCodeIndex.build`)."""
     policy_file: Path
     risk_report: Path | None = None
 
@@ -79,7 +82,7 @@ def _stage(parts: BundleParts, staging: Path) -> dict[str, str]:
     shutil.copytree(parts.model_dir, staging / MODEL_DIR)
     _put(parts.online_features, staging / FEATURES_FILE)
     _put(parts.limits, staging / LIMITS_FILE)
-    _put(parts.reason_codes, staging / REASONS_FILE)
+    parts.reason_codes.save(staging)
     shutil.copyfile(parts.policy_file, staging / POLICY_FILE)
     if parts.risk_report is not None:
         shutil.copyfile(parts.risk_report, staging / REPORT_FILE)
@@ -125,7 +128,18 @@ def check_bundle(bundle_dir: Path) -> Bundle:
             f"{LIMITS_FILE} PDs differ from the bundled model's by up to {worst:.3g}: the limits were computed "
             "with another model or another feature snapshot"
         )
+    fresh = ReasonCodeIndex(explain_payloads(bundle.model, sample))
+    stale = [m for m in sample["merchant_id"] if _codes(fresh, m) != _codes(bundle.reasons, m)]
+    if stale:
+        raise BundleCheckError(
+            f"reason codes of {len(stale)} snapshot merchants (e.g. {stale[:3]}) differ from the bundled "
+            "model's: the reason-code index was built with another model or another feature snapshot"
+        )
     return bundle
+
+
+def _codes(reasons: ReasonCodeIndex, merchant_id: str) -> list[str]:
+    return [reason["code"] for reason in adverse_codes(reasons, merchant_id)]
 
 
 def switch_to(published: Path, bundle_id: str) -> None:

@@ -2,7 +2,8 @@
 
 Everything the service says about an online-store merchant is computed once when a bundle loads (PD,
 grade, limits per product, reason codes) so a request is a dict lookup plus the decision for its amount.
-Merchants the store lacks are scored on the fly through the same model, limit engine and explainer.
+Merchants the store lacks are scored on the fly through the same model, limit engine and explainer; both
+kinds of answer read their reason codes from a `models.reason_codes.ReasonCodeIndex`, so they say the same.
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ from models import limits as limit_engine
 from models.decision import CreditRequest, decide
 from models.pd_model import PDModel
 from models.policy import CreditPolicy, load_policy
+from models.reason_codes import (
+    TABLE_FILE,
+    MerchantReasons,
+    ReasonCodeIndex,
+    explain_payloads,
+    model_references,
+)
 from pipelines.errors import ScfriskError
 from serving.audit import inputs_hash
 
@@ -30,14 +38,13 @@ MANIFEST = "manifest.json"
 MODEL_DIR = "model"
 FEATURES_FILE = "online_features.parquet"
 LIMITS_FILE = "limits.parquet"
-REASONS_FILE = "reason_codes.parquet"
 POLICY_FILE = "policy.toml"
 REPORT_FILE = "risk_report.html"
 
 LIMIT_FIELDS = ("product", "eligible", "limit", "binding_constraint", "apr", "expected_loss", "exclusion_reason")
 """Columns of the limit table the service returns, one entry per product."""
-REASON_COLUMNS = ("merchant_id", "rank", "code", "description")
 MAX_REASONS = 4
+"""Reason codes in an answer (the API contract's cap): the largest risk-raising factors."""
 
 
 class BundleError(ScfriskError):
@@ -117,7 +124,7 @@ class Bundle:
     """One loaded bundle; immutable once built, so requests can share it across threads."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], model: PDModel, policy: CreditPolicy,
-                 features: pd.DataFrame, limits: pd.DataFrame, reasons: pd.DataFrame) -> None:
+                 features: pd.DataFrame, limits: pd.DataFrame, reasons: ReasonCodeIndex) -> None:
         self.path = path
         self.manifest = manifest
         self.bundle_id: str = manifest["bundle_id"]
@@ -127,19 +134,17 @@ class Bundle:
         self.policy = policy
         self.input_columns = list(dict.fromkeys([*model.feature_names, *limit_engine.FEATURES]))
         self.snapshot = features.set_index("merchant_id", drop=False)
-        self.online = self._precompute(features, limits, reasons)
+        self.reasons = reasons
+        self.online = self._precompute(features, limits)
 
     @property
     def policy_version(self) -> str:
         return self.policy.version
 
-    def _precompute(self, features: pd.DataFrame, limits: pd.DataFrame, reasons: pd.DataFrame) -> dict[str, Scored]:
+    def _precompute(self, features: pd.DataFrame, limits: pd.DataFrame) -> dict[str, Scored]:
         limit_rows: dict[str, list[dict[str, Any]]] = {}
         for row in _records(limits[list(limit_engine.LIMIT_COLUMNS)]):
             limit_rows.setdefault(row["merchant_id"], []).append(row)
-        reason_rows: dict[str, list[dict[str, Any]]] = {}
-        for row in _records(reasons.sort_values(["merchant_id", "rank"])):
-            reason_rows.setdefault(row["merchant_id"], []).append({"code": row["code"], "description": row["description"]})
         hashes = dict(zip(features["merchant_id"], map(inputs_hash, _records(features[self.input_columns]))))
         return {
             merchant: Scored(
@@ -147,7 +152,7 @@ class Bundle:
                 pd=rows[0]["pd"],
                 grade=rows[0]["grade"],
                 rows=tuple(rows),
-                reason_codes=tuple(reason_rows.get(merchant, [])[:MAX_REASONS]),
+                reason_codes=adverse_codes(self.reasons, merchant),
                 inputs_hash=hashes[merchant],
             )
             for merchant, rows in limit_rows.items()
@@ -167,14 +172,14 @@ class Bundle:
             frame["merchant_id"] = [f"payload-{i}" for i in range(len(frame))]
         frame["pd"] = self.model.predict_pd(frame)
         table = limit_engine.compute_limits(frame, self.policy)
-        reasons = explain_rows(self.model, frame)
+        reasons = ReasonCodeIndex(explain_payloads(self.model, frame.set_index("merchant_id")))
         hashes = [inputs_hash(r) for r in _records(frame[self.input_columns])]
         out = []
         for i, merchant in enumerate(frame["merchant_id"]):
             rows = _records(table.loc[table["merchant_id"] == merchant, list(limit_engine.LIMIT_COLUMNS)])
             out.append(Scored(merchant_id=merchant, pd=float(frame["pd"].iloc[i]), grade=rows[0]["grade"],
                               rows=tuple(rows),
-                              reason_codes=tuple(reasons[i][:MAX_REASONS]), inputs_hash=hashes[i]))
+                              reason_codes=adverse_codes(reasons, merchant), inputs_hash=hashes[i]))
         return out
 
     def score_features(self, features: dict[str, Any]) -> Scored:
@@ -190,9 +195,13 @@ class Bundle:
                 "tenor_days": made.tenor_days, "reasons": list(made.reasons)}
 
 
-def explain_rows(model: PDModel, frame: pd.DataFrame) -> list[list[dict[str, Any]]]:
-    # Placeholder until models.reason_codes lands.
-    return [[] for _ in range(len(frame))]
+def adverse_codes(reasons: ReasonCodeIndex, merchant_id: str) -> tuple[dict[str, str], ...]:
+    """What the caller is told: the largest factors that raised the merchant's risk, in catalogue words.
+
+    A merchant absent from the index had no feature that moved its score up or down, so it has no reason.
+    """
+    found = reasons.lookup(merchant_id) if merchant_id in reasons else MerchantReasons((), ())
+    return tuple({"code": r.code, "description": r.description} for r in found.raised[:MAX_REASONS])
 
 
 def _read_table(path: Path, required: tuple[str, ...] | list[str]) -> pd.DataFrame:
@@ -222,5 +231,9 @@ def load_bundle(bundle_dir: Path) -> Bundle:
     unknown = sorted(set(limits["product"].astype(str)) - set(policy.products))
     if unknown:
         raise BundleError(f"{LIMITS_FILE} has products {unknown} that policy {policy.version} does not define")
-    reasons = _read_table(bundle_dir / REASONS_FILE, REASON_COLUMNS)
+    try:
+        model_references(model)
+        reasons = ReasonCodeIndex.load(bundle_dir)
+    except ScfriskError as exc:
+        raise BundleError(f"bundle {bundle_dir.name} cannot explain its scores ({TABLE_FILE}): {exc}") from exc
     return Bundle(bundle_dir, manifest, model, policy, features, limits, reasons)

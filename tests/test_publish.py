@@ -49,6 +49,16 @@ def test_bundle_whose_limits_come_from_another_model_is_never_switched_in(tmp_pa
     assert len(list((published / "rejected").iterdir())) == 1
 
 
+def test_bundle_whose_reason_codes_come_from_another_model_is_never_switched_in(tmp_path, models, snapshot):
+    settings = Settings(home=tmp_path / "home")
+    parts = make_parts(tmp_path, models[0], snapshot)
+    other = make_parts(tmp_path, models[1], snapshot, version="2").reason_codes
+    mixed = type(parts)(**{**parts.__dict__, "reason_codes": other})
+    with pytest.raises(BundleCheckError, match=r"reason codes of \d+ snapshot merchants .* differ from the"):
+        publish(mixed, settings)
+    assert current_bundle_id(settings.path("published")) is None
+
+
 def test_altered_file_fails_the_hash_check_and_cannot_be_switched_back(tmp_path, models, snapshot):
     settings = Settings(home=tmp_path / "home")
     first = publish(make_parts(tmp_path, models[0], snapshot), settings)

@@ -98,10 +98,21 @@ def test_explicit_payload_scores_like_the_online_store(service):
     explicit = client.post("/v1/score", json={"features": features}).json()
     assert explicit["pd"] == pytest.approx(online["pd"], abs=1e-12)
     assert explicit["limits"] == online["limits"]
+    assert explicit["reason_codes"] == online["reason_codes"]  # batch index and on-the-fly explainer agree
     del features["net_sales_90d"]
     problem = client.post("/v1/score", json={"features": features})
     assert problem.status_code == 422
     assert problem.json()["detail"][0]["loc"] == ["body", "features", "net_sales_90d"]
+
+
+def test_risky_payload_is_told_its_own_values_in_catalogue_words(service):
+    features = service["snapshot"].drop(columns="merchant_id").iloc[3].to_dict()
+    features.update(refund_rate_90d=0.37, late_delivery_rate_90d=0.41, complaints_90d=9)
+    body = service["client"].post("/v1/score", json={"features": features}).json()
+    reasons = {r["code"]: r["description"] for r in body["reason_codes"]}
+    assert 1 <= len(reasons) <= 4 and "refund_rate_90d" in reasons
+    assert reasons["refund_rate_90d"].startswith("Share of orders placed in the last 90 days that were refunded: 37%;")
+    assert "41%" in reasons["late_delivery_rate_90d"]
 
 
 def test_errors_name_what_is_wrong(service):
