@@ -6,6 +6,7 @@ is told which rule applied (adverse-action notice) and an officer sees why a req
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any
@@ -83,17 +84,25 @@ def binding_reason(constraint: str, row: dict[str, Any], product: str, terms: Pr
 
 def decide(request: CreditRequest, limits: pd.DataFrame, policy: CreditPolicy) -> Decision:
     """Decide a request from the merchant's row of the limits table (`compute_limits` output)."""
-    terms = policy.product(request.product)  # unknown product: PolicyError naming the known ones
     match = limits[(limits["merchant_id"] == request.merchant_id) & (limits["product"] == request.product)]
+    return decide_row(request, None if match.empty else match.iloc[0].to_dict(), policy)
+
+
+def decide_row(request: CreditRequest, row: Mapping[str, Any] | None, policy: CreditPolicy) -> Decision:
+    """Decide a request from the merchant's own limit row (None: no row on file); the rules of `decide`.
+
+    For callers that already hold the row, like the scoring service: filtering a frame costs milliseconds
+    per request, this microseconds.
+    """
+    terms = policy.product(request.product)  # unknown product: PolicyError naming the known ones
 
     def decision(outcome: Outcome, amount: float, limit: float, apr: float | None, *reasons: str) -> Decision:
         return Decision(outcome, amount, limit, apr, terms.tenor_days, reasons, policy.version)
 
-    if match.empty:
+    if row is None:
         return decision(
             Outcome.REFER, 0.0, 0.0, None, f"no {request.product} limit on file for {request.merchant_id}"
         )
-    row = match.iloc[0].to_dict()
     limit, asked = float(row["limit"]), request.requested_amount
     if not row["eligible"]:
         return decision(

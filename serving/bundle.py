@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from models import limits as limit_engine
-from models.decision import CreditRequest, decide
+from models.decision import CreditRequest, decide_row
 from models.pd_model import PDModel
 from models.policy import CreditPolicy, load_policy
 from models.reason_codes import (
@@ -190,7 +190,7 @@ class Bundle:
         if product is None or requested_amount is None:
             return None
         request = CreditRequest(merchant_id=scored.merchant_id, product=product, requested_amount=requested_amount)
-        made = decide(request, pd.DataFrame([scored.by_product[product]]), self.policy)
+        made = decide_row(request, scored.by_product[product], self.policy)
         return {"outcome": made.outcome.value, "amount": made.amount, "limit": made.limit, "apr": made.apr,
                 "tenor_days": made.tenor_days, "reasons": list(made.reasons)}
 
