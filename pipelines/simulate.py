@@ -8,9 +8,9 @@ pre-application behaviour predicts default well but not perfectly. The truth goe
 training never reads.
 
 The output is a snapshot at the end of the window: nothing that happens lies at or after `config.end`
-(only agreed future dates, `SCHEDULED_COLUMNS`, may), and each status is the state at that instant.
-Generation is vectorised with numpy, one chunk of merchants at a time, and every chunk writes its own
-part file per table so memory stays bounded.
+(only planned dates, the schema's `scheduled` columns, may) and each status is the state at that
+instant. Generation is vectorised with numpy, one chunk of merchants at a time, and every chunk writes
+its own part file per table so memory stays bounded.
 """
 
 from __future__ import annotations
@@ -65,15 +65,6 @@ ORACLE_SCHEMAS: dict[str, pa.Schema] = {
 }
 """`oracle/loans`: the truth behind each loan; `outcome_complete` when its 12-month window lies inside
 the simulated window (only then is `defaulted` observable in `loan_performance`)."""
-
-SCHEDULED_COLUMNS: dict[str, str] = {
-    "orders": "promised_delivery_at",
-    "receivables": "due_at",
-    "loans": "maturity_at",
-}
-"""Dates agreed in advance, known when the row is created: the only timestamps that may lie after the
-snapshot (an order placed on the last day was promised for next week). Everything that happens is
-before it."""
 
 ID_COLUMNS = ("order_id", "event_id", "receipt_id", "receivable_id", "application_id", "loan_id", "record_id")
 """Int64 keys: each chunk numbers from 1 and the writer shifts them past the previous chunks'."""

@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 from pipelines.errors import ScfriskError
 from pipelines.schemas import TABLES
-from pipelines.simulate import SCHEDULED_COLUMNS, SimulationConfig, simulate_platform
+from pipelines.simulate import SimulationConfig, simulate_platform
 from tests.conftest import SAMPLE
 
 SMALL = SimulationConfig(n_merchants=300, months=12, seed=3, chunk_size=120)
@@ -73,7 +73,7 @@ def test_nothing_happens_at_or_after_the_window_end(
     con = _db(request.getfixturevalue(root))
     for name, spec in TABLES.items():
         for column in spec.timestamp_columns:
-            if SCHEDULED_COLUMNS.get(name) == column:
+            if spec.column_index[column].scheduled:
                 continue  # a promise or due date agreed before the end may point past it
             late = con.execute(f"select count(*) from {name} where {column} >= timestamp '{end}'").fetchone()[
                 0
