@@ -6,6 +6,8 @@ from pathlib import Path
 
 from features.definitions import DERIVED, FEATURES, Feature, feature_set_version
 
+CATALOGUE = Path(__file__).resolve().parents[1] / "docs" / "features.md"
+
 DIRECTION = {1: "higher = riskier", -1: "higher = safer", 0: "neutral"}
 
 
@@ -31,7 +33,8 @@ def render_catalogue() -> str:
     lines = [
         "# Feature catalogue",
         "",
-        f"Generated from `features/definitions.py` by `python -m pipelines.docs`; do not edit by hand. "
+        f"Generated from `features/definitions.py` (`make docs` or `python -m features.catalogue`); "
+        f"do not edit by hand. "
         f"Feature-set version `{feature_set_version()}`, {len(FEATURES)} features.",
         "",
         "Every feature of a merchant as of time T uses only facts whose own timestamp is strictly before T "
@@ -50,8 +53,12 @@ def render_catalogue() -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_catalogue(path: Path | str) -> Path:
+def write_catalogue(path: Path | str = CATALOGUE) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_catalogue())
     return path
+
+
+if __name__ == "__main__":
+    write_catalogue()

@@ -23,6 +23,9 @@ Kind = Literal["numeric", "categorical"]
 UNITS = ("CNY", "ratio", "days", "count", "stars", "minutes", "months", "category")
 WINDOWS = (30, 90, 180, 365, None)
 DERIVED = "derived"
+COUNT_KEYS = "count(*) FILTER (WHERE {x} > 0)"
+"""Outer aggregate of a two-stage feature counting the distinct keys seen in the window (one grouping pass
+per key serves many features, where each DISTINCT aggregate would need its own)."""
 
 
 @dataclass(frozen=True)
@@ -271,10 +274,10 @@ FEATURES: tuple[Feature, ...] = (
     _ratio("complaint_rate_90d", "complaints_90d", "orders_90d",
            "Complaints per order over the last 90 days.", 1),
     # --- customer base -----------------------------------------------------------------------------
-    _f("unique_buyers_90d", "orders", "count(DISTINCT buyer_id)", 90,
-       "Distinct buyers in the last 90 days.", -1, "count", fill=0.0),
-    _f("unique_buyers_365d", "orders", "count(DISTINCT buyer_id)", 365,
-       "Distinct buyers in the last year.", -1, "count", fill=0.0),
+    _f("unique_buyers_90d", "orders", "count(*)", 90,
+       "Distinct buyers in the last 90 days.", -1, "count", per="buyer_id", outer=COUNT_KEYS, fill=0.0),
+    _f("unique_buyers_365d", "orders", "count(*)", 365,
+       "Distinct buyers in the last year.", -1, "count", per="buyer_id", outer=COUNT_KEYS, fill=0.0),
     _f("repeat_buyer_share_365d", "orders", "count(*)", 365,
        "Share of last year's buyers who ordered more than once.", -1, "ratio",
        per="buyer_id", outer="avg(({x} >= 2)::INT)"),
@@ -285,17 +288,20 @@ FEATURES: tuple[Feature, ...] = (
        "Concentration of sales across buyers, last 90 days (Herfindahl index: 1 = a single buyer).",
        1, "ratio", per="buyer_id", outer="sum({x} * {x}) / nullif(pow(sum({x}), 2), 0)"),
     # --- operations --------------------------------------------------------------------------------
-    _f("active_days_30d", "orders", "count(DISTINCT order_day)", 30,
-       "Days with at least one order in the last 30 days.", -1, "days", fill=0.0),
-    _f("active_days_90d", "orders", "count(DISTINCT order_day)", 90,
-       "Days with at least one order in the last 90 days.", -1, "days", fill=0.0),
+    _f("active_days_30d", "orders", "count(*)", 30,
+       "Days with at least one order in the last 30 days.", -1, "days", per="order_day", outer=COUNT_KEYS,
+       fill=0.0),
+    _f("active_days_90d", "orders", "count(*)", 90,
+       "Days with at least one order in the last 90 days.", -1, "days", per="order_day", outer=COUNT_KEYS,
+       fill=0.0),
     _f("days_since_last_order", "orders", "min(age_days)", 365,
        "Days since the last order (unknown when none in the last year).", 1, "days"),
     _f("logins_30d", "events", "count(*)", 30,
        "Logins to the merchant back office in the last 30 days.", -1, "count",
        filter="event_type = 'login'", fill=0.0),
-    _f("login_days_30d", "events", "count(DISTINCT event_day)", 30,
-       "Days with a login in the last 30 days.", -1, "days", filter="event_type = 'login'", fill=0.0),
+    _f("login_days_30d", "events", "count(*)", 30,
+       "Days with a login in the last 30 days.", -1, "days", filter="event_type = 'login'",
+       per="event_day", outer=COUNT_KEYS, fill=0.0),
     _f("days_since_last_login", "events", "min(age_days)", None,
        "Days since the merchant last logged in.", 1, "days", filter="event_type = 'login'"),
     _f("listing_changes_30d", "events", "count(*)", 30,

@@ -63,6 +63,10 @@ class OnlineStore:
     def as_of(self) -> pd.Timestamp:
         return pd.Timestamp(self.metadata["as_of"])
 
+    @property
+    def merchant_ids(self) -> list[str]:
+        return list(self._rows)
+
     def __len__(self) -> int:
         return len(self._rows)
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from rich.progress import track
 
-from features.definitions import FEATURES, SOURCES
+from features.definitions import FEATURES, SOURCES, Feature
 from features.sql import features_sql
 from pipelines.errors import ScfriskError
 from pipelines.raw_store import RawStore
@@ -24,7 +24,7 @@ from pipelines.schemas import TABLES
 log = logging.getLogger(__name__)
 
 KEYS = ["merchant_id", "as_of"]
-DEFAULT_BATCH_ROWS = 50_000
+DEFAULT_BATCH_ROWS = 200_000
 
 
 def table_readers(raw_store: RawStore) -> dict[str, str]:
@@ -98,11 +98,13 @@ def compute_features(
     entities: pd.DataFrame,
     tables: Mapping[str, str],
     batch_rows: int = DEFAULT_BATCH_ROWS,
-    connection: duckdb.DuckDBPyConnection | None = None,
+    features: tuple[Feature, ...] = FEATURES,
 ) -> pd.DataFrame:
-    """Features for distinct (merchant_id, as_of) pairs, one row each, columns in definition order."""
-    con = connection or duckdb.connect()
-    sql = features_sql(tables)
+    """Features for distinct (merchant_id, as_of) pairs, one row each, columns in definition order.
+
+    `features` may be a subset, as long as it includes what its derived features use."""
+    con = duckdb.connect()
+    sql = features_sql(tables, features)
     batches = _merchant_batches(entities[KEYS].drop_duplicates(), batch_rows)
     parts = []
     for batch in track(batches, description="features", disable=len(batches) < 2):
