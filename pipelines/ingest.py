@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from prefect import flow
+from prefect.states import Failed
 
 from pipelines.config import Settings
 from pipelines.errors import ScfriskError
@@ -185,6 +186,10 @@ class _Stopwatch:
 @flow(name="ingest")
 def ingest_flow(source: str, settings: Settings) -> IngestResult:
     """Prefect shell of `ingest`: one flow run per batch, visible in the workspace's Prefect UI."""
-    result = ingest(Path(source), settings)
+    try:
+        result = ingest(Path(source), settings)
+    except ScfriskError as exc:
+        # Bad input is an outcome, not a crash: fail the run with the message, no traceback in the logs.
+        return Failed(message=str(exc), data=exc)
     log.info(result.describe())
     return result

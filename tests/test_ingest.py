@@ -1,0 +1,146 @@
+"""Ingestion end to end: all-or-nothing batches, idempotent and incremental upserts, CSV, CLI, Prefect."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pytest
+
+from pipelines.cli import run
+from pipelines.config import Settings
+from pipelines.errors import ScfriskError
+from pipelines.ingest import BatchError, ingest, ingest_flow, locate_tables
+from pipelines.raw_store import RawStore
+from pipelines.validation import DataValidationError
+from tests.batch_builder import valid_batch, write_batch
+
+NOW = datetime(2024, 3, 1)
+
+
+def store_files(settings: Settings) -> dict[str, str]:
+    root = settings.path("raw_store")
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory) -> Path:
+    """A workspace holding the whole valid batch, ingested once; tests copy it."""
+    home = tmp_path_factory.mktemp("loaded") / "home"
+    ingest(write_batch(home.parent / "batch", valid_batch()), Settings(home=home), NOW)
+    return home
+
+
+@pytest.fixture
+def store(loaded: Path, tmp_path: Path) -> Settings:
+    shutil.copytree(loaded, tmp_path / "home")
+    return Settings(home=tmp_path / "home")
+
+
+def test_batch_lands_partitioned_by_month_with_a_manifest(store):
+    raw = RawStore(store.path("raw_store"))
+    manifest = raw.manifest()
+    assert manifest["tables"]["orders"]["rows"] == 6
+    assert sorted(manifest["tables"]["orders"]["partitions"]) == ["2024-01", "2024-02"]
+    months = duckdb.sql(f"SELECT DISTINCT strftime(ordered_at, '%Y-%m') FROM read_parquet('{raw.table_glob('orders')}')")
+    assert len(months.fetchall()) == 2
+    assert raw.snapshot_id and not (raw.root / "_staging").exists()
+
+
+def test_reingesting_the_same_data_changes_nothing(store, tmp_path):
+    before = store_files(store)
+    result = ingest(write_batch(tmp_path / "again", valid_batch()), store, NOW)
+    assert store_files(store) == before
+    assert all(months == [] for months in result.partitions_written.values())
+
+
+def test_failed_batch_leaves_the_store_byte_identical(store, tmp_path):
+    before = store_files(store)
+    batch = valid_batch()
+    batch["orders"].loc[0, "amount"] = -1.0  # bad row in an otherwise good (and otherwise new) batch
+    batch["orders"]["order_id"] += 100
+    with pytest.raises(DataValidationError, match=r"orders\.amount: .* failed for 1 of 6 rows, e\.g\. -1\.0"):
+        ingest(write_batch(tmp_path / "bad", {"merchants": batch["merchants"], "orders": batch["orders"]}), store, NOW)
+    assert store_files(store) == before
+
+
+def test_new_month_appends_and_redelivered_rows_replace(store, tmp_path):
+    before = store_files(store)
+    snapshot_before = RawStore(store.path("raw_store")).snapshot_id
+    orders = valid_batch()["orders"]
+    march = orders.iloc[:2].copy()
+    march["order_id"] = [7, 8]
+    march["status"] = ["paid", "paid"]
+    march[[c for c in march.columns if c.endswith("_at") and c != "ordered_at"]] = pd.NaT
+    march["rating"] = pd.array([None, None], dtype="Int8")
+    march["ordered_at"] = pd.to_datetime(["2024-02-28 10:00", "2024-02-29 11:00"]) + pd.Timedelta(days=2)
+    march["promised_delivery_at"] = march["ordered_at"] + pd.Timedelta(days=5)
+    refunded = orders.iloc[[0]].copy()  # order 1 (January) is now refunded
+    refunded["status"] = "refunded"
+    refunded["refunded_at"] = pd.Timestamp("2024-01-20")
+    result = ingest(write_batch(tmp_path / "march", {"orders": pd.concat([march, refunded])}), store, NOW + pd.Timedelta(days=2))
+
+    after = store_files(store)
+    assert result.partitions_written["orders"] == ["2024-01", "2024-03"]
+    assert after["orders/month=2024-02/part-0.parquet"] == before["orders/month=2024-02/part-0.parquet"]
+    assert after["merchants/month=2023-03/part-0.parquet"] == before["merchants/month=2023-03/part-0.parquet"]
+    raw = RawStore(store.path("raw_store"))
+    rows = duckdb.sql(f"SELECT order_id, status FROM read_parquet('{raw.table_glob('orders')}') ORDER BY order_id")
+    assert rows.fetchall() == [(1, "refunded"), (2, "cancelled"), (3, "refunded"), (4, "delivered"),
+                               (5, "shipped"), (6, "paid"), (7, "paid"), (8, "paid")]  # fmt: skip
+    assert raw.manifest()["tables"]["orders"]["rows"] == 8
+    assert result.snapshot_id == raw.snapshot_id != snapshot_before
+
+
+def test_csv_and_parquet_parts_load_the_same_snapshot(loaded, tmp_path):
+    parquet_snapshot = RawStore(Settings(home=loaded).path("raw_store")).snapshot_id
+    batch = valid_batch()
+    folder = write_batch(tmp_path / "csv", batch, fmt="csv")
+    write_batch(folder, {"orders": batch["orders"]}, fmt="parts")  # folder of parts instead of orders.csv
+    (folder / "orders.csv").unlink()
+    (folder / "oracle").mkdir()  # the simulator's ground truth: never ingested
+    (folder / "oracle" / "labels.parquet").write_bytes(b"not data")
+    result = ingest(folder, Settings(home=tmp_path / "home"), NOW)
+    assert result.snapshot_id == parquet_snapshot
+
+
+def test_unknown_table_file_is_rejected(tmp_path):
+    folder = write_batch(tmp_path / "b", {"merchants": valid_batch()["merchants"]})
+    (folder / "sellers.parquet").write_bytes(b"")
+    with pytest.raises(BatchError, match="unknown table file 'sellers.parquet'.*expected <table>.parquet"):
+        locate_tables(folder)
+
+
+def test_cli_prints_one_error_line_and_exits_2_for_a_malformed_file(prefect_server, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    (folder / "orders.parquet").write_bytes(b"this is not parquet")
+    monkeypatch.setenv("SCFRISK_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(sys, "argv", ["scfrisk", "ingest", "--source", str(folder)])
+    with pytest.raises(SystemExit) as exit_:
+        run()
+    assert exit_.value.code == 2
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: cannot read table 'orders' from {folder / 'orders.parquet'}: " + errors[0].split(": ", 2)[2]]
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "home" / "raw").exists()
+
+
+def test_ingest_flow_runs_through_prefect(prefect_server, tmp_path):
+    settings = Settings(home=tmp_path / "home")
+    batch = valid_batch()
+    folder = write_batch(tmp_path / "b", {"merchants": batch["merchants"], "orders": batch["orders"]}, fmt="parts")
+    result = ingest_flow(source=str(folder), settings=settings)
+    assert result.store_rows == {"merchants": 3, "orders": 6}
+    assert f"raw store {settings.path('raw_store')}" in result.describe()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ScfriskError, match="no table files"):
+        ingest_flow(source=str(tmp_path / "empty"), settings=settings)
