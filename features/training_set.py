@@ -35,12 +35,16 @@ def table_readers(raw_store: RawStore) -> dict[str, str]:
     needed |= {name for s in SOURCES.values() for name in re.findall(r"\{(\w+)\}", s.relation)} - {"table"}
     return {
         name: (
-            f"read_parquet('{raw_store.table_glob(name)}', hive_partitioning = false)"
+            f"read_parquet('{_quoted(raw_store.table_glob(name))}', hive_partitioning = false)"
             if raw_store.has_table(name)
             else _empty_relation(name)
         )
         for name in sorted(needed)
     }
+
+
+def _quoted(path: str) -> str:
+    return path.replace("'", "''")
 
 
 def _empty_relation(name: str) -> str:

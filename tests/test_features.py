@@ -213,6 +213,11 @@ def test_undefined_values_are_null_and_empty_sums_are_zero(training):
     assert m2["tenure_days"] == 30.0
 
 
+def test_batches_of_merchants_give_the_same_rows(store, training):
+    entities = training[["merchant_id", "as_of", "label", "application_id"]]
+    pd.testing.assert_frame_equal(get_training_set(entities, store, batch_rows=1), training)
+
+
 def test_later_as_of_sees_the_later_facts(store):
     later = get_training_set(pd.DataFrame({"merchant_id": ["M1"], "as_of": [d(-40)]}), store).iloc[0]
     assert later["inventory_value_in_warehouse"] == 300.0  # receipt 1 released, receipt 3 arrived

@@ -93,3 +93,11 @@ def test_build_flow_then_rerun_reuses_everything(offline, settings, prefect_serv
     stamps = {p: p.stat().st_mtime_ns for p in [first.training_set, *first.snapshots]}
     second = build_features_flow(settings=settings)
     assert {p: p.stat().st_mtime_ns for p in [second.training_set, *second.snapshots]} == stamps
+
+
+def test_cli_materialize_publishes_online_vectors(offline, settings, monkeypatch):
+    monkeypatch.setenv("SCFRISK_HOME", str(settings.home_dir))
+    result = CliRunner().invoke(app, ["features", "materialize", "--as-of", "2024-07-01"])
+    assert result.exit_code == 0, result.output
+    online = OnlineStore.load(settings.path("feature_store"))
+    assert online.as_of == T and online.lookup("M1")["net_sales_30d"] == 300.0
