@@ -146,7 +146,7 @@ def explain_payloads(model: PDModel, frame: pd.DataFrame, references: Mapping[st
                      definitions: Mapping[str, Feature] = FEATURE_INDEX, top_n: int = TOP_N) -> pd.DataFrame:
     """Reason table for explicit raw feature rows (one merchant each): exact TreeSHAP on the fly."""
     inputs = model.prepare(frame)
-    explanation = explain(model.booster, inputs)
+    explanation = explain(model.booster, inputs, threads=1)
     return top_reasons(explanation.values, inputs, references or model_references(model), definitions, top_n)
 
 

@@ -89,3 +89,10 @@ def test_audit_file_reproduces_each_margin_and_keeps_the_keys(trained: Trained, 
 def test_explaining_nothing_is_a_clear_error(trained: Trained) -> None:
     with pytest.raises(ScfriskError, match="no rows"):
         explain(trained.model.booster, trained.model.prepare(trained.frame.head(0)))
+
+
+def test_categories_are_matched_by_level_not_by_code_order(trained: Trained) -> None:
+    inputs = trained.model.prepare(trained.frame.head(500))
+    shuffled = inputs.assign(region=inputs["region"].cat.reorder_categories(inputs["region"].cat.categories[::-1]))
+    np.testing.assert_allclose(explain(trained.model.booster, shuffled).margin.to_numpy(),
+                               trained.model.raw_margin(trained.frame.head(500)), rtol=0, atol=1e-9)
