@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature
+from mlflow.types.schema import AnyType, ColSpec, Schema
 
 import models
 import pipelines
@@ -61,7 +62,10 @@ def log_pd_model(model: PDModel, example: pd.DataFrame, registered_model: str) -
     example = example[model.feature_names].head(5).copy()
     for spec in model.features:
         example[spec.name] = example[spec.name].astype(float if spec.kind == "numeric" else object)
-    signature = infer_signature(example, pd.Series(model.predict_pd(example), name="pd"))
+    # Column names are the contract; types are not: `PDModel.prepare` reads ints, text-coded numbers and
+    # sentinels, which a typed schema would reject before it gets the chance.
+    signature = ModelSignature(inputs=Schema([ColSpec(AnyType(), f.name) for f in model.features]),
+                               outputs=Schema([ColSpec("double", "pd")]))
     with tempfile.TemporaryDirectory() as tmp:
         saved = model.save(Path(tmp) / ARTIFACT_KEY)
         info = mlflow.pyfunc.log_model(name=ARTIFACT_KEY, python_model=PDPyfunc(), artifacts={ARTIFACT_KEY: str(saved)},

@@ -1,0 +1,157 @@
+"""MLflow run contents, champion/challenger gates, manual promotion and `scfrisk train --table`, on a real
+SQLite tracking store in the test's workspace."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from models.gates import decide_promotion
+from models.pd_model import PDModel
+from models.registry import CHALLENGER, CHAMPION, load_pd_model, promote
+from models.synthetic import DIRECTIONS, synthetic_applications
+from pipelines.cli import app
+from pipelines.config import GatesConfig, Settings
+from pipelines.errors import ScfriskError
+from pipelines.train import assign_slices, run_training
+from tests.conftest import REPO
+
+STRONG = ["refund_rate_90d", "late_settlement_share", "complaints_90d", "months_on_platform", "rating_avg"]
+FAST = {"max_rounds": 150, "search_trials": 1}
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory) -> Path:
+    """A migrated, empty MLflow SQLite file (creating one costs seconds; copying it costs nothing)."""
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+def _workspace(root: Path, empty_store: Path) -> Settings:
+    settings = Settings(home=root, policy_file=REPO / "policy.toml", model=FAST, gates={"max_ece": 0.05})
+    settings.home_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(empty_store, settings.home_dir / "mlflow.db")
+    return settings
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory, empty_store):
+    """Three runs in one workspace: a weak first model, a better one, then a weak one again."""
+    settings = _workspace(tmp_path_factory.mktemp("ws"), empty_store)
+    frame = synthetic_applications(4000, seed=21)
+    table = frame.drop(columns="true_pd")
+
+    def train(columns_dropped: list[str]):
+        return run_training(settings, table.drop(columns=columns_dropped), "defaulted", time_col="applied_at",
+                            id_col="application_id", directions=DIRECTIONS, true_pd=frame["true_pd"])
+
+    return settings, frame, [train(STRONG), train([]), train(STRONG)]
+
+
+def test_better_challenger_is_promoted_and_worse_one_is_not(history):
+    settings, _, (weak, strong, weak_again) = history
+    assert weak.decision.promote  # first model: no champion to beat
+    assert strong.decision.promote and strong.metrics["test_auc"] > weak.metrics["test_auc"] + 0.02
+    assert not weak_again.decision.promote
+    assert any(r.startswith("fail: OOT AUC") for r in weak_again.decision.reasons)
+    client = MlflowClient()
+    name = settings.mlflow.registered_model
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == strong.version
+    assert str(client.get_model_version_by_alias(name, CHALLENGER).version) == weak_again.version
+    assert client.get_run(weak_again.run_id).data.tags["gate_decision"] == "rejected"
+    decision = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=weak_again.run_id, artifact_path="gate_decision.json")).read_text())
+    assert decision["promote"] is False and decision["champion_auc"] == pytest.approx(strong.metrics["test_auc"])
+
+
+def test_run_holds_params_metrics_artifacts_and_the_pd_pyfunc(history):
+    settings, frame, (_, strong, _) = history
+    run = MlflowClient().get_run(strong.run_id)
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    assert {"lgb_num_leaves", "lgb_rounds", "seed", "calibration", "split_train_rows", "split_test_start"} <= set(params)
+    assert params["split_test_rows"] == str(strong.split.loc["test", "rows"])
+    assert {"test_auc", "test_ece", "test_ks", "baseline_auc", "score_psi", "oracle_auc", "auc_gap_to_oracle"} <= set(metrics)
+    assert len(tags["data_hash"]) == 16 and tags["feature_set_version"] == "table" and "git_commit" in tags
+    artifacts = {a.path for a in MlflowClient().list_artifacts(strong.run_id)}
+    assert {"model_card.md", "gate_decision.json", "features.json", "split.json", "plots"} <= artifacts
+    plots = {Path(a.path).name for a in MlflowClient().list_artifacts(strong.run_id, "plots")}
+    assert plots == {"roc.png", "ks.png", "calibration.png", "score_distribution.png"}
+    card = Path(mlflow.artifacts.download_artifacts(run_id=strong.run_id, artifact_path="model_card.md")).read_text()
+    assert "## Limitations" in card and "out-of-time" in card.lower()
+    assert run.info.artifact_uri.startswith(settings.path("mlflow_artifacts").as_uri())
+
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{settings.mlflow.registered_model}@{CHAMPION}")
+    champion = load_pd_model(settings)
+    sample = frame.head(50)
+    np.testing.assert_allclose(np.asarray(pyfunc.predict(sample)), champion.predict_pd(sample))
+    assert isinstance(champion, PDModel) and champion.master_scale is not None
+
+
+def test_manual_promotion_is_recorded_on_the_version(history):
+    settings, _, (_, _, weak_again) = history
+    promote(settings, weak_again.version, "regulator asked for the simpler model", user="risk-officer")
+    client, name = MlflowClient(), settings.mlflow.registered_model
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == weak_again.version
+    tags = client.get_model_version(name, weak_again.version).tags
+    assert tags["promoted_by"] == "risk-officer" and tags["promotion"] == "manual"
+    assert tags["promotion_reason"] == "regulator asked for the simpler model" and tags["promoted_at"]
+    with pytest.raises(ScfriskError, match="has no version 99"):
+        promote(settings, "99", "typo")
+
+
+def test_gates_need_every_check():
+    gates = GatesConfig(auc_tolerance=0.01, max_ece=0.02, max_score_psi=0.25)
+    assert decide_promotion(0.80, 0.01, 0.05, True, 0.805, gates).promote
+    assert not decide_promotion(0.79, 0.01, 0.05, True, 0.805, gates).promote
+    assert not decide_promotion(0.85, 0.03, 0.05, True, 0.805, gates).promote
+    assert not decide_promotion(0.85, 0.01, 0.30, True, 0.805, gates).promote
+    assert not decide_promotion(0.85, 0.01, 0.05, False, None, gates).promote
+
+
+def test_test_table_rows_are_the_test_slice_and_never_train(tmp_path):
+    frame = pd.DataFrame({"__source": ["table"] * 100 + ["test_table"] * 30})
+    y = pd.Series(np.tile([0, 1], 65))
+    slices = assign_slices(frame, y, None, True, Settings(home=tmp_path))
+    assert (slices.iloc[100:] == "test").all() and set(slices.iloc[:100]) == {"train", "valid"}
+
+
+def _csv_table(path: Path) -> Path:
+    frame = synthetic_applications(3000, seed=5).drop(columns=["true_pd", "applied_at"])
+    frame["defaulted"] = np.where(frame["defaulted"] == 1, "bad", "good")
+    frame.loc[::7, "rating_avg"] = np.nan
+    frame.loc[::11, "region"] = "NA"
+    frame.to_csv(path, index=False, na_rep="")
+    return path
+
+
+def test_cli_trains_on_a_csv_table_and_writes_metrics(tmp_path, empty_store, monkeypatch, prefect_server):
+    settings = _workspace(tmp_path / "home", empty_store)
+    monkeypatch.setenv("SCFRISK_HOME", str(settings.home_dir))
+    monkeypatch.setenv("SCFRISK_MODEL__MAX_ROUNDS", "150")
+    monkeypatch.setenv("SCFRISK_MODEL__SEARCH_TRIALS", "1")
+    table, out = _csv_table(tmp_path / "loans.csv"), tmp_path / "metrics.json"
+    result = CliRunner().invoke(app, ["train", "--table", str(table), "--target", "defaulted", "--id-col",
+                                      "application_id", "--metrics-out", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.read_text())
+    assert {"auc", "gini", "ks", "brier", "ece", "n_train", "n_test", "baseline_auc"} <= set(metrics)
+    assert metrics["n_test"] == 600 and metrics["n_train"] == 1800
+    assert metrics["auc"] > 0.75 and metrics["gini"] == pytest.approx(2 * metrics["auc"] - 1)
+
+
+def test_cli_names_a_missing_target_column_and_the_columns_present(tmp_path, monkeypatch, prefect_server):
+    monkeypatch.setenv("SCFRISK_HOME", str(tmp_path / "home"))
+    table = _csv_table(tmp_path / "loans.csv")
+    result = CliRunner().invoke(app, ["train", "--table", str(table), "--target", "is_bad"])
+    assert isinstance(result.exception, ScfriskError)
+    assert "target column 'is_bad' is not in" in str(result.exception)
+    assert "columns present: application_id, merchant_type" in str(result.exception)
