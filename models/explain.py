@@ -69,7 +69,9 @@ def model_matrix(booster: lgb.Booster, X: pd.DataFrame) -> np.ndarray:
     return np.column_stack(columns)
 
 
-def explain(booster: lgb.Booster, X: pd.DataFrame, chunk_rows: int = CHUNK_ROWS, threads: int = 0) -> Explanation:
+def explain(
+    booster: lgb.Booster, X: pd.DataFrame, chunk_rows: int = CHUNK_ROWS, threads: int = 0
+) -> Explanation:
     """Exact TreeSHAP of `booster` on its model input `X` (e.g. `PDModel.prepare(df)`), in chunks.
 
     `threads=1` suits one merchant per call (no thread start-up); 0 lets LightGBM use every core.
@@ -83,11 +85,12 @@ def explain(booster: lgb.Booster, X: pd.DataFrame, chunk_rows: int = CHUNK_ROWS,
     with Progress(transient=True, disable=len(starts) < 2) as progress:
         task = progress.add_task(f"SHAP values for {len(X):,} rows", total=len(starts))
         for start in starts:
-            parts.append(booster.predict(matrix[start:start + chunk_rows], pred_contrib=True, **options))
+            parts.append(booster.predict(matrix[start : start + chunk_rows], pred_contrib=True, **options))
             progress.advance(task)
     contrib = np.vstack(parts)
-    return Explanation(pd.DataFrame(contrib[:, :-1], index=X.index, columns=booster.feature_name()),
-                       float(contrib[0, -1]))
+    return Explanation(
+        pd.DataFrame(contrib[:, :-1], index=X.index, columns=booster.feature_name()), float(contrib[0, -1])
+    )
 
 
 def used_features(booster: lgb.Booster) -> list[str]:
@@ -129,11 +132,13 @@ def explanation_table(explanation: Explanation, keys: pd.DataFrame, model_versio
     return pd.concat(
         [
             keys.reset_index(drop=True),
-            pd.DataFrame({
-                "model_version": model_version,
-                "base_value": explanation.base_value,
-                "raw_margin": explanation.margin.to_numpy(),
-            }),
+            pd.DataFrame(
+                {
+                    "model_version": model_version,
+                    "base_value": explanation.base_value,
+                    "raw_margin": explanation.margin.to_numpy(),
+                }
+            ),
             shap_columns,
         ],
         axis=1,

@@ -59,8 +59,9 @@ class MerchantReasons:
     """Up to `TOP_N` factors that decreased it, most protective first."""
 
 
-def reference_values(inputs: pd.DataFrame, pd_values: np.ndarray,
-                     approved_quantile: float = APPROVED_QUANTILE) -> dict[str, Any]:
+def reference_values(
+    inputs: pd.DataFrame, pd_values: np.ndarray, approved_quantile: float = APPROVED_QUANTILE
+) -> dict[str, Any]:
     """Typical value per feature among approved (low-PD) training merchants: median, or commonest level.
 
     Computed on the model input (`PDModel.prepare`), so it is on the same footing as the merchant's value.
@@ -98,7 +99,11 @@ def _label(feature: Feature) -> str:
 def describe(feature: Feature, value: Any, reference: Any) -> tuple[str, str, str]:
     """(value text, reference text, sentence) for one feature of one merchant."""
     value_text, reference_text = format_value(value, feature.unit), format_value(reference, feature.unit)
-    return value_text, reference_text, f"{_label(feature)}: {value_text}; typical for approved merchants: {reference_text}"
+    return (
+        value_text,
+        reference_text,
+        f"{_label(feature)}: {value_text}; typical for approved merchants: {reference_text}",
+    )
 
 
 def _definitions_for(columns: list[str], definitions: Mapping[str, Feature]) -> list[Feature]:
@@ -111,8 +116,13 @@ def _definitions_for(columns: list[str], definitions: Mapping[str, Feature]) -> 
     return [definitions[c] for c in columns]
 
 
-def top_reasons(contributions: pd.DataFrame, inputs: pd.DataFrame, references: Mapping[str, Any],
-                definitions: Mapping[str, Feature] = FEATURE_INDEX, top_n: int = TOP_N) -> pd.DataFrame:
+def top_reasons(
+    contributions: pd.DataFrame,
+    inputs: pd.DataFrame,
+    references: Mapping[str, Any],
+    definitions: Mapping[str, Feature] = FEATURE_INDEX,
+    top_n: int = TOP_N,
+) -> pd.DataFrame:
     """The reason table (`COLUMNS`) of every row: up to `top_n` strictly positive and `top_n` strictly
     negative contributions each, ranked by size; the row index becomes `merchant_id`."""
     names = list(contributions.columns)
@@ -124,26 +134,46 @@ def top_reasons(contributions: pd.DataFrame, inputs: pd.DataFrame, references: M
         order = np.argsort(-sign * c, axis=1, kind="stable")[:, :top_n]
         chosen = np.take_along_axis(c, order, axis=1)
         row, rank = np.nonzero(sign * chosen > 0)
-        parts.append(pd.DataFrame({"row": row, "direction": direction, "rank": rank + 1,
-                                   "col": order[row, rank], "contribution": chosen[row, rank]}))
-    long = pd.concat(parts, ignore_index=True).sort_values(["row", "direction", "rank"], ascending=[True, False, True])
-    texts = [describe(specs[col], values[row, col], references.get(names[col]))
-             for row, col in zip(long["row"].to_numpy(), long["col"].to_numpy())]
+        parts.append(
+            pd.DataFrame(
+                {
+                    "row": row,
+                    "direction": direction,
+                    "rank": rank + 1,
+                    "col": order[row, rank],
+                    "contribution": chosen[row, rank],
+                }
+            )
+        )
+    long = pd.concat(parts, ignore_index=True).sort_values(
+        ["row", "direction", "rank"], ascending=[True, False, True]
+    )
+    texts = [
+        describe(specs[col], values[row, col], references.get(names[col]))
+        for row, col in zip(long["row"].to_numpy(), long["col"].to_numpy())
+    ]
     value_text, reference_text, sentence = zip(*texts) if texts else ((), (), ())
-    return pd.DataFrame({
-        "merchant_id": contributions.index.to_numpy()[long["row"].to_numpy()].astype(str),
-        "direction": long["direction"].to_numpy(),
-        "rank": long["rank"].to_numpy(np.int16),
-        "code": np.array(names, dtype=object)[long["col"].to_numpy()],
-        "description": list(sentence),
-        "contribution": long["contribution"].to_numpy(),
-        "value": list(value_text),
-        "reference": list(reference_text),
-    })
+    return pd.DataFrame(
+        {
+            "merchant_id": contributions.index.to_numpy()[long["row"].to_numpy()].astype(str),
+            "direction": long["direction"].to_numpy(),
+            "rank": long["rank"].to_numpy(np.int16),
+            "code": np.array(names, dtype=object)[long["col"].to_numpy()],
+            "description": list(sentence),
+            "contribution": long["contribution"].to_numpy(),
+            "value": list(value_text),
+            "reference": list(reference_text),
+        }
+    )
 
 
-def explain_payloads(model: PDModel, frame: pd.DataFrame, references: Mapping[str, Any] | None = None,
-                     definitions: Mapping[str, Feature] = FEATURE_INDEX, top_n: int = TOP_N) -> pd.DataFrame:
+def explain_payloads(
+    model: PDModel,
+    frame: pd.DataFrame,
+    references: Mapping[str, Any] | None = None,
+    definitions: Mapping[str, Feature] = FEATURE_INDEX,
+    top_n: int = TOP_N,
+) -> pd.DataFrame:
     """Reason table for explicit raw feature rows (one merchant each): exact TreeSHAP on the fly."""
     inputs = model.prepare(frame)
     explanation = explain(model.booster, inputs, threads=1)
@@ -154,7 +184,9 @@ def as_reasons(table: pd.DataFrame) -> MerchantReasons:
     """One merchant's rows of a reason table as objects."""
     reasons = {RAISES: [], LOWERS: []}
     for row in table.sort_values("rank").itertuples(index=False):
-        reasons[row.direction].append(Reason(row.code, row.description, float(row.contribution), row.value, row.reference))
+        reasons[row.direction].append(
+            Reason(row.code, row.description, float(row.contribution), row.value, row.reference)
+        )
     return MerchantReasons(tuple(reasons[RAISES]), tuple(reasons[LOWERS]))
 
 
@@ -169,8 +201,9 @@ class ReasonCodeIndex:
         missing = [c for c in COLUMNS if c not in table.columns]
         if missing:
             raise ScfriskError(f"reason-code table lacks columns {missing}")
-        table = table.sort_values(["merchant_id", "direction", "rank"], ascending=[True, False, True],
-                                  ignore_index=True)
+        table = table.sort_values(
+            ["merchant_id", "direction", "rank"], ascending=[True, False, True], ignore_index=True
+        )
         self.table = table[list(COLUMNS)]
         self.metadata = dict(metadata or {})
         merchants, starts = np.unique(table["merchant_id"].to_numpy(str), return_index=True)
@@ -179,13 +212,26 @@ class ReasonCodeIndex:
         self._columns = {c: table[c].tolist() for c in COLUMNS[1:]}
 
     @classmethod
-    def build(cls, explanation: Explanation, inputs: pd.DataFrame, references: Mapping[str, Any],
-              definitions: Mapping[str, Feature] = FEATURE_INDEX, top_n: int = TOP_N,
-              model_version: str = "") -> ReasonCodeIndex:
+    def build(
+        cls,
+        explanation: Explanation,
+        inputs: pd.DataFrame,
+        references: Mapping[str, Any],
+        definitions: Mapping[str, Feature] = FEATURE_INDEX,
+        top_n: int = TOP_N,
+        model_version: str = "",
+    ) -> ReasonCodeIndex:
         """From batch SHAP values whose index is the merchant id, and the model input they explain."""
         table = top_reasons(explanation.values, inputs, references, definitions, top_n)
-        return cls(table, {"model_version": model_version, "base_value": explanation.base_value, "top_n": top_n,
-                           "references": dict(references)})
+        return cls(
+            table,
+            {
+                "model_version": model_version,
+                "base_value": explanation.base_value,
+                "top_n": top_n,
+                "references": dict(references),
+            },
+        )
 
     def __len__(self) -> int:
         return len(self._slices)
@@ -204,8 +250,13 @@ class ReasonCodeIndex:
         col = self._columns
         raised, lowered = [], []
         for i in range(start, stop):
-            reason = Reason(col["code"][i], col["description"][i], col["contribution"][i], col["value"][i],
-                            col["reference"][i])
+            reason = Reason(
+                col["code"][i],
+                col["description"][i],
+                col["contribution"][i],
+                col["value"][i],
+                col["reference"][i],
+            )
             (raised if col["direction"][i] == RAISES else lowered).append(reason)
         return MerchantReasons(tuple(raised), tuple(lowered))
 
@@ -222,7 +273,9 @@ class ReasonCodeIndex:
         if not (directory / TABLE_FILE).is_file():
             raise ScfriskError(f"{directory} holds no reason-code index ({TABLE_FILE} is missing)")
         meta = directory / META_FILE
-        return cls(pd.read_parquet(directory / TABLE_FILE), json.loads(meta.read_text()) if meta.is_file() else {})
+        return cls(
+            pd.read_parquet(directory / TABLE_FILE), json.loads(meta.read_text()) if meta.is_file() else {}
+        )
 
 
 def _json_default(value: Any) -> Any:

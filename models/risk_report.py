@@ -25,7 +25,7 @@ from models.html_report import Image, KeyFigures, Paragraph, Section, Table, ren
 from models.model_card import LIMITATIONS
 from models.pd_model import PDModel
 from models.plots import calibration_plot
-from models.reason_codes import REFERENCES_KEY, RAISES, reference_values, top_reasons
+from models.reason_codes import RAISES, REFERENCES_KEY, reference_values, top_reasons
 from models.splits import split_summary
 from pipelines.errors import ScfriskError
 
@@ -37,8 +37,18 @@ EXPLAIN_ROWS = 2000
 """Test rows explained for the global views: exact TreeSHAP costs ~2 ms a row for a 300-tree model."""
 TOP_FEATURES, DEPENDENCE_FEATURES, SAMPLE_DECISIONS = 12, 4, 8
 RATE = "{:.2%}"
-METRIC_FORMATS = {"default_rate": RATE, "mean_pd": RATE, "auc": "{:.3f}", "gini": "{:.3f}", "ks": "{:.3f}",
-                  "brier": "{:.4f}", "log_loss": "{:.4f}", "ece": "{:.4f}", "bad_rate": RATE, "share": "{:.1%}"}
+METRIC_FORMATS = {
+    "default_rate": RATE,
+    "mean_pd": RATE,
+    "auc": "{:.3f}",
+    "gini": "{:.3f}",
+    "ks": "{:.3f}",
+    "brier": "{:.4f}",
+    "log_loss": "{:.4f}",
+    "ece": "{:.4f}",
+    "bad_rate": RATE,
+    "share": "{:.1%}",
+}
 PURPOSE = (
     "Probability of default (90+ days past due within the performance window) of a merchant's credit "
     "application on the platform. The PD sets the grade on the master scale, and through it eligibility, "
@@ -54,11 +64,15 @@ SHAP_SCALE = (
     "log-odds only."
 )
 EXPLANATION_LIMITS = (
-    "SHAP shares credit between correlated features (e.g. sales over 30 and 90 days): a factor's "
-    "contribution is its share of the effect, not the effect of changing it alone.",
-    "Contributions are measured against the average training merchant (the base value); the reference "
-    "value quoted in a reason is the typical value among approved merchants, a plain-language anchor, not "
-    "the SHAP baseline.",
+    (
+        "SHAP shares credit between correlated features (e.g. sales over 30 and 90 days): a factor's "
+        "contribution is its share of the effect, not the effect of changing it alone."
+    ),
+    (
+        "Contributions are measured against the average training merchant (the base value); the reference "
+        "value quoted in a reason is the typical value among approved merchants, a plain-language anchor, "
+        "not the SHAP baseline."
+    ),
     "Global views are computed on a random sample of the out-of-time test population.",
 )
 
@@ -109,8 +123,9 @@ def beeswarm_figure(explanation: Explanation, inputs: pd.DataFrame, seed: int) -
         else:
             colour = column.rank(pct=True).to_numpy()
         jitter = rng.normal(0, 0.12, len(shap_values))
-        points = ax.scatter(shap_values, row + jitter, c=colour, cmap="coolwarm", vmin=0, vmax=1, s=6, alpha=0.7,
-                            linewidths=0)
+        points = ax.scatter(
+            shap_values, row + jitter, c=colour, cmap="coolwarm", vmin=0, vmax=1, s=6, alpha=0.7, linewidths=0
+        )
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_yticks(range(len(features)), list(features))
     ax.set(xlabel="SHAP value (log-odds; > 0 raises risk)", title="Contribution of each feature per merchant")
@@ -119,8 +134,9 @@ def beeswarm_figure(explanation: Explanation, inputs: pd.DataFrame, seed: int) -
     return figure
 
 
-def dependence_figure(explanation: Explanation, inputs: pd.DataFrame, names: Sequence[str],
-                      definitions: Mapping[str, Feature]) -> Figure:
+def dependence_figure(
+    explanation: Explanation, inputs: pd.DataFrame, names: Sequence[str], definitions: Mapping[str, Feature]
+) -> Figure:
     """How each top feature's value maps to its contribution; missing values in grey at the left."""
     figure = Figure(figsize=(10, 3.6 * ((len(names) + 1) // 2)))
     axes = figure.subplots((len(names) + 1) // 2, 2, squeeze=False).ravel()
@@ -135,13 +151,20 @@ def dependence_figure(explanation: Explanation, inputs: pd.DataFrame, names: Seq
             ax.scatter(column[known], shap_values[known], s=6, alpha=0.5, color="#1f5fbf", linewidths=0)
             if (~known).any():
                 left = column[known].min() if known.any() else 0.0
-                ax.scatter(np.full((~known).sum(), left), shap_values[~known], s=6, alpha=0.5, color="grey",
-                           linewidths=0, label="missing")
+                ax.scatter(
+                    np.full((~known).sum(), left),
+                    shap_values[~known],
+                    s=6,
+                    alpha=0.5,
+                    color="grey",
+                    linewidths=0,
+                    label="missing",
+                )
                 ax.legend(frameon=False, loc="best")
         ax.axhline(0, color="grey", lw=0.8)
         unit = definitions[name].unit if name in definitions else ""
         ax.set(xlabel=f"value ({unit})" if unit else "value", ylabel="SHAP (log-odds)", title=name)
-    for ax in axes[len(names):]:
+    for ax in axes[len(names) :]:
         ax.set_visible(False)
     figure.tight_layout()
     return figure
@@ -168,8 +191,11 @@ def reliability_image(y: np.ndarray, pd_values: np.ndarray) -> Image:
 
 def reliability_table(y: np.ndarray, pd_values: np.ndarray, bins: int = 10) -> pd.DataFrame:
     order = np.argsort(pd_values, kind="stable")
-    rows = [{"bin": i + 1, "rows": len(idx), "mean_pd": pd_values[idx].mean(), "default_rate": y[idx].mean()}
-            for i, idx in enumerate(np.array_split(order, bins)) if len(idx)]
+    rows = [
+        {"bin": i + 1, "rows": len(idx), "mean_pd": pd_values[idx].mean(), "default_rate": y[idx].mean()}
+        for i, idx in enumerate(np.array_split(order, bins))
+        if len(idx)
+    ]
     return pd.DataFrame(rows)
 
 
@@ -182,48 +208,94 @@ def characteristic_stability(expected: pd.DataFrame, actual: pd.DataFrame) -> pd
             codes_before, codes_after = before.cat.codes.to_numpy(float), after.cat.codes.to_numpy(float)
         else:
             floor = np.nanmin(np.concatenate([before.to_numpy(float), after.to_numpy(float), [0.0]])) - 1.0
-            codes_before, codes_after = before.fillna(floor).to_numpy(float), after.fillna(floor).to_numpy(float)
-        rows.append({"feature": name, "csi": population_stability_index(codes_before, codes_after),
-                     "missing_train": before.isna().mean(), "missing_test": after.isna().mean()})
+            codes_before, codes_after = (
+                before.fillna(floor).to_numpy(float),
+                after.fillna(floor).to_numpy(float),
+            )
+        rows.append(
+            {
+                "feature": name,
+                "csi": population_stability_index(codes_before, codes_after),
+                "missing_train": before.isna().mean(),
+                "missing_test": after.isna().mean(),
+            }
+        )
     table = pd.DataFrame(rows).sort_values("csi", ascending=False, ignore_index=True)
-    table["status"] = pd.cut(table["csi"], [-np.inf, 0.10, 0.25, np.inf], labels=["stable", "watch", "shifted"])
+    table["status"] = pd.cut(
+        table["csi"], [-np.inf, 0.10, 0.25, np.inf], labels=["stable", "watch", "shifted"]
+    )
     return table.astype({"status": object})
 
 
-def decision_sample(model: PDModel, population: pd.DataFrame, references: Mapping[str, object],
-                    definitions: Mapping[str, Feature], size: int, seed: int) -> pd.DataFrame:
+def decision_sample(
+    model: PDModel,
+    population: pd.DataFrame,
+    references: Mapping[str, object],
+    definitions: Mapping[str, Feature],
+    size: int,
+    seed: int,
+) -> pd.DataFrame:
     """A few test merchants spread over the grades, each with PD, grade, outcome and its reason codes."""
     test = population[population["slice"] == "test"]
     per_grade = max(1, size // max(1, test["grade"].nunique()))
-    picked = test.sample(frac=1.0, random_state=seed).groupby("grade").head(per_grade).sort_values("pd").head(size)
+    picked = (
+        test.sample(frac=1.0, random_state=seed).groupby("grade").head(per_grade).sort_values("pd").head(size)
+    )
     inputs = model.prepare(picked)
     reasons = top_reasons(explain(model.booster, inputs).values, inputs, references, definitions)
     ids = next((picked[c].astype(str) for c in ID_COLUMNS if c in picked.columns), picked.index.astype(str))
     rows = []
     for key, (label, row) in zip(picked.index.astype(str), zip(ids, picked.itertuples())):
         mine = reasons[reasons["merchant_id"] == key]
-        raised = [f"({i}) {text}" for i, text in enumerate(mine.loc[mine["direction"] == RAISES, "description"], 1)]
-        lowered = [f"({i}) {text}" for i, text in enumerate(mine.loc[mine["direction"] != RAISES, "description"][:2], 1)]
-        rows.append({"merchant": label, "pd": row.pd, "grade": row.grade, "defaulted": bool(row.y),
-                     "reasons raising risk": " ".join(raised) or "none",
-                     "main factors lowering risk": " ".join(lowered) or "none"})
+        raised = [
+            f"({i}) {text}" for i, text in enumerate(mine.loc[mine["direction"] == RAISES, "description"], 1)
+        ]
+        lowered = [
+            f"({i}) {text}"
+            for i, text in enumerate(mine.loc[mine["direction"] != RAISES, "description"][:2], 1)
+        ]
+        rows.append(
+            {
+                "merchant": label,
+                "pd": row.pd,
+                "grade": row.grade,
+                "defaulted": bool(row.y),
+                "reasons raising risk": " ".join(raised) or "none",
+                "main factors lowering risk": " ".join(lowered) or "none",
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def _gate_section(decision: GateDecision | None) -> Section:
     if decision is None:
-        return Section("Gate decision", [Paragraph("No champion/challenger decision was recorded for this version.")])
+        return Section(
+            "Gate decision", [Paragraph("No champion/challenger decision was recorded for this version.")]
+        )
     verdict = "Promoted to champion" if decision.promote else "Not promoted (challenger only)"
-    checks = pd.DataFrame({"check": [r.split(": ", 1)[-1] for r in decision.reasons],
-                           "result": [r.split(": ", 1)[0] for r in decision.reasons]})
+    checks = pd.DataFrame(
+        {
+            "check": [r.split(": ", 1)[-1] for r in decision.reasons],
+            "result": [r.split(": ", 1)[0] for r in decision.reasons],
+        }
+    )
     return Section("Gate decision", [KeyFigures({"decision": verdict}), Table(checks)])
 
 
-def risk_report_sections(model: PDModel, population: pd.DataFrame, *, version: str,
-                         decision: GateDecision | None = None, other: OtherModel | None = None,
-                         time_col: str | None = None, source: str = "", seed: int = 0,
-                         explain_rows: int = EXPLAIN_ROWS, sample_decisions: int = SAMPLE_DECISIONS,
-                         definitions: Mapping[str, Feature] = FEATURE_INDEX) -> list[Section]:
+def risk_report_sections(
+    model: PDModel,
+    population: pd.DataFrame,
+    *,
+    version: str,
+    decision: GateDecision | None = None,
+    other: OtherModel | None = None,
+    time_col: str | None = None,
+    source: str = "",
+    seed: int = 0,
+    explain_rows: int = EXPLAIN_ROWS,
+    sample_decisions: int = SAMPLE_DECISIONS,
+    definitions: Mapping[str, Feature] = FEATURE_INDEX,
+) -> list[Section]:
     """Every section of the report, from the model and its population (features, `y`, `slice`)."""
     _require(population, model)
     population = population.assign(pd=model.predict_pd(population))
@@ -237,50 +309,99 @@ def risk_report_sections(model: PDModel, population: pd.DataFrame, *, version: s
 
     # --- model card summary ------------------------------------------------------------------------
     split = split_summary(population["slice"], population["y"], population[time_col] if time_col else None)
-    card = Section("Model card summary", [
-        Paragraph(PURPOSE),
-        KeyFigures({"model version": version, "features": len(model.features),
-                    "calibration": model.calibrator.method, "test rows": len(test),
-                    "test default rate": f"{metrics['default_rate']:.2%}"}),
-        Table(split.reset_index(), caption="Data windows, sample sizes and default rates per slice"
-              + (f" (source: {source})" if source else ""), formats=METRIC_FORMATS),
-    ])
+    card = Section(
+        "Model card summary",
+        [
+            Paragraph(PURPOSE),
+            KeyFigures(
+                {
+                    "model version": version,
+                    "features": len(model.features),
+                    "calibration": model.calibrator.method,
+                    "test rows": len(test),
+                    "test default rate": f"{metrics['default_rate']:.2%}",
+                }
+            ),
+            Table(
+                split.reset_index(),
+                caption="Data windows, sample sizes and default rates per slice"
+                + (f" (source: {source})" if source else ""),
+                formats=METRIC_FORMATS,
+            ),
+        ],
+    )
 
     # --- out-of-time performance and calibration ----------------------------------------------------
-    by_slice = pd.DataFrame([{"slice": s, **pd_metrics(part["y"].to_numpy(int), part["pd"].to_numpy())}
-                             for s, part in population.groupby("slice", sort=False) if part["y"].nunique() == 2])
-    performance = Section("Out-of-time performance", [
-        KeyFigures({k.upper(): f"{metrics[k]:.3f}" for k in ("auc", "gini", "ks")} | {"Brier": f"{metrics['brier']:.4f}"}),
-        Table(by_slice, caption="Every slice; the test slice is the latest cohorts, never seen in fitting",
-              formats=METRIC_FORMATS),
-    ])
-    calibration = Section("Calibration", [
-        Paragraph(f"Calibrated with {model.calibrator.method} scaling on the validation cohort; expected "
-                  f"calibration error on the test slice: {metrics['ece']:.4f}."),
-        reliability_image(y_test, pd_test),
-        Table(reliability_table(y_test, pd_test), formats=METRIC_FORMATS),
-    ])
+    by_slice = pd.DataFrame(
+        [
+            {"slice": s, **pd_metrics(part["y"].to_numpy(int), part["pd"].to_numpy())}
+            for s, part in population.groupby("slice", sort=False)
+            if part["y"].nunique() == 2
+        ]
+    )
+    performance = Section(
+        "Out-of-time performance",
+        [
+            KeyFigures(
+                {k.upper(): f"{metrics[k]:.3f}" for k in ("auc", "gini", "ks")}
+                | {"Brier": f"{metrics['brier']:.4f}"}
+            ),
+            Table(
+                by_slice,
+                caption="Every slice; the test slice is the latest cohorts, never seen in fitting",
+                formats=METRIC_FORMATS,
+            ),
+        ],
+    )
+    calibration = Section(
+        "Calibration",
+        [
+            Paragraph(
+                f"Calibrated with {model.calibrator.method} scaling on the validation cohort; expected "
+                f"calibration error on the test slice: {metrics['ece']:.4f}."
+            ),
+            reliability_image(y_test, pd_test),
+            Table(reliability_table(y_test, pd_test), formats=METRIC_FORMATS),
+        ],
+    )
     grades = grades_by(test.assign(y=test["y"].astype(int)), model.master_scale, groups)
     monotone = model.master_scale.is_monotone(pd_test, y_test)
-    grade_section = Section("Grade table", [
-        Paragraph(f"Master scale on the out-of-time test. Observed bad rate rises with the grade: "
-                  f"{'yes' if monotone else 'NO'}."),
-        Table(grades[grades["by"] == "all"].drop(columns=["by", "value"]), formats=METRIC_FORMATS),
-    ])
+    grade_section = Section(
+        "Grade table",
+        [
+            Paragraph(
+                f"Master scale on the out-of-time test. Observed bad rate rises with the grade: "
+                f"{'yes' if monotone else 'NO'}."
+            ),
+            Table(grades[grades["by"] == "all"].drop(columns=["by", "value"]), formats=METRIC_FORMATS),
+        ],
+    )
 
     # --- stability ----------------------------------------------------------------------------------
     if len(train):
         csi = characteristic_stability(model.prepare(train), model.prepare(test))
         psi = population_stability_index(train["pd"].to_numpy(), pd_test)
-        stability = Section("Stability", [
-            KeyFigures({"score PSI (train vs test)": f"{psi:.3f}", "features shifted (CSI > 0.25)":
-                        int((csi["status"] == "shifted").sum())}),
-            Paragraph("PSI < 0.10 stable, 0.10-0.25 watch, > 0.25 shifted."),
-            Table(csi, caption="Characteristic stability index per feature", formats={"csi": "{:.3f}",
-                  "missing_train": "{:.1%}", "missing_test": "{:.1%}"}),
-        ])
+        stability = Section(
+            "Stability",
+            [
+                KeyFigures(
+                    {
+                        "score PSI (train vs test)": f"{psi:.3f}",
+                        "features shifted (CSI > 0.25)": int((csi["status"] == "shifted").sum()),
+                    }
+                ),
+                Paragraph("PSI < 0.10 stable, 0.10-0.25 watch, > 0.25 shifted."),
+                Table(
+                    csi,
+                    caption="Characteristic stability index per feature",
+                    formats={"csi": "{:.3f}", "missing_train": "{:.1%}", "missing_test": "{:.1%}"},
+                ),
+            ],
+        )
     else:
-        stability = Section("Stability", [Paragraph("No training rows were supplied: PSI and CSI not computed.")])
+        stability = Section(
+            "Stability", [Paragraph("No training rows were supplied: PSI and CSI not computed.")]
+        )
 
     # --- explanations -------------------------------------------------------------------------------
     sample = test.sample(min(explain_rows, len(test)), random_state=seed)
@@ -290,14 +411,27 @@ def risk_report_sections(model: PDModel, population: pd.DataFrame, *, version: s
     top = importance.index[:DEPENDENCE_FEATURES]
     global_blocks = [
         Paragraph(SHAP_SCALE),
-        Image.from_figure(importance_figure(importance, "Global importance"),
-                          f"Mean |SHAP| over {len(sample):,} test merchants"),
+        Image.from_figure(
+            importance_figure(importance, "Global importance"),
+            f"Mean |SHAP| over {len(sample):,} test merchants",
+        ),
         Image.from_figure(beeswarm_figure(explanation, inputs, seed), "SHAP beeswarm of the top features"),
-        Image.from_figure(dependence_figure(explanation, inputs, top, definitions),
-                          f"Dependence plots of the top {len(top)} features"),
-        Table(importance.rename("mean |SHAP|").rename_axis("feature").reset_index().assign(
-            description=lambda t: [definitions[f].description if f in definitions else "" for f in t["feature"]]),
-            caption="Mean |SHAP| per feature (log-odds)", formats={"mean |SHAP|": "{:.4f}"}),
+        Image.from_figure(
+            dependence_figure(explanation, inputs, top, definitions),
+            f"Dependence plots of the top {len(top)} features",
+        ),
+        Table(
+            importance.rename("mean |SHAP|")
+            .rename_axis("feature")
+            .reset_index()
+            .assign(
+                description=lambda t: [
+                    definitions[f].description if f in definitions else "" for f in t["feature"]
+                ]
+            ),
+            caption="Mean |SHAP| per feature (log-odds)",
+            formats={"mean |SHAP|": "{:.4f}"},
+        ),
     ]
     if other is not None:
         theirs = global_importance(explain(other.model.booster, other.model.prepare(sample)).values)
@@ -307,43 +441,82 @@ def risk_report_sections(model: PDModel, population: pd.DataFrame, *, version: s
         else:
             table, labels = compare_importance(importance, theirs), (this, that)
         global_blocks += [
-            Paragraph(f"Compared with the {other.role} (version {other.version}) on the same test merchants."),
+            Paragraph(
+                f"Compared with the {other.role} (version {other.version}) on the same test merchants."
+            ),
             Image.from_figure(comparison_figure(table, labels), "Champion vs challenger importance"),
-            Table(table, caption="Importance and rank, champion vs challenger",
-                  formats={c: "{:.4f}" for c in ("champion", "challenger")}
-                  | {c: "{:.1%}" for c in ("champion_share", "challenger_share", "share_change")}),
+            Table(
+                table,
+                caption="Importance and rank, champion vs challenger",
+                formats={c: "{:.4f}" for c in ("champion", "challenger")}
+                | {c: "{:.1%}" for c in ("champion_share", "challenger_share", "share_change")},
+            ),
         ]
     global_section = Section("Global explanations", global_blocks)
 
     view_blocks: list = []
     for column in [*groups, "grade"]:
         by = importance_by(explanation.values, sample[column].astype(object).fillna("missing"))
-        view_blocks.append(Table(by.head(TOP_FEATURES).rename_axis("feature").reset_index(),
-                                 caption=f"Mean |SHAP| by {column}",
-                                 formats={c: "{:.4f}" for c in by.columns}))
+        view_blocks.append(
+            Table(
+                by.head(TOP_FEATURES).rename_axis("feature").reset_index(),
+                caption=f"Mean |SHAP| by {column}",
+                formats={c: "{:.4f}" for c in by.columns},
+            )
+        )
     if groups:
-        view_blocks.append(Table(metrics_by(test.assign(y=test["y"].astype(int)), groups),
-                                 caption="Out-of-time metrics by segment and product", formats=METRIC_FORMATS))
-        view_blocks.append(Table(grades[grades["by"] != "all"], caption="Grades by segment and product",
-                                 formats=METRIC_FORMATS))
+        view_blocks.append(
+            Table(
+                metrics_by(test.assign(y=test["y"].astype(int)), groups),
+                caption="Out-of-time metrics by segment and product",
+                formats=METRIC_FORMATS,
+            )
+        )
+        view_blocks.append(
+            Table(
+                grades[grades["by"] != "all"], caption="Grades by segment and product", formats=METRIC_FORMATS
+            )
+        )
     views = Section("Segment, product and grade views", view_blocks)
 
     references = (model.metadata or {}).get(REFERENCES_KEY) or reference_values(
-        model.prepare(train if len(train) else test), (train if len(train) else test)["pd"])
-    decisions = Section("Individual decisions", [
-        Paragraph("Test merchants across the grades with the reasons that raised their risk (up to four, "
-                  "largest first) and the two factors that lowered it most; the reference is the typical "
-                  "value among approved training merchants."),
-        Table(decision_sample(model, population, references, definitions, sample_decisions, seed),
-              formats={"pd": RATE}),
-    ])
-    limitations = Section("Known limitations", [Paragraph(text.lstrip("- ")) for text in (*LIMITATIONS,
-                                                                                            *EXPLANATION_LIMITS)])
-    return [card, performance, calibration, grade_section, stability, global_section, views, decisions,
-            limitations, _gate_section(decision)]
+        model.prepare(train if len(train) else test), (train if len(train) else test)["pd"]
+    )
+    decisions = Section(
+        "Individual decisions",
+        [
+            Paragraph(
+                "Test merchants across the grades with the reasons that raised their risk (up to four, "
+                "largest first) and the two factors that lowered it most; the reference is the typical "
+                "value among approved training merchants."
+            ),
+            Table(
+                decision_sample(model, population, references, definitions, sample_decisions, seed),
+                formats={"pd": RATE},
+            ),
+        ],
+    )
+    limitations = Section(
+        "Known limitations", [Paragraph(text.lstrip("- ")) for text in (*LIMITATIONS, *EXPLANATION_LIMITS)]
+    )
+    return [
+        card,
+        performance,
+        calibration,
+        grade_section,
+        stability,
+        global_section,
+        views,
+        decisions,
+        limitations,
+        _gate_section(decision),
+    ]
 
 
 def render_risk_report(sections: Sequence[Section], model_name: str, version: str) -> str:
     """The self-contained HTML page (images inline, prints cleanly, opens offline)."""
-    return render_page(f"{TITLE}: {model_name} v{version}", sections,
-                       subtitle="PD model validation, explanations and reason codes")
+    return render_page(
+        f"{TITLE}: {model_name} v{version}",
+        sections,
+        subtitle="PD model validation, explanations and reason codes",
+    )

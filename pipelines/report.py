@@ -33,24 +33,49 @@ def report_file(settings: Settings, version: str) -> Path:
     return settings.path("reports") / f"risk_report_{settings.mlflow.registered_model}_v{version}.html"
 
 
-def report_population(population: pd.DataFrame, model: PDModel, seed: int, time_col: str | None = None,
-                      max_rows_per_slice: int = MAX_ROWS_PER_SLICE) -> pd.DataFrame:
+def report_population(
+    population: pd.DataFrame,
+    model: PDModel,
+    seed: int,
+    time_col: str | None = None,
+    max_rows_per_slice: int = MAX_ROWS_PER_SLICE,
+) -> pd.DataFrame:
     """The columns and rows a report needs: features, label, slice, groups, ids; big slices sampled."""
     keep = [c for c in (*ID_COLUMNS, time_col, *GROUP_COLUMNS, "y", "slice") if c and c in population.columns]
     frame = population[list(dict.fromkeys([*keep, *model.feature_names]))]
-    parts = [part if name == "test" or len(part) <= max_rows_per_slice
-             else part.sample(max_rows_per_slice, random_state=seed)
-             for name, part in frame.groupby("slice", sort=False)]
+    parts = [
+        part
+        if name == "test" or len(part) <= max_rows_per_slice
+        else part.sample(max_rows_per_slice, random_state=seed)
+        for name, part in frame.groupby("slice", sort=False)
+    ]
     return pd.concat(parts).sort_index()
 
 
-def write_risk_report(settings: Settings, model: PDModel, population: pd.DataFrame, version: str, *,
-                      run_id: str | None = None, decision: GateDecision | None = None,
-                      other: OtherModel | None = None, time_col: str | None = None, source: str = "") -> Path:
+def write_risk_report(
+    settings: Settings,
+    model: PDModel,
+    population: pd.DataFrame,
+    version: str,
+    *,
+    run_id: str | None = None,
+    decision: GateDecision | None = None,
+    other: OtherModel | None = None,
+    time_col: str | None = None,
+    source: str = "",
+) -> Path:
     """Build the report, write it to `settings.path("reports")` and, with a run, log it and its population."""
     population = report_population(population, model, settings.seed, time_col)
-    sections = risk_report_sections(model, population, version=version, decision=decision, other=other,
-                                    time_col=time_col, source=source, seed=settings.seed)
+    sections = risk_report_sections(
+        model,
+        population,
+        version=version,
+        decision=decision,
+        other=other,
+        time_col=time_col,
+        source=source,
+        seed=settings.seed,
+    )
     path = report_file(settings, version)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_risk_report(sections, settings.mlflow.registered_model, version), encoding="utf-8")
@@ -132,6 +157,14 @@ def report_for_version(settings: Settings, version: str) -> Path:
         gate_file = _download(run_id, GATE_FILE, tmp)
         gate = json.loads(gate_file.read_text()) if gate_file else None
     decision = GateDecision(bool(gate["promote"]), tuple(gate["reasons"])) if gate else None
-    return write_risk_report(settings, _model_of(settings, version), population, version, run_id=run_id,
-                             decision=decision, other=_other_side(settings, version),
-                             time_col=meta.get("time_col"), source=meta.get("source", ""))
+    return write_risk_report(
+        settings,
+        _model_of(settings, version),
+        population,
+        version,
+        run_id=run_id,
+        decision=decision,
+        other=_other_side(settings, version),
+        time_col=meta.get("time_col"),
+        source=meta.get("source", ""),
+    )

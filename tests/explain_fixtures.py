@@ -52,11 +52,21 @@ def train(n: int = 4000, seed: int = 7, max_rounds: int = 120) -> Trained:
     frame["slice"] = time_split(frame["applied_at"], valid_months=3, test_months=4)
     directions = {RENAME.get(k, k): v for k, v in DIRECTIONS.items()}
     features = infer_features(frame, NOT_FEATURES, directions)
-    result = train_pd_model(frame, frame["defaulted"], frame["slice"], features, seed=seed, max_rounds=max_rounds,
-                            search_trials=1, master_scale=load_master_scale(REPO / "policy.toml"))
+    result = train_pd_model(
+        frame,
+        frame["defaulted"],
+        frame["slice"],
+        features,
+        seed=seed,
+        max_rounds=max_rounds,
+        search_trials=1,
+        master_scale=load_master_scale(REPO / "policy.toml"),
+    )
     model = result.model
     frame["pd"] = model.predict_pd(frame)
     frame["y"] = frame["defaulted"]
     train_rows = frame["slice"] == "train"
-    model.metadata = {REFERENCES_KEY: reference_values(model.prepare(frame[train_rows]), frame.loc[train_rows, "pd"])}
+    model.metadata = {
+        REFERENCES_KEY: reference_values(model.prepare(frame[train_rows]), frame.loc[train_rows, "pd"])
+    }
     return Trained(model, frame)

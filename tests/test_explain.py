@@ -80,8 +80,9 @@ def test_audit_file_reproduces_each_margin_and_keeps_the_keys(trained: Trained, 
     back = pd.read_parquet(write_explanations(table, tmp_path / "audit" / "shap.parquet"))
     shap_columns = [c for c in back.columns if c.startswith(SHAP_PREFIX)]
     assert len(shap_columns) == len(trained.model.feature_names)
-    np.testing.assert_allclose(back[shap_columns].sum(axis=1) + back["base_value"], trained.model.raw_margin(frame),
-                               atol=1e-9)
+    np.testing.assert_allclose(
+        back[shap_columns].sum(axis=1) + back["base_value"], trained.model.raw_margin(frame), atol=1e-9
+    )
     assert back["merchant_id"].tolist() == frame["merchant_id"].tolist()
     assert set(back["model_version"]) == {"7"}
 
@@ -93,6 +94,12 @@ def test_explaining_nothing_is_a_clear_error(trained: Trained) -> None:
 
 def test_categories_are_matched_by_level_not_by_code_order(trained: Trained) -> None:
     inputs = trained.model.prepare(trained.frame.head(500))
-    shuffled = inputs.assign(region=inputs["region"].cat.reorder_categories(inputs["region"].cat.categories[::-1]))
-    np.testing.assert_allclose(explain(trained.model.booster, shuffled).margin.to_numpy(),
-                               trained.model.raw_margin(trained.frame.head(500)), rtol=0, atol=1e-9)
+    shuffled = inputs.assign(
+        region=inputs["region"].cat.reorder_categories(inputs["region"].cat.categories[::-1])
+    )
+    np.testing.assert_allclose(
+        explain(trained.model.booster, shuffled).margin.to_numpy(),
+        trained.model.raw_margin(trained.frame.head(500)),
+        rtol=0,
+        atol=1e-9,
+    )

@@ -32,7 +32,9 @@ SECTIONS = [
     "Known limitations",
     "Gate decision",
 ]
-DECISION = GateDecision(False, ("pass: ECE 0.0100 <= 0.05", "fail: OOT AUC 0.80 vs champion 0.83 - tolerance 0.01"))
+DECISION = GateDecision(
+    False, ("pass: ECE 0.0100 <= 0.05", "fail: OOT AUC 0.80 vs champion 0.83 - tolerance 0.01")
+)
 
 
 class Page(HTMLParser):
@@ -71,8 +73,16 @@ def trained() -> Trained:
 @pytest.fixture(scope="module")
 def html(trained: Trained) -> str:
     champion = OtherModel("champion", "1", train(seed=11).model)
-    sections = risk_report_sections(trained.model, trained.frame, version="2", decision=DECISION, other=champion,
-                                    time_col="applied_at", source="synthetic applications", explain_rows=600)
+    sections = risk_report_sections(
+        trained.model,
+        trained.frame,
+        version="2",
+        decision=DECISION,
+        other=champion,
+        time_col="applied_at",
+        source="synthetic applications",
+        explain_rows=600,
+    )
     return render_risk_report(sections, "scfrisk-pd", "2")
 
 
@@ -91,8 +101,13 @@ def test_report_has_every_section_and_its_images_inline(html: str) -> None:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     captions = " ".join(page.captions)
-    for picture in ("Observed default rate against mean PD", "Mean |SHAP|", "beeswarm", "Dependence plots",
-                    "Champion vs challenger"):
+    for picture in (
+        "Observed default rate against mean PD",
+        "Mean |SHAP|",
+        "beeswarm",
+        "Dependence plots",
+        "Champion vs challenger",
+    ):
         assert picture in captions
 
 
@@ -100,7 +115,11 @@ def test_report_states_the_scale_of_explanations_and_shows_reason_codes(html: st
     text = " ".join(_parse(html).text)
     assert "monotone increasing function of that margin" in text
     assert "; typical for approved merchants: " in text
-    assert "Mean |SHAP| by product" in text and "Mean |SHAP| by segment" in text and "Mean |SHAP| by grade" in text
+    assert (
+        "Mean |SHAP| by product" in text
+        and "Mean |SHAP| by segment" in text
+        and "Mean |SHAP| by grade" in text
+    )
     assert "Characteristic stability index per feature" in text
     assert "Not promoted (challenger only)" in text and "OOT AUC 0.80 vs champion 0.83" in text
     assert "Compared with the champion (version 1)" in text
@@ -113,17 +132,35 @@ def test_report_without_test_rows_says_what_is_missing(trained: Trained) -> None
         risk_report_sections(trained.model, trained.frame.drop(columns="y"), version="2")
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None,
-                    reason="Debian's chromium is not installed (the test target runs `apt-get install -y chromium`)")
+@pytest.mark.skipif(
+    shutil.which("chromium") is None,
+    reason="Debian's chromium is not installed (the test target runs `apt-get install -y chromium`)",
+)
 def test_report_renders_in_headless_chromium_without_console_errors(html: str, tmp_path: Path) -> None:
     page, shot = tmp_path / "report.html", tmp_path / "report.png"
     page.write_text(html, encoding="utf-8")
     proc = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0", "--window-size=1280,4000",
-         f"--screenshot={shot}", page.as_uri()],
-        capture_output=True, text=True, timeout=120, check=False,
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--window-size=1280,4000",
+            f"--screenshot={shot}",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert shot.is_file() and shot.stat().st_size > 50_000, "a blank page screenshots to a few KB"
@@ -140,8 +177,15 @@ def test_report_is_written_logged_and_rebuilt_from_the_registry(trained: Trained
         version = log_pd_model(trained.model, population, settings.mlflow.registered_model)
         mlflow.log_dict({**DECISION.as_dict(), "version": version}, "gate_decision.json")
     apply_decision(settings, version, DECISION)
-    path = write_risk_report(settings, trained.model, population, version, run_id=run.info.run_id,
-                             decision=DECISION, time_col="applied_at")
+    path = write_risk_report(
+        settings,
+        trained.model,
+        population,
+        version,
+        run_id=run.info.run_id,
+        decision=DECISION,
+        time_col="applied_at",
+    )
     assert path == report_file(settings, version) and path.parent == settings.path("reports")
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, ARTIFACT_DIR)}
     assert {f"{ARTIFACT_DIR}/{POPULATION_FILE}", f"{ARTIFACT_DIR}/{path.name}"} <= logged
