@@ -142,6 +142,7 @@ def main(data: Path | None = None) -> None:
     data = data or BENCH_DATA / DATASET
     if not (data / "orders").is_dir():
         subprocess.run(command(DATASET, SIZES[DATASET]), check=True)
+    orders = duckdb.connect().execute(f"SELECT count(*) FROM read_parquet('{data}/orders/*.parquet')").fetchone()[0]
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         full = measure("full", data, tmp_path / "full.parquet")
@@ -153,7 +154,6 @@ def main(data: Path | None = None) -> None:
         theirs = theirs.fillna({c: 0.0 for c in SUBSET if c != "refund_rate_90d"})
         agree = bool(np.allclose(ours[list(SUBSET)], theirs[list(SUBSET)], equal_nan=True))
         online = online_latency(data, tmp_path)
-    orders = duckdb.sql(f"SELECT count(*) FROM read_parquet('{data / 'orders' / '*.parquet'}')").fetchone()[0]
     ratio = baseline["seconds"] / subset["seconds"]
     cpu_ratio = baseline["cpu"] / subset["cpu"]
     body = f"""
