@@ -109,14 +109,18 @@ def build_suite(
 
 
 def to_validation_frame(table: pa.Table) -> pd.DataFrame:
-    """Arrow -> pandas without losing integer types to float (nulls use pandas' masked Int dtypes)."""
+    """Arrow -> pandas in the dtypes GX checks fastest, without losing integer types to float.
+
+    Integers with nulls use pandas' masked Int dtypes; timestamps are nanoseconds because GX 1.x only
+    compares `datetime64[ns]` vectorised (other units go through a Python call per value: 20x slower).
+    """
     masked = {
         pa.int8(): pd.Int8Dtype(),
         pa.int16(): pd.Int16Dtype(),
         pa.int32(): pd.Int32Dtype(),
         pa.int64(): pd.Int64Dtype(),
     }
-    return table.to_pandas(types_mapper=masked.get, split_blocks=True)
+    return table.to_pandas(types_mapper=masked.get, split_blocks=True, coerce_temporal_nanoseconds=True)
 
 
 def _show(value: Any) -> str:
