@@ -101,6 +101,14 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     return [{k: _clean(v) for k, v in row.items()} for row in frame.astype(object).to_dict("records")]
 
 
+def _limit_rows(limits: pd.DataFrame) -> dict[str, list[dict[str, Any]]]:
+    """Limit-table rows grouped by merchant, in table order (one per product)."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for row in _records(limits[list(limit_engine.LIMIT_COLUMNS)]):
+        grouped.setdefault(row["merchant_id"], []).append(row)
+    return grouped
+
+
 @dataclass(frozen=True)
 class Scored:
     """Everything decided about one merchant, independent of the request's product and amount."""
@@ -142,9 +150,7 @@ class Bundle:
         return self.policy.version
 
     def _precompute(self, features: pd.DataFrame, limits: pd.DataFrame) -> dict[str, Scored]:
-        limit_rows: dict[str, list[dict[str, Any]]] = {}
-        for row in _records(limits[list(limit_engine.LIMIT_COLUMNS)]):
-            limit_rows.setdefault(row["merchant_id"], []).append(row)
+        limit_rows = _limit_rows(limits)
         hashes = dict(zip(features["merchant_id"], map(inputs_hash, _records(features[self.input_columns]))))
         return {
             merchant: Scored(
@@ -171,16 +177,13 @@ class Bundle:
         if "merchant_id" not in frame.columns:
             frame["merchant_id"] = [f"payload-{i}" for i in range(len(frame))]
         frame["pd"] = self.model.predict_pd(frame)
-        table = limit_engine.compute_limits(frame, self.policy)
+        limit_rows = _limit_rows(limit_engine.compute_limits(frame, self.policy))
         reasons = ReasonCodeIndex(explain_payloads(self.model, frame.set_index("merchant_id")))
-        hashes = [inputs_hash(r) for r in _records(frame[self.input_columns])]
-        out = []
-        for i, merchant in enumerate(frame["merchant_id"]):
-            rows = _records(table.loc[table["merchant_id"] == merchant, list(limit_engine.LIMIT_COLUMNS)])
-            out.append(Scored(merchant_id=merchant, pd=float(frame["pd"].iloc[i]), grade=rows[0]["grade"],
-                              rows=tuple(rows),
-                              reason_codes=adverse_codes(reasons, merchant), inputs_hash=hashes[i]))
-        return out
+        hashes = map(inputs_hash, _records(frame[self.input_columns]))
+        return [Scored(merchant_id=merchant, pd=pd_value, grade=limit_rows[merchant][0]["grade"],
+                       rows=tuple(limit_rows[merchant]), reason_codes=adverse_codes(reasons, merchant),
+                       inputs_hash=digest)
+                for merchant, pd_value, digest in zip(frame["merchant_id"], frame["pd"].tolist(), hashes)]
 
     def score_features(self, features: dict[str, Any]) -> Scored:
         return self.score_frame(pd.DataFrame([features]))[0]
