@@ -51,7 +51,9 @@ def _ingest(source: str, home: str) -> None:
 
 def _measure(dataset: Path) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        _, base_mb, out = run_measured([sys.executable, "-m", "benchmarks.bench_ingest", "baseline", str(dataset), tmp])
+        _, base_mb, out = run_measured(
+            [sys.executable, "-m", "benchmarks.bench_ingest", "baseline", str(dataset), tmp]
+        )
         base = json.loads(out.strip().splitlines()[-1])
     with tempfile.TemporaryDirectory() as tmp:
         _, ingest_mb, out = run_measured(
@@ -96,8 +98,10 @@ def main() -> None:
             "table, partitioned upsert into an empty raw store) of the simulator's ~1M and ~10M-order batches,",
             "each in its own process. Baseline: pyarrow read + Parquet write of the same tables, same run.",
             "",
-            "| orders | rows (all tables) | ingest s | rows/s | read / validate / write s | peak MB | "
-            "baseline s | baseline peak MB | validate / baseline | ingest / baseline |",
+            (
+                "| orders | rows (all tables) | ingest s | rows/s | read / validate / write s | peak MB | "
+                "baseline s | baseline peak MB | validate / baseline | ingest / baseline |"
+            ),
             "|---|---|---|---|---|---|---|---|---|---|",
             *rows,
         ]

@@ -66,7 +66,9 @@ def render_data_model(specs: Iterable[TableSpec]) -> str:
         "| table | key | rows are | partitioned by |",
         "|---|---|---|---|",
     ]
-    header += [f"| [`{s.name}`](#{s.name}) | `{s.key}` | {s.description} | `{s.time_column}` |" for s in specs]
+    header += [
+        f"| [`{s.name}`](#{s.name}) | `{s.key}` | {s.description} | `{s.time_column}` |" for s in specs
+    ]
     return "\n".join(header) + "\n\n" + "\n".join(render_table(s) for s in specs)
 
 

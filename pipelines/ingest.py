@@ -114,7 +114,11 @@ def reference_keys(batch: Mapping[str, pa.Table], store: RawStore) -> ReferenceK
             ref_type = TABLES[fk.table].column_index[fk.ref_column].type
             parts = [store.distinct_values(fk.table, fk.ref_column)]
             ref = batch.get(fk.table)
-            if ref is not None and fk.ref_column in ref.column_names and ref.column(fk.ref_column).type == ref_type:
+            if (
+                ref is not None
+                and fk.ref_column in ref.column_names
+                and ref.column(fk.ref_column).type == ref_type
+            ):
                 parts.append(ref.column(fk.ref_column).combine_chunks())
             domains[(fk.table, fk.ref_column)] = pc.unique(pa.concat_arrays(parts))
     return domains
@@ -156,7 +160,9 @@ def ingest(source: Path, settings: Settings, now: datetime | None = None) -> Ing
     now = now or datetime.now(UTC).replace(tzinfo=None)
     clock = _Stopwatch()
     batch = clock.time("read", read_batch, source)
-    data_docs = clock.time("validate", validate_tables, batch, TABLES, reference_keys(batch, store), settings, now)
+    data_docs = clock.time(
+        "validate", validate_tables, batch, TABLES, reference_keys(batch, store), settings, now
+    )
     written = clock.time("write", store.write, batch)
     manifest = store.manifest()
     return IngestResult(

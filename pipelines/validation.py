@@ -243,7 +243,10 @@ def validate_tables(
     docs_dir = settings.path("validation")
     context = _context(docs_dir)
     source = context.data_sources.add_pandas("raw_batch")
-    result_format = {"result_format": "BASIC", "partial_unexpected_count": settings.ingest.max_failure_examples}
+    result_format = {
+        "result_format": "BASIC",
+        "partial_unexpected_count": settings.ingest.max_failure_examples,
+    }
     failures: list[Failure] = []
     for name, table in tables.items():
         suite = context.suites.add(
@@ -255,7 +258,9 @@ def validate_tables(
             )
         )
         batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("batch")
-        definition = context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
+        definition = context.validation_definitions.add(
+            gx.ValidationDefinition(name=name, data=batch, suite=suite)
+        )
         checkpoint = context.checkpoints.add(
             gx.Checkpoint(
                 name=f"ingest_{name}",
@@ -273,6 +278,8 @@ def validate_tables(
         tables_failed = sorted({f.table for f in failures})
         raise DataValidationError(
             f"batch rejected, nothing was loaded: {len(failures)} expectation(s) failed on "
-            f"{', '.join(tables_failed)}: " + "; ".join(str(f) for f in failures) + f" (GX Data Docs: {index})"
+            f"{', '.join(tables_failed)}: "
+            + "; ".join(str(f) for f in failures)
+            + f" (GX Data Docs: {index})"
         )
     return index

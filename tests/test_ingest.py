@@ -26,7 +26,9 @@ NOW = datetime(2024, 3, 1)
 def store_files(settings: Settings) -> dict[str, str]:
     root = settings.path("raw_store")
     return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -49,7 +51,9 @@ def test_batch_lands_partitioned_by_month_with_a_manifest(store):
     manifest = raw.manifest()
     assert manifest["tables"]["orders"]["rows"] == 6
     assert sorted(manifest["tables"]["orders"]["partitions"]) == ["2024-01", "2024-02"]
-    months = duckdb.sql(f"SELECT DISTINCT strftime(ordered_at, '%Y-%m') FROM read_parquet('{raw.table_glob('orders')}')")
+    months = duckdb.sql(
+        f"SELECT DISTINCT strftime(ordered_at, '%Y-%m') FROM read_parquet('{raw.table_glob('orders')}')"
+    )
     assert len(months.fetchall()) == 2
     assert raw.snapshot_id and not (raw.root / "_staging").exists()
 
@@ -67,7 +71,11 @@ def test_failed_batch_leaves_the_store_byte_identical(store, tmp_path):
     batch["orders"].loc[0, "amount"] = -1.0  # bad row in an otherwise good (and otherwise new) batch
     batch["orders"]["order_id"] += 100
     with pytest.raises(DataValidationError, match=r"orders\.amount: .* failed for 1 of 6 rows, e\.g\. -1\.0"):
-        ingest(write_batch(tmp_path / "bad", {"merchants": batch["merchants"], "orders": batch["orders"]}), store, NOW)
+        ingest(
+            write_batch(tmp_path / "bad", {"merchants": batch["merchants"], "orders": batch["orders"]}),
+            store,
+            NOW,
+        )
     assert store_files(store) == before
 
 
@@ -85,14 +93,20 @@ def test_new_month_appends_and_redelivered_rows_replace(store, tmp_path):
     refunded = orders.iloc[[0]].copy()  # order 1 (January) is now refunded
     refunded["status"] = "refunded"
     refunded["refunded_at"] = pd.Timestamp("2024-01-20")
-    result = ingest(write_batch(tmp_path / "march", {"orders": pd.concat([march, refunded])}), store, NOW + pd.Timedelta(days=2))
+    result = ingest(
+        write_batch(tmp_path / "march", {"orders": pd.concat([march, refunded])}),
+        store,
+        NOW + pd.Timedelta(days=2),
+    )
 
     after = store_files(store)
     assert result.partitions_written["orders"] == ["2024-01", "2024-03"]
     assert after["orders/month=2024-02/part-0.parquet"] == before["orders/month=2024-02/part-0.parquet"]
     assert after["merchants/month=2023-03/part-0.parquet"] == before["merchants/month=2023-03/part-0.parquet"]
     raw = RawStore(store.path("raw_store"))
-    rows = duckdb.sql(f"SELECT order_id, status FROM read_parquet('{raw.table_glob('orders')}') ORDER BY order_id")
+    rows = duckdb.sql(
+        f"SELECT order_id, status FROM read_parquet('{raw.table_glob('orders')}') ORDER BY order_id"
+    )
     assert rows.fetchall() == [(1, "refunded"), (2, "cancelled"), (3, "refunded"), (4, "delivered"),
                                (5, "shipped"), (6, "paid"), (7, "paid"), (8, "paid")]  # fmt: skip
     assert raw.manifest()["tables"]["orders"]["rows"] == 8
@@ -118,7 +132,9 @@ def test_unknown_table_file_is_rejected(tmp_path):
         locate_tables(folder)
 
 
-def test_cli_prints_one_error_line_and_exits_2_for_a_malformed_file(prefect_server, tmp_path, monkeypatch, capsys):
+def test_cli_prints_one_error_line_and_exits_2_for_a_malformed_file(
+    prefect_server, tmp_path, monkeypatch, capsys
+):
     folder = tmp_path / "batch"
     folder.mkdir()
     (folder / "orders.parquet").write_bytes(b"this is not parquet")
@@ -129,7 +145,9 @@ def test_cli_prints_one_error_line_and_exits_2_for_a_malformed_file(prefect_serv
     assert exit_.value.code == 2
     stderr = capsys.readouterr().err
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: cannot read table 'orders' from {folder / 'orders.parquet'}: " + errors[0].split(": ", 2)[2]]
+    assert errors == [
+        f"error: cannot read table 'orders' from {folder / 'orders.parquet'}: " + errors[0].split(": ", 2)[2]
+    ]
     assert "Traceback" not in stderr
     assert not (tmp_path / "home" / "raw").exists()
 
@@ -137,7 +155,9 @@ def test_cli_prints_one_error_line_and_exits_2_for_a_malformed_file(prefect_serv
 def test_ingest_flow_runs_through_prefect(prefect_server, tmp_path):
     settings = Settings(home=tmp_path / "home")
     batch = valid_batch()
-    folder = write_batch(tmp_path / "b", {"merchants": batch["merchants"], "orders": batch["orders"]}, fmt="parts")
+    folder = write_batch(
+        tmp_path / "b", {"merchants": batch["merchants"], "orders": batch["orders"]}, fmt="parts"
+    )
     result = ingest_flow(source=str(folder), settings=settings)
     assert result.store_rows == {"merchants": 3, "orders": 6}
     assert f"raw store {settings.path('raw_store')}" in result.describe()

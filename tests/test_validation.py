@@ -20,12 +20,18 @@ NOW = datetime(2024, 3, 1)
 
 def _wrong_type(b):  # amounts delivered as text
     b["receivables"]["amount"] = ["1000 EUR", "450 EUR"]
-    return "receivables", "receivables.amount: expect_column_values_to_be_of_type(type_=float64) failed: observed 'str'"
+    return (
+        "receivables",
+        "receivables.amount: expect_column_values_to_be_of_type(type_=float64) failed: observed 'str'",
+    )
 
 
 def _missing_column(b):
     b["merchants"] = b["merchants"].drop(columns="region")
-    return "merchants", "merchants: expect_table_columns_to_match_set failed: missing required column(s) ['region']"
+    return (
+        "merchants",
+        "merchants: expect_table_columns_to_match_set failed: missing required column(s) ['region']",
+    )
 
 
 def _null_key(b):
@@ -35,7 +41,10 @@ def _null_key(b):
 
 def _duplicate_key(b):
     b["merchants"].loc[2, "merchant_id"] = "M0000001"
-    return "merchants", "merchants.merchant_id: expect_column_values_to_be_unique failed for 2 of 3 rows, e.g. 'M0000001'"
+    return (
+        "merchants",
+        "merchants.merchant_id: expect_column_values_to_be_unique failed for 2 of 3 rows, e.g. 'M0000001'",
+    )
 
 
 def _bad_status(b):
@@ -45,7 +54,10 @@ def _bad_status(b):
 
 def _negative_amount(b):
     b["receivables"].loc[0, "amount"] = -12.5
-    return "receivables", "receivables.amount: expect_column_values_to_be_between(min_value=0.0) failed for 1 of 2 rows, e.g. -12.5"
+    return (
+        "receivables",
+        "receivables.amount: expect_column_values_to_be_between(min_value=0.0) failed for 1 of 2 rows, e.g. -12.5",
+    )
 
 
 def _unordered(b):
@@ -73,7 +85,17 @@ def _orphan(b):
 
 @pytest.mark.parametrize(
     "corrupt",
-    [_wrong_type, _missing_column, _null_key, _duplicate_key, _bad_status, _negative_amount, _unordered, _future, _orphan],
+    [
+        _wrong_type,
+        _missing_column,
+        _null_key,
+        _duplicate_key,
+        _bad_status,
+        _negative_amount,
+        _unordered,
+        _future,
+        _orphan,
+    ],
     ids=lambda f: f.__name__.strip("_"),
 )
 def test_each_rule_rejects_bad_input_with_an_actionable_message(corrupt, settings, tmp_path):
@@ -103,7 +125,9 @@ def test_examples_are_capped_and_every_failure_is_listed(settings, tmp_path):
             {"orders": to_arrow("orders", orders)},
             TABLES,
             reference_keys(good, RawStore(tmp_path / "empty")),
-            settings.model_copy(update={"ingest": settings.ingest.model_copy(update={"max_failure_examples": 2})}),
+            settings.model_copy(
+                update={"ingest": settings.ingest.model_copy(update={"max_failure_examples": 2})}
+            ),
             NOW,
         )
     message = str(err.value)
@@ -124,7 +148,9 @@ def test_suite_is_derived_from_the_spec():
 
 
 def test_pandas_types_of_the_schema():
-    assert [pandas_type(t) for t in (pa.int8(), pa.int64(), pa.float64(), pa.string(), pa.timestamp("us"))] == [
+    assert [
+        pandas_type(t) for t in (pa.int8(), pa.int64(), pa.float64(), pa.string(), pa.timestamp("us"))
+    ] == [
         "int8",
         "int64",
         "float64",
