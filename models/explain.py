@@ -79,13 +79,12 @@ def explain(
     if X.empty:
         raise ScfriskError("nothing to explain: the model input has no rows")
     matrix = model_matrix(booster, X)
-    options = {"num_threads": threads} if threads else {}
     starts = range(0, len(X), chunk_rows)
     parts = []
     with Progress(transient=True, disable=len(starts) < 2) as progress:
         task = progress.add_task(f"SHAP values for {len(X):,} rows", total=len(starts))
         for start in starts:
-            parts.append(booster.predict(matrix[start : start + chunk_rows], pred_contrib=True, **options))
+            parts.append(booster.predict(matrix[start : start + chunk_rows], pred_contrib=True, num_threads=threads))
             progress.advance(task)
     contrib = np.vstack(parts)
     return Explanation(

@@ -15,7 +15,6 @@ Two ways to get them, one table format:
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,7 +277,6 @@ class ReasonCodeIndex:
         )
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        value = value.item()
-    return None if isinstance(value, float) and math.isnan(value) else value
+def _json_default(value: np.generic) -> Any:
+    """numpy scalars (e.g. a base value) as plain JSON numbers."""
+    return value.item()
