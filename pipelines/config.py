@@ -56,8 +56,8 @@ class ModelConfig(_Section):
 
     seed: int = 42
     label_horizon_months: int = Field(12, ge=1, le=36)
-    test_months: int = Field(4, ge=1)
-    valid_months: int = Field(4, ge=1)
+    test_months: int = Field(2, ge=1)
+    valid_months: int = Field(2, ge=1)
     max_rounds: int = Field(1000, ge=10, le=20000)
     search_trials: int = Field(8, ge=1, le=200)
     threads: int = Field(1, ge=1, le=256)
