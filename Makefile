@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export GX_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: setup demo test bench docs clean
+.PHONY: setup demo test browser bench docs clean
 
 .tools/bin/uv:
 	$(PYTHON) -m venv .tools
@@ -19,10 +19,15 @@ export DO_NOT_TRACK ?= 1
 
 setup: .venv/.synced  ## create .venv with the locked dependencies
 
-demo: setup  ## the main job on data_samples/: validated ingest into the raw store
-	$(RUN) scfrisk ingest --source data_samples/platform
+demo: setup  ## the whole pipeline on data_samples/, then a live service scored over HTTP
+	$(RUN) scfrisk demo --source data_samples/platform
 
-test: setup  ## the whole test suite
+browser:  ## Debian's chromium, for the test that renders the risk report in a real browser
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
+	  echo "warning: chromium could not be installed; the browser rendering test will be skipped"
+
+test: setup browser  ## the whole test suite
 	$(RUN) pytest
 
 bench: setup  ## benchmarks; figures go to docs/benchmarks.md

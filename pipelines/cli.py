@@ -111,7 +111,7 @@ def rollback(
 def limits(
     ctx: typer.Context,
     as_of: Annotated[
-        datetime | None, typer.Option("--as-of", help="Point in time of PDs and features (default: now, UTC).")
+        datetime | None, typer.Option("--as-of", help="Point in time of PDs and features (default: the end of the ingested data).")
     ] = None,
 ) -> None:
     """Credit limits of every merchant and product from the champion PD model and the credit policy."""
@@ -242,6 +242,51 @@ def report(
     from pipelines.report import report_for_version
 
     typer.echo(f"risk report: {report_for_version(_settings(ctx), model_version)}")
+
+
+@app.command("run")
+def run_pipeline(
+    ctx: typer.Context,
+    source: Annotated[Path, typer.Option(help="Batch folder of platform tables to ingest first.")],
+    oracle: Annotated[
+        Path | None, typer.Option(help="Simulator output folder: also measure the gap to its true PD.")
+    ] = None,
+) -> None:
+    """The whole pipeline as one Prefect flow: ingest -> features -> train -> explain -> limits -> publish."""
+    from pipelines.run import run_flow
+
+    summary = run_flow(settings=_settings(ctx), source=str(source), oracle=str(oracle) if oracle else None)
+    typer.echo(summary.describe())
+
+
+@app.command()
+def schedule(
+    ctx: typer.Context,
+    source: Annotated[Path, typer.Option(help="Batch folder the platform's monthly extract lands in.")],
+    cron: Annotated[str, typer.Option(help="When to run (cron, UTC).")] = "0 3 1 * *",
+) -> None:
+    """Serve `scfrisk run` on a monthly schedule (needs `prefect server start` and PREFECT_API_URL)."""
+    import os
+
+    from pipelines.run import run_flow
+
+    if "PREFECT_API_URL" not in os.environ:
+        raise ScfriskError("scheduling needs a Prefect server: run `prefect server start`, then "
+                           "export PREFECT_API_URL=http://127.0.0.1:4200/api")
+    run_flow.serve(name="monthly", cron=cron,
+                   parameters={"settings": _settings(ctx).model_dump(mode="json"), "source": str(source.resolve())})
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    source: Annotated[Path, typer.Option(help="Batch folder of platform tables.")] = Path("data_samples/platform"),
+    port: Annotated[int, typer.Option(help="Port of the demo service on 127.0.0.1.")] = 8000,
+) -> None:
+    """Run the pipeline, start the service in the background, score sample merchants over HTTP."""
+    from pipelines.demo import run_demo
+
+    run_demo(_settings(ctx), source, port)
 
 
 def run() -> None:

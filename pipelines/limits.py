@@ -1,6 +1,6 @@
 """Batch limits table: every merchant x product as of a time, from champion PDs and point-in-time features.
 
-Thin glue: merchants and features come from the raw store (`features.training_set`), PDs from the
+Thin glue: features come from the offline store's snapshot (what the online store serves), PDs from the
 champion in the MLflow registry (`models.registry`), limits from `models.limits`; the result is one
 Parquet file under `$SCFRISK_HOME/limits/as_of=<date>/`.
 """
@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
-import duckdb
 import pandas as pd
 from prefect import flow
 
@@ -42,17 +41,6 @@ class LimitsResult:
             f"({self.merchants:,} merchants, {self.eligible_rows:,} eligible), model {self.model_version}, "
             f"policy {self.policy_version} -> {self.path}"
         )
-
-
-def merchants_as_of(store: RawStore, as_of: datetime) -> pd.DataFrame:
-    """Entity rows (merchant_id, as_of) for every merchant onboarded before `as_of`."""
-    if not store.has_table("merchants"):
-        raise ScfriskError(f"raw store {store.root} has no merchants; run `scfrisk ingest` first")
-    return duckdb.sql(
-        f"SELECT merchant_id, $as_of AS as_of FROM read_parquet('{store.table_glob('merchants')}') "
-        "WHERE onboarded_at < $as_of ORDER BY merchant_id",
-        params={"as_of": as_of},
-    ).df()
 
 
 def limits_table(
@@ -85,22 +73,28 @@ def champion(settings: Settings) -> tuple[PDModel, str]:
 
 
 def build_limits(settings: Settings, as_of: datetime | None = None) -> LimitsResult:
-    """Policy, champion and point-in-time features in; the limits Parquet file out."""
-    from features.training_set import get_training_set
+    """Policy, champion and the feature snapshot as of `as_of` in; the limits Parquet file out.
 
-    as_of = as_of or datetime.now(UTC).replace(tzinfo=None)
-    policy = load_policy(settings.policy_file)
+    Features come from the offline store (the same snapshot the online store serves, reused when the
+    raw data and definitions are unchanged); `as_of` defaults to the end of the ingested data.
+    """
+    from features.offline_store import OfflineStore, month_starts
+
     store = RawStore(settings.path("raw_store"))
-    entities = merchants_as_of(store, as_of)
-    if entities.empty:
+    if not store.has_table("merchants"):
+        raise ScfriskError(f"raw store {store.root} has no merchants; run `scfrisk ingest` first")
+    as_of = as_of or month_starts(store)[-1].to_pydatetime()
+    policy = load_policy(settings.policy_file)
+    features = OfflineStore(settings.path("feature_store"), store).read(as_of)
+    if features.empty:
         raise ScfriskError(f"no merchant was onboarded before {as_of:%Y-%m-%d}; nothing to limit")
     model, version = champion(settings)
-    limits = limits_table(get_training_set(entities, store), model, version, policy)
+    limits = limits_table(features, model, version, policy)
     path = limits_path(settings, as_of)
     path.parent.mkdir(parents=True, exist_ok=True)
     limits.to_parquet(path, index=False)
     return LimitsResult(
-        path, as_of, len(limits), len(entities), int(limits["eligible"].sum()), version, policy.version
+        path, as_of, len(limits), len(features), int(limits["eligible"].sum()), version, policy.version
     )
 
 

@@ -1,0 +1,113 @@
+"""`scfrisk demo` (what `make demo` runs): the pipeline, then a live service scored over real HTTP.
+
+The service is started as its own background process (pid and log in the workspace) so the command ends
+with it still answering, as the loan engine would find it; a second demo stops the first one's service.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import typer
+
+from pipelines.config import Settings
+from pipelines.errors import ScfriskError
+
+READY_TIMEOUT_SECONDS = 90
+
+
+def _stop_previous(pid_file: Path) -> None:
+    if not pid_file.is_file():
+        return
+    try:
+        os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        time.sleep(1)
+    except (ProcessLookupError, ValueError):
+        pass
+    pid_file.unlink(missing_ok=True)
+
+
+def _call(url: str, key: str | None = None, payload: dict | None = None) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(payload).encode() if payload is not None else None,
+                                     headers={"Content-Type": "application/json", **({"X-API-Key": key} if key else {})})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def start_service(settings: Settings, port: int, key: str) -> tuple[int, Path]:
+    """Start `scfrisk serve` detached; return its pid and log file once `/readyz` answers."""
+    home = settings.home_dir
+    pid_file, log_file = home / "service.pid", home / "service.log"
+    _stop_previous(pid_file)
+    with log_file.open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipelines.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env={**os.environ, "SCFRISK_API_KEYS": key, "SCFRISK_HOME": str(home)},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    pid_file.write_text(str(process.pid))
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ScfriskError(f"the service exited with code {process.returncode}; see {log_file}")
+        try:
+            if _call(f"http://127.0.0.1:{port}/readyz").get("status") == "ready":
+                return process.pid, log_file
+        except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
+            pass
+        time.sleep(0.5)
+    raise ScfriskError(f"the service did not become ready in {READY_TIMEOUT_SECONDS} s; see {log_file}")
+
+
+def sample_requests(limits_file: Path) -> list[dict]:
+    """Three telling requests: the safest and the riskiest merchant, and one asking above its limit."""
+    limits = pd.read_parquet(limits_file)
+    by_pd = limits.drop_duplicates("merchant_id").sort_values("pd")
+    eligible = limits[limits["eligible"] & (limits["product"] == "order_financing")].sort_values("pd")
+    middle = eligible.iloc[len(eligible) // 2] if len(eligible) else by_pd.iloc[len(by_pd) // 2]
+    return [
+        {"merchant_id": by_pd.iloc[0]["merchant_id"], "product": "order_financing", "requested_amount": 5000},
+        {"merchant_id": middle["merchant_id"], "product": "order_financing",
+         "requested_amount": float(round(middle["limit"] * 1.5 + 1000, -2))},
+        {"merchant_id": by_pd.iloc[-1]["merchant_id"], "product": "microloan", "requested_amount": 20000},
+    ]
+
+
+def describe_answer(answer: dict) -> str:
+    decision = answer.get("decision") or {}
+    lines = [f"{answer['merchant_id']}: PD {answer['pd']:.2%}, grade {answer['grade']}, "
+             f"decision {decision.get('outcome', '-')} {decision.get('amount', '')}".rstrip()]
+    lines += [f"    limit {x['product']}: {x['limit']:,.0f} ({x['binding_constraint']})" if x["eligible"]
+              else f"    limit {x['product']}: not eligible ({x.get('exclusion_reason') or x['binding_constraint']})"
+              for x in answer["limits"]]
+    lines += [f"    reason: {r['description']}" for r in answer["reason_codes"]]
+    return "\n".join(lines)
+
+
+def run_demo(settings: Settings, source: Path, port: int) -> None:
+    from pipelines.run import run_flow
+
+    summary = run_flow(settings=settings, source=str(source))
+    typer.echo(summary.describe())
+    key = secrets.token_hex(20)
+    pid, log_file = start_service(settings, port, key)
+    base = f"http://127.0.0.1:{port}"
+    typer.echo(f"\nservice live at {base} (pid {pid}, log {log_file}); demo API key: {key}\n")
+    for request in sample_requests(summary.limits):
+        typer.echo(f"POST /v1/score {json.dumps(request)}")
+        typer.echo(describe_answer(_call(f"{base}/v1/score", key, request)) + "\n")
+    typer.echo(
+        f"try it:  curl -s -X POST {base}/v1/score -H 'X-API-Key: {key}' -H 'Content-Type: application/json' "
+        f"-d '{{\"merchant_id\": \"{sample_requests(summary.limits)[0]['merchant_id']}\"}}'\n"
+        f"docs:    {base}/docs      stop it:  kill {pid}"
+    )

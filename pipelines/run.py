@@ -1,0 +1,147 @@
+"""`scfrisk run`: the whole pipeline as one Prefect flow, ending in a published bundle.
+
+ingest -> validate -> features -> train -> evaluate -> explain -> limits -> gate -> publish. Each stage is
+a flow of its own (also runnable alone from the CLI); this flow only chains them. A stage whose inputs
+did not change is reused: ingest leaves an identical store untouched, the feature store keys its files by
+raw snapshot and feature-set version, and training is skipped when a registered version was trained on the
+same inputs (`training_fingerprint`). Any failing stage raises, so nothing after it runs and nothing is
+published; the live bundle stays live.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from prefect import flow, task
+
+from features.flow import build_features_flow
+from models.explain import explain
+from models.pd_model import PDModel
+from models.reason_codes import ReasonCodeIndex, model_references
+from pipelines.config import Settings
+from pipelines.ingest import ingest_flow
+from pipelines.limits import champion, limits_flow
+from pipelines.publish import BundleParts, publish
+from pipelines.raw_store import RawStore
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT_TAG = "scfrisk.training_fingerprint"
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    bundle_id: str
+    snapshot_id: str
+    feature_set_version: str
+    trained_version: str | None
+    champion_version: str
+    report: Path
+    limits: Path
+    settings: Settings
+
+    def describe(self) -> str:
+        trained = (f"trained version {self.trained_version}" if self.trained_version
+                   else "training reused (inputs unchanged)")
+        s = self.settings
+        return "\n".join([
+            f"published bundle {self.bundle_id}: champion {s.mlflow.registered_model} v{self.champion_version} "
+            f"({trained}), raw snapshot {self.snapshot_id}, feature set {self.feature_set_version}",
+            f"  risk report:   {self.report}",
+            f"  limits:        {self.limits}",
+            f"  MLflow UI:     mlflow ui --backend-store-uri {s.tracking_uri}",
+            "  serve it:      SCFRISK_API_KEYS=<key> scfrisk serve   (then POST /v1/score)",
+        ])
+
+
+def training_fingerprint(settings: Settings, snapshot_id: str, feature_set_version: str) -> str:
+    """What a trained model depends on besides code: data snapshot, definitions, model and gate settings."""
+    inputs = {
+        "snapshot": snapshot_id,
+        "features": feature_set_version,
+        "model": settings.model.model_dump(mode="json"),
+        "gates": settings.gates.model_dump(mode="json"),
+        "policy": Path(settings.policy_file).read_text(),
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@task(retries=2, retry_delay_seconds=5)
+def trained_version_for(settings: Settings, fingerprint: str) -> str | None:
+    """The registered version already trained on these inputs, if any (MLflow I/O: retried)."""
+    from mlflow import MlflowClient
+
+    from models.registry import configure_mlflow
+
+    client: MlflowClient = configure_mlflow(settings)
+    for version in client.search_model_versions(f"name = '{settings.mlflow.registered_model}'"):
+        if client.get_run(version.run_id).data.tags.get(FINGERPRINT_TAG) == fingerprint:
+            return str(version.version)
+    return None
+
+
+def reason_index(model: PDModel, snapshot: pd.DataFrame, version: str) -> ReasonCodeIndex:
+    """Reason codes of every merchant of the online snapshot, computed once in batch for the service."""
+    inputs = model.prepare(snapshot.set_index("merchant_id"))
+    return ReasonCodeIndex.build(explain(model.booster, inputs), inputs, model_references(model),
+                                 model_version=version)
+
+
+def _io_error(task: object, task_run: object, state: object) -> bool:
+    return isinstance(state.result(raise_on_failure=False), OSError)  # type: ignore[attr-defined]
+
+
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=_io_error)
+def publish_bundle(parts: BundleParts, settings: Settings) -> str:
+    """Build, check and switch in the bundle (filesystem I/O errors are retried; failed checks are not)."""
+    return publish(parts, settings)
+
+
+@flow(name="scfrisk-run", log_prints=False)
+def run_flow(settings: Settings, source: str, oracle: str | None = None) -> RunSummary:
+    """The monthly pipeline: from a batch of platform tables to a live, checked bundle."""
+    from pipelines.report import report_file, report_for_version
+    from pipelines.train import train_flow
+
+    ingested = ingest_flow(source=source, settings=settings)
+    snapshot_id = RawStore(settings.path("raw_store")).snapshot_id or ""
+    features = build_features_flow(settings=settings)
+
+    fingerprint = training_fingerprint(settings, snapshot_id, features.version)
+    trained = None
+    if trained_version_for(settings, fingerprint) is None:
+        outcome = train_flow(settings=settings, oracle=oracle)
+        from mlflow import MlflowClient
+
+        MlflowClient(settings.tracking_uri).set_tag(outcome.run_id, FINGERPRINT_TAG, fingerprint)
+        trained = outcome.version
+    else:
+        log.info("training inputs unchanged (fingerprint %s): reusing the registered model", fingerprint)
+
+    model, version = champion(settings)
+    report = report_file(settings, version)
+    if not report.is_file():
+        report = report_for_version(settings, version)
+    limits = limits_flow(settings=settings, as_of=features.online_as_of.to_pydatetime())
+    snapshot = pd.read_parquet(features.online)
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = BundleParts(
+            model_dir=model.save(Path(tmp) / "model"),
+            model_version=version,
+            feature_set_version=features.version,
+            features_as_of=features.online_as_of.isoformat(),
+            online_features=features.online,
+            limits=limits.path,
+            reason_codes=reason_index(model, snapshot, version),
+            policy_file=Path(settings.policy_file),
+            risk_report=report,
+        )
+        bundle_id = publish_bundle(parts, settings)
+    log.info("ingest: %s", ingested.describe())
+    return RunSummary(bundle_id, snapshot_id, features.version, trained, version, report, limits.path, settings)
