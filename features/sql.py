@@ -9,9 +9,15 @@ aggregates take the feature's `fill`; derived features are computed last from th
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from features.definitions import DERIVED, FEATURES, SOURCES, Feature, Source
+from pipelines.schemas import TABLES
+
+
+RECENT_DAYS = 180
+"""Plain features reaching back at most this far share a pass over the recent facts only."""
 
 
 def window_predicate(f: Feature) -> str:
@@ -33,7 +39,7 @@ def _facts_sql(source: Source, features: list[Feature], tables: Mapping[str, str
     columns = ",\n       ".join(f"{expr} AS {name}" for name, expr in source.columns)
     relation = source.relation.format(table=tables[source.table], **tables)
     return (
-        f"SELECT e.merchant_id, e.as_of, (epoch_us(e.as_of) - epoch_us({time})) / 86400e6 AS age_days,\n"
+        f"SELECT e.eid, e.as_of, (epoch_us(e.as_of) - epoch_us({time})) / 86400e6 AS age_days,\n"
         f"       {columns}\n"
         f"FROM entities e JOIN {relation} t\n"
         f"  ON t.merchant_id = e.merchant_id AND {time} < e.as_of{bound}"
@@ -45,26 +51,28 @@ def _per_key_sql(facts: str, per: str, features: list[Feature]) -> str:
     inner = "".join(f", {f.aggregation} FILTER (WHERE {window_predicate(f)}) AS x_{f.name}" for f in features)
     outer = ", ".join(f"{f.outer.format(x=f'x_{f.name}', k='k')} AS {f.name}" for f in features)  # type: ignore[union-attr]
     return (
-        f"(SELECT merchant_id, as_of, {outer} FROM (\n"
-        f"   SELECT merchant_id, as_of, {per} AS k{inner} FROM {facts} GROUP BY ALL)\n"
-        f" GROUP BY merchant_id, as_of)"
+        f"(SELECT eid, {outer} FROM (\n"
+        f"   SELECT eid, {per} AS k{inner} FROM {facts} GROUP BY ALL)\n"
+        f" GROUP BY eid)"
     )
 
 
 def _single_sql(facts: str, features: list[Feature]) -> str:
     aggregates = "".join(f", {f.aggregation} FILTER (WHERE {window_predicate(f)}) AS {f.name}" for f in features)
-    return f"(SELECT merchant_id, as_of{aggregates} FROM {facts} GROUP BY merchant_id, as_of)"
+    return f"(SELECT eid{aggregates} FROM {facts} GROUP BY eid)"
 
 
 def source_sql(source: Source, features: list[Feature], tables: Mapping[str, str]) -> str:
     """One row per entity that has any fact of this source in reach, one column per feature.
 
     Aggregates run in separate passes, each over its own join bounded by its longest window: the plain
-    ones together, each DISTINCT one alone and each two-stage key together (in DuckDB one DISTINCT
-    aggregate slows every aggregate of its grouping; a shared materialised join is slower than re-joining).
+    ones in two (those within RECENT_DAYS see about half the facts of a pass reaching back a year or more),
+    each DISTINCT one alone and each two-stage key together (in DuckDB one DISTINCT aggregate slows every
+    aggregate of its grouping; a shared materialised join is slower than re-joining).
     """
     plain = [f for f in features if f.per is None and "DISTINCT" not in f.aggregation.upper()]
-    groups = [plain] if plain else []
+    recent = [f for f in plain if f.lookback_days is not None and f.lookback_days <= RECENT_DAYS]
+    groups = [fs for fs in (recent, [f for f in plain if f not in recent]) if fs]
     groups += [[f] for f in features if f.per is None and f not in plain]
     per_key: dict[str, list[Feature]] = {}
     for f in features:
@@ -77,7 +85,7 @@ def source_sql(source: Source, features: list[Feature], tables: Mapping[str, str
         return _per_key_sql(facts, fs[0].per, fs) if fs[0].per else _single_sql(facts, fs)
 
     first, *rest = (one_pass(fs) for fs in groups)
-    joins = "".join(f"\n  FULL JOIN {p} USING (merchant_id, as_of)" for p in rest)
+    joins = "".join(f"\n  FULL JOIN {p} USING (eid)" for p in rest)
     return f"SELECT * FROM {first}{joins}"
 
 
@@ -88,6 +96,20 @@ def _filled(f: Feature) -> str:
     return value if f.kind == "categorical" else f"CAST({value} AS DOUBLE)"
 
 
+def source_tables(features: tuple[Feature, ...]) -> dict[str, list[str]]:
+    """Raw tables the (non-derived) features read, each with the columns their sources may use.
+
+    A column counts as used when its name appears in a source's relation, time column or column SQL, so
+    copying only these columns cannot change a result."""
+    sources = {SOURCES[f.source] for f in features if f.source != DERIVED}
+    words: set[str] = {"merchant_id"}
+    tables: set[str] = set()
+    for s in sources:
+        tables |= {s.table} | set(re.findall(r"\{(\w+)\}", s.relation)) - {"table"}
+        words |= set(re.findall(r"\w+", " ".join([s.relation, s.time_column, *(e for _, e in s.columns)])))
+    return {t: [c.name for c in TABLES[t].columns if c.name in words] for t in sorted(tables)}
+
+
 def features_sql(tables: Mapping[str, str], features: tuple[Feature, ...] = FEATURES) -> str:
     """The whole point-in-time query over `entities`; `tables` maps raw table names to SQL readers."""
     by_source: dict[str, list[Feature]] = {}
@@ -96,7 +118,7 @@ def features_sql(tables: Mapping[str, str], features: tuple[Feature, ...] = FEAT
             by_source.setdefault(f.source, []).append(f)
     joins = "".join(
         f"\n  LEFT JOIN (\n{source_sql(SOURCES[name], fs, tables)}\n) s_{name}"
-        f" ON s_{name}.merchant_id = e.merchant_id AND s_{name}.as_of = e.as_of"
+        f" ON s_{name}.eid = e.eid"
         for name, fs in by_source.items()
     )
     base = ",\n       ".join(f"{_filled(f)} AS {f.name}" for fs in by_source.values() for f in fs)

@@ -7,7 +7,6 @@ runs in DuckDB over the raw store's Parquet files, in batches of merchants so me
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 
 import duckdb
@@ -15,8 +14,8 @@ import numpy as np
 import pandas as pd
 from rich.progress import track
 
-from features.definitions import FEATURES, SOURCES, Feature
-from features.sql import features_sql
+from features.definitions import FEATURES, Feature
+from features.sql import features_sql, source_tables
 from pipelines.errors import ScfriskError
 from pipelines.raw_store import RawStore
 from pipelines.schemas import TABLES
@@ -31,15 +30,13 @@ def table_readers(raw_store: RawStore) -> dict[str, str]:
     """SQL readers of the raw tables the features use; a table with no data reads as empty."""
     if not any(raw_store.has_table(name) for name in TABLES):
         raise ScfriskError(f"raw store {raw_store.root} holds no data; run `scfrisk ingest` first")
-    needed = {s.table for s in SOURCES.values()}
-    needed |= {name for s in SOURCES.values() for name in re.findall(r"\{(\w+)\}", s.relation)} - {"table"}
     return {
         name: (
             f"read_parquet('{_quoted(raw_store.table_glob(name))}', hive_partitioning = false)"
             if raw_store.has_table(name)
             else _empty_relation(name)
         )
-        for name in sorted(needed)
+        for name in sorted(source_tables(FEATURES))
     }
 
 
@@ -106,15 +103,24 @@ def compute_features(
 ) -> pd.DataFrame:
     """Features for distinct (merchant_id, as_of) pairs, one row each, columns in definition order.
 
-    `features` may be a subset, as long as it includes what its derived features use."""
+    `features` may be a subset, as long as it includes what its derived features use. Each batch first
+    copies its merchants' rows of every raw table it needs into DuckDB, so the many passes of the query
+    scan memory instead of re-reading Parquet; entities get an integer key for the joins and groupings."""
     con = duckdb.connect()
-    sql = features_sql(tables, features)
+    used = source_tables(features)
+    sql = features_sql({name: f"batch_{name}" for name in used}, features)
     batches = _merchant_batches(entities[KEYS].drop_duplicates(), batch_rows)
     parts = []
     for batch in track(batches, description="features", disable=len(batches) < 2):
-        con.register("entities", batch)
+        con.register("batch", batch)
+        con.execute("CREATE OR REPLACE TEMP TABLE entities AS SELECT row_number() OVER () AS eid, * FROM batch")
+        for name, columns in used.items():
+            con.execute(
+                f"CREATE OR REPLACE TEMP TABLE batch_{name} AS SELECT {', '.join(columns)} FROM {tables[name]} "
+                "WHERE merchant_id IN (SELECT merchant_id FROM entities)"
+            )
         parts.append(con.execute(sql).df())
-        con.unregister("entities")
+        con.unregister("batch")
     return pd.concat(parts, ignore_index=True)
 
 
