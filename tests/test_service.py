@@ -215,7 +215,7 @@ def test_contract(service):
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @hypothesis_settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+        @hypothesis_settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
         def exercise(case):
             case.call_and_validate(base_url=service["url"], headers={"X-API-Key": KEY}, checks=checks)
 
