@@ -25,7 +25,7 @@ from pipelines.train import assign_slices, run_training
 from tests.conftest import REPO
 
 STRONG = ["refund_rate_90d", "late_settlement_share", "complaints_90d", "months_on_platform", "rating_avg"]
-FAST = {"max_rounds": 150, "search_trials": 1}
+FAST = {"max_rounds": 150, "search_trials": 1, "valid_months": 4, "test_months": 4}
 
 
 @pytest.fixture(scope="module")
