@@ -232,6 +232,13 @@ class ReasonCodeIndex:
             },
         )
 
+    @classmethod
+    def for_population(cls, model: PDModel, population: pd.DataFrame, model_version: str) -> ReasonCodeIndex:
+        """Reason codes of every merchant of a feature snapshot (`merchant_id` + raw features), in batch."""
+        inputs = model.prepare(population.set_index("merchant_id"))
+        return cls.build(explain(model.booster, inputs), inputs, model_references(model),
+                         model_version=model_version)
+
     def __len__(self) -> int:
         return len(self._slices)
 

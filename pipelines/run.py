@@ -21,9 +21,7 @@ import pandas as pd
 from prefect import flow, task
 
 from features.flow import build_features_flow
-from models.explain import explain
-from models.pd_model import PDModel
-from models.reason_codes import ReasonCodeIndex, model_references
+from models.reason_codes import ReasonCodeIndex
 from pipelines.config import Settings
 from pipelines.ingest import ingest_flow
 from pipelines.limits import champion, limits_flow
@@ -86,13 +84,6 @@ def trained_version_for(settings: Settings, fingerprint: str) -> str | None:
     return None
 
 
-def reason_index(model: PDModel, snapshot: pd.DataFrame, version: str) -> ReasonCodeIndex:
-    """Reason codes of every merchant of the online snapshot, computed once in batch for the service."""
-    inputs = model.prepare(snapshot.set_index("merchant_id"))
-    return ReasonCodeIndex.build(explain(model.booster, inputs), inputs, model_references(model),
-                                 model_version=version)
-
-
 def _io_error(task: object, task_run: object, state: object) -> bool:
     return isinstance(state.result(raise_on_failure=False), OSError)  # type: ignore[attr-defined]
 
@@ -138,7 +129,7 @@ def run_flow(settings: Settings, source: str, oracle: str | None = None) -> RunS
             features_as_of=features.online_as_of.isoformat(),
             online_features=features.online,
             limits=limits.path,
-            reason_codes=reason_index(model, snapshot, version),
+            reason_codes=ReasonCodeIndex.for_population(model, snapshot, version),
             policy_file=Path(settings.policy_file),
             risk_report=report,
         )

@@ -12,11 +12,10 @@ import numpy as np
 import pandas as pd
 
 from models.calibration import Calibrator
-from models.explain import explain
 from models.limits import compute_limits
 from models.pd_model import FeatureSpec, PDModel, prepare_features
 from models.policy import load_policy
-from models.reason_codes import REFERENCES_KEY, ReasonCodeIndex, model_references, reference_values
+from models.reason_codes import REFERENCES_KEY, ReasonCodeIndex, reference_values
 from pipelines.publish import BundleParts
 from tests.explain_fixtures import catalogue_applications
 
@@ -61,13 +60,6 @@ def online_snapshot(n: int = 300, seed: int = 11) -> pd.DataFrame:
     })
 
 
-def reason_index(model: PDModel, snapshot: pd.DataFrame, version: str) -> ReasonCodeIndex:
-    """The batch reason codes of every snapshot merchant, as a training run builds them."""
-    inputs = model.prepare(snapshot.set_index("merchant_id"))
-    return ReasonCodeIndex.build(explain(model.booster, inputs), inputs, model_references(model),
-                                 model_version=version)
-
-
 def make_parts(workdir: Path, model: PDModel, snapshot: pd.DataFrame, version: str = "1") -> BundleParts:
     """Everything a run hands to `publish`, computed by the real model and limit engine."""
     model_dir = model.save(workdir / f"model-{version}")
@@ -81,7 +73,7 @@ def make_parts(workdir: Path, model: PDModel, snapshot: pd.DataFrame, version: s
         features_as_of="2026-11-01T00:00:00",
         online_features=snapshot,
         limits=compute_limits(scored, load_policy(POLICY)),
-        reason_codes=reason_index(model, snapshot, version),
+        reason_codes=ReasonCodeIndex.for_population(model, snapshot, version),
         policy_file=POLICY,
         risk_report=report,
     )
