@@ -1,7 +1,8 @@
 """DuckDB SQL generated from the feature definitions: one range join per source, then grouped aggregates.
 
-The query reads a relation `entities(merchant_id, as_of)` and returns one row per entity with every
-feature. Each source joins its facts to the entities with `time < as_of` (and a lower bound from the
+The query reads a relation `entities(eid, merchant_id, as_of)` (eid: an integer key) and each source's rows
+(`source_rows_sql`, copied once per batch) and returns one row per entity with every feature. Each source
+joins its facts to the entities with `time < as_of` (and a lower bound from the
 longest window of its features), exposes only its point-in-time columns, and aggregates each feature
 with `FILTER` for its own window and filter. Two-stage features group by their key first. Missing
 aggregates take the feature's `fill`; derived features are computed last from the filled values.
@@ -13,7 +14,6 @@ import re
 from collections.abc import Mapping
 
 from features.definitions import DERIVED, FEATURES, SOURCES, Feature, Source
-from pipelines.schemas import TABLES
 
 
 RECENT_DAYS = 180
@@ -32,16 +32,15 @@ def window_predicate(f: Feature) -> str:
     return " AND ".join(parts) or "true"
 
 
-def _facts_sql(source: Source, features: list[Feature], tables: Mapping[str, str]) -> str:
+def _facts_sql(source: Source, features: list[Feature], rows: Mapping[str, str]) -> str:
     lookbacks = [f.lookback_days for f in features]
     time = f"t.{source.time_column}"
     bound = "" if None in lookbacks else f" AND {time} >= e.as_of - INTERVAL {max(lookbacks)} DAY"  # type: ignore[type-var]
     columns = ",\n       ".join(f"{expr} AS {name}" for name, expr in source.columns)
-    relation = source.relation.format(table=tables[source.table], **tables)
     return (
         f"SELECT e.eid, e.as_of, (epoch_us(e.as_of) - epoch_us({time})) / 86400e6 AS age_days,\n"
         f"       {columns}\n"
-        f"FROM entities e JOIN {relation} t\n"
+        f"FROM entities e JOIN {rows[source.name]} t\n"
         f"  ON t.merchant_id = e.merchant_id AND {time} < e.as_of{bound}"
     )
 
@@ -62,7 +61,7 @@ def _single_sql(facts: str, features: list[Feature]) -> str:
     return f"(SELECT eid{aggregates} FROM {facts} GROUP BY eid)"
 
 
-def source_sql(source: Source, features: list[Feature], tables: Mapping[str, str]) -> str:
+def source_sql(source: Source, features: list[Feature], rows: Mapping[str, str]) -> str:
     """One row per entity that has any fact of this source in reach, one column per feature.
 
     Aggregates run in separate passes, each over its own join bounded by its longest window: the plain
@@ -81,7 +80,7 @@ def source_sql(source: Source, features: list[Feature], tables: Mapping[str, str
     groups += list(per_key.values())
 
     def one_pass(fs: list[Feature]) -> str:
-        facts = f"(\n{_facts_sql(source, fs, tables)}\n) AS facts"
+        facts = f"(\n{_facts_sql(source, fs, rows)}\n) AS facts"
         return _per_key_sql(facts, fs[0].per, fs) if fs[0].per else _single_sql(facts, fs)
 
     first, *rest = (one_pass(fs) for fs in groups)
@@ -96,28 +95,38 @@ def _filled(f: Feature) -> str:
     return value if f.kind == "categorical" else f"CAST({value} AS DOUBLE)"
 
 
-def source_tables(features: tuple[Feature, ...]) -> dict[str, list[str]]:
-    """Raw tables the (non-derived) features read, each with the columns their sources may use.
-
-    A column counts as used when its name appears in a source's relation, time column or column SQL, so
-    copying only these columns cannot change a result."""
-    sources = {SOURCES[f.source] for f in features if f.source != DERIVED}
-    words: set[str] = {"merchant_id"}
-    tables: set[str] = set()
-    for s in sources:
-        tables |= {s.table} | set(re.findall(r"\{(\w+)\}", s.relation)) - {"table"}
-        words |= set(re.findall(r"\w+", " ".join([s.relation, s.time_column, *(e for _, e in s.columns)])))
-    return {t: [c.name for c in TABLES[t].columns if c.name in words] for t in sorted(tables)}
+def used_sources(features: tuple[Feature, ...]) -> list[Source]:
+    return [SOURCES[name] for name in dict.fromkeys(f.source for f in features if f.source != DERIVED)]
 
 
-def features_sql(tables: Mapping[str, str], features: tuple[Feature, ...] = FEATURES) -> str:
-    """The whole point-in-time query over `entities`; `tables` maps raw table names to SQL readers."""
+def source_tables(features: tuple[Feature, ...]) -> set[str]:
+    """Raw tables the (non-derived) features read, including those joined in a source's relation."""
+    return {t for s in used_sources(features) for t in {s.table, *re.findall(r"\{(\w+)\}", s.relation)} - {"table"}}
+
+
+def source_rows_sql(source: Source, tables: Mapping[str, str]) -> str:
+    """The rows of a source for the merchants in `entities`, with only the columns its SQL names.
+
+    Copied once per batch, so the several passes of `features_sql` over a source scan memory instead of
+    re-reading (and re-joining) its Parquet files."""
+    words = set(re.findall(r"\w+", " ".join([source.time_column, *(e for _, e in source.columns)])))
+    names = ", ".join(f"'{w}'" for w in sorted(words | {"merchant_id"}))
+    relation = source.relation.format(table=tables[source.table], **tables)
+    return (
+        f"SELECT COLUMNS(lambda c: c IN ({names})) FROM {relation} "
+        "WHERE merchant_id IN (SELECT merchant_id FROM entities)"
+    )
+
+
+def features_sql(rows: Mapping[str, str], features: tuple[Feature, ...] = FEATURES) -> str:
+    """The whole point-in-time query over `entities(eid, merchant_id, as_of)`; `rows` maps each source's
+    name to a relation of its rows (see `source_rows_sql`)."""
     by_source: dict[str, list[Feature]] = {}
     for f in features:
         if f.source != DERIVED:
             by_source.setdefault(f.source, []).append(f)
     joins = "".join(
-        f"\n  LEFT JOIN (\n{source_sql(SOURCES[name], fs, tables)}\n) s_{name}"
+        f"\n  LEFT JOIN (\n{source_sql(SOURCES[name], fs, rows)}\n) s_{name}"
         f" ON s_{name}.eid = e.eid"
         for name, fs in by_source.items()
     )

@@ -15,7 +15,7 @@ import pandas as pd
 from rich.progress import track
 
 from features.definitions import FEATURES, Feature
-from features.sql import features_sql, source_tables
+from features.sql import features_sql, source_rows_sql, source_tables, used_sources
 from pipelines.errors import ScfriskError
 from pipelines.raw_store import RawStore
 from pipelines.schemas import TABLES
@@ -104,21 +104,18 @@ def compute_features(
     """Features for distinct (merchant_id, as_of) pairs, one row each, columns in definition order.
 
     `features` may be a subset, as long as it includes what its derived features use. Each batch first
-    copies its merchants' rows of every raw table it needs into DuckDB, so the many passes of the query
-    scan memory instead of re-reading Parquet; entities get an integer key for the joins and groupings."""
+    copies its merchants' rows of every source into DuckDB (`source_rows_sql`), then runs the query
+    over them; entities get an integer key for the joins and groupings."""
     con = duckdb.connect()
-    used = source_tables(features)
-    sql = features_sql({name: f"batch_{name}" for name in used}, features)
+    sources = used_sources(features)
+    sql = features_sql({s.name: f"rows_{s.name}" for s in sources}, features)
     batches = _merchant_batches(entities[KEYS].drop_duplicates(), batch_rows)
     parts = []
     for batch in track(batches, description="features", disable=len(batches) < 2):
         con.register("batch", batch)
         con.execute("CREATE OR REPLACE TEMP TABLE entities AS SELECT row_number() OVER () AS eid, * FROM batch")
-        for name, columns in used.items():
-            con.execute(
-                f"CREATE OR REPLACE TEMP TABLE batch_{name} AS SELECT {', '.join(columns)} FROM {tables[name]} "
-                "WHERE merchant_id IN (SELECT merchant_id FROM entities)"
-            )
+        for s in sources:
+            con.execute(f"CREATE OR REPLACE TEMP TABLE rows_{s.name} AS {source_rows_sql(s, tables)}")
         parts.append(con.execute(sql).df())
         con.unregister("batch")
     return pd.concat(parts, ignore_index=True)
