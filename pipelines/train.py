@@ -30,6 +30,7 @@ from models.splits import split_summary, stratified_split, time_split
 from models.training import TrainingResult, binary_target, infer_features, train_pd_model
 from pipelines.config import Settings
 from pipelines.errors import ScfriskError
+from pipelines.report import write_risk_report
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +142,11 @@ def run_training(settings: Settings, frame: pd.DataFrame, target: str, *, time_c
         "trained_on": split.to_dict(orient="index"),
         REFERENCES_KEY: reference_values(result.model.prepare(data[train]), evaluation.scored.loc[train, "pd"]),
     }
-    return _log_and_gate(settings, data, y, slices, result, evaluation, split, source)
+    return _log_and_gate(settings, data, y, slices, result, evaluation, split, source, time_col)
 
 
 def _log_and_gate(settings: Settings, data: pd.DataFrame, y: pd.Series, slices: pd.Series, result: TrainingResult,
-                  evaluation: Evaluation, split: pd.DataFrame, source: str) -> TrainOutcome:
+                  evaluation: Evaluation, split: pd.DataFrame, source: str, time_col: str | None) -> TrainOutcome:
     model, metrics = result.model, evaluation.metrics
     configure_mlflow(settings)
     test = (slices == "test").to_numpy()
@@ -188,6 +189,8 @@ def _log_and_gate(settings: Settings, data: pd.DataFrame, y: pd.Series, slices: 
         card = render_model_card(f"{settings.mlflow.registered_model} v{version}", model, split, evaluation,
                                  decision, source)
         mlflow.log_text(card, "model_card.md")
+        write_risk_report(settings, model, data.assign(y=y, slice=slices), version, run_id=run.info.run_id,
+                          decision=decision, time_col=time_col, source=source)
     outcome = TrainOutcome(run.info.run_id, version, decision, metrics, split)
     log.info(outcome.describe())
     return outcome
@@ -219,21 +222,24 @@ def train_table_flow(settings: Settings, table: str, target: str, time_col: str 
 
 
 ENTITY_COLUMNS = ["application_id", "loan_id", "merchant_id", "as_of", "product", "defaulted"]
+"""Label-table columns the feature-store training run keeps besides the features themselves."""
 
 
 def feature_store_table(settings: Settings) -> pd.DataFrame:
-    """Completed loan outcomes joined with point-in-time features as of each application."""
-    from features.labels import application_outcomes
-    from features.training_set import get_training_set
+    """Completed loan outcomes with point-in-time features as of each application (the offline store's
+    training set, reused while the raw snapshot and the feature definitions are unchanged)."""
+    from features.definitions import feature_names
+    from features.offline_store import OfflineStore
     from pipelines.raw_store import RawStore
 
     store = RawStore(settings.path("raw_store"))
-    outcomes = application_outcomes(store, settings.model.label_horizon_months)
-    complete = outcomes.loc[outcomes["outcome_complete"], ENTITY_COLUMNS]
+    horizon = settings.model.label_horizon_months
+    frame = pd.read_parquet(OfflineStore(settings.path("feature_store"), store).training_set(horizon))
+    complete = frame.loc[frame["outcome_complete"], [*ENTITY_COLUMNS, *feature_names()]]
     if complete.empty:
-        raise ScfriskError(f"none of the {len(outcomes)} loans in {store.root} has a complete "
-                           f"{settings.model.label_horizon_months}-month outcome yet; ingest a longer history")
-    return get_training_set(complete.reset_index(drop=True), store)
+        raise ScfriskError(f"none of the {len(frame)} loans in {store.root} has a complete {horizon}-month "
+                           "outcome yet; ingest a longer history")
+    return complete.reset_index(drop=True)
 
 
 def oracle_pd(oracle_dir: Path | str, loan_ids: pd.Series) -> pd.Series:

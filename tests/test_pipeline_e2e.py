@@ -1,0 +1,112 @@
+"""End to end: `scfrisk run` as a real Prefect flow (real GX, DuckDB, MLflow), then `scfrisk serve` as its own
+process on loopback, scored over HTTP the way the loan engine and `make demo` do it.
+
+Runs on a small simulated platform (the simulator that made `data_samples/`, fewer merchants) so the whole
+chain fits the test budget; `make demo` runs the same flow on `data_samples/` itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+
+import pandas as pd
+import pytest
+
+from pipelines.config import GatesConfig, ModelConfig, Settings
+from pipelines.demo import _call, sample_requests, start_service
+from serving.bundle import BUNDLES_DIR, POINTER
+from pipelines.simulate import SimulationConfig, simulate_platform
+from pipelines.validation import DataValidationError
+
+KEY = "e2e-test-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory):
+    out = tmp_path_factory.mktemp("platform")
+    simulate_platform(SimulationConfig(n_merchants=700, months=24, seed=3), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipeline(platform, tmp_path_factory, prefect_server):
+    from pipelines.run import run_flow
+
+    # A small book: ~1,800 completed loans, so calibration is judged with a wider ECE bound than production.
+    settings = Settings(home=tmp_path_factory.mktemp("ws") / "home", gates=GatesConfig(max_ece=0.08),
+                        model=ModelConfig(search_trials=2, max_rounds=300))
+    first = run_flow(settings=settings, source=str(platform), oracle=str(platform))
+    return settings, first
+
+
+def test_run_publishes_a_checked_bundle_with_every_artefact(pipeline):
+    settings, summary = pipeline
+    published = settings.path("published")
+    assert (published / POINTER).read_text().strip() == summary.bundle_id
+    assert summary.trained_version == summary.champion_version == "1"
+    assert summary.report.is_file() and "<html" in summary.report.read_text()[:500].lower()
+    limits = pd.read_parquet(summary.limits)
+    assert set(limits["product"]) == {"order_financing", "receivable_financing",
+                                      "warehouse_receipt_financing", "microloan"}
+    assert limits["pd"].between(0, 1).all() and (limits["limit"] >= 0).all()
+    assert limits.loc[~limits["eligible"], "limit"].eq(0).all()
+
+
+def test_rerun_on_unchanged_inputs_reuses_training(pipeline, platform):
+    from pipelines.run import run_flow
+
+    settings, first = pipeline
+    again = run_flow(settings=settings, source=str(platform))
+    assert again.trained_version is None
+    assert again.champion_version == first.champion_version
+    assert again.snapshot_id == first.snapshot_id
+
+
+def test_a_failing_stage_publishes_nothing(pipeline, platform, tmp_path):
+    from pipelines.run import run_flow
+
+    settings, _ = pipeline
+    live_before = (settings.path("published") / POINTER).read_text()
+    bundles_before = sorted(p.name for p in (settings.path("published") / BUNDLES_DIR).iterdir())
+    bad = tmp_path / "bad"
+    shutil.copytree(platform, bad, ignore=shutil.ignore_patterns("oracle"))
+    orders = pd.read_parquet(bad / "orders")
+    orders.loc[orders.index[:3], "amount"] = -5.0
+    shutil.rmtree(bad / "orders")
+    orders.to_parquet(bad / "orders.parquet")
+    with pytest.raises(DataValidationError, match=r"orders\.amount.*failed for 3 of"):
+        run_flow(settings=settings, source=str(bad))
+    assert (settings.path("published") / POINTER).read_text() == live_before
+    assert sorted(p.name for p in (settings.path("published") / BUNDLES_DIR).iterdir()) == bundles_before
+
+
+def test_live_service_answers_the_loan_engine_and_audits_it(pipeline):
+    settings, summary = pipeline
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    pid, log_file = start_service(settings, port, KEY)
+    try:
+        requests = sample_requests(summary.limits)
+        answers = [_call(f"http://127.0.0.1:{port}/v1/score", KEY, r) for r in requests]
+        for request, answer in zip(requests, answers):
+            assert answer["merchant_id"] == request["merchant_id"]
+            assert answer["model_version"] == summary.champion_version
+            assert 0 <= answer["pd"] <= 1 and answer["grade"]
+            assert {x["product"] for x in answer["limits"]} == {"order_financing", "receivable_financing",
+                                                                "warehouse_receipt_financing", "microloan"}
+            assert answer["decision"]["outcome"] in {"approve", "counter_offer", "refer", "decline"}
+            assert len(answer["reason_codes"]) <= 4
+        # The riskiest merchant is owed reasons, in plain language with its own value.
+        assert answers[-1]["reason_codes"] and all(":" in r["description"] for r in answers[-1]["reason_codes"])
+        limits = pd.read_parquet(summary.limits).set_index(["merchant_id", "product"])
+        for x in answers[0]["limits"]:
+            assert x["limit"] == pytest.approx(limits.loc[(answers[0]["merchant_id"], x["product"]), "limit"])
+        audit = [json.loads(line) for line in settings.audit_log.read_text().splitlines()]
+        assert [a["request_id"] for a in audit[-3:]] == [a["request_id"] for a in answers]
+    finally:
+        os.kill(pid, signal.SIGTERM)
