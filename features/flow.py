@@ -47,7 +47,8 @@ def build_features(settings: Settings, online_as_of: pd.Timestamp | None = None)
     return FeatureBuild(
         version=offline.version,
         training_set=offline.training_set(settings.model.label_horizon_months),
-        snapshots=[offline.materialize(m) for m in months],
+        snapshots=[offline.materialize(m) for m in months[-settings.features.snapshot_months:]]
+        if settings.features.snapshot_months else [],
         online=publish_online(offline, online_as_of),
         online_as_of=online_as_of,
     )

@@ -63,6 +63,13 @@ class ModelConfig(_Section):
     threads: int = Field(1, ge=1, le=256)
 
 
+class FeaturesConfig(_Section):
+    """Feature-store settings."""
+
+    snapshot_months: int = Field(12, ge=0, le=240)
+    """Monthly offline snapshots kept materialised (most recent months; each later run adds only the new one)."""
+
+
 class GatesConfig(_Section):
     """What a challenger must show on the out-of-time test before it replaces the champion."""
 
@@ -110,6 +117,7 @@ class Settings(BaseSettings):
     paths: PathsConfig = PathsConfig()
     mlflow: MlflowConfig = MlflowConfig()
     model: ModelConfig = ModelConfig()
+    features: FeaturesConfig = FeaturesConfig()
     gates: GatesConfig = GatesConfig()
     ingest: IngestConfig = IngestConfig()
     service: ServiceConfig = ServiceConfig()
