@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from features.catalogue import write_catalogue
 from pipelines.schemas import TABLES, TableSpec
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ def main() -> None:
     DOCS.mkdir(exist_ok=True)
     (DOCS / "data.md").write_text(render_data_model(TABLES.values()))
     log.info("wrote %s", DOCS / "data.md")
+    log.info("wrote %s", write_catalogue(DOCS / "features.md"))
 
 
 if __name__ == "__main__":

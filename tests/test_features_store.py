@@ -68,7 +68,7 @@ def test_catalogue_is_generated_and_up_to_date():
     text = render_catalogue()
     for name in feature_names():
         assert f"| `{name}` |" in text
-    assert CATALOGUE.read_text() == text, "regenerate it: python -m features.catalogue"
+    assert CATALOGUE.read_text() == text, "regenerate it: make docs"
 
 
 def test_cli_training_set_from_csv(offline, settings, tmp_path, monkeypatch):
