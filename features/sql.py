@@ -32,14 +32,28 @@ def window_predicate(f: Feature) -> str:
     return " AND ".join(parts) or "true"
 
 
+def _words(*sql: str | None) -> set[str]:
+    return set(re.findall(r"\w+", " ".join(x for x in sql if x)))
+
+
+def used_columns(source: Source, features: list[Feature]) -> list[tuple[str, str]]:
+    """The source's (name, SQL) columns these features use, directly or through a later column."""
+    words = _words(*(x for f in features for x in (f.aggregation, f.filter, f.per)))
+    used = []
+    for name, expr in reversed(source.columns):
+        if name in words:
+            used.append((name, expr))
+            words |= _words(expr)
+    return used[::-1]
+
+
 def _facts_sql(source: Source, features: list[Feature], rows: Mapping[str, str]) -> str:
     lookbacks = [f.lookback_days for f in features]
     time = f"t.{source.time_column}"
     bound = "" if None in lookbacks else f" AND {time} >= e.as_of - INTERVAL {max(lookbacks)} DAY"  # type: ignore[type-var]
-    columns = ",\n       ".join(f"{expr} AS {name}" for name, expr in source.columns)
+    columns = "".join(f",\n       {expr} AS {name}" for name, expr in used_columns(source, features))
     return (
-        f"SELECT e.eid, e.as_of, (epoch_us(e.as_of) - epoch_us({time})) / 86400e6 AS age_days,\n"
-        f"       {columns}\n"
+        f"SELECT e.eid, e.as_of, (epoch_us(e.as_of) - epoch_us({time})) / 86400e6 AS age_days{columns}\n"
         f"FROM entities e JOIN {rows[source.name]} t\n"
         f"  ON t.merchant_id = e.merchant_id AND {time} < e.as_of{bound}"
     )
@@ -95,21 +109,27 @@ def _filled(f: Feature) -> str:
     return value if f.kind == "categorical" else f"CAST({value} AS DOUBLE)"
 
 
-def used_sources(features: tuple[Feature, ...]) -> list[Source]:
-    return [SOURCES[name] for name in dict.fromkeys(f.source for f in features if f.source != DERIVED)]
+def by_source(features: tuple[Feature, ...]) -> dict[str, list[Feature]]:
+    """The non-derived features grouped by source name, in definition order."""
+    grouped: dict[str, list[Feature]] = {}
+    for f in features:
+        if f.source != DERIVED:
+            grouped.setdefault(f.source, []).append(f)
+    return grouped
 
 
 def source_tables(features: tuple[Feature, ...]) -> set[str]:
     """Raw tables the (non-derived) features read, including those joined in a source's relation."""
-    return {t for s in used_sources(features) for t in {s.table, *re.findall(r"\{(\w+)\}", s.relation)} - {"table"}}
+    sources = [SOURCES[name] for name in by_source(features)]
+    return {t for s in sources for t in {s.table, *re.findall(r"\{(\w+)\}", s.relation)} - {"table"}}
 
 
-def source_rows_sql(source: Source, tables: Mapping[str, str]) -> str:
-    """The rows of a source for the merchants in `entities`, with only the columns its SQL names.
+def source_rows_sql(source: Source, features: list[Feature], tables: Mapping[str, str]) -> str:
+    """The rows of a source for the merchants in `entities`, with only the columns its features need.
 
     Copied once per batch, so the several passes of `features_sql` over a source scan memory instead of
     re-reading (and re-joining) its Parquet files."""
-    words = set(re.findall(r"\w+", " ".join([source.time_column, *(e for _, e in source.columns)])))
+    words = _words(source.time_column, *(expr for _, expr in used_columns(source, features)))
     names = ", ".join(f"'{w}'" for w in sorted(words | {"merchant_id"}))
     relation = source.relation.format(table=tables[source.table], **tables)
     return (
@@ -121,16 +141,13 @@ def source_rows_sql(source: Source, tables: Mapping[str, str]) -> str:
 def features_sql(rows: Mapping[str, str], features: tuple[Feature, ...] = FEATURES) -> str:
     """The whole point-in-time query over `entities(eid, merchant_id, as_of)`; `rows` maps each source's
     name to a relation of its rows (see `source_rows_sql`)."""
-    by_source: dict[str, list[Feature]] = {}
-    for f in features:
-        if f.source != DERIVED:
-            by_source.setdefault(f.source, []).append(f)
+    grouped = by_source(features)
     joins = "".join(
         f"\n  LEFT JOIN (\n{source_sql(SOURCES[name], fs, rows)}\n) s_{name}"
         f" ON s_{name}.eid = e.eid"
-        for name, fs in by_source.items()
+        for name, fs in grouped.items()
     )
-    base = ",\n       ".join(f"{_filled(f)} AS {f.name}" for fs in by_source.values() for f in fs)
+    base = ",\n       ".join(f"{_filled(f)} AS {f.name}" for fs in grouped.values() for f in fs)
     derived = "".join(f",\n       CAST({f.aggregation} AS DOUBLE) AS {f.name}" for f in features if f.source == DERIVED)
     ordered = ", ".join(f.name for f in features)
     return (

@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 from rich.progress import track
 
-from features.definitions import FEATURES, Feature
-from features.sql import features_sql, source_rows_sql, source_tables, used_sources
+from features.definitions import FEATURES, SOURCES, Feature
+from features.sql import by_source, features_sql, source_rows_sql, source_tables
 from pipelines.errors import ScfriskError
 from pipelines.raw_store import RawStore
 from pipelines.schemas import TABLES
@@ -107,15 +107,18 @@ def compute_features(
     copies its merchants' rows of every source into DuckDB (`source_rows_sql`), then runs the query
     over them; entities get an integer key for the joins and groupings."""
     con = duckdb.connect()
-    sources = used_sources(features)
-    sql = features_sql({s.name: f"rows_{s.name}" for s in sources}, features)
+    sources = by_source(features)
+    sql = features_sql({name: f"rows_{name}" for name in sources}, features)
     batches = _merchant_batches(entities[KEYS].drop_duplicates(), batch_rows)
     parts = []
     for batch in track(batches, description="features", disable=len(batches) < 2):
         con.register("batch", batch)
-        con.execute("CREATE OR REPLACE TEMP TABLE entities AS SELECT row_number() OVER () AS eid, * FROM batch")
-        for s in sources:
-            con.execute(f"CREATE OR REPLACE TEMP TABLE rows_{s.name} AS {source_rows_sql(s, tables)}")
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE entities AS SELECT row_number() OVER () AS eid, * FROM batch"
+        )
+        for name, fs in sources.items():
+            rows = source_rows_sql(SOURCES[name], fs, tables)
+            con.execute(f"CREATE OR REPLACE TEMP TABLE rows_{name} AS {rows}")
         parts.append(con.execute(sql).df())
         con.unregister("batch")
     return pd.concat(parts, ignore_index=True)
