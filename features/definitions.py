@@ -425,6 +425,8 @@ def format_value(value: object, unit: str) -> str:
         return f"{number:.0f} months"
     if unit == "days":
         return f"{number:.0f} days"
+    if unit == "number":
+        return f"{number:,.4g}"
     return f"{number:,.0f}"
 
 

@@ -15,7 +15,7 @@ Two ways to get them, one table format:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ import pandas as pd
 
 from features.definitions import FEATURE_INDEX, Feature, format_value
 from models.explain import Explanation, explain
-from models.pd_model import PDModel
+from models.pd_model import FeatureSpec, PDModel
 from pipelines.errors import ScfriskError
 
 TOP_N = 4
@@ -103,6 +103,20 @@ def describe(feature: Feature, value: Any, reference: Any) -> tuple[str, str, st
         reference_text,
         f"{_label(feature)}: {value_text}; typical for approved merchants: {reference_text}",
     )
+
+
+def table_definitions(features: Sequence[FeatureSpec]) -> dict[str, Feature]:
+    """Wording for every input of a model: the catalogue's where it defines the feature, else (a model
+    trained with `scfrisk train --table`) the table's own column name, so reasons still name the column,
+    the merchant's value and the reference value."""
+    return {
+        f.name: FEATURE_INDEX.get(f.name) or Feature(
+            name=f.name, source="table", aggregation="", window_days=None,
+            description=f"Column '{f.name}' of the training table", direction=f.direction,
+            unit="category" if f.kind == "categorical" else "number", kind=f.kind,
+        )
+        for f in features
+    }
 
 
 def _definitions_for(columns: list[str], definitions: Mapping[str, Feature]) -> list[Feature]:

@@ -16,6 +16,7 @@ import pandas as pd
 
 from models.gates import GateDecision
 from models.pd_model import PDModel
+from models.reason_codes import table_definitions
 from models.risk_report import GROUP_COLUMNS, ID_COLUMNS, OtherModel, render_risk_report, risk_report_sections
 from pipelines.config import Settings
 from pipelines.errors import ScfriskError
@@ -69,6 +70,7 @@ def write_risk_report(
     sections = risk_report_sections(
         model,
         population,
+        definitions=table_definitions(model.features),
         version=version,
         decision=decision,
         other=other,

@@ -146,6 +146,9 @@ def test_cli_trains_on_a_csv_table_and_writes_metrics(tmp_path, empty_store, mon
     assert {"auc", "gini", "ks", "brier", "ece", "n_train", "n_test", "baseline_auc"} <= set(metrics)
     assert metrics["n_test"] == 600 and metrics["n_train"] == 1800
     assert metrics["auc"] > 0.75 and metrics["gini"] == pytest.approx(2 * metrics["auc"] - 1)
+    # The risk report is written for a bring-your-own table too, its reasons worded from the column names.
+    report = (settings.path("reports") / f"risk_report_scfrisk-pd_v{metrics['version']}.html").read_text()
+    assert "Column &#x27;" in report or "Column '" in report
 
 
 def test_cli_names_a_missing_target_column_and_the_columns_present(tmp_path, monkeypatch, prefect_server):
