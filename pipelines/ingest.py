@@ -2,8 +2,8 @@
 
 A batch folder holds `<table>.parquet`, `<table>/` (Parquet parts) or `<table>.csv` for any subset of
 the tables in `pipelines.schemas`. The batch is all or nothing: every table is validated (foreign keys
-against the batch plus the store) before a single partition is written. `oracle/` is the simulator's
-ground truth and is never ingested.
+against the batch plus the store) before a single partition is swapped into the store. `oracle/` is
+the simulator's ground truth and is never ingested.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from prefect import flow
 from prefect.states import Failed
+from rich.progress import Progress
 
 from pipelines.config import Settings
 from pipelines.errors import ScfriskError
 from pipelines.raw_store import RawStore
 from pipelines.schemas import TABLES, TableSpec
-from pipelines.validation import ReferenceKeys, validate_tables
+from pipelines.validation import BatchValidation, ReferenceKeys
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -106,22 +107,26 @@ def read_table(path: Path, spec: TableSpec) -> pa.Table:
         raise BatchError(f"cannot read table '{spec.name}' from {path}: {exc}") from exc
 
 
+REFERENCED = sorted({(fk.table, fk.ref_column) for spec in TABLES.values() for fk in spec.foreign_keys})
+"""Every (table, column) some foreign key points at."""
+
+
+def key_domain(name: str, column: str, delivered: pa.Table | None, store: RawStore) -> pa.Array:
+    """The distinct keys a foreign key may use: the store's, plus the batch's when it delivers that table."""
+    parts = [store.distinct_values(name, column)]
+    if (
+        delivered is not None
+        and column in delivered.column_names
+        and delivered.column(column).type == parts[0].type
+    ):
+        parts.append(delivered.column(column).combine_chunks())
+    return pc.unique(pa.concat_arrays(parts))
+
+
 def reference_keys(batch: Mapping[str, pa.Table], store: RawStore) -> ReferenceKeys:
     """The domain of every foreign key used by the batch: referenced keys in the batch and in the store."""
-    domains: dict[tuple[str, str], pa.Array] = {}
-    for name in batch:
-        for fk in TABLES[name].foreign_keys:
-            ref_type = TABLES[fk.table].column_index[fk.ref_column].type
-            parts = [store.distinct_values(fk.table, fk.ref_column)]
-            ref = batch.get(fk.table)
-            if (
-                ref is not None
-                and fk.ref_column in ref.column_names
-                and ref.column(fk.ref_column).type == ref_type
-            ):
-                parts.append(ref.column(fk.ref_column).combine_chunks())
-            domains[(fk.table, fk.ref_column)] = pc.unique(pa.concat_arrays(parts))
-    return domains
+    used = {(fk.table, fk.ref_column) for name in batch for fk in TABLES[name].foreign_keys}
+    return {(t, c): key_domain(t, c, batch.get(t), store) for t, c in REFERENCED if (t, c) in used}
 
 
 @dataclass(frozen=True)
@@ -149,27 +154,44 @@ class IngestResult:
         return "\n".join(lines)
 
 
-def read_batch(source: Path) -> dict[str, pa.Table]:
-    """Every table of the batch folder, conformed to its spec, in dependency order."""
-    return {name: read_table(path, TABLES[name]) for name, path in locate_tables(source).items()}
-
-
 def ingest(source: Path, settings: Settings, now: datetime | None = None) -> IngestResult:
-    """Read, validate (all tables, before any write), then upsert the batch; `now` bounds timestamps."""
+    """Validate the batch and upsert it, one table at a time; nothing is swapped in unless all passed.
+
+    Tables stream in dependency order: read, validate (foreign keys against the keys of the tables
+    before it plus the store), stage its partitions, then drop it, so only one table is in memory.
+    `now` bounds timestamps.
+    """
     store = RawStore(settings.path("raw_store"))
     now = now or datetime.now(UTC).replace(tzinfo=None)
+    paths = locate_tables(source)
+    validation = BatchValidation(settings, now)
     clock = _Stopwatch()
-    batch = clock.time("read", read_batch, source)
-    data_docs = clock.time(
-        "validate", validate_tables, batch, TABLES, reference_keys(batch, store), settings, now
-    )
-    written = clock.time("write", store.write, batch)
+    domains: dict[tuple[str, str], pa.Array] = {}
+    rows: dict[str, int] = {}
+    with store.transaction() as staging, Progress(transient=True) as progress:
+        task = progress.add_task("ingesting", total=len(paths))
+        for name, path in paths.items():
+            spec = TABLES[name]
+            table = clock.time("read", read_table, path, spec)
+            for fk in spec.foreign_keys:
+                ref = (fk.table, fk.ref_column)
+                if ref not in domains:
+                    domains[ref] = key_domain(*ref, None, store)
+            clock.time("validate", validation.validate, spec, table, domains)
+            domains.update({(t, c): key_domain(t, c, table, store) for t, c in REFERENCED if t == name})
+            if not validation.failures:  # once the batch is rejected, staging more is wasted work
+                clock.time("write", staging.stage, name, table)
+            rows[name] = table.num_rows
+            del table
+            progress.advance(task)
+        data_docs = clock.time("validate", validation.finish)
+        written = clock.time("write", staging.commit)
     manifest = store.manifest()
     return IngestResult(
         source=str(source),
         store=store.root,
         snapshot_id=manifest["snapshot_id"],
-        rows={name: table.num_rows for name, table in batch.items()},
+        rows=rows,
         partitions_written=written,
         store_rows={name: t["rows"] for name, t in manifest["tables"].items()},
         data_docs=data_docs,
@@ -182,10 +204,10 @@ class _Stopwatch:
         self.seconds: dict[str, float] = {}
 
     def time(self, stage: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn`, adding its wall time to the stage's total."""
         start = time.perf_counter()
         out = fn(*args)
-        self.seconds[stage] = round(time.perf_counter() - start, 3)
-        log.info("%s took %.1f s", stage, self.seconds[stage])
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - start, 3)
         return out
 
 

@@ -17,12 +17,15 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.schemas import TABLES, TableSpec
@@ -64,60 +67,62 @@ class RawStore:
         sql = f"SELECT DISTINCT {column} FROM read_parquet('{self.table_glob(name)}')"
         return duckdb.sql(sql).to_arrow_table().column(0).combine_chunks()
 
-    def write(self, batch: Mapping[str, pa.Table]) -> dict[str, list[str]]:
-        """Upsert validated tables (schema-conformed, keys unique); return the months rewritten per table."""
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """A batch write: stage tables one at a time, then `commit`; the staging folder never outlives it."""
         staging = self.root / STAGING
         shutil.rmtree(staging, ignore_errors=True)
-        old = self.manifest()
         try:
-            staged = {name: self._stage(TABLES[name], table, staging / name) for name, table in batch.items()}
-            manifest = _next_manifest(old, staged)
-            changed = {
-                name: [m for m, part in parts.items() if _entry(old, name, m) != part.get("sha256")]
-                for name, parts in staged.items()
-            }
-            for name, months in changed.items():
-                for month in months:
-                    self._swap_in(staging / name, name, month)
-            if manifest != old:
-                tmp = self.root / (MANIFEST + ".tmp")
-                tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-                os.replace(tmp, self.root / MANIFEST)
+            yield Transaction(self, staging)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return changed
 
     def _stage(self, spec: TableSpec, table: pa.Table, out: Path) -> dict[str, dict[str, Any]]:
-        """Rebuild every partition the batch touches under `out`; an emptied partition maps to {}."""
+        """Rebuild every partition the batch touches under `out`; an emptied partition maps to {}.
+
+        One pass over the batch: sorted by (month, key) once, each month is then a contiguous slice.
+        """
+        table = table.select([c.name for c in spec.columns]).cast(spec.arrow_schema)
+        time = table.column(spec.time_column)
+        month_ids = pc.add(pc.multiply(pc.year(time), 12), pc.subtract(pc.month(time), 1))
+        order = pc.sort_indices(
+            pa.table({"month": month_ids, "key": table.column(spec.key)}),
+            sort_keys=[("month", "ascending"), ("key", "ascending")],
+        )
+        table, month_ids = table.take(order), month_ids.take(order).to_numpy()
+        ids, starts = np.unique(month_ids, return_index=True)
+        bounds = dict(
+            zip(
+                (_month(i) for i in ids), zip(starts, [*starts[1:], len(month_ids)], strict=True), strict=True
+            )
+        )
         con = duckdb.connect()
-        con.register("batch", table)
-        month = f"strftime({spec.time_column}, '%Y-%m')"
-        months = {m for (m,) in con.sql(f"SELECT DISTINCT {month} FROM batch").fetchall()}
+        con.register("batch_keys", table.select([spec.key]))
         if self.has_table(spec.name):
             # A re-delivered row whose time moved to another month must leave its old partition.
             moved = con.sql(
                 f"SELECT DISTINCT regexp_extract(filename, 'month=([0-9-]+)', 1) "
                 f"FROM read_parquet('{self.table_glob(spec.name)}', filename=true) s "
-                f"SEMI JOIN batch b ON s.{spec.key} = b.{spec.key}"
+                f"SEMI JOIN batch_keys b ON s.{spec.key} = b.{spec.key}"
             ).fetchall()
-            months |= {m for (m,) in moved}
-        columns = ", ".join(c.name for c in spec.columns)
+            bounds.update({m: (0, 0) for (m,) in moved if m not in bounds})
         staged: dict[str, dict[str, Any]] = {}
-        for m in sorted(months):
-            sql = f"SELECT {columns} FROM batch WHERE {month} = '{m}'"
+        for m, (start, stop) in sorted(bounds.items()):
+            merged = table.slice(start, stop - start)
             existing = self.table_dir(spec.name) / f"month={m}" / PART
             if existing.is_file():
-                sql += (
-                    f" UNION ALL SELECT {columns} FROM read_parquet('{existing}') s"
-                    f" ANTI JOIN batch b ON s.{spec.key} = b.{spec.key}"
-                )
-            merged = con.sql(f"{sql} ORDER BY {spec.key}").to_arrow_table().cast(spec.arrow_schema)
+                kept = con.sql(
+                    f"SELECT {', '.join(table.column_names)} FROM read_parquet('{existing}') s "
+                    f"ANTI JOIN batch_keys b ON s.{spec.key} = b.{spec.key}"
+                ).to_arrow_table()
+                merged = pa.concat_tables([kept.cast(spec.arrow_schema), merged]).sort_by(spec.key)
             if merged.num_rows == 0:
                 staged[m] = {}
                 continue
             path = out / f"month={m}" / PART
             path.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(merged, path, compression="zstd", row_group_size=1 << 20)
+            # One chunk per column, so the bytes depend on the rows only, not on how they were read.
+            pq.write_table(merged.combine_chunks(), path, compression="zstd", row_group_size=1 << 20)
             staged[m] = {"rows": merged.num_rows, "sha256": _sha256(path)}
         con.close()
         return staged
@@ -130,6 +135,40 @@ class RawStore:
             os.replace(staged, target / PART)
         else:
             shutil.rmtree(target, ignore_errors=True)
+
+
+class Transaction:
+    """The tables of one batch staged so far; `commit` swaps every touched partition in, manifest last."""
+
+    def __init__(self, store: RawStore, staging: Path) -> None:
+        self.store = store
+        self.staging = staging
+        self.staged: dict[str, dict[str, dict[str, Any]]] = {}
+
+    def stage(self, name: str, table: pa.Table) -> None:
+        """Write a validated table's touched partitions to staging (schema-conformed, keys unique)."""
+        self.staged[name] = self.store._stage(TABLES[name], table, self.staging / name)
+
+    def commit(self) -> dict[str, list[str]]:
+        """Swap the staged partitions in; return the months rewritten per table."""
+        old = self.store.manifest()
+        manifest = _next_manifest(old, self.staged)
+        changed = {
+            name: [m for m, part in parts.items() if _entry(old, name, m) != part.get("sha256")]
+            for name, parts in self.staged.items()
+        }
+        for name, months in changed.items():
+            for month in months:
+                self.store._swap_in(self.staging / name, name, month)
+        if manifest != old:
+            tmp = self.store.root / (MANIFEST + ".tmp")
+            tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, self.store.root / MANIFEST)
+        return changed
+
+
+def _month(month_id: int) -> str:
+    return f"{month_id // 12:04d}-{month_id % 12 + 1:02d}"
 
 
 def _sha256(path: Path) -> str:

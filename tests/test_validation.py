@@ -12,7 +12,7 @@ import pytest
 from pipelines.ingest import conform, reference_keys
 from pipelines.raw_store import RawStore
 from pipelines.schemas import TABLES
-from pipelines.validation import DataValidationError, build_suite, pandas_type, validate_tables
+from pipelines.validation import DataValidationError, build_rules, pandas_type, validate_tables
 from tests.batch_builder import to_arrow, valid_batch
 
 NOW = datetime(2024, 3, 1)
@@ -139,8 +139,8 @@ def test_examples_are_capped_and_every_failure_is_listed(settings, tmp_path):
 def test_suite_is_derived_from_the_spec():
     spec = TABLES["orders"]
     domains = {("merchants", "merchant_id"): pa.array(["M1"])}
-    suite = build_suite(spec, now=NOW, allow_future_seconds=0, reference_keys=domains)
-    kinds = [e.expectation_type for e in suite.expectations]
+    rules = build_rules(spec, now=NOW, allow_future_seconds=0, reference_keys=domains)
+    kinds = [rule.explain().expectation_type for rule in rules]
     assert kinds.count("expect_column_values_to_be_of_type") == len(spec.columns)
     assert kinds.count("expect_column_values_to_not_be_null") == sum(not c.nullable for c in spec.columns)
     assert kinds.count("expect_column_pair_values_a_to_be_greater_than_b") == len(spec.ordered)
