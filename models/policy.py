@@ -6,7 +6,6 @@ is a new `[products.<name>]` table that reuses one of the exposure-base kinds be
 
 from __future__ import annotations
 
-import tomllib
 from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -15,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from models.master_scale import MasterScale
 from pipelines.errors import ScfriskError
+from pipelines.files import read_toml
 from pipelines.schemas import CATEGORIES, MERCHANT_TYPES
 
 Rate = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -182,11 +182,4 @@ def parse_policy(data: dict[str, Any], source: str = "policy") -> CreditPolicy:
 
 def load_policy(path: Path | str) -> CreditPolicy:
     """Read and validate the policy TOML file."""
-    path = Path(path)
-    if not path.is_file():
-        raise PolicyError(f"policy file {path} does not exist")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise PolicyError(f"{path} is not valid TOML: {exc}") from exc
-    return parse_policy(data, str(path))
+    return parse_policy(read_toml(path, PolicyError, "policy file"), str(path))

@@ -11,7 +11,6 @@ else ``scfrisk.toml`` in the current directory when present, else none.
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pipelines.errors import ScfriskError
+from pipelines.files import read_toml
 
 CONFIG_ENV = "SCFRISK_CONFIG"
 DEFAULT_CONFIG_FILE = "scfrisk.toml"
@@ -172,14 +172,8 @@ def load_settings(config_file: Path | str | None = None) -> Settings:
     data: dict[str, Any] = {}
     source = "defaults"
     if config_file is not None:
-        path = Path(config_file)
-        source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+        source = str(config_file)
+        data = read_toml(config_file, ConfigError, "config file")
     try:
         return Settings(**data)
     except ValidationError as exc:

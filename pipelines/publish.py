@@ -26,6 +26,7 @@ import pandas as pd
 from models.reason_codes import ReasonCodeIndex, explain_payloads
 from pipelines.config import Settings
 from pipelines.errors import ScfriskError
+from pipelines.files import file_sha256
 from serving.bundle import (
     BUNDLES_DIR,
     FEATURES_FILE,
@@ -38,7 +39,6 @@ from serving.bundle import (
     Bundle,
     adverse_codes,
     current_bundle_id,
-    file_digest,
     load_bundle,
     read_manifest,
 )
@@ -86,7 +86,7 @@ def _stage(parts: BundleParts, staging: Path) -> dict[str, str]:
     shutil.copyfile(parts.policy_file, staging / POLICY_FILE)
     if parts.risk_report is not None:
         shutil.copyfile(parts.risk_report, staging / REPORT_FILE)
-    return {str(p.relative_to(staging)): file_digest(p) for p in sorted(staging.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(staging)): file_sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
 
 
 def build_bundle(parts: BundleParts, published: Path, now: datetime | None = None) -> Path:

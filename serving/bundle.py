@@ -8,7 +8,6 @@ kinds of answer read their reason codes from a `models.reason_codes.ReasonCodeIn
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from models.reason_codes import (
     model_references,
 )
 from pipelines.errors import ScfriskError
+from pipelines.files import file_sha256
 from serving.audit import inputs_hash
 
 BUNDLES_DIR = "bundles"
@@ -51,14 +51,6 @@ class BundleError(ScfriskError):
     """A bundle that is incomplete, altered or inconsistent; the message names the file and the check."""
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_manifest(bundle_dir: Path) -> dict[str, Any]:
     path = bundle_dir / MANIFEST
     if not path.is_file():
@@ -72,7 +64,7 @@ def verify_files(bundle_dir: Path, manifest: dict[str, Any]) -> None:
     present = {str(p.relative_to(bundle_dir)) for p in bundle_dir.rglob("*") if p.is_file()} - {MANIFEST}
     missing = sorted(set(listed) - present)
     extra = sorted(present - set(listed))
-    altered = sorted(name for name in set(listed) & present if file_digest(bundle_dir / name) != listed[name])
+    altered = sorted(name for name in set(listed) & present if file_sha256(bundle_dir / name) != listed[name])
     if missing or extra or altered:
         raise BundleError(
             f"bundle {bundle_dir.name} does not match its manifest: missing {missing}, unlisted {extra}, "

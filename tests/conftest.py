@@ -34,3 +34,11 @@ def prefect_server():
 def settings(tmp_path: Path) -> Settings:
     """Settings of a fresh workspace under the test's own temporary folder."""
     return Settings(home=tmp_path / "home")
+
+
+@pytest.fixture(scope="session")
+def trained():
+    """The explanation tests' LightGBM model on catalogue-named features, trained once per session."""
+    from tests.explain_fixtures import train
+
+    return train()

@@ -17,12 +17,7 @@ from models.explain import (
     write_explanations,
 )
 from pipelines.errors import ScfriskError
-from tests.explain_fixtures import Trained, train
-
-
-@pytest.fixture(scope="module")
-def trained() -> Trained:
-    return train()
+from tests.explain_fixtures import Trained
 
 
 def test_shap_values_plus_base_value_equal_the_raw_margin_for_every_row(trained: Trained) -> None:

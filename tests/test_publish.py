@@ -8,8 +8,9 @@ import pytest
 
 from pipelines.config import Settings
 from pipelines.errors import ScfriskError
+from pipelines.files import file_sha256
 from pipelines.publish import BundleCheckError, check_bundle, list_bundles, publish, rollback, switch_to
-from serving.bundle import BUNDLES_DIR, LIMITS_FILE, MANIFEST, BundleError, current_bundle_id, file_digest
+from serving.bundle import BUNDLES_DIR, LIMITS_FILE, MANIFEST, BundleError, current_bundle_id
 from tests.service_fixtures import make_parts, online_snapshot, train_model
 
 
@@ -31,7 +32,7 @@ def test_publish_writes_a_hashed_bundle_and_switches_the_pointer(tmp_path, model
     manifest = json.loads((bundle_dir / MANIFEST).read_text())
     assert current_bundle_id(published) == bundle_id
     assert {"model/booster.txt", "model/pd_model.json", LIMITS_FILE, "policy.toml"} <= set(manifest["files"])
-    assert all(file_digest(bundle_dir / name) == digest for name, digest in manifest["files"].items())
+    assert all(file_sha256(bundle_dir / name) == digest for name, digest in manifest["files"].items())
     assert manifest["policy_version"] and manifest["model_version"] == "1"
     assert not list(published.glob(".staging-*")) and not (published / "CURRENT.tmp").exists()
 

@@ -18,12 +18,7 @@ from models.reason_codes import (
     top_reasons,
 )
 from pipelines.errors import ScfriskError
-from tests.explain_fixtures import Trained, train
-
-
-@pytest.fixture(scope="module")
-def trained() -> Trained:
-    return train()
+from tests.explain_fixtures import Trained
 
 
 @pytest.fixture(scope="module")

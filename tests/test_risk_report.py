@@ -66,11 +66,6 @@ class Page(HTMLParser):
 
 
 @pytest.fixture(scope="module")
-def trained() -> Trained:
-    return train()
-
-
-@pytest.fixture(scope="module")
 def html(trained: Trained) -> str:
     champion = OtherModel("champion", "1", train(seed=11).model)
     sections = risk_report_sections(
