@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class LimitsResult:
     path: Path
+    strategy: Path
+    backtest: Path
     as_of: datetime
     rows: int
     merchants: int
@@ -39,7 +41,8 @@ class LimitsResult:
         return (
             f"limits as of {self.as_of:%Y-%m-%d %H:%M}: {self.rows:,} merchant-product rows "
             f"({self.merchants:,} merchants, {self.eligible_rows:,} eligible), model {self.model_version}, "
-            f"policy {self.policy_version} -> {self.path}"
+            f"policy {self.policy_version} -> {self.path}\n  strategy report: {self.strategy}\n  "
+            f"out-of-time backtest: {self.backtest}"
         )
 
 
@@ -55,6 +58,34 @@ def limits_table(
 
 def limits_path(settings: Settings, as_of: datetime) -> Path:
     return settings.home_dir / "limits" / f"as_of={as_of:%Y-%m-%dT%H%M%S}" / "limits.parquet"
+
+
+def backtest_population(settings: Settings, model: PDModel) -> pd.DataFrame:
+    """The out-of-time test applications of the training set (same windows as training), scored now."""
+    from models.splits import time_split
+    from pipelines.train import feature_store_table
+
+    frame = feature_store_table(settings)
+    test = frame[(time_split(frame["as_of"], settings.model.valid_months, settings.model.test_months)
+                  == "test").to_numpy()]
+    return test.assign(pd=model.predict_pd(test))
+
+
+def write_strategy(settings: Settings, limits: pd.DataFrame, backtest: pd.DataFrame, policy: CreditPolicy,
+                   model_version: str, out_dir: Path) -> tuple[Path, Path]:
+    """Strategy report of the current book (expected) and of the out-of-time backtest (realised), both
+    also logged to the champion's MLflow run."""
+    from mlflow import MlflowClient
+
+    from models.strategy import backtest_limits, strategy_tables, write_strategy_report
+
+    run_id = MlflowClient(settings.tracking_uri).get_model_version(settings.mlflow.registered_model,
+                                                                   model_version).run_id
+    book = write_strategy_report(strategy_tables(limits), out_dir / "strategy", policy.version, run_id,
+                                 settings.tracking_uri)
+    realised = write_strategy_report(strategy_tables(backtest_limits(backtest, policy)), out_dir / "backtest",
+                                     policy.version, run_id, settings.tracking_uri)
+    return book, realised
 
 
 def champion(settings: Settings) -> tuple[PDModel, str]:
@@ -93,8 +124,11 @@ def build_limits(settings: Settings, as_of: datetime | None = None) -> LimitsRes
     path = limits_path(settings, as_of)
     path.parent.mkdir(parents=True, exist_ok=True)
     limits.to_parquet(path, index=False)
+    strategy, backtest = write_strategy(settings, limits, backtest_population(settings, model), policy, version,
+                                        path.parent)
     return LimitsResult(
-        path, as_of, len(limits), len(features), int(limits["eligible"].sum()), version, policy.version
+        path, strategy, backtest, as_of, len(limits), len(features), int(limits["eligible"].sum()), version,
+        policy.version,
     )
 
 

@@ -42,6 +42,7 @@ class RunSummary:
     champion_version: str
     report: Path
     limits: Path
+    strategy: Path
     settings: Settings
 
     def describe(self) -> str:
@@ -53,6 +54,7 @@ class RunSummary:
             f"({trained}), raw snapshot {self.snapshot_id}, feature set {self.feature_set_version}",
             f"  risk report:   {self.report}",
             f"  limits:        {self.limits}",
+            f"  strategy:      {self.strategy}",
             f"  MLflow UI:     mlflow ui --backend-store-uri {s.tracking_uri}",
             "  serve it:      SCFRISK_API_KEYS=<key> scfrisk serve   (then POST /v1/score)",
         ])
@@ -135,4 +137,5 @@ def run_flow(settings: Settings, source: str, oracle: str | None = None) -> RunS
         )
         bundle_id = publish_bundle(parts, settings)
     log.info("ingest: %s", ingested.describe())
-    return RunSummary(bundle_id, snapshot_id, features.version, trained, version, report, limits.path, settings)
+    return RunSummary(bundle_id, snapshot_id, features.version, trained, version, report, limits.path,
+                      limits.strategy, settings)

@@ -54,6 +54,10 @@ def test_run_publishes_a_checked_bundle_with_every_artefact(pipeline):
                                       "warehouse_receipt_financing", "microloan"}
     assert limits["pd"].between(0, 1).all() and (limits["limit"] >= 0).all()
     assert limits.loc[~limits["eligible"], "limit"].eq(0).all()
+    # The strategy report shows the profit-maximising cut-off, on the book and on the out-of-time backtest.
+    assert "cut-off" in summary.strategy.read_text().lower()
+    best = pd.read_parquet(summary.strategy.parent.parent / "backtest" / "best_cutoffs.parquet")
+    assert {"product", "cutoff_pd", "realised_profit"} <= set(best.columns) and len(best) >= 2
 
 
 def test_rerun_on_unchanged_inputs_reuses_training(pipeline, platform):
