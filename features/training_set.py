@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 from rich.progress import track
 
-from features.definitions import FEATURES, SOURCES, Feature
-from features.sql import by_source, features_sql, source_rows_sql, source_tables
+from features.definitions import FEATURES, Feature
+from features.sql import features_sql, source_tables
 from pipelines.errors import ScfriskError
 from pipelines.raw_store import RawStore
 from pipelines.schemas import TABLES
@@ -103,12 +103,9 @@ def compute_features(
 ) -> pd.DataFrame:
     """Features for distinct (merchant_id, as_of) pairs, one row each, columns in definition order.
 
-    `features` may be a subset, as long as it includes what its derived features use. Each batch first
-    copies its merchants' rows of every source into DuckDB (`source_rows_sql`), then runs the query
-    over them; entities get an integer key for the joins and groupings."""
+    `features` may be a subset, as long as it includes what its derived features use."""
     con = duckdb.connect()
-    sources = by_source(features)
-    sql = features_sql({name: f"rows_{name}" for name in sources}, features)
+    sql = features_sql(tables, features)
     batches = _merchant_batches(entities[KEYS].drop_duplicates(), batch_rows)
     parts = []
     for batch in track(batches, description="features", disable=len(batches) < 2):
@@ -116,9 +113,6 @@ def compute_features(
         con.execute(
             "CREATE OR REPLACE TEMP TABLE entities AS SELECT row_number() OVER () AS eid, * FROM batch"
         )
-        for name, fs in sources.items():
-            rows = source_rows_sql(SOURCES[name], fs, tables)
-            con.execute(f"CREATE OR REPLACE TEMP TABLE rows_{name} AS {rows}")
         parts.append(con.execute(sql).df())
         con.unregister("batch")
     return pd.concat(parts, ignore_index=True)
