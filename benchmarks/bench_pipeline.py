@@ -8,6 +8,7 @@ temporary server start, as a user's command does; the issue's goal is < 2 min fo
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,7 +20,7 @@ SAMPLE = Path(__file__).resolve().parents[1] / "data_samples" / "platform"
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         env = {"SCFRISK_HOME": str(Path(tmp) / "home")}
-        command = ["-m", "pipelines.cli", "run", "--source", str(SAMPLE)]
+        command = [sys.executable, "-m", "pipelines.cli", "run", "--source", str(SAMPLE)]
         first_s, first_mb, _ = run_measured(command, env)
         again_s, again_mb, _ = run_measured(command, env)
     load = os.getloadavg()[0]

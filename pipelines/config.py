@@ -66,7 +66,7 @@ class ModelConfig(_Section):
 class FeaturesConfig(_Section):
     """Feature-store settings."""
 
-    snapshot_months: int = Field(12, ge=0, le=240)
+    snapshot_months: int = Field(6, ge=0, le=240)
     """Monthly offline snapshots kept materialised (most recent months; each later run adds only the new one)."""
 
 
