@@ -80,7 +80,8 @@ class RawStore:
     def _stage(self, spec: TableSpec, table: pa.Table, out: Path) -> dict[str, dict[str, Any]]:
         """Rebuild every partition the batch touches under `out`; an emptied partition maps to {}.
 
-        One pass over the batch: sorted by (month, key) once, each month is then a contiguous slice.
+        One pass over the batch: its rows ordered by (month, key) once, then taken one month at a time
+        (a month's copy is the extra memory).
         """
         table = table.select([c.name for c in spec.columns]).cast(spec.arrow_schema)
         time = table.column(spec.time_column)
@@ -89,13 +90,10 @@ class RawStore:
             pa.table({"month": month_ids, "key": table.column(spec.key)}),
             sort_keys=[("month", "ascending"), ("key", "ascending")],
         )
-        table, month_ids = table.take(order), month_ids.take(order).to_numpy()
-        ids, starts = np.unique(month_ids, return_index=True)
-        bounds = dict(
-            zip(
-                (_month(i) for i in ids), zip(starts, [*starts[1:], len(month_ids)], strict=True), strict=True
-            )
-        )
+        sorted_ids = month_ids.take(order).to_numpy()
+        ids, starts = np.unique(sorted_ids, return_index=True)
+        stops = [*starts[1:], len(sorted_ids)]
+        rows = {_month(i): order[start:stop] for i, start, stop in zip(ids, starts, stops, strict=True)}
         con = duckdb.connect()
         con.register("batch_keys", table.select([spec.key]))
         if self.has_table(spec.name):
@@ -105,10 +103,10 @@ class RawStore:
                 f"FROM read_parquet('{self.table_glob(spec.name)}', filename=true) s "
                 f"SEMI JOIN batch_keys b ON s.{spec.key} = b.{spec.key}"
             ).fetchall()
-            bounds.update({m: (0, 0) for (m,) in moved if m not in bounds})
+            rows.update({m: order[:0] for (m,) in moved if m not in rows})
         staged: dict[str, dict[str, Any]] = {}
-        for m, (start, stop) in sorted(bounds.items()):
-            merged = table.slice(start, stop - start)
+        for m, indices in sorted(rows.items()):
+            merged = table.take(indices)
             existing = self.table_dir(spec.name) / f"month={m}" / PART
             if existing.is_file():
                 kept = con.sql(

@@ -286,27 +286,27 @@ class BatchValidation:
         self.source = self.context.data_sources.add_pandas("raw_batch")
         self.failures: list[Failure] = []
 
-    def validate(self, spec: TableSpec, table: pa.Table, reference_keys: ReferenceKeys) -> list[Failure]:
-        """Check every rule of one table; explain the failed ones row by row; return (and keep) them."""
+    def validate(
+        self, spec: TableSpec, frame: pd.DataFrame, keys: pd.DataFrame, reference_keys: ReferenceKeys
+    ) -> list[Failure]:
+        """Check every rule of one table (`to_validation_frame`, `key_frame`); explain the failed ones
+        row by row; return (and keep) the failures. Takes frames so a caller can free the Arrow table."""
         rules = build_rules(
             spec,
             now=self.now,
             allow_future_seconds=self.settings.ingest.allow_future_seconds,
             reference_keys=reference_keys,
         )
-        frame = to_validation_frame(table)
         failed = self._failed(spec.name, [r for r in rules if not r.on_keys], frame)
         keyed = [r for r in rules if r.on_keys]
         if keyed:
-            failed += self._failed(f"{spec.name}.keys", keyed, key_frame(spec, table, reference_keys))
+            failed += self._failed(f"{spec.name}.keys", keyed, keys)
         failures: list[Failure] = []
         if failed:
             explain = [make() for make in dict.fromkeys(r.explain for r in failed)]
             result = self._run(f"{spec.name}.failures", explain, frame, "BASIC")
             failures = describe_failures(spec.name, result, self.settings.ingest.max_failure_examples)
-        log.info(
-            "validated %s: %d rows, %d rules, %d failed", spec.name, table.num_rows, len(rules), len(failed)
-        )
+        log.info("validated %s: %d rows, %d rules, %d failed", spec.name, len(frame), len(rules), len(failed))
         self.failures += failures
         return failures
 
@@ -336,9 +336,8 @@ class BatchValidation:
         """One GX validation run of a suite on a frame: every expectation in one Validator pass."""
         import great_expectations as gx
 
-        suite = self.context.suites.add(gx.ExpectationSuite(name=name))
-        for expectation in expectations:
-            suite.add_expectation(expectation)
+        # Expectations go in before the suite is stored: adding them to a stored suite re-serialises it.
+        suite = self.context.suites.add(gx.ExpectationSuite(name=name, expectations=expectations))
         batch = self.source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("batch")
         definition = self.context.validation_definitions.add(
             gx.ValidationDefinition(name=name, data=batch, suite=suite)
@@ -347,7 +346,9 @@ class BatchValidation:
             "result_format": result_format,
             "partial_unexpected_count": self.settings.ingest.max_failure_examples,
         }
-        return definition.run(batch_parameters={"dataframe": frame}, result_format=result_format_)
+        result = definition.run(batch_parameters={"dataframe": frame}, result_format=result_format_)
+        self.source.delete_asset(name)  # the asset keeps the frame alive otherwise
+        return result
 
 
 def validate_tables(
@@ -360,5 +361,6 @@ def validate_tables(
     """Validate tables already in memory (see `BatchValidation`); the Data Docs index, or the error."""
     validation = BatchValidation(settings, now)
     for name, table in tables.items():
-        validation.validate(specs[name], table, reference_keys)
+        keys = key_frame(specs[name], table, reference_keys)
+        validation.validate(specs[name], to_validation_frame(table), keys, reference_keys)
     return validation.finish()
