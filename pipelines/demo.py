@@ -70,16 +70,20 @@ def start_service(settings: Settings, port: int, key: str) -> tuple[int, Path]:
 
 
 def sample_requests(limits_file: Path) -> list[dict]:
-    """Three telling requests: the safest and the riskiest merchant, and one asking above its limit."""
+    """Three telling requests: a safe merchant within its limit, one asking above its limit, and the
+    riskiest merchant (declined, with its reasons)."""
     limits = pd.read_parquet(limits_file)
-    by_pd = limits.drop_duplicates("merchant_id").sort_values("pd")
-    eligible = limits[limits["eligible"] & (limits["product"] == "order_financing")].sort_values("pd")
-    middle = eligible.iloc[len(eligible) // 2] if len(eligible) else by_pd.iloc[len(by_pd) // 2]
+    orders = limits[limits["eligible"] & (limits["product"] == "order_financing")].sort_values("pd")
+    riskiest = limits.sort_values("pd").iloc[-1]
+    if len(orders) < 2:
+        orders = limits.drop_duplicates("merchant_id").sort_values("pd")
+    safe, middle = orders.iloc[0], orders.iloc[len(orders) // 2]
     return [
-        {"merchant_id": by_pd.iloc[0]["merchant_id"], "product": "order_financing", "requested_amount": 5000},
+        {"merchant_id": safe["merchant_id"], "product": "order_financing",
+         "requested_amount": float(max(round(safe["limit"] / 2, -2), 100.0))},
         {"merchant_id": middle["merchant_id"], "product": "order_financing",
          "requested_amount": float(round(middle["limit"] * 1.5 + 1000, -2))},
-        {"merchant_id": by_pd.iloc[-1]["merchant_id"], "product": "microloan", "requested_amount": 20000},
+        {"merchant_id": riskiest["merchant_id"], "product": "microloan", "requested_amount": 20000.0},
     ]
 
 
