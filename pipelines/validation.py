@@ -5,19 +5,22 @@ types, non-null columns, unique key, allowed values, min/max, ordered timestamp 
 the future, foreign keys), so the data model, its documentation and its checks cannot drift apart.
 
 Valid data is the common case, so each table is validated in two steps, both by GX. First every rule
-at once in one run with a `BOOLEAN_ONLY` result (no counts, no examples), in its cheapest exact form:
-a range as the column's min and max, a foreign key as a distinct count on a small frame of keys (the
-referenced keys plus the distinct keys used: their union has no more distinct values than the
-referenced keys exactly when every key used exists). Only if something fails, the failed rules are run
-again row by row with a `BASIC` result (counts plus a few examples; failing rows are never
-materialised) to say which rows broke them. The context is ephemeral and holds no global state; only
-the Data Docs HTML is written, under `settings.path("validation")`.
+with a `BOOLEAN_ONLY` result (no counts, no examples), in its cheapest exact form: a range as the
+column's min and max, a foreign key as a distinct count on a small frame of keys (the referenced keys
+plus the distinct keys used: their union has no more distinct values than the referenced keys exactly
+when every key used exists). Only if something fails, the failed rules are run again row by row with a
+`BASIC` result (counts plus a few examples; failing rows are never materialised) to say which rows
+broke them. A rule on a column pair (timestamp order) runs on a frame of just its two columns, the
+others in one run on the table: GX copies the frame it gets to drop rows with a missing value, and two
+columns are cheap to copy where the table is not. The context is ephemeral and holds no global state
+(each run's frame is dropped from GX's caches after it); only the Data Docs HTML is written, under
+`settings.path("validation")`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -67,6 +70,8 @@ class Rule:
     explain: Callable[[], Any]
     on_keys: bool = False
     """Checked on the frame of foreign keys (`key_frame`) rather than on the table."""
+    columns: tuple[str, ...] = ()
+    """Checked on a frame of only these columns (a column pair: GX copies the frame it is given)."""
 
 
 def pandas_type(arrow_type: pa.DataType) -> str:
@@ -84,8 +89,8 @@ def build_rules(
     """Every rule of one table, derived from its spec alone (plus 'now' and the foreign-key domains)."""
     import great_expectations.expectations as gxe
 
-    def same(kind: Any, **kwargs: Any) -> Rule:
-        return Rule(kind(**kwargs), lambda: kind(**kwargs))
+    def same(kind: Any, on_columns: tuple[str, ...] = (), **kwargs: Any) -> Rule:
+        return Rule(kind(**kwargs), lambda: kind(**kwargs), columns=on_columns)
 
     def in_range(column: str, low: Any, high: Any) -> list[Rule]:
         # Min and max are vectorised for every dtype; row-level between is not (small ints: per value).
@@ -130,6 +135,7 @@ def build_rules(
         rules.append(
             same(
                 gxe.ExpectColumnPairValuesAToBeGreaterThanB,
+                on_columns=(later, earlier),
                 column_A=later,
                 column_B=earlier,
                 or_equal=True,
@@ -228,15 +234,15 @@ def _detail(config: Any, out: Mapping[str, Any], max_examples: int) -> tuple[str
     return detail, broken
 
 
-def describe_failures(table: str, result: Any, max_examples: int) -> list[Failure]:
-    """Turn a GX suite result into one `Failure` per failed expectation.
+def describe_failures(table: str, results: Iterable[Any], max_examples: int) -> list[Failure]:
+    """Turn the GX results of a table's expectations into one `Failure` per failed expectation.
 
     A missing or mistyped column makes its other checks meaningless (they fail or cannot run), so
     only the cause is reported for it: the first failure is the one to fix.
     """
     found: list[tuple[Failure, bool]] = []
     broken: set[str] = set()
-    for res in result.results:
+    for res in results:
         if res.success:
             continue
         config = res.expectation_config
@@ -249,6 +255,15 @@ def describe_failures(table: str, result: Any, max_examples: int) -> list[Failur
         broken |= unusable
         found.append((Failure(table, columns, _rule(config), detail), bool(unusable)))
     return [f for f, cause in found if cause or not broken.intersection(f.columns)]
+
+
+def _narrow(frame: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
+    """The frame, or only those of `columns` it has (a missing one is reported by its own rules)."""
+    return frame[[c for c in columns if c in frame.columns]] if columns else frame
+
+
+def _suite_name(name: str, columns: tuple[str, ...]) -> str:
+    return ".".join((name, *columns))
 
 
 def _context(docs_dir: Path) -> Any:
@@ -297,15 +312,25 @@ class BatchValidation:
             allow_future_seconds=self.settings.ingest.allow_future_seconds,
             reference_keys=reference_keys,
         )
-        failed = self._failed(spec.name, [r for r in rules if not r.on_keys], frame)
-        keyed = [r for r in rules if r.on_keys]
-        if keyed:
-            failed += self._failed(f"{spec.name}.keys", keyed, keys)
+        groups: dict[tuple[bool, tuple[str, ...]], list[Rule]] = {}
+        for rule in rules:
+            groups.setdefault((rule.on_keys, rule.columns), []).append(rule)
+        failed: list[Rule] = []
+        for (on_keys, columns), group in groups.items():
+            name = f"{spec.name}.keys" if on_keys else _suite_name(spec.name, columns)
+            failed += self._failed(name, group, keys if on_keys else _narrow(frame, columns))
+        failed.sort(key=rules.index)
         failures: list[Failure] = []
         if failed:
-            explain = [make() for make in dict.fromkeys(r.explain for r in failed)]
-            result = self._run(f"{spec.name}.failures", explain, frame, "BASIC")
-            failures = describe_failures(spec.name, result, self.settings.ingest.max_failure_examples)
+            checks = [(make(), columns) for make, columns in {r.explain: r.columns for r in failed}.items()]
+            results: list[Any] = []
+            for columns in dict.fromkeys(c for _, c in checks):
+                group = [check for check, c in checks if c == columns]
+                name = _suite_name(f"{spec.name}.failures", columns)
+                results += self._run(name, group, _narrow(frame, columns), "BASIC").results
+            position = {check.id: i for i, (check, _) in enumerate(checks)}
+            results.sort(key=lambda res: position[res.expectation_config.id])
+            failures = describe_failures(spec.name, results, self.settings.ingest.max_failure_examples)
         log.info("validated %s: %d rows, %d rules, %d failed", spec.name, len(frame), len(rules), len(failed))
         self.failures += failures
         return failures
@@ -348,6 +373,9 @@ class BatchValidation:
         }
         result = definition.run(batch_parameters={"dataframe": frame}, result_format=result_format_)
         self.source.delete_asset(name)  # the asset keeps the frame alive otherwise
+        engine = self.source.execution_engine  # and so does the engine's cache of every batch it ran on
+        engine.batch_manager.reset_batch_cache()
+        engine.batch_manager.batch_data_cache.clear()
         return result
 
 
