@@ -268,13 +268,14 @@ def schedule(
     """Serve `scfrisk run` on a monthly schedule (needs `prefect server start` and PREFECT_API_URL)."""
     import os
 
-    from pipelines.run import run_flow
+    from prefect import serve
+
+    from pipelines.run import monthly_deployment
 
     if "PREFECT_API_URL" not in os.environ:
         raise ScfriskError("scheduling needs a Prefect server: run `prefect server start`, then "
                            "export PREFECT_API_URL=http://127.0.0.1:4200/api")
-    run_flow.serve(name="monthly", cron=cron,
-                   parameters={"settings": _settings(ctx).model_dump(mode="json"), "source": str(source.resolve())})
+    serve(monthly_deployment(_settings(ctx), source, cron))
 
 
 @app.command()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 from prefect import flow, task
+from prefect.deployments.runner import RunnerDeployment
 
 from features.flow import build_features_flow
 from models.reason_codes import ReasonCodeIndex
@@ -139,3 +140,19 @@ def run_flow(settings: Settings, source: str, oracle: str | None = None) -> RunS
     log.info("ingest: %s", ingested.describe())
     return RunSummary(bundle_id, snapshot_id, features.version, trained, version, report, limits.path,
                       limits.strategy, settings)
+
+
+def monthly_deployment(settings: Settings, source: Path, cron: str = "0 3 1 * *") -> RunnerDeployment:
+    """`scfrisk run` as a Prefect deployment on a cron schedule, with this workspace's settings baked in
+    (served by `scfrisk schedule`; runs then show in the Prefect UI of the configured server)."""
+    from pydantic import ValidationError
+
+    from pipelines.errors import ScfriskError
+
+    try:
+        return run_flow.to_deployment(
+            name="monthly", cron=cron,
+            parameters={"settings": settings.model_dump(mode="json"), "source": str(Path(source).resolve())},
+        )
+    except ValidationError:
+        raise ScfriskError(f"schedule: '{cron}' is not a valid cron expression (e.g. '0 3 1 * *')") from None

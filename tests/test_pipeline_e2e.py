@@ -125,3 +125,18 @@ def test_live_service_answers_the_loan_engine_and_audits_it(pipeline):
         assert [a["request_id"] for a in audit[-3:]] == [a["request_id"] for a in answers]
     finally:
         os.kill(pid, signal.SIGTERM)
+
+
+def test_schedule_is_a_monthly_deployment_of_the_whole_run_with_this_workspace(tmp_path):
+    from pipelines.config import Settings
+    from pipelines.errors import ScfriskError
+    from pipelines.run import monthly_deployment
+
+    settings = Settings(home=tmp_path / "ws")
+    deployment = monthly_deployment(settings, SAMPLE)
+    assert deployment.flow_name == "scfrisk-run"
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 3 1 * *"]
+    assert Settings(**deployment.parameters["settings"]) == settings
+    assert deployment.parameters["source"] == str(SAMPLE.resolve())
+    with pytest.raises(ScfriskError, match="not a valid cron expression"):
+        monthly_deployment(settings, SAMPLE, cron="every month")
