@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.files import file_sha256
 from pipelines.schemas import TABLES, TableSpec
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class RawStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             # One chunk per column, so the bytes depend on the rows only, not on how they were read.
             pq.write_table(merged.combine_chunks(), path, compression="zstd", row_group_size=1 << 20)
-            staged[m] = {"rows": merged.num_rows, "sha256": _sha256(path)}
+            staged[m] = {"rows": merged.num_rows, "sha256": file_sha256(path)}
         con.close()
         return staged
 
@@ -167,14 +168,6 @@ class Transaction:
 
 def _month(month_id: int) -> str:
     return f"{month_id // 12:04d}-{month_id % 12 + 1:02d}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _entry(manifest: dict[str, Any], name: str, month: str) -> str | None:
