@@ -18,6 +18,7 @@ import pandas as pd
 from benchmarks.common import self_peak_mb, write_section
 from models.limits import compute_limits
 from models.policy import CreditPolicy, ProductPolicy, load_policy
+from models.synthetic import limit_inputs
 
 log = logging.getLogger("bench_limits")
 
@@ -26,25 +27,6 @@ MERCHANTS = 250_000
 BASELINE_MERCHANTS = 5_000
 GOAL_SECONDS = 5.0
 SEED = 7
-
-
-def synthetic_merchants(n: int, seed: int = SEED) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    return pd.DataFrame(
-        {
-            "merchant_id": [f"M{i:07d}" for i in range(n)],
-            "pd": rng.beta(1.0, 25.0, n),
-            "segment": rng.choice(["corporate", "individual"], n),
-            "category": rng.choice(["apparel", "electronics", "home", "food", "toys", "auto_parts"], n),
-            "tenure_days": rng.integers(0, 2500, n),
-            "net_sales_30d": rng.lognormal(9.0, 1.0, n),
-            "net_sales_90d": rng.lognormal(10.0, 1.0, n),
-            "unsettled_order_value": rng.lognormal(8.0, 1.0, n),
-            "open_receivables_current": rng.lognormal(9.0, 1.0, n),
-            "receivables_top_counterparty_share": rng.uniform(0.0, 1.0, n),
-            "inventory_value_in_warehouse": rng.lognormal(9.0, 1.5, n),
-        }
-    )
 
 
 def _base(row: dict, terms: ProductPolicy) -> float:
@@ -95,7 +77,7 @@ def limit_row_by_row(merchants: pd.DataFrame, policy: CreditPolicy) -> list[floa
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     policy = load_policy(POLICY_FILE)
-    merchants = synthetic_merchants(MERCHANTS)
+    merchants = limit_inputs(MERCHANTS, SEED)
     rows = MERCHANTS * len(policy.products)
 
     compute_limits(merchants.head(1000), policy)  # warm-up: imports and first-call costs

@@ -1,4 +1,5 @@
-"""A labelled application table with a known true PD, for tests and benchmarks of the training code.
+"""Synthetic inputs with known truth, for tests and benchmarks: a labelled application table with a true
+PD (training code) and merchants with a PD and the limit engine's features (limits code).
 
 It has what real feature tables have -- monotone and non-linear effects, an interaction, categoricals,
 missing values, -999 sentinels, text-coded numbers, drift over time -- and the true PD of every row, so a
@@ -61,3 +62,22 @@ def synthetic_applications(n: int, seed: int, months: int = 24, start: str = "20
     frame.loc[rng.random(n) < 0.02, "region"] = None
     return frame.sort_values("applied_at", ignore_index=True)
 
+
+def limit_inputs(n: int, seed: int = 0) -> pd.DataFrame:
+    """`n` merchants with a PD and every feature the limit engine reads (exposure bases, segment, tenure)."""
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(
+        {
+            "merchant_id": [f"M{i:07d}" for i in range(n)],
+            "pd": rng.beta(1.0, 25.0, n),
+            "segment": rng.choice(["corporate", "individual"], n),
+            "category": rng.choice(["apparel", "electronics", "food", "toys"], n),
+            "tenure_days": rng.integers(0, 2000, n),
+            "net_sales_30d": rng.lognormal(9.0, 1.0, n),
+            "net_sales_90d": rng.lognormal(10.0, 1.0, n),
+            "unsettled_order_value": rng.lognormal(8.0, 1.0, n),
+            "open_receivables_current": rng.lognormal(9.0, 1.0, n),
+            "receivables_top_counterparty_share": rng.uniform(0.0, 1.0, n),
+            "inventory_value_in_warehouse": rng.lognormal(9.0, 1.5, n),
+        }
+    )

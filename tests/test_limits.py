@@ -16,29 +16,11 @@ from models.html_report import Paragraph, Section, Table, render_page
 from models.limits import CONSTRAINTS, LIMIT_COLUMNS, LimitInputError, compute_limits, expected_profit
 from models.policy import PolicyError, load_policy, parse_policy
 from models.strategy import backtest_limits, strategy_tables, write_strategy_report
+from models.synthetic import limit_inputs as merchants
 
 POLICY_FILE = Path(__file__).resolve().parents[1] / "policy.toml"
 POLICY = load_policy(POLICY_FILE)
 MONEY = st.floats(0.0, 1e7, allow_nan=False)
-
-
-def merchants(n: int, seed: int = 0) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    return pd.DataFrame(
-        {
-            "merchant_id": [f"M{i:07d}" for i in range(n)],
-            "pd": rng.beta(1.0, 25.0, n),
-            "segment": rng.choice(["corporate", "individual"], n),
-            "category": rng.choice(["apparel", "electronics", "food", "toys"], n),
-            "tenure_days": rng.integers(0, 2000, n),
-            "net_sales_30d": rng.lognormal(9.0, 1.0, n),
-            "net_sales_90d": rng.lognormal(10.0, 1.0, n),
-            "unsettled_order_value": rng.lognormal(8.0, 1.0, n),
-            "open_receivables_current": rng.lognormal(9.0, 1.0, n),
-            "receivables_top_counterparty_share": rng.uniform(0.0, 1.0, n),
-            "inventory_value_in_warehouse": rng.lognormal(9.0, 1.5, n),
-        }
-    )
 
 
 merchant_rows = st.fixed_dictionaries(
