@@ -406,28 +406,25 @@ def monotone_constraints(names: list[str]) -> list[int]:
     return [0 if feature(n).kind == "categorical" else feature(n).direction for n in names]
 
 
+UNIT_FORMATS: dict[str, str] = {
+    "ratio": "{:.0%}",
+    "CNY": "CNY {:,.0f}",
+    "stars": "{:.1f} / 5",
+    "minutes": "{:.0f} min",
+    "months": "{:.0f} months",
+    "days": "{:.0f} days",
+    "number": "{:,.4g}",
+}
+"""How a number of each unit reads in a reason code; other units print as a whole number."""
+
+
 def format_value(value: object, unit: str) -> str:
     """A value as a risk officer reads it in a reason code: 0.18 ratio -> '18%', 1234.5 CNY -> 'CNY 1,235'."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "unknown"
     if unit == "category":
         return str(value)
-    number = float(value)  # type: ignore[arg-type]
-    if unit == "ratio":
-        return f"{number:.0%}"
-    if unit == "CNY":
-        return f"CNY {number:,.0f}"
-    if unit == "stars":
-        return f"{number:.1f} / 5"
-    if unit == "minutes":
-        return f"{number:.0f} min"
-    if unit == "months":
-        return f"{number:.0f} months"
-    if unit == "days":
-        return f"{number:.0f} days"
-    if unit == "number":
-        return f"{number:,.4g}"
-    return f"{number:,.0f}"
+    return UNIT_FORMATS.get(unit, "{:,.0f}").format(float(value))  # type: ignore[arg-type]
 
 
 def _validate() -> None:
