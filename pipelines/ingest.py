@@ -31,7 +31,7 @@ from pipelines.config import Settings
 from pipelines.errors import ScfriskError
 from pipelines.raw_store import RawStore
 from pipelines.schemas import TABLES, TableSpec
-from pipelines.validation import BatchValidation, ReferenceKeys, key_frame, to_validation_frame
+from pipelines.validation import BatchValidation, ReferenceKeys, check_frames, to_validation_frame
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -167,8 +167,17 @@ def ingest(source: Path, settings: Settings, now: datetime | None = None) -> Ing
     before it plus the store), stage its partitions, then drop it, so only one table is in memory.
     `now` bounds timestamps.
     """
+    # Objects alive before the batch never become garbage here: freezing them makes each collection in
+    # `_release_memory` scan only the batch's objects (0.3 s per collection otherwise).
+    gc.freeze()
+    try:
+        return _ingest(source, settings, now or datetime.now(UTC).replace(tzinfo=None))
+    finally:
+        gc.unfreeze()
+
+
+def _ingest(source: Path, settings: Settings, now: datetime) -> IngestResult:
     store = RawStore(settings.path("raw_store"))
-    now = now or datetime.now(UTC).replace(tzinfo=None)
     paths = locate_tables(source)
     validation = BatchValidation(settings, now)
     clock = _Stopwatch()
@@ -183,13 +192,13 @@ def ingest(source: Path, settings: Settings, now: datetime | None = None) -> Ing
             for fk in spec.foreign_keys:
                 if (fk.table, fk.ref_column) not in domains:
                     domains[(fk.table, fk.ref_column)] = key_domain(fk.table, fk.ref_column, None, store)
-            keys = clock.time("validate", key_frame, spec, table, domains)
+            checks = clock.time("validate", check_frames, spec, table, domains)
             domains.update({(t, c): key_domain(t, c, table, store) for t, c in REFERENCED if t == name})
-            frame = clock.time("validate", to_validation_frame, table)
+            frame = clock.time("validate", to_validation_frame, table, name)
             del table  # GX's pandas copy is the only one while it validates: reading again is cheaper
             _release_memory()
-            clock.time("validate", validation.validate, spec, frame, keys, domains)
-            del frame, keys
+            clock.time("validate", validation.validate, spec, frame, checks, domains)
+            del frame, checks
             _release_memory()
             if not validation.failures:  # once the batch is rejected, staging more is wasted work
                 clock.time("write", staging.stage, name, clock.time("read", read_table, path, spec))

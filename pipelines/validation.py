@@ -6,14 +6,14 @@ the future, foreign keys), so the data model, its documentation and its checks c
 
 Valid data is the common case, so each table is validated in two steps, both by GX. First every rule
 with a `BOOLEAN_ONLY` result (no counts, no examples), in its cheapest exact form: a range as the
-column's min and max, a foreign key as a distinct count on a small frame of keys (the referenced keys
+column's min and max; a foreign key as a distinct count on a small frame of keys (the referenced keys
 plus the distinct keys used: their union has no more distinct values than the referenced keys exactly
-when every key used exists). Only if something fails, the failed rules are run again row by row with a
-`BASIC` result (counts plus a few examples; failing rows are never materialised) to say which rows
-broke them. A rule on a column pair (timestamp order) runs on a frame of just its two columns, the
-others in one run on the table: GX copies the frame it gets to drop rows with a missing value, and two
-columns are cheap to copy where the table is not. The context is ephemeral and holds no global state
-(each run's frame is dropped from GX's caches after it); only the Data Docs HTML is written, under
+when every key used exists); an ordered timestamp pair as the minimum of its gap (see `check_frames`).
+Only if something fails, the failed rules are run again row by row with a `BASIC` result (counts plus
+a few examples; failing rows are never materialised) to say which rows broke them; a pair's row-level
+rule runs on a frame of just the table's ordered timestamps, because GX copies the frame it gets for
+each pair to drop rows with a missing value. The context is ephemeral and holds no global state (each
+run's frame is dropped from GX's caches after it); only the Data Docs HTML is written, under
 `settings.path("validation")`.
 """
 
@@ -38,6 +38,7 @@ from pipelines.schemas import ForeignKey, TableSpec
 log = logging.getLogger(__name__)
 
 SITE = "scfrisk"
+TABLE, KEYS, GAPS = "table", "keys", "gaps"
 ReferenceKeys = Mapping[tuple[str, str], pa.Array]
 """Allowed values of each referenced (table, column): the batch's keys plus the store's (unique)."""
 
@@ -68,10 +69,10 @@ class Rule:
 
     check: Any
     explain: Callable[[], Any]
-    on_keys: bool = False
-    """Checked on the frame of foreign keys (`key_frame`) rather than on the table."""
+    check_on: str = TABLE
+    """The frame the check runs on: the table, or one of `check_frames` (foreign keys, time gaps)."""
     columns: tuple[str, ...] = ()
-    """Checked on a frame of only these columns (a column pair: GX copies the frame it is given)."""
+    """Explained on a frame of only these columns (the ordered timestamps, for a pair rule)."""
 
 
 def pandas_type(arrow_type: pa.DataType) -> str:
@@ -89,8 +90,8 @@ def build_rules(
     """Every rule of one table, derived from its spec alone (plus 'now' and the foreign-key domains)."""
     import great_expectations.expectations as gxe
 
-    def same(kind: Any, on_columns: tuple[str, ...] = (), **kwargs: Any) -> Rule:
-        return Rule(kind(**kwargs), lambda: kind(**kwargs), columns=on_columns)
+    def same(kind: Any, **kwargs: Any) -> Rule:
+        return Rule(kind(**kwargs), lambda: kind(**kwargs))
 
     def in_range(column: str, low: Any, high: Any) -> list[Rule]:
         # Min and max are vectorised for every dtype; row-level between is not (small ints: per value).
@@ -101,6 +102,15 @@ def build_rules(
         if high is not None:
             checks.append(gxe.ExpectColumnMaxToBeBetween(column=column, max_value=high))
         return [Rule(check, explain) for check in checks]
+
+    def ordered(earlier: str, later: str) -> Rule:
+        def explain() -> Any:
+            return gxe.ExpectColumnPairValuesAToBeGreaterThanB(
+                column_A=later, column_B=earlier, or_equal=True, ignore_row_if="either_value_is_missing"
+            )
+
+        check = gxe.ExpectColumnMinToBeBetween(column=gap_column(earlier, later), min_value=0)
+        return Rule(check, explain, check_on=GAPS, columns=timestamps)
 
     def foreign_key(fk: ForeignKey) -> Rule:
         domain = reference_keys[(fk.table, fk.ref_column)]
@@ -113,7 +123,7 @@ def build_rules(
             lambda: gxe.ExpectColumnValuesToBeInSet(
                 column=fk.column, value_set=domain.to_pylist(), meta=meta
             ),
-            on_keys=True,
+            check_on=KEYS,
         )
 
     latest = pd.Timestamp(now + timedelta(seconds=allow_future_seconds))
@@ -131,25 +141,17 @@ def build_rules(
         if pa.types.is_timestamp(col.type) and not col.scheduled:
             rules += in_range(col.name, None, latest)
     rules.append(same(gxe.ExpectColumnValuesToBeUnique, column=spec.key))
-    for earlier, later in spec.ordered:
-        rules.append(
-            same(
-                gxe.ExpectColumnPairValuesAToBeGreaterThanB,
-                on_columns=(later, earlier),
-                column_A=later,
-                column_B=earlier,
-                or_equal=True,
-                ignore_row_if="either_value_is_missing",
-            )
-        )
+    timestamps = tuple(dict.fromkeys(c for pair in spec.ordered for c in pair))
+    rules += [ordered(earlier, later) for earlier, later in spec.ordered]
     return rules + [foreign_key(fk) for fk in spec.foreign_keys]
 
 
-def to_validation_frame(table: pa.Table) -> pd.DataFrame:
+def to_validation_frame(table: pa.Table, name: str) -> pd.DataFrame:
     """Arrow -> pandas in the dtypes GX checks fastest, without losing integer types to float.
 
     Integers with nulls use pandas' masked Int dtypes; timestamps are nanoseconds because GX 1.x only
     compares `datetime64[ns]` vectorised (other units go through a Python call per value: 20x slower).
+    A timestamp nanoseconds cannot hold is a `DataValidationError` naming table `name` and the column.
     """
     masked = {
         pa.int8(): pd.Int8Dtype(),
@@ -157,24 +159,68 @@ def to_validation_frame(table: pa.Table) -> pd.DataFrame:
         pa.int32(): pd.Int32Dtype(),
         pa.int64(): pd.Int64Dtype(),
     }
-    return table.to_pandas(types_mapper=masked.get, split_blocks=True, coerce_temporal_nanoseconds=True)
+    try:
+        return table.to_pandas(types_mapper=masked.get, split_blocks=True, coerce_temporal_nanoseconds=True)
+    except pa.ArrowInvalid as exc:
+        failures = list(_outside_nanoseconds(name, table))
+        if not failures:
+            raise
+        raise DataValidationError(
+            "batch rejected, nothing was loaded: " + "; ".join(str(f) for f in failures)
+        ) from exc
 
 
-def key_frame(spec: TableSpec, table: pa.Table, reference_keys: ReferenceKeys) -> pd.DataFrame:
-    """One column per foreign key: the referenced keys, then the distinct keys the table uses.
+def _outside_nanoseconds(name: str, table: pa.Table) -> Iterable[Failure]:
+    low, high = pd.Timestamp.min.ceil("us"), pd.Timestamp.max.floor("us")
+    for column in table.column_names:
+        values = table.column(column)
+        if not pa.types.is_timestamp(values.type):
+            continue
+        outside = pc.or_(
+            pc.less(values, pa.scalar(low, values.type)), pc.greater(values, pa.scalar(high, values.type))
+        )
+        count = pc.sum(outside).as_py() or 0
+        if count:
+            example = _show(pc.filter(values, outside)[0].as_py())
+            yield Failure(
+                name,
+                (column,),
+                f"expect_column_values_to_be_between(min_value={low.date()}, max_value={high.date()})",
+                f"failed for {count} of {len(values)} rows, e.g. {example} (outside what pandas and GX can check)",
+            )
 
-    A few thousand rows instead of the table, and no key list inside an expectation (GX copies
-    expectation arguments dozens of times per run). A column the table lacks or mistypes is left out:
-    its own rules report it.
+
+def gap_column(earlier: str, later: str) -> str:
+    return f"{later} - {earlier}"
+
+
+def check_frames(spec: TableSpec, table: pa.Table, reference_keys: ReferenceKeys) -> dict[str, pd.DataFrame]:
+    """The small frames the cheap checks run on, in place of the table (see the module docstring).
+
+    `keys`: one column per foreign key, the referenced keys then the distinct keys the table uses (a
+    few thousand rows, and no key list inside an expectation: GX copies expectation arguments dozens of
+    times per run). `gaps`: one column per ordered timestamp pair, the sign of later minus earlier (one
+    byte a row), 0 where either is missing: its minimum is >= 0 exactly when every pair is in order,
+    which GX checks without copying the pair out of the table for each rule. A column the table lacks
+    or mistypes is left out of both: its own rules report it.
     """
-    columns: dict[str, pa.Array] = {}
+    keys: dict[str, pa.Array] = {}
     for fk in spec.foreign_keys:
         domain = reference_keys[(fk.table, fk.ref_column)]
         if fk.column in table.column_names and table.column(fk.column).type == domain.type:
-            columns[fk.column] = pa.concat_arrays([domain, pc.unique(table.column(fk.column))])
-    rows = max((len(a) for a in columns.values()), default=0)
-    padded = {n: pa.concat_arrays([a, pa.nulls(rows - len(a), a.type)]) for n, a in columns.items()}
-    return to_validation_frame(pa.table(padded) if padded else pa.table({}))
+            keys[fk.column] = pa.concat_arrays([domain, pc.unique(table.column(fk.column))])
+    rows = max((len(a) for a in keys.values()), default=0)
+    padded = {n: pa.concat_arrays([a, pa.nulls(rows - len(a), a.type)]) for n, a in keys.items()}
+    gaps: dict[str, pa.ChunkedArray] = {}
+    for earlier, later in spec.ordered:
+        wanted = spec.column_index[earlier].type
+        if all(c in table.column_names and table.column(c).type == wanted for c in (earlier, later)):
+            gap = pc.subtract(table.column(later), table.column(earlier)).cast(pa.int64())
+            gaps[gap_column(earlier, later)] = pc.fill_null(pc.sign(gap).cast(pa.int8()), 0)
+    return {
+        KEYS: to_validation_frame(pa.table(padded), spec.name),
+        GAPS: to_validation_frame(pa.table(gaps), spec.name),
+    }
 
 
 def _show(value: Any) -> str:
@@ -298,27 +344,33 @@ class BatchValidation:
         self.now = now
         self.docs_dir = settings.path("validation")
         self.context = _context(self.docs_dir)
-        self.source = self.context.data_sources.add_pandas("raw_batch")
+        # One asset for every run: each add or delete re-serialises the whole context config.
+        source = self.context.data_sources.add_pandas("raw_batch")
+        self.batch = source.add_dataframe_asset("frame").add_batch_definition_whole_dataframe("batch")
         self.failures: list[Failure] = []
 
     def validate(
-        self, spec: TableSpec, frame: pd.DataFrame, keys: pd.DataFrame, reference_keys: ReferenceKeys
+        self,
+        spec: TableSpec,
+        frame: pd.DataFrame,
+        checks: Mapping[str, pd.DataFrame],
+        reference_keys: ReferenceKeys,
     ) -> list[Failure]:
-        """Check every rule of one table (`to_validation_frame`, `key_frame`); explain the failed ones
-        row by row; return (and keep) the failures. Takes frames so a caller can free the Arrow table."""
+        """Check every rule of one table (`to_validation_frame`, `check_frames`); explain the failed
+        ones row by row; return (and keep) the failures. Takes frames so a caller can free the table."""
         rules = build_rules(
             spec,
             now=self.now,
             allow_future_seconds=self.settings.ingest.allow_future_seconds,
             reference_keys=reference_keys,
         )
-        groups: dict[tuple[bool, tuple[str, ...]], list[Rule]] = {}
+        groups: dict[str, list[Rule]] = {}
         for rule in rules:
-            groups.setdefault((rule.on_keys, rule.columns), []).append(rule)
+            groups.setdefault(rule.check_on, []).append(rule)
         failed: list[Rule] = []
-        for (on_keys, columns), group in groups.items():
-            name = f"{spec.name}.keys" if on_keys else _suite_name(spec.name, columns)
-            failed += self._failed(name, group, keys if on_keys else _narrow(frame, columns))
+        for check_on, group in groups.items():
+            name = spec.name if check_on == TABLE else f"{spec.name}.{check_on}"
+            failed += self._failed(name, group, frame if check_on == TABLE else checks[check_on])
         failed.sort(key=rules.index)
         failures: list[Failure] = []
         if failed:
@@ -363,17 +415,16 @@ class BatchValidation:
 
         # Expectations go in before the suite is stored: adding them to a stored suite re-serialises it.
         suite = self.context.suites.add(gx.ExpectationSuite(name=name, expectations=expectations))
-        batch = self.source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("batch")
         definition = self.context.validation_definitions.add(
-            gx.ValidationDefinition(name=name, data=batch, suite=suite)
+            gx.ValidationDefinition(name=name, data=self.batch, suite=suite)
         )
         result_format_ = {
             "result_format": result_format,
             "partial_unexpected_count": self.settings.ingest.max_failure_examples,
         }
         result = definition.run(batch_parameters={"dataframe": frame}, result_format=result_format_)
-        self.source.delete_asset(name)  # the asset keeps the frame alive otherwise
-        engine = self.source.execution_engine  # and so does the engine's cache of every batch it ran on
+        # The engine caches the frame of every batch it ran on, for the life of the context.
+        engine = self.batch.data_asset.datasource.get_execution_engine()
         engine.batch_manager.reset_batch_cache()
         engine.batch_manager.batch_data_cache.clear()
         return result
@@ -389,6 +440,6 @@ def validate_tables(
     """Validate tables already in memory (see `BatchValidation`); the Data Docs index, or the error."""
     validation = BatchValidation(settings, now)
     for name, table in tables.items():
-        keys = key_frame(specs[name], table, reference_keys)
-        validation.validate(specs[name], to_validation_frame(table), keys, reference_keys)
+        checks = check_frames(specs[name], table, reference_keys)
+        validation.validate(specs[name], to_validation_frame(table, name), checks, reference_keys)
     return validation.finish()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import re
+import weakref
 from datetime import datetime
 
 import pandas as pd
@@ -12,7 +14,15 @@ import pytest
 from pipelines.ingest import conform, reference_keys
 from pipelines.raw_store import RawStore
 from pipelines.schemas import TABLES
-from pipelines.validation import DataValidationError, build_rules, pandas_type, validate_tables
+from pipelines.validation import (
+    BatchValidation,
+    DataValidationError,
+    build_rules,
+    check_frames,
+    pandas_type,
+    to_validation_frame,
+    validate_tables,
+)
 from tests.batch_builder import to_arrow, valid_batch
 
 NOW = datetime(2024, 3, 1)
@@ -157,3 +167,53 @@ def test_pandas_types_of_the_schema():
         "str",
         "datetime64",
     ]
+
+
+def test_a_validated_frame_is_not_kept_alive(settings, tmp_path):
+    """GX 1.x caches the frame of every batch for the life of the context; `BatchValidation` clears that
+    cache through GX internals. If a GX upgrade moves it, ingest memory grows by a table per table again
+    (~2 GB at 10M orders): this fails first."""
+    batch = {name: to_arrow(name, frame) for name, frame in valid_batch().items()}
+    domains = reference_keys(batch, RawStore(tmp_path / "empty"))
+    validation = BatchValidation(settings, NOW)
+    frame = to_validation_frame(batch["orders"], "orders")
+    alive = weakref.ref(frame)
+    assert (
+        validation.validate(
+            TABLES["orders"], frame, check_frames(TABLES["orders"], batch["orders"], domains), domains
+        )
+        == []
+    )
+    del frame
+    gc.collect()
+    assert alive() is None
+
+
+def test_timestamp_order_ignores_missing_values_and_counts_only_disordered_rows(settings, tmp_path):
+    bad = valid_batch()
+    receivables = bad["receivables"]
+    receivables["paid_at"] = [None, pd.Timestamp("2024-01-01")]  # one unpaid, one paid before issue
+    good = {name: to_arrow(name, frame) for name, frame in valid_batch().items()}
+    with pytest.raises(
+        DataValidationError, match=r"receivables\.paid_at >= receivables\.issued_at: .* failed for 1 of"
+    ):
+        validate_tables(
+            {"receivables": to_arrow("receivables", receivables)},
+            TABLES,
+            reference_keys(good, RawStore(tmp_path / "empty")),
+            settings,
+            NOW,
+        )
+
+
+def test_a_timestamp_pandas_cannot_hold_is_named_not_crashed_on(settings, tmp_path):
+    loans = to_arrow("loans", valid_batch()["loans"])
+    far = pa.array([datetime(3000, 1, 1)] * loans.num_rows, pa.timestamp("us"))
+    loans = loans.set_column(loans.schema.get_field_index("maturity_at"), "maturity_at", far)
+    with pytest.raises(DataValidationError) as err:
+        batch = {name: to_arrow(name, frame) for name, frame in valid_batch().items()}
+        validate_tables(
+            {"loans": loans}, TABLES, reference_keys(batch, RawStore(tmp_path / "empty")), settings, NOW
+        )
+    assert "nothing was loaded: loans.maturity_at: expect_column_values_to_be_between(" in str(err.value)
+    assert f"failed for {loans.num_rows} of {loans.num_rows} rows, e.g. 3000-01-01T00:00:00" in str(err.value)
