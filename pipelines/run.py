@@ -4,7 +4,7 @@ ingest -> validate -> features -> train -> evaluate -> explain -> limits -> gate
 a flow of its own (also runnable alone from the CLI); this flow only chains them. A stage whose inputs
 did not change is reused: ingest leaves an identical store untouched, the feature store keys its files by
 raw snapshot and feature-set version, and training is skipped when a registered version was trained on the
-same inputs (`training_fingerprint`). Any failing stage raises, so nothing after it runs and nothing is
+same inputs and code (`training_fingerprint`). Any failing stage raises, so nothing after it runs and nothing is
 published; the live bundle stays live.
 """
 
@@ -61,11 +61,35 @@ class RunSummary:
         ])
 
 
+TRAINING_CODE = ("features", "models", "pipelines/train.py")
+"""The source a trained model depends on (relative to the project root); serving, docs and the other
+stages can change without a retrain."""
+TRAINING_LIBRARIES = ("lightgbm", "scikit-learn", "numpy", "pandas")
+
+
+def training_code_version(root: Path = Path(__file__).resolve().parents[1]) -> str:
+    """Hash of the training code and the versions of the libraries that fit the model.
+
+    A content hash rather than the git commit: it also covers uncommitted edits and installs without git,
+    and a commit that touches nothing in `TRAINING_CODE` keeps the same version.
+    """
+    from importlib.metadata import version
+
+    digest = hashlib.sha256()
+    for part in TRAINING_CODE:
+        path = root / part
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes())
+    digest.update(" ".join(f"{lib}=={version(lib)}" for lib in TRAINING_LIBRARIES).encode())
+    return digest.hexdigest()[:16]
+
+
 def training_fingerprint(settings: Settings, snapshot_id: str, feature_set_version: str) -> str:
-    """What a trained model depends on besides code: data snapshot, definitions, model and gate settings."""
+    """Everything a trained model depends on: data snapshot, definitions, code, model and gate settings."""
     inputs = {
         "snapshot": snapshot_id,
         "features": feature_set_version,
+        "code": training_code_version(),
         "model": settings.model.model_dump(mode="json"),
         "gates": settings.gates.model_dump(mode="json"),
         "policy": Path(settings.policy_file).read_text(),
