@@ -8,6 +8,11 @@ can reuse work computed on the same snapshot.
 Writes are all or nothing and incremental: only the partitions a batch touches are rebuilt (upserted by
 the table's key, sorted by it, written deterministically) in a staging folder, then renamed into place,
 and the manifest is written last. Re-writing identical data leaves every byte as it was.
+
+A crash between the first rename and the manifest would leave some months new and some old, so a commit
+first writes a journal (the swaps to make and the manifest to end with). The next use of the store rolls
+an unfinished journal forward (each swap is idempotent), so a reader never sees half a batch for longer
+than the crash itself.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "_manifest.json"
 STAGING = "_staging"
+JOURNAL = "_commit.json"
 PART = "part-0.parquet"
 
 
@@ -54,8 +60,28 @@ class RawStore:
         return any(self.table_dir(name).glob("month=*/*.parquet"))
 
     def manifest(self) -> dict[str, Any]:
+        """What the store holds (after finishing an interrupted commit, if there is one)."""
+        self.recover()
         path = self.root / MANIFEST
         return json.loads(path.read_text()) if path.is_file() else {"snapshot_id": None, "tables": {}}
+
+    def recover(self) -> bool:
+        """Roll an interrupted commit forward from its journal; True if there was one to finish."""
+        journal = self.root / JOURNAL
+        if not journal.is_file():
+            return False
+        plan = json.loads(journal.read_text())
+        log.warning(
+            "raw store %s: finishing a commit that was interrupted (%d partition swaps)",
+            self.root,
+            len(plan["swaps"]),
+        )
+        for name, month in plan["swaps"]:
+            self._swap_in(self.root / STAGING / name, name, month)
+        _write_json(self.root / MANIFEST, plan["manifest"])
+        journal.unlink()
+        shutil.rmtree(self.root / STAGING, ignore_errors=True)
+        return True
 
     @property
     def snapshot_id(self) -> str | None:
@@ -71,12 +97,14 @@ class RawStore:
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
         """A batch write: stage tables one at a time, then `commit`; the staging folder never outlives it."""
+        self.recover()
         staging = self.root / STAGING
         shutil.rmtree(staging, ignore_errors=True)
         try:
             yield Transaction(self, staging)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            if not (self.root / JOURNAL).is_file():  # a journal's staged files are what finishes it
+                shutil.rmtree(staging, ignore_errors=True)
 
     def _stage(self, spec: TableSpec, table: pa.Table, out: Path) -> dict[str, dict[str, Any]]:
         """Rebuild every partition the batch touches under `out`; an emptied partition maps to {}.
@@ -127,12 +155,13 @@ class RawStore:
         return staged
 
     def _swap_in(self, staging: Path, name: str, month: str) -> None:
+        """Move a staged partition into place, or remove an emptied one; a no-op once done (see `recover`)."""
         target = self.table_dir(name) / f"month={month}"
         staged = staging / f"month={month}" / PART
         if staged.is_file():
             target.mkdir(parents=True, exist_ok=True)
             os.replace(staged, target / PART)
-        else:
+        elif not (staging / f"month={month}").is_dir():  # staged as emptied (a moved file leaves its folder)
             shutil.rmtree(target, ignore_errors=True)
 
 
@@ -156,14 +185,18 @@ class Transaction:
             name: [m for m, part in parts.items() if _entry(old, name, m) != part.get("sha256")]
             for name, parts in self.staged.items()
         }
-        for name, months in changed.items():
-            for month in months:
-                self.store._swap_in(self.staging / name, name, month)
         if manifest != old:
-            tmp = self.store.root / (MANIFEST + ".tmp")
-            tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            os.replace(tmp, self.store.root / MANIFEST)
+            swaps = [(name, month) for name, months in changed.items() for month in months]
+            _write_json(self.store.root / JOURNAL, {"swaps": swaps, "manifest": manifest})
+            self.store.recover()
         return changed
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    """Write whole or not at all (a reader never sees a half-written file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
 def _month(month_id: int) -> str:

@@ -79,6 +79,33 @@ def test_failed_batch_leaves_the_store_byte_identical(store, tmp_path):
     assert store_files(store) == before
 
 
+def test_a_commit_interrupted_mid_swap_is_finished_before_the_store_is_read(store, tmp_path, monkeypatch):
+    batch = valid_batch()
+    batch["orders"]["order_id"] += 100  # new orders in January and February: two partitions to swap
+    clean = Settings(home=tmp_path / "clean")
+    shutil.copytree(store.home, clean.home)
+    ingest(write_batch(tmp_path / "b1", {"orders": batch["orders"]}), clean, NOW)
+
+    swap, swapped = RawStore._swap_in, []
+
+    def crash_after_the_first_swap(self, staging, name, month):
+        if swapped:
+            raise OSError("power cut")
+        swap(self, staging, name, month)
+        swapped.append(month)
+
+    monkeypatch.setattr(RawStore, "_swap_in", crash_after_the_first_swap)
+    before = RawStore(store.path("raw_store")).snapshot_id
+    with pytest.raises(OSError, match="power cut"):
+        ingest(write_batch(tmp_path / "b2", {"orders": batch["orders"]}), store, NOW)
+    assert len(swapped) == 1, "one month is new, the other still old: the store is mid-commit"
+    monkeypatch.undo()
+
+    raw = RawStore(store.path("raw_store"))
+    assert raw.snapshot_id != before  # reading the store finished the commit first
+    assert store_files(store) == store_files(clean)
+
+
 def test_new_month_appends_and_redelivered_rows_replace(store, tmp_path):
     before = store_files(store)
     snapshot_before = RawStore(store.path("raw_store")).snapshot_id
