@@ -80,7 +80,7 @@ def _measure(dataset: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    rows = []
+    rows, goals = [], []
     for name in DATASETS:
         if not (DATA / name).is_dir():
             print(f"skip {name}: {DATA / name} missing (run benchmarks.bench_simulate first)")
@@ -95,6 +95,10 @@ def main() -> None:
         )
         print(name, json.dumps(m))
         rows.append(line)
+        ratio = m["validate_cpu"] / m["baseline_cpu"]
+        goals.append(f"{m['orders']:,} orders: validation {ratio:.1f}x the baseline ({_met(ratio <= 2)})")
+        if name == "orders_10m":
+            goals.append(f"peak {m['ingest_mb']:,.0f} MB at 10M ({_met(m['ingest_mb'] < 4096)})")
     if not rows:
         return
     body = "\n".join(
@@ -114,10 +118,26 @@ def main() -> None:
             ),
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
             *rows,
+            "",
+            "Goals (validation <= 2x the baseline, peak < 4 GB at 10M orders): " + "; ".join(goals) + ".",
+            "",
+            "What keeps validation cheap (pipelines/validation.py): every rule first runs with a",
+            "`BOOLEAN_ONLY` result in its cheapest exact form (ranges as min/max, foreign keys as a distinct",
+            "count on a small key frame, ordered timestamp pairs as the minimum of a one-byte sign-of-gap",
+            "column), and only failed rules are re-run row by row for the message; one GX asset per batch; GX's",
+            "batch cache is cleared after each run (it kept every frame for the life of the context: 4.6 GB at",
+            "10M before). Between tables memory is handed back (`gc.collect` with the long-lived objects frozen,",
+            "Arrow's pool, `malloc_trim`). Previous figures, same data: 1M validation 2.6x (before the",
+            "timestamp-gap check, the single asset and `gc.freeze`; the 24 full collections also cost 7 s of",
+            "wall time outside the stage times), 10M 1.2x and 2,875 MB.",
         ]
     )
     print(body)
     write_section("Ingestion", body)
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "**not met**"
 
 
 if __name__ == "__main__":
