@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from models.calibration import Calibrator
+from models.explain import model_matrix
 from models.master_scale import MasterScale
 from pipelines.errors import ScfriskError
 
@@ -29,6 +30,8 @@ NUMERIC_SENTINELS = (-999.0, -9999.0, -99999.0)
 
 BOOSTER_FILE = "booster.txt"
 SPEC_FILE = "pd_model.json"
+FEW_ROWS = 64
+"""Up to this many rows the booster predicts on one thread: starting threads costs more than the work."""
 
 
 @dataclass(frozen=True)
@@ -42,10 +45,19 @@ class FeatureSpec:
     levels: tuple[str, ...] = ()
 
 
-def clean_numeric(values: pd.Series) -> pd.Series:
-    """Float values with text, missing tokens and sentinels turned into NaN."""
-    numbers = pd.to_numeric(values, errors="coerce").astype(float)
-    return numbers.mask(numbers.isin(NUMERIC_SENTINELS) | ~np.isfinite(numbers))
+def clean_numeric(frame: pd.DataFrame) -> np.ndarray:
+    """Floats (rows x columns) with text, missing tokens and sentinels turned into NaN.
+
+    One 2-D array for all numeric columns: only text columns are parsed one by one, the masking is a single
+    array operation, so a one-row payload does not pay pandas overhead per feature.
+    """
+    text = np.array([not pd.api.types.is_numeric_dtype(dtype) for dtype in frame.dtypes], dtype=bool)
+    numbers = np.empty(frame.shape, order="F")  # columns contiguous: the model frame's block without a copy
+    numbers[:, ~text] = frame.loc[:, ~text].to_numpy(dtype=float, na_value=np.nan)
+    for j, column in zip(np.flatnonzero(text), frame.loc[:, text].to_numpy(dtype=object).T):
+        numbers[:, j] = pd.to_numeric(column, errors="coerce")
+    numbers[np.isin(numbers, NUMERIC_SENTINELS) | ~np.isfinite(numbers)] = np.nan
+    return numbers
 
 
 def clean_text(values: pd.Series) -> pd.Series:
@@ -65,13 +77,13 @@ def prepare_features(df: pd.DataFrame, features: tuple[FeatureSpec, ...]) -> pd.
             f"input lacks {len(missing)} model feature(s): {', '.join(missing[:10])}"
             f"{' ...' if len(missing) > 10 else ''}; columns present: {', '.join(map(str, df.columns[:20]))}"
         )
-    columns = {}
-    for spec in features:
-        if spec.kind == "numeric":
-            columns[spec.name] = clean_numeric(df[spec.name]).to_numpy()
-        else:
-            columns[spec.name] = pd.Categorical(clean_text(df[spec.name]), categories=list(spec.levels))
-    return pd.DataFrame(columns, index=df.index)
+    numeric = [f.name for f in features if f.kind == "numeric"]
+    prepared = pd.DataFrame(clean_numeric(df[numeric]), index=df.index, columns=numeric)
+    for position, spec in enumerate(features):
+        if spec.kind == "categorical":
+            levels = pd.Categorical(clean_text(df[spec.name]), categories=list(spec.levels))
+            prepared.insert(position, spec.name, levels)
+    return prepared
 
 
 @dataclass
@@ -94,11 +106,20 @@ class PDModel:
 
     def raw_margin(self, df: pd.DataFrame) -> np.ndarray:
         """Uncalibrated log-odds of the booster (what SHAP values add up to)."""
-        return self.booster.predict(self.prepare(df), raw_score=True)
+        return self.raw_margin_prepared(self.prepare(df))
+
+    def raw_margin_prepared(self, inputs: pd.DataFrame) -> np.ndarray:
+        """`raw_margin` of a frame `prepare` already made, so a caller that also explains it prepares once."""
+        threads = 1 if len(inputs) <= FEW_ROWS else 0
+        return self.booster.predict(model_matrix(self.booster, inputs), raw_score=True, num_threads=threads)
 
     def predict_pd(self, df: pd.DataFrame) -> np.ndarray:
         """Calibrated probability of default, one per row."""
-        return self.calibrator.transform(self.raw_margin(df))
+        return self.predict_pd_prepared(self.prepare(df))
+
+    def predict_pd_prepared(self, inputs: pd.DataFrame) -> np.ndarray:
+        """`predict_pd` of a frame `prepare` already made."""
+        return self.calibrator.transform(self.raw_margin_prepared(inputs))
 
     def grade(self, df: pd.DataFrame) -> np.ndarray:
         if self.master_scale is None:

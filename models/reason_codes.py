@@ -142,38 +142,29 @@ def top_reasons(
     specs = _definitions_for(names, definitions)
     c = contributions.to_numpy(float)
     values = inputs[names].to_numpy(object)
-    parts = []
-    for direction, sign in ((RAISES, 1.0), (LOWERS, -1.0)):
+    rows, directions, ranks, cols = [], [], [], []
+    for direction, sign in enumerate((1.0, -1.0)):  # 0: raises, 1: lowers, the order rows are listed in
         order = np.argsort(-sign * c, axis=1, kind="stable")[:, :top_n]
-        chosen = np.take_along_axis(c, order, axis=1)
-        row, rank = np.nonzero(sign * chosen > 0)
-        parts.append(
-            pd.DataFrame(
-                {
-                    "row": row,
-                    "direction": direction,
-                    "rank": rank + 1,
-                    "col": order[row, rank],
-                    "contribution": chosen[row, rank],
-                }
-            )
-        )
-    long = pd.concat(parts, ignore_index=True).sort_values(
-        ["row", "direction", "rank"], ascending=[True, False, True]
-    )
+        row, rank = np.nonzero(sign * np.take_along_axis(c, order, axis=1) > 0)
+        rows.append(row)
+        directions.append(np.full(len(row), direction))
+        ranks.append(rank)
+        cols.append(order[row, rank])
+    row, direction, rank, col = map(np.concatenate, (rows, directions, ranks, cols))
+    listed = np.lexsort((rank, direction, row))
+    row, direction, rank, col = row[listed], direction[listed], rank[listed], col[listed]
     texts = [
-        describe(specs[col], values[row, col], references.get(names[col]))
-        for row, col in zip(long["row"].to_numpy(), long["col"].to_numpy())
+        describe(specs[j], values[i, j], references.get(names[j])) for i, j in zip(row.tolist(), col.tolist())
     ]
     value_text, reference_text, sentence = zip(*texts) if texts else ((), (), ())
     return pd.DataFrame(
         {
-            "merchant_id": contributions.index.to_numpy()[long["row"].to_numpy()].astype(str),
-            "direction": long["direction"].to_numpy(),
-            "rank": long["rank"].to_numpy(np.int16),
-            "code": np.array(names, dtype=object)[long["col"].to_numpy()],
+            "merchant_id": contributions.index.to_numpy()[row].astype(str),
+            "direction": np.array([RAISES, LOWERS], dtype=object)[direction],
+            "rank": (rank + 1).astype(np.int16),
+            "code": np.array(names, dtype=object)[col],
             "description": list(sentence),
-            "contribution": long["contribution"].to_numpy(),
+            "contribution": c[row, col],
             "value": list(value_text),
             "reference": list(reference_text),
         }
@@ -188,7 +179,17 @@ def explain_payloads(
     top_n: int = TOP_N,
 ) -> pd.DataFrame:
     """Reason table for explicit raw feature rows (one merchant each): exact TreeSHAP on the fly."""
-    inputs = model.prepare(frame)
+    return explain_inputs(model, model.prepare(frame), references, definitions, top_n)
+
+
+def explain_inputs(
+    model: PDModel,
+    inputs: pd.DataFrame,
+    references: Mapping[str, Any] | None = None,
+    definitions: Mapping[str, Feature] = FEATURE_INDEX,
+    top_n: int = TOP_N,
+) -> pd.DataFrame:
+    """`explain_payloads` of a frame `PDModel.prepare` already made (the service scores the same frame)."""
     explanation = explain(model.booster, inputs, threads=1)
     return top_reasons(explanation.values, inputs, references or model_references(model), definitions, top_n)
 
@@ -258,6 +259,11 @@ class ReasonCodeIndex:
 
     def __contains__(self, merchant_id: object) -> bool:
         return merchant_id in self._slices
+
+    def rows(self, merchant_id: str) -> pd.DataFrame:
+        """The merchant's rows of the reason table (none for a merchant nothing moved)."""
+        start, stop = self._slices.get(merchant_id, (0, 0))
+        return self.table.iloc[start:stop]
 
     def lookup(self, merchant_id: str) -> MerchantReasons:
         try:

@@ -3,7 +3,8 @@
 Everything the service says about an online-store merchant is computed once when a bundle loads (PD,
 grade, limits per product, reason codes) so a request is a dict lookup plus the decision for its amount.
 Merchants the store lacks are scored on the fly through the same model, limit engine and explainer; both
-kinds of answer read their reason codes from a `models.reason_codes.ReasonCodeIndex`, so they say the same.
+kinds of answer read their reason codes from a reason table (`models.reason_codes.COLUMNS`) through
+`adverse_codes_by_merchant`, so they say the same.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from models.decision import CreditRequest, decide_row
 from models.pd_model import PDModel
 from models.policy import CreditPolicy, load_policy
 from models.reason_codes import (
+    RAISES,
     TABLE_FILE,
-    MerchantReasons,
     ReasonCodeIndex,
-    explain_payloads,
+    explain_inputs,
     model_references,
 )
 from pipelines.errors import ScfriskError
@@ -90,7 +91,9 @@ def _clean(value: Any) -> Any:
 
 
 def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    return [{k: _clean(v) for k, v in row.items()} for row in frame.astype(object).to_dict("records")]
+    """Rows as JSON-ready dicts; one object array for the whole frame, not a pandas call per column."""
+    names = list(frame.columns)
+    return [{k: _clean(v) for k, v in zip(names, row)} for row in frame.to_numpy(dtype=object).tolist()]
 
 
 def _limit_rows(limits: pd.DataFrame) -> dict[str, list[dict[str, Any]]]:
@@ -143,6 +146,7 @@ class Bundle:
 
     def _precompute(self, features: pd.DataFrame, limits: pd.DataFrame) -> dict[str, Scored]:
         limit_rows = _limit_rows(limits)
+        reasons = adverse_codes_by_merchant(self.reasons.table)
         hashes = dict(zip(features["merchant_id"], map(inputs_hash, _records(features[self.input_columns]))))
         return {
             merchant: Scored(
@@ -150,7 +154,7 @@ class Bundle:
                 pd=rows[0]["pd"],
                 grade=rows[0]["grade"],
                 rows=tuple(rows),
-                reason_codes=adverse_codes(self.reasons, merchant),
+                reason_codes=reasons.get(merchant, ()),
                 inputs_hash=hashes[merchant],
             )
             for merchant, rows in limit_rows.items()
@@ -168,12 +172,13 @@ class Bundle:
         frame = frame.reset_index(drop=True)
         if "merchant_id" not in frame.columns:
             frame["merchant_id"] = [f"payload-{i}" for i in range(len(frame))]
-        frame["pd"] = self.model.predict_pd(frame)
+        inputs = self.model.prepare(frame.set_index("merchant_id"))
+        frame["pd"] = self.model.predict_pd_prepared(inputs)
         limit_rows = _limit_rows(limit_engine.compute_limits(frame, self.policy))
-        reasons = ReasonCodeIndex(explain_payloads(self.model, frame.set_index("merchant_id")))
+        reasons = adverse_codes_by_merchant(explain_inputs(self.model, inputs))
         hashes = map(inputs_hash, _records(frame[self.input_columns]))
         return [Scored(merchant_id=merchant, pd=pd_value, grade=limit_rows[merchant][0]["grade"],
-                       rows=tuple(limit_rows[merchant]), reason_codes=adverse_codes(reasons, merchant),
+                       rows=tuple(limit_rows[merchant]), reason_codes=reasons.get(str(merchant), ()),
                        inputs_hash=digest)
                 for merchant, pd_value, digest in zip(frame["merchant_id"], frame["pd"].tolist(), hashes)]
 
@@ -190,13 +195,28 @@ class Bundle:
                 "tenor_days": made.tenor_days, "reasons": list(made.reasons)}
 
 
-def adverse_codes(reasons: ReasonCodeIndex, merchant_id: str) -> tuple[dict[str, str], ...]:
-    """What the caller is told: the largest factors that raised the merchant's risk, in catalogue words.
+def adverse_codes_by_merchant(table: pd.DataFrame) -> dict[str, tuple[dict[str, str], ...]]:
+    """What the caller is told, per merchant of a reason table (`models.reason_codes.COLUMNS`): the
+    largest factors that raised its risk, in catalogue words.
 
-    A merchant absent from the index had no feature that moved its score up or down, so it has no reason.
+    A merchant absent from the table had no feature that moved its score up or down, so it has no reason.
     """
-    found = reasons.lookup(merchant_id) if merchant_id in reasons else MerchantReasons((), ())
-    return tuple({"code": r.code, "description": r.description} for r in found.raised[:MAX_REASONS])
+    raised = np.flatnonzero(table["direction"].to_numpy() == RAISES)
+    raised = raised[np.argsort(table["rank"].to_numpy()[raised], kind="stable")]
+    merchants, codes, descriptions = (
+        table[column].to_numpy()[raised].tolist() for column in ("merchant_id", "code", "description")
+    )
+    found: dict[str, list[dict[str, str]]] = {}
+    for merchant, code, description in zip(merchants, codes, descriptions):
+        reasons = found.setdefault(merchant, [])
+        if len(reasons) < MAX_REASONS:
+            reasons.append({"code": code, "description": description})
+    return {merchant: tuple(reasons) for merchant, reasons in found.items()}
+
+
+def adverse_codes(reasons: ReasonCodeIndex, merchant_id: str) -> tuple[dict[str, str], ...]:
+    """`adverse_codes_by_merchant` of one merchant of an index."""
+    return adverse_codes_by_merchant(reasons.rows(merchant_id)).get(merchant_id, ())
 
 
 def _read_table(path: Path, required: tuple[str, ...] | list[str]) -> pd.DataFrame:

@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 
 from models.decision import CreditRequest, Outcome, decide
 from models.html_report import Paragraph, Section, Table, render_page
-from models.limits import CONSTRAINTS, LIMIT_COLUMNS, LimitInputError, compute_limits, expected_profit
+from models.limits import (
+    CONSTRAINTS,
+    LIMIT_COLUMNS,
+    LimitInputError,
+    compute_limits,
+    expected_profit,
+    product_limits,
+)
 from models.policy import PolicyError, load_policy, parse_policy
 from models.strategy import backtest_limits, strategy_tables, write_strategy_report
 from models.synthetic import limit_inputs as merchants
@@ -193,6 +200,17 @@ def test_decisions_approve_counter_refer_and_decline_with_reasons():
 
 def test_limits_table_has_the_documented_columns():
     assert list(compute_limits(merchants(5), POLICY).columns) == list(LIMIT_COLUMNS)
+
+
+@pytest.mark.parametrize("n", [0, 1, 37])
+def test_all_products_at_once_equal_each_product_alone_stacked_in_policy_order(n):
+    """`compute_limits` builds one table for every product (one merchant costs pandas' overhead once); it
+    must say exactly what `product_limits`, which the strategy backtest calls per product, says."""
+    frame = merchants(max(n, 1), seed=5).head(n)
+    frame.index = frame.index * 7 + 3  # the input's index must not leak into the stacked table
+    stacked = pd.concat([product_limits(frame, p, POLICY) for p in POLICY.products], ignore_index=True)
+    pd.testing.assert_frame_equal(compute_limits(frame, POLICY), stacked, check_exact=True)
+    assert (product_limits(frame, "microloan", POLICY).index == frame.index).all()
 
 
 def _backtest_set(n: int = 4000) -> pd.DataFrame:
