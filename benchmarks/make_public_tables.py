@@ -22,7 +22,8 @@ import pandas as pd
 OUT = Path(__file__).resolve().parents[1] / "data_samples" / "public"
 SBA_ROWS = 30_000
 """Loans drawn from the 897k labelled ones: 6,000 test rows under the 20% stratified split (thousands: a gap
-between two models is not noise), yet small enough for tests/test_public_tables.py to train with the default search."""
+between two models is not noise), yet small enough for tests/test_public_tables.py to train with the default
+search."""
 SBA_SEED = 20180101
 SBA_MONEY = ["DisbursementGross", "GrAppv", "SBA_Appv"]
 SBA_KEEP = ["State", "Bank", "BankState", "NAICS", "ApprovalFY", "NoEmp", "NewExist", "CreateJob",
