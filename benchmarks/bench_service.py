@@ -1,8 +1,11 @@
 """Scoring service under load on loopback: latency at fixed request rates, the highest sustainable rate,
-and batch rows per second.
+and batch rows per second; for online-store merchants and for explicit feature payloads.
 
 Ours: `scfrisk serve` (uvicorn, one worker) on a published bundle; a single-request answer carries PD,
-grade, limits per product, the decision on the requested amount and up to four reason codes.
+grade, limits per product, the decision on the requested amount and up to four reason codes. An explicit
+payload is scored on the fly (model input, PD, limits, TreeSHAP reason codes): measured at a fixed rate,
+with wrk, and in process (`Bundle.score_features`, no HTTP), against `PAYLOAD_BEFORE`, the same
+measurements taken on the code before the one-pass payload path (they cannot be re-run from this commit).
 Baseline, same run, same model: `mlflow models serve --env-manager local` of the project's pyfunc
 (`models.registry.PDPyfunc`, logged to a temporary MLflow SQLite store), which answers the PD only.
 
@@ -35,6 +38,7 @@ from benchmarks.common import write_section
 from models.registry import configure_mlflow, log_pd_model
 from pipelines.config import Settings
 from pipelines.publish import publish
+from serving.bundle import BUNDLES_DIR, current_bundle_id, load_bundle
 from tests.service_fixtures import make_parts, online_snapshot, train_model
 
 log = logging.getLogger("bench_service")
@@ -50,6 +54,18 @@ WRK_CONNECTIONS = 8
 BATCH_ROWS = 500
 BATCH_REPEATS = 5
 GOAL_P99_MS = 10.0
+PAYLOAD_RATE = 20
+PAYLOAD_GOAL_P50_MS = 20.0
+IN_PROCESS_REPEATS = 200
+PAYLOAD_BEFORE = {
+    "before (e12db54)": {"in process": 103.8, "rate": {"rate": 15.1, "p50": 1259.3, "p99": 3437.5},
+                         "max": {"rate": 9.8, "p50": 798.4, "p99": 1040.0}},
+    "after, same session": {"in process": 40.4, "rate": {"rate": 19.9, "p50": 78.1, "p99": 237.5},
+                            "max": {"rate": 25.7, "p50": 315.8, "p99": 449.0}},
+}
+"""Explicit payloads, commit e12db54 (before the one-pass payload path: per-column model input, model input
+prepared twice, a frame per product in the limit engine) and this code right after it, measured back to back
+on 2026-11-25 with these functions on the same bench bundle, load average 4.5 to 5.8 on 2 cores."""
 SPEEDUPS = "SCFRISK_BENCH_SPEEDUPS"
 """Optional folder holding uvloop + httptools (`pip install --target DIR uvloop httptools`): when set, our
 service is measured a second time with them on the path (uvicorn picks them up by itself)."""
@@ -151,6 +167,18 @@ def wrk(url: str, path: str, body: str, workdir: Path, seconds: int = WRK_SECOND
             "p99": _millis(re.search(r"99%\s+(\S+)", out).group(1)), "failures": 0}
 
 
+def in_process_ms(published: Path, features: dict) -> float:
+    """Median milliseconds of `Bundle.score_features` on one payload: the scoring alone, without HTTP."""
+    bundle = load_bundle(published / BUNDLES_DIR / current_bundle_id(published))
+    bundle.score_features(features)  # warm-up: first-call costs
+    times = []
+    for _ in range(IN_PROCESS_REPEATS):
+        start = time.perf_counter()
+        bundle.score_features(features)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1e3
+
+
 def batch_rows_per_second(url: str, path: str, body: str) -> float:
     headers = {"X-API-Key": KEY, "Content-Type": "application/json"}
     with httpx.Client(headers=headers, timeout=120) as client:
@@ -208,7 +236,7 @@ def main() -> None:
         batch = json.dumps({"requests": [{"features": f, **ask} for f in features]})
         split = lambda part: json.dumps({"dataframe_split": {"columns": inputs,  # noqa: E731
                                                              "data": [[r[c] for c in inputs] for r in part]}})
-        results, extra = {}, {}
+        results, payloads = {}, {}
         load = os.getloadavg()[0]
         variants = [("scfrisk", {})]
         if os.environ.get(SPEEDUPS):
@@ -220,7 +248,9 @@ def main() -> None:
                           {"SCFRISK_CONFIG": str(config), **env}, f"{url}/readyz", work / f"{port}.log")
             try:
                 results[name] = _measure(name, url, "/v1/score", single, "/v1/score/batch", batch, work)
-                extra[name] = wrk(url, "/v1/score", payload, work)
+                payloads[name] = {"rate": load_process(url, "/v1/score", payload, PAYLOAD_RATE, RATE_SECONDS),
+                                  "max": wrk(url, "/v1/score", payload, work)}
+                log.info("%s, explicit payload: %s", name, payloads[name])
             finally:
                 _stop(proc)
         port = _free_port()
@@ -235,11 +265,12 @@ def main() -> None:
                                                       "/invocations", split(rows), work)
         finally:
             _stop(proc)
+        in_process = in_process_ms(settings.path("published"), features[0])
         load = max(load, os.getloadavg()[0])
-    write_section("Scoring service", _report(results, extra, load))
+    write_section("Scoring service", _report(results, load) + _payload_report(payloads, in_process))
 
 
-def _report(results: dict[str, dict], extra: dict[str, dict], load: float) -> str:
+def _report(results: dict[str, dict], load: float) -> str:
     base, ours = results["mlflow models serve"], results["scfrisk"]
     lines = [
         "Single `/v1/score` requests for an online-store merchant with a product and an amount (answer: PD,",
@@ -277,15 +308,51 @@ def _report(results: dict[str, dict], extra: dict[str, dict], load: float) -> st
         f"{ours['batch'] / base['batch']:.2f}x (ours explains, prices and decides every row; the baseline",
         "  returns a PD).",
     ]
-    for name, r in extra.items():
-        lines.append(f"- {name}, single explicit-payload requests (SHAP on the fly), wrk max: "
-                     f"{r['rate']:,.0f} req/s, p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms.")
     if "scfrisk + uvloop/httptools" in results:
         fast = results["scfrisk + uvloop/httptools"]
         lines.append(f"- uvloop + httptools (not project dependencies): max rate "
                      f"{fast['max']['rate'] / ours['max']['rate']:.2f}x, p99 at 200 req/s "
                      f"{fast['200 req/s']['p99']:.1f} ms vs {p99:.1f} ms.")
     return "\n".join(lines)
+
+
+def _payload_report(payloads: dict[str, dict], in_process: float) -> str:
+    """Explicit payloads now, against `PAYLOAD_BEFORE` (the code before the one-pass payload path)."""
+    before, same = PAYLOAD_BEFORE["before (e12db54)"], PAYLOAD_BEFORE["after, same session"]
+    lines = [
+        "",
+        "Explicit feature payloads (a merchant outside the store, or a what-if): model input, PD, limits of",
+        "4 products and TreeSHAP reason codes computed per request, same answer fields. In process:",
+        f"`Bundle.score_features` alone, median of {IN_PROCESS_REPEATS}. Fixed rate: open-loop generator,",
+        f"{RATE_SECONDS} s. The first two rows come from an earlier session (`PAYLOAD_BEFORE`): commit",
+        "e12db54 and this code measured back to back, same functions and bundle, load average 4.5 to 5.8.",
+        "",
+        f"| code | in process p50 (ms) | p50 / p99 at {PAYLOAD_RATE} req/s (ms) | max req/s (p50 / p99 ms) |",
+        "|---|---|---|---|",
+        *(_payload_row(name, r["in process"], r) for name, r in PAYLOAD_BEFORE.items()),
+        *(_payload_row(f"{name}, this run", in_process, r) for name, r in payloads.items()),
+    ]
+    ours = payloads["scfrisk"]
+    p50 = ours["rate"]["p50"]
+    lines += [
+        "",
+        f"- Same session: in process {before['in process'] / same['in process']:.1f}x faster, max rate "
+        f"{same['max']['rate'] / before['max']['rate']:.1f}x. This run against that before: in process "
+        f"{before['in process'] / in_process:.1f}x, max rate "
+        f"{ours['max']['rate'] / before['max']['rate']:.1f}x (different loads).",
+        f"- p50 at {PAYLOAD_RATE} req/s over HTTP: {p50:.1f} ms (goal < {PAYLOAD_GOAL_P50_MS:.0f} ms: "
+        f"{'met' if p50 < PAYLOAD_GOAL_P50_MS else 'NOT met'}).",
+    ]
+    return "\n" + "\n".join(lines)
+
+
+def _payload_row(name: str, in_process: float, r: dict[str, dict]) -> str:
+    fixed, top = r["rate"], r["max"]
+    cell = f"{fixed['p50']:.1f} / {fixed['p99']:.1f}"
+    if fixed["rate"] < 0.95 * PAYLOAD_RATE:
+        cell += f" (kept up with {fixed['rate']:.0f} req/s only)"
+    top_cell = f"{top['rate']:,.0f} ({top['p50']:.1f} / {top['p99']:.1f})"
+    return f"| {name} | {in_process:.1f} | {cell} | {top_cell} |"
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ expected profit = EAD x (APR + fees) x (1 - PD) - EL - EAD x (funding + operatin
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import pandas as pd
 
@@ -97,26 +99,33 @@ def check_input(frame: pd.DataFrame, scale: MasterScale) -> None:
             )
 
 
-def _amount(frame: pd.DataFrame, column: str) -> np.ndarray:
+def _columns(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The engine's inputs as arrays, read once per call rather than once per product and use."""
+    text = ("segment", "category")
+    numbers = {name: frame[name].to_numpy(dtype=float) for name in ("pd", *FEATURES) if name not in text}
+    return {**numbers, **{name: frame[name].to_numpy() for name in text}}
+
+
+def _amount(columns: Mapping[str, np.ndarray], column: str) -> np.ndarray:
     """A money or share feature as floats; a merchant without that activity has 0, not NaN."""
-    return np.nan_to_num(frame[column].to_numpy(dtype=float), nan=0.0)
+    return np.nan_to_num(columns[column], nan=0.0)
 
 
-def exposure_base(frame: pd.DataFrame, base: ExposureBase) -> np.ndarray:
+def exposure_base(columns: Mapping[str, np.ndarray], base: ExposureBase) -> np.ndarray:
     """The collateral (or capacity) value each merchant offers for a product, before the advance rate."""
     match base:
         case UnsettledOrders():
-            return _amount(frame, "unsettled_order_value")
+            return _amount(columns, "unsettled_order_value")
         case EligibleReceivables(max_counterparty_share=cap):
-            excess = np.clip(_amount(frame, "receivables_top_counterparty_share") - cap, 0.0, 1.0)
-            return _amount(frame, "open_receivables_current") * (1.0 - excess)
+            excess = np.clip(_amount(columns, "receivables_top_counterparty_share") - cap, 0.0, 1.0)
+            return _amount(columns, "open_receivables_current") * (1.0 - excess)
         case WarehouseInventory(haircuts=haircuts, default_haircut=default):
             categories = list(haircuts)
-            codes = pd.Categorical(frame["category"], categories=categories).codes
+            codes = pd.Categorical(columns["category"], categories=categories).codes
             cut = np.append(np.array([haircuts[c] for c in categories]), default)[codes]  # code -1: default
-            return _amount(frame, "inventory_value_in_warehouse") * (1.0 - cut)
+            return _amount(columns, "inventory_value_in_warehouse") * (1.0 - cut)
         case RevenueCapacity(months_of_sales=months):
-            return months * _amount(frame, "net_sales_90d") / 3.0
+            return months * _amount(columns, "net_sales_90d") / 3.0
     raise AssertionError(f"unhandled exposure base {base!r}")  # pragma: no cover - the union is closed
 
 
@@ -135,23 +144,25 @@ def expected_profit(
     return income - pd_values * terms.lgd * ead - ead * (p.funding_rate + p.operating_rate)
 
 
-def _product_columns(frame: pd.DataFrame, product: str, policy: CreditPolicy) -> dict[str, np.ndarray]:
-    """The numbers of every row for one product; categorical columns as codes (see `_limit_table`)."""
+def _product_columns(
+    columns: Mapping[str, np.ndarray], product: str, policy: CreditPolicy
+) -> dict[str, np.ndarray]:
+    """The numbers of every merchant (`_columns`) for one product; categoricals as codes (see `_limit_table`)."""
     terms = policy.product(product)
     scale = policy.master_scale
-    n = len(frame)
-    pd_values = frame["pd"].to_numpy(dtype=float)
+    pd_values = columns["pd"]
+    n = len(pd_values)
     grade_index = scale.grade_index(pd_values)
     advance = np.zeros(len(scale.grades))
     advance[: len(terms.advance_rate)] = list(terms.advance_rate.values())
 
-    base = exposure_base(frame, terms.base)
+    base = exposure_base(columns, terms.base)
     with np.errstate(divide="ignore", over="ignore"):
         el_cap = terms.el_budget / (pd_values * terms.lgd * terms.ccf)  # PD 0: no EL bound (inf)
     caps = np.stack(
         [
             np.full(n, terms.max_limit),
-            terms.max_sales_share * _amount(frame, "net_sales_90d"),
+            terms.max_sales_share * _amount(columns, "net_sales_90d"),
             base * advance[grade_index],
             el_cap,
         ]
@@ -162,9 +173,9 @@ def _product_columns(frame: pd.DataFrame, product: str, policy: CreditPolicy) ->
     apr = apr_floor(pd_values, terms)
 
     failed = (
-        ~frame["segment"].isin(terms.segments).to_numpy(),
-        ~(frame["tenure_days"].to_numpy(dtype=float) >= terms.min_tenure_days),
-        ~(frame["net_sales_90d"].to_numpy(dtype=float) >= terms.min_net_sales_90d),
+        ~np.isin(columns["segment"], list(terms.segments)),
+        ~(columns["tenure_days"] >= terms.min_tenure_days),
+        ~(columns["net_sales_90d"] >= terms.min_net_sales_90d),
         grade_index >= len(terms.advance_rate),
         apr > terms.pricing.max_apr,
         limit < max(terms.min_limit, terms.round_to),
@@ -228,11 +239,12 @@ def _limit_table(frame: pd.DataFrame, parts: list[dict[str, np.ndarray]], policy
 
 def product_limits(frame: pd.DataFrame, product: str, policy: CreditPolicy) -> pd.DataFrame:
     """Limits of every row of `frame` for one product (input already checked by `check_input`)."""
-    return _limit_table(frame, [_product_columns(frame, product, policy)], policy, frame.index)
+    return _limit_table(frame, [_product_columns(_columns(frame), product, policy)], policy, frame.index)
 
 
 def compute_limits(merchants: pd.DataFrame, policy: CreditPolicy) -> pd.DataFrame:
     """One row per merchant x policy product, products in policy order (see `LIMIT_COLUMNS`)."""
     check_input(merchants, policy.master_scale)
-    parts = [_product_columns(merchants, product, policy) for product in policy.products]
+    columns = _columns(merchants)
+    parts = [_product_columns(columns, product, policy) for product in policy.products]
     return _limit_table(merchants, parts, policy, pd.RangeIndex(len(merchants) * len(parts)))

@@ -53,9 +53,12 @@ def clean_numeric(frame: pd.DataFrame) -> np.ndarray:
     """
     text = np.array([not pd.api.types.is_numeric_dtype(dtype) for dtype in frame.dtypes], dtype=bool)
     numbers = np.empty(frame.shape, order="F")  # columns contiguous: the model frame's block without a copy
-    numbers[:, ~text] = frame.loc[:, ~text].to_numpy(dtype=float, na_value=np.nan)
-    for j, column in zip(np.flatnonzero(text), frame.loc[:, text].to_numpy(dtype=object).T):
-        numbers[:, j] = pd.to_numeric(column, errors="coerce")
+    if not text.any():
+        numbers[:] = frame.to_numpy(dtype=float, na_value=np.nan)
+    else:
+        numbers[:, ~text] = frame.loc[:, ~text].to_numpy(dtype=float, na_value=np.nan)
+        for j, column in zip(np.flatnonzero(text), frame.loc[:, text].to_numpy(dtype=object).T):
+            numbers[:, j] = pd.to_numeric(column, errors="coerce")
     numbers[np.isin(numbers, NUMERIC_SENTINELS) | ~np.isfinite(numbers)] = np.nan
     return numbers
 
@@ -110,8 +113,8 @@ class PDModel:
 
     def raw_margin_prepared(self, inputs: pd.DataFrame) -> np.ndarray:
         """`raw_margin` of a frame `prepare` already made, so a caller that also explains it prepares once."""
-        threads = 1 if len(inputs) <= FEW_ROWS else 0
-        return self.booster.predict(model_matrix(self.booster, inputs), raw_score=True, num_threads=threads)
+        threads = {"num_threads": 1} if len(inputs) <= FEW_ROWS else {}  # else the booster's own setting
+        return self.booster.predict(model_matrix(self.booster, inputs), raw_score=True, **threads)
 
     def predict_pd(self, df: pd.DataFrame) -> np.ndarray:
         """Calibrated probability of default, one per row."""
