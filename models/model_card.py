@@ -45,8 +45,9 @@ def render_model_card(title: str, model: PDModel, split: pd.DataFrame, evaluatio
         "credit application, used for grades, limits and prices. Not for marketing or any decision on "
         "protected attributes.",
         f"## Data\nSource: {source}\n\n" + _table(split),
-        f"## Model\nLightGBM with monotone constraints, {model.calibrator.method} calibration on the validation "
-        f"cohort. {len(model.features)} features: {features}.",
+        f"## Model\nLightGBM with monotone constraints. Hyper-parameters, boosting rounds and the "
+        f"{model.calibrator.method} calibration are chosen on the validation cohort; the chosen booster is then "
+        f"refitted on train + validation (the newest cohort included). {len(model.features)} features: {features}.",
         "## Performance (out-of-time test)\n" + _table(performance)
         + f"\n\nScore PSI train vs test: {m['score_psi']:.4f}. Log loss: {m['test_log_loss']:.4f}.",
     ]

@@ -201,7 +201,8 @@ def write_metrics(outcome: TrainOutcome, path: Path | str) -> Path:
     m = outcome.metrics
     payload = {key: m[name] for key, name in METRICS_OUT_KEYS.items()}
     payload["n_test"] = int(payload["n_test"])
-    payload["n_train"] = int(outcome.split.loc["train", "rows"])
+    # The final booster learns from train + valid (`train_pd_model` refits on both).
+    payload["n_train"] = int(outcome.split.loc[["train", "valid"], "rows"].sum())
     payload.update(version=outcome.version, run_id=outcome.run_id, promoted=outcome.decision.promote)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
