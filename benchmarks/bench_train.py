@@ -11,7 +11,7 @@ The platform's true PD also depends on each merchant's health over the six month
 which no application-time feature can know; so the platform run also reports a ceiling: the logistic
 baseline fitted on the train slice to the simulator's latent health AT the application (plus product),
 what a model with perfect application-time information would reach.
-Training is the pure `train_pd_model` (search, early stopping, calibration, baseline) without MLflow, with
+Training is the pure `train_pd_model` (what `scfrisk train` runs, with the baseline) without MLflow, with
 the workspace's `[model]` settings; only the 1M run tries fewer candidates, to bound the run time.
 """
 
@@ -133,8 +133,8 @@ def main() -> None:
     ]
     body = "\n".join([
         f"`python -m benchmarks.bench_train` ({total_s / 60:.1f} min in all, peak RSS {self_peak_mb():,.0f} "
-        "MB): the pure training (`train_pd_model`: hyper-parameter search, early stopping, calibration, "
-        f"logistic baseline; no MLflow) with the workspace's `[model]` settings ({m.threads} LightGBM "
+        "MB): the pure training (`train_pd_model`, as `scfrisk train` runs it, with the logistic baseline; "
+        f"no MLflow) with the workspace's `[model]` settings ({m.threads} LightGBM "
         f"thread, at most {m.max_rounds} rounds), then the out-of-time test. Oracle = the simulator's true "
         "PD on the same test rows; baseline = logistic regression on the same slices. Load = 1-minute load "
         "average of the 2-core machine at the end of each training (wall times stretch with it; CPU "
