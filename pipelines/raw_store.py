@@ -67,21 +67,21 @@ class RawStore:
 
     def recover(self) -> bool:
         """Roll an interrupted commit forward from its journal; True if there was one to finish."""
-        journal = self.root / JOURNAL
-        if not journal.is_file():
+        if not (self.root / JOURNAL).is_file():
             return False
+        log.warning("raw store %s: finishing a commit that was interrupted", self.root)
+        self._apply_journal()
+        return True
+
+    def _apply_journal(self) -> None:
+        """Make the journal's swaps (each idempotent), write its manifest, then drop journal and staging."""
+        journal = self.root / JOURNAL
         plan = json.loads(journal.read_text())
-        log.warning(
-            "raw store %s: finishing a commit that was interrupted (%d partition swaps)",
-            self.root,
-            len(plan["swaps"]),
-        )
         for name, month in plan["swaps"]:
             self._swap_in(self.root / STAGING / name, name, month)
         _write_json(self.root / MANIFEST, plan["manifest"])
         journal.unlink()
         shutil.rmtree(self.root / STAGING, ignore_errors=True)
-        return True
 
     @property
     def snapshot_id(self) -> str | None:
@@ -188,7 +188,7 @@ class Transaction:
         if manifest != old:
             swaps = [(name, month) for name, months in changed.items() for month in months]
             _write_json(self.store.root / JOURNAL, {"swaps": swaps, "manifest": manifest})
-            self.store.recover()
+            self.store._apply_journal()
         return changed
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 import sys
 from datetime import datetime
@@ -79,12 +80,16 @@ def test_failed_batch_leaves_the_store_byte_identical(store, tmp_path):
     assert store_files(store) == before
 
 
-def test_a_commit_interrupted_mid_swap_is_finished_before_the_store_is_read(store, tmp_path, monkeypatch):
+def test_a_commit_interrupted_mid_swap_is_finished_before_the_store_is_read(
+    store, tmp_path, monkeypatch, caplog
+):
     batch = valid_batch()
     batch["orders"]["order_id"] += 100  # new orders in January and February: two partitions to swap
     clean = Settings(home=tmp_path / "clean")
     shutil.copytree(store.home, clean.home)
-    ingest(write_batch(tmp_path / "b1", {"orders": batch["orders"]}), clean, NOW)
+    with caplog.at_level(logging.WARNING, logger="pipelines.raw_store"):
+        ingest(write_batch(tmp_path / "b1", {"orders": batch["orders"]}), clean, NOW)
+    assert "interrupted" not in caplog.text, "a clean commit is not reported as a recovery"
 
     swap, swapped = RawStore._swap_in, []
 
@@ -102,7 +107,9 @@ def test_a_commit_interrupted_mid_swap_is_finished_before_the_store_is_read(stor
     monkeypatch.undo()
 
     raw = RawStore(store.path("raw_store"))
-    assert raw.snapshot_id != before  # reading the store finished the commit first
+    with caplog.at_level(logging.WARNING, logger="pipelines.raw_store"):
+        assert raw.snapshot_id != before  # reading the store finished the commit first
+    assert "finishing a commit that was interrupted" in caplog.text
     assert store_files(store) == store_files(clean)
 
 
