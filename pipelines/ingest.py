@@ -142,7 +142,9 @@ class IngestResult:
     rows: dict[str, int]
     partitions_written: dict[str, list[str]]
     store_rows: dict[str, int]
-    data_docs: Path
+    rules_checked: int
+    data_docs: Path | None
+    """Great Expectations Data Docs of the batch, when written (see `ingest.data_docs_on_success`)."""
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall seconds per stage (read, validate, write)."""
     cpu_seconds: dict[str, float] = field(default_factory=dict)
@@ -156,7 +158,10 @@ class IngestResult:
             lines.append(
                 f"  {name}: {rows:,} rows in batch, {written}, {self.store_rows.get(name, 0):,} rows stored"
             )
-        lines.append(f"snapshot {self.snapshot_id}; validation report: {self.data_docs}")
+        report = (
+            f"validation report: {self.data_docs}" if self.data_docs else "no Data Docs for a passed batch"
+        )
+        lines.append(f"snapshot {self.snapshot_id}; {self.rules_checked} validation rules passed; {report}")
         return "\n".join(lines)
 
 
@@ -214,6 +219,7 @@ def _ingest(source: Path, settings: Settings, now: datetime) -> IngestResult:
         rows=rows,
         partitions_written=written,
         store_rows={name: t["rows"] for name, t in manifest["tables"].items()},
+        rules_checked=validation.rules_checked,
         data_docs=data_docs,
         seconds=clock.seconds,
         cpu_seconds=clock.cpu_seconds,

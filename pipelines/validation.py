@@ -348,6 +348,7 @@ class BatchValidation:
         source = self.context.data_sources.add_pandas("raw_batch")
         self.batch = source.add_dataframe_asset("frame").add_batch_definition_whole_dataframe("batch")
         self.failures: list[Failure] = []
+        self.rules_checked = 0
 
     def validate(
         self,
@@ -384,14 +385,17 @@ class BatchValidation:
             results.sort(key=lambda res: position[res.expectation_config.id])
             failures = describe_failures(spec.name, results, self.settings.ingest.max_failure_examples)
         log.info("validated %s: %d rows, %d rules, %d failed", spec.name, len(frame), len(rules), len(failed))
+        self.rules_checked += len(rules)
         self.failures += failures
         return failures
 
-    def finish(self) -> Path:
-        """Write the Data Docs; raise `DataValidationError` listing every failure of the batch.
+    def finish(self) -> Path | None:
+        """Raise `DataValidationError` listing every failure of the batch, with the Data Docs it wrote.
 
-        Returns the Data Docs index so a caller can point users at the evidence of a passed batch too.
+        A passed batch gets Data Docs only with `ingest.data_docs_on_success`; returns their index then.
         """
+        if not self.failures and not self.settings.ingest.data_docs_on_success:
+            return None
         self.context.build_data_docs(site_names=[SITE])
         index = self.docs_dir / "index.html"
         if self.failures:
@@ -436,8 +440,9 @@ def validate_tables(
     reference_keys: ReferenceKeys,
     settings: Settings,
     now: datetime,
-) -> Path:
-    """Validate tables already in memory (see `BatchValidation`); the Data Docs index, or the error."""
+) -> Path | None:
+    """Validate tables already in memory (see `BatchValidation`); the Data Docs index if written, or the
+    error."""
     validation = BatchValidation(settings, now)
     for name, table in tables.items():
         checks = check_frames(specs[name], table, reference_keys)

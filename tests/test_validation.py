@@ -217,3 +217,16 @@ def test_a_timestamp_pandas_cannot_hold_is_named_not_crashed_on(settings, tmp_pa
         )
     assert "nothing was loaded: loans.maturity_at: expect_column_values_to_be_between(" in str(err.value)
     assert f"failed for {loans.num_rows} of {loans.num_rows} rows, e.g. 3000-01-01T00:00:00" in str(err.value)
+
+
+def test_a_passed_batch_gets_data_docs_only_when_asked(settings, tmp_path):
+    batch = {name: to_arrow(name, frame) for name, frame in valid_batch().items()}
+    domains = reference_keys(batch, RawStore(tmp_path / "empty"))
+    assert validate_tables(batch, TABLES, domains, settings, NOW) is None
+    assert not (settings.path("validation") / "index.html").exists()
+    asked = settings.model_copy(
+        update={"ingest": settings.ingest.model_copy(update={"data_docs_on_success": True})}
+    )
+    index = validate_tables(batch, TABLES, domains, asked, NOW)
+    assert index == settings.path("validation") / "index.html" and index.is_file()
+    assert "orders" in index.read_text()
