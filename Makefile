@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export GX_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: setup demo test browser bench docs clean
+.PHONY: setup demo test lint browser bench docs clean
 
 .tools/bin/uv:
 	$(PYTHON) -m venv .tools
@@ -27,7 +27,10 @@ browser:  ## Debian's chromium, for the test that renders the risk report in a r
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
 	  echo "warning: chromium could not be installed; the browser rendering test will be skipped"
 
-test: setup browser  ## the whole test suite
+lint: setup  ## ruff: pyflakes, pycodestyle, import order, bugbear (rules in pyproject.toml)
+	$(RUN) ruff check pipelines features models serving benchmarks tests
+
+test: setup browser lint  ## the lint, then the whole test suite
 	$(RUN) pytest
 
 bench: setup  ## benchmarks; figures go to docs/benchmarks.md

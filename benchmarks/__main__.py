@@ -3,7 +3,17 @@
 import importlib
 import sys
 
-ALL = ["bench_simulate", "bench_ingest", "bench_features", "bench_train", "bench_public", "bench_limits", "bench_explain", "bench_service", "bench_pipeline"]
+ALL = [
+    "bench_simulate",
+    "bench_ingest",
+    "bench_features",
+    "bench_train",
+    "bench_public",
+    "bench_limits",
+    "bench_explain",
+    "bench_service",
+    "bench_pipeline",
+]
 
 for name in sys.argv[1:] or ALL:
     module = importlib.import_module(f"benchmarks.{name}")

@@ -15,7 +15,6 @@ from collections.abc import Mapping
 
 from features.definitions import DERIVED, FEATURES, SOURCES, Feature, Source
 
-
 RECENT_DAYS = 180
 """Plain features reaching back at most this far share a pass over the recent facts only."""
 

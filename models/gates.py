@@ -33,7 +33,8 @@ def decide_promotion(challenger_auc: float, challenger_ece: float, score_psi: fl
         checks.append((challenger_auc >= floor, f"OOT AUC {challenger_auc:.4f} vs champion {champion_auc:.4f} "
                                                 f"- tolerance {gates.auc_tolerance} = {floor:.4f}"))
     checks.append((challenger_ece <= gates.max_ece, f"ECE {challenger_ece:.4f} <= {gates.max_ece}"))
-    checks.append((score_psi <= gates.max_score_psi, f"score PSI train vs test {score_psi:.4f} <= {gates.max_score_psi}"))
+    checks.append((score_psi <= gates.max_score_psi,
+                   f"score PSI train vs test {score_psi:.4f} <= {gates.max_score_psi}"))
     if gates.require_monotone_grades:
         checks.append((grades_monotone, "bad rate rises by grade on the OOT test"))
     reasons = tuple(f"{'pass' if ok else 'fail'}: {text}" for ok, text in checks)

@@ -51,7 +51,8 @@ class MasterScale(BaseModel):
     def grade_table(self, pd_values: np.ndarray, defaulted: np.ndarray) -> pd.DataFrame:
         """Count, mean PD and observed bad rate per grade, best first (empty grades kept, as NaN)."""
         frame = pd.DataFrame({"grade_index": self.grade_index(pd_values), "pd": pd_values, "bad": defaulted})
-        stats = frame.groupby("grade_index").agg(count=("bad", "size"), mean_pd=("pd", "mean"), bad_rate=("bad", "mean"))
+        stats = frame.groupby("grade_index").agg(count=("bad", "size"), mean_pd=("pd", "mean"),
+                                                 bad_rate=("bad", "mean"))
         stats = stats.reindex(range(len(self.grades)))
         stats.insert(0, "grade", self.names)
         stats["count"] = stats["count"].fillna(0).astype(int)

@@ -111,7 +111,8 @@ def rollback(
 def limits(
     ctx: typer.Context,
     as_of: Annotated[
-        datetime | None, typer.Option("--as-of", help="Point in time of PDs and features (default: the end of the ingested data).")
+        datetime | None,
+        typer.Option("--as-of", help="Point in time of PDs and features (default: the end of the ingested data)."),
     ] = None,
 ) -> None:
     """Credit limits of every merchant and product from the champion PD model and the credit policy."""
@@ -229,7 +230,8 @@ def features_build(
     """Training set, monthly snapshots and online vectors, recomputed only where the data changed."""
     from features.flow import build_features_flow
 
-    result = build_features_flow(settings=_settings(ctx), online_as_of=online_as_of.isoformat() if online_as_of else None)
+    as_of = online_as_of.isoformat() if online_as_of else None
+    result = build_features_flow(settings=_settings(ctx), online_as_of=as_of)
     typer.echo(result.describe())
 
 

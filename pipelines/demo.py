@@ -38,8 +38,9 @@ def _stop_previous(pid_file: Path) -> None:
 
 
 def _call(url: str, key: str | None = None, payload: dict | None = None) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode() if payload is not None else None,
-                                     headers={"Content-Type": "application/json", **({"X-API-Key": key} if key else {})})
+    headers = {"Content-Type": "application/json", **({"X-API-Key": key} if key else {})}
+    body = json.dumps(payload).encode() if payload is not None else None
+    request = urllib.request.Request(url, data=body, headers=headers)
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
 

@@ -112,7 +112,8 @@ def build_bundle(parts: BundleParts, published: Path, now: datetime | None = Non
 
 
 def check_bundle(bundle_dir: Path) -> Bundle:
-    """Verify hashes, load the bundle exactly as the service will, and re-score part of its snapshot; raise on any doubt."""
+    """Verify hashes, load the bundle exactly as the service will, and re-score part of its snapshot; raise on
+    any doubt."""
     bundle = load_bundle(bundle_dir)
     sample = bundle.snapshot.head(CHECK_ROWS)
     pd_values = bundle.model.predict_pd(sample)

@@ -23,8 +23,8 @@ from models.evaluation import Evaluation, evaluate_model
 from models.gates import GateDecision, decide_promotion
 from models.master_scale import load_master_scale
 from models.model_card import render_model_card
-from models.reason_codes import REFERENCES_KEY, reference_values
 from models.plots import calibration_plot, ks_plot, roc_plot, score_distribution_plot
+from models.reason_codes import REFERENCES_KEY, reference_values
 from models.registry import apply_decision, champion_auc_on, configure_mlflow, log_pd_model
 from models.splits import split_summary, stratified_split, time_split
 from models.training import TrainingResult, binary_target, infer_features, train_pd_model

@@ -254,7 +254,9 @@ def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
         bundle = live.require()
         scored = bundle.online.get(merchant_id)
         if scored is None:
-            raise HTTPException(404, f"merchant '{merchant_id}' is not in the online store of bundle {bundle.bundle_id}")
+            raise HTTPException(
+                404, f"merchant '{merchant_id}' is not in the online store of bundle {bundle.bundle_id}"
+            )
         return {"merchant_id": merchant_id, "pd": scored.pd, "grade": scored.grade, "limits": scored.limits,
                 "features_as_of": bundle.features_as_of, "policy_version": bundle.policy_version}
 

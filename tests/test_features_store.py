@@ -88,7 +88,8 @@ def test_build_flow_then_rerun_reuses_everything(offline, settings, prefect_serv
     assert first.online_as_of == pd.Timestamp("2024-08-01")  # month after the last order
     training = pd.read_parquet(first.training_set)
     assert list(training["application_id"]) == [3, 1]
-    assert training.set_index("application_id").loc[1, "tenure_days"] == pytest.approx((T - pd.Timestamp("2023-01-01")).days - 200)
+    tenure = training.set_index("application_id").loc[1, "tenure_days"]
+    assert tenure == pytest.approx((T - pd.Timestamp("2023-01-01")).days - 200)
     assert OnlineStore.load(offline.root).lookup("M1")["gmv_90d"] == 1420.0  # includes the order at T
     stamps = {p: p.stat().st_mtime_ns for p in [first.training_set, *first.snapshots]}
     second = build_features_flow(settings=settings)

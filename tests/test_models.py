@@ -7,7 +7,12 @@ import pandas as pd
 import pytest
 
 from models.calibration import Calibrator, choose_calibrator
-from models.evaluation import evaluate_model, expected_calibration_error, pd_metrics, population_stability_index
+from models.evaluation import (
+    evaluate_model,
+    expected_calibration_error,
+    pd_metrics,
+    population_stability_index,
+)
 from models.master_scale import load_master_scale
 from models.pd_model import PDModel, prepare_features
 from models.splits import split_summary, stratified_split, time_split

@@ -17,9 +17,9 @@ import pytest
 
 from pipelines.config import load_settings
 from pipelines.demo import _call, sample_requests, start_service
+from pipelines.validation import DataValidationError
 from serving.bundle import BUNDLES_DIR, POINTER
 from tests.conftest import REPO, SAMPLE
-from pipelines.validation import DataValidationError
 
 KEY = "e2e-test-key-0123456789abcdef"
 

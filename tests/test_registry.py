@@ -77,9 +77,11 @@ def test_run_holds_params_metrics_artifacts_and_the_pd_pyfunc(history):
     settings, frame, (_, strong, _) = history
     run = MlflowClient().get_run(strong.run_id)
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
-    assert {"lgb_num_leaves", "lgb_rounds", "seed", "calibration", "split_train_rows", "split_test_start"} <= set(params)
+    assert {"lgb_num_leaves", "lgb_rounds", "seed", "calibration", "split_train_rows",
+            "split_test_start"} <= set(params)
     assert params["split_test_rows"] == str(strong.split.loc["test", "rows"])
-    assert {"test_auc", "test_ece", "test_ks", "baseline_auc", "score_psi", "oracle_auc", "auc_gap_to_oracle"} <= set(metrics)
+    assert {"test_auc", "test_ece", "test_ks", "baseline_auc", "score_psi", "oracle_auc",
+            "auc_gap_to_oracle"} <= set(metrics)
     assert len(tags["data_hash"]) == 16 and tags["feature_set_version"] == "table" and "git_commit" in tags
     artifacts = {a.path for a in MlflowClient().list_artifacts(strong.run_id)}
     assert {"model_card.md", "gate_decision.json", "features.json", "split.json", "plots"} <= artifacts
