@@ -424,7 +424,8 @@ def format_value(value: object, unit: str) -> str:
         return "unknown"
     if unit == "category":
         return str(value)
-    return UNIT_FORMATS.get(unit, "{:,.0f}").format(float(value))  # type: ignore[arg-type]
+    text = UNIT_FORMATS.get(unit, "{:,.0f}").format(float(value))  # type: ignore[arg-type]
+    return text.removesuffix("s") if unit in ("days", "months") and text.startswith("1 ") else text
 
 
 def _validate() -> None:

@@ -244,5 +244,7 @@ def test_reason_code_formatting_and_constraints():
     assert format_value(0.18, "ratio") == "18%"
     assert format_value(12345.6, "CNY") == "CNY 12,346"
     assert format_value(float("nan"), "days") == "unknown"
+    assert [format_value(v, "days") for v in (1.2, 0.6, 11.0)] == ["1 day", "1 day", "11 days"]
+    assert format_value(1, "months") == "1 month"
     assert monotone_constraints(["segment", "refund_rate_90d", "net_sales_30d"]) == [0, 1, -1]
     assert len(FEATURES) >= 60
