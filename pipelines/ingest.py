@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import hashlib
 import logging
 import sys
 import time
@@ -27,8 +28,11 @@ from prefect import flow
 from prefect.states import Failed
 from rich.progress import Progress
 
+from pipelines import schemas as schema_code
+from pipelines import validation as validation_code
 from pipelines.config import Settings
 from pipelines.errors import ScfriskError
+from pipelines.files import file_sha256
 from pipelines.raw_store import RawStore
 from pipelines.schemas import TABLES, TableSpec
 from pipelines.validation import BatchValidation, ReferenceKeys, check_frames, to_validation_frame
@@ -110,6 +114,19 @@ def read_table(path: Path, spec: TableSpec) -> pa.Table:
         raise BatchError(f"cannot read table '{spec.name}' from {path}: {exc}") from exc
 
 
+def batch_fingerprint(paths: Mapping[str, Path]) -> str:
+    """Content hash of a batch's table files (named relative to the batch) and of the rules that check them:
+    the same files in another folder give the same fingerprint, a changed file or rule another one."""
+    digest = hashlib.sha256()
+    for name, path in paths.items():
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            digest.update(f"{name}/{file.relative_to(path.parent)}:{file_sha256(file)};".encode())
+    for module in (schema_code, validation_code):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 REFERENCED = sorted({(fk.table, fk.ref_column) for spec in TABLES.values() for fk in spec.foreign_keys})
 """Every (table, column) some foreign key points at."""
 
@@ -145,12 +162,19 @@ class IngestResult:
     rules_checked: int
     data_docs: Path | None
     """Great Expectations Data Docs of the batch, when written (see `ingest.data_docs_on_success`)."""
+    already_loaded: bool = False
+    """The store's snapshot was made by this very batch: nothing was read, validated or written."""
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall seconds per stage (read, validate, write)."""
     cpu_seconds: dict[str, float] = field(default_factory=dict)
     """CPU seconds per stage, all threads: the stable figure on a shared machine."""
 
     def describe(self) -> str:
+        if self.already_loaded:
+            return (
+                f"{self.source} is the batch already loaded into raw store {self.store} (same files, same "
+                f"rules): nothing to do; snapshot {self.snapshot_id}"
+            )
         lines = [f"ingested {sum(self.rows.values()):,} rows from {self.source} into raw store {self.store}"]
         for name, rows in self.rows.items():
             months = self.partitions_written[name]
@@ -170,7 +194,8 @@ def ingest(source: Path, settings: Settings, now: datetime | None = None) -> Ing
 
     Tables stream in dependency order: read, validate (foreign keys against the keys of the tables
     before it plus the store), stage its partitions, then drop it, so only one table is in memory.
-    `now` bounds timestamps.
+    `now` bounds timestamps. The batch that made the store's current snapshot is not ingested again
+    (a rerun of the pipeline after a later stage failed): it would pass and change nothing.
     """
     # Objects alive before the batch never become garbage here: freezing them makes each collection in
     # `_release_memory` scan only the batch's objects (0.3 s per collection otherwise).
@@ -184,6 +209,20 @@ def ingest(source: Path, settings: Settings, now: datetime | None = None) -> Ing
 def _ingest(source: Path, settings: Settings, now: datetime) -> IngestResult:
     store = RawStore(settings.path("raw_store"))
     paths = locate_tables(source)
+    fingerprint = batch_fingerprint(paths)
+    if store.loaded_batch() == fingerprint:
+        manifest = store.manifest()
+        return IngestResult(
+            source=str(source),
+            store=store.root,
+            snapshot_id=manifest["snapshot_id"],
+            rows={},
+            partitions_written={},
+            store_rows={name: t["rows"] for name, t in manifest["tables"].items()},
+            rules_checked=0,
+            data_docs=None,
+            already_loaded=True,
+        )
     validation = BatchValidation(settings, now)
     clock = _Stopwatch()
     domains: dict[tuple[str, str], pa.Array] = {}
@@ -210,7 +249,7 @@ def _ingest(source: Path, settings: Settings, now: datetime) -> IngestResult:
                 _release_memory()
             progress.advance(task)
         data_docs = clock.time("validate", validation.finish)
-        written = clock.time("write", staging.commit)
+        written = clock.time("write", staging.commit, fingerprint)
     manifest = store.manifest()
     return IngestResult(
         source=str(source),

@@ -3,7 +3,8 @@
 Every table is partitioned by the month of its own time column (see `pipelines.schemas`). Readers glob
 `table_glob(name)` (DuckDB: `read_parquet(glob)`), and never depend on the partition column. The manifest
 records what is in the store; its `snapshot_id` changes exactly when the data does, so downstream stages
-can reuse work computed on the same snapshot.
+can reuse work computed on the same snapshot. It also names the batch (a fingerprint of its files) whose
+commit made that snapshot, so the same batch is not ingested twice.
 
 Writes are all or nothing and incremental: only the partitions a batch touches are rebuilt (upserted by
 the table's key, sorted by it, written deterministically) in a staging folder, then renamed into place,
@@ -86,6 +87,10 @@ class RawStore:
     @property
     def snapshot_id(self) -> str | None:
         return self.manifest()["snapshot_id"]
+
+    def loaded_batch(self) -> str | None:
+        """Fingerprint of the batch whose commit made the current snapshot (None if unknown)."""
+        return self.manifest().get("batch")
 
     def distinct_values(self, name: str, column: str) -> pa.Array:
         """Every stored value of a column (the domain of foreign keys pointing at it)."""
@@ -177,10 +182,18 @@ class Transaction:
         """Write a validated table's touched partitions to staging (schema-conformed, keys unique)."""
         self.staged[name] = self.store._stage(TABLES[name], table, self.staging / name)
 
-    def commit(self) -> dict[str, list[str]]:
-        """Swap the staged partitions in; return the months rewritten per table."""
+    def commit(self, batch: str | None = None) -> dict[str, list[str]]:
+        """Swap the staged partitions in; return the months rewritten per table.
+
+        `batch` (a fingerprint of the batch's files) is recorded as the one that made the new snapshot, when
+        the data changed: `loaded_batch` then tells a caller that re-ingesting it would change nothing.
+        """
         old = self.store.manifest()
         manifest = _next_manifest(old, self.staged)
+        if manifest["snapshot_id"] != old["snapshot_id"]:
+            manifest["batch"] = batch
+        else:
+            manifest = old
         changed = {
             name: [m for m, part in parts.items() if _entry(old, name, m) != part.get("sha256")]
             for name, parts in self.staged.items()

@@ -61,9 +61,24 @@ def test_batch_lands_partitioned_by_month_with_a_manifest(store):
 
 def test_reingesting_the_same_data_changes_nothing(store, tmp_path):
     before = store_files(store)
-    result = ingest(write_batch(tmp_path / "again", valid_batch()), store, NOW)
+    result = ingest(write_batch(tmp_path / "again", valid_batch(), fmt="csv"), store, NOW)  # new files
+    assert not result.already_loaded and result.rules_checked > 0
     assert store_files(store) == before
+    assert set(result.partitions_written) == set(valid_batch())
     assert all(months == [] for months in result.partitions_written.values())
+
+
+def test_the_batch_that_made_the_snapshot_is_not_ingested_again(store, tmp_path):
+    """A pipeline rerun after a later stage failed: same files, same rules, nothing to read or validate."""
+    before = store_files(store)
+    again = ingest(write_batch(tmp_path / "copy", valid_batch()), store, NOW)  # same bytes, another folder
+    assert again.already_loaded and again.rules_checked == 0
+    assert "already loaded" in again.describe() and store_files(store) == before
+
+    batch = valid_batch()
+    batch["orders"].loc[0, "amount"] = 99.0  # one value changed: a new batch, validated and loaded
+    changed = ingest(write_batch(tmp_path / "changed", batch), store, NOW)
+    assert not changed.already_loaded and changed.partitions_written["orders"] == ["2024-01"]
 
 
 def test_failed_batch_leaves_the_store_byte_identical(store, tmp_path):
