@@ -1,7 +1,8 @@
 """`scfrisk run` on data_samples/: wall time and peak memory of the whole pipeline, first run vs a rerun.
 
 The first run computes every stage in a new workspace; the rerun on unchanged inputs is the baseline
-that shows what stage reuse saves (it still validates the batch and re-publishes). Both include Prefect's
+that shows what stage reuse saves (the batch already loaded is not re-validated, training is reused; the
+reason codes, limits and bundle are still rebuilt and re-published). Both include Prefect's
 temporary server start, as a user's command does; the issue's goal is < 2 min for the first run.
 """
 
