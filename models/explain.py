@@ -57,16 +57,17 @@ def model_matrix(booster: lgb.Booster, X: pd.DataFrame) -> np.ndarray:
     missing = [name for name in names if name not in X.columns]
     if missing:
         raise ScfriskError(f"model input lacks feature(s) {missing[:10]} that the booster was trained on")
-    levels = iter(booster.pandas_categorical or [])
-    columns = []
-    for name in names:
-        column = X[name]
-        if isinstance(column.dtype, pd.CategoricalDtype):
-            codes = pd.Categorical(column, categories=next(levels)).codes.astype(float)
-            columns.append(np.where(codes < 0, np.nan, codes))
-        else:
-            columns.append(column.to_numpy(float))
-    return np.column_stack(columns)
+    frame = X[names]
+    categorical = [isinstance(dtype, pd.CategoricalDtype) for dtype in frame.dtypes]
+    if not any(categorical):
+        return frame.to_numpy(float)
+    matrix = np.empty(frame.shape)
+    numeric = np.flatnonzero(~np.array(categorical))
+    matrix[:, numeric] = frame.iloc[:, numeric].to_numpy(float)  # one block, not a column at a time
+    for j, levels in zip(np.flatnonzero(categorical), booster.pandas_categorical or []):
+        codes = pd.Categorical(frame.iloc[:, j], categories=levels).codes.astype(float)
+        matrix[:, j] = np.where(codes < 0, np.nan, codes)
+    return matrix
 
 
 def explain(
