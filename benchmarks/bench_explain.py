@@ -122,9 +122,10 @@ times are inflated, ratios within the run are the comparable figures).
 
 TreeSHAP cost is per row, so 100,000 rows take about {native_s / rows * 1e5:,.0f} s at this rate (both
 cores, on a machine shared with other jobs during the run). Both are exact TreeSHAP and agree to {same:.1e}; shap
-0.51 delegates LightGBM boosters to `pred_contrib` itself, so the gap is the overhead shap adds around
-that same call (its input conversion and threading; not measured apart). We call `pred_contrib` directly on a float matrix: one dependency less, and
-LightGBM's categorical splits handled natively (shap's own C++ TreeSHAP mis-handles them). Additivity:
+0.51 delegates LightGBM boosters to `pred_contrib` itself, so any gap is the overhead shap adds around
+that same call (input conversion and threading): none on an idle machine (this run, 2026-11-26, load 1.6),
+3.2x at load 3.6 (2026-11-25: 358 s against 113 s). We call `pred_contrib` directly on a float matrix: one
+dependency less, and LightGBM's categorical splits handled natively (shap's own C++ TreeSHAP mis-handles them). Additivity:
 max |base + sum(SHAP) - raw margin| = {additivity:.1e}. Audit Parquet of all rows: {parquet_s:.1f} s,
 {parquet_mb:.1f} MB.
 
