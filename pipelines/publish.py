@@ -157,10 +157,21 @@ def switch_to(published: Path, bundle_id: str) -> None:
 
 
 def publish(parts: BundleParts, settings: Settings) -> str:
-    """Build, check and switch in a bundle; a bundle that fails a check is moved to `rejected/`."""
+    """Build, check and switch in a bundle; a bundle that fails a check is moved to `rejected/`.
+
+    A bundle with the live one's content (same files, versions and as-of) is not published again: the
+    live id stays, so the audit trail names one bundle per distinct content.
+    """
     published = settings.path("published")
     staging = build_bundle(parts, published)
     bundle_id = read_manifest(staging)["bundle_id"]
+    live = current_bundle_id(published)
+    if live is not None and _content(read_manifest(published / BUNDLES_DIR / live)) == _content(
+        read_manifest(staging)
+    ):
+        shutil.rmtree(staging)
+        log.info("bundle content unchanged: %s stays live", live)
+        return live
     try:
         check_bundle(staging)
     except ScfriskError as exc:
@@ -172,6 +183,10 @@ def publish(parts: BundleParts, settings: Settings) -> str:
     os.replace(staging, published / BUNDLES_DIR / bundle_id)
     switch_to(published, bundle_id)
     return bundle_id
+
+
+def _content(manifest: dict) -> dict:
+    return {key: value for key, value in manifest.items() if key not in ("bundle_id", "created_at")}
 
 
 def list_bundles(published: Path) -> list[str]:

@@ -79,6 +79,7 @@ def test_rerun_on_unchanged_inputs_reuses_training(pipeline, platform):
     assert again.trained_version is None
     assert again.champion_version == first.champion_version
     assert again.snapshot_id == first.snapshot_id
+    assert again.bundle_id == first.bundle_id, "the same content is not published twice"
 
 
 def test_a_failing_stage_publishes_nothing(pipeline, platform, tmp_path):

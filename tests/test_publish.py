@@ -37,6 +37,15 @@ def test_publish_writes_a_hashed_bundle_and_switches_the_pointer(tmp_path, model
     assert not list(published.glob(".staging-*")) and not (published / "CURRENT.tmp").exists()
 
 
+def test_the_live_content_is_not_published_again(tmp_path, models, snapshot):
+    settings = Settings(home=tmp_path / "home")
+    first = publish(make_parts(tmp_path / "a", models[0], snapshot), settings)
+    assert publish(make_parts(tmp_path / "b", models[0], snapshot), settings) == first
+    assert list_bundles(settings.path("published")) == [first]
+    other = publish(make_parts(tmp_path / "c", models[1], snapshot), settings)
+    assert other != first and current_bundle_id(settings.path("published")) == other
+
+
 def test_bundle_whose_limits_come_from_another_model_is_never_switched_in(tmp_path, models, snapshot):
     settings = Settings(home=tmp_path / "home")
     good = publish(make_parts(tmp_path, models[0], snapshot), settings)
