@@ -121,7 +121,9 @@ def check_bundle(bundle_dir: Path) -> Bundle:
         raise BundleCheckError(f"the model scores non-finite or out-of-range PDs on {FEATURES_FILE}")
     missing = sorted(set(sample["merchant_id"]) - set(bundle.online))
     if missing:
-        raise BundleCheckError(f"{LIMITS_FILE} has no rows for {len(missing)} snapshot merchants, e.g. {missing[:3]}")
+        raise BundleCheckError(
+            f"{LIMITS_FILE} has no rows for {len(missing)} snapshot merchants, e.g. {missing[:3]}"
+        )
     stored = np.array([bundle.online[m].pd for m in sample["merchant_id"]])
     worst = float(np.max(np.abs(stored - pd_values))) if len(stored) else 0.0
     if worst > PD_TOLERANCE:
@@ -164,11 +166,10 @@ def publish(parts: BundleParts, settings: Settings) -> str:
     """
     published = settings.path("published")
     staging = build_bundle(parts, published)
-    bundle_id = read_manifest(staging)["bundle_id"]
+    manifest = read_manifest(staging)
+    bundle_id = manifest["bundle_id"]
     live = current_bundle_id(published)
-    if live is not None and _content(read_manifest(published / BUNDLES_DIR / live)) == _content(
-        read_manifest(staging)
-    ):
+    if live is not None and _content(read_manifest(published / BUNDLES_DIR / live)) == _content(manifest):
         shutil.rmtree(staging)
         log.info("bundle content unchanged: %s stays live", live)
         return live

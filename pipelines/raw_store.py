@@ -190,15 +190,12 @@ class Transaction:
         """
         old = self.store.manifest()
         manifest = _next_manifest(old, self.staged)
-        if manifest["snapshot_id"] != old["snapshot_id"]:
-            manifest["batch"] = batch
-        else:
-            manifest = old
         changed = {
             name: [m for m, part in parts.items() if _entry(old, name, m) != part.get("sha256")]
             for name, parts in self.staged.items()
         }
-        if manifest != old:
+        if manifest["snapshot_id"] != old["snapshot_id"]:  # else every byte stays as it is
+            manifest["batch"] = batch
             swaps = [(name, month) for name, months in changed.items() for month in months]
             _write_json(self.store.root / JOURNAL, {"swaps": swaps, "manifest": manifest})
             self.store._apply_journal()

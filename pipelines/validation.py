@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 SITE = "scfrisk"
 TABLE, KEYS, GAPS = "table", "keys", "gaps"
+REJECTED = "batch rejected, nothing was loaded: "
 ReferenceKeys = Mapping[tuple[str, str], pa.Array]
 """Allowed values of each referenced (table, column): the batch's keys plus the store's (unique)."""
 
@@ -165,9 +166,7 @@ def to_validation_frame(table: pa.Table, name: str) -> pd.DataFrame:
         failures = list(_outside_nanoseconds(name, table))
         if not failures:
             raise
-        raise DataValidationError(
-            "batch rejected, nothing was loaded: " + "; ".join(str(f) for f in failures)
-        ) from exc
+        raise DataValidationError(REJECTED + "; ".join(str(f) for f in failures)) from exc
 
 
 def _outside_nanoseconds(name: str, table: pa.Table) -> Iterable[Failure]:
@@ -375,13 +374,15 @@ class BatchValidation:
         failed.sort(key=rules.index)
         failures: list[Failure] = []
         if failed:
-            checks = [(make(), columns) for make, columns in {r.explain: r.columns for r in failed}.items()]
+            explainers = [
+                (make(), columns) for make, columns in {r.explain: r.columns for r in failed}.items()
+            ]
             results: list[Any] = []
-            for columns in dict.fromkeys(c for _, c in checks):
-                group = [check for check, c in checks if c == columns]
+            for columns in dict.fromkeys(c for _, c in explainers):
+                group = [explainer for explainer, c in explainers if c == columns]
                 name = _suite_name(f"{spec.name}.failures", columns)
                 results += self._run(name, group, _narrow(frame, columns), "BASIC").results
-            position = {check.id: i for i, (check, _) in enumerate(checks)}
+            position = {explainer.id: i for i, (explainer, _) in enumerate(explainers)}
             results.sort(key=lambda res: position[res.expectation_config.id])
             failures = describe_failures(spec.name, results, self.settings.ingest.max_failure_examples)
         log.info("validated %s: %d rows, %d rules, %d failed", spec.name, len(frame), len(rules), len(failed))
@@ -401,7 +402,7 @@ class BatchValidation:
         if self.failures:
             tables_failed = sorted({f.table for f in self.failures})
             raise DataValidationError(
-                f"batch rejected, nothing was loaded: {len(self.failures)} expectation(s) failed on "
+                f"{REJECTED}{len(self.failures)} expectation(s) failed on "
                 f"{', '.join(tables_failed)}: "
                 + "; ".join(str(f) for f in self.failures)
                 + f" (GX Data Docs: {index})"
