@@ -186,7 +186,13 @@ def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
     app = FastAPI(
         title="scfrisk scoring service",
         version="1",
-        description="PD, grade, limits per product, decision and reason codes for platform merchants.",
+        description=(
+            "PD, grade, limits per product, decision and reason codes for platform merchants. An explicit "
+            "`features` payload carries every input of the live model (GET /v1/model), `null` when unknown; at "
+            f"most {service.max_missing_share:.0%} of the model's inputs may be unknown (`[service]."
+            "max_missing_share`), and non-finite numbers, wrong types and unknown keys are refused with 422 "
+            "naming the field."
+        ),
         lifespan=lifespan,
     )
     app.state.live = live
@@ -370,10 +376,13 @@ def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
     def openapi() -> dict[str, Any]:
         """The OpenAPI schema, with the live policy's products as the values `product` may take."""
         schema = copy.deepcopy(static_openapi())
+        components = schema["components"]["schemas"]
+        # batch items are validated one by one in the handler; pydantic documents them inline, point them at
+        # the one ScoreRequest schema instead
+        components["BatchRequest"]["properties"]["requests"]["items"] = {"$ref": "#/components/schemas/ScoreRequest"}
         bundle = live.bundle
         if bundle is not None:
             products = list(bundle.policy.products)
-            components = schema["components"]["schemas"]
             for field in (components["ScoreRequest"]["properties"]["product"],
                           components["ProductLimit"]["properties"]["product"]):
                 text = next((s for s in field.get("anyOf", []) if s.get("type") == "string"), field)

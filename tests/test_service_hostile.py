@@ -276,6 +276,7 @@ def _random_request(rng: np.random.Generator, svc) -> dict:
     return body
 
 
+@pytest.mark.slow
 def test_a_thousand_random_decisions_replay_from_their_audit_lines(svc):
     """Every decision can be reproduced from its audit line alone: 100 single calls and 900 in batches."""
     client, rng = svc["client"], np.random.default_rng(2026)
