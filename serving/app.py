@@ -59,6 +59,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": Problem, "description": "Request body or batch larger than the configured maximum."},
     503: {"model": Problem, "description": "No bundle published or loaded yet."},
 }
+MAX_PROBLEMS = 20
+"""Errors listed in one 422 body (or one batch item's detail); the rest are counted."""
 NOT_FOUND = {404: {"model": Problem, "description": "Unknown merchant, report or bundle."}}
 UNREADABLE = {400: {"model": Problem, "description": "The body cannot be read as text (not UTF-8)."}}
 
@@ -112,6 +114,16 @@ def _short(value: Any) -> Any:
     return value[:MAX_TEXT] + "..." if isinstance(value, str) and len(value) > MAX_TEXT else value
 
 
+def _problems(errors: list[dict[str, Any]], loc: list[Any]) -> list[dict[str, Any]]:
+    """`_problem` of each error, the first `MAX_PROBLEMS` of them: a body of 20,000 junk keys gets a short
+    refusal, not one line per key."""
+    listed = [_problem(error, loc) for error in errors[:MAX_PROBLEMS]]
+    if len(errors) > MAX_PROBLEMS:
+        listed.append({"type": "too_many_errors", "loc": [*loc] or ["body"],
+                       "msg": f"{len(errors) - MAX_PROBLEMS} more problems not listed"})
+    return listed
+
+
 def _problem(error: dict[str, Any], loc: list[Any]) -> dict[str, Any]:
     """A pydantic error as strict JSON that cannot grow with the input: the offending value is echoed only
     when it is a finite number, a boolean or short text, and a long key in `loc` is cut short."""
@@ -119,8 +131,8 @@ def _problem(error: dict[str, Any], loc: list[Any]) -> dict[str, Any]:
     loc = [_short(part) for part in (*loc, *error["loc"])]
     message = error["msg"]
     if error["type"] == "extra_forbidden":
-        kind = "feature (see GET /v1/model for the inputs)" if "features" in loc[:-1] else "field"
-        message = f"unknown {kind} '{loc[-1]}'"
+        message = (f"unknown feature '{loc[-1]}': not in the feature catalogue (GET /v1/model lists the inputs)"
+                   if "features" in loc[:-1] else f"unknown field '{loc[-1]}'")
     problem = {"type": error["type"], "loc": loc, "msg": message}
     safe = (value is None or isinstance(value, bool | int) or (isinstance(value, float) and math.isfinite(value))
             or (isinstance(value, str) and len(value) <= MAX_TEXT))
@@ -212,7 +224,7 @@ def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Any, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": [_problem(error, []) for error in exc.errors()]}, status_code=422)
+        return JSONResponse({"detail": _problems(list(exc.errors()), [])}, status_code=422)
 
     def answer(bundle: Bundle, scored: Scored, req: ScoreRequest, inputs: dict[str, Any] | None, caller: ApiKey,
                request_id: str) -> dict[str, Any]:
@@ -318,7 +330,7 @@ def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
                 req = ScoreRequest.model_validate(item)
                 accepted.append((i, req, check_request(bundle, req, loc)))
             except ValidationError as exc:
-                problems = [_problem(error, loc) for error in exc.errors()]
+                problems = _problems(exc.errors(), loc)
                 detail = "; ".join(f"{'.'.join(map(str, p['loc'][3:])) or 'item'}: {p['msg']}" for p in problems)
                 results[i] = {"status": 422, "detail": detail, "loc": problems[0]["loc"]}
             except Refused as exc:

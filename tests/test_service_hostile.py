@@ -171,6 +171,11 @@ def test_unknown_feature_keys_are_refused_and_never_logged(svc):
     assert len(response.content) < 2_000  # the refusal does not echo the junk either
     small = client.post("/v1/score", json={"features": {**_features(svc), "net_sales_91d": 1.0}})
     assert _problem(small)[0]["loc"] == ["body", "features", "net_sales_91d"]
+    many = client.post("/v1/score", json={"features": {f"k{i}": 1 for i in range(20_000)}})
+    detail = _problem(many)
+    assert len(many.content) < 5_000 and detail[-1]["msg"] == "19980 more problems not listed"
+    batch = client.post("/v1/score/batch", json={"requests": [{"features": {f"k{i}": 1 for i in range(20_000)}}]})
+    assert batch.status_code == 200 and len(batch.content) < 5_000
     assert _audit_size(svc) == before
 
 
