@@ -59,10 +59,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": Problem, "description": "Request body or batch larger than the configured maximum."},
     503: {"model": Problem, "description": "No bundle published or loaded yet."},
 }
+NOT_FOUND = {404: {"model": Problem, "description": "Unknown merchant, report or bundle."}}
+UNREADABLE = {400: {"model": Problem, "description": "The body cannot be parsed (not UTF-8, or nested too deep)."}}
 MAX_PROBLEMS = 20
 """Errors listed in one 422 body (or one batch item's detail); the rest are counted."""
-NOT_FOUND = {404: {"model": Problem, "description": "Unknown merchant, report or bundle."}}
-UNREADABLE = {400: {"model": Problem, "description": "The body cannot be read as text (not UTF-8)."}}
 
 
 class LiveBundle:
