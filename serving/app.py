@@ -386,7 +386,7 @@ def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
     static_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
-        """The OpenAPI schema, with the live policy's products as the values `product` may take."""
+        """The OpenAPI schema, with the live policy's products and grades as the values they may take."""
         schema = copy.deepcopy(static_openapi())
         components = schema["components"]["schemas"]
         # batch items are validated one by one in the handler; pydantic documents them inline, point them at
@@ -395,10 +395,12 @@ def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
         bundle = live.bundle
         if bundle is not None:
             products = list(bundle.policy.products)
-            for field in (components["ScoreRequest"]["properties"]["product"],
-                          components["ProductLimit"]["properties"]["product"]):
+            grades = [grade.grade for grade in bundle.policy.master_scale.grades]
+            for model, name, values in (("ScoreRequest", "product", products), ("ProductLimit", "product", products),
+                                        ("ScoreResponse", "grade", grades), ("MerchantLimits", "grade", grades)):
+                field = components[model]["properties"][name]
                 text = next((s for s in field.get("anyOf", []) if s.get("type") == "string"), field)
-                text["enum"] = products
+                text["enum"] = values
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

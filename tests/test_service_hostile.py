@@ -244,6 +244,8 @@ def test_openapi_enumerates_products_and_outcomes_and_has_examples(svc):
     assert enum(schemas["ScoreRequest"]["properties"]["product"]) == products
     assert enum(schemas["ProductLimit"]["properties"]["product"]) == products
     assert enum(schemas["Decision"]["properties"]["outcome"]) == ["approve", "counter_offer", "refer", "decline"]
+    assert enum(schemas["ScoreResponse"]["properties"]["grade"]) == list("ABCDEFG")
+    assert "$ref" in schemas["BatchRequest"]["properties"]["requests"]["items"]
     assert schemas["ScoreRequest"]["examples"] and schemas["ScoreResponse"]["examples"]
     assert schemas["BatchRequest"]["examples"] and schemas["BatchItemError"]["examples"]
     features = schemas["Features"]["properties"]
