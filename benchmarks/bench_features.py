@@ -41,10 +41,14 @@ class SimulatorFolder(RawStore):
     """The simulator's `<table>/part-*.parquet` layout seen as a raw store (no manifest: never reused)."""
 
     def table_glob(self, name: str) -> str:
-        return str(self.table_dir(name) / "*.parquet")
+        return str(Path(self.root) / name / "*.parquet")
 
     def has_table(self, name: str) -> bool:
-        return any(self.table_dir(name).glob("*.parquet"))
+        return any((Path(self.root) / name).glob("*.parquet"))
+
+    def register(self, con: duckdb.DuckDBPyConnection, name: str) -> str:
+        con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM read_parquet('{self.table_glob(name)}')")
+        return name
 
 
 def applications(store: RawStore, n: int) -> pd.DataFrame:
@@ -99,19 +103,19 @@ def vectorised_baseline(orders: pd.DataFrame, entities: pd.DataFrame) -> pd.Data
 def child(step: str, data: str, out: str) -> None:
     """One measured step in its own process; prints its figures as JSON."""
     from features.definitions import feature
-    from features.training_set import compute_features, get_training_set, normalise_entities, table_readers
+    from features.training_set import compute_features, get_training_set, normalise_entities
 
     store = SimulatorFolder(data)
     entities = applications(store, N_LOOP_SAMPLE if step == "pandas_loop" else N_APPLICATIONS)
     if step.startswith("pandas"):
         keys = normalise_entities(entities)[["merchant_id", "as_of"]].drop_duplicates()
-        orders = pd.read_parquet(store.table_dir("orders"), columns=ORDER_COLUMNS)
+        orders = pd.read_parquet(Path(store.root) / "orders", columns=ORDER_COLUMNS)
     start, cpu_start = time.perf_counter(), time.process_time()
     if step == "full":
         result = get_training_set(entities, store)
     elif step == "duckdb_subset":
         result = compute_features(
-            normalise_entities(entities), table_readers(store), features=tuple(feature(f) for f in SUBSET)
+            normalise_entities(entities), store, features=tuple(feature(f) for f in SUBSET)
         )
     elif step == "pandas_loop":
         result = loop_baseline(orders, keys)

@@ -21,7 +21,8 @@ def application_outcomes(raw_store: RawStore, horizon_months: int = 12) -> pd.Da
     horizon has fully elapsed by the store's last observation, so a 0 is a real non-default)."""
     if not 1 <= int(horizon_months) <= 120:
         raise ScfriskError(f"label horizon must be 1-120 months, got {horizon_months}")
-    t = table_readers(raw_store)
+    con = duckdb.connect()
+    t = table_readers(raw_store, con, ["loan_applications", "loans", "loan_performance"])
     horizon = f"INTERVAL {int(horizon_months)} MONTH"
     sql = f"""
         SELECT a.application_id, l.loan_id, a.merchant_id, a.applied_at AS as_of, a.product,
@@ -36,6 +37,6 @@ def application_outcomes(raw_store: RawStore, horizon_months: int = 12) -> pd.Da
         GROUP BY ALL
         ORDER BY as_of, application_id
     """
-    out = duckdb.connect().execute(sql).df()
+    out = con.execute(sql).df()
     out["outcome_complete"] = out["outcome_complete"].fillna(False).astype(bool)
     return out

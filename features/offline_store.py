@@ -72,8 +72,9 @@ class OfflineStore:
 
     def merchants_as_of(self, as_of: pd.Timestamp) -> pd.DataFrame:
         """Entity frame of every merchant onboarded strictly before as_of."""
-        merchants = table_readers(self.raw_store)["merchants"]
-        return duckdb.connect().execute(
+        con = duckdb.connect()
+        merchants = table_readers(self.raw_store, con, ["merchants"])["merchants"]
+        return con.execute(
             f"SELECT merchant_id, ?::TIMESTAMP AS as_of FROM {merchants} "
             "WHERE onboarded_at < ?::TIMESTAMP ORDER BY merchant_id",
             [pd.Timestamp(as_of).to_pydatetime()] * 2,
@@ -105,8 +106,9 @@ class OfflineStore:
 
 def month_starts(raw_store: RawStore) -> list[pd.Timestamp]:
     """First instant of every month after the first order, up to the month after the last one."""
-    orders = table_readers(raw_store)["orders"]
-    first, last = duckdb.connect().execute(f"SELECT min(ordered_at), max(ordered_at) FROM {orders}").fetchone()
+    con = duckdb.connect()
+    orders = table_readers(raw_store, con, ["orders"])["orders"]
+    first, last = con.execute(f"SELECT min(ordered_at), max(ordered_at) FROM {orders}").fetchone()
     if first is None:
         return []
     return list(pd.date_range(pd.Timestamp(first).to_period("M").to_timestamp() + pd.offsets.MonthBegin(1),

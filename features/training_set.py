@@ -1,13 +1,13 @@
 """Point-in-time feature retrieval: entity rows (merchant_id, as_of, ...) in, the same rows plus features out.
 
 Every feature sees only facts strictly before the row's own `as_of` (see `features.definitions`). The work
-runs in DuckDB over the raw store's Parquet files, in batches of merchants so memory stays bounded.
+runs in DuckDB over the raw store's tables, in batches of merchants so memory stays bounded.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable
 
 import duckdb
 import numpy as np
@@ -26,40 +26,19 @@ KEYS = ["merchant_id", "as_of"]
 DEFAULT_BATCH_ROWS = 200_000
 
 
-def table_readers(raw_store: RawStore) -> dict[str, str]:
-    """SQL readers of the raw tables the features use; a table with no data reads as empty."""
+def table_readers(raw_store: RawStore, con: duckdb.DuckDBPyConnection, names: Iterable[str] = ()) -> dict[str, str]:
+    """Make the raw tables (default: those the features use) readable in `con`; their view names.
+
+    Each is an Arrow dataset of the store's snapshot, so DuckDB pushes filters and projections into the scan
+    of its files wherever they live; a table with no data reads as empty."""
     if not any(raw_store.has_table(name) for name in TABLES):
         raise ScfriskError(f"raw store {raw_store.root} holds no data; run `scfrisk ingest` first")
-    return {
-        name: (
-            f"read_parquet('{_quoted(raw_store.table_glob(name))}', hive_partitioning = false)"
-            if raw_store.has_table(name)
-            else _empty_relation(name)
-        )
-        for name in sorted(source_tables(FEATURES))
-    }
-
-
-def _quoted(path: str) -> str:
-    return path.replace("'", "''")
-
-
-def _empty_relation(name: str) -> str:
-    log.warning("raw table %s has no data; features from it are empty", name)
-    columns = ", ".join(
-        f"CAST(NULL AS {_DUCKDB_TYPES[str(c.type)]}) AS {c.name}" for c in TABLES[name].columns
-    )
-    return f"(SELECT {columns} WHERE false)"
-
-
-_DUCKDB_TYPES = {
-    "string": "VARCHAR",
-    "int8": "TINYINT",
-    "int32": "INTEGER",
-    "int64": "BIGINT",
-    "double": "DOUBLE",
-    "timestamp[us]": "TIMESTAMP",
-}
+    out = {}
+    for name in sorted(names or source_tables(FEATURES)):
+        if not raw_store.has_table(name):
+            log.warning("raw table %s has no data; features from it are empty", name)
+        out[name] = raw_store.register(con, name)
+    return out
 
 
 def normalise_entities(entity_df: pd.DataFrame) -> pd.DataFrame:
@@ -97,7 +76,7 @@ def _merchant_batches(entities: pd.DataFrame, batch_rows: int) -> list[pd.DataFr
 
 def compute_features(
     entities: pd.DataFrame,
-    tables: Mapping[str, str],
+    raw_store: RawStore,
     batch_rows: int = DEFAULT_BATCH_ROWS,
     features: tuple[Feature, ...] = FEATURES,
 ) -> pd.DataFrame:
@@ -105,7 +84,7 @@ def compute_features(
 
     `features` may be a subset, as long as it includes what its derived features use."""
     con = duckdb.connect()
-    sql = features_sql(tables, features)
+    sql = features_sql(table_readers(raw_store, con), features)
     batches = _merchant_batches(entities[KEYS].drop_duplicates(), batch_rows)
     parts = []
     for batch in track(batches, description="features", disable=len(batches) < 2):
@@ -125,6 +104,6 @@ def get_training_set(
 ) -> pd.DataFrame:
     """The entity rows, in order and with every other column unchanged, plus all features as of each row."""
     entities = normalise_entities(entity_df)
-    features = compute_features(entities, table_readers(raw_store), batch_rows)
+    features = compute_features(entities, raw_store, batch_rows)
     log.info("computed %d features for %d entity rows", len(FEATURES), len(entities))
     return entities.merge(features, on=KEYS, how="left", validate="many_to_one")

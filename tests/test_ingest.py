@@ -12,6 +12,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 import pytest
+from deltalake import DeltaTable
 
 from pipelines.cli import run
 from pipelines.config import Settings
@@ -47,16 +48,22 @@ def store(loaded: Path, tmp_path: Path) -> Settings:
     return Settings(home=tmp_path / "home")
 
 
+def orders_rows(raw: RawStore) -> list[tuple]:
+    con = duckdb.connect()
+    return con.sql(f"SELECT order_id, status FROM {raw.register(con, 'orders')} ORDER BY order_id").fetchall()
+
+
 def test_batch_lands_partitioned_by_month_with_a_manifest(store):
     raw = RawStore(store.path("raw_store"))
     manifest = raw.manifest()
     assert manifest["tables"]["orders"]["rows"] == 6
     assert sorted(manifest["tables"]["orders"]["partitions"]) == ["2024-01", "2024-02"]
-    months = duckdb.sql(
-        f"SELECT DISTINCT strftime(ordered_at, '%Y-%m') FROM read_parquet('{raw.table_glob('orders')}')"
-    )
+    assert sorted(p["month"] for p in DeltaTable(raw.table_url("orders")).partitions()) == ["2024-01", "2024-02"]
+    con = duckdb.connect()
+    months = con.sql(f"SELECT DISTINCT strftime(ordered_at, '%Y-%m') FROM {raw.register(con, 'orders')}")
     assert len(months.fetchall()) == 2
-    assert raw.snapshot_id and not (raw.root / "_staging").exists()
+    assert raw.versions == {name: 0 for name in valid_batch()}  # one Delta commit per table
+    assert raw.snapshot_id and not (raw.root / "_commit.json").exists()
 
 
 def test_reingesting_the_same_data_changes_nothing(store, tmp_path):
@@ -95,37 +102,67 @@ def test_failed_batch_leaves_the_store_byte_identical(store, tmp_path):
     assert store_files(store) == before
 
 
-def test_a_commit_interrupted_mid_swap_is_finished_before_the_store_is_read(
+def test_a_commit_cut_between_two_tables_is_invisible_and_finished_by_the_next_write(
     store, tmp_path, monkeypatch, caplog
 ):
     batch = valid_batch()
-    batch["orders"]["order_id"] += 100  # new orders in January and February: two partitions to swap
+    batch["merchants"].loc[0, "region"] = "south"  # both tables change: two Delta commits
+    batch["orders"]["order_id"] += 100
+    two_tables = {"merchants": batch["merchants"], "orders": batch["orders"]}
     clean = Settings(home=tmp_path / "clean")
     shutil.copytree(store.home, clean.home)
     with caplog.at_level(logging.WARNING, logger="pipelines.raw_store"):
-        ingest(write_batch(tmp_path / "b1", {"orders": batch["orders"]}), clean, NOW)
+        ingest(write_batch(tmp_path / "b1", two_tables), clean, NOW)
     assert "interrupted" not in caplog.text, "a clean commit is not reported as a recovery"
 
-    swap, swapped = RawStore._swap_in, []
+    commit, committed = RawStore._commit_table, []
 
-    def crash_after_the_first_swap(self, staging, name, month):
-        if swapped:
+    def crash_after_the_first_table(self, name, entry, sequence):
+        if committed:
             raise OSError("power cut")
-        swap(self, staging, name, month)
-        swapped.append(month)
+        committed.append(name)
+        return commit(self, name, entry, sequence)
 
-    monkeypatch.setattr(RawStore, "_swap_in", crash_after_the_first_swap)
-    before = RawStore(store.path("raw_store")).snapshot_id
-    with pytest.raises(OSError, match="power cut"):
-        ingest(write_batch(tmp_path / "b2", {"orders": batch["orders"]}), store, NOW)
-    assert len(swapped) == 1, "one month is new, the other still old: the store is mid-commit"
-    monkeypatch.undo()
-
+    monkeypatch.setattr(RawStore, "_commit_table", crash_after_the_first_table)
     raw = RawStore(store.path("raw_store"))
+    before, rows_before = raw.snapshot_id, orders_rows(raw)
+    with pytest.raises(OSError, match="power cut"):
+        ingest(write_batch(tmp_path / "b2", two_tables), store, NOW)
+    monkeypatch.undo()
+    assert committed == ["merchants"], "merchants is committed in Delta, orders is not: the batch is half-done"
+    assert DeltaTable(raw.table_url("merchants")).version() == raw.versions["merchants"] + 1
+
+    assert raw.snapshot_id == before and orders_rows(raw) == rows_before  # readers see the old snapshot
+    con = duckdb.connect()
+    assert con.sql(f"SELECT region FROM {raw.register(con, 'merchants')} ORDER BY merchant_id").fetchall()[0] == ("east",)
+
     with caplog.at_level(logging.WARNING, logger="pipelines.raw_store"):
-        assert raw.snapshot_id != before  # reading the store finished the commit first
+        ingest(write_batch(tmp_path / "b3", two_tables), store, NOW)  # the next write finishes it first
     assert "finishing a commit that was interrupted" in caplog.text
-    assert store_files(store) == store_files(clean)
+    finished, expected = RawStore(store.path("raw_store")), RawStore(clean.path("raw_store"))
+    assert finished.versions == expected.versions, "merchants was not committed twice"
+    assert finished.snapshot_id == expected.snapshot_id != before
+    assert orders_rows(finished) == orders_rows(expected)
+
+
+def test_time_travel_reads_an_earlier_snapshot(store, tmp_path):
+    raw = RawStore(store.path("raw_store"))
+    first, rows = raw.snapshot_id, orders_rows(raw)
+    batch = valid_batch()
+    batch["orders"]["order_id"] += 100
+    ingest(write_batch(tmp_path / "more", {"orders": batch["orders"]}), store, NOW)
+    assert len(orders_rows(raw)) == 12 and raw.versions["orders"] == 1
+    past = raw.at(first)
+    assert orders_rows(past) == rows and past.versions["orders"] == 0
+    with pytest.raises(ScfriskError, match="no snapshot feedbeef"):
+        raw.at("feedbeef")
+
+
+def test_a_file_url_addresses_the_same_store(store):
+    path = RawStore(store.path("raw_store"))
+    url = RawStore(store.path("raw_store").absolute().as_uri())
+    assert url.url.startswith("file:///") and url.root == path.root
+    assert url.snapshot_id == path.snapshot_id and orders_rows(url) == orders_rows(path)
 
 
 def test_new_month_appends_and_redelivered_rows_replace(store, tmp_path):
@@ -150,14 +187,13 @@ def test_new_month_appends_and_redelivered_rows_replace(store, tmp_path):
 
     after = store_files(store)
     assert result.partitions_written["orders"] == ["2024-01", "2024-03"]
-    assert after["orders/month=2024-02/part-0.parquet"] == before["orders/month=2024-02/part-0.parquet"]
-    assert after["merchants/month=2023-03/part-0.parquet"] == before["merchants/month=2023-03/part-0.parquet"]
+    untouched = ("orders/month=2024-02/", "merchants/")
+    assert {k: v for k, v in after.items() if k.startswith(untouched) and "_delta_log" not in k} == {
+        k: v for k, v in before.items() if k.startswith(untouched) and "_delta_log" not in k
+    }
     raw = RawStore(store.path("raw_store"))
-    rows = duckdb.sql(
-        f"SELECT order_id, status FROM read_parquet('{raw.table_glob('orders')}') ORDER BY order_id"
-    )
-    assert rows.fetchall() == [(1, "refunded"), (2, "cancelled"), (3, "refunded"), (4, "delivered"),
-                               (5, "shipped"), (6, "paid"), (7, "paid"), (8, "paid")]  # fmt: skip
+    assert orders_rows(raw) == [(1, "refunded"), (2, "cancelled"), (3, "refunded"), (4, "delivered"),
+                                (5, "shipped"), (6, "paid"), (7, "paid"), (8, "paid")]  # fmt: skip
     assert raw.manifest()["tables"]["orders"]["rows"] == 8
     assert result.snapshot_id == raw.snapshot_id != snapshot_before
 
