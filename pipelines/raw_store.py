@@ -44,6 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.fs as pa_fs
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 from deltalake import Schema as DeltaSchema
@@ -121,21 +122,33 @@ class RawStore:
     def has_table(self, name: str) -> bool:
         return self.manifest()["tables"].get(name, {}).get("rows", 0) > 0
 
+    def _delta(self, name: str) -> DeltaTable:
+        version = self.manifest()["tables"][name]["version"]
+        return DeltaTable(self.table_url(name), version=version, storage_options=self.storage_options or None)
+
     def dataset(self, name: str) -> pads.Dataset:
         """The table at the snapshot's version as an Arrow dataset (filters and projections push down to
         its files; the `month` partition column prunes whole files); empty when the table has no data."""
-        spec = TABLES[name]
         if not self.has_table(name):
-            return pads.dataset(spec.arrow_schema.empty_table())
-        version = self.manifest()["tables"][name]["version"]
-        return DeltaTable(self.table_url(name), version=version, storage_options=self.storage_options or None) \
-            .to_pyarrow_dataset()
+            return pads.dataset(TABLES[name].arrow_schema.empty_table())
+        filesystem, path = pa_fs.FileSystem.from_uri(self.table_url(name))
+        return self._delta(name).to_pyarrow_dataset(filesystem=pa_fs.SubTreeFileSystem(path, filesystem))
 
     def register(self, con: duckdb.DuckDBPyConnection, name: str) -> str:
-        """Make the table readable in `con` as a view of the same name (its schema's columns); return it."""
+        """Make the table at the snapshot's version readable in `con` as a view of the same name (its
+        schema's columns, no partition column); return the name.
+
+        On a local disk DuckDB reads the version's Parquet files itself (measured: half the CPU of an Arrow
+        dataset scan for the features); elsewhere it scans the Arrow dataset, so no DuckDB extension is
+        needed for object storage. Either way filters and projections are pushed down."""
         columns = ", ".join(c.name for c in TABLES[name].columns)
-        con.register(f"{name}__delta", self.dataset(name))
-        con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT {columns} FROM {name}__delta")
+        if self.has_table(name) and isinstance(self.root, Path):
+            files = ", ".join("'" + f.replace("'", "''") + "'" for f in self._delta(name).file_uris())
+            source = f"read_parquet([{files}], hive_partitioning = false)"
+        else:
+            con.register(f"{name}__delta", self.dataset(name))
+            source = f"{name}__delta"
+        con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT {columns} FROM {source}")
         return name
 
     def distinct_values(self, name: str, column: str) -> pa.Array:

@@ -134,7 +134,8 @@ def test_a_commit_cut_between_two_tables_is_invisible_and_finished_by_the_next_w
 
     assert raw.snapshot_id == before and orders_rows(raw) == rows_before  # readers see the old snapshot
     con = duckdb.connect()
-    assert con.sql(f"SELECT region FROM {raw.register(con, 'merchants')} ORDER BY merchant_id").fetchall()[0] == ("east",)
+    regions = con.sql(f"SELECT region FROM {raw.register(con, 'merchants')} ORDER BY merchant_id").fetchall()
+    assert regions[0] == ("east",)
 
     with caplog.at_level(logging.WARNING, logger="pipelines.raw_store"):
         ingest(write_batch(tmp_path / "b3", two_tables), store, NOW)  # the next write finishes it first
