@@ -97,7 +97,15 @@ class RawStore:
         if self._pinned is not None:
             return self._pinned
         path = self._file(MANIFEST)
-        return json.loads(self.fs.cat_file(path)) if self.fs.isfile(path) else dict(EMPTY_MANIFEST)
+        if not self.fs.isfile(path):
+            return dict(EMPTY_MANIFEST)
+        manifest = json.loads(self.fs.cat_file(path))
+        if "sequence" not in manifest:
+            raise ScfriskError(
+                f"raw store {self.root} is in the layout before Delta Lake; ingest its batches again into an "
+                "empty raw store (another SCFRISK_HOME, or after moving this folder away)"
+            )
+        return manifest
 
     @property
     def snapshot_id(self) -> str | None:

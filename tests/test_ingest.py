@@ -211,6 +211,13 @@ def test_csv_and_parquet_parts_load_the_same_snapshot(loaded, tmp_path):
     assert result.snapshot_id == parquet_snapshot
 
 
+def test_a_store_in_the_layout_before_delta_is_named_not_misread(tmp_path):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "_manifest.json").write_text('{"snapshot_id": "0123456789abcdef", "tables": {}}')
+    with pytest.raises(ScfriskError, match="layout before Delta Lake; ingest its batches again"):
+        RawStore(tmp_path / "raw").manifest()
+
+
 def test_unknown_table_file_is_rejected(tmp_path):
     folder = write_batch(tmp_path / "b", {"merchants": valid_batch()["merchants"]})
     (folder / "sellers.parquet").write_bytes(b"")
