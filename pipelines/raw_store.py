@@ -37,6 +37,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import duckdb
 import fsspec
@@ -78,10 +79,10 @@ class RawStore:
         """`root`: a folder or a URL; `storage_options` go to both fsspec and delta-rs (credentials are
         usually better left to the `AWS_*` environment); `snapshot` pins reads to a past manifest."""
         text = str(root)
-        self.url = text if "://" in text else Path(text).absolute().as_uri()
-        self.root: Path | str = Path(text) if "://" not in text else text
-        if self.url.startswith("file://"):
-            self.root = Path(self.url.removeprefix("file://"))
+        local = "://" not in text or text.startswith("file://")
+        self.root: Path | str = Path(unquote(text.removeprefix("file://"))) if local else text
+        self.url = str(Path(self.root).absolute()) if local else text
+        """Where fsspec and delta-rs find the store: an absolute path on a local disk, else the URL."""
         self.storage_options = dict(storage_options or {})
         self.fs, self._path = fsspec.core.url_to_fs(self.url, **self.storage_options)
         self._pinned = dict(snapshot) if snapshot is not None else None
