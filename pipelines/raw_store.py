@@ -354,6 +354,8 @@ def _next_manifest(old: dict[str, Any], staged: Mapping[str, Mapping[str, dict[s
                 partitions.pop(month, None)
         tables[name]["partitions"] = dict(sorted(partitions.items()))
         tables[name]["rows"] = sum(p["rows"] for p in partitions.values())
+        if tables[name]["version"] is None and not partitions:  # delivered empty, never stored: no table
+            del tables[name]
     return {"snapshot_id": None, "sequence": old.get("sequence", 0) + 1, "tables": dict(sorted(tables.items()))}
 
 
