@@ -9,6 +9,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 
+import boto3
 import duckdb
 import pyarrow as pa
 import pytest
@@ -59,8 +60,6 @@ def bucket(s3_endpoint, monkeypatch, request) -> str:
         "AWS_ALLOW_HTTP": "true",
     }.items():
         monkeypatch.setenv(key, value)
-    import boto3
-
     name = request.node.name.replace("_", "-")[:40]
     boto3.client("s3").create_bucket(Bucket=name)
     return name
