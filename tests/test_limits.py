@@ -15,6 +15,7 @@ from models.decision import CreditRequest, Outcome, decide
 from models.html_report import Paragraph, Section, Table, render_page
 from models.limits import (
     CONSTRAINTS,
+    EXCLUSION_RULES,
     LIMIT_COLUMNS,
     LimitInputError,
     compute_limits,
@@ -22,7 +23,7 @@ from models.limits import (
     product_limits,
 )
 from models.policy import PolicyError, load_policy, parse_policy
-from models.strategy import backtest_limits, strategy_tables, write_strategy_report
+from models.strategy import approval_explanation, backtest_limits, strategy_tables, write_strategy_report
 from models.synthetic import limit_inputs as merchants
 
 POLICY_FILE = Path(__file__).resolve().parents[1] / "policy.toml"
@@ -251,6 +252,23 @@ def test_strategy_tables_add_up_and_pick_the_most_profitable_cutoff():
         np.testing.assert_allclose(last["realised_profit"], eligible["realised_profit"].sum())
         best = tables.best_cutoffs.set_index("product").loc[product]
         assert best["realised_profit"] == curve["realised_profit"].max()
+
+
+def test_strategy_report_says_which_rule_turns_away_how_many_rows():
+    limits = compute_limits(merchants(3000).assign(net_sales_90d=lambda f: f["net_sales_90d"] / 40), POLICY)
+    tables = strategy_tables(limits)
+    ex = tables.exclusions
+    counted = ex.set_index(["product", "rule"])["count"]
+    for product, group in limits.groupby("product", observed=True):
+        rules = group["exclusion_reason"].astype(object).where(~group["eligible"], "eligible")
+        assert counted[product].to_dict() == rules.value_counts().to_dict()
+    np.testing.assert_allclose(ex.groupby("product")["share"].sum(), 1.0)
+    assert set(ex["meaning"]) <= {"eligible", *EXCLUSION_RULES.values()}
+    first, *cutoffs = approval_explanation(tables)
+    assert first.startswith(f"{limits['eligible'].mean():.1%} of the {len(limits):,} rows are eligible")
+    busiest = ex[ex["rule"] != "eligible"].groupby("rule")["count"].sum().idxmax()
+    assert f"first rule it failed (the order the policy checks them): {EXCLUSION_RULES[busiest]}:" in first
+    assert len(cutoffs) == len(POLICY.products) and all("profit" in s for s in cutoffs)
 
 
 @pytest.mark.slow
