@@ -218,8 +218,10 @@ def approval_explanation(tables: StrategyTables) -> list[str]:
     for row in tables.best_cutoffs.itertuples(index=False):
         loosest = tables.cutoff_curve.loc[tables.cutoff_curve["product"] == row.product, "approval_rate"].max()
         if row.approval_rate >= loosest:
+            why = ": each one's risk-based price covers its expected loss" if profit == "expected_profit" else ""
             sentences.append(f"{row.product}: {profit.replace('_', ' ')} is highest when every eligible row is "
-                             f"approved ({loosest:.0%} of rows); the grade rule is the PD cut-off.")
+                             f"approved ({loosest:.0%} of rows){why}, so the worst grade the product accepts "
+                             "is its PD cut-off.")
         else:
             sentences.append(f"{row.product}: {profit.replace('_', ' ')} peaks at PD <= {row.cutoff_pd:.1%}, "
                              f"approving {row.approval_rate:.0%} of rows against the {loosest:.0%} the policy "
