@@ -15,9 +15,16 @@ PROTECTED_PROXIES: dict[str, str] = {
 (never an input) and the reason codes (never a reason) read. Protected attributes themselves (gender,
 age, ethnicity, religion...) are not in the data at all."""
 
-_unknown = sorted(set(PROTECTED_PROXIES) - set(FEATURE_INDEX))
-if _unknown:
-    raise ValueError(f"PROTECTED_PROXIES names features that features/definitions.py lacks: {_unknown}")
+
+def check_proxies(proxies: dict[str, str]) -> None:
+    """Refuse a declaration that names no defined feature: a misspelt proxy would silently be cited."""
+    unknown = sorted(set(proxies) - set(FEATURE_INDEX))
+    if unknown:
+        raise ValueError(f"PROTECTED_PROXIES names features that features/definitions.py lacks: {unknown}")
+
+
+check_proxies(PROTECTED_PROXIES)
+
 
 DIRECTION = {1: "higher = riskier", -1: "higher = safer", 0: "neutral"}
 

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features.catalogue import PROTECTED_PROXIES
+from features.catalogue import PROTECTED_PROXIES, check_proxies
 from features.definitions import FEATURE_INDEX
 from models.explain import explain
 from models.model_card import protected_attributes
@@ -88,6 +88,11 @@ def test_no_reason_ever_cites_a_possible_proxy_of_a_protected_attribute(trained:
                          pd.DataFrame({"region": ["west"], "segment": ["individual"]}, index=["M1"]),
                          {"region": "east", "segment": "corporate"})
     assert forced["code"].tolist() == ["segment"]
+
+
+def test_a_misspelt_proxy_declaration_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"lacks: \['regoin'\]"):
+        check_proxies({"regoin": "typo"})
 
 
 def test_the_model_card_says_how_protected_attributes_and_proxies_are_handled(trained: Trained) -> None:
