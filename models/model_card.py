@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from features.catalogue import PROTECTED_PROXIES
 from models.evaluation import Evaluation
 from models.gates import GateDecision
 from models.pd_model import PDModel
@@ -17,6 +18,35 @@ LIMITATIONS = (
     "unconstrained.",
     "- Calibrated on the validation cohort; a shift in the default rate needs recalibration, not a refit.",
 )
+
+
+def protected_attributes(model: PDModel) -> str:
+    """How protected attributes and their possible proxies are handled, and whether this model uses any."""
+    inputs = set(model.feature_names)
+    proxies = "\n".join(
+        f"- `{name}` ({why}): {'**an input of this model**' if name in inputs else 'not an input of this model'}."
+        for name, why in PROTECTED_PROXIES.items()
+    )
+    used = [name for name in PROTECTED_PROXIES if name in inputs]
+    verdict = (
+        f"This model was trained on a table that has {', '.join(f'`{n}`' for n in used)}: it shapes the PD but "
+        "is never given as a reason, so a decision it sways is not fully explained to the merchant; drop the "
+        "column before a model like this decides on credit."
+        if used else "None of them shapes this model's PDs."
+    )
+    return (
+        "## Protected attributes and their proxies\n"
+        "No protected attribute (sex, age, ethnicity, national origin, religion, marital status, disability) "
+        "is in the platform's data, so none is a feature. Features that could stand in for one are declared "
+        "once, in `features/catalogue.py` (`PROTECTED_PROXIES`):\n\n" + proxies + "\n\n"
+        "The platform model never takes them as inputs, and reason codes never cite them whatever the model. "
+        "Region was dropped rather than kept for risk but left unsaid: in the platform's history it carried "
+        "under 1% of the model's split gain (no effect on default beyond noise), which does not justify the "
+        "risk of geographic redlining, and a factor that moved a decision but may not be told would make the "
+        "adverse-action notice incomplete. Region stays in the feature store, so approval rates, limits and "
+        "PDs can be monitored by region. Segment (legal form) and category (goods sold) are business "
+        f"characteristics and stay in the model and in the reasons.\n\n{verdict}"
+    )
 
 
 def _table(frame: pd.DataFrame, floatfmt: str = "{:.4f}") -> str:
@@ -64,5 +94,6 @@ def render_model_card(title: str, model: PDModel, split: pd.DataFrame, evaluatio
     if decision is not None:
         sections.append(f"## Champion/challenger decision\n{'Promoted' if decision.promote else 'Not promoted'}"
                         ":\n\n" + "\n".join(f"- {r}" for r in decision.reasons))
+    sections.append(protected_attributes(model))
     sections.append("## Limitations\n" + "\n".join(LIMITATIONS))
     return "\n\n".join(sections) + "\n"

@@ -246,6 +246,7 @@ def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
             "decision": decision and decision["outcome"],
             "approved_amount": decision and decision["amount"],
             "reasons": [r["code"] for r in scored.reason_codes],
+            "policy_reasons": decision and dict(zip(decision["reason_codes"], decision["reasons"])),
         })
         return {
             "request_id": request_id,
@@ -254,7 +255,7 @@ def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
             "grade": scored.grade,
             "limits": scored.limits,
             "decision": decision,
-            "reason_codes": scored.reason_codes,
+            "reason_codes": bundle.reasons_given(scored, decision),
             "model_version": bundle.model_version,
             "features_as_of": bundle.features_as_of,
             "policy_version": bundle.policy_version,

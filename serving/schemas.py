@@ -110,11 +110,16 @@ class ProductLimit(BaseModel):
     apr: float | None = Field(description="Risk-based annual rate; null when not eligible.")
     expected_loss: float
     exclusion_reason: str | None = Field(description="First eligibility rule failed; null when eligible.")
+    exclusion_description: str | None = Field(
+        None, description="That rule in plain language, with the policy's numbers; null when eligible.")
 
 
 class ReasonCode(BaseModel):
-    code: str
+    code: str = Field(description="Stable: a policy rule (`exclusion.sales`, `limit.collateral`...) or a feature name.")
     description: str
+    source: Literal["policy", "model"] = Field(
+        "model", description="`policy`: the rule that declined or reduced the request; `model`: a factor that "
+                             "raised the PD, with the merchant's value against the typical approved merchant's.")
 
 
 class Decision(BaseModel):
@@ -124,6 +129,7 @@ class Decision(BaseModel):
     apr: float | None
     tenor_days: int
     reasons: list[str] = Field(description="Plain-language reasons, in the words of the policy.")
+    reason_codes: list[str] = Field([], description="Stable code of each of `reasons`, in the same order.")
 
 
 _LIMIT_EXAMPLE = {"product": "order_financing", "eligible": True, "limit": 60000.0,
@@ -153,7 +159,9 @@ class ScoreResponse(BaseModel):
     grade: str
     limits: list[ProductLimit]
     decision: Decision | None = Field(description="Present when a product and an amount were requested.")
-    reason_codes: list[ReasonCode] = Field(max_length=4)
+    reason_codes: list[ReasonCode] = Field(
+        max_length=4, description="What to tell the merchant: on a decline or counter-offer the policy's reasons "
+                                  "first, then the model factors that raised the PD; otherwise those factors.")
     model_version: str
     features_as_of: str
     policy_version: str

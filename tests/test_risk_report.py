@@ -109,7 +109,7 @@ def test_report_has_every_section_and_its_images_inline(html: str) -> None:
 def test_report_states_the_scale_of_explanations_and_shows_reason_codes(html: str) -> None:
     text = " ".join(_parse(html).text)
     assert "monotone increasing function of that margin" in text
-    assert "; typical for approved merchants: " in text
+    assert "than the typical approved merchant's " in text
     assert (
         "Mean |SHAP| by product" in text
         and "Mean |SHAP| by segment" in text
