@@ -9,8 +9,8 @@ import pytest
 from pipelines.config import Settings
 from pipelines.errors import ScfriskError
 from pipelines.files import file_sha256
-from pipelines.publish import BundleCheckError, check_bundle, list_bundles, publish, rollback, switch_to
-from serving.bundle import BUNDLES_DIR, LIMITS_FILE, MANIFEST, BundleError, current_bundle_id
+from pipelines.publish import BundleCheckError, list_bundles, publish, rollback, switch_to
+from serving.bundle import BUNDLES_DIR, LIMITS_FILE, MANIFEST, BundleError, check_bundle, current_bundle_id
 from tests.service_fixtures import make_parts, online_snapshot, train_model
 
 
@@ -75,7 +75,7 @@ def test_altered_file_fails_the_hash_check_and_cannot_be_switched_back(tmp_path,
     publish(make_parts(tmp_path, models[1], snapshot, version="2"), settings)
     (settings.path("published") / BUNDLES_DIR / first / LIMITS_FILE).write_bytes(b"tampered")
     with pytest.raises(BundleError, match=rf"hash mismatch \['{LIMITS_FILE}'\]"):
-        check_bundle(settings.path("published") / BUNDLES_DIR / first)
+        check_bundle(settings.path("published") / BUNDLES_DIR / first, None)
     with pytest.raises(BundleError, match="hash mismatch"):
         rollback(settings)
 
