@@ -5,6 +5,7 @@ index of the real explainer."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightgbm as lgb
@@ -16,7 +17,9 @@ from models.limits import compute_limits
 from models.pd_model import FeatureSpec, PDModel, prepare_features
 from models.policy import load_policy
 from models.reason_codes import REFERENCES_KEY, ReasonCodeIndex, reference_values
+from pipelines.files import file_sha256
 from pipelines.publish import BundleParts
+from serving.bundle import LIMITS_FILE, MANIFEST
 from tests.explain_fixtures import catalogue_applications
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,3 +80,20 @@ def make_parts(workdir: Path, model: PDModel, snapshot: pd.DataFrame, version: s
         policy_file=POLICY,
         risk_report=report,
     )
+
+
+def tamper_limits(bundle_dir: Path, change) -> None:  # noqa: ANN001 - change: DataFrame -> None
+    """Change a bundle's limit table in place and write its new hash into the manifest, as anyone who can
+    write the published folder could."""
+    path = bundle_dir / LIMITS_FILE
+    limits = pd.read_parquet(path)
+    change(limits)
+    limits.to_parquet(path, index=False)
+    manifest = json.loads((bundle_dir / MANIFEST).read_text())
+    manifest["files"][LIMITS_FILE] = file_sha256(path)
+    (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def drop_last_merchants_limit(limits: pd.DataFrame) -> None:
+    """The limit of the table's last merchant becomes null: its decisions would raise a TypeError."""
+    limits.loc[limits["merchant_id"] == limits["merchant_id"].iloc[-1], "limit"] = None

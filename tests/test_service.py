@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -48,6 +49,24 @@ def _wait(condition, timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
+@contextmanager
+def _serve(settings: Settings, keyring: Keyring, ready: bool = True):
+    """The service of `settings` on a free loopback port; yields its base URL."""
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, keyring), host="127.0.0.1", port=port,
+                                          log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=url, timeout=30) as probe:
+        _wait(lambda: _ready(probe) if ready else _up(probe))
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     """Bundle 1 published, then the service started on a free loopback port."""
@@ -57,22 +76,22 @@ def service(tmp_path_factory):
     model, snapshot = train_model(seed=7), online_snapshot(300)
     first = publish(make_parts(work, model, snapshot), settings)
     keyring = Keyring.from_config([f"{READ_KEY}:read"], {"SCFRISK_API_KEYS": KEY})
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, keyring), host="127.0.0.1", port=port,
-                                          log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": KEY}, timeout=30)
-    _wait(lambda: _ready(client))
-    yield {"client": client, "settings": settings, "work": work, "model": model, "snapshot": snapshot,
-           "first": first, "url": f"http://127.0.0.1:{port}"}
-    server.should_exit = True
-    thread.join(10)
+    with _serve(settings, keyring) as url:
+        client = httpx.Client(base_url=url, headers={"X-API-Key": KEY}, timeout=30)
+        yield {"client": client, "settings": settings, "work": work, "model": model, "snapshot": snapshot,
+               "first": first, "url": url, "keyring": keyring}
 
 
 def _ready(client: httpx.Client) -> bool:
     try:
         return client.get("/readyz").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _up(client: httpx.Client) -> bool:
+    try:
+        return client.get("/healthz").status_code == 200
     except httpx.TransportError:
         return False
 
