@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import secrets
 import socket
 import threading
 import time
@@ -23,12 +25,18 @@ from schemathesis.specs.openapi.checks import (
 
 from pipelines.config import ServiceConfig, Settings
 from pipelines.errors import ScfriskError
-from pipelines.publish import publish, rollback, switch_to
+from pipelines.publish import BundleCheckError, publish, rollback, switch_to
 from serving.app import create_app
 from serving.audit import read_audit, replay
 from serving.auth import Keyring
-from serving.bundle import BUNDLES_DIR, LIMITS_FILE
-from tests.service_fixtures import make_parts, online_snapshot, train_model
+from serving.bundle import BUNDLES_DIR, LIMITS_FILE, POINTER
+from tests.service_fixtures import (
+    drop_last_merchants_limit,
+    make_parts,
+    online_snapshot,
+    tamper_limits,
+    train_model,
+)
 
 KEY = "full-access-key-0123456789"
 READ_KEY = "read-only-key-0123456789"
@@ -240,3 +248,106 @@ def test_contract(service):
             case.call_and_validate(base_url=service["url"], headers={"X-API-Key": KEY}, checks=checks)
 
         exercise()
+
+
+def test_readiness_without_a_key_says_only_ready_or_not(service):
+    url = service["url"]
+    anonymous = httpx.get(f"{url}/readyz")
+    assert anonymous.status_code == 200 and anonymous.json() == {"status": "ready", "bundle_id": None, "detail": None}
+    keyed = httpx.get(f"{url}/readyz", headers={"X-API-Key": READ_KEY}).json()
+    assert keyed["status"] == "ready" and keyed["bundle_id"] == _live(service["client"])
+    assert httpx.get(f"{url}/readyz", headers={"X-API-Key": "x" * 30}).status_code == 401
+
+
+def test_pointer_outside_the_bundles_folder_is_not_followed(service):
+    client, settings, work = service["client"], service["settings"], service["work"]
+    published, before = settings.path("published"), _live(client)
+    elsewhere = Settings(home=work / "elsewhere")
+    outside = publish(make_parts(work, service["model"], service["snapshot"], version="outside"), elsewhere)
+    for pointer in (f"../../../elsewhere/published/bundles/{outside}",
+                    str(elsewhere.path("published") / BUNDLES_DIR / outside)):
+        (published / POINTER).write_text(pointer + "\n")  # as anyone who can write the published folder could
+        _wait(lambda: client.get("/readyz").json()["status"] == "degraded")
+        ready = client.get("/readyz").json()
+        assert ready["bundle_id"] == before and f"no published bundle '{pointer}'" in ready["detail"]
+        anonymous = httpx.get(f"{service['url']}/readyz")
+        assert anonymous.json() == {"status": "ready", "bundle_id": None, "detail": None}
+        assert client.post("/v1/score", json={"merchant_id": MERCHANT}).json()["bundle_id"] == before
+        switch_to(published, before)
+        _wait(lambda: client.get("/readyz").json()["status"] == "ready")
+
+
+def test_tampered_bundle_with_recomputed_hashes_never_goes_live(service):
+    client, settings, work = service["client"], service["settings"], service["work"]
+    published, before = settings.path("published"), _live(client)
+    tampered = publish(make_parts(work, service["model"], service["snapshot"], version="tampered"), settings)
+    _wait(lambda: _live(client) == tampered)
+    switch_to(published, before)
+    _wait(lambda: _live(client) == before)
+    tamper_limits(published / BUNDLES_DIR / tampered, drop_last_merchants_limit)
+    switch_to(published, tampered)
+    _wait(lambda: client.get("/readyz").json()["status"] == "degraded")
+    detail = client.get("/readyz").json()["detail"]
+    last = service["snapshot"]["merchant_id"].iloc[-1]
+    assert f"merchant {last}, product" in detail and "cannot be decided (TypeError" in detail
+    answer = client.post("/v1/score", json={"merchant_id": last, "product": "microloan", "requested_amount": 500})
+    assert answer.status_code == 200 and answer.json()["bundle_id"] == before
+    with pytest.raises(BundleCheckError, match="cannot be decided"):
+        rollback(settings, to=tampered)
+    switch_to(published, before)
+    _wait(lambda: client.get("/readyz").json()["status"] == "ready")
+
+
+def test_audit_lines_follow_rotation_and_no_decision_is_answered_without_its_line(service):
+    client, path = service["client"], service["settings"].audit_log
+    request = {"merchant_id": MERCHANT, "product": "microloan", "requested_amount": 500}
+    rotated = path.with_name(path.name + ".1")
+    path.rename(rotated)
+    after_mv = client.post("/v1/score", json=request).json()["request_id"]
+    assert [r["request_id"] for r in read_audit(path)] == [after_mv] and after_mv not in rotated.read_text()
+    path.unlink()
+    after_rm = client.post("/v1/score", json=request).json()["request_id"]
+    assert [r["request_id"] for r in read_audit(path)] == [after_rm]
+
+    path.unlink()
+    path.mkdir()  # the log cannot be written: the decision must not be given
+    refused = client.post("/v1/score", json=request)
+    assert refused.status_code == 500 and "audit log" in refused.json()["detail"] and "pd" not in refused.json()
+    assert client.post("/v1/score/batch", json={"requests": [request]}).status_code == 500
+    path.rmdir()
+    again = client.post("/v1/score", json=request)
+    assert again.status_code == 200 and [r["request_id"] for r in read_audit(path)] == [again.json()["request_id"]]
+
+
+def test_a_broken_bundle_is_named_and_served_once_repaired(service, tmp_path, caplog):
+    settings = Settings(home=tmp_path / "home", service=ServiceConfig(reload_interval_seconds=0.05))
+    bundle_id = publish(make_parts(tmp_path, service["model"], service["snapshot"]), settings)
+    limits = settings.path("published") / BUNDLES_DIR / bundle_id / LIMITS_FILE
+    good = limits.read_bytes()
+    limits.write_bytes(b"corrupt")
+    with caplog.at_level(logging.ERROR, logger="serving.app"), _serve(settings, service["keyring"], ready=False) as url:
+        client = httpx.Client(base_url=url, headers={"X-API-Key": KEY}, timeout=30)
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and f"hash mismatch ['{LIMITS_FILE}']" in ready.json()["detail"]
+        refused = client.post("/v1/score", json={"merchant_id": MERCHANT})
+        assert refused.status_code == 503 and f"bundle {bundle_id} cannot be served" in refused.json()["detail"]
+        assert "hash mismatch" in refused.json()["detail"] and str(tmp_path) not in refused.text + ready.text
+        time.sleep(0.5)  # ten polls of an unchanged broken bundle
+        limits.write_bytes(good)
+        _wait(lambda: client.get("/readyz").status_code == 200)
+        assert client.post("/v1/score", json={"merchant_id": MERCHANT}).json()["bundle_id"] == bundle_id
+    assert len([r for r in caplog.records if bundle_id in r.getMessage()]) == 1
+
+
+def test_a_service_with_a_bundle_key_refuses_unsigned_bundles(service, tmp_path):
+    key_file = tmp_path / "secrets" / "bundle.key"
+    key_file.parent.mkdir()
+    key_file.write_text(secrets.token_hex(32))
+    unsigned = Settings(home=tmp_path / "home", service=ServiceConfig(reload_interval_seconds=0.05))
+    signed = unsigned.model_copy(update={"bundle_key_file": key_file})
+    publish(make_parts(tmp_path, service["model"], service["snapshot"]), unsigned)
+    with _serve(signed, service["keyring"], ready=False) as url:
+        client = httpx.Client(base_url=url, headers={"X-API-Key": KEY}, timeout=30)
+        assert "is not signed" in client.get("/readyz").json()["detail"]
+        signed_id = publish(make_parts(tmp_path, service["model"], service["snapshot"], version="2"), signed)
+        _wait(lambda: _live(client) == signed_id)
