@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import secrets
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -351,3 +353,30 @@ def test_a_service_with_a_bundle_key_refuses_unsigned_bundles(service, tmp_path)
         assert "is not signed" in client.get("/readyz").json()["detail"]
         signed_id = publish(make_parts(tmp_path, service["model"], service["snapshot"], version="2"), signed)
         _wait(lambda: _live(client) == signed_id)
+
+
+OPERATIONS = ("/v1/score", "/v1/score/batch", "/v1/merchants/{merchant_id}/limits", "/readyz")
+
+
+@pytest.mark.skipif(
+    shutil.which("chromium") is None,
+    reason="Debian's chromium is not installed (the test target runs `apt-get install -y chromium`)",
+)
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_api_docs_render_in_chromium_without_network(service, tmp_path, page):
+    """Only loopback is reachable (every other name fails to resolve, every proxy is a closed port), so a
+    page that loads its scripts from a CDN renders blank; the operations are in the DOM only once the
+    page's JavaScript has fetched /openapi.json and rendered it."""
+    proc = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
+         "--disable-background-networking", "--disable-component-update", f"--user-data-dir={tmp_path}",
+         "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+         "--virtual-time-budget=15000", "--dump-dom", f"{service['url']}{page}"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rendered = proc.stdout
+    marker = 'data-path="{}"' if page == "/docs" else "{}"
+    assert [op for op in OPERATIONS if marker.format(op) not in rendered] == []
+    if page == "/redoc":
+        assert "operation-type post" in rendered
