@@ -342,12 +342,13 @@ def _same_rows(fresh: tuple[dict[str, Any], ...], stored: tuple[dict[str, Any], 
 
 
 def _decide_every_row(bundle: Bundle) -> None:
-    """Decide every stored limit row within its limit, just above it and far above it, so every branch of
-    the decision reads every row: a row it cannot read would answer 500 to the loan engine."""
+    """Decide every stored limit row within its limit and far above it, so the decision reads every field it
+    uses of every row (exclusion, APR, binding constraint): a row it cannot read would answer 500 to the
+    loan engine. About 0.1 ms per merchant."""
     for merchant, scored in bundle.online.items():
         for product, row in scored.by_product.items():
             try:
-                for amount in (1.0, 1.2 * float(row["limit"]) + 1.0, 1e12):
+                for amount in (1.0, 2.0 * float(row["limit"]) + 1.0):
                     bundle.decide(scored, product, amount)
             except Exception as exc:  # noqa: BLE001 - whatever it is, the row must not go live
                 raise BundleCheckError(f"{LIMITS_FILE} row of merchant {merchant}, product {product} cannot be "
