@@ -29,6 +29,7 @@ from serving.auth import ApiKey, Keyring
 from serving.bundle import (
     BUNDLES_DIR,
     MANIFEST,
+    POINTER,
     REPORT_FILE,
     Bundle,
     BundleError,
@@ -99,27 +100,36 @@ class LiveBundle:
                           for p, s in ((p, p.stat()) for p in files)))
 
     async def refresh(self) -> None:
-        """Load the bundle the pointer names if it is new or was repaired; on failure keep the current one."""
-        target = current_bundle_id(self.published)
-        live = self.bundle.bundle_id if self.bundle else None
-        if target is not None and target == live:
-            self.failed = self._tried = None  # pointed back at the live bundle: nothing is failing now
-        if target is None or target == live:
-            return
-        state = await asyncio.to_thread(self._state, target)
-        if state == self._tried:
-            return
+        """Load the bundle the pointer names if it is new or was repaired; on any failure keep the current
+        one (this runs in the service's watcher task, which must outlive every error)."""
         try:
-            folder = bundle_path(self.published, target)
-            bundle = await asyncio.to_thread(check_bundle, folder, self.key)
+            target = current_bundle_id(self.published)
+        except OSError as exc:
+            return self._failure(POINTER, exc, None)
+        live = self.bundle.bundle_id if self.bundle else None
+        if target is None:
+            return None
+        if target == live:
+            self.failed = self._tried = None  # pointed back at the live bundle: nothing is failing now
+            return None
+        state = None
+        try:
+            state = await asyncio.to_thread(self._state, target)
+            if state == self._tried:
+                return None
+            bundle = await asyncio.to_thread(check_bundle, bundle_path(self.published, target), self.key)
         except Exception as exc:  # any failure to load must leave the old bundle serving
-            error = self._public(f"{type(exc).__name__}: {exc}")
-            if self.failed != (target, error):
-                log.error("bundle %s could not be loaded, still serving %s: %s", target, live, error)
-            self.failed, self._tried = (target, error), state
-            return
+            return self._failure(target, exc, state)
         self.bundle, self.failed, self._tried = bundle, None, None
         log.info("serving bundle %s (model %s, policy %s)", target, bundle.model_version, bundle.policy_version)
+        return None
+
+    def _failure(self, target: str, exc: Exception, state: tuple[Any, ...] | None) -> None:
+        error = self._public(f"{type(exc).__name__}: {exc}")
+        if self.failed != (target, error):
+            live = self.bundle.bundle_id if self.bundle else None
+            log.error("bundle %s could not be loaded, still serving %s: %s", target, live, error)
+        self.failed, self._tried = (target, error), state
 
     def _public(self, message: str) -> str:
         """The error without the workspace's absolute path."""
