@@ -1,11 +1,13 @@
 """Publishing: an immutable, checked bundle per run, made live by one atomic pointer switch.
 
 Layout under `settings.path("published")`:
-    bundles/<bundle_id>/   manifest.json (hashes of every file) + model, features, limits, reason-code index
+    bundles/<bundle_id>/   manifest.json (hashes of every file), manifest.sig (its HMAC when a bundle key is
+                           configured, `serving.signing`) + model, features, limits, reason-code index
                            (`models.reason_codes` format, as saved by `ReasonCodeIndex.save`), policy, report
     rejected/<bundle_id>/  bundles that failed their checks, kept for inspection, never live
     CURRENT                the live bundle id, replaced with `os.replace` so readers see the old or the new id
-The service polls CURRENT and reloads; `rollback` points it back at an older bundle.
+The service polls CURRENT and reloads; `rollback` points it back at an older bundle. Publish, rollback and
+the service pass a bundle through the same gate, `serving.bundle.check_bundle`, before it goes live.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ grade, limits per product, reason codes) so a request is a dict lookup plus the 
 Merchants the store lacks are scored on the fly through the same model, limit engine and explainer; both
 kinds of answer read their reason codes from a reason table (`models.reason_codes.COLUMNS`) through
 `adverse_codes_by_merchant`, so they say the same.
+
+`check_bundle` is the one gate before a bundle goes live (publish, rollback, the service), and
+`bundle_path` the one check of a bundle id that comes from outside (docs/security.md).
 """
 
 from __future__ import annotations
@@ -350,6 +353,6 @@ def _decide_every_row(bundle: Bundle) -> None:
             try:
                 for amount in (1.0, 2.0 * float(row["limit"]) + 1.0):
                     bundle.decide(scored, product, amount)
-            except Exception as exc:  # noqa: BLE001 - whatever it is, the row must not go live
+            except Exception as exc:  # whatever it is, the row must not go live
                 raise BundleCheckError(f"{LIMITS_FILE} row of merchant {merchant}, product {product} cannot be "
                                        f"decided ({type(exc).__name__}: {exc})") from exc
