@@ -24,7 +24,7 @@ import pandas as pd
 
 from models import limits as limit_engine
 from models.decision import CreditRequest, decide_row
-from models.pd_model import PDModel
+from models.pd_model import NUMERIC_SENTINELS, PDModel
 from models.policy import CreditPolicy, load_policy
 from models.reason_codes import (
     RAISES,
@@ -164,6 +164,7 @@ class Bundle:
         self.model = model
         self.policy = policy
         self.input_columns = list(dict.fromkeys([*model.feature_names, *limit_engine.FEATURES]))
+        self._levels = {spec.name: frozenset(spec.levels) for spec in model.features if spec.kind == "categorical"}
         self.snapshot = features.set_index("merchant_id", drop=False)
         self.reasons = reasons
         self.online = self._precompute(features, limits)
@@ -194,6 +195,18 @@ class Bundle:
 
     def missing_inputs(self, features: dict[str, Any]) -> list[str]:
         return [name for name in self.input_columns if name not in features]
+
+    def unknown_inputs(self, features: dict[str, Any]) -> list[str]:
+        """The model inputs of a payload that the model will see as missing: null, a missing-value code
+        (-999) or a category level it never saw. Counted before scoring, so a PD built on next to nothing
+        can be refused; plain dict work, as `PDModel.prepare` would find them only after a pandas pass."""
+        def unknown(name: str, value: Any) -> bool:
+            if value is None:
+                return True
+            levels = self._levels.get(name)
+            return str(value).strip() not in levels if levels is not None else value in NUMERIC_SENTINELS
+
+        return [name for name in self.model.feature_names if unknown(name, features.get(name))]
 
     def score_frame(self, frame: pd.DataFrame) -> list[Scored]:
         """Score explicit feature rows (one merchant each) through the model, limit engine and explainer."""

@@ -6,11 +6,19 @@ index of the real explainer."""
 from __future__ import annotations
 
 import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import httpx
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
+import uvicorn
 
 from models.calibration import Calibrator
 from models.limits import compute_limits
@@ -97,3 +105,37 @@ def tamper_limits(bundle_dir: Path, change) -> None:  # noqa: ANN001 - change: D
 def drop_last_merchants_limit(limits: pd.DataFrame) -> None:
     """The limit of the table's last merchant becomes null: its decisions would raise a TypeError."""
     limits.loc[limits["merchant_id"] == limits["merchant_id"].iloc[-1], "limit"] = None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running_service(app: Any, key: str, timeout: float = 20.0, until: str = "/readyz") -> Iterator[httpx.Client]:
+    """The app under a real uvicorn server on a free loopback port, until `until` answers 200 (`/healthz`
+    for a service that is up with no bundle live); yields a client with `key` in X-API-Key (its `base_url`
+    is the service's URL)."""
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": key}, timeout=60)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if client.get(until).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the service on port {port} was not ready within {timeout} s")
+        time.sleep(0.05)
+    try:
+        yield client
+    finally:
+        client.close()
+        server.should_exit = True
+        thread.join(10)

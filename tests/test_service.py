@@ -5,25 +5,13 @@ from __future__ import annotations
 import logging
 import secrets
 import shutil
-import socket
 import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import httpx
 import pytest
-import schemathesis
-import uvicorn
-from hypothesis import HealthCheck, given
-from hypothesis import settings as hypothesis_settings
-from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import (
-    content_type_conformance,
-    response_schema_conformance,
-    status_code_conformance,
-)
 
 from pipelines.config import ServiceConfig, Settings
 from pipelines.errors import ScfriskError
@@ -36,6 +24,7 @@ from tests.service_fixtures import (
     drop_last_merchants_limit,
     make_parts,
     online_snapshot,
+    running_service,
     tamper_limits,
     train_model,
 )
@@ -45,36 +34,12 @@ READ_KEY = "read-only-key-0123456789"
 MERCHANT = "M0000003"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _wait(condition, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.05)
-
-
-@contextmanager
-def _serve(settings: Settings, keyring: Keyring, ready: bool = True):
-    """The service of `settings` on a free loopback port; yields its base URL."""
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, keyring), host="127.0.0.1", port=port,
-                                          log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=url, timeout=30) as probe:
-        _wait(lambda: _ready(probe) if ready else _up(probe))
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -86,24 +51,10 @@ def service(tmp_path_factory):
     model, snapshot = train_model(seed=7), online_snapshot(300)
     first = publish(make_parts(work, model, snapshot), settings)
     keyring = Keyring.from_config([f"{READ_KEY}:read"], {"SCFRISK_API_KEYS": KEY})
-    with _serve(settings, keyring) as url:
-        client = httpx.Client(base_url=url, headers={"X-API-Key": KEY}, timeout=30)
+    with running_service(create_app(settings, keyring), KEY) as client:
+        url = str(client.base_url).rstrip("/")
         yield {"client": client, "settings": settings, "work": work, "model": model, "snapshot": snapshot,
                "first": first, "url": url, "keyring": keyring}
-
-
-def _ready(client: httpx.Client) -> bool:
-    try:
-        return client.get("/readyz").status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-def _up(client: httpx.Client) -> bool:
-    try:
-        return client.get("/healthz").status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def _live(client: httpx.Client) -> str:
@@ -236,22 +187,6 @@ def test_publish_during_traffic_fails_no_request_then_rollback_and_broken_bundle
     switch_to(published, before)
 
 
-def test_contract(service):
-    """Generated requests to every operation never get a 5xx, and every response matches the OpenAPI schema."""
-    schema = schemathesis.openapi.from_url(f"{service['url']}/openapi.json")
-    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
-    operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/score", "/v1/score/batch", "/v1/merchants/{merchant_id}/limits"}
-    for operation in operations:
-
-        @given(case=operation.as_strategy())
-        @hypothesis_settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
-        def exercise(case):
-            case.call_and_validate(base_url=service["url"], headers={"X-API-Key": KEY}, checks=checks)
-
-        exercise()
-
-
 def test_readiness_without_a_key_says_only_ready_or_not(service):
     url = service["url"]
     anonymous = httpx.get(f"{url}/readyz")
@@ -327,8 +262,8 @@ def test_a_broken_bundle_is_named_and_served_once_repaired(service, tmp_path, ca
     limits = settings.path("published") / BUNDLES_DIR / bundle_id / LIMITS_FILE
     good = limits.read_bytes()
     limits.write_bytes(b"corrupt")
-    with caplog.at_level(logging.ERROR, logger="serving.app"), _serve(settings, service["keyring"], ready=False) as url:
-        client = httpx.Client(base_url=url, headers={"X-API-Key": KEY}, timeout=30)
+    app = create_app(settings, service["keyring"])
+    with caplog.at_level(logging.ERROR, logger="serving.app"), running_service(app, KEY, until="/healthz") as client:
         ready = client.get("/readyz")
         assert ready.status_code == 503 and f"hash mismatch ['{LIMITS_FILE}']" in ready.json()["detail"]
         refused = client.post("/v1/score", json={"merchant_id": MERCHANT})
@@ -349,8 +284,7 @@ def test_a_service_with_a_bundle_key_refuses_unsigned_bundles(service, tmp_path)
     unsigned = Settings(home=tmp_path / "home", service=ServiceConfig(reload_interval_seconds=0.05))
     signed = unsigned.model_copy(update={"bundle_key_file": key_file})
     publish(make_parts(tmp_path, service["model"], service["snapshot"]), unsigned)
-    with _serve(signed, service["keyring"], ready=False) as url:
-        client = httpx.Client(base_url=url, headers={"X-API-Key": KEY}, timeout=30)
+    with running_service(create_app(signed, service["keyring"]), KEY, until="/healthz") as client:
         assert "is not signed" in client.get("/readyz").json()["detail"]
         signed_id = publish(make_parts(tmp_path, service["model"], service["snapshot"], version="2"), signed)
         _wait(lambda: _live(client) == signed_id)
