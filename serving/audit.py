@@ -27,14 +27,14 @@ from starlette.responses import JSONResponse
 
 from pipelines.errors import ScfriskError
 
+if TYPE_CHECKING:
+    from serving.bundle import Bundle
+
 log = logging.getLogger(__name__)
 
 
 class AuditError(ScfriskError):
     """A decision's audit line could not be written or synced; the decision must not be answered."""
-
-if TYPE_CHECKING:
-    from serving.bundle import Bundle
 
 
 def inputs_hash(features: dict[str, Any]) -> str:
