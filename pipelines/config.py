@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     home: Path = Path(".scfrisk")
     seed: int = 42
     policy_file: Path = Path("policy.toml")
+    bundle_key_file: Path | None = None
+    """Absolute path, outside the workspace, of the key that signs bundle manifests (`serving.signing`);
+    `SCFRISK_BUNDLE_KEY` takes precedence. Neither set: bundles are not signed."""
     paths: PathsConfig = PathsConfig()
     mlflow: MlflowConfig = MlflowConfig()
     model: ModelConfig = ModelConfig()
