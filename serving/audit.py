@@ -179,15 +179,17 @@ def read_audit(path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
 
 
-def replay(record: dict[str, Any], bundles_dir: Path, bundle: Bundle | None = None) -> dict[str, Any]:
+def replay(record: dict[str, Any], published: Path, bundle: Bundle | None = None) -> dict[str, Any]:
     """Re-score a logged decision with the bundle that made it: returns `pd`, `grade` and `decision`.
 
-    Pass that bundle already loaded to replay many lines of it without loading it once per line.
+    The line's bundle id goes through the same check as the pointer's (`bundle_path`), so an edited line
+    cannot lead the replay out of the workspace's bundles. Pass that bundle already loaded to replay many
+    lines of it without loading it once per line.
     """
-    from serving.bundle import load_bundle
+    from serving.bundle import bundle_path, load_bundle
 
     if bundle is None:
-        bundle = load_bundle(bundles_dir / record["bundle_id"])
+        bundle = load_bundle(bundle_path(published, record["bundle_id"]))
     elif bundle.bundle_id != record["bundle_id"]:
         raise ValueError(f"request {record['request_id']} was decided by bundle {record['bundle_id']}, "
                          f"not {bundle.bundle_id}")

@@ -187,6 +187,12 @@ def test_cli_trains_on_a_csv_table_and_writes_metrics(tmp_path, empty_store, mon
     assert metrics["registered_model"] == "scfrisk-table-loans"
     report = (settings.path("reports") / f"risk_report_scfrisk-table-loans_v{metrics['version']}.html").read_text()
     assert "Column &#x27;" in report or "Column '" in report
+    # Its model card speaks of the table and its random split, not of merchants or an out-of-time test.
+    run_id = MlflowClient(settings.tracking_uri).get_model_version("scfrisk-table-loans", metrics["version"]).run_id
+    card = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model_card.md",
+                                                    tracking_uri=settings.tracking_uri)).read_text()
+    assert "## Performance (random test split)" in card and "target column of the source table" in card
+    assert "out-of-time" not in card.lower() and "merchant's credit application" not in card
 
 
 def test_cli_names_a_missing_target_column_and_the_columns_present(tmp_path, monkeypatch, prefect_server):

@@ -20,7 +20,7 @@ from pipelines.publish import BundleCheckError, publish, rollback, switch_to
 from serving.app import create_app
 from serving.audit import read_audit, replay
 from serving.auth import Keyring
-from serving.bundle import BUNDLES_DIR, LIMITS_FILE, POINTER
+from serving.bundle import BUNDLES_DIR, LIMITS_FILE, POINTER, BundleError
 from tests.service_fixtures import (
     POLICY,
     drop_last_merchants_limit,
@@ -177,7 +177,7 @@ def test_audit_log_reproduces_decisions(service):
     for request_id in ids:
         record = records[request_id]
         assert KEY not in str(record) and record["caller"].startswith("key-")
-        again = replay(record, settings.path("published") / BUNDLES_DIR)
+        again = replay(record, settings.path("published"))
         assert again == {"pd": record["pd"], "grade": record["grade"], "decision": record["decision"]}
 
 
@@ -343,3 +343,10 @@ def test_api_docs_render_in_chromium_without_network(service, tmp_path, page):
     assert [op for op in OPERATIONS if marker.format(op) not in rendered] == []
     if page == "/redoc":
         assert "operation-type post" in rendered
+
+
+@pytest.mark.parametrize("bundle_id", ["..", "../../..", "/etc", "20260101T000000Z/../.."])
+def test_replay_refuses_an_audit_line_whose_bundle_leads_out_of_the_bundles(tmp_path, bundle_id):
+    (tmp_path / BUNDLES_DIR).mkdir()
+    with pytest.raises(BundleError, match="no published bundle"):
+        replay({"bundle_id": bundle_id, "request_id": "r1", "merchant_id": "M1"}, tmp_path)
