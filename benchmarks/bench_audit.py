@@ -25,7 +25,7 @@ import numpy as np
 
 from benchmarks.bench_service import KEY, _free_port, _stop, wrk
 from benchmarks.common import write_section
-from pipelines.config import Settings
+from core.settings import Settings
 from pipelines.publish import publish
 from serving.audit import AuditLog
 from tests.service_fixtures import make_parts, online_snapshot, train_model

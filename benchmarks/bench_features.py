@@ -27,7 +27,7 @@ import pandas as pd
 
 from benchmarks.bench_simulate import BENCH_DATA, SIZES, command
 from benchmarks.common import run_measured, write_section
-from pipelines.raw_store import RawStore
+from core.raw_store import RawStore
 
 DATASET = "orders_10m"
 N_APPLICATIONS = 100_000

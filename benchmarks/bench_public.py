@@ -26,10 +26,10 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.common import write_section
+from core.settings import Settings
 from models.evaluation import pd_metrics
 from models.pd_model import FeatureSpec, prepare_features
 from models.training import binary_target, infer_features, train_pd_model
-from pipelines.config import Settings
 from pipelines.train import assign_slices, read_table
 
 PUBLIC = Path(__file__).resolve().parents[1] / "data_samples" / "public"

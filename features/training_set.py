@@ -14,11 +14,11 @@ import numpy as np
 import pandas as pd
 from rich.progress import track
 
+from core.errors import ScfriskError
+from core.raw_store import RawStore
+from core.schemas import TABLES
 from features.definitions import FEATURES, Feature
 from features.sql import features_sql, source_tables
-from pipelines.errors import ScfriskError
-from pipelines.raw_store import RawStore
-from pipelines.schemas import TABLES
 
 log = logging.getLogger(__name__)
 

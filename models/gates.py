@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from pipelines.config import GatesConfig
+from core.settings import GatesConfig
 
 ModelKind = Literal["platform", "table"]
 """platform: the feature store's features, registered as `[mlflow].registered_model`; table: a user's own

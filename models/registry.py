@@ -20,12 +20,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types.schema import AnyType, ColSpec, Schema
 
+import core
 import models
-import pipelines
+from core.errors import ScfriskError
+from core.settings import Settings
 from models.gates import ChampionComparison, GateDecision, Lineage, comparison_basis
 from models.pd_model import PDModel
-from pipelines.config import Settings
-from pipelines.errors import ScfriskError
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def log_pd_model(model: PDModel, example: pd.DataFrame, registered_model: str) -
         info = mlflow.pyfunc.log_model(name=ARTIFACT_KEY, python_model=PDPyfunc(), artifacts={ARTIFACT_KEY: str(saved)},
                                        signature=signature, input_example=example,
                                        registered_model_name=registered_model,
-                                       code_paths=[str(Path(p).parent) for p in (models.__file__, pipelines.__file__)],
+                                       code_paths=[str(Path(p).parent) for p in (models.__file__, core.__file__)],
                                        pip_requirements=_requirements())
     return str(info.registered_model_version)
 

@@ -14,8 +14,8 @@ from typing import Annotated
 
 import typer
 
-from pipelines.config import Settings, load_settings
-from pipelines.errors import ScfriskError
+from core.errors import ScfriskError
+from core.settings import Settings, load_settings
 from pipelines.runtime import configure_logging, prepare_environment
 
 log = logging.getLogger("scfrisk")
@@ -199,8 +199,8 @@ def features_training_set(
     out: Annotated[Path, typer.Option(help="Output .parquet or .csv: the entity rows plus every feature.")],
 ) -> None:
     """Point-in-time features for each entity row, using only facts strictly before its as_of."""
+    from core.raw_store import RawStore
     from features.training_set import get_training_set
-    from pipelines.raw_store import RawStore
 
     if out.suffix.lower() not in (".csv", ".parquet"):
         raise ScfriskError(f"{out}: use a .parquet or .csv file")
@@ -219,9 +219,9 @@ def features_materialize(
     as_of: Annotated[datetime, typer.Option("--as-of", help="Point in time of the served feature vectors.")],
 ) -> None:
     """Write the offline snapshot for as_of (or reuse it) and publish it as the online store."""
+    from core.raw_store import RawStore
     from features.offline_store import OfflineStore
     from features.online_store import publish_online
-    from pipelines.raw_store import RawStore
 
     settings = _settings(ctx)
     offline = OfflineStore(settings.path("feature_store"), RawStore(settings.path("raw_store")))
@@ -236,7 +236,7 @@ def features_build(
     ] = None,
 ) -> None:
     """Training set, monthly snapshots and online vectors, recomputed only where the data changed."""
-    from features.flow import build_features_flow
+    from pipelines.features import build_features_flow
 
     as_of = online_as_of.isoformat() if online_as_of else None
     result = build_features_flow(settings=_settings(ctx), online_as_of=as_of)

@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 import typer
 
-from models.policy import CreditPolicy, load_policy
-from pipelines.config import Settings
-from pipelines.errors import ScfriskError
+from core.errors import ScfriskError
+from core.settings import Settings
+from credit.policy import CreditPolicy, load_policy
 
 READY_TIMEOUT_SECONDS = 90
 

@@ -1,7 +1,7 @@
 """`scfrisk ingest`: read a batch of platform tables, validate all of it, then load it into the raw store.
 
 A batch folder holds `<table>.parquet`, `<table>/` (Parquet parts) or `<table>.csv` for any subset of
-the tables in `pipelines.schemas`. The batch is all or nothing: every table is validated (foreign keys
+the tables in `core.schemas`. The batch is all or nothing: every table is validated (foreign keys
 against the batch plus the store) before a single partition is swapped into the store. `oracle/` is
 the simulator's ground truth and is never ingested.
 """
@@ -28,14 +28,14 @@ from prefect import flow
 from prefect.states import Failed
 from rich.progress import Progress
 
-from pipelines import schemas as schema_code
-from pipelines import validation as validation_code
-from pipelines.config import Settings
-from pipelines.errors import ScfriskError
-from pipelines.files import file_sha256
-from pipelines.raw_store import RawStore
-from pipelines.schemas import TABLES, TableSpec
-from pipelines.validation import BatchValidation, ReferenceKeys, check_frames, to_validation_frame
+from core import schemas as schema_code
+from core import validation as validation_code
+from core.errors import ScfriskError
+from core.files import file_sha256
+from core.raw_store import RawStore
+from core.schemas import TABLES, TableSpec
+from core.settings import Settings
+from core.validation import BatchValidation, ReferenceKeys, check_frames, to_validation_frame
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

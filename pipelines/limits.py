@@ -1,7 +1,7 @@
 """Batch limits table: every merchant x product as of a time, from champion PDs and point-in-time features.
 
 Thin glue: features come from the offline store's snapshot (what the online store serves), PDs from the
-champion in the MLflow registry (`models.registry`), limits from `models.limits`; the result is one
+champion in the MLflow registry (`models.registry`), limits from `credit.limits`; the result is one
 Parquet file under `$SCFRISK_HOME/limits/as_of=<date>/`.
 """
 
@@ -15,12 +15,12 @@ from pathlib import Path
 import pandas as pd
 from prefect import flow
 
-from models.limits import compute_limits
+from core.errors import ScfriskError
+from core.raw_store import RawStore
+from core.settings import Settings
+from credit.limits import compute_limits
+from credit.policy import CreditPolicy, load_policy
 from models.pd_model import PDModel
-from models.policy import CreditPolicy, load_policy
-from pipelines.config import Settings
-from pipelines.errors import ScfriskError
-from pipelines.raw_store import RawStore
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,8 @@ def write_strategy(settings: Settings, limits: pd.DataFrame, backtest: pd.DataFr
     also logged to the champion's MLflow run."""
     from mlflow import MlflowClient
 
-    from models.strategy import backtest_limits, strategy_tables, write_strategy_report
+    from credit.strategy import backtest_limits, strategy_tables
+    from reporting.strategy_report import write_strategy_report
 
     run_id = MlflowClient(settings.tracking_uri).get_model_version(settings.mlflow.registered_model,
                                                                    model_version).run_id

@@ -3,7 +3,7 @@
 Layout under `settings.path("published")`:
     bundles/<bundle_id>/   manifest.json (hashes of every file), manifest.sig (its HMAC when a bundle key is
                            configured, `serving.signing`) + model, features, limits, reason-code index
-                           (`models.reason_codes` format, as saved by `ReasonCodeIndex.save`), policy, report
+                           (`explanation.reason_codes` format, as saved by `ReasonCodeIndex.save`), policy, report
     rejected/<bundle_id>/  bundles that failed their checks, kept for inspection, never live
     CURRENT                the live bundle id, replaced with `os.replace` so readers see the old or the new id
 The service polls CURRENT and reloads; `rollback` points it back at an older bundle. Publish, rollback and
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from models.reason_codes import ReasonCodeIndex
-from pipelines.config import Settings
-from pipelines.errors import ScfriskError
-from pipelines.files import file_sha256
+from core.errors import ScfriskError
+from core.files import file_sha256
+from core.settings import Settings
+from explanation.reason_codes import ReasonCodeIndex
 from serving import signing
 from serving.bundle import (
     BUNDLES_DIR,
@@ -87,7 +87,7 @@ def build_bundle(parts: BundleParts, published: Path, key: signing.BundleKey | N
                  now: datetime | None = None) -> Path:
     """Write a new bundle into a staging folder of `published` and return it (not yet checked or live);
     its manifest is signed when a bundle key is configured."""
-    from models.policy import load_policy
+    from credit.policy import load_policy
 
     staging = published / f".staging-{uuid.uuid4().hex}"
     staging.mkdir(parents=True)

@@ -1,6 +1,6 @@
 """`scfrisk report`: the risk report of a registered model version, as HTML in the workspace and in MLflow.
 
-Glue only: reads the registry and the training run, then calls `models.risk_report`. The training flow
+Glue only: reads the registry and the training run, then calls `reporting.risk_report`. The training flow
 calls `write_risk_report` right after registering a version; it also logs the report population (the rows
 the report was built from) so `scfrisk report --model-version N` can rebuild the same report later.
 """
@@ -14,12 +14,18 @@ from pathlib import Path
 
 import pandas as pd
 
+from core.errors import ScfriskError
+from core.settings import Settings
+from explanation.reason_codes import table_definitions
 from models.gates import GateDecision
 from models.pd_model import PDModel
-from models.reason_codes import table_definitions
-from models.risk_report import GROUP_COLUMNS, ID_COLUMNS, OtherModel, render_risk_report, risk_report_sections
-from pipelines.config import Settings
-from pipelines.errors import ScfriskError
+from reporting.risk_report import (
+    GROUP_COLUMNS,
+    ID_COLUMNS,
+    OtherModel,
+    render_risk_report,
+    risk_report_sections,
+)
 
 log = logging.getLogger(__name__)
 

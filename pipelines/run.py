@@ -21,13 +21,13 @@ import pandas as pd
 from prefect import flow, task
 from prefect.deployments.runner import RunnerDeployment
 
-from features.flow import build_features_flow
-from models.reason_codes import ReasonCodeIndex
-from pipelines.config import Settings
+from core.raw_store import RawStore
+from core.settings import Settings
+from explanation.reason_codes import ReasonCodeIndex
+from pipelines.features import build_features_flow
 from pipelines.ingest import ingest_flow
 from pipelines.limits import champion, limits_flow
 from pipelines.publish import BundleParts, publish
-from pipelines.raw_store import RawStore
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def monthly_deployment(settings: Settings, source: Path, cron: str = "0 3 1 * *"
     (served by `scfrisk schedule`; runs then show in the Prefect UI of the configured server)."""
     from pydantic import ValidationError
 
-    from pipelines.errors import ScfriskError
+    from core.errors import ScfriskError
 
     try:
         return run_flow.to_deployment(

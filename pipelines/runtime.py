@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
-from pipelines.config import Settings
+from core.settings import Settings
 
 QUIET_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

@@ -22,6 +22,9 @@ import numpy as np
 import pandas as pd
 from prefect import flow
 
+from core.errors import ScfriskError
+from core.settings import Settings
+from explanation.reason_codes import REFERENCES_KEY, reference_values
 from models.evaluation import Evaluation, evaluate_model
 from models.gates import (
     MODEL_KIND_TAG,
@@ -33,9 +36,6 @@ from models.gates import (
     decide_promotion,
 )
 from models.master_scale import load_master_scale
-from models.model_card import render_model_card
-from models.plots import calibration_plot, ks_plot, roc_plot, score_distribution_plot
-from models.reason_codes import REFERENCES_KEY, reference_values
 from models.registry import (
     apply_decision,
     compare_with_champion,
@@ -45,9 +45,9 @@ from models.registry import (
 )
 from models.splits import split_summary, stratified_split, time_split
 from models.training import TrainingResult, binary_target, infer_features, train_pd_model
-from pipelines.config import Settings
-from pipelines.errors import ScfriskError
 from pipelines.report import write_risk_report
+from reporting.model_card import render_model_card
+from reporting.plots import calibration_plot, ks_plot, roc_plot, score_distribution_plot
 
 log = logging.getLogger(__name__)
 
@@ -294,9 +294,9 @@ ENTITY_COLUMNS = ["application_id", "loan_id", "merchant_id", "as_of", "product"
 def feature_store_table(settings: Settings) -> pd.DataFrame:
     """Completed loan outcomes with point-in-time features as of each application (the offline store's
     training set, reused while the raw snapshot and the feature definitions are unchanged)."""
+    from core.raw_store import RawStore
     from features.definitions import feature_names
     from features.offline_store import OfflineStore
-    from pipelines.raw_store import RawStore
 
     store = RawStore(settings.path("raw_store"))
     horizon = settings.model.label_horizon_months
@@ -320,9 +320,9 @@ def oracle_pd(oracle_dir: Path | str, loan_ids: pd.Series) -> pd.Series:
 @flow(name="train")
 def train_flow(settings: Settings, oracle: str | None = None, metrics_out: str | None = None) -> TrainOutcome:
     """Prefect shell of `scfrisk train`: feature store -> train -> evaluate -> register -> gate."""
+    from core.raw_store import RawStore
     from features.catalogue import PROTECTED_PROXIES
     from features.definitions import FEATURES, feature_set_version
-    from pipelines.raw_store import RawStore
 
     frame = feature_store_table(settings)
     outcome = run_training(

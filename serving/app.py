@@ -25,8 +25,8 @@ from fastapi.security import APIKeyHeader
 from fastapi_offline import FastAPIOffline
 from pydantic import ValidationError
 
-from pipelines.config import Settings
-from pipelines.errors import ScfriskError
+from core.errors import ScfriskError
+from core.settings import Settings
 from serving.audit import AuditLog, DurableAnswers
 from serving.auth import ApiKey, Keyring
 from serving.bundle import (

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from starlette.responses import JSONResponse
 
-from pipelines.errors import ScfriskError
+from core.errors import ScfriskError
 
 if TYPE_CHECKING:
     from serving.bundle import Bundle

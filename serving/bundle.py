@@ -4,7 +4,7 @@ Everything the service says about an online-store merchant is computed once when
 grade, limits per product with the plain words of any exclusion, reason codes) so a request is a dict
 lookup plus the decision for its amount. Merchants the store lacks are scored on the fly through the same
 model, limit engine and explainer; both kinds of answer read their reason codes through
-`models.reason_codes.ReasonCodeIndex` (`adverse_codes`), so they say the same.
+`explanation.reason_codes.ReasonCodeIndex` (`adverse_codes`), so they say the same.
 
 `check_bundle` is the one gate before a bundle goes live (publish, rollback, the service), and
 `bundle_path` the one check of a bundle id that comes from outside (docs/security.md).
@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from models import limits as limit_engine
-from models.decision import ADVERSE, CreditRequest, decide_row, exclusion_reason
+from core.errors import ScfriskError
+from core.files import file_sha256
+from credit import limits as limit_engine
+from credit.decision import ADVERSE, CreditRequest, decide_row, exclusion_reason
+from credit.policy import CreditPolicy, load_policy
+from explanation.reason_codes import TABLE_FILE, ReasonCodeIndex, explain_inputs, model_references
 from models.pd_model import NUMERIC_SENTINELS, PDModel
-from models.policy import CreditPolicy, load_policy
-from models.reason_codes import TABLE_FILE, ReasonCodeIndex, explain_inputs, model_references
-from pipelines.errors import ScfriskError
-from pipelines.files import file_sha256
 from serving import signing
 from serving.audit import inputs_hash
 from serving.signing import BundleKey

@@ -21,8 +21,8 @@ from pydantic import (
     model_validator,
 )
 
+from credit.limits import CONSTRAINTS
 from features.definitions import FEATURES, Feature
-from models.limits import CONSTRAINTS
 
 Number = Annotated[float, Strict(), AllowInfNan(False)]
 """A finite JSON number: no `NaN` or `Infinity` (Python's JSON parser reads both, and `1e999`), no text, no

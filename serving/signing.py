@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.config import ConfigError, Settings
-from pipelines.errors import ScfriskError
+from core.errors import ScfriskError
+from core.settings import ConfigError, Settings
 
 KEY_ENV = "SCFRISK_BUNDLE_KEY"
 SIGNATURE = "manifest.sig"

@@ -7,7 +7,7 @@ from datetime import date
 
 import numpy as np
 
-from pipelines.errors import ScfriskError
+from core.errors import ScfriskError
 
 HISTORY_MONTHS = 3
 """Months of data a merchant needs inside the window before it can apply."""

@@ -12,12 +12,12 @@ from functools import cache
 import numpy as np
 import pandas as pd
 
+from explanation.reason_codes import REFERENCES_KEY, reference_values
 from models.master_scale import load_master_scale
 from models.pd_model import PDModel
-from models.reason_codes import REFERENCES_KEY, reference_values
 from models.splits import time_split
-from models.synthetic import DIRECTIONS, synthetic_applications
 from models.training import infer_features, train_pd_model
+from testkit.synthetic import DIRECTIONS, synthetic_applications
 from tests.conftest import REPO
 
 RENAME = {

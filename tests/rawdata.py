@@ -11,8 +11,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.raw_store import MANIFEST, RawStore
-from pipelines.schemas import TABLES
+from core.raw_store import MANIFEST, RawStore
+from core.schemas import TABLES
 
 
 def write_raw_store(root: Path, tables: dict[str, list[dict] | pd.DataFrame]) -> RawStore:

@@ -20,12 +20,12 @@ import numpy as np
 import pandas as pd
 import uvicorn
 
+from core.files import file_sha256
+from credit.limits import compute_limits
+from credit.policy import load_policy
+from explanation.reason_codes import REFERENCES_KEY, ReasonCodeIndex, reference_values
 from models.calibration import Calibrator
-from models.limits import compute_limits
 from models.pd_model import FeatureSpec, PDModel, prepare_features
-from models.policy import load_policy
-from models.reason_codes import REFERENCES_KEY, ReasonCodeIndex, reference_values
-from pipelines.files import file_sha256
 from pipelines.publish import BundleParts
 from serving.bundle import LIMITS_FILE, MANIFEST
 from tests.explain_fixtures import catalogue_applications

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import ConfigError, load_settings
+from core.settings import ConfigError, load_settings
 
 
 def _write(tmp_path: Path, text: str) -> Path:

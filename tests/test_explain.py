@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.explain import (
+from core.errors import ScfriskError
+from explanation.contributions import (
     SHAP_PREFIX,
     compare_importance,
     explain,
@@ -16,7 +17,6 @@ from models.explain import (
     used_features,
     write_explanations,
 )
-from pipelines.errors import ScfriskError
 from tests.explain_fixtures import Trained
 
 

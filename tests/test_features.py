@@ -12,10 +12,10 @@ import math
 import pandas as pd
 import pytest
 
+from core.errors import ScfriskError
 from features.definitions import FEATURES, format_value, monotone_constraints
 from features.labels import application_outcomes
 from features.training_set import get_training_set
-from pipelines.errors import ScfriskError
 from tests.rawdata import write_raw_store
 
 T = pd.Timestamp("2024-07-01")

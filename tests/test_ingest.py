@@ -13,12 +13,12 @@ import duckdb
 import pandas as pd
 import pytest
 
+from core.errors import ScfriskError
+from core.raw_store import RawStore
+from core.settings import Settings
+from core.validation import DataValidationError
 from pipelines.cli import run
-from pipelines.config import Settings
-from pipelines.errors import ScfriskError
 from pipelines.ingest import BatchError, ingest, ingest_flow, locate_tables
-from pipelines.raw_store import RawStore
-from pipelines.validation import DataValidationError
 from tests.batch_builder import valid_batch, write_batch
 
 NOW = datetime(2024, 3, 1)
@@ -102,7 +102,7 @@ def test_a_commit_interrupted_mid_swap_is_finished_before_the_store_is_read(
     batch["orders"]["order_id"] += 100  # new orders in January and February: two partitions to swap
     clean = Settings(home=tmp_path / "clean")
     shutil.copytree(store.home, clean.home)
-    with caplog.at_level(logging.WARNING, logger="pipelines.raw_store"):
+    with caplog.at_level(logging.WARNING, logger="core.raw_store"):
         ingest(write_batch(tmp_path / "b1", {"orders": batch["orders"]}), clean, NOW)
     assert "interrupted" not in caplog.text, "a clean commit is not reported as a recovery"
 
@@ -122,7 +122,7 @@ def test_a_commit_interrupted_mid_swap_is_finished_before_the_store_is_read(
     monkeypatch.undo()
 
     raw = RawStore(store.path("raw_store"))
-    with caplog.at_level(logging.WARNING, logger="pipelines.raw_store"):
+    with caplog.at_level(logging.WARNING, logger="core.raw_store"):
         assert raw.snapshot_id != before  # reading the store finished the commit first
     assert "finishing a commit that was interrupted" in caplog.text
     assert store_files(store) == store_files(clean)

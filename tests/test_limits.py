@@ -11,9 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.decision import CreditRequest, Outcome, decide
-from models.html_report import Paragraph, Section, Table, render_page
-from models.limits import (
+from credit.decision import CreditRequest, Outcome, decide
+from credit.limits import (
     CONSTRAINTS,
     EXCLUSION_RULES,
     LIMIT_COLUMNS,
@@ -22,9 +21,11 @@ from models.limits import (
     expected_profit,
     product_limits,
 )
-from models.policy import PolicyError, load_policy, parse_policy
-from models.strategy import approval_explanation, backtest_limits, strategy_tables, write_strategy_report
-from models.synthetic import limit_inputs as merchants
+from credit.policy import PolicyError, load_policy, parse_policy
+from credit.strategy import backtest_limits, strategy_tables
+from reporting.html import Paragraph, Section, Table, render_page
+from reporting.strategy_report import approval_explanation, write_strategy_report
+from testkit.synthetic import limit_inputs as merchants
 
 POLICY_FILE = Path(__file__).resolve().parents[1] / "policy.toml"
 POLICY = load_policy(POLICY_FILE)

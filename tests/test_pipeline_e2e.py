@@ -15,11 +15,11 @@ import socket
 import pandas as pd
 import pytest
 
+from core.settings import load_settings
+from core.validation import DataValidationError
+from credit.policy import load_policy
 from features.catalogue import PROTECTED_PROXIES
-from models.policy import load_policy
-from pipelines.config import load_settings
 from pipelines.demo import _call, sample_requests, start_service
-from pipelines.validation import DataValidationError
 from serving.bundle import BUNDLES_DIR, POINTER
 from tests.conftest import REPO, SAMPLE
 
@@ -146,8 +146,8 @@ def test_live_service_answers_the_loan_engine_and_audits_it(pipeline):
 
 
 def test_a_champion_of_another_table_is_refused_and_the_live_bundle_stays(pipeline, platform):
+    from core.errors import ScfriskError
     from models.registry import promote
-    from pipelines.errors import ScfriskError
     from pipelines.run import run_flow
     from pipelines.train import run_training
 
@@ -170,8 +170,8 @@ def test_a_champion_of_another_table_is_refused_and_the_live_bundle_stays(pipeli
 
 
 def test_schedule_is_a_monthly_deployment_of_the_whole_run_with_this_workspace(tmp_path):
-    from pipelines.config import Settings
-    from pipelines.errors import ScfriskError
+    from core.errors import ScfriskError
+    from core.settings import Settings
     from pipelines.run import monthly_deployment
 
     settings = Settings(home=tmp_path / "ws")

@@ -15,7 +15,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from benchmarks.bench_public import PUBLIC, TABLES, table_split, untuned_lightgbm_pd
-from pipelines.config import Settings
+from core.settings import Settings
 from pipelines.train import read_table, train_table_flow
 from tests.conftest import REPO
 

@@ -8,9 +8,9 @@ import secrets
 
 import pytest
 
-from pipelines.config import ConfigError, Settings
-from pipelines.errors import ScfriskError
-from pipelines.files import file_sha256
+from core.errors import ScfriskError
+from core.files import file_sha256
+from core.settings import ConfigError, Settings
 from pipelines.publish import BundleCheckError, list_bundles, publish, rollback, switch_to
 from serving.bundle import (
     BUNDLES_DIR,

@@ -6,11 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features.catalogue import PROTECTED_PROXIES, check_proxies
-from features.definitions import FEATURE_INDEX
-from models.explain import explain
-from models.model_card import protected_attributes
-from models.reason_codes import (
+from core.errors import ScfriskError
+from explanation.contributions import explain
+from explanation.reason_codes import (
     LOWERS,
     RAISES,
     REFERENCES_KEY,
@@ -20,7 +18,9 @@ from models.reason_codes import (
     reference_values,
     top_reasons,
 )
-from pipelines.errors import ScfriskError
+from features.catalogue import PROTECTED_PROXIES, check_proxies
+from features.definitions import FEATURE_INDEX
+from reporting.model_card import protected_attributes
 from tests.explain_fixtures import Trained
 
 

@@ -14,14 +14,14 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
+from core.errors import ScfriskError
+from core.settings import GatesConfig, Settings
 from models.gates import ChampionComparison, Lineage, comparison_basis, decide_promotion
 from models.pd_model import PDModel
 from models.registry import CHALLENGER, CHAMPION, load_pd_model, model_settings, promote
-from models.synthetic import DIRECTIONS, synthetic_applications
 from pipelines.cli import app
-from pipelines.config import GatesConfig, Settings
-from pipelines.errors import ScfriskError
 from pipelines.train import assign_slices, run_training
+from testkit.synthetic import DIRECTIONS, synthetic_applications
 from tests.conftest import REPO
 
 STRONG = ["refund_rate_90d", "late_settlement_share", "complaints_90d", "months_on_platform", "rating_avg"]

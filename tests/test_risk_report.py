@@ -12,12 +12,12 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from core.errors import ScfriskError
+from core.settings import Settings
 from models.gates import GateDecision
 from models.registry import apply_decision, configure_mlflow, log_pd_model
-from models.risk_report import OtherModel, render_risk_report, risk_report_sections
-from pipelines.config import Settings
-from pipelines.errors import ScfriskError
 from pipelines.report import ARTIFACT_DIR, POPULATION_FILE, report_file, report_for_version, write_risk_report
+from reporting.risk_report import OtherModel, render_risk_report, risk_report_sections
 from tests.explain_fixtures import Trained, train
 
 SECTIONS = [

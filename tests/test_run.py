@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 
-from pipelines.config import Settings
+from core.settings import Settings
 from pipelines.run import TRAINING_CODE, training_code_version, training_fingerprint
 from tests.conftest import REPO
 

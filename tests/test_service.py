@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from models.policy import load_policy
-from pipelines.config import ServiceConfig, Settings
-from pipelines.errors import ScfriskError
+from core.errors import ScfriskError
+from core.settings import ServiceConfig, Settings
+from credit.policy import load_policy
 from pipelines.publish import BundleCheckError, publish, rollback, switch_to
 from serving.app import create_app
 from serving.audit import read_audit, replay

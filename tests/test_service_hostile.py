@@ -21,8 +21,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from core.settings import ServiceConfig, Settings
 from features.definitions import FEATURES
-from pipelines.config import ServiceConfig, Settings
 from pipelines.publish import publish
 from serving.app import create_app
 from serving.audit import read_audit, replay

@@ -11,10 +11,9 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from pipelines.ingest import conform, reference_keys
-from pipelines.raw_store import RawStore
-from pipelines.schemas import TABLES
-from pipelines.validation import (
+from core.raw_store import RawStore
+from core.schemas import TABLES
+from core.validation import (
     BatchValidation,
     DataValidationError,
     build_rules,
@@ -23,6 +22,7 @@ from pipelines.validation import (
     to_validation_frame,
     validate_tables,
 )
+from pipelines.ingest import conform, reference_keys
 from tests.batch_builder import to_arrow, valid_batch
 
 NOW = datetime(2024, 3, 1)

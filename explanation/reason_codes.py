@@ -1,7 +1,7 @@
 """Reason codes: for one merchant, the factors that pushed its default risk up (and those that lowered it),
 in the words of the feature catalogue, with the merchant's value and the value typical of approved merchants.
 
-A reason is a SHAP contribution (log-odds, see `models.explain`) of a feature the booster split on. Only
+A reason is a SHAP contribution (log-odds, see `explanation.contributions`) of a feature the booster split on. Only
 strictly positive contributions can be an adverse reason, only strictly negative ones a mitigating factor,
 so a feature that did not move this merchant's score never appears, and there is no generic fallback.
 Because the calibrated PD is monotone in the log-odds, the order of reasons is the order on the PD scale.
@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core.errors import ScfriskError
+from explanation.contributions import Explanation, explain
 from features.catalogue import PROTECTED_PROXIES
 from features.definitions import FEATURE_INDEX, Feature, format_value
-from models.explain import Explanation, explain
 from models.pd_model import FeatureSpec, PDModel
-from pipelines.errors import ScfriskError
 
 TOP_N = 4
 APPROVED_QUANTILE = 0.5

@@ -1,4 +1,4 @@
-"""Great Expectations validation of raw tables, built in code from `pipelines.schemas`.
+"""Great Expectations validation of raw tables, built in code from `core.schemas`.
 
 The `TableSpec` is the one source of truth: every expectation below is derived from it (columns and
 types, non-null columns, unique key, allowed values, min/max, ordered timestamp pairs, timestamps not in
@@ -31,9 +31,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.config import Settings
-from pipelines.errors import ScfriskError
-from pipelines.schemas import ForeignKey, TableSpec
+from core.errors import ScfriskError
+from core.schemas import ForeignKey, TableSpec
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from pipelines.errors import ScfriskError
-from pipelines.files import read_toml
+from core.errors import ScfriskError
+from core.files import read_toml
 
 CONFIG_ENV = "SCFRISK_CONFIG"
 DEFAULT_CONFIG_FILE = "scfrisk.toml"

@@ -2,7 +2,7 @@
 
 `risk_report_sections` builds the whole content from data -- the model, a scored population with its
 slices and labels, the gate decision and optionally the other model of the champion/challenger pair --
-and `render_risk_report` turns it into one self-contained HTML page through `models.html_report`, the
+and `render_risk_report` turns it into one self-contained HTML page through `reporting.html`, the
 renderer every report of the project shares. Reading MLflow and the registry is glue in `pipelines.report`.
 """
 
@@ -17,17 +17,23 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from core.errors import ScfriskError
+from explanation.contributions import (
+    Explanation,
+    compare_importance,
+    explain,
+    global_importance,
+    importance_by,
+)
+from explanation.reason_codes import RAISES, REFERENCES_KEY, reference_values, top_reasons
 from features.definitions import FEATURE_INDEX, Feature
 from models.evaluation import grades_by, metrics_by, pd_metrics, population_stability_index
-from models.explain import Explanation, compare_importance, explain, global_importance, importance_by
 from models.gates import GateDecision
-from models.html_report import Image, KeyFigures, Paragraph, Section, Table, render_page
-from models.model_card import LIMITATIONS
 from models.pd_model import PDModel
-from models.plots import calibration_plot
-from models.reason_codes import RAISES, REFERENCES_KEY, reference_values, top_reasons
 from models.splits import split_summary
-from pipelines.errors import ScfriskError
+from reporting.html import Image, KeyFigures, Paragraph, Section, Table, render_page
+from reporting.model_card import LIMITATIONS
+from reporting.plots import calibration_plot
 
 TITLE = "Risk report"
 GROUP_COLUMNS = ("segment", "merchant_type", "product")

@@ -2,8 +2,8 @@
 
 The reasons are plain sentences built from the policy's own numbers, each with a stable code, so a
 declined or reduced merchant is told which rule applied (adverse-action notice) and an officer sees why a
-request was referred. Codes: `exclusion.<rule>` (`models.limits.EXCLUSIONS`), `limit.<constraint>`
-(`models.limits.CONSTRAINTS`), and `request.within_limit | above_limit | far_above_limit | no_limit`.
+request was referred. Codes: `exclusion.<rule>` (`credit.limits.EXCLUSIONS`), `limit.<constraint>`
+(`credit.limits.CONSTRAINTS`), and `request.within_limit | above_limit | far_above_limit | no_limit`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Annotated, Any
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.limits import apr_floor
-from models.policy import CreditPolicy, ProductPolicy
+from credit.limits import apr_floor
+from credit.policy import CreditPolicy, ProductPolicy
 
 
 class Outcome(StrEnum):
@@ -66,7 +66,7 @@ def _plain(product: str) -> str:
 
 def exclusion_reason(code: str, row: Mapping[str, Any], product: str, terms: ProductPolicy) -> str:
     """Why a merchant is not eligible for a product, in plain words with the policy's numbers (`row` is
-    the merchant's limit-table row); `models.limits.EXCLUSION_RULES` names the rules without numbers."""
+    the merchant's limit-table row); `credit.limits.EXCLUSION_RULES` names the rules without numbers."""
     name = _plain(product)
     match code:
         case "segment":

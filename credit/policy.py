@@ -12,10 +12,10 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from core.errors import ScfriskError
+from core.files import read_toml
+from core.schemas import CATEGORIES, MERCHANT_TYPES
 from models.master_scale import MasterScale
-from pipelines.errors import ScfriskError
-from pipelines.files import read_toml
-from pipelines.schemas import CATEGORIES, MERCHANT_TYPES
 
 Rate = Annotated[float, Field(ge=0.0, le=1.0)]
 Amount = Annotated[float, Field(ge=0.0)]

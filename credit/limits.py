@@ -18,8 +18,8 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from models.master_scale import MasterScale
-from models.policy import (
+from core.errors import ScfriskError
+from credit.policy import (
     CreditPolicy,
     EligibleReceivables,
     ExposureBase,
@@ -28,7 +28,7 @@ from models.policy import (
     UnsettledOrders,
     WarehouseInventory,
 )
-from pipelines.errors import ScfriskError
+from models.master_scale import MasterScale
 
 FEATURES: tuple[str, ...] = (
     "segment",
@@ -57,7 +57,7 @@ EXCLUSION_RULES: dict[str, str] = {
     "min_limit": "qualifying limit below the product's minimum",
 }
 """Eligibility rules in the order they are checked (a row reports the first one it fails), each in plain
-words for tables that count exclusions; `models.decision.exclusion_reason` words one row's with its numbers."""
+words for tables that count exclusions; `credit.decision.exclusion_reason` words one row's with its numbers."""
 
 EXCLUSIONS: tuple[str, ...] = tuple(EXCLUSION_RULES)
 """The rule codes: stable, what the limits table's `exclusion_reason` holds."""

@@ -13,11 +13,11 @@ from pathlib import Path
 import pandas as pd
 from prefect import flow
 
+from core.errors import ScfriskError
+from core.raw_store import RawStore
+from core.settings import Settings
 from features.offline_store import OfflineStore, month_starts
 from features.online_store import publish_online
-from pipelines.config import Settings
-from pipelines.errors import ScfriskError
-from pipelines.raw_store import RawStore
 
 log = logging.getLogger(__name__)
 

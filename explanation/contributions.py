@@ -24,7 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.progress import Progress
 
-from pipelines.errors import ScfriskError
+from core.errors import ScfriskError
+from models.pd_model import model_matrix
 
 log = logging.getLogger(__name__)
 
@@ -45,29 +46,6 @@ class Explanation:
     def margin(self) -> pd.Series:
         """The raw margin the contributions add up to (equals `booster.predict(raw_score=True)`)."""
         return (self.values.sum(axis=1) + self.base_value).rename("raw_margin")
-
-
-def model_matrix(booster: lgb.Booster, X: pd.DataFrame) -> np.ndarray:
-    """`X` as the float matrix LightGBM scores, categoricals as codes of the booster's own training levels.
-
-    Same numbers as handing LightGBM the DataFrame, without its per-call pandas conversion, which costs more
-    than TreeSHAP itself for a single merchant.
-    """
-    names = booster.feature_name()
-    missing = [name for name in names if name not in X.columns]
-    if missing:
-        raise ScfriskError(f"model input lacks feature(s) {missing[:10]} that the booster was trained on")
-    frame = X[names]
-    categorical = [isinstance(dtype, pd.CategoricalDtype) for dtype in frame.dtypes]
-    if not any(categorical):
-        return frame.to_numpy(float)
-    matrix = np.empty(frame.shape)
-    numeric = np.flatnonzero(~np.array(categorical))
-    matrix[:, numeric] = frame.iloc[:, numeric].to_numpy(float)  # one block, not a column at a time
-    for j, levels in zip(np.flatnonzero(categorical), booster.pandas_categorical or []):
-        codes = pd.Categorical(frame.iloc[:, j], categories=levels).codes.astype(float)
-        matrix[:, j] = np.where(codes < 0, np.nan, codes)
-    return matrix
 
 
 def explain(

@@ -1,6 +1,6 @@
 """Layout of the validated raw store: `<root>/<table>/month=YYYY-MM/part-0.parquet` plus a manifest.
 
-Every table is partitioned by the month of its own time column (see `pipelines.schemas`). Readers glob
+Every table is partitioned by the month of its own time column (see `core.schemas`). Readers glob
 `table_glob(name)` (DuckDB: `read_parquet(glob)`), and never depend on the partition column. The manifest
 records what is in the store; its `snapshot_id` changes exactly when the data does, so downstream stages
 can reuse work computed on the same snapshot. It also names the batch (a fingerprint of its files) whose
@@ -34,8 +34,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.files import file_sha256
-from pipelines.schemas import TABLES, TableSpec
+from core.files import file_sha256
+from core.schemas import TABLES, TableSpec
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import ScfriskError
+from core.errors import ScfriskError
 
 
 def file_sha256(path: Path) -> str:
