@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from features.definitions import feature_set_version
 from models import limits as limit_engine
 from models.decision import ADVERSE, CreditRequest, decide_row, exclusion_reason
 from models.pd_model import NUMERIC_SENTINELS, PDModel
@@ -223,6 +224,15 @@ class Bundle:
 
     def score_features(self, features: dict[str, Any]) -> Scored:
         return self.score_frame(pd.DataFrame([features]))[0]
+
+    def on_demand_problem(self) -> str | None:
+        """Why features cannot be computed for this bundle's model (None when they can): the service's
+        definitions must be the feature set the model was trained on."""
+        trained, here = self.manifest["feature_set_version"], feature_set_version()
+        if trained == here:
+            return None
+        return (f"bundle {self.bundle_id} was trained on feature set {trained}, this service computes {here}: "
+                "records cannot be scored with it; send the features instead")
 
     def decide(self, scored: Scored, product: str | None, requested_amount: float | None) -> dict[str, Any] | None:
         """The decision on a request for an amount of a product; None when the caller asked for neither."""
