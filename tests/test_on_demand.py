@@ -8,6 +8,7 @@ import functools
 import math
 import time
 from datetime import datetime
+from pathlib import Path
 
 import duckdb
 import orjson
@@ -319,3 +320,11 @@ def _records_for_edits() -> dict[str, list[dict]]:
 @functools.cache
 def _records_json(merchant: str) -> bytes:
     return orjson.dumps(_records(merchant))
+
+
+def test_the_readme_example_is_scored_from_its_records(service):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = readme.split("-d @- <<'EOF'\n", 1)[1].split("\nEOF\n", 1)[0]
+    body = service["client"].post("/v1/score", content=example, headers={"Content-Type": "application/json"})
+    assert body.status_code == 200, body.text
+    assert body.json()["scoring_mode"] == "records" and body.json()["merchant_id"] == "M0009001"
