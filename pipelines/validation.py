@@ -1,8 +1,10 @@
 """Great Expectations validation of raw tables, built in code from `pipelines.schemas`.
 
-The `TableSpec` is the one source of truth: every expectation below is derived from it (columns and
+The `TableSpec` is the one source of truth: every rule is derived from it by `spec_rules` (columns and
 types, non-null columns, unique key, allowed values, min/max, ordered timestamp pairs, timestamps not in
-the future, foreign keys), so the data model, its documentation and its checks cannot drift apart.
+the future, foreign keys), so the data model, its documentation and its checks cannot drift apart. GX
+checks them on an ingested batch; the few records a scoring request carries are checked against the same
+rules in Arrow (`check_records`), since GX costs about a second per request, and worded the same way.
 
 Valid data is the common case, so each table is validated in two steps, both by GX. First every rule
 with a `BOOLEAN_ONLY` result (no counts, no examples), in its cheapest exact form: a range as the

@@ -3,8 +3,9 @@
 Everything the service says about an online-store merchant is computed once when a bundle loads (PD,
 grade, limits per product with the plain words of any exclusion, reason codes) so a request is a dict
 lookup plus the decision for its amount. Merchants the store lacks are scored on the fly through the same
-model, limit engine and explainer; both kinds of answer read their reason codes through
-`models.reason_codes.ReasonCodeIndex` (`adverse_codes`), so they say the same.
+model, limit engine and explainer (a bundle's model trained on the feature set this code computes can also
+take features computed from raw records, `features.on_demand`); both kinds of answer read their reason codes
+through `models.reason_codes.ReasonCodeIndex` (`adverse_codes`), so they say the same.
 
 `check_bundle` is the one gate before a bundle goes live (publish, rollback, the service), and
 `bundle_path` the one check of a bundle id that comes from outside (docs/security.md).
