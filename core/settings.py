@@ -105,6 +105,8 @@ class ServiceConfig(_Section):
     code, an unseen category) before it is refused with 422: a PD built on next to nothing is not a
     decision. 0.5 keeps every merchant of the sample's online store scorable (the least known has 37 of
     80 inputs unknown, 99% have at most 23) and refuses payloads of mostly nulls."""
+    max_records: int = Field(5_000, ge=1, le=1_000_000)
+    """Raw records one request may carry, all tables together (their features are computed per request)."""
     audit_log: Path = Path("audit/decisions.jsonl")
     reload_interval_seconds: float = Field(2.0, gt=0.0)
 

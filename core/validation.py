@@ -1,8 +1,10 @@
 """Great Expectations validation of raw tables, built in code from `core.schemas`.
 
-The `TableSpec` is the one source of truth: every expectation below is derived from it (columns and
+The `TableSpec` is the one source of truth: every rule is derived from it by `spec_rules` (columns and
 types, non-null columns, unique key, allowed values, min/max, ordered timestamp pairs, timestamps not in
-the future, foreign keys), so the data model, its documentation and its checks cannot drift apart.
+the future, foreign keys), so the data model, its documentation and its checks cannot drift apart. GX
+checks them on an ingested batch; the few records a scoring request carries are checked against the same
+rules in Arrow (`check_records`), since GX costs about a second per request, and worded the same way.
 
 Valid data is the common case, so each table is validated in two steps, both by GX. First every rule
 with a `BOOLEAN_ONLY` result (no counts, no examples), in its cheapest exact form: a range as the
@@ -19,6 +21,7 @@ run's frame is dropped from GX's caches after it); only the Data Docs HTML is wr
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -32,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from core.errors import ScfriskError
-from core.schemas import ForeignKey, TableSpec
+from core.schemas import TableSpec
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -85,66 +88,96 @@ def pandas_type(arrow_type: pa.DataType) -> str:
     return str(arrow_type.to_pandas_dtype().__name__)
 
 
+@dataclass(frozen=True)
+class SpecRule:
+    """One rule of a table's data model, as the expectation that states it row by row (GX's name and
+    arguments; a foreign key's `value_set` is the Arrow array of the referenced keys).
+
+    `spec_rules` derives them once from the spec; GX checks them on an ingested batch (`build_rules`),
+    Arrow on the few records of a scoring request (`check_records`: GX costs a second a request). The
+    fields are named as in GX's expectation configuration, so both are worded by `describe_failures`.
+    """
+
+    type: str
+    kwargs: Mapping[str, Any]
+    meta: Mapping[str, str] | None = None
+
+
+def spec_rules(
+    spec: TableSpec, *, now: datetime, allow_future_seconds: int, reference_keys: ReferenceKeys
+) -> list[SpecRule]:
+    """Every rule of one table, derived from its spec alone (plus 'now' and the foreign-key domains)."""
+    latest = pd.Timestamp(now + timedelta(seconds=allow_future_seconds))
+
+    def between(column: str, low: Any, high: Any) -> SpecRule:
+        return SpecRule("expect_column_values_to_be_between", {"column": column, "min_value": low, "max_value": high})
+
+    rules = [SpecRule("expect_table_columns_to_match_set",
+                      {"column_set": [c.name for c in spec.columns], "exact_match": True})]
+    for col in spec.columns:
+        rules.append(
+            SpecRule("expect_column_values_to_be_of_type", {"column": col.name, "type_": pandas_type(col.type)})
+        )
+        if not col.nullable:
+            rules.append(SpecRule("expect_column_values_to_not_be_null", {"column": col.name}))
+        if col.allowed is not None:
+            rules.append(SpecRule("expect_column_values_to_be_in_set",
+                                  {"column": col.name, "value_set": list(col.allowed)}))
+        if col.min_value is not None or col.max_value is not None:
+            rules.append(between(col.name, col.min_value, col.max_value))
+        if pa.types.is_timestamp(col.type) and not col.scheduled:
+            rules.append(between(col.name, None, latest))
+    rules.append(SpecRule("expect_column_values_to_be_unique", {"column": spec.key}))
+    rules += [
+        SpecRule("expect_column_pair_values_a_to_be_greater_than_b",
+                 {"column_A": later, "column_B": earlier, "or_equal": True,
+                  "ignore_row_if": "either_value_is_missing"})
+        for earlier, later in spec.ordered
+    ]
+    return rules + [
+        SpecRule("expect_column_values_to_be_in_set",
+                 {"column": fk.column, "value_set": reference_keys[(fk.table, fk.ref_column)]},
+                 meta={"foreign_key": f"{fk.table}.{fk.ref_column}"})
+        for fk in spec.foreign_keys
+    ]
+
+
 def build_rules(
     spec: TableSpec, *, now: datetime, allow_future_seconds: int, reference_keys: ReferenceKeys
 ) -> list[Rule]:
-    """Every rule of one table, derived from its spec alone (plus 'now' and the foreign-key domains)."""
+    """The spec's rules (`spec_rules`) as GX expectations, each checked in its cheapest exact form."""
     import great_expectations.expectations as gxe
 
-    def same(kind: Any, **kwargs: Any) -> Rule:
-        return Rule(kind(**kwargs), lambda: kind(**kwargs))
-
-    def in_range(column: str, low: Any, high: Any) -> list[Rule]:
-        # Min and max are vectorised for every dtype; row-level between is not (small ints: per value).
-        def explain() -> Any:
-            return gxe.ExpectColumnValuesToBeBetween(column=column, min_value=low, max_value=high)
-
-        checks = [gxe.ExpectColumnMinToBeBetween(column=column, min_value=low)] if low is not None else []
-        if high is not None:
-            checks.append(gxe.ExpectColumnMaxToBeBetween(column=column, max_value=high))
-        return [Rule(check, explain) for check in checks]
-
-    def ordered(earlier: str, later: str) -> Rule:
-        def explain() -> Any:
-            return gxe.ExpectColumnPairValuesAToBeGreaterThanB(
-                column_A=later, column_B=earlier, or_equal=True, ignore_row_if="either_value_is_missing"
-            )
-
-        check = gxe.ExpectColumnMinToBeBetween(column=gap_column(earlier, later), min_value=0)
-        return Rule(check, explain, check_on=GAPS, columns=timestamps)
-
-    def foreign_key(fk: ForeignKey) -> Rule:
-        domain = reference_keys[(fk.table, fk.ref_column)]
-        meta = {"foreign_key": f"{fk.table}.{fk.ref_column}"}
-        check = gxe.ExpectColumnUniqueValueCountToBeBetween(
-            column=fk.column, min_value=len(domain), max_value=len(domain), meta=meta
-        )
-        return Rule(
-            check,
-            lambda: gxe.ExpectColumnValuesToBeInSet(
-                column=fk.column, value_set=domain.to_pylist(), meta=meta
-            ),
-            check_on=KEYS,
-        )
-
-    latest = pd.Timestamp(now + timedelta(seconds=allow_future_seconds))
-    rules = [
-        same(gxe.ExpectTableColumnsToMatchSet, column_set=[c.name for c in spec.columns], exact_match=True)
-    ]
-    for col in spec.columns:
-        rules.append(same(gxe.ExpectColumnValuesToBeOfType, column=col.name, type_=pandas_type(col.type)))
-        if not col.nullable:
-            rules.append(same(gxe.ExpectColumnValuesToNotBeNull, column=col.name))
-        if col.allowed is not None:
-            rules.append(same(gxe.ExpectColumnValuesToBeInSet, column=col.name, value_set=list(col.allowed)))
-        if col.min_value is not None or col.max_value is not None:
-            rules += in_range(col.name, col.min_value, col.max_value)
-        if pa.types.is_timestamp(col.type) and not col.scheduled:
-            rules += in_range(col.name, None, latest)
-    rules.append(same(gxe.ExpectColumnValuesToBeUnique, column=spec.key))
     timestamps = tuple(dict.fromkeys(c for pair in spec.ordered for c in pair))
-    rules += [ordered(earlier, later) for earlier, later in spec.ordered]
-    return rules + [foreign_key(fk) for fk in spec.foreign_keys]
+
+    def to_gx(rule: SpecRule) -> list[Rule]:
+        kind = getattr(gxe, "".join(word.capitalize() for word in rule.type.split("_")))
+        kwargs = {**rule.kwargs, **({"meta": dict(rule.meta)} if rule.meta else {})}
+        if rule.meta and "foreign_key" in rule.meta:
+            domain = kwargs["value_set"]
+            check = gxe.ExpectColumnUniqueValueCountToBeBetween(
+                column=kwargs["column"], min_value=len(domain), max_value=len(domain), meta=kwargs["meta"]
+            )
+            return [Rule(check, lambda: kind(**{**kwargs, "value_set": domain.to_pylist()}), check_on=KEYS)]
+
+        def explain() -> Any:
+            return kind(**kwargs)
+
+        if rule.type == "expect_column_values_to_be_between":
+            # Min and max are vectorised for every dtype; row-level between is not (small ints: per value).
+            column, low, high = kwargs["column"], kwargs["min_value"], kwargs["max_value"]
+            checks = [gxe.ExpectColumnMinToBeBetween(column=column, min_value=low)] if low is not None else []
+            if high is not None:
+                checks.append(gxe.ExpectColumnMaxToBeBetween(column=column, max_value=high))
+            return [Rule(check, explain) for check in checks]
+        if rule.type == "expect_column_pair_values_a_to_be_greater_than_b":
+            gap = gap_column(kwargs["column_B"], kwargs["column_A"])
+            check = gxe.ExpectColumnMinToBeBetween(column=gap, min_value=0)
+            return [Rule(check, explain, check_on=GAPS, columns=timestamps)]
+        return [Rule(kind(**kwargs), explain)]
+
+    rules = spec_rules(spec, now=now, allow_future_seconds=allow_future_seconds, reference_keys=reference_keys)
+    return [gx_rule for rule in rules for gx_rule in to_gx(rule)]
 
 
 def to_validation_frame(table: pa.Table, name: str) -> pd.DataFrame:
@@ -300,6 +333,81 @@ def describe_failures(table: str, results: Iterable[Any], max_examples: int) -> 
         broken |= unusable
         found.append((Failure(table, columns, _rule(config), detail), bool(unusable)))
     return [f for f, cause in found if cause or not broken.intersection(f.columns)]
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """One rule's outcome on an Arrow table, shaped like a GX validation result (see `SpecRule`)."""
+
+    expectation_config: SpecRule
+    success: bool
+    result: Mapping[str, Any]
+    exception_info: None = None
+
+
+def check_records(table: pa.Table, spec: TableSpec, rules: Iterable[SpecRule], max_examples: int) -> list[Failure]:
+    """The failures of a small in-memory table against its spec's rules, checked in Arrow and worded
+    as ingestion words them. A type failure counts the values that do not read as the type."""
+    checked = []
+    for rule in rules:
+        found = _arrow_unexpected(table, spec, rule)
+        if isinstance(found, list):
+            found = {"element_count": len(table), "unexpected_count": len(found),
+                     "partial_unexpected_list": found[:max_examples]}
+        checked.append(_Checked(rule, found is None, found or {}))
+    return describe_failures(spec.name, checked, max_examples)
+
+
+def _arrow_unexpected(table: pa.Table, spec: TableSpec, rule: SpecRule) -> list[Any] | dict[str, Any] | None:
+    """None when the rule holds; else the unexpected values (a GX result for a table-level rule)."""
+    kwargs = rule.kwargs
+    if rule.type == "expect_table_columns_to_match_set":
+        observed = table.column_names
+        return None if set(observed) == set(kwargs["column_set"]) else {"observed_value": observed}
+    columns = _columns(kwargs)
+    if any(c not in table.column_names for c in columns):
+        return None  # the column-set rule reports it
+    if rule.type == "expect_column_values_to_be_of_type":
+        values, wanted = table.column(columns[0]), spec.column_index[columns[0]].type
+        if values.type == wanted:
+            return None
+        delivered = [v for v in values.to_pylist() if v is not None]
+        return [v for v in delivered if not _reads_as(v, wanted)] or delivered or {"observed_value": str(values.type)}
+    if any(table.column(c).type != spec.column_index[c].type for c in columns):
+        return None  # the type rule reports it
+    values = table.column(columns[0])
+    if rule.type == "expect_column_values_to_not_be_null":
+        return _where(values, values.is_null()) or None
+    if rule.type == "expect_column_values_to_be_in_set":
+        allowed = kwargs["value_set"]
+        allowed = allowed if isinstance(allowed, (pa.Array, pa.ChunkedArray)) else pa.array(allowed, values.type)
+        return _where(values, pc.and_(values.is_valid(), pc.invert(pc.is_in(values, value_set=allowed)))) or None
+    if rule.type == "expect_column_values_to_be_between":
+        bounds = ((kwargs["min_value"], pc.less), (kwargs["max_value"], pc.greater))
+        outside = [compare(values, pa.scalar(bound, values.type)) for bound, compare in bounds if bound is not None]
+        return _where(values, functools.reduce(pc.or_, outside)) or None
+    if rule.type == "expect_column_values_to_be_unique":
+        counts = pc.value_counts(values.drop_null())
+        repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+        return _where(values, pc.is_in(values, value_set=repeated)) or None
+    if rule.type == "expect_column_pair_values_a_to_be_greater_than_b":
+        later, earlier = table.column(kwargs["column_A"]), table.column(kwargs["column_B"])
+        before = pc.less(later, earlier)
+        return list(zip(_where(later, before), _where(earlier, before))) or None
+    raise ValueError(f"no Arrow check for {rule.type}")
+
+
+def _where(values: pa.ChunkedArray, mask: pa.ChunkedArray) -> list[Any]:
+    """The values where `mask` is true (a null in the mask counts as false)."""
+    return pc.filter(values, pc.fill_null(mask, False)).to_pylist()
+
+
+def _reads_as(value: Any, wanted: pa.DataType) -> bool:
+    try:
+        pa.array([value]).cast(wanted)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return False
+    return True
 
 
 def _narrow(frame: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:

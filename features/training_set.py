@@ -100,11 +100,13 @@ def compute_features(
     tables: Mapping[str, str],
     batch_rows: int = DEFAULT_BATCH_ROWS,
     features: tuple[Feature, ...] = FEATURES,
+    con: duckdb.DuckDBPyConnection | None = None,
 ) -> pd.DataFrame:
     """Features for distinct (merchant_id, as_of) pairs, one row each, columns in definition order.
 
-    `features` may be a subset, as long as it includes what its derived features use."""
-    con = duckdb.connect()
+    `features` may be a subset, as long as it includes what its derived features use. `con` is the
+    connection `tables` can be read in (one where in-memory tables are registered), else a new one."""
+    con = con or duckdb.connect()
     sql = features_sql(tables, features)
     batches = _merchant_batches(entities[KEYS].drop_duplicates(), batch_rows)
     parts = []

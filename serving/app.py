@@ -13,7 +13,7 @@ import logging
 import math
 import uuid
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,8 @@ from pydantic import ValidationError
 
 from core.errors import ScfriskError
 from core.settings import Settings
-from serving.audit import AuditLog, DurableAnswers
+from features.on_demand import InvalidRecords, MerchantFeatures, RecordsError, features_from_records
+from serving.audit import AuditLog, DurableAnswers, inputs_hash
 from serving.auth import ApiKey, Keyring
 from serving.bundle import (
     BUNDLES_DIR,
@@ -66,6 +67,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 NOT_FOUND = {404: {"model": Problem, "description": "Unknown merchant, report or bundle."}}
 UNREADABLE = {400: {"model": Problem, "description": "The body cannot be parsed (not UTF-8, or nested too deep)."}}
+NO_ON_DEMAND = {409: {"model": Problem, "description": "`records` sent, but the live model was trained on "
+                                                        "another feature set than the service computes."}}
 MAX_PROBLEMS = 20
 """Errors listed in one 422 body (or one batch item's detail); the rest are counted."""
 
@@ -157,8 +160,22 @@ class Refused(Exception):
         return HTTPException(self.status, self.detail)
 
 
-def _short(value: Any) -> Any:
-    return value[:MAX_TEXT] + "..." if isinstance(value, str) and len(value) > MAX_TEXT else value
+def _records_rejected(exc: InvalidRecords) -> RequestValidationError:
+    """One error per failed rule, at the table and column it names (a long message, such as a list of
+    unknown columns, cut short)."""
+    return RequestValidationError([
+        {"type": "value_error", "loc": ("body", "records", f.table, *f.columns[:1]), "msg": _short(str(f), 500)}
+        for f in exc.failures
+    ])
+
+
+def _now() -> datetime:
+    """The request's time, naive UTC as the data model's timestamps."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _short(value: Any, length: int = MAX_TEXT) -> Any:
+    return value[:length] + "..." if isinstance(value, str) and len(value) > length else value
 
 
 def _problems(errors: list[dict[str, Any]], loc: list[Any]) -> list[dict[str, Any]]:
@@ -275,8 +292,18 @@ def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
         return JSONResponse({"detail": _problems(list(exc.errors()), [])}, status_code=422)
 
     def answer(bundle: Bundle, scored: Scored, req: ScoreRequest, inputs: dict[str, Any] | None, caller: ApiKey,
-               request_id: str) -> dict[str, Any]:
+               request_id: str, computed: MerchantFeatures | None = None) -> dict[str, Any]:
         decision = bundle.decide(scored, req.product, req.requested_amount)
+        mode = "records" if computed else "online" if inputs is None else "features"
+        on_demand = computed and {
+            # Replay needs the inputs scored, logged as for a payload; the records stay out (they can be large
+            # and hold buyers' ids): their hash proves which ones gave the inputs to anyone who holds them.
+            "merchant_id": computed.merchant_id,
+            "records_hash": inputs_hash(req.record_rows()),  # type: ignore[arg-type]
+            "records_rows": {name: len(rows) for name, rows in req.record_rows().items()},  # type: ignore[union-attr]
+            "as_of": computed.as_of.isoformat(),
+            "feature_set_version": bundle.manifest["feature_set_version"],
+        }
         app.state.audit.write({
             "request_id": request_id,
             "time": datetime.now(UTC).isoformat(),
@@ -295,17 +322,20 @@ def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
             "approved_amount": decision and decision["amount"],
             "reasons": [r["code"] for r in scored.reason_codes],
             "policy_reasons": decision and dict(zip(decision["reason_codes"], decision["reasons"])),
+            "scoring_mode": mode,
+            **(on_demand or {}),
         })
         return {
             "request_id": request_id,
-            "merchant_id": req.merchant_id,
+            "merchant_id": computed.merchant_id if computed else req.merchant_id,
+            "scoring_mode": mode,
             "pd": scored.pd,
             "grade": scored.grade,
             "limits": scored.limits,
             "decision": decision,
             "reason_codes": bundle.reasons_given(scored, decision),
             "model_version": bundle.model_version,
-            "features_as_of": bundle.features_as_of,
+            "features_as_of": computed.as_of.isoformat() if computed else bundle.features_as_of,
             "policy_version": bundle.policy_version,
             "bundle_id": bundle.bundle_id,
         }
@@ -318,28 +348,61 @@ def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
             raise Refused(422, [*loc, "product"], f"unknown product '{req.product}'; known: {known}")
         features = req.feature_values()
         if features is None:
-            if req.merchant_id not in bundle.online:
+            if req.records is None and req.merchant_id not in bundle.online:
                 raise Refused(404, [*loc, "merchant_id"], f"merchant '{req.merchant_id}' is not in the online store "
                                                           f"of bundle {bundle.bundle_id}; send its features instead")
             return None
+        return payload_inputs(bundle, features, [*loc, "features"])
+
+    def payload_inputs(bundle: Bundle, features: dict[str, Any], loc: list[Any]) -> dict[str, Any]:
+        """The inputs to score of feature values (sent, or computed from records): exactly the bundle's
+        inputs, refused when one is absent or too many are unknown."""
         missing = bundle.missing_inputs(features)
         if missing:
-            raise Refused(422, [*loc, "features", missing[0]],
+            raise Refused(422, [*loc, missing[0]],
                           f"features payload misses {len(missing)} input(s): {', '.join(missing)}; send every "
                           "input of the live model, null when unknown")
         unknown = bundle.unknown_inputs(features)
         allowed = math.floor(service.max_missing_share * len(bundle.model.features))
         if len(unknown) > allowed:
-            raise Refused(422, [*loc, "features"],
+            raise Refused(422, loc,
                           f"{len(unknown)} of the model's {len(bundle.model.features)} inputs are unknown (null, a "
                           f"missing-value code or an unseen category: {', '.join(unknown)}); at most {allowed} may "
                           "be: a PD built on so little is not a decision")
         return {name: features[name] for name in bundle.input_columns}
 
-    @app.post("/v1/score", response_model=ScoreResponse, responses={**ERRORS, **NOT_FOUND, **UNREADABLE},
-              tags=["scoring"])
+    async def records_inputs(bundle: Bundle, req: ScoreRequest) -> tuple[dict[str, Any], MerchantFeatures]:
+        """The features of a request's records, computed on demand, as the inputs a payload would give. Refused
+        first: more than `max_records` rows (413), a model of another feature set (409), an as_of in the
+        future (422); then any record breaking a rule of ingestion (422, one error per rule)."""
+        records, now = req.record_rows(), _now()
+        rows = sum(map(len, records.values()))  # type: ignore[union-attr]
+        if rows > service.max_records:
+            raise Refused(413, ["body", "records"], f"records hold {rows} rows, more than max_records "
+                                                    f"{service.max_records}")
+        problem = bundle.on_demand_problem()
+        if problem:
+            raise Refused(409, ["body", "records"], problem)
+        if req.as_of is not None and req.as_of > now + timedelta(seconds=settings.ingest.allow_future_seconds):
+            raise Refused(422, ["body", "as_of"], f"as_of {req.as_of.isoformat()} is in the future (now "
+                                                  f"{now.isoformat()})")
+        try:
+            computed = await run_in_threadpool(
+                features_from_records, records, req.as_of or now, now=now,  # type: ignore[arg-type]
+                allow_future_seconds=settings.ingest.allow_future_seconds,
+                max_examples=settings.ingest.max_failure_examples)
+        except InvalidRecords as exc:
+            raise _records_rejected(exc) from None
+        except RecordsError as exc:
+            raise Refused(422, ["body", "records"], str(exc)) from None
+        return payload_inputs(bundle, computed.features, ["body", "records"]), computed
+
+    @app.post("/v1/score", response_model=ScoreResponse,
+              responses={**ERRORS, **NOT_FOUND, **UNREADABLE, **NO_ON_DEMAND}, tags=["scoring"])
     async def score(req: ScoreRequest, caller: ApiKey = Depends(scope("score"))) -> dict[str, Any]:
-        """Score one merchant: online-store lookup by `merchant_id`, or an explicit `features` payload.
+        """Score one merchant: online-store lookup by `merchant_id`, an explicit `features` payload, or the
+        features computed on demand from its raw `records` (checked by the rules of ingestion, a 422 naming
+        table, column, rule and row count otherwise), as of `as_of`.
 
         A payload carries every input of the live model (GET /v1/model `inputs`), `null` for a value that is
         unknown; at most `[service].max_missing_share` of the model's inputs may be unknown (null, a
@@ -348,15 +411,18 @@ def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
         the field.
         """
         bundle = live.require()
+        computed = None
         try:
             inputs = check_request(bundle, req, ["body"])
+            if req.records is not None:
+                inputs, computed = await records_inputs(bundle, req)
         except Refused as exc:
             raise exc.http() from None
         if inputs is not None:
             scored = await run_in_threadpool(bundle.score_features, inputs)
         else:
             scored = bundle.online[req.merchant_id]
-        return answer(bundle, scored, req, inputs, caller, uuid.uuid4().hex)
+        return answer(bundle, scored, req, inputs, caller, uuid.uuid4().hex, computed)
 
     @app.post("/v1/score/batch", response_model=BatchResponse, responses={**ERRORS, **UNREADABLE}, tags=["scoring"])
     async def score_batch(batch: BatchRequest, caller: ApiKey = Depends(scope("score"))) -> dict[str, Any]:
@@ -377,6 +443,9 @@ def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
             loc = ["body", "requests", i]
             try:
                 req = ScoreRequest.model_validate(item)
+                if req.records is not None:
+                    raise Refused(422, [*loc, "records"], "records are scored one merchant a request: POST them "
+                                                          "to /v1/score")
                 accepted.append((i, req, check_request(bundle, req, loc)))
             except ValidationError as exc:
                 problems = _problems(exc.errors(), loc)

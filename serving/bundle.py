@@ -3,8 +3,9 @@
 Everything the service says about an online-store merchant is computed once when a bundle loads (PD,
 grade, limits per product with the plain words of any exclusion, reason codes) so a request is a dict
 lookup plus the decision for its amount. Merchants the store lacks are scored on the fly through the same
-model, limit engine and explainer; both kinds of answer read their reason codes through
-`explanation.reason_codes.ReasonCodeIndex` (`adverse_codes`), so they say the same.
+model, limit engine and explainer (a bundle's model trained on the feature set this code computes can also
+take features computed from raw records, `features.on_demand`); both kinds of answer read their reason codes
+through `explanation.reason_codes.ReasonCodeIndex` (`adverse_codes`), so they say the same.
 
 `check_bundle` is the one gate before a bundle goes live (publish, rollback, the service), and
 `bundle_path` the one check of a bundle id that comes from outside (docs/security.md).
@@ -28,6 +29,7 @@ from credit import limits as limit_engine
 from credit.decision import ADVERSE, CreditRequest, decide_row, exclusion_reason
 from credit.policy import CreditPolicy, load_policy
 from explanation.reason_codes import TABLE_FILE, ReasonCodeIndex, explain_inputs, model_references
+from features.definitions import feature_set_version
 from models.pd_model import NUMERIC_SENTINELS, PDModel
 from serving import signing
 from serving.audit import inputs_hash
@@ -223,6 +225,15 @@ class Bundle:
 
     def score_features(self, features: dict[str, Any]) -> Scored:
         return self.score_frame(pd.DataFrame([features]))[0]
+
+    def on_demand_problem(self) -> str | None:
+        """Why features cannot be computed for this bundle's model (None when they can): the service's
+        definitions must be the feature set the model was trained on."""
+        trained, here = self.manifest["feature_set_version"], feature_set_version()
+        if trained == here:
+            return None
+        return (f"bundle {self.bundle_id} was trained on feature set {trained}, this service computes {here}: "
+                "records cannot be scored with it; send the features instead")
 
     def decide(self, scored: Scored, product: str | None, requested_amount: float | None) -> dict[str, Any] | None:
         """The decision on a request for an amount of a product; None when the caller asked for neither."""

@@ -24,6 +24,7 @@ from core.files import file_sha256
 from credit.limits import compute_limits
 from credit.policy import load_policy
 from explanation.reason_codes import REFERENCES_KEY, ReasonCodeIndex, reference_values
+from features.definitions import feature_set_version
 from models.calibration import Calibrator
 from models.pd_model import FeatureSpec, PDModel, prepare_features
 from pipelines.publish import BundleParts
@@ -80,7 +81,7 @@ def make_parts(workdir: Path, model: PDModel, snapshot: pd.DataFrame, version: s
     return BundleParts(
         model_dir=model_dir,
         model_version=version,
-        feature_set_version="fs-1",
+        feature_set_version=feature_set_version(),  # the model reads catalogue features: records can be scored
         features_as_of="2026-11-01T00:00:00",
         online_features=snapshot,
         limits=compute_limits(scored, load_policy(POLICY)),

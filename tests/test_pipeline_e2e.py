@@ -108,7 +108,7 @@ def test_a_failing_stage_publishes_nothing(pipeline, platform, tmp_path):
     assert sorted(p.name for p in (settings.path("published") / BUNDLES_DIR).iterdir()) == bundles_before
 
 
-def test_live_service_answers_the_loan_engine_and_audits_it(pipeline):
+def test_live_service_answers_the_loan_engine_and_audits_it(pipeline, platform):
     settings, summary = pipeline
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -141,6 +141,15 @@ def test_live_service_answers_the_loan_engine_and_audits_it(pipeline):
             assert x["limit"] == pytest.approx(limits.loc[(answers[0]["merchant_id"], x["product"]), "limit"])
         audit = [json.loads(line) for line in settings.audit_log.read_text().splitlines()]
         assert [a["request_id"] for a in audit[-3:]] == [a["request_id"] for a in answers]
+        # The same merchant sent as its raw records, as if it were new: features computed on demand as of
+        # the online store's as_of give the online answer.
+        request = min(requests, key=lambda r: len(_sample_records(platform, r["merchant_id"])["orders"]))
+        online = answers[requests.index(request)]
+        body = {**request, "records": _sample_records(platform, request["merchant_id"]),
+                "as_of": online["features_as_of"]}
+        fresh = _call(f"http://127.0.0.1:{port}/v1/score", KEY, body)
+        assert fresh["scoring_mode"] == "records" and fresh["merchant_id"] == online["merchant_id"]
+        assert fresh["pd"] == pytest.approx(online["pd"], abs=1e-9) and fresh["decision"] == online["decision"]
     finally:
         os.kill(pid, signal.SIGTERM)
 
@@ -167,6 +176,19 @@ def test_a_champion_of_another_table_is_refused_and_the_live_bundle_stays(pipeli
         promote(settings, first.champion_version, "back to the platform model")
     assert (settings.path("published") / POINTER).read_text() == live_before
     assert sorted(p.name for p in (settings.path("published") / BUNDLES_DIR).iterdir()) == bundles_before
+
+
+def _sample_records(platform, merchant: str) -> dict[str, list[dict]]:
+    """A merchant's rows of every table the features read, as JSON gives them."""
+    import orjson
+    import pyarrow.parquet as pq
+
+    from features.on_demand import RECORD_TABLES
+
+    return orjson.loads(orjson.dumps({
+        name: pq.read_table(platform / name, filters=[("merchant_id", "=", merchant)]).to_pylist()
+        for name in RECORD_TABLES
+    }))
 
 
 def test_schedule_is_a_monthly_deployment_of_the_whole_run_with_this_workspace(tmp_path):

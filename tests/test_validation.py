@@ -93,21 +93,22 @@ def _orphan(b):
     )
 
 
-@pytest.mark.parametrize(
-    "corrupt",
-    [
-        _wrong_type,
-        _missing_column,
-        _null_key,
-        _duplicate_key,
-        _bad_status,
-        _negative_amount,
-        _unordered,
-        _future,
-        _orphan,
-    ],
-    ids=lambda f: f.__name__.strip("_"),
-)
+CORRUPTIONS = [
+    _wrong_type,
+    _missing_column,
+    _null_key,
+    _duplicate_key,
+    _bad_status,
+    _negative_amount,
+    _unordered,
+    _future,
+    _orphan,
+]
+"""One defect per rule of the data model, with the message that names it (also checked in Arrow, for
+records sent to the scoring service: tests/test_on_demand.py)."""
+
+
+@pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=lambda f: f.__name__.strip("_"))
 def test_each_rule_rejects_bad_input_with_an_actionable_message(corrupt, settings, tmp_path):
     good = {name: to_arrow(name, frame) for name, frame in valid_batch().items()}
     bad = valid_batch()
