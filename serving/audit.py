@@ -1,7 +1,7 @@
 """Append-only decision log: one JSON line per decision, enough to reproduce it later.
 
 A line names the bundle that decided, the hash of the feature values it used (and the values themselves
-when the caller sent them), the request, and the outcome. `replay` re-scores a line with its bundle.
+when the caller sent them), the request, and the outcome. `serving.bundle.replay` re-scores a line with its bundle.
 
 Durability: no answer leaves the service before the lines its request wrote are on storage
 (`fdatasync`). One `fdatasync` costs milliseconds on a disk, so they are shared: `DurableAnswers` holds
@@ -20,15 +20,12 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from starlette.responses import JSONResponse
 
 from core.errors import ScfriskError
-
-if TYPE_CHECKING:
-    from serving.bundle import Bundle
 
 log = logging.getLogger(__name__)
 
@@ -177,24 +174,3 @@ class DurableAnswers:
 
 def read_audit(path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
-
-
-def replay(record: dict[str, Any], published: Path, bundle: Bundle | None = None) -> dict[str, Any]:
-    """Re-score a logged decision with the bundle that made it: returns `pd`, `grade` and `decision`.
-
-    The line's bundle id goes through the same check as the pointer's (`bundle_path`), so an edited line
-    cannot lead the replay out of the workspace's bundles. Pass that bundle already loaded to replay many
-    lines of it without loading it once per line.
-    """
-    from serving.bundle import bundle_path, load_bundle
-
-    if bundle is None:
-        bundle = load_bundle(bundle_path(published, record["bundle_id"]))
-    elif bundle.bundle_id != record["bundle_id"]:
-        raise ValueError(f"request {record['request_id']} was decided by bundle {record['bundle_id']}, "
-                         f"not {bundle.bundle_id}")
-    scored = bundle.score_features(record.get("features") or bundle.features_of(record["merchant_id"]))
-    if scored.inputs_hash != record["inputs_hash"]:
-        raise ValueError(f"the inputs of request {record['request_id']} differ from the ones logged")
-    decision = bundle.decide(scored, record.get("product"), record.get("requested_amount"))
-    return {"pd": scored.pd, "grade": scored.grade, "decision": decision and decision["outcome"]}

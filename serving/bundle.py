@@ -373,3 +373,22 @@ def _decide_every_row(bundle: Bundle) -> None:
             except Exception as exc:  # whatever it is, the row must not go live
                 raise BundleCheckError(f"{LIMITS_FILE} row of merchant {merchant}, product {product} cannot be "
                                        f"decided ({type(exc).__name__}: {exc})") from exc
+
+
+def replay(record: dict[str, Any], published: Path, bundle: Bundle | None = None) -> dict[str, Any]:
+    """Re-score a logged decision with the bundle that made it: returns `pd`, `grade` and `decision`.
+
+    The line's bundle id goes through the same check as the pointer's (`bundle_path`), so an edited line
+    cannot lead the replay out of the workspace's bundles. Pass that bundle already loaded to replay many
+    lines of it without loading it once per line.
+    """
+    if bundle is None:
+        bundle = load_bundle(bundle_path(published, record["bundle_id"]))
+    elif bundle.bundle_id != record["bundle_id"]:
+        raise ValueError(f"request {record['request_id']} was decided by bundle {record['bundle_id']}, "
+                         f"not {bundle.bundle_id}")
+    scored = bundle.score_features(record.get("features") or bundle.features_of(record["merchant_id"]))
+    if scored.inputs_hash != record["inputs_hash"]:
+        raise ValueError(f"the inputs of request {record['request_id']} differ from the ones logged")
+    decision = bundle.decide(scored, record.get("product"), record.get("requested_amount"))
+    return {"pd": scored.pd, "grade": scored.grade, "decision": decision and decision["outcome"]}

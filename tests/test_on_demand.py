@@ -31,8 +31,9 @@ from features.on_demand import RECORD_TABLES, InvalidRecords, RecordsError, feat
 from pipelines.ingest import conform, reference_keys
 from pipelines.publish import publish, switch_to
 from serving.app import create_app
-from serving.audit import inputs_hash, read_audit, replay
+from serving.audit import inputs_hash, read_audit
 from serving.auth import Keyring
+from serving.bundle import replay
 from tests.batch_builder import to_arrow, valid_batch
 from tests.conftest import SAMPLE
 from tests.service_fixtures import make_parts, online_snapshot, running_service, train_model

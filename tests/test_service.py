@@ -18,9 +18,9 @@ from core.settings import ServiceConfig, Settings
 from credit.policy import load_policy
 from pipelines.publish import BundleCheckError, publish, rollback, switch_to
 from serving.app import create_app
-from serving.audit import read_audit, replay
+from serving.audit import read_audit
 from serving.auth import Keyring
-from serving.bundle import BUNDLES_DIR, LIMITS_FILE, POINTER, BundleError
+from serving.bundle import BUNDLES_DIR, LIMITS_FILE, POINTER, BundleError, replay
 from tests.service_fixtures import (
     POLICY,
     drop_last_merchants_limit,
@@ -291,7 +291,7 @@ def test_a_broken_bundle_is_named_and_served_once_repaired(service, tmp_path, ca
     good = limits.read_bytes()
     limits.write_bytes(b"corrupt")
     app = create_app(settings, service["keyring"])
-    with caplog.at_level(logging.ERROR, logger="serving.app"), running_service(app, KEY, until="/healthz") as client:
+    with caplog.at_level(logging.ERROR, logger="serving.live"), running_service(app, KEY, until="/healthz") as client:
         ready = client.get("/readyz")
         assert ready.status_code == 503 and f"hash mismatch ['{LIMITS_FILE}']" in ready.json()["detail"]
         refused = client.post("/v1/score", json={"merchant_id": MERCHANT})
@@ -301,7 +301,7 @@ def test_a_broken_bundle_is_named_and_served_once_repaired(service, tmp_path, ca
         limits.write_bytes(good)
         _wait(lambda: client.get("/readyz").status_code == 200)
         assert client.post("/v1/score", json={"merchant_id": MERCHANT}).json()["bundle_id"] == bundle_id
-    errors = [r for r in caplog.records if r.name == "serving.app" and r.levelno >= logging.ERROR]
+    errors = [r for r in caplog.records if r.name == "serving.live" and r.levelno >= logging.ERROR]
     assert len([r for r in errors if bundle_id in r.getMessage()]) == 1
 
 

@@ -25,9 +25,9 @@ from core.settings import ServiceConfig, Settings
 from features.definitions import FEATURES
 from pipelines.publish import publish
 from serving.app import create_app
-from serving.audit import read_audit, replay
+from serving.audit import read_audit
 from serving.auth import Keyring
-from serving.bundle import BUNDLES_DIR, load_bundle
+from serving.bundle import BUNDLES_DIR, load_bundle, replay
 from tests.service_fixtures import make_parts, online_snapshot, running_service, train_model
 
 KEY = "hostile-test-key-0123456789"
