@@ -161,7 +161,7 @@ class IngestResult:
     store_rows: dict[str, int]
     rules_checked: int
     data_docs: Path | None
-    """Great Expectations Data Docs of the batch, when written (see `ingest.data_docs_on_success`)."""
+    """The validation page of the batch, when written (see `ingest.data_docs_on_success`)."""
     already_loaded: bool = False
     """The store's snapshot was made by this very batch: nothing was read, validated or written."""
     seconds: dict[str, float] = field(default_factory=dict)
@@ -183,7 +183,7 @@ class IngestResult:
                 f"  {name}: {rows:,} rows in batch, {written}, {self.store_rows.get(name, 0):,} rows stored"
             )
         report = (
-            f"validation report: {self.data_docs}" if self.data_docs else "no Data Docs for a passed batch"
+            f"validation report: {self.data_docs}" if self.data_docs else "no validation page for a passed batch"
         )
         lines.append(f"snapshot {self.snapshot_id}; {self.rules_checked} validation rules passed; {report}")
         return "\n".join(lines)
