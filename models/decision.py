@@ -78,8 +78,10 @@ def binding_reason(constraint: str, row: dict[str, Any], product: str, terms: Pr
                 f"the limit is {rate:.0%} of the {base} ({row['exposure_base']:,.0f}) at grade {row['grade']}"
             )
         case "el_budget":
-            return (f"at PD {row['pd']:.2%} a larger limit would exceed the expected-loss budget of "
-                    f"{terms.el_budget:,.0f}")
+            return (
+                f"at PD {row['pd']:.2%} a larger limit would exceed the expected-loss budget of "
+                f"{terms.el_budget:,.0f}"
+            )
     raise AssertionError(f"unknown constraint {constraint!r}")  # pragma: no cover
 
 

@@ -203,8 +203,9 @@ def _product_columns(
     }
 
 
-def _limit_table(frame: pd.DataFrame, parts: list[dict[str, np.ndarray]], policy: CreditPolicy,
-                 index: pd.Index) -> pd.DataFrame:
+def _limit_table(
+    frame: pd.DataFrame, parts: list[dict[str, np.ndarray]], policy: CreditPolicy, index: pd.Index
+) -> pd.DataFrame:
     """The `LIMIT_COLUMNS` frame of the products in `parts` (each over every row of `frame`), stacked in
     that order; built once, so a one-merchant request pays pandas' per-column cost once, not per product."""
     column = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}

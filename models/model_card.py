@@ -28,15 +28,30 @@ def _table(frame: pd.DataFrame, floatfmt: str = "{:.4f}") -> str:
     return "\n".join(lines)
 
 
-def render_model_card(title: str, model: PDModel, split: pd.DataFrame, evaluation: Evaluation,
-                      decision: GateDecision | None, source: str) -> str:
+def render_model_card(
+    title: str,
+    model: PDModel,
+    split: pd.DataFrame,
+    evaluation: Evaluation,
+    decision: GateDecision | None,
+    source: str,
+) -> str:
     m = evaluation.metrics
-    features = ", ".join(f"{f.name} ({f.kind}{', ' + format(f.direction, '+d') if f.direction else ''})"
-                         for f in model.features)
+    features = ", ".join(
+        f"{f.name} ({f.kind}{', ' + format(f.direction, '+d') if f.direction else ''})"
+        for f in model.features
+    )
     performance = pd.DataFrame(
-        {"model": [m["test_auc"], m["test_gini"], m["test_ks"], m["test_brier"], m["test_ece"]],
-         "logistic baseline": [m["baseline_auc"], m["baseline_gini"], m["baseline_ks"], m["baseline_brier"],
-                               m["baseline_ece"]]},
+        {
+            "model": [m["test_auc"], m["test_gini"], m["test_ks"], m["test_brier"], m["test_ece"]],
+            "logistic baseline": [
+                m["baseline_auc"],
+                m["baseline_gini"],
+                m["baseline_ks"],
+                m["baseline_brier"],
+                m["baseline_ece"],
+            ],
+        },
         index=pd.Index(["AUC", "Gini", "KS", "Brier", "ECE"], name="metric"),
     )
     sections = [
@@ -48,21 +63,28 @@ def render_model_card(title: str, model: PDModel, split: pd.DataFrame, evaluatio
         f"## Model\nLightGBM with monotone constraints. Hyper-parameters, boosting rounds and the "
         f"{model.calibrator.method} calibration are chosen on the validation cohort; the chosen booster is then "
         f"refitted on train + validation (the newest cohort included). {len(model.features)} features: {features}.",
-        "## Performance (out-of-time test)\n" + _table(performance)
+        "## Performance (out-of-time test)\n"
+        + _table(performance)
         + f"\n\nScore PSI train vs test: {m['score_psi']:.4f}. Log loss: {m['test_log_loss']:.4f}.",
     ]
     if "oracle_auc" in m:
-        sections.append(f"Simulator's true PD on the same rows: AUC {m['oracle_auc']:.4f}, Brier "
-                        f"{m['oracle_brier']:.4f} (model gap: AUC {m['auc_gap_to_oracle']:+.4f}).")
+        sections.append(
+            f"Simulator's true PD on the same rows: AUC {m['oracle_auc']:.4f}, Brier "
+            f"{m['oracle_brier']:.4f} (model gap: AUC {m['auc_gap_to_oracle']:+.4f})."
+        )
     if not evaluation.grades.empty:
         overall = evaluation.grades[evaluation.grades["by"] == "all"].drop(columns=["by", "value"])
-        sections.append(f"## Grades (master scale)\nMonotone bad rate: "
-                        f"{'yes' if m.get('grades_monotone') else 'NO'}\n\n" + _table(overall.set_index("grade")))
+        sections.append(
+            f"## Grades (master scale)\nMonotone bad rate: "
+            f"{'yes' if m.get('grades_monotone') else 'NO'}\n\n" + _table(overall.set_index("grade"))
+        )
     if not evaluation.by_group.empty:
         cols = ["by", "value", "n", "default_rate", "auc", "brier", "ece"]
         sections.append("## By segment and product\n" + _table(evaluation.by_group[cols].set_index("by")))
     if decision is not None:
-        sections.append(f"## Champion/challenger decision\n{'Promoted' if decision.promote else 'Not promoted'}"
-                        ":\n\n" + "\n".join(f"- {r}" for r in decision.reasons))
+        sections.append(
+            f"## Champion/challenger decision\n{'Promoted' if decision.promote else 'Not promoted'}"
+            ":\n\n" + "\n".join(f"- {r}" for r in decision.reasons)
+        )
     sections.append("## Limitations\n" + "\n".join(LIMITATIONS))
     return "\n\n".join(sections) + "\n"

@@ -47,7 +47,9 @@ def ks_plot(y: np.ndarray, pd_values: np.ndarray, path: Path) -> Path:
     return _save(fig, path)
 
 
-def calibration_plot(y: np.ndarray, pd_values: np.ndarray, path: Path) -> Path:
+def calibration_plot(
+    y: np.ndarray, pd_values: np.ndarray, path: Path, title: str = "Calibration, out-of-time test"
+) -> Path:
     """Observed default rate against mean PD in equal-count bins (the diagonal is perfect calibration)."""
     order = np.argsort(pd_values, kind="stable")
     bins = [idx for idx in np.array_split(order, RELIABILITY_BINS) if len(idx)]
@@ -57,7 +59,7 @@ def calibration_plot(y: np.ndarray, pd_values: np.ndarray, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, top], [0, top], ls=":", c="grey")
     ax.plot(mean_pd, rate, marker="o")
-    ax.set(xlabel="mean predicted PD", ylabel="observed default rate", title="Calibration, out-of-time test")
+    ax.set(xlabel="mean predicted PD", ylabel="observed default rate", title=title)
     return _save(fig, path)
 
 

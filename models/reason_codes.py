@@ -110,10 +110,16 @@ def table_definitions(features: Sequence[FeatureSpec]) -> dict[str, Feature]:
     trained with `scfrisk train --table`) the table's own column name, so reasons still name the column,
     the merchant's value and the reference value."""
     return {
-        f.name: FEATURE_INDEX.get(f.name) or Feature(
-            name=f.name, source="table", aggregation="", window_days=None,
-            description=f"Column '{f.name}' of the training table", direction=f.direction,
-            unit="category" if f.kind == "categorical" else "number", kind=f.kind,
+        f.name: FEATURE_INDEX.get(f.name)
+        or Feature(
+            name=f.name,
+            source="table",
+            aggregation="",
+            window_days=None,
+            description=f"Column '{f.name}' of the training table",
+            direction=f.direction,
+            unit="category" if f.kind == "categorical" else "number",
+            kind=f.kind,
         )
         for f in features
     }
@@ -251,8 +257,9 @@ class ReasonCodeIndex:
     def for_population(cls, model: PDModel, population: pd.DataFrame, model_version: str) -> ReasonCodeIndex:
         """Reason codes of every merchant of a feature snapshot (`merchant_id` + raw features), in batch."""
         inputs = model.prepare(population.set_index("merchant_id"))
-        return cls.build(explain(model.booster, inputs), inputs, model_references(model),
-                         model_version=model_version)
+        return cls.build(
+            explain(model.booster, inputs), inputs, model_references(model), model_version=model_version
+        )
 
     def __len__(self) -> int:
         return len(self._slices)

@@ -16,8 +16,16 @@ import pandas as pd
 
 from models.gates import GateDecision
 from models.pd_model import PDModel
+from models.policy import load_policy
 from models.reason_codes import table_definitions
-from models.risk_report import GROUP_COLUMNS, ID_COLUMNS, OtherModel, render_risk_report, risk_report_sections
+from models.risk_report import (
+    GROUP_COLUMNS,
+    ID_COLUMNS,
+    POLICY_COLUMNS,
+    OtherModel,
+    render_risk_report,
+    risk_report_sections,
+)
 from pipelines.config import Settings
 from pipelines.errors import ScfriskError
 
@@ -41,8 +49,13 @@ def report_population(
     time_col: str | None = None,
     max_rows_per_slice: int = MAX_ROWS_PER_SLICE,
 ) -> pd.DataFrame:
-    """The columns and rows a report needs: features, label, slice, groups, ids; big slices sampled."""
-    keep = [c for c in (*ID_COLUMNS, time_col, *GROUP_COLUMNS, "y", "slice") if c and c in population.columns]
+    """The columns and rows a report needs: features, label, slice, groups, ids, the policy's inputs; big
+    slices sampled."""
+    keep = [
+        c
+        for c in (*ID_COLUMNS, time_col, *GROUP_COLUMNS, *POLICY_COLUMNS, "y", "slice")
+        if c and c in population.columns
+    ]
     frame = population[list(dict.fromkeys([*keep, *model.feature_names]))]
     parts = [
         part
@@ -51,6 +64,20 @@ def report_population(
         for name, part in frame.groupby("slice", sort=False)
     ]
     return pd.concat(parts).sort_index()
+
+
+def feature_snapshots(settings: Settings, model: PDModel) -> dict[str, pd.DataFrame]:
+    """The offline store's monthly snapshots of the model's feature-set version (the last
+    `features.snapshot_months`, oldest first), month -> the model's features; none for a table's model."""
+    version = (model.metadata or {}).get("feature_set_version")
+    if not version or version == "table":
+        return {}
+    files = sorted((settings.path("feature_store") / f"version={version}").glob("as_of=*.parquet"))
+    files = files[-settings.features.snapshot_months :] if settings.features.snapshot_months else []
+    return {
+        path.stem.removeprefix("as_of=")[:7]: pd.read_parquet(path, columns=model.feature_names)
+        for path in files
+    }
 
 
 def write_risk_report(
@@ -72,6 +99,9 @@ def write_risk_report(
         population,
         definitions=table_definitions(model.features),
         version=version,
+        gates=settings.gates,
+        policy=load_policy(settings.policy_file),
+        snapshots=feature_snapshots(settings, model),
         decision=decision,
         other=other,
         time_col=time_col,
@@ -125,7 +155,7 @@ def _other_side(settings: Settings, version: str) -> OtherModel | None:
     aliases = {}
     for alias in (CHAMPION, CHALLENGER):
         try:
-            aliases[alias] = client.get_model_version_by_alias(name, alias).version
+            aliases[alias] = str(client.get_model_version_by_alias(name, alias).version)  # MLflow 3: an int
         except MlflowException:
             continue
     role = CHALLENGER if aliases.get(CHAMPION) == version else CHAMPION
