@@ -109,7 +109,8 @@ nav a { color: var(--accent); text-decoration: none; }
 .columns > div { flex: 1 1 20rem; min-width: 0; }
 .columns table { margin-top: .3rem; font-size: .84rem; }
 .columns th, .columns td { padding: .22rem .55rem; }
-.badge { display: inline-block; white-space: nowrap; padding: 0 .5rem; border-radius: 9px; font-weight: 600; font-size: .8rem; }
+.badge { display: inline-block; white-space: nowrap; padding: 0 .5rem; border-radius: 9px;
+         font-weight: 600; font-size: .8rem; }
 .badge.green { background: #d7f0dd; color: #14612b; } .badge.amber { background: #fde9c4; color: #7a4a00; }
 .badge.red { background: #f8d3d0; color: #8f1d14; } .badge.not { background: #e6e8ec; color: var(--muted); }
 details { margin: -.8rem 0 1.4rem; } details > summary { cursor: pointer; color: var(--accent); }

@@ -182,10 +182,10 @@ def report_scope(model: PDModel, population: pd.DataFrame, time_col: str | None)
 
 def feature_label(name: str, definitions: Mapping[str, Feature]) -> str:
     """The catalogue's wording of a feature with its unit, e.g. 'Average days between an order and its
-    shipment, orders of the last 90 days (days)'; a column of a user's table keeps its name."""
+    shipment, orders of the last 90 days (days)'; a column of a user's table is called by its name."""
     feature = definitions.get(name)
     if feature is None or feature.source == "table":
-        return name
+        return f"column '{name}'"
     text = feature.description.split(": ")[0].rstrip(".")
     return text if feature.unit in HIDDEN_UNITS else f"{text} ({feature.unit})"
 
@@ -1120,7 +1120,7 @@ def decision_sample(data: ReportData, references: Mapping[str, object], size: in
     reasons = top_reasons(explain(data.model.booster, inputs).values, inputs, references, data.definitions)
     if not data.scope.platform:  # the reason codes' wording speaks of merchants; a table's rows are not
         reasons["description"] = [
-            f"{data.label(c)}: {v}; typical of the lower-risk half: {r}"
+            f"{data.label(c)[:1].upper()}{data.label(c)[1:]}: {v}; typical of the lower-risk half: {r}"
             for c, v, r in zip(reasons["code"], reasons["value"], reasons["reference"])
         ]
     ids = next((picked[c].astype(str) for c in ID_COLUMNS if c in picked.columns), picked.index.astype(str))
