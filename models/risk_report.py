@@ -16,14 +16,12 @@ has no merchants, no credit policy, and an out-of-time test only when its split 
 from __future__ import annotations
 
 import tempfile
-import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 
 from features.definitions import FEATURE_INDEX, Feature
 from models.decision import exclusion_reason
@@ -34,10 +32,24 @@ from models.html_report import Columns, Image, KeyFigures, Paragraph, Section, S
 from models.limits import FEATURES as LIMIT_FEATURES
 from models.model_card import LIMITATIONS
 from models.pd_model import PDModel
-from models.plots import calibration_plot
+from models.plots import (
+    beeswarm_figure,
+    calibration_plot,
+    comparison_figure,
+    dependence_figure,
+    importance_figure,
+    monthly_figure,
+)
 from models.policy import CreditPolicy
 from models.reason_codes import RAISES, REFERENCES_KEY, reference_values, top_reasons
 from models.splits import split_summary
+from models.stability import (
+    SHIFTED_PSI,
+    STABLE_PSI,
+    TREND_RHO,
+    monthly_stability,
+    stability_table,
+)
 from models.strategy import backtest_limits, summarise
 from pipelines.config import GatesConfig
 from pipelines.errors import ScfriskError
@@ -54,12 +66,6 @@ TOP_FEATURES, DEPENDENCE_FEATURES, SAMPLE_DECISIONS = 12, 4, 8
 TOP_ROWS = 15
 """Long tables show this many rows; the whole table is folded below them."""
 TOP_DECLINE_REASONS, TOP_DRIVERS = 5, 5
-STABLE_PSI, SHIFTED_PSI = 0.10, 0.25
-"""The usual PSI/CSI bands: below 0.10 stable, 0.10-0.25 watch, above 0.25 shifted."""
-TREND_RHO = 0.8
-"""A feature trends with calendar time when its monthly level has a rank correlation with the month of at
-least this size (in absolute value)."""
-MIN_TREND_MONTHS = 4
 CURRENCY = FEATURE_INDEX["net_sales_90d"].unit
 """The platform currency, as the feature catalogue states it (policy amounts are in it too)."""
 HIDDEN_UNITS = ("category", "ratio", "count", "number")
@@ -190,8 +196,10 @@ def feature_label(name: str, definitions: Mapping[str, Feature]) -> str:
     return text if feature.unit in HIDDEN_UNITS else f"{text} ({feature.unit})"
 
 
-def _wrapped(labels: Sequence[str], width: int = 48) -> list[str]:
-    return [textwrap.fill(label, width) for label in labels]
+def _unit(name: str, definitions: Mapping[str, Feature]) -> str:
+    """The unit an axis shows: none for categories and a table's plain numbers."""
+    unit = definitions[name].unit if name in definitions else ""
+    return "" if unit in ("category", "number") else unit
 
 
 def _plain(frame: pd.DataFrame) -> pd.DataFrame:
@@ -258,119 +266,6 @@ def _require(population: pd.DataFrame, model: PDModel) -> None:
 
 
 # --- computations ------------------------------------------------------------------------------------
-
-
-def characteristic_stability(expected: pd.DataFrame, actual: pd.DataFrame) -> pd.DataFrame:
-    """CSI per feature (PSI of its distribution), actual against expected; missing values form their own bin."""
-    rows = []
-    for name in expected.columns:
-        before, after = expected[name], actual[name]
-        if isinstance(before.dtype, pd.CategoricalDtype):
-            codes_before, codes_after = before.cat.codes.to_numpy(float), after.cat.codes.to_numpy(float)
-        else:
-            floor = np.nanmin(np.concatenate([before.to_numpy(float), after.to_numpy(float), [0.0]])) - 1.0
-            codes_before, codes_after = (
-                before.fillna(floor).to_numpy(float),
-                after.fillna(floor).to_numpy(float),
-            )
-        rows.append(
-            {
-                "feature": name,
-                "csi": population_stability_index(codes_before, codes_after),
-                "missing_train": before.isna().mean(),
-                "missing_test": after.isna().mean(),
-            }
-        )
-    table = pd.DataFrame(rows).sort_values("csi", ascending=False, ignore_index=True)
-    table["status"] = pd.cut(
-        table["csi"], [-np.inf, STABLE_PSI, SHIFTED_PSI, np.inf], labels=["stable", "watch", "shifted"]
-    )
-    return table.astype({"status": object})
-
-
-def calendar_trends(inputs: pd.DataFrame, months: pd.Series) -> pd.DataFrame:
-    """Per feature, the rank correlation of its monthly mean (among known values) and of its monthly share
-    unknown with the month: how steadily its level moves with calendar time. NaN for categoricals and
-    when fewer than `MIN_TREND_MONTHS` months are present."""
-    numeric = [c for c in inputs.columns if not isinstance(inputs[c].dtype, pd.CategoricalDtype)]
-    order = pd.Series(months.to_numpy(), index=inputs.index)
-    if order.nunique() < MIN_TREND_MONTHS:
-        return pd.DataFrame({"level_rho": np.nan, "missing_rho": np.nan}, index=inputs.columns)
-    grouped = inputs[numeric].astype(float).groupby(order)
-    month = pd.Series(np.arange(grouped.ngroups, dtype=float), index=grouped.mean().index)
-    # Spearman as the Pearson correlation of ranks; a constant series has no trend (0, not NaN).
-    level = grouped.mean().rank().corrwith(month).fillna(0.0)
-    missing = inputs[numeric].isna().groupby(order).mean().astype(float).rank().corrwith(month).fillna(0.0)
-    return pd.DataFrame({"level_rho": level, "missing_rho": missing}).reindex(inputs.columns)
-
-
-def _trend_words(level_rho: float, missing_rho: float) -> str:
-    words = []
-    if abs(level_rho) >= TREND_RHO:
-        words.append(f"level {'rises' if level_rho > 0 else 'falls'} month by month (rho {level_rho:+.2f})")
-    if abs(missing_rho) >= TREND_RHO:
-        words.append(
-            f"share unknown {'rises' if missing_rho > 0 else 'falls'} month by month (rho {missing_rho:+.2f})"
-        )
-    return "; ".join(words) or "no steady trend with the month"
-
-
-def stability_table(
-    model: PDModel,
-    train: pd.DataFrame,
-    test: pd.DataFrame,
-    population: pd.DataFrame,
-    time_col: str | None,
-    importance: pd.Series,
-) -> pd.DataFrame:
-    """CSI test against train, with each feature's share of the model's importance and, with a time
-    column, whether its level trends with the calendar month over the whole population."""
-    csi = characteristic_stability(model.prepare(train), model.prepare(test))
-    share = importance / importance.sum() if importance.sum() > 0 else importance * 0.0
-    csi["importance_share"] = csi["feature"].map(share).fillna(0.0).to_numpy()
-    if time_col:
-        months = pd.to_datetime(population[time_col], errors="coerce").dt.to_period("M")
-        trends = calendar_trends(model.prepare(population), months)
-        csi["trend"] = [
-            _trend_words(trends.at[f, "level_rho"], trends.at[f, "missing_rho"])
-            if not np.isnan(trends.at[f, "level_rho"]) or not np.isnan(trends.at[f, "missing_rho"])
-            else "categorical: no trend measured"
-            for f in csi["feature"]
-        ]
-        csi["trends_with_time"] = (trends.loc[csi["feature"]].abs() >= TREND_RHO).any(axis=1).to_numpy()
-    return csi
-
-
-def monthly_stability(
-    model: PDModel, frames: Mapping[str, pd.DataFrame]
-) -> tuple[pd.DataFrame, pd.DataFrame] | None:
-    """Score PSI and feature CSI of each month against the first month, and the score PSI against the month
-    before: whether the scored population drifts over time, month by month."""
-    if len(frames) < 2:
-        return None
-    names = list(frames)
-    inputs = {m: model.prepare(frames[m]) for m in names}
-    scores = {m: model.predict_pd_prepared(inputs[m]) for m in names}
-    base = names[0]
-    rows, csi_columns = [], {}
-    for i, month in enumerate(names):
-        csi = characteristic_stability(inputs[base], inputs[month]).set_index("feature")["csi"]
-        csi_columns[month] = csi
-        rows.append(
-            {
-                "month": month,
-                "rows": len(inputs[month]),
-                "mean PD": float(scores[month].mean()),
-                "score PSI vs first month": population_stability_index(scores[base], scores[month]),
-                "score PSI vs previous month": (
-                    population_stability_index(scores[names[i - 1]], scores[month]) if i else 0.0
-                ),
-                "features shifted (CSI > 0.25)": int((csi > SHIFTED_PSI).sum()),
-            }
-        )
-    csi_table = pd.DataFrame(csi_columns)
-    csi_table = csi_table.loc[csi_table.max(axis=1).sort_values(ascending=False).index]
-    return pd.DataFrame(rows), csi_table
 
 
 def monthly_frames(
@@ -595,112 +490,13 @@ def report_data(
 # --- figures ---------------------------------------------------------------------------------------------
 
 
-def _figure(width: float = 7.0, height: float = 4.0) -> tuple[Figure, object]:
-    figure = Figure(figsize=(width, height))
-    return figure, figure.subplots()
-
-
-def importance_figure(importance: pd.Series, labels: Sequence[str], title: str) -> Figure:
-    top = importance.head(TOP_FEATURES)[::-1]
-    names = _wrapped(list(labels)[: len(top)][::-1])
-    figure, ax = _figure(8, 0.42 * len(top) + 1.2)
-    ax.barh(names, top.to_numpy(), color="#1f5fbf")
-    ax.set(xlabel="mean |SHAP| (log-odds)", title=title)
-    return figure
-
-
-def beeswarm_figure(data: ReportData) -> Figure:
-    """One row of dots per feature: where each contribution lies, coloured by its value's rank."""
-    features = data.importance.head(TOP_FEATURES).index[::-1]
-    rng = np.random.default_rng(data.seed)
-    figure, ax = _figure(9, 0.5 * len(features) + 1.4)
-    for row, name in enumerate(features):
-        shap_values = data.explanation.values[name].to_numpy()
-        column = data.inputs[name]
-        if isinstance(column.dtype, pd.CategoricalDtype):
-            colour = np.full(len(column), 0.5)
-        else:
-            colour = column.rank(pct=True).to_numpy()
-        jitter = rng.normal(0, 0.12, len(shap_values))
-        points = ax.scatter(
-            shap_values, row + jitter, c=colour, cmap="coolwarm", vmin=0, vmax=1, s=6, alpha=0.7, linewidths=0
-        )
-    ax.axvline(0, color="grey", lw=0.8)
-    ax.set_yticks(range(len(features)), _wrapped(data.labels(features)))
-    ax.set(
-        xlabel="SHAP value (log-odds; > 0 raises risk)",
-        title=f"Contribution of each feature per {data.scope.entity}",
-    )
-    bar = figure.colorbar(points, ax=ax, ticks=[0, 1], pad=0.01)
-    bar.ax.set_yticklabels(["low value", "high value"])
-    return figure
-
-
-def dependence_figure(data: ReportData, names: Sequence[str]) -> Figure:
-    """How each top feature's value maps to its contribution; missing values in grey at the left."""
-    figure = Figure(figsize=(10, 3.8 * ((len(names) + 1) // 2)))
-    axes = figure.subplots((len(names) + 1) // 2, 2, squeeze=False).ravel()
-    for ax, name in zip(axes, names):
-        shap_values, column = data.explanation.values[name], data.inputs[name]
-        if isinstance(column.dtype, pd.CategoricalDtype):
-            levels = [level for level in column.cat.categories if (column == level).any()]
-            ax.boxplot([shap_values[column == level].to_numpy() for level in levels], showfliers=False)
-            ax.set_xticks(range(1, len(levels) + 1), levels, rotation=30, ha="right")
-        else:
-            known = column.notna()
-            ax.scatter(column[known], shap_values[known], s=6, alpha=0.5, color="#1f5fbf", linewidths=0)
-            if (~known).any():
-                left = column[known].min() if known.any() else 0.0
-                ax.scatter(
-                    np.full((~known).sum(), left),
-                    shap_values[~known],
-                    s=6,
-                    alpha=0.5,
-                    color="grey",
-                    linewidths=0,
-                    label="missing",
-                )
-                ax.legend(frameon=False, loc="best")
-        ax.axhline(0, color="grey", lw=0.8)
-        unit = data.definitions[name].unit if name in data.definitions else ""
-        shown = unit if unit and unit not in ("category", "number") else ""
-        ax.set(xlabel=f"value ({shown})" if shown else "value", ylabel="SHAP (log-odds)")
-        ax.set_title(textwrap.fill(data.label(name), 55), fontsize=9)
-    for ax in axes[len(names) :]:
-        ax.set_visible(False)
-    figure.tight_layout()
-    return figure
-
-
-def comparison_figure(table: pd.DataFrame, labels: tuple[str, str], names: Sequence[str]) -> Figure:
-    top = table.head(TOP_FEATURES)[::-1]
-    figure, ax = _figure(8, 0.45 * len(top) + 1.2)
-    y = np.arange(len(top))
-    ax.barh(y + 0.2, top["champion_share"], height=0.4, label=labels[0], color="#1f5fbf")
-    ax.barh(y - 0.2, top["challenger_share"], height=0.4, label=labels[1], color="#e07b39")
-    ax.set_yticks(y, _wrapped(list(names)[: len(top)][::-1]))
-    ax.set(xlabel="share of total mean |SHAP|", title="Feature importance, champion vs challenger")
-    ax.legend(frameon=False)
-    return figure
-
-
-def monthly_figure(months: pd.DataFrame, max_psi: float) -> Figure:
-    figure = Figure(figsize=(9, 3.2))
-    left, right = figure.subplots(1, 2)
-    x = np.arange(len(months))
-    left.plot(x, months["score PSI vs first month"], marker="o", label="vs first month")
-    left.plot(x, months["score PSI vs previous month"], marker="o", label="vs previous month")
-    left.axhline(STABLE_PSI, color="#c99400", ls=":", lw=1, label=f"watch {STABLE_PSI}")
-    left.axhline(max_psi, color="#b0281b", ls=":", lw=1, label=f"gate {max_psi:g}")
-    left.set(title="Score PSI by month", ylabel="PSI")
-    left.legend(frameon=False, fontsize=8)
-    right.bar(x, months["mean PD"], color="#1f5fbf")
-    right.set(title="Mean PD by month", ylabel="mean PD")
-    right.yaxis.set_major_formatter(lambda v, _: f"{v:.1%}")
-    for ax in (left, right):
-        ax.set_xticks(x, months["month"].astype(str), rotation=30, ha="right", fontsize=8)
-    figure.tight_layout()
-    return figure
+def _figures(data: ReportData) -> dict[str, object]:
+    """What every explanation figure of `models.plots` needs from the report's numbers."""
+    return {
+        "values": data.explanation.values,
+        "inputs": data.inputs,
+        "labels": dict(zip(data.inputs.columns, data.labels(data.inputs.columns))),
+    }
 
 
 def reliability_image(y: np.ndarray, pd_values: np.ndarray, test: str) -> Image:
@@ -1010,7 +806,7 @@ def monthly_section(data: ReportData, gates: GatesConfig) -> Section:
                 f"({data.months['month'].iloc[0]}) and against the month before."
             ),
             Image.from_figure(
-                monthly_figure(data.months, gates.max_score_psi), "Score PSI and mean PD by month"
+                monthly_figure(data.months, STABLE_PSI, gates.max_score_psi), "Score PSI and mean PD by month"
             ),
             Table(
                 data.months,
@@ -1037,11 +833,24 @@ def global_section(data: ReportData, other: OtherModel | None) -> Section:
     blocks: list = [
         Paragraph(SHAP_SCALE.format(entity=data.scope.entity)),
         Image.from_figure(
-            importance_figure(importance, data.labels(importance.index), "Global importance"),
+            importance_figure(importance, data.labels(importance.index), "Global importance", TOP_FEATURES),
             f"Mean |SHAP| over {len(data.sample):,} {data.scope.test} {data.scope.entities}",
         ),
-        Image.from_figure(beeswarm_figure(data), "SHAP beeswarm of the top features"),
-        Image.from_figure(dependence_figure(data, top), f"Dependence plots of the top {len(top)} features"),
+        Image.from_figure(
+            beeswarm_figure(
+                **_figures(data),
+                order=importance.index[:TOP_FEATURES],
+                entity=data.scope.entity,
+                seed=data.seed,
+            ),
+            "SHAP beeswarm of the top features",
+        ),
+        Image.from_figure(
+            dependence_figure(
+                **_figures(data), names=top, units={n: _unit(n, data.definitions) for n in top}
+            ),
+            f"Dependence plots of the top {len(top)} features",
+        ),
         Table(
             pd.DataFrame({"feature": data.labels(importance.index), "mean |SHAP|": importance.to_numpy()}),
             caption="Mean |SHAP| per feature (log-odds)",
@@ -1059,7 +868,9 @@ def global_section(data: ReportData, other: OtherModel | None) -> Section:
         names = data.labels(table["feature"])
         blocks += [
             Paragraph(f"Compared with the {other.role} (version {other.version}) on the same test rows."),
-            Image.from_figure(comparison_figure(table, labels, names), "Champion vs challenger importance"),
+            Image.from_figure(
+                comparison_figure(table, labels, names, TOP_FEATURES), "Champion vs challenger importance"
+            ),
             Table(
                 table.assign(feature=names),
                 caption="Importance and rank, champion vs challenger",

@@ -25,11 +25,11 @@ from models.risk_report import (
     CURRENCY,
     TOP_ROWS,
     OtherModel,
-    calendar_trends,
     render_risk_report,
     risk_report_sections,
 )
 from models.splits import stratified_split
+from models.stability import calendar_trends
 from models.training import infer_features, train_pd_model
 from pipelines.config import Settings, load_settings
 from pipelines.errors import ScfriskError
