@@ -203,7 +203,9 @@ def _unit(name: str, definitions: Mapping[str, Feature]) -> str:
 
 
 def _plain(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame.rename(columns=PLAIN_COLUMNS)
+    """Column names in words, and group values ('order_financing') too."""
+    frame = frame.rename(columns=PLAIN_COLUMNS)
+    return frame.assign(value=frame["value"].str.replace("_", " ")) if "value" in frame.columns else frame
 
 
 @dataclass(frozen=True)
@@ -578,8 +580,12 @@ def summary_section(data: ReportData, health: pd.DataFrame, decision: GateDecisi
             "Summary",
             [
                 KeyFigures(figures),
-                health_table,
-                Table(_plain(grades), caption=f"Grades on the {test}", formats=SUMMARY_FORMATS),
+                Columns(
+                    [
+                        health_table,
+                        Table(_plain(grades), caption=f"Grades on the {test}", formats=SUMMARY_FORMATS),
+                    ]
+                ),
                 _drivers(data),
                 Paragraph(f"Approvals, limits and expected loss are not shown: {reason}."),
             ],
@@ -885,7 +891,8 @@ def global_section(data: ReportData, other: OtherModel | None) -> Section:
 def views_section(data: ReportData, grades: pd.DataFrame) -> Section:
     blocks: list = []
     for column in [*data.groups, "grade"]:
-        by = importance_by(data.explanation.values, data.sample[column].astype(object).fillna("missing"))
+        values = data.sample[column].astype(object).fillna("missing").astype(str).str.replace("_", " ")
+        by = importance_by(data.explanation.values, values)
         by.insert(0, "feature", data.labels(by.index))
         blocks.append(
             Table(
