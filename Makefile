@@ -28,7 +28,7 @@ browser:  ## Debian's chromium, for the test that renders the risk report in a r
 	  echo "warning: chromium could not be installed; the browser rendering test will be skipped"
 
 lint: setup  ## ruff: pyflakes, pycodestyle, import order, bugbear (rules in pyproject.toml)
-	$(RUN) ruff check pipelines features models serving benchmarks tests
+	$(RUN) ruff check pipelines features models serving simulator benchmarks tests
 
 test: setup browser lint  ## the lint, then the whole test suite
 	$(RUN) pytest

@@ -110,8 +110,8 @@ def main(rows: int = 100_000) -> None:
     body = f"""
 Model: LightGBM, {model.booster.num_trees()} trees ({DEFAULT_CANDIDATE["num_leaves"]} leaves), {len(model.features)}
 features (numeric and categorical, with missing values), trained once; every figure below uses it. 1-minute
-load average at the end of the run: {load:.1f} on {os.cpu_count()} cores (other jobs were running: absolute
-times are inflated, ratios within the run are the comparable figures).
+load average at the end of the run: {load:.1f} on {os.cpu_count()} cores (absolute times stretch with the
+load; ratios within the run are the comparable figures).
 
 **Exact SHAP for {rows:,} rows** (baseline: `shap.TreeExplainer`)
 
@@ -120,12 +120,11 @@ times are inflated, ratios within the run are the comparable figures).
 | `shap.TreeExplainer(booster).shap_values` (baseline) | {tree_s:.1f} | {1e3 * tree_s / rows:.2f} | 1.00x |
 | LightGBM `pred_contrib` via `models.explain.explain` (chosen) | {native_s:.1f} | {1e3 * native_s / rows:.2f} | {tree_s / native_s:.2f}x |
 
-TreeSHAP cost is per row, so 100,000 rows take about {native_s / rows * 1e5:,.0f} s at this rate (both
-cores, on a machine shared with other jobs during the run). Both are exact TreeSHAP and agree to {same:.1e}; shap
-0.51 delegates LightGBM boosters to `pred_contrib` itself, so any gap is the overhead shap adds around
-that same call (input conversion and threading): none on an idle machine (this run, 2026-11-26, load 1.6),
-3.2x at load 3.6 (2026-11-25: 358 s against 113 s). We call `pred_contrib` directly on a float matrix: one
-dependency less, and LightGBM's categorical splits handled natively (shap's own C++ TreeSHAP mis-handles them). Additivity:
+TreeSHAP cost is per row, so 100,000 rows take about {native_s / rows * 1e5:,.0f} s at this rate. Both are exact
+TreeSHAP and agree to {same:.1e}; shap delegates LightGBM boosters to `pred_contrib` itself, so the gap
+in this run ({tree_s / native_s:.2f}x) is the overhead shap adds around that same call (input conversion and
+threading). We call `pred_contrib` directly on a float matrix: one dependency less, and LightGBM's
+categorical splits handled natively (shap's own C++ TreeSHAP mis-handles them). Additivity:
 max |base + sum(SHAP) - raw margin| = {additivity:.1e}. Audit Parquet of all rows: {parquet_s:.1f} s,
 {parquet_mb:.1f} MB.
 

@@ -129,13 +129,9 @@ def main() -> None:
             "`BOOLEAN_ONLY` result in its cheapest exact form (ranges as min/max, foreign keys as a distinct",
             "count on a small key frame, ordered timestamp pairs as the minimum of a one-byte sign-of-gap",
             "column), and only failed rules are re-run row by row for the message; one GX asset per batch; GX's",
-            "batch cache is cleared after each run (it kept every frame for the life of the context: 4.6 GB at",
-            "10M before); Data Docs are rendered for a rejected batch (for a passed one only with",
-            "`ingest.data_docs_on_success`: 0.5-0.75 CPU s at 1M). Between tables memory is handed back",
-            "(`gc.collect` with the long-lived objects frozen, Arrow's pool, `malloc_trim`). Previous figures,",
-            "same data: 1M validation 2.6x (before the timestamp-gap check, the single asset, `gc.freeze` and",
-            "Data Docs on failure only; the 24 full collections also cost 7 s of wall time outside the stage",
-            "times), then 1.7-2.4x across runs with Data Docs always rendered; 10M 1.2x and 2,875 MB.",
+            "batch cache is cleared after each run (it keeps every frame for the life of the context",
+            "otherwise); the validation page is written for a rejected batch. Between tables memory is",
+            "handed back (`gc.collect` with the long-lived objects frozen, Arrow's pool, `malloc_trim`).",
         ]
     )
     print(body)

@@ -62,9 +62,7 @@ class Calibrator:
         return calibrator
 
 
-def cross_fitted_log_loss(
-    method: Method, margin: np.ndarray, y: np.ndarray, seed: int, folds: int = 5
-) -> float:
+def cross_fitted_log_loss(method: Method, margin: np.ndarray, y: np.ndarray, seed: int, folds: int = 5) -> float:
     """Log loss of a calibrator scored only on folds it was not fitted on."""
     margin, y = np.asarray(margin, float), np.asarray(y, int)
     folds = max(2, min(folds, int(np.bincount(y, minlength=2).min())))

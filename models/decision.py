@@ -1,7 +1,9 @@
 """Decide one credit request against the limits table: approve, counter-offer, refer or decline, with reasons.
 
-The reasons are plain sentences built from the policy's own numbers, so a declined or reduced merchant
-is told which rule applied (adverse-action notice) and an officer sees why a request was referred.
+The reasons are plain sentences built from the policy's own numbers, each with a stable code, so a
+declined or reduced merchant is told which rule applied (adverse-action notice) and an officer sees why a
+request was referred. Codes: `exclusion.<rule>` (`models.limits.EXCLUSIONS`), `limit.<constraint>`
+(`models.limits.CONSTRAINTS`), and `request.within_limit | above_limit | far_above_limit | no_limit`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,18 @@ class CreditRequest(BaseModel):
     requested_amount: Annotated[float, Field(gt=0.0)]
 
 
+ADVERSE = frozenset({Outcome.DECLINE, Outcome.COUNTER_OFFER})
+"""Outcomes that refuse or reduce what was asked: the merchant is owed the reasons (adverse action)."""
+
+
+@dataclass(frozen=True)
+class PolicyReason:
+    code: str
+    """Stable across policy versions (see the module docstring)."""
+    description: str
+    """The sentence the merchant or officer reads, with the policy's and the request's numbers."""
+
+
 @dataclass(frozen=True)
 class Decision:
     outcome: Outcome
@@ -41,26 +55,33 @@ class Decision:
     limit: float
     apr: float | None
     tenor_days: int
-    reasons: tuple[str, ...]
+    reasons: tuple[PolicyReason, ...]
+    """The rule that decided first."""
     policy_version: str
 
 
-def exclusion_reason(code: str, row: dict[str, Any], product: str, terms: ProductPolicy) -> str:
-    """Why a merchant is not eligible for a product, in the words of the policy."""
+def _plain(product: str) -> str:
+    return product.replace("_", " ")
+
+
+def exclusion_reason(code: str, row: Mapping[str, Any], product: str, terms: ProductPolicy) -> str:
+    """Why a merchant is not eligible for a product, in plain words with the policy's numbers (`row` is
+    the merchant's limit-table row); `models.limits.EXCLUSION_RULES` names the rules without numbers."""
+    name = _plain(product)
     match code:
         case "segment":
-            return f"{product} is offered only to {' and '.join(terms.segments)} merchants"
+            return f"{name} is offered only to {' and '.join(terms.segments)} merchants"
         case "tenure":
-            return f"fewer than {terms.min_tenure_days} days selling on the platform"
+            return f"fewer than {terms.min_tenure_days} days selling on the platform, the minimum for {name}"
         case "sales":
-            return f"net sales of the last 90 days below {terms.min_net_sales_90d:,.0f}"
+            return f"net sales of the last 90 days below {terms.min_net_sales_90d:,.0f}, the minimum for {name}"
         case "grade":
-            return f"risk grade {row['grade']} is worse than {terms.worst_grade}, the worst grade {product} accepts"
+            return f"risk grade {row['grade']} is worse than {terms.worst_grade}, the worst grade {name} accepts"
         case "apr_cap":
             apr = float(apr_floor(row["pd"], terms))
-            return f"the risk-based rate {apr:.1%} would exceed the {terms.pricing.max_apr:.0%} cap"
+            return f"the risk-based rate {apr:.1%} would exceed the {terms.pricing.max_apr:.0%} cap of {name}"
         case "min_limit":
-            return f"the limit the merchant qualifies for is below the {terms.min_limit:,.0f} minimum"
+            return f"the {name} limit the merchant qualifies for is below the {terms.min_limit:,.0f} minimum"
     raise AssertionError(f"unknown exclusion code {code!r}")  # pragma: no cover
 
 
@@ -68,7 +89,7 @@ def binding_reason(constraint: str, row: dict[str, Any], product: str, terms: Pr
     """What holds the limit where it is."""
     match constraint:
         case "absolute_cap":
-            return f"{product} limits are capped at {terms.max_limit:,.0f}"
+            return f"{_plain(product)} limits are capped at {terms.max_limit:,.0f}"
         case "concentration_cap":
             return f"the limit is capped at {terms.max_sales_share:.0%} of 90-day net sales"
         case "collateral":
@@ -78,10 +99,8 @@ def binding_reason(constraint: str, row: dict[str, Any], product: str, terms: Pr
                 f"the limit is {rate:.0%} of the {base} ({row['exposure_base']:,.0f}) at grade {row['grade']}"
             )
         case "el_budget":
-            return (
-                f"at PD {row['pd']:.2%} a larger limit would exceed the expected-loss budget of "
-                f"{terms.el_budget:,.0f}"
-            )
+            return (f"at PD {row['pd']:.2%} a larger limit would exceed the expected-loss budget of "
+                    f"{terms.el_budget:,.0f}")
     raise AssertionError(f"unknown constraint {constraint!r}")  # pragma: no cover
 
 
@@ -99,43 +118,34 @@ def decide_row(request: CreditRequest, row: Mapping[str, Any] | None, policy: Cr
     """
     terms = policy.product(request.product)  # unknown product: PolicyError naming the known ones
 
-    def decision(outcome: Outcome, amount: float, limit: float, apr: float | None, *reasons: str) -> Decision:
-        return Decision(outcome, amount, limit, apr, terms.tenor_days, reasons, policy.version)
+    def decision(outcome: Outcome, amount: float, limit: float, apr: float | None,
+                 *reasons: tuple[str, str]) -> Decision:
+        return Decision(outcome, amount, limit, apr, terms.tenor_days,
+                        tuple(PolicyReason(code, text) for code, text in reasons), policy.version)
 
     if row is None:
-        return decision(
-            Outcome.REFER, 0.0, 0.0, None, f"no {request.product} limit on file for {request.merchant_id}"
-        )
+        return decision(Outcome.REFER, 0.0, 0.0, None,
+                        ("request.no_limit", f"no {request.product} limit on file for {request.merchant_id}"))
     limit, asked = float(row["limit"]), request.requested_amount
     if not row["eligible"]:
-        return decision(
-            Outcome.DECLINE,
-            0.0,
-            0.0,
-            None,
-            exclusion_reason(row["exclusion_reason"], row, request.product, terms),
-        )
+        code = row["exclusion_reason"]
+        return decision(Outcome.DECLINE, 0.0, 0.0, None,
+                        (f"exclusion.{code}", exclusion_reason(code, row, request.product, terms)))
     apr = float(row["apr"])
     if asked <= limit:
-        return decision(
-            Outcome.APPROVE, asked, limit, apr, f"requested {asked:,.0f} is within the limit of {limit:,.0f}"
-        )
-    why = binding_reason(row["binding_constraint"], row, request.product, terms)
+        return decision(Outcome.APPROVE, asked, limit, apr,
+                        ("request.within_limit", f"requested {asked:,.0f} is within the limit of {limit:,.0f}"))
+    why = (f"limit.{row['binding_constraint']}",
+           binding_reason(row["binding_constraint"], row, request.product, terms))
     if asked > policy.decision.refer_ratio * limit:
         ratio = policy.decision.refer_ratio
         return decision(
-            Outcome.REFER,
-            0.0,
-            limit,
-            apr,
-            f"requested {asked:,.0f} is more than {ratio:g} x the limit of {limit:,.0f}",
+            Outcome.REFER, 0.0, limit, apr,
+            ("request.far_above_limit", f"requested {asked:,.0f} is more than {ratio:g} x the limit of {limit:,.0f}"),
             why,
         )
     return decision(
-        Outcome.COUNTER_OFFER,
-        limit,
-        limit,
-        apr,
-        f"requested {asked:,.0f} exceeds the limit of {limit:,.0f}",
+        Outcome.COUNTER_OFFER, limit, limit, apr,
+        ("request.above_limit", f"requested {asked:,.0f} exceeds the limit of {limit:,.0f}"),
         why,
     )

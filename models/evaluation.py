@@ -28,11 +28,7 @@ def expected_calibration_error(y: np.ndarray, pd_values: np.ndarray, bins: int =
     """Row-weighted |mean PD - default rate| over equal-count PD bins (equal-width bins would put almost
     every loan of a low-default book into the first bin and hide mis-calibration)."""
     order = np.argsort(pd_values, kind="stable")
-    gaps = [
-        abs(pd_values[idx].mean() - y[idx].mean()) * len(idx)
-        for idx in np.array_split(order, bins)
-        if len(idx)
-    ]
+    gaps = [abs(pd_values[idx].mean() - y[idx].mean()) * len(idx) for idx in np.array_split(order, bins) if len(idx)]
     return float(np.sum(gaps) / len(y))
 
 
@@ -63,30 +59,19 @@ def pd_metrics(y: np.ndarray, pd_values: np.ndarray) -> dict[str, float]:
     }
 
 
-def metrics_by(
-    frame: pd.DataFrame, group_cols: list[str], y_col: str = "y", pd_col: str = "pd"
-) -> pd.DataFrame:
+def metrics_by(frame: pd.DataFrame, group_cols: list[str], y_col: str = "y", pd_col: str = "pd") -> pd.DataFrame:
     """`pd_metrics` for each value of each grouping column (segment, product), one row per group."""
     rows = []
     for col in group_cols:
         for value, part in frame.groupby(col, observed=True, dropna=False):
-            rows.append(
-                {
-                    "by": col,
-                    "value": str(value),
-                    **pd_metrics(part[y_col].to_numpy(), part[pd_col].to_numpy()),
-                }
-            )
+            rows.append({"by": col, "value": str(value), **pd_metrics(part[y_col].to_numpy(), part[pd_col].to_numpy())})
     return pd.DataFrame(rows)
 
 
-def grades_by(
-    frame: pd.DataFrame, scale: MasterScale, group_cols: list[str], y_col: str = "y", pd_col: str = "pd"
-) -> pd.DataFrame:
+def grades_by(frame: pd.DataFrame, scale: MasterScale, group_cols: list[str],
+              y_col: str = "y", pd_col: str = "pd") -> pd.DataFrame:
     """Count, mean PD and bad rate per grade, overall and per segment/product value."""
-    parts = [
-        scale.grade_table(frame[pd_col].to_numpy(), frame[y_col].to_numpy()).assign(by="all", value="all")
-    ]
+    parts = [scale.grade_table(frame[pd_col].to_numpy(), frame[y_col].to_numpy()).assign(by="all", value="all")]
     for col in group_cols:
         for value, part in frame.groupby(col, observed=True, dropna=False):
             table = scale.grade_table(part[pd_col].to_numpy(), part[y_col].to_numpy())
@@ -118,53 +103,27 @@ class Evaluation:
     """Per row: slice, y, pd, baseline_pd and the grouping columns (for plots)."""
 
 
-def evaluate_model(
-    model: PDModel,
-    baseline_pd: np.ndarray,
-    frame: pd.DataFrame,
-    y: pd.Series,
-    slices: pd.Series,
-    group_cols: list[str],
-    true_pd: pd.Series | None = None,
-    min_grade_count: int = 1,
-    grade_tolerance_z: float = 0.0,
-) -> Evaluation:
+def evaluate_model(model: PDModel, baseline_pd: np.ndarray, frame: pd.DataFrame, y: pd.Series, slices: pd.Series,
+                   group_cols: list[str], true_pd: pd.Series | None = None, min_grade_count: int = 1,
+                   grade_tolerance_z: float = 0.0) -> Evaluation:
     """Test metrics of the model and the baseline, by segment/product, by grade, with stability and oracle gap."""
-    scored = pd.DataFrame(
-        {
-            "slice": slices.to_numpy(),
-            "y": y.to_numpy(),
-            "pd": model.predict_pd(frame),
-            "baseline_pd": baseline_pd,
-        },
-        index=frame.index,
-    )
+    scored = pd.DataFrame({"slice": slices.to_numpy(), "y": y.to_numpy(), "pd": model.predict_pd(frame),
+                           "baseline_pd": baseline_pd}, index=frame.index)
     for col in group_cols:
         scored[col] = frame[col].astype(object).fillna("missing").to_numpy()
     test = scored[scored["slice"] == "test"]
     metrics = {f"test_{k}": v for k, v in pd_metrics(test["y"].to_numpy(), test["pd"].to_numpy()).items()}
-    metrics.update(
-        {
-            f"baseline_{k}": v
-            for k, v in pd_metrics(test["y"].to_numpy(), test["baseline_pd"].to_numpy()).items()
-            if k in ("auc", "gini", "ks", "brier", "ece")
-        }
-    )
-    metrics["score_psi"] = population_stability_index(
-        scored.loc[scored["slice"] == "train", "pd"].to_numpy(), test["pd"].to_numpy()
-    )
+    metrics.update({f"baseline_{k}": v for k, v in pd_metrics(test["y"].to_numpy(), test["baseline_pd"].to_numpy())
+                    .items() if k in ("auc", "gini", "ks", "brier", "ece")})
+    metrics["score_psi"] = population_stability_index(scored.loc[scored["slice"] == "train", "pd"].to_numpy(),
+                                                      test["pd"].to_numpy())
     grades = pd.DataFrame()
     if model.master_scale is not None:
         grades = grades_by(test, model.master_scale, group_cols)
-        metrics["grades_monotone"] = float(
-            model.master_scale.is_monotone(
-                test["pd"].to_numpy(), test["y"].to_numpy(), min_grade_count, grade_tolerance_z
-            )
-        )
+        metrics["grades_monotone"] = float(model.master_scale.is_monotone(test["pd"].to_numpy(), test["y"].to_numpy(),
+                                                                          min_grade_count, grade_tolerance_z))
     if true_pd is not None:
         oracle = true_pd.reindex(test.index)
         known = oracle.notna().to_numpy()
-        metrics.update(
-            oracle_gap(test["y"].to_numpy()[known], test["pd"].to_numpy()[known], oracle.to_numpy()[known])
-        )
+        metrics.update(oracle_gap(test["y"].to_numpy()[known], test["pd"].to_numpy()[known], oracle.to_numpy()[known]))
     return Evaluation(metrics, metrics_by(test, group_cols), grades, scored)

@@ -85,9 +85,7 @@ def explain(
     with Progress(transient=True, disable=len(starts) < 2) as progress:
         task = progress.add_task(f"SHAP values for {len(X):,} rows", total=len(starts))
         for start in starts:
-            parts.append(
-                booster.predict(matrix[start : start + chunk_rows], pred_contrib=True, num_threads=threads)
-            )
+            parts.append(booster.predict(matrix[start : start + chunk_rows], pred_contrib=True, num_threads=threads))
             progress.advance(task)
     contrib = np.vstack(parts)
     return Explanation(

@@ -21,14 +21,8 @@ class GateDecision:
         return asdict(self)
 
 
-def decide_promotion(
-    challenger_auc: float,
-    challenger_ece: float,
-    score_psi: float,
-    grades_monotone: bool,
-    champion_auc: float | None,
-    gates: GatesConfig,
-) -> GateDecision:
+def decide_promotion(challenger_auc: float, challenger_ece: float, score_psi: float, grades_monotone: bool,
+                     champion_auc: float | None, gates: GatesConfig) -> GateDecision:
     """Promote only if every gate passes; `champion_auc` is the champion's AUC on the same test rows
     (None when there is no champion yet)."""
     checks: list[tuple[bool, str]] = []
@@ -36,20 +30,11 @@ def decide_promotion(
         checks.append((True, "no champion yet: the AUC comparison is waived"))
     else:
         floor = champion_auc - gates.auc_tolerance
-        checks.append(
-            (
-                challenger_auc >= floor,
-                f"OOT AUC {challenger_auc:.4f} vs champion {champion_auc:.4f} "
-                f"- tolerance {gates.auc_tolerance} = {floor:.4f}",
-            )
-        )
+        checks.append((challenger_auc >= floor, f"OOT AUC {challenger_auc:.4f} vs champion {champion_auc:.4f} "
+                                                f"- tolerance {gates.auc_tolerance} = {floor:.4f}"))
     checks.append((challenger_ece <= gates.max_ece, f"ECE {challenger_ece:.4f} <= {gates.max_ece}"))
-    checks.append(
-        (
-            score_psi <= gates.max_score_psi,
-            f"score PSI train vs test {score_psi:.4f} <= {gates.max_score_psi}",
-        )
-    )
+    checks.append((score_psi <= gates.max_score_psi,
+                   f"score PSI train vs test {score_psi:.4f} <= {gates.max_score_psi}"))
     if gates.require_monotone_grades:
         checks.append((grades_monotone, "bad rate rises by grade on the OOT test"))
     reasons = tuple(f"{'pass' if ok else 'fail'}: {text}" for ok, text in checks)

@@ -48,8 +48,19 @@ REQUIRED: tuple[str, ...] = ("merchant_id", "pd", *FEATURES)
 CONSTRAINTS: tuple[str, ...] = ("absolute_cap", "concentration_cap", "collateral", "el_budget")
 """What can bind a limit, in the order ties are resolved."""
 
-EXCLUSIONS: tuple[str, ...] = ("segment", "tenure", "sales", "grade", "apr_cap", "min_limit")
-"""Eligibility rules in the order they are checked; a row reports the first one it fails."""
+EXCLUSION_RULES: dict[str, str] = {
+    "segment": "product not offered to the merchant's segment",
+    "tenure": "too short a time selling on the platform",
+    "sales": "net sales of the last 90 days below the product's minimum",
+    "grade": "risk grade worse than the product accepts",
+    "apr_cap": "risk-based rate above the product's cap",
+    "min_limit": "qualifying limit below the product's minimum",
+}
+"""Eligibility rules in the order they are checked (a row reports the first one it fails), each in plain
+words for tables that count exclusions; `models.decision.exclusion_reason` words one row's with its numbers."""
+
+EXCLUSIONS: tuple[str, ...] = tuple(EXCLUSION_RULES)
+"""The rule codes: stable, what the limits table's `exclusion_reason` holds."""
 
 LIMIT_COLUMNS: tuple[str, ...] = (
     "merchant_id",
@@ -203,9 +214,8 @@ def _product_columns(
     }
 
 
-def _limit_table(
-    frame: pd.DataFrame, parts: list[dict[str, np.ndarray]], policy: CreditPolicy, index: pd.Index
-) -> pd.DataFrame:
+def _limit_table(frame: pd.DataFrame, parts: list[dict[str, np.ndarray]], policy: CreditPolicy,
+                 index: pd.Index) -> pd.DataFrame:
     """The `LIMIT_COLUMNS` frame of the products in `parts` (each over every row of `frame`), stacked in
     that order; built once, so a one-merchant request pays pandas' per-column cost once, not per product."""
     column = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}

@@ -43,9 +43,7 @@ class MasterScale(BaseModel):
     def grade_index(self, pd_values: np.ndarray) -> np.ndarray:
         """0 for the best grade; vectorised."""
         bounds = np.array([g.max_pd for g in self.grades])
-        return np.minimum(
-            np.searchsorted(bounds, np.asarray(pd_values, dtype=float), side="left"), len(bounds) - 1
-        )
+        return np.minimum(np.searchsorted(bounds, np.asarray(pd_values, dtype=float), side="left"), len(bounds) - 1)
 
     def assign(self, pd_values: np.ndarray) -> np.ndarray:
         return np.array(self.names, dtype=object)[self.grade_index(pd_values)]
@@ -53,17 +51,15 @@ class MasterScale(BaseModel):
     def grade_table(self, pd_values: np.ndarray, defaulted: np.ndarray) -> pd.DataFrame:
         """Count, mean PD and observed bad rate per grade, best first (empty grades kept, as NaN)."""
         frame = pd.DataFrame({"grade_index": self.grade_index(pd_values), "pd": pd_values, "bad": defaulted})
-        stats = frame.groupby("grade_index").agg(
-            count=("bad", "size"), mean_pd=("pd", "mean"), bad_rate=("bad", "mean")
-        )
+        stats = frame.groupby("grade_index").agg(count=("bad", "size"), mean_pd=("pd", "mean"),
+                                                 bad_rate=("bad", "mean"))
         stats = stats.reindex(range(len(self.grades)))
         stats.insert(0, "grade", self.names)
         stats["count"] = stats["count"].fillna(0).astype(int)
         return stats.reset_index(drop=True)
 
-    def is_monotone(
-        self, pd_values: np.ndarray, defaulted: np.ndarray, min_count: int = 1, tolerance_z: float = 0.0
-    ) -> bool:
+    def is_monotone(self, pd_values: np.ndarray, defaulted: np.ndarray, min_count: int = 1,
+                    tolerance_z: float = 0.0) -> bool:
         """Observed bad rate never falls from a grade to a worse one (grades with < min_count rows skipped).
 
         With `tolerance_z` > 0 a fall counts only when it exceeds that many standard errors of the
@@ -72,9 +68,7 @@ class MasterScale(BaseModel):
         table = self.grade_table(pd_values, defaulted)
         kept = table.loc[table["count"] >= min_count]
         rates, counts = kept["bad_rate"].to_numpy(), kept["count"].to_numpy()
-        pooled = np.clip(
-            (rates[:-1] * counts[:-1] + rates[1:] * counts[1:]) / (counts[:-1] + counts[1:]), 0, 1
-        )
+        pooled = np.clip((rates[:-1] * counts[:-1] + rates[1:] * counts[1:]) / (counts[:-1] + counts[1:]), 0, 1)
         se = np.sqrt(pooled * (1 - pooled) * (1 / counts[:-1] + 1 / counts[1:]))
         return bool(np.all(rates[:-1] - rates[1:] <= tolerance_z * se))
 

@@ -149,8 +149,7 @@ class PDModel:
             raise ScfriskError(f"{directory} is not a saved PD model (needs {BOOSTER_FILE} and {SPEC_FILE})")
         spec = json.loads((directory / SPEC_FILE).read_text())
         features = tuple(
-            FeatureSpec(f["name"], f["kind"], int(f["direction"]), tuple(f["levels"]))
-            for f in spec["features"]
+            FeatureSpec(f["name"], f["kind"], int(f["direction"]), tuple(f["levels"])) for f in spec["features"]
         )
         return cls(
             booster=lgb.Booster(model_file=str(directory / BOOSTER_FILE)),

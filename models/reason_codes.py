@@ -6,9 +6,15 @@ strictly positive contributions can be an adverse reason, only strictly negative
 so a feature that did not move this merchant's score never appears, and there is no generic fallback.
 Because the calibrated PD is monotone in the log-odds, the order of reasons is the order on the PD scale.
 
-Two ways to get them, one table format:
-- `ReasonCodeIndex`: built in batch at publish time for every merchant of the online store (exact TreeSHAP
-  costs milliseconds per row), saved to Parquet + JSON, answered per request by a dict lookup.
+SHAP measures a contribution against the average merchant, while the sentence compares the merchant with
+the typical approved one; so a factor is cited only when the comparison reads the same way: a feature
+with a declared risk direction only on the risky side of the reference (for an adverse reason: above it
+when higher is riskier, below it when higher is safer), any other feature only when it differs from the
+reference. A possible proxy of a protected attribute (`features.catalogue.PROTECTED_PROXIES`) is never cited.
+
+Two ways to get them, one table format, one reading (`ReasonCodeIndex`):
+- `ReasonCodeIndex.for_population`: built in batch at publish time for every merchant of the online store
+  (exact TreeSHAP costs milliseconds per row), saved to Parquet + JSON, answered per request by a lookup.
 - `explain_payloads`: on the fly for explicit feature payloads, through the same model and texts.
 """
 
@@ -23,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from features.catalogue import PROTECTED_PROXIES
 from features.definitions import FEATURE_INDEX, Feature, format_value
 from models.explain import Explanation, explain
 from models.pd_model import FeatureSpec, PDModel
@@ -96,13 +103,47 @@ def _label(feature: Feature) -> str:
 
 
 def describe(feature: Feature, value: Any, reference: Any) -> tuple[str, str, str]:
-    """(value text, reference text, sentence) for one feature of one merchant."""
+    """(value text, reference text, sentence) for one feature of one merchant: the sentence says which
+    side of the typical approved merchant's value the merchant's lies on."""
     value_text, reference_text = format_value(value, feature.unit), format_value(reference, feature.unit)
-    return (
-        value_text,
-        reference_text,
-        f"{_label(feature)}: {value_text}; typical for approved merchants: {reference_text}",
-    )
+    if _missing(value) or _missing(reference):
+        comparison = f"; the typical approved merchant's: {reference_text}"
+    elif feature.kind == "categorical" or feature.unit == "category":
+        comparison = (", like the typical approved merchant" if str(value) == str(reference)
+                      else f", unlike the typical approved merchant's {reference_text}")
+    else:
+        side = "higher than" if float(value) > float(reference) else (
+            "lower than" if float(value) < float(reference) else "the same as")
+        comparison = f", {side} the typical approved merchant's {reference_text}"
+    return value_text, reference_text, f"{_label(feature)}: {value_text}{comparison}"
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def citable(inputs: pd.DataFrame, references: Mapping[str, Any], definitions: Sequence[Feature],
+            sign: float) -> np.ndarray:
+    """Which (row, feature) may be cited as a reason on the side `sign` (+1: raised the risk, -1: lowered
+    it): see the module docstring. A missing value or reference cannot contradict the sentence, so it may."""
+    out = np.ones(inputs.shape, dtype=bool)
+    for j, feature in enumerate(definitions):
+        if feature.name in PROTECTED_PROXIES:
+            out[:, j] = False
+            continue
+        reference = references.get(feature.name)
+        if _missing(reference):
+            continue
+        column = inputs[feature.name]
+        if feature.kind == "categorical" or not pd.api.types.is_numeric_dtype(column):
+            text = column.astype(object).to_numpy()
+            out[:, j] = pd.isna(text) | (text.astype(str) != str(reference))
+            continue
+        values = column.to_numpy(dtype=float)
+        away = values - float(reference)
+        risky = sign * feature.direction * away > 0 if feature.direction else away != 0
+        out[:, j] = np.isnan(values) | risky
+    return out
 
 
 def table_definitions(features: Sequence[FeatureSpec]) -> dict[str, Feature]:
@@ -110,16 +151,10 @@ def table_definitions(features: Sequence[FeatureSpec]) -> dict[str, Feature]:
     trained with `scfrisk train --table`) the table's own column name, so reasons still name the column,
     the merchant's value and the reference value."""
     return {
-        f.name: FEATURE_INDEX.get(f.name)
-        or Feature(
-            name=f.name,
-            source="table",
-            aggregation="",
-            window_days=None,
-            description=f"Column '{f.name}' of the training table",
-            direction=f.direction,
-            unit="category" if f.kind == "categorical" else "number",
-            kind=f.kind,
+        f.name: FEATURE_INDEX.get(f.name) or Feature(
+            name=f.name, source="table", aggregation="", window_days=None,
+            description=f"Column '{f.name}' of the training table", direction=f.direction,
+            unit="category" if f.kind == "categorical" else "number", kind=f.kind,
         )
         for f in features
     }
@@ -143,15 +178,17 @@ def top_reasons(
     top_n: int = TOP_N,
 ) -> pd.DataFrame:
     """The reason table (`COLUMNS`) of every row: up to `top_n` strictly positive and `top_n` strictly
-    negative contributions each, ranked by size; the row index becomes `merchant_id`."""
+    negative contributions each among the citable ones (`citable`), ranked by size; the row index becomes
+    `merchant_id`."""
     names = list(contributions.columns)
     specs = _definitions_for(names, definitions)
     c = contributions.to_numpy(float)
     values = inputs[names].to_numpy(object)
     rows, directions, ranks, cols = [], [], [], []
     for direction, sign in enumerate((1.0, -1.0)):  # 0: raises, 1: lowers, the order rows are listed in
-        order = np.argsort(-sign * c, axis=1, kind="stable")[:, :top_n]
-        row, rank = np.nonzero(sign * np.take_along_axis(c, order, axis=1) > 0)
+        signed = np.where(citable(inputs[names], references, specs, sign), sign * c, 0.0)
+        order = np.argsort(-signed, axis=1, kind="stable")[:, :top_n]
+        row, rank = np.nonzero(np.take_along_axis(signed, order, axis=1) > 0)
         rows.append(row)
         directions.append(np.full(len(row), direction))
         ranks.append(rank)
@@ -198,16 +235,6 @@ def explain_inputs(
     """`explain_payloads` of a frame `PDModel.prepare` already made (the service scores the same frame)."""
     explanation = explain(model.booster, inputs, threads=1)
     return top_reasons(explanation.values, inputs, references or model_references(model), definitions, top_n)
-
-
-def as_reasons(table: pd.DataFrame) -> MerchantReasons:
-    """One merchant's rows of a reason table as objects."""
-    reasons = {RAISES: [], LOWERS: []}
-    for row in table.sort_values("rank").itertuples(index=False):
-        reasons[row.direction].append(
-            Reason(row.code, row.description, float(row.contribution), row.value, row.reference)
-        )
-    return MerchantReasons(tuple(reasons[RAISES]), tuple(reasons[LOWERS]))
 
 
 class ReasonCodeIndex:
@@ -257,9 +284,8 @@ class ReasonCodeIndex:
     def for_population(cls, model: PDModel, population: pd.DataFrame, model_version: str) -> ReasonCodeIndex:
         """Reason codes of every merchant of a feature snapshot (`merchant_id` + raw features), in batch."""
         inputs = model.prepare(population.set_index("merchant_id"))
-        return cls.build(
-            explain(model.booster, inputs), inputs, model_references(model), model_version=model_version
-        )
+        return cls.build(explain(model.booster, inputs), inputs, model_references(model),
+                         model_version=model_version)
 
     def __len__(self) -> int:
         return len(self._slices)
@@ -267,19 +293,19 @@ class ReasonCodeIndex:
     def __contains__(self, merchant_id: object) -> bool:
         return merchant_id in self._slices
 
-    def rows(self, merchant_id: str) -> pd.DataFrame:
-        """The merchant's rows of the reason table (none for a merchant nothing moved)."""
-        start, stop = self._slices.get(merchant_id, (0, 0))
-        return self.table.iloc[start:stop]
-
     def lookup(self, merchant_id: str) -> MerchantReasons:
-        try:
-            start, stop = self._slices[merchant_id]
-        except KeyError:
+        """The merchant's reasons; a `ScfriskError` for a merchant the index does not hold."""
+        if merchant_id not in self._slices:
             raise ScfriskError(
                 f"merchant '{merchant_id}' is not in the reason-code index of model version "
                 f"{self.metadata.get('model_version') or '?'}; score it from an explicit feature payload"
-            ) from None
+            )
+        return self.reasons(merchant_id)
+
+    def reasons(self, merchant_id: str) -> MerchantReasons:
+        """The merchant's reasons as objects (none for a merchant nothing moved): the one reading of a
+        reason table, for the service, the publish checks and the reports alike."""
+        start, stop = self._slices.get(merchant_id, (0, 0))
         col = self._columns
         raised, lowered = [], []
         for i in range(start, stop):

@@ -39,9 +39,8 @@ class PDPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.model = PDModel.load(context.artifacts[ARTIFACT_KEY])
 
-    def predict(
-        self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params: dict | None = None
-    ) -> np.ndarray:
+    def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
+                params: dict | None = None) -> np.ndarray:
         return self.model.predict_pd(pd.DataFrame(model_input))
 
 
@@ -65,22 +64,15 @@ def log_pd_model(model: PDModel, example: pd.DataFrame, registered_model: str) -
         example[spec.name] = example[spec.name].astype(float if spec.kind == "numeric" else object)
     # Column names are the contract; types are not: `PDModel.prepare` reads ints, text-coded numbers and
     # sentinels, which a typed schema would reject before it gets the chance.
-    signature = ModelSignature(
-        inputs=Schema([ColSpec(AnyType(), f.name) for f in model.features]),
-        outputs=Schema([ColSpec("double", "pd")]),
-    )
+    signature = ModelSignature(inputs=Schema([ColSpec(AnyType(), f.name) for f in model.features]),
+                               outputs=Schema([ColSpec("double", "pd")]))
     with tempfile.TemporaryDirectory() as tmp:
         saved = model.save(Path(tmp) / ARTIFACT_KEY)
-        info = mlflow.pyfunc.log_model(
-            name=ARTIFACT_KEY,
-            python_model=PDPyfunc(),
-            artifacts={ARTIFACT_KEY: str(saved)},
-            signature=signature,
-            input_example=example,
-            registered_model_name=registered_model,
-            code_paths=[str(Path(p).parent) for p in (models.__file__, pipelines.__file__)],
-            pip_requirements=_requirements(),
-        )
+        info = mlflow.pyfunc.log_model(name=ARTIFACT_KEY, python_model=PDPyfunc(), artifacts={ARTIFACT_KEY: str(saved)},
+                                       signature=signature, input_example=example,
+                                       registered_model_name=registered_model,
+                                       code_paths=[str(Path(p).parent) for p in (models.__file__, pipelines.__file__)],
+                                       pip_requirements=_requirements())
     return str(info.registered_model_version)
 
 
@@ -88,10 +80,8 @@ def _requirements() -> list[str]:
     """Pinned runtime needs of the pyfunc (skips MLflow's slow environment inference)."""
     from importlib.metadata import version
 
-    return [
-        f"{name}=={version(name)}"
-        for name in ("mlflow", "lightgbm", "numpy", "pandas", "scikit-learn", "pydantic", "pyarrow")
-    ]
+    return [f"{name}=={version(name)}" for name in ("mlflow", "lightgbm", "numpy", "pandas", "scikit-learn",
+                                                     "pydantic", "pyarrow")]
 
 
 def load_pd_model(settings: Settings, alias: str = CHAMPION) -> PDModel | None:
@@ -124,9 +114,7 @@ def apply_decision(settings: Settings, version: str, decision: GateDecision) -> 
     """The new version becomes the challenger, and the champion too when the gates passed."""
     client, name = MlflowClient(), settings.mlflow.registered_model
     client.set_registered_model_alias(name, CHALLENGER, version)
-    client.set_model_version_tag(
-        name, version, "gate_decision", "promoted" if decision.promote else "rejected"
-    )
+    client.set_model_version_tag(name, version, "gate_decision", "promoted" if decision.promote else "rejected")
     client.set_model_version_tag(name, version, "gate_reasons", "; ".join(decision.reasons))
     if decision.promote:
         client.set_registered_model_alias(name, CHAMPION, version)
@@ -143,11 +131,7 @@ def promote(settings: Settings, version: str, reason: str, user: str | None = No
     except MlflowException:
         raise ScfriskError(f"registered model '{name}' has no version {version}") from None
     client.set_registered_model_alias(name, CHAMPION, version)
-    tags = {
-        "promotion": "manual",
-        "promoted_by": user or getpass.getuser(),
-        "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "promotion_reason": reason,
-    }
+    tags = {"promotion": "manual", "promoted_by": user or getpass.getuser(),
+            "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"), "promotion_reason": reason}
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)

@@ -386,8 +386,8 @@ def model_health(data: ReportData, gates: GatesConfig, baseline_auc: float | Non
 
 
 def decline_reasons(limits: pd.DataFrame, policy: CreditPolicy) -> pd.DataFrame:
-    """The policy rules that declined most test applications for their product, in the policy's words, with
-    the share of that product's applications each declined."""
+    """The policy rules that declined most test applications for their product, in the policy's words (each
+    names its product), with the share of that product's applications each declined."""
     declined = limits[~limits["eligible"]]
     if declined.empty:
         return pd.DataFrame(columns=["reason", "declined", "of applications"])
@@ -410,7 +410,7 @@ def decline_reasons(limits: pd.DataFrame, policy: CreditPolicy) -> pd.DataFrame:
         text = exclusion_reason(code, limits.loc[first].to_dict(), product, policy.product(product))
         rows.append(
             {
-                "reason": f"{product.replace('_', ' ').capitalize()}: {text}",
+                "reason": text[:1].upper() + text[1:],
                 "declined": int(count),
                 "of applications": count / applications[product],
             }

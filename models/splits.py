@@ -27,11 +27,8 @@ def time_split(times: pd.Series, valid_months: int, test_months: int = 0) -> pd.
     months = stamps.dt.to_period("M")
     last = months.max()
     test_start, valid_start = last - (test_months - 1), last - (test_months + valid_months - 1)
-    slices = pd.Series(
-        np.where(months >= test_start, "test", np.where(months >= valid_start, "valid", "train")),
-        index=times.index,
-        name="slice",
-    )
+    slices = pd.Series(np.where(months >= test_start, "test", np.where(months >= valid_start, "valid", "train")),
+                       index=times.index, name="slice")
     if set(slices) != set(SLICES[: 3 if test_months else 2]):
         span = f"{months.min()}..{last}"
         raise ScfriskError(
@@ -49,9 +46,7 @@ def stratified_split(y: pd.Series, valid_frac: float, test_frac: float, seed: in
     if test_frac > 0:
         rest, test = train_test_split(y.index, test_size=test_frac, stratify=y, random_state=seed)
         slices[test] = "test"
-    _, valid = train_test_split(
-        rest, test_size=valid_frac / (1 - test_frac), stratify=y[rest], random_state=seed
-    )
+    _, valid = train_test_split(rest, test_size=valid_frac / (1 - test_frac), stratify=y[rest], random_state=seed)
     slices[valid] = "valid"
     return slices
 
@@ -59,9 +54,7 @@ def stratified_split(y: pd.Series, valid_frac: float, test_frac: float, seed: in
 def split_summary(slices: pd.Series, y: pd.Series, times: pd.Series | None = None) -> pd.DataFrame:
     """Rows, defaults, default rate and (with times) first/last date per slice, for the run log."""
     frame = pd.DataFrame({"slice": slices, "bad": y})
-    summary = frame.groupby("slice").agg(
-        rows=("bad", "size"), defaults=("bad", "sum"), default_rate=("bad", "mean")
-    )
+    summary = frame.groupby("slice").agg(rows=("bad", "size"), defaults=("bad", "sum"), default_rate=("bad", "mean"))
     if times is not None:
         stamps = pd.to_datetime(times).groupby(slices)
         summary["start"] = stamps.min().dt.date.astype(str)

@@ -16,7 +16,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from models.html_report import Image, KeyFigures, Paragraph, Section, Table, write_page
-from models.limits import check_input, expected_profit, product_limits
+from models.limits import EXCLUSION_RULES, check_input, expected_profit, product_limits
 from models.policy import CreditPolicy
 from pipelines.errors import ScfriskError
 
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 RATE_FORMATS = {
     "approval_rate": "{:.1%}",
+    "share": "{:.1%}",
     "expected_bad_rate": "{:.2%}",
     "realised_bad_rate": "{:.2%}",
     "cutoff_pd": "{:.2%}",
@@ -78,6 +79,23 @@ def summarise(limits: pd.DataFrame, by: str) -> pd.DataFrame:
     return frame.groupby(by, observed=True).agg(**aggregations).reset_index()
 
 
+def exclusions(limits: pd.DataFrame) -> pd.DataFrame:
+    """Why the approval rate is what it is: per product, the rows each eligibility rule turned away (the
+    first rule a row fails, in the order the policy checks them) and the rows left eligible, with their
+    share of the product's rows and, on a backtest, their realised bad rate (does the rule keep out risk?)."""
+    rule = limits["exclusion_reason"].astype(object).where(~limits["eligible"], "eligible").astype(str)
+    frame = limits.assign(rule=rule)
+    aggregations: dict[str, tuple[str, str]] = {"count": ("eligible", "size"), "mean_pd": ("pd", "mean")}
+    if "defaulted" in frame.columns:
+        aggregations["realised_bad_rate"] = ("defaulted", "mean")
+    table = frame.groupby(["product", "rule"], observed=True).agg(**aggregations).reset_index()
+    table["share"] = table["count"] / table.groupby("product", observed=True)["count"].transform("sum")
+    order = {name: i for i, name in enumerate(["eligible", *EXCLUSION_RULES])}
+    table = table.sort_values(["product", "rule"], key=lambda c: c.map(order) if c.name == "rule" else c)
+    table.insert(2, "meaning", table["rule"].map({"eligible": "eligible", **EXCLUSION_RULES}))
+    return table.reset_index(drop=True)
+
+
 def cutoff_curve(limits: pd.DataFrame, points: int = 101) -> pd.DataFrame:
     """Per product: approving every eligible row with PD <= cut-off, at `points` PD quantiles.
 
@@ -120,6 +138,7 @@ class StrategyTables:
     by_segment: pd.DataFrame
     cutoff_curve: pd.DataFrame
     best_cutoffs: pd.DataFrame
+    exclusions: pd.DataFrame
 
     def items(self) -> list[tuple[str, pd.DataFrame]]:
         return list(vars(self).items())
@@ -134,6 +153,7 @@ def strategy_tables(limits: pd.DataFrame) -> StrategyTables:
         by_segment=summarise(limits, "segment"),
         cutoff_curve=curve,
         best_cutoffs=best_cutoffs(curve),
+        exclusions=exclusions(limits),
     )
 
 
@@ -182,6 +202,33 @@ def _grade_figure(by_grade: pd.DataFrame) -> Figure:
     return figure
 
 
+def approval_explanation(tables: StrategyTables) -> list[str]:
+    """The approval rate in sentences: how many rows each rule turns away, then what the profit curve
+    says about the PD cut-off (each product's worst grade) within the rows left eligible."""
+    ex = tables.exclusions
+    total = int(ex["count"].sum())
+    eligible = int(ex.loc[ex["rule"] == "eligible", "count"].sum())
+    turned = ex[ex["rule"] != "eligible"].groupby("rule")["count"].sum().sort_values(ascending=False)
+    rules = "; ".join(f"{EXCLUSION_RULES[rule]}: {n:,} ({n / total:.0%})" for rule, n in turned.items() if n)
+    sentences = [
+        f"{eligible / total:.1%} of the {total:,} rows are eligible. Each of the others counts once, under the "
+        f"first rule it failed (the order the policy checks them): {rules or 'none'}."
+    ]
+    profit = "realised_profit" if "realised_profit" in tables.cutoff_curve.columns else "expected_profit"
+    for row in tables.best_cutoffs.itertuples(index=False):
+        loosest = tables.cutoff_curve.loc[tables.cutoff_curve["product"] == row.product, "approval_rate"].max()
+        if row.approval_rate >= loosest:
+            why = ": each one's risk-based price covers its expected loss" if profit == "expected_profit" else ""
+            sentences.append(f"{row.product}: {profit.replace('_', ' ')} is highest when every eligible row is "
+                             f"approved ({loosest:.0%} of rows){why}, so the worst grade the product accepts "
+                             "is its PD cut-off.")
+        else:
+            sentences.append(f"{row.product}: {profit.replace('_', ' ')} peaks at PD <= {row.cutoff_pd:.1%}, "
+                             f"approving {row.approval_rate:.0%} of rows against the {loosest:.0%} the policy "
+                             "approves.")
+    return sentences
+
+
 def strategy_sections(tables: StrategyTables, policy_version: str) -> list[Section]:
     realised = "realised_profit" in tables.by_product.columns
     total = tables.by_product
@@ -211,6 +258,17 @@ def strategy_sections(tables: StrategyTables, policy_version: str) -> list[Secti
                     + "Profit is one year of the facility drawn at EAD, net of loss, funding and operating cost."
                 ),
                 KeyFigures(figures),
+            ],
+        ),
+        Section(
+            "Why this approval rate",
+            [
+                *(Paragraph(text) for text in approval_explanation(tables)),
+                Table(
+                    tables.exclusions,
+                    caption="Rows each eligibility rule turns away, per product (first rule failed)",
+                    formats={**RATE_FORMATS, "mean_pd": "{:.2%}"},
+                ),
             ],
         ),
         Section("By product", [Table(tables.by_product, formats=RATE_FORMATS)]),

@@ -55,13 +55,8 @@ SEARCH_SPACE: dict[str, list[Any]] = {
     "bagging_fraction": [0.8, 1.0],
     "lambda_l2": [0.0, 1.0, 10.0],
 }
-DEFAULT_CANDIDATE = {
-    "num_leaves": 31,
-    "min_child_samples": 50,
-    "feature_fraction": 0.9,
-    "bagging_fraction": 0.8,
-    "lambda_l2": 1.0,
-}
+DEFAULT_CANDIDATE = {"num_leaves": 31, "min_child_samples": 50, "feature_fraction": 0.9, "bagging_fraction": 0.8,
+                     "lambda_l2": 1.0}
 
 
 def binary_target(values: pd.Series) -> pd.Series:
@@ -85,12 +80,8 @@ def _label(value: Any) -> str:
     return str(value).strip().lower()
 
 
-def infer_features(
-    frame: pd.DataFrame,
-    exclude: set[str],
-    directions: dict[str, int] | None = None,
-    kinds: dict[str, str] | None = None,
-) -> tuple[FeatureSpec, ...]:
+def infer_features(frame: pd.DataFrame, exclude: set[str], directions: dict[str, int] | None = None,
+                   kinds: dict[str, str] | None = None) -> tuple[FeatureSpec, ...]:
     """Feature contract from training rows: kind per column (given or inferred), levels, monotone direction.
 
     Dates are skipped: an absolute date lets a model learn the period rather than the merchant.
@@ -121,9 +112,7 @@ def _infer_kind(column: pd.Series) -> str:
     text = clean_text(column).dropna()
     if text.empty:
         return "numeric"
-    return (
-        "numeric" if pd.to_numeric(text, errors="coerce").notna().mean() >= NUMERIC_SHARE else "categorical"
-    )
+    return "numeric" if pd.to_numeric(text, errors="coerce").notna().mean() >= NUMERIC_SHARE else "categorical"
 
 
 class LogisticBaseline:
@@ -138,30 +127,18 @@ class LogisticBaseline:
         design = X.copy()
         for spec in self.features:
             if spec.kind == "categorical":
-                design[spec.name] = (
-                    design[spec.name].astype(object).where(design[spec.name].notna(), "__missing__")
-                )
+                design[spec.name] = design[spec.name].astype(object).where(design[spec.name].notna(), "__missing__")
         return design
 
     def fit(self, X: pd.DataFrame, y: np.ndarray) -> LogisticBaseline:
         numeric = [f.name for f in self.features if f.kind == "numeric"]
         categorical = [f.name for f in self.features if f.kind == "categorical"]
-        columns = ColumnTransformer(
-            [
-                (
-                    "numeric",
-                    make_pipeline(
-                        SimpleImputer(strategy="median", add_indicator=True, keep_empty_features=True),
-                        StandardScaler(),
-                    ),
-                    numeric,
-                ),
-                ("categorical", OneHotEncoder(handle_unknown="ignore", min_frequency=20), categorical),
-            ]
-        )
-        self.pipeline_ = make_pipeline(
-            columns, LogisticRegression(C=0.1, max_iter=2000, random_state=self.seed)
-        )
+        columns = ColumnTransformer([
+            ("numeric", make_pipeline(SimpleImputer(strategy="median", add_indicator=True,
+                                                    keep_empty_features=True), StandardScaler()), numeric),
+            ("categorical", OneHotEncoder(handle_unknown="ignore", min_frequency=20), categorical),
+        ])
+        self.pipeline_ = make_pipeline(columns, LogisticRegression(C=0.1, max_iter=2000, random_state=self.seed))
         self.pipeline_.fit(self._design(X), y)
         return self
 
@@ -169,54 +146,28 @@ class LogisticBaseline:
         return self.pipeline_.predict_proba(self._design(X))[:, 1]
 
 
-def _booster_params(
-    features: tuple[FeatureSpec, ...], params: dict[str, Any], seed: int, threads: int
-) -> dict[str, Any]:
-    return {
-        **BASE_PARAMS,
-        **params,
-        "seed": seed,
-        "num_threads": threads,
-        "monotone_constraints": [f.direction if f.kind == "numeric" else 0 for f in features],
-    }
+def _booster_params(features: tuple[FeatureSpec, ...], params: dict[str, Any], seed: int,
+                    threads: int) -> dict[str, Any]:
+    return {**BASE_PARAMS, **params, "seed": seed, "num_threads": threads,
+            "monotone_constraints": [f.direction if f.kind == "numeric" else 0 for f in features]}
 
 
-def fit_booster(
-    X_train: pd.DataFrame,
-    y_train: np.ndarray,
-    X_valid: pd.DataFrame,
-    y_valid: np.ndarray,
-    features: tuple[FeatureSpec, ...],
-    params: dict[str, Any],
-    seed: int,
-    max_rounds: int,
-    threads: int = 1,
-) -> lgb.Booster:
+def fit_booster(X_train: pd.DataFrame, y_train: np.ndarray, X_valid: pd.DataFrame, y_valid: np.ndarray,
+                features: tuple[FeatureSpec, ...], params: dict[str, Any], seed: int, max_rounds: int,
+                threads: int = 1) -> lgb.Booster:
     """One LightGBM fit with monotone constraints from the feature directions, early-stopped on validation."""
     train = lgb.Dataset(X_train, label=y_train, free_raw_data=False)
     valid = lgb.Dataset(X_valid, label=y_valid, reference=train)
-    return lgb.train(
-        _booster_params(features, params, seed, threads),
-        train,
-        num_boost_round=max_rounds,
-        valid_sets=[valid],
-        callbacks=[lgb.early_stopping(max(10, max_rounds // 20), verbose=False)],
-    )
+    return lgb.train(_booster_params(features, params, seed, threads), train, num_boost_round=max_rounds,
+                     valid_sets=[valid],
+                     callbacks=[lgb.early_stopping(max(10, max_rounds // 20), verbose=False)])
 
 
-def refit_booster(
-    X: pd.DataFrame,
-    y: np.ndarray,
-    features: tuple[FeatureSpec, ...],
-    params: dict[str, Any],
-    seed: int,
-    rounds: int,
-    threads: int = 1,
-) -> lgb.Booster:
+def refit_booster(X: pd.DataFrame, y: np.ndarray, features: tuple[FeatureSpec, ...], params: dict[str, Any],
+                  seed: int, rounds: int, threads: int = 1) -> lgb.Booster:
     """The chosen candidate refitted on more rows for a fixed number of rounds (no early stopping)."""
-    return lgb.train(
-        _booster_params(features, params, seed, threads), lgb.Dataset(X, label=y), num_boost_round=rounds
-    )
+    return lgb.train(_booster_params(features, params, seed, threads), lgb.Dataset(X, label=y),
+                     num_boost_round=rounds)
 
 
 def search_candidates(trials: int, seed: int) -> list[dict[str, Any]]:
@@ -242,61 +193,34 @@ class TrainingResult:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-def train_pd_model(
-    frame: pd.DataFrame,
-    y: pd.Series,
-    slices: pd.Series,
-    features: tuple[FeatureSpec, ...],
-    *,
-    seed: int,
-    max_rounds: int,
-    search_trials: int,
-    threads: int = 1,
-    master_scale: MasterScale | None = None,
-) -> TrainingResult:
+def train_pd_model(frame: pd.DataFrame, y: pd.Series, slices: pd.Series, features: tuple[FeatureSpec, ...], *,
+                   seed: int, max_rounds: int, search_trials: int, threads: int = 1,
+                   master_scale: MasterScale | None = None) -> TrainingResult:
     """Search on train/valid, keep the best early-stopped booster, calibrate it on valid, fit the baseline."""
     X = prepare_features(frame, features)
     is_train, is_valid = (slices == "train").to_numpy(), (slices == "valid").to_numpy()
     y_all = y.to_numpy()
     for name, mask in (("training", is_train), ("validation", is_valid)):
         if len(np.unique(y_all[mask])) < 2:
-            raise ScfriskError(
-                f"the {name} slice ({int(mask.sum())} rows) needs both defaults and non-defaults"
-            )
+            raise ScfriskError(f"the {name} slice ({int(mask.sum())} rows) needs both defaults and non-defaults")
     rows = []
     best: tuple[float, lgb.Booster, dict[str, Any]] | None = None
     candidates = search_candidates(search_trials, seed)
     with Progress(transient=True) as progress:
         task = progress.add_task("hyper-parameter search", total=len(candidates))
         for candidate in candidates:
-            booster = fit_booster(
-                X[is_train],
-                y_all[is_train],
-                X[is_valid],
-                y_all[is_valid],
-                features,
-                candidate,
-                seed,
-                max_rounds,
-                threads,
-            )
+            booster = fit_booster(X[is_train], y_all[is_train], X[is_valid], y_all[is_valid], features,
+                                  candidate, seed, max_rounds, threads)
             margin = booster.predict(X[is_valid], raw_score=True)
             loss = float(log_loss(y_all[is_valid], 1 / (1 + np.exp(-margin)), labels=[0, 1]))
-            rows.append(
-                {
-                    **candidate,
-                    "rounds": booster.best_iteration,
-                    "valid_log_loss": loss,
-                    "valid_auc": float(roc_auc_score(y_all[is_valid], margin)),
-                }
-            )
+            rows.append({**candidate, "rounds": booster.best_iteration, "valid_log_loss": loss,
+                         "valid_auc": float(roc_auc_score(y_all[is_valid], margin))})
             if best is None or loss < best[0]:
                 best = (loss, booster, candidate)
             progress.advance(task)
     _, searched, params = best
-    calibrator, calibration_scores = choose_calibrator(
-        searched.predict(X[is_valid], raw_score=True), y_all[is_valid], seed
-    )
+    calibrator, calibration_scores = choose_calibrator(searched.predict(X[is_valid], raw_score=True),
+                                                       y_all[is_valid], seed)
     # The validation slice has picked the candidate, its rounds and the calibrator; the final booster also
     # learns from it (the newest cohort, with a time split), for rounds scaled to the rows so that each row
     # weighs as in the searched fit. Without this the model learns from 60% of a table where a plain
@@ -305,20 +229,10 @@ def train_pd_model(
     development = is_train | is_valid
     refit_rounds = max(1, round(searched.best_iteration * development.sum() / is_train.sum()))
     booster = refit_booster(X[development], y_all[development], features, params, seed, refit_rounds, threads)
-    log.info(
-        "best of %d candidates: %s, %d rounds (%d refitted on train + valid); calibration %s",
-        len(candidates),
-        params,
-        searched.best_iteration,
-        refit_rounds,
-        calibrator.method,
-    )
+    log.info("best of %d candidates: %s, %d rounds (%d refitted on train + valid); calibration %s",
+             len(candidates), params, searched.best_iteration, refit_rounds, calibrator.method)
     model = PDModel(booster=booster, features=features, calibrator=calibrator, master_scale=master_scale)
     baseline = LogisticBaseline(features, seed).fit(X[development], y_all[development])  # the model's rows
-    return TrainingResult(
-        model,
-        baseline,
-        {**params, "rounds": searched.best_iteration, "refit_rounds": refit_rounds},
-        pd.DataFrame(rows),
-        calibration_scores,
-    )
+    return TrainingResult(model, baseline,
+                          {**params, "rounds": searched.best_iteration, "refit_rounds": refit_rounds},
+                          pd.DataFrame(rows), calibration_scores)

@@ -56,7 +56,7 @@ def simulate(
     start: Annotated[str, typer.Option(help="First day of the simulated history (YYYY-MM-DD).")] = "2024-01-01",
 ) -> None:
     """Simulate a platform's merchants, orders, behaviour, inventory, receivables and loans."""
-    from pipelines.simulate import SimulationConfig, simulate_platform
+    from simulator import SimulationConfig, simulate_platform
 
     summary = simulate_platform(
         SimulationConfig(n_merchants=merchants, months=months, seed=seed, start=start), out

@@ -255,13 +255,15 @@ def oracle_pd(oracle_dir: Path | str, loan_ids: pd.Series) -> pd.Series:
 @flow(name="train")
 def train_flow(settings: Settings, oracle: str | None = None, metrics_out: str | None = None) -> TrainOutcome:
     """Prefect shell of `scfrisk train`: feature store -> train -> evaluate -> register -> gate."""
+    from features.catalogue import PROTECTED_PROXIES
     from features.definitions import FEATURES, feature_set_version
 
     frame = feature_store_table(settings)
     outcome = run_training(
         settings, frame, "defaulted", time_col="as_of", id_col="application_id",
         directions={f.name: f.direction for f in FEATURES}, kinds={f.name: f.kind for f in FEATURES},
-        exclude=tuple(c for c in ENTITY_COLUMNS if c not in ("defaulted", "as_of", "application_id")),
+        exclude=(*(c for c in ENTITY_COLUMNS if c not in ("defaulted", "as_of", "application_id")),
+                 *PROTECTED_PROXIES),  # a possible proxy of a protected attribute is never a model input
         true_pd=oracle_pd(oracle, frame["loan_id"]) if oracle else None,
         source=f"feature store {settings.path('raw_store')}", feature_set_version=feature_set_version(),
     )

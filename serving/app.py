@@ -8,7 +8,9 @@ be loaded is not swapped in: the old one keeps serving and `/readyz` says so.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
+import math
 import uuid
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -20,6 +22,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader
+from pydantic import ValidationError
 
 from pipelines.config import Settings
 from pipelines.errors import ScfriskError
@@ -36,6 +39,7 @@ from serving.bundle import (
     read_manifest,
 )
 from serving.schemas import (
+    MAX_TEXT,
     BatchRequest,
     BatchResponse,
     Health,
@@ -56,6 +60,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"model": Problem, "description": "No bundle published or loaded yet."},
 }
 NOT_FOUND = {404: {"model": Problem, "description": "Unknown merchant, report or bundle."}}
+UNREADABLE = {400: {"model": Problem, "description": "The body cannot be parsed (not UTF-8, or nested too deep)."}}
+MAX_PROBLEMS = 20
+"""Errors listed in one 422 body (or one batch item's detail); the rest are counted."""
 
 
 class LiveBundle:
@@ -89,8 +96,49 @@ class LiveBundle:
         log.info("serving bundle %s (model %s, policy %s)", target, bundle.model_version, bundle.policy_version)
 
 
-def _validation_error(loc: list[Any], message: str) -> RequestValidationError:
-    return RequestValidationError([{"type": "value_error", "loc": tuple(loc), "msg": message, "input": None}])
+class Refused(Exception):
+    """A request the live bundle cannot answer: its HTTP status, where in the body and why."""
+
+    def __init__(self, status: int, loc: list[Any], detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.loc, self.detail = status, loc, detail
+
+    def http(self) -> Exception:
+        """As one request's error: a 422 body like a schema error's, or a plain `detail`."""
+        if self.status == 422:
+            return RequestValidationError([{"type": "value_error", "loc": tuple(self.loc), "msg": self.detail}])
+        return HTTPException(self.status, self.detail)
+
+
+def _short(value: Any) -> Any:
+    return value[:MAX_TEXT] + "..." if isinstance(value, str) and len(value) > MAX_TEXT else value
+
+
+def _problems(errors: list[dict[str, Any]], loc: list[Any]) -> list[dict[str, Any]]:
+    """`_problem` of each error, the first `MAX_PROBLEMS` of them: a body of 20,000 junk keys gets a short
+    refusal, not one line per key."""
+    listed = [_problem(error, loc) for error in errors[:MAX_PROBLEMS]]
+    if len(errors) > MAX_PROBLEMS:
+        listed.append({"type": "too_many_errors", "loc": [*loc] or ["body"],
+                       "msg": f"{len(errors) - MAX_PROBLEMS} more problems not listed"})
+    return listed
+
+
+def _problem(error: dict[str, Any], loc: list[Any]) -> dict[str, Any]:
+    """A pydantic error as strict JSON that cannot grow with the input: the offending value is echoed only
+    when it is a finite number, a boolean or short text, and a long key in `loc` is cut short."""
+    value = error.get("input")
+    loc = [_short(part) for part in (*loc, *error["loc"])]
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = (f"unknown feature '{loc[-1]}': not in the feature catalogue (GET /v1/model lists the inputs)"
+                   if "features" in loc[:-1] else f"unknown field '{loc[-1]}'")
+    problem = {"type": error["type"], "loc": loc, "msg": message}
+    safe = (value is None or isinstance(value, bool | int) or (isinstance(value, float) and math.isfinite(value))
+            or (isinstance(value, str) and len(value) <= MAX_TEXT))
+    if safe and "input" in error:
+        problem["input"] = value
+    return problem
 
 
 class BodyLimit:
@@ -150,7 +198,13 @@ def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
     app = FastAPI(
         title="scfrisk scoring service",
         version="1",
-        description="PD, grade, limits per product, decision and reason codes for platform merchants.",
+        description=(
+            "PD, grade, limits per product, decision and reason codes for platform merchants. An explicit "
+            "`features` payload carries every input of the live model (GET /v1/model), `null` when unknown; at "
+            f"most {service.max_missing_share:.0%} of the model's inputs may be unknown (`[service]."
+            "max_missing_share`), and non-finite numbers, wrong types and unknown keys are refused with 422 "
+            "naming the field."
+        ),
         lifespan=lifespan,
     )
     app.state.live = live
@@ -168,7 +222,12 @@ def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
 
         return check
 
-    def answer(bundle: Bundle, scored: Scored, req: ScoreRequest, caller: ApiKey, request_id: str) -> dict[str, Any]:
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Any, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _problems(list(exc.errors()), [])}, status_code=422)
+
+    def answer(bundle: Bundle, scored: Scored, req: ScoreRequest, inputs: dict[str, Any] | None, caller: ApiKey,
+               request_id: str) -> dict[str, Any]:
         decision = bundle.decide(scored, req.product, req.requested_amount)
         app.state.audit.write({
             "request_id": request_id,
@@ -177,7 +236,7 @@ def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
             "merchant_id": req.merchant_id,
             "product": req.product,
             "requested_amount": req.requested_amount,
-            "features": req.features,
+            "features": inputs,
             "inputs_hash": scored.inputs_hash,
             "bundle_id": bundle.bundle_id,
             "model_version": bundle.model_version,
@@ -187,6 +246,7 @@ def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
             "decision": decision and decision["outcome"],
             "approved_amount": decision and decision["amount"],
             "reasons": [r["code"] for r in scored.reason_codes],
+            "policy_reasons": decision and dict(zip(decision["reason_codes"], decision["reasons"])),
         })
         return {
             "request_id": request_id,
@@ -195,56 +255,95 @@ def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
             "grade": scored.grade,
             "limits": scored.limits,
             "decision": decision,
-            "reason_codes": scored.reason_codes,
+            "reason_codes": bundle.reasons_given(scored, decision),
             "model_version": bundle.model_version,
             "features_as_of": bundle.features_as_of,
             "policy_version": bundle.policy_version,
             "bundle_id": bundle.bundle_id,
         }
 
-    def check_request(bundle: Bundle, req: ScoreRequest, loc: list[Any]) -> None:
+    def check_request(bundle: Bundle, req: ScoreRequest, loc: list[Any]) -> dict[str, Any] | None:
+        """Refuse what the live bundle cannot answer; returns the inputs to score of a `features` payload
+        (exactly the bundle's inputs: what is scored is what the audit line records)."""
         if req.product is not None and req.product not in bundle.policy.products:
             known = ", ".join(bundle.policy.products)
-            raise _validation_error([*loc, "product"], f"unknown product '{req.product}'; known: {known}")
-        if req.features is not None:
-            missing = bundle.missing_inputs(req.features)
-            if missing:
-                raise _validation_error([*loc, "features", missing[0]],
-                                        f"features payload misses {len(missing)} input(s): {', '.join(missing)}")
-        elif req.merchant_id not in bundle.online:
-            raise HTTPException(404, f"merchant '{req.merchant_id}' is not in the online store of bundle "
-                                     f"{bundle.bundle_id}; send its features instead")
+            raise Refused(422, [*loc, "product"], f"unknown product '{req.product}'; known: {known}")
+        features = req.feature_values()
+        if features is None:
+            if req.merchant_id not in bundle.online:
+                raise Refused(404, [*loc, "merchant_id"], f"merchant '{req.merchant_id}' is not in the online store "
+                                                          f"of bundle {bundle.bundle_id}; send its features instead")
+            return None
+        missing = bundle.missing_inputs(features)
+        if missing:
+            raise Refused(422, [*loc, "features", missing[0]],
+                          f"features payload misses {len(missing)} input(s): {', '.join(missing)}; send every "
+                          "input of the live model, null when unknown")
+        unknown = bundle.unknown_inputs(features)
+        allowed = math.floor(service.max_missing_share * len(bundle.model.features))
+        if len(unknown) > allowed:
+            raise Refused(422, [*loc, "features"],
+                          f"{len(unknown)} of the model's {len(bundle.model.features)} inputs are unknown (null, a "
+                          f"missing-value code or an unseen category: {', '.join(unknown)}); at most {allowed} may "
+                          "be: a PD built on so little is not a decision")
+        return {name: features[name] for name in bundle.input_columns}
 
-    @app.post("/v1/score", response_model=ScoreResponse, responses={**ERRORS, **NOT_FOUND}, tags=["scoring"])
+    @app.post("/v1/score", response_model=ScoreResponse, responses={**ERRORS, **NOT_FOUND, **UNREADABLE},
+              tags=["scoring"])
     async def score(req: ScoreRequest, caller: ApiKey = Depends(scope("score"))) -> dict[str, Any]:
-        """Score one merchant: online-store lookup by `merchant_id`, or an explicit `features` payload."""
+        """Score one merchant: online-store lookup by `merchant_id`, or an explicit `features` payload.
+
+        A payload carries every input of the live model (GET /v1/model `inputs`), `null` for a value that is
+        unknown; at most `[service].max_missing_share` of the model's inputs may be unknown (null, a
+        missing-value code such as -999, or a category the model never saw), more is refused with 422.
+        Numbers must be finite JSON numbers; text, booleans and unknown keys are refused with 422 naming
+        the field.
+        """
         bundle = live.require()
-        check_request(bundle, req, ["body"])
-        if req.features is not None:
-            scored = await run_in_threadpool(bundle.score_features, req.features)
+        try:
+            inputs = check_request(bundle, req, ["body"])
+        except Refused as exc:
+            raise exc.http() from None
+        if inputs is not None:
+            scored = await run_in_threadpool(bundle.score_features, inputs)
         else:
             scored = bundle.online[req.merchant_id]
-        return answer(bundle, scored, req, caller, uuid.uuid4().hex)
+        return answer(bundle, scored, req, inputs, caller, uuid.uuid4().hex)
 
-    @app.post("/v1/score/batch", response_model=BatchResponse, responses={**ERRORS, **NOT_FOUND}, tags=["scoring"])
+    @app.post("/v1/score/batch", response_model=BatchResponse, responses={**ERRORS, **UNREADABLE}, tags=["scoring"])
     async def score_batch(batch: BatchRequest, caller: ApiKey = Depends(scope("score"))) -> dict[str, Any]:
-        """Score up to `max_batch_size` requests; explicit payloads are scored together in one pass."""
+        """Score up to `[service].max_batch_size` requests, each as `/v1/score` would; explicit payloads are
+        scored together in one pass.
+
+        Always 200 with one entry per request, in the order sent: its answer, or its error (`status` 404 for
+        an unknown merchant, 422 for an invalid item, with `detail` and `loc`); a bad item never fails the
+        others. A batch over the size limit is refused whole with 413 before any item is read.
+        """
         if len(batch.requests) > service.max_batch_size:
             raise HTTPException(413, f"batch of {len(batch.requests)} requests exceeds max_batch_size "
                                      f"{service.max_batch_size}")
         bundle = live.require()
-        for i, req in enumerate(batch.requests):
-            check_request(bundle, req, ["body", "requests", i])
-        payloads = [req.features for req in batch.requests if req.features is not None]
+        results: list[dict[str, Any] | None] = [None] * len(batch.requests)
+        accepted: list[tuple[int, ScoreRequest, dict[str, Any] | None]] = []
+        for i, item in enumerate(batch.requests):
+            loc = ["body", "requests", i]
+            try:
+                req = ScoreRequest.model_validate(item)
+                accepted.append((i, req, check_request(bundle, req, loc)))
+            except ValidationError as exc:
+                problems = _problems(exc.errors(), loc)
+                detail = "; ".join(f"{'.'.join(map(str, p['loc'][3:])) or 'item'}: {p['msg']}" for p in problems)
+                results[i] = {"status": 422, "detail": detail, "loc": problems[0]["loc"]}
+            except Refused as exc:
+                results[i] = {"status": exc.status, "detail": exc.detail, "loc": exc.loc}
+        payloads = [inputs for _, _, inputs in accepted if inputs is not None]
         if payloads:
             import pandas as pd
 
             fresh = iter(await run_in_threadpool(bundle.score_frame, pd.DataFrame(payloads)))
-        results = [
-            answer(bundle, next(fresh) if req.features is not None else bundle.online[req.merchant_id],
-                   req, caller, uuid.uuid4().hex)
-            for req in batch.requests
-        ]
+        for i, req, inputs in accepted:
+            scored = next(fresh) if inputs is not None else bundle.online[req.merchant_id]
+            results[i] = answer(bundle, scored, req, inputs, caller, uuid.uuid4().hex)
         return {"results": results}
 
     @app.get("/v1/merchants/{merchant_id}/limits", response_model=MerchantLimits,
@@ -284,6 +383,28 @@ def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
                 if read_manifest(bundle_dir)["model_version"] == version:
                     return HTMLResponse(path.read_text())
         raise HTTPException(404, f"no published risk report for model version '{version}'")
+
+    static_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """The OpenAPI schema, with the live policy's products and grades as the values they may take."""
+        schema = copy.deepcopy(static_openapi())
+        components = schema["components"]["schemas"]
+        # batch items are validated one by one in the handler; pydantic documents them inline, point them at
+        # the one ScoreRequest schema instead
+        components["BatchRequest"]["properties"]["requests"]["items"] = {"$ref": "#/components/schemas/ScoreRequest"}
+        bundle = live.bundle
+        if bundle is not None:
+            products = list(bundle.policy.products)
+            grades = [grade.grade for grade in bundle.policy.master_scale.grades]
+            for model, name, values in (("ScoreRequest", "product", products), ("ProductLimit", "product", products),
+                                        ("ScoreResponse", "grade", grades), ("MerchantLimits", "grade", grades)):
+                field = components[model]["properties"][name]
+                text = next((s for s in field.get("anyOf", []) if s.get("type") == "string"), field)
+                text["enum"] = values
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.get("/healthz", response_model=Health, tags=["operations"])
     async def healthz() -> dict[str, str]:

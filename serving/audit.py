@@ -10,9 +10,12 @@ import hashlib
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
+
+if TYPE_CHECKING:
+    from serving.bundle import Bundle
 
 
 def inputs_hash(features: dict[str, Any]) -> str:
@@ -42,11 +45,18 @@ def read_audit(path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
 
 
-def replay(record: dict[str, Any], bundles_dir: Path) -> dict[str, Any]:
-    """Re-score a logged decision with the bundle that made it: returns `pd`, `grade` and `decision`."""
+def replay(record: dict[str, Any], bundles_dir: Path, bundle: Bundle | None = None) -> dict[str, Any]:
+    """Re-score a logged decision with the bundle that made it: returns `pd`, `grade` and `decision`.
+
+    Pass that bundle already loaded to replay many lines of it without loading it once per line.
+    """
     from serving.bundle import load_bundle
 
-    bundle = load_bundle(bundles_dir / record["bundle_id"])
+    if bundle is None:
+        bundle = load_bundle(bundles_dir / record["bundle_id"])
+    elif bundle.bundle_id != record["bundle_id"]:
+        raise ValueError(f"request {record['request_id']} was decided by bundle {record['bundle_id']}, "
+                         f"not {bundle.bundle_id}")
     scored = bundle.score_features(record.get("features") or bundle.features_of(record["merchant_id"]))
     if scored.inputs_hash != record["inputs_hash"]:
         raise ValueError(f"the inputs of request {record['request_id']} differ from the ones logged")

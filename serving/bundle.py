@@ -1,10 +1,10 @@
 """A published bundle, read and made ready to answer: the on-disk layout, the pointer, and scoring.
 
 Everything the service says about an online-store merchant is computed once when a bundle loads (PD,
-grade, limits per product, reason codes) so a request is a dict lookup plus the decision for its amount.
-Merchants the store lacks are scored on the fly through the same model, limit engine and explainer; both
-kinds of answer read their reason codes from a reason table (`models.reason_codes.COLUMNS`) through
-`adverse_codes_by_merchant`, so they say the same.
+grade, limits per product with the plain words of any exclusion, reason codes) so a request is a dict
+lookup plus the decision for its amount. Merchants the store lacks are scored on the fly through the same
+model, limit engine and explainer; both kinds of answer read their reason codes through
+`models.reason_codes.ReasonCodeIndex` (`adverse_codes`), so they say the same.
 """
 
 from __future__ import annotations
@@ -19,16 +19,10 @@ import numpy as np
 import pandas as pd
 
 from models import limits as limit_engine
-from models.decision import CreditRequest, decide_row
-from models.pd_model import PDModel
+from models.decision import ADVERSE, CreditRequest, decide_row, exclusion_reason
+from models.pd_model import NUMERIC_SENTINELS, PDModel
 from models.policy import CreditPolicy, load_policy
-from models.reason_codes import (
-    RAISES,
-    TABLE_FILE,
-    ReasonCodeIndex,
-    explain_inputs,
-    model_references,
-)
+from models.reason_codes import TABLE_FILE, ReasonCodeIndex, explain_inputs, model_references
 from pipelines.errors import ScfriskError
 from pipelines.files import file_sha256
 from serving.audit import inputs_hash
@@ -42,10 +36,12 @@ LIMITS_FILE = "limits.parquet"
 POLICY_FILE = "policy.toml"
 REPORT_FILE = "risk_report.html"
 
-LIMIT_FIELDS = ("product", "eligible", "limit", "binding_constraint", "apr", "expected_loss", "exclusion_reason")
-"""Columns of the limit table the service returns, one entry per product."""
+LIMIT_FIELDS = ("product", "eligible", "limit", "binding_constraint", "apr", "expected_loss", "exclusion_reason",
+                "exclusion_description")
+"""Columns of the limit table the service returns, one entry per product (the last one worded here)."""
 MAX_REASONS = 4
-"""Reason codes in an answer (the API contract's cap): the largest risk-raising factors."""
+"""Reason codes in an answer (the API contract's cap): the policy's reasons for an adverse decision, then
+the largest risk-raising factors."""
 
 
 class BundleError(ScfriskError):
@@ -96,10 +92,13 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     return [{k: _clean(v) for k, v in zip(names, row)} for row in frame.to_numpy(dtype=object).tolist()]
 
 
-def _limit_rows(limits: pd.DataFrame) -> dict[str, list[dict[str, Any]]]:
-    """Limit-table rows grouped by merchant, in table order (one per product)."""
+def _limit_rows(limits: pd.DataFrame, policy: CreditPolicy) -> dict[str, list[dict[str, Any]]]:
+    """Limit-table rows grouped by merchant, in table order (one per product), each ineligible one with its
+    exclusion in the policy's words (`exclusion_description`)."""
     grouped: dict[str, list[dict[str, Any]]] = {}
     for row in _records(limits[list(limit_engine.LIMIT_COLUMNS)]):
+        code, product = row["exclusion_reason"], row["product"]
+        row["exclusion_description"] = code and exclusion_reason(code, row, product, policy.product(product))
         grouped.setdefault(row["merchant_id"], []).append(row)
     return grouped
 
@@ -136,6 +135,7 @@ class Bundle:
         self.model = model
         self.policy = policy
         self.input_columns = list(dict.fromkeys([*model.feature_names, *limit_engine.FEATURES]))
+        self._levels = {spec.name: frozenset(spec.levels) for spec in model.features if spec.kind == "categorical"}
         self.snapshot = features.set_index("merchant_id", drop=False)
         self.reasons = reasons
         self.online = self._precompute(features, limits)
@@ -145,8 +145,7 @@ class Bundle:
         return self.policy.version
 
     def _precompute(self, features: pd.DataFrame, limits: pd.DataFrame) -> dict[str, Scored]:
-        limit_rows = _limit_rows(limits)
-        reasons = adverse_codes_by_merchant(self.reasons.table)
+        limit_rows = _limit_rows(limits, self.policy)
         hashes = dict(zip(features["merchant_id"], map(inputs_hash, _records(features[self.input_columns]))))
         return {
             merchant: Scored(
@@ -154,7 +153,7 @@ class Bundle:
                 pd=rows[0]["pd"],
                 grade=rows[0]["grade"],
                 rows=tuple(rows),
-                reason_codes=reasons.get(merchant, ()),
+                reason_codes=adverse_codes(self.reasons, merchant),
                 inputs_hash=hashes[merchant],
             )
             for merchant, rows in limit_rows.items()
@@ -167,6 +166,18 @@ class Bundle:
     def missing_inputs(self, features: dict[str, Any]) -> list[str]:
         return [name for name in self.input_columns if name not in features]
 
+    def unknown_inputs(self, features: dict[str, Any]) -> list[str]:
+        """The model inputs of a payload that the model will see as missing: null, a missing-value code
+        (-999) or a category level it never saw. Counted before scoring, so a PD built on next to nothing
+        can be refused; plain dict work, as `PDModel.prepare` would find them only after a pandas pass."""
+        def unknown(name: str, value: Any) -> bool:
+            if value is None:
+                return True
+            levels = self._levels.get(name)
+            return str(value).strip() not in levels if levels is not None else value in NUMERIC_SENTINELS
+
+        return [name for name in self.model.feature_names if unknown(name, features.get(name))]
+
     def score_frame(self, frame: pd.DataFrame) -> list[Scored]:
         """Score explicit feature rows (one merchant each) through the model, limit engine and explainer."""
         frame = frame.reset_index(drop=True)
@@ -174,11 +185,11 @@ class Bundle:
             frame["merchant_id"] = [f"payload-{i}" for i in range(len(frame))]
         inputs = self.model.prepare(frame.set_index("merchant_id"))
         frame["pd"] = self.model.predict_pd_prepared(inputs)
-        limit_rows = _limit_rows(limit_engine.compute_limits(frame, self.policy))
-        reasons = adverse_codes_by_merchant(explain_inputs(self.model, inputs))
+        limit_rows = _limit_rows(limit_engine.compute_limits(frame, self.policy), self.policy)
+        reasons = ReasonCodeIndex(explain_inputs(self.model, inputs))
         hashes = map(inputs_hash, _records(frame[self.input_columns]))
         return [Scored(merchant_id=merchant, pd=pd_value, grade=limit_rows[merchant][0]["grade"],
-                       rows=tuple(limit_rows[merchant]), reason_codes=reasons.get(str(merchant), ()),
+                       rows=tuple(limit_rows[merchant]), reason_codes=adverse_codes(reasons, str(merchant)),
                        inputs_hash=digest)
                 for merchant, pd_value, digest in zip(frame["merchant_id"], frame["pd"].tolist(), hashes)]
 
@@ -192,31 +203,26 @@ class Bundle:
         request = CreditRequest(merchant_id=scored.merchant_id, product=product, requested_amount=requested_amount)
         made = decide_row(request, scored.by_product[product], self.policy)
         return {"outcome": made.outcome.value, "amount": made.amount, "limit": made.limit, "apr": made.apr,
-                "tenor_days": made.tenor_days, "reasons": list(made.reasons)}
+                "tenor_days": made.tenor_days, "reasons": [r.description for r in made.reasons],
+                "reason_codes": [r.code for r in made.reasons]}
 
-
-def adverse_codes_by_merchant(table: pd.DataFrame) -> dict[str, tuple[dict[str, str], ...]]:
-    """What the caller is told, per merchant of a reason table (`models.reason_codes.COLUMNS`): the
-    largest factors that raised its risk, in catalogue words.
-
-    A merchant absent from the table had no feature that moved its score up or down, so it has no reason.
-    """
-    raised = np.flatnonzero(table["direction"].to_numpy() == RAISES)
-    raised = raised[np.argsort(table["rank"].to_numpy()[raised], kind="stable")]
-    merchants, codes, descriptions = (
-        table[column].to_numpy()[raised].tolist() for column in ("merchant_id", "code", "description")
-    )
-    found: dict[str, list[dict[str, str]]] = {}
-    for merchant, code, description in zip(merchants, codes, descriptions):
-        reasons = found.setdefault(merchant, [])
-        if len(reasons) < MAX_REASONS:
-            reasons.append({"code": code, "description": description})
-    return {merchant: tuple(reasons) for merchant, reasons in found.items()}
+    @staticmethod
+    def reasons_given(scored: Scored, decision: dict[str, Any] | None) -> list[dict[str, str]]:
+        """The `reason_codes` of an answer, what the loan engine shows the merchant: for a decline or a
+        counter-offer the policy's reasons come first (the rule that decided), then the model factors that
+        raised the PD; otherwise the model factors alone. At most `MAX_REASONS`."""
+        policy = []
+        if decision is not None and decision["outcome"] in ADVERSE:
+            policy = [{"code": code, "description": text, "source": "policy"}
+                      for code, text in zip(decision["reason_codes"], decision["reasons"])]
+        return [*policy, *scored.reason_codes][:MAX_REASONS]
 
 
 def adverse_codes(reasons: ReasonCodeIndex, merchant_id: str) -> tuple[dict[str, str], ...]:
-    """`adverse_codes_by_merchant` of one merchant of an index."""
-    return adverse_codes_by_merchant(reasons.rows(merchant_id)).get(merchant_id, ())
+    """The model factors a caller is told about one merchant: its largest risk-raising factors, in catalogue
+    words (none for a merchant nothing moved up)."""
+    return tuple({"code": r.code, "description": r.description, "source": "model"}
+                 for r in reasons.reasons(merchant_id).raised[:MAX_REASONS])
 
 
 def _read_table(path: Path, required: tuple[str, ...] | list[str]) -> pd.DataFrame:

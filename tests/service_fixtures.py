@@ -5,11 +5,19 @@ index of the real explainer."""
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import httpx
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
+import uvicorn
 
 from models.calibration import Calibrator
 from models.limits import compute_limits
@@ -77,3 +85,36 @@ def make_parts(workdir: Path, model: PDModel, snapshot: pd.DataFrame, version: s
         policy_file=POLICY,
         risk_report=report,
     )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running_service(app: Any, key: str, timeout: float = 20.0) -> Iterator[httpx.Client]:
+    """The app under a real uvicorn server on a free loopback port, until it answers `/readyz`; yields a
+    client with `key` in X-API-Key (its `base_url` is the service's URL)."""
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": key}, timeout=60)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if client.get("/readyz").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the service on port {port} was not ready within {timeout} s")
+        time.sleep(0.05)
+    try:
+        yield client
+    finally:
+        client.close()
+        server.should_exit = True
+        thread.join(10)

@@ -15,6 +15,8 @@ import socket
 import pandas as pd
 import pytest
 
+from features.catalogue import PROTECTED_PROXIES
+from models.policy import load_policy
 from pipelines.config import load_settings
 from pipelines.demo import _call, sample_requests, start_service
 from pipelines.validation import DataValidationError
@@ -65,6 +67,12 @@ def test_run_publishes_a_checked_bundle_with_every_artefact(pipeline):
                                       "warehouse_receipt_financing", "microloan"}
     assert limits["pd"].between(0, 1).all() and (limits["limit"] >= 0).all()
     assert limits.loc[~limits["eligible"], "limit"].eq(0).all()
+    # The shipped policy lends to the population it serves (it once found 14% of merchants eligible).
+    merchants = limits.groupby("merchant_id")["eligible"].any()
+    assert 0.40 <= merchants.mean() <= 0.80, f"{merchants.mean():.1%} of merchants eligible for some product"
+    per_product = limits.groupby("product", observed=True)["eligible"].mean()
+    assert per_product["order_financing"] >= 0.25 and per_product["microloan"] >= 0.25, per_product.to_dict()
+    assert (limits["exclusion_reason"] == "sales").mean() <= 0.30, "the sales floor alone must not exclude most"
     # The strategy report shows the profit-maximising cut-off, on the book and on the out-of-time backtest.
     assert "cut-off" in summary.strategy.read_text().lower()
     best = pd.read_parquet(summary.strategy.parent.parent / "backtest" / "best_cutoffs.parquet")
@@ -107,8 +115,10 @@ def test_live_service_answers_the_loan_engine_and_audits_it(pipeline):
         port = sock.getsockname()[1]
     pid, log_file = start_service(settings, port, KEY)
     try:
-        requests = sample_requests(summary.limits)
+        requests = sample_requests(summary.limits, load_policy(settings.policy_file))
         answers = [_call(f"http://127.0.0.1:{port}/v1/score", KEY, r) for r in requests]
+        # The demo's requests, picked from the data, show each kind of answer.
+        assert [a["decision"]["outcome"] for a in answers] == ["approve", "counter_offer", "decline"]
         for request, answer in zip(requests, answers):
             assert answer["merchant_id"] == request["merchant_id"]
             assert answer["model_version"] == summary.champion_version
@@ -117,8 +127,15 @@ def test_live_service_answers_the_loan_engine_and_audits_it(pipeline):
                                                                 "warehouse_receipt_financing", "microloan"}
             assert answer["decision"]["outcome"] in {"approve", "counter_offer", "refer", "decline"}
             assert len(answer["reason_codes"]) <= 4
-        # The riskiest merchant is owed reasons, in plain language with its own value.
-        assert answers[-1]["reason_codes"] and all(":" in r["description"] for r in answers[-1]["reason_codes"])
+        # The declined merchant is told the rule that declined it first, then the factors, in plain words.
+        rule, *factors = answers[-1]["reason_codes"]
+        assert rule["source"] == "policy" and rule["description"] == answers[-1]["decision"]["reasons"][0]
+        sides = (", higher than the typical", ", lower than the typical", ", unlike the typical")
+        assert factors and all(r["source"] == "model" and any(s in r["description"] for s in sides)
+                               for r in factors)
+        assert not {r["code"] for a in answers for r in a["reason_codes"]} & set(PROTECTED_PROXIES)
+        inputs = _call(f"http://127.0.0.1:{port}/v1/model", KEY)["inputs"]
+        assert not set(inputs) & set(PROTECTED_PROXIES), "a possible proxy is no input of the platform model"
         limits = pd.read_parquet(summary.limits).set_index(["merchant_id", "product"])
         for x in answers[0]["limits"]:
             assert x["limit"] == pytest.approx(limits.loc[(answers[0]["merchant_id"], x["product"]), "limit"])
