@@ -1,8 +1,10 @@
 """`scfrisk report`: the risk report of a registered model version, as HTML in the workspace and in MLflow.
 
-Glue only: reads the registry and the training run, then calls `models.risk_report`. The training flow
-calls `write_risk_report` right after registering a version; it also logs the report population (the rows
-the report was built from) so `scfrisk report --model-version N` can rebuild the same report later.
+Glue only: reads the registry, the training run, the gate settings, the credit policy and the offline
+store's monthly snapshots, then calls `models.risk_report`. The training flow calls `write_risk_report`
+right after registering a version; it also logs the report population (the rows the report was built
+from) so `scfrisk report --model-version N` can rebuild the same report later (with the policy and the
+snapshots of the workspace as they are then).
 """
 
 from __future__ import annotations
