@@ -9,11 +9,15 @@ from models.evaluation import Evaluation
 from models.gates import GateDecision
 from models.pd_model import PDModel
 
-LIMITATIONS = (
+SPLIT_TITLES = {"out_of_time": "out-of-time test", "random": "random test split", "test_table": "given test table"}
+"""How the test rows were chosen (`split_kind` in the model's metadata), in the card's words."""
+PLATFORM_LIMITATIONS = (
     "- Trained on approved and disbursed applications only: PDs for profiles the policy used to reject "
     "are extrapolations (reject inference is not applied).",
     "- Out-of-time test covers the most recent cohorts only; performance may drift with the economy, "
     "platform rules or a new merchant mix -- monitor score PSI and per-grade bad rates.",
+)
+LIMITATIONS = (
     "- Monotone constraints encode the expected direction of declared features; categorical effects are "
     "unconstrained.",
     "- Calibrated on the validation cohort; a shift in the default rate needs recalibration, not a refit.",
@@ -61,6 +65,8 @@ def _table(frame: pd.DataFrame, floatfmt: str = "{:.4f}") -> str:
 def render_model_card(title: str, model: PDModel, split: pd.DataFrame, evaluation: Evaluation,
                       decision: GateDecision | None, source: str) -> str:
     m = evaluation.metrics
+    platform = model.metadata.get("model_kind", "platform") == "platform"
+    split_kind = model.metadata.get("split_kind", "out_of_time")
     features = ", ".join(f"{f.name} ({f.kind}{', ' + format(f.direction, '+d') if f.direction else ''})"
                          for f in model.features)
     performance = pd.DataFrame(
@@ -71,14 +77,17 @@ def render_model_card(title: str, model: PDModel, split: pd.DataFrame, evaluatio
     )
     sections = [
         f"# Model card: {title}",
-        "## Purpose\nProbability of default (90+ days past due within the performance window) of a merchant's "
-        "credit application, used for grades, limits and prices. Not for marketing or any decision on "
-        "protected attributes.",
+        "## Purpose\n" + (
+            "Probability of default (90+ days past due within the performance window) of a merchant's "
+            "credit application, used for grades, limits and prices. Not for marketing or any decision on "
+            "protected attributes." if platform else
+            "Probability of the positive class of the target column of the source table, calibrated on its "
+            "validation rows. Not for any decision on protected attributes."),
         f"## Data\nSource: {source}\n\n" + _table(split),
         f"## Model\nLightGBM with monotone constraints. Hyper-parameters, boosting rounds and the "
         f"{model.calibrator.method} calibration are chosen on the validation cohort; the chosen booster is then "
         f"refitted on train + validation (the newest cohort included). {len(model.features)} features: {features}.",
-        "## Performance (out-of-time test)\n" + _table(performance)
+        f"## Performance ({SPLIT_TITLES[split_kind]})\n" + _table(performance)
         + f"\n\nScore PSI train vs test: {m['score_psi']:.4f}. Log loss: {m['test_log_loss']:.4f}.",
     ]
     if "oracle_auc" in m:
@@ -95,5 +104,5 @@ def render_model_card(title: str, model: PDModel, split: pd.DataFrame, evaluatio
         sections.append(f"## Champion/challenger decision\n{'Promoted' if decision.promote else 'Not promoted'}"
                         ":\n\n" + "\n".join(f"- {r}" for r in decision.reasons))
     sections.append(protected_attributes(model))
-    sections.append("## Limitations\n" + "\n".join(LIMITATIONS))
+    sections.append("## Limitations\n" + "\n".join((*PLATFORM_LIMITATIONS, *LIMITATIONS) if platform else LIMITATIONS))
     return "\n\n".join(sections) + "\n"

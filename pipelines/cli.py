@@ -139,14 +139,22 @@ def train(
     oracle: Annotated[
         Path | None, typer.Option(help="Simulator output folder: compare with its true PD (oracle/).")
     ] = None,
+    model_name: Annotated[
+        str | None,
+        typer.Option("--model-name", help="Registered model of --table (default: scfrisk-table-<file name>); "
+                                          "never the platform's model."),
+    ] = None,
 ) -> None:
     """Train, evaluate and register a PD model; it replaces the champion only if it passes the gates."""
-    from pipelines.train import train_flow, train_table_flow
+    from pipelines.train import check_table_model_name, table_model_name, train_flow, train_table_flow
 
+    if model_name is not None and table is None:
+        raise ScfriskError("--model-name names the model of your own table: use it with --table")
     if table is not None:
+        check_table_model_name(_settings(ctx), table_model_name(table, model_name))  # one line, before the flow
         outcome = train_table_flow(settings=_settings(ctx), table=str(table), target=target, time_col=time_col,
                                    id_col=id_col, test_table=str(test_table) if test_table else None,
-                                   metrics_out=str(metrics_out) if metrics_out else None)
+                                   metrics_out=str(metrics_out) if metrics_out else None, model_name=model_name)
     else:
         outcome = train_flow(settings=_settings(ctx), oracle=str(oracle) if oracle else None,
                              metrics_out=str(metrics_out) if metrics_out else None)

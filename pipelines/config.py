@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     home: Path = Path(".scfrisk")
     seed: int = 42
     policy_file: Path = Path("policy.toml")
+    bundle_key_file: Path | None = None
+    """Absolute path, outside the workspace, of the key that signs bundle manifests (`serving.signing`);
+    `SCFRISK_BUNDLE_KEY` takes precedence. Neither set: bundles are not signed."""
     paths: PathsConfig = PathsConfig()
     mlflow: MlflowConfig = MlflowConfig()
     model: ModelConfig = ModelConfig()
@@ -171,6 +174,16 @@ def _describe(error: dict[str, Any]) -> str:
     return f"'{key}': {error['msg']} (got {error.get('input')!r})"
 
 
+def _anchored(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The file's relative `home` and `policy_file` read from the file's own folder, not from wherever the
+    command runs: `scfrisk -c /srv/ws/scfrisk.toml` works from any directory."""
+    anchored = dict(data)
+    for key in ("home", "policy_file"):
+        if isinstance(data.get(key), str) and not Path(data[key]).expanduser().is_absolute():
+            anchored[key] = str(folder / data[key])
+    return anchored
+
+
 def load_settings(config_file: Path | str | None = None) -> Settings:
     """Read, merge and validate the configuration; raise `ConfigError` naming every bad key."""
     if config_file is None:
@@ -182,6 +195,7 @@ def load_settings(config_file: Path | str | None = None) -> Settings:
     if config_file is not None:
         source = str(config_file)
         data = read_toml(config_file, ConfigError, "config file")
+        data = _anchored(data, Path(config_file).resolve().parent)
     try:
         return Settings(**data)
     except ValidationError as exc:

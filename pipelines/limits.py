@@ -89,18 +89,28 @@ def write_strategy(settings: Settings, limits: pd.DataFrame, backtest: pd.DataFr
 
 
 def champion(settings: Settings) -> tuple[PDModel, str]:
-    """The champion PD model and its registry version."""
+    """The champion PD model and its registry version, refused unless the feature store has every input it
+    reads (a model of another table promoted by hand, or one of retired feature definitions)."""
     from mlflow import MlflowClient
 
+    from features.definitions import feature_names, feature_set_version
     from models.registry import CHAMPION, load_pd_model
 
+    name = settings.mlflow.registered_model
     model = load_pd_model(settings, CHAMPION)
     if model is None:
+        raise ScfriskError(f"registered model '{name}' has no champion; run `scfrisk train` first")
+    version = str(MlflowClient().get_model_version_by_alias(name, CHAMPION).version)
+    available = set(feature_names())
+    missing = [f for f in model.feature_names if f not in available]
+    if missing:
         raise ScfriskError(
-            f"registered model '{settings.mlflow.registered_model}' has no champion; run `scfrisk train` first"
+            f"champion {name} v{version} (trained on {model.metadata.get('source', '?')}) reads {len(missing)} "
+            f"input(s) that feature set {feature_set_version()} does not have: {', '.join(missing)}; nothing was "
+            f"scored or published: make a model of the feature store champion "
+            f"(`scfrisk promote --version N --reason ...`) or train one (`scfrisk train`)"
         )
-    version = MlflowClient().get_model_version_by_alias(settings.mlflow.registered_model, CHAMPION).version
-    return model, str(version)
+    return model, version
 
 
 def build_limits(settings: Settings, as_of: datetime | None = None) -> LimitsResult:

@@ -22,20 +22,24 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader
+from fastapi_offline import FastAPIOffline
 from pydantic import ValidationError
 
 from pipelines.config import Settings
 from pipelines.errors import ScfriskError
-from serving.audit import AuditLog
+from serving.audit import AuditLog, DurableAnswers
 from serving.auth import ApiKey, Keyring
 from serving.bundle import (
     BUNDLES_DIR,
     MANIFEST,
+    POINTER,
     REPORT_FILE,
     Bundle,
+    BundleError,
     Scored,
+    bundle_path,
+    check_bundle,
     current_bundle_id,
-    load_bundle,
     read_manifest,
 )
 from serving.schemas import (
@@ -50,6 +54,7 @@ from serving.schemas import (
     ScoreRequest,
     ScoreResponse,
 )
+from serving.signing import BundleKey, bundle_key
 
 log = logging.getLogger(__name__)
 
@@ -66,34 +71,76 @@ MAX_PROBLEMS = 20
 
 
 class LiveBundle:
-    """The one reference requests read; replaced whole by `refresh`, never mutated."""
+    """The one reference requests read; replaced whole by `refresh`, never mutated.
 
-    def __init__(self, published: Path) -> None:
+    A bundle that fails to load is tried again as soon as the pointer or any of its files change (a
+    repair), not on every poll: a load re-scores part of the bundle, and a broken one would do that, and
+    log, every few seconds. Each distinct failure is logged once.
+    """
+
+    def __init__(self, published: Path, key: BundleKey | None) -> None:
         self.published = published
+        self.key = key
         self.bundle: Bundle | None = None
         self.failed: tuple[str, str] | None = None
         """(bundle id, error) of the last bundle that could not be loaded."""
+        self._tried: tuple[Any, ...] | None = None
+        """What the pointer and the bundle's files were when that load failed."""
 
     def require(self) -> Bundle:
         bundle = self.bundle
         if bundle is None:
-            raise HTTPException(503, "no bundle is live yet: run the pipeline's publish step")
+            if self.failed:
+                raise HTTPException(503, f"no bundle is live: published bundle {self.failed[0]} cannot be served: "
+                                         f"{self.failed[1]}")
+            raise HTTPException(503, "no bundle is published yet: run the pipeline's publish step")
         return bundle
 
-    async def refresh(self) -> None:
-        """Load the bundle the pointer names if it is new; on failure keep the current one."""
-        target = current_bundle_id(self.published)
-        live = self.bundle.bundle_id if self.bundle else None
-        if target is None or target == live or (self.failed and self.failed[0] == target):
-            return
+    def _state(self, target: str) -> tuple[Any, ...]:
+        """The pointer's target and the identity, size and times of every file of that bundle."""
         try:
-            bundle = await asyncio.to_thread(load_bundle, self.published / BUNDLES_DIR / target)
+            folder = bundle_path(self.published, target)
+        except BundleError:
+            return (target,)
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        return (target, *((str(p), s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns)
+                          for p, s in ((p, p.stat()) for p in files)))
+
+    async def refresh(self) -> None:
+        """Load the bundle the pointer names if it is new or was repaired; on any failure keep the current
+        one (this runs in the service's watcher task, which must outlive every error)."""
+        try:
+            target = current_bundle_id(self.published)
+        except OSError as exc:
+            return self._failure(POINTER, exc, None)
+        live = self.bundle.bundle_id if self.bundle else None
+        if target is None:
+            return None
+        if target == live:
+            self.failed = self._tried = None  # pointed back at the live bundle: nothing is failing now
+            return None
+        state = None
+        try:
+            state = await asyncio.to_thread(self._state, target)
+            if state == self._tried:
+                return None
+            bundle = await asyncio.to_thread(check_bundle, bundle_path(self.published, target), self.key)
         except Exception as exc:  # any failure to load must leave the old bundle serving
-            self.failed = (target, f"{type(exc).__name__}: {exc}")
-            log.error("bundle %s could not be loaded, still serving %s: %s", target, live, exc)
-            return
-        self.bundle, self.failed = bundle, None
+            return self._failure(target, exc, state)
+        self.bundle, self.failed, self._tried = bundle, None, None
         log.info("serving bundle %s (model %s, policy %s)", target, bundle.model_version, bundle.policy_version)
+        return None
+
+    def _failure(self, target: str, exc: Exception, state: tuple[Any, ...] | None) -> None:
+        error = self._public(f"{type(exc).__name__}: {exc}")
+        if self.failed != (target, error):
+            live = self.bundle.bundle_id if self.bundle else None
+            log.error("bundle %s could not be loaded, still serving %s: %s", target, live, error)
+        self.failed, self._tried = (target, error), state
+
+    def _public(self, message: str) -> str:
+        """The error without the workspace's absolute path."""
+        return message.replace(str(self.published), "published")
 
 
 class Refused(Exception):
@@ -175,7 +222,7 @@ def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
             "or [service].api_keys"
         )
     service = settings.service
-    live = LiveBundle(settings.path("published"))
+    live = LiveBundle(settings.path("published"), bundle_key(settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -195,7 +242,7 @@ def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
             watcher.cancel()
             audit.close()
 
-    app = FastAPI(
+    app = FastAPIOffline(
         title="scfrisk scoring service",
         version="1",
         description=(
@@ -209,6 +256,7 @@ def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
     )
     app.state.live = live
     app.add_middleware(BodyLimit, max_bytes=service.max_request_bytes)
+    app.add_middleware(DurableAnswers)
     key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key with the needed scope.")
 
     def scope(name: str):
@@ -411,13 +459,21 @@ def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
         """The process is up."""
         return {"status": "ok"}
 
-    @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, tags=["operations"])
-    async def readyz() -> JSONResponse:
-        """Ready when a bundle is live; `degraded` when a newer published bundle failed to load."""
+    @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}, 401: ERRORS[401],
+                                                                403: ERRORS[403]}, tags=["operations"])
+    async def readyz(key: str | None = Security(key_header)) -> JSONResponse:
+        """200 when a bundle is live, 503 when none is (for load balancers: no key needed, and then the
+        body says only `ready` or `not_ready`). With a key of the `read` scope: the live bundle id, and
+        `degraded` with the reason when a newer published bundle failed to load."""
         bundle, failed = live.bundle, live.failed
+        code = 503 if bundle is None else 200
+        if key is None:
+            return JSONResponse({"status": "not_ready" if bundle is None else "ready", "bundle_id": None,
+                                 "detail": None}, status_code=code)
+        scope("read")(key)
         if bundle is None:
-            body = {"status": "not_ready", "bundle_id": None, "detail": failed and failed[1]}
-            return JSONResponse(body, status_code=503)
+            return JSONResponse({"status": "not_ready", "bundle_id": None, "detail": failed and failed[1]},
+                                status_code=code)
         if failed:
             detail = f"bundle {failed[0]} failed to load, still serving {bundle.bundle_id}: {failed[1]}"
             return JSONResponse({"status": "degraded", "bundle_id": bundle.bundle_id, "detail": detail})

@@ -5,11 +5,15 @@ grade, limits per product with the plain words of any exclusion, reason codes) s
 lookup plus the decision for its amount. Merchants the store lacks are scored on the fly through the same
 model, limit engine and explainer; both kinds of answer read their reason codes through
 `models.reason_codes.ReasonCodeIndex` (`adverse_codes`), so they say the same.
+
+`check_bundle` is the one gate before a bundle goes live (publish, rollback, the service), and
+`bundle_path` the one check of a bundle id that comes from outside (docs/security.md).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +29,9 @@ from models.policy import CreditPolicy, load_policy
 from models.reason_codes import TABLE_FILE, ReasonCodeIndex, explain_inputs, model_references
 from pipelines.errors import ScfriskError
 from pipelines.files import file_sha256
+from serving import signing
 from serving.audit import inputs_hash
+from serving.signing import BundleKey
 
 BUNDLES_DIR = "bundles"
 POINTER = "CURRENT"
@@ -42,23 +48,33 @@ LIMIT_FIELDS = ("product", "eligible", "limit", "binding_constraint", "apr", "ex
 MAX_REASONS = 4
 """Reason codes in an answer (the API contract's cap): the policy's reasons for an adverse decision, then
 the largest risk-raising factors."""
+CHECK_ROWS = 200
+"""Rows of the online snapshot re-scored before a bundle goes live."""
+PD_TOLERANCE = 1e-6
+
+log = logging.getLogger(__name__)
 
 
 class BundleError(ScfriskError):
     """A bundle that is incomplete, altered or inconsistent; the message names the file and the check."""
 
 
+class BundleCheckError(BundleError):
+    """A bundle that loads but does not score as it recorded; it must not go live."""
+
+
 def read_manifest(bundle_dir: Path) -> dict[str, Any]:
     path = bundle_dir / MANIFEST
     if not path.is_file():
-        raise BundleError(f"{bundle_dir} has no {MANIFEST}; it is not a published bundle")
+        raise BundleError(f"bundle {bundle_dir.name} has no {MANIFEST}; it is not a published bundle")
     return json.loads(path.read_text())
 
 
 def verify_files(bundle_dir: Path, manifest: dict[str, Any]) -> None:
     """Every file the manifest lists exists with the recorded SHA-256, and no other file is present."""
     listed = manifest["files"]
-    present = {str(p.relative_to(bundle_dir)) for p in bundle_dir.rglob("*") if p.is_file()} - {MANIFEST}
+    present = {str(p.relative_to(bundle_dir)) for p in bundle_dir.rglob("*") if p.is_file()}
+    present -= {MANIFEST, signing.SIGNATURE}
     missing = sorted(set(listed) - present)
     extra = sorted(present - set(listed))
     altered = sorted(name for name in set(listed) & present if file_sha256(bundle_dir / name) != listed[name])
@@ -75,6 +91,18 @@ def current_bundle_id(published: Path) -> str | None:
         return (published / POINTER).read_text().strip() or None
     except FileNotFoundError:
         return None
+
+
+def bundle_path(published: Path, bundle_id: str) -> Path:
+    """The folder of published bundle `bundle_id`; the one check of an id from outside (the pointer file,
+    `rollback --to`): it must name a real folder directly in `bundles/` that holds a manifest, so no
+    `..`, absolute path or symlink can lead out of the workspace's bundles."""
+    root = published / BUNDLES_DIR
+    path = root / bundle_id
+    plain = bundle_id not in ("", ".", "..") and "\0" not in bundle_id and Path(bundle_id).name == bundle_id
+    if not (plain and path.is_dir() and not path.is_symlink() and (path / MANIFEST).is_file()):
+        raise BundleError(f"no published bundle '{bundle_id}' in {root}")
+    return path
 
 
 def _clean(value: Any) -> Any:
@@ -258,3 +286,79 @@ def load_bundle(bundle_dir: Path) -> Bundle:
     except ScfriskError as exc:
         raise BundleError(f"bundle {bundle_dir.name} cannot explain its scores ({TABLE_FILE}): {exc}") from exc
     return Bundle(bundle_dir, manifest, model, policy, features, limits, reasons)
+
+
+def check_bundle(bundle_dir: Path, key: BundleKey | None) -> Bundle:
+    """Everything a bundle must pass before it goes live (publish, rollback and the service all call this):
+    its manifest signature when a key is configured, its file hashes and parts (`load_bundle`), and that
+    it scores as it recorded: part of its snapshot re-scored through the model, the limit engine and the
+    explainer gives its stored PDs, limits and reason codes, and every stored limit row can be decided."""
+    bundle_dir = Path(bundle_dir)
+    if key is not None:
+        signing.verify(bundle_dir, MANIFEST, key)
+    else:
+        log.warning("no bundle key is configured (%s or bundle_key_file): the signature of bundle %s is not "
+                    "checked, so anyone who can write the published folder can change decisions",
+                    signing.KEY_ENV, bundle_dir.name)
+    bundle = load_bundle(bundle_dir)
+    sample = bundle.snapshot.head(CHECK_ROWS)
+    missing = sorted(set(sample["merchant_id"]) - set(bundle.online))
+    if missing:
+        raise BundleCheckError(f"{LIMITS_FILE} has no rows for {len(missing)} snapshot merchants, e.g. {missing[:3]}")
+    try:
+        fresh = bundle.score_frame(sample.reset_index(drop=True))
+    except Exception as exc:  # a part that loads but cannot score: say so instead of failing every request
+        raise BundleCheckError(f"bundle {bundle_dir.name} cannot score its own snapshot: "
+                               f"{type(exc).__name__}: {exc}") from exc
+    _compare(bundle, fresh)
+    _decide_every_row(bundle)
+    return bundle
+
+
+def _compare(bundle: Bundle, fresh: list[Scored]) -> None:
+    """Fresh answers equal the stored ones: PDs to `PD_TOLERANCE`, limit rows, reason codes."""
+    if not all(0.0 <= scored.pd <= 1.0 for scored in fresh):
+        raise BundleCheckError(f"the model scores non-finite or out-of-range PDs on {FEATURES_FILE}")
+    worst = max((abs(scored.pd - bundle.online[scored.merchant_id].pd) for scored in fresh), default=0.0)
+    if not worst <= PD_TOLERANCE:
+        raise BundleCheckError(f"{LIMITS_FILE} PDs differ from the bundled model's by up to {worst:.3g}: the "
+                               "limits were computed with another model or another feature snapshot")
+    limits = [s.merchant_id for s in fresh if not _same_rows(s.limits, bundle.online[s.merchant_id].limits)]
+    if limits:
+        raise BundleCheckError(f"{LIMITS_FILE} rows of {len(limits)} snapshot merchants (e.g. {limits[:3]}) differ "
+                               f"from what the bundled model and policy {bundle.policy_version} give")
+    stale = [s.merchant_id for s in fresh if _codes(s) != _codes(bundle.online[s.merchant_id])]
+    if stale:
+        raise BundleCheckError(
+            f"reason codes of {len(stale)} snapshot merchants (e.g. {stale[:3]}) differ from the bundled "
+            "model's: the reason-code index was built with another model or another feature snapshot"
+        )
+
+
+def _codes(scored: Scored) -> list[str]:
+    return [reason["code"] for reason in scored.reason_codes]
+
+
+def _same_rows(fresh: tuple[dict[str, Any], ...], stored: tuple[dict[str, Any], ...]) -> bool:
+    def same(a: Any, b: Any) -> bool:
+        if isinstance(a, float) and isinstance(b, float):
+            return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6)
+        return type(a) is type(b) and a == b
+
+    return len(fresh) == len(stored) and all(
+        row.keys() == other.keys() and all(same(row[k], other[k]) for k in row) for row, other in zip(fresh, stored)
+    )
+
+
+def _decide_every_row(bundle: Bundle) -> None:
+    """Decide every stored limit row within its limit and far above it, so the decision reads every field it
+    uses of every row (exclusion, APR, binding constraint): a row it cannot read would answer 500 to the
+    loan engine. About 0.1 ms per merchant."""
+    for merchant, scored in bundle.online.items():
+        for product, row in scored.by_product.items():
+            try:
+                for amount in (1.0, 2.0 * float(row["limit"]) + 1.0):
+                    bundle.decide(scored, product, amount)
+            except Exception as exc:  # whatever it is, the row must not go live
+                raise BundleCheckError(f"{LIMITS_FILE} row of merchant {merchant}, product {product} cannot be "
+                                       f"decided ({type(exc).__name__}: {exc})") from exc

@@ -5,6 +5,7 @@ index of the real explainer."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -24,7 +25,9 @@ from models.limits import compute_limits
 from models.pd_model import FeatureSpec, PDModel, prepare_features
 from models.policy import load_policy
 from models.reason_codes import REFERENCES_KEY, ReasonCodeIndex, reference_values
+from pipelines.files import file_sha256
 from pipelines.publish import BundleParts
+from serving.bundle import LIMITS_FILE, MANIFEST
 from tests.explain_fixtures import catalogue_applications
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,6 +90,23 @@ def make_parts(workdir: Path, model: PDModel, snapshot: pd.DataFrame, version: s
     )
 
 
+def tamper_limits(bundle_dir: Path, change) -> None:  # noqa: ANN001 - change: DataFrame -> None
+    """Change a bundle's limit table in place and write its new hash into the manifest, as anyone who can
+    write the published folder could."""
+    path = bundle_dir / LIMITS_FILE
+    limits = pd.read_parquet(path)
+    change(limits)
+    limits.to_parquet(path, index=False)
+    manifest = json.loads((bundle_dir / MANIFEST).read_text())
+    manifest["files"][LIMITS_FILE] = file_sha256(path)
+    (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def drop_last_merchants_limit(limits: pd.DataFrame) -> None:
+    """The limit of the table's last merchant becomes null: its decisions would raise a TypeError."""
+    limits.loc[limits["merchant_id"] == limits["merchant_id"].iloc[-1], "limit"] = None
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -94,9 +114,10 @@ def _free_port() -> int:
 
 
 @contextmanager
-def running_service(app: Any, key: str, timeout: float = 20.0) -> Iterator[httpx.Client]:
-    """The app under a real uvicorn server on a free loopback port, until it answers `/readyz`; yields a
-    client with `key` in X-API-Key (its `base_url` is the service's URL)."""
+def running_service(app: Any, key: str, timeout: float = 20.0, until: str = "/readyz") -> Iterator[httpx.Client]:
+    """The app under a real uvicorn server on a free loopback port, until `until` answers 200 (`/healthz`
+    for a service that is up with no bundle live); yields a client with `key` in X-API-Key (its `base_url`
+    is the service's URL)."""
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -105,7 +126,7 @@ def running_service(app: Any, key: str, timeout: float = 20.0) -> Iterator[httpx
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if client.get("/readyz").status_code == 200:
+            if client.get(until).status_code == 200:
                 break
         except httpx.TransportError:
             pass

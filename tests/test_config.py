@@ -26,7 +26,20 @@ def test_environment_overrides_file_for_every_level(tmp_path, monkeypatch):
     settings = load_settings(path)
     assert settings.mlflow.experiment == "from-env"
     assert settings.model.seed == 7
-    assert settings.home == Path("a")
+    assert settings.home_dir == (tmp_path / "a").resolve()
+
+
+def test_relative_paths_in_the_file_are_read_from_its_folder(tmp_path, monkeypatch):
+    """`scfrisk -c /srv/ws/scfrisk.toml` from another directory finds that workspace and its policy."""
+    path = _write(tmp_path, 'home = ".ws"\npolicy_file = "policy.toml"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    settings = load_settings(path)
+    assert settings.home_dir == (tmp_path / ".ws").resolve()
+    assert settings.policy_file == tmp_path / "policy.toml"
+    monkeypatch.setenv("SCFRISK_HOME", "from-env")
+    assert load_settings(path).home_dir == (elsewhere / "from-env").resolve()  # the environment's: from here
 
 
 def test_unknown_key_is_named(tmp_path):

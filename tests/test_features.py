@@ -248,3 +248,18 @@ def test_reason_code_formatting_and_constraints():
     assert format_value(1, "months") == "1 month"
     assert monotone_constraints(["segment", "refund_rate_90d", "net_sales_30d"]) == [0, 1, -1]
     assert len(FEATURES) >= 60
+
+
+def test_feature_set_version_follows_what_computes_values_not_their_wording(monkeypatch):
+    import dataclasses
+
+    from features import definitions
+
+    before = definitions.feature_set_version()
+    first = definitions.FEATURES[0]
+    reworded = dataclasses.replace(first, description="said another way", unit="count", direction=-first.direction)
+    monkeypatch.setattr(definitions, "FEATURES", (reworded, *definitions.FEATURES[1:]))
+    assert definitions.feature_set_version() == before
+    recomputed = dataclasses.replace(first, window_days=(first.window_days or 30) + 1)
+    monkeypatch.setattr(definitions, "FEATURES", (recomputed, *definitions.FEATURES[1:]))
+    assert definitions.feature_set_version() != before

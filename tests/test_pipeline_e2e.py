@@ -145,6 +145,30 @@ def test_live_service_answers_the_loan_engine_and_audits_it(pipeline):
         os.kill(pid, signal.SIGTERM)
 
 
+def test_a_champion_of_another_table_is_refused_and_the_live_bundle_stays(pipeline, platform):
+    from models.registry import promote
+    from pipelines.errors import ScfriskError
+    from pipelines.run import run_flow
+    from pipelines.train import run_training
+
+    settings, first = pipeline
+    live_before = (settings.path("published") / POINTER).read_text()
+    bundles_before = sorted(p.name for p in (settings.path("published") / BUNDLES_DIR).iterdir())
+    # Registered under the platform's name on purpose (`train --table` never does): its gate refuses to
+    # compare it with the platform champion, and only a promotion by hand makes it the champion.
+    foreign = run_training(settings, pd.read_parquet(REPO / "data_samples" / "public" / "german_credit.parquet"),
+                           "creditability")
+    assert not foreign.decision.promote and "feature sets differ" in foreign.decision.comparison
+    promote(settings, foreign.version, "by mistake")
+    try:
+        with pytest.raises(ScfriskError, match=rf"champion scfrisk-pd v{foreign.version} .* reads 20 input\(s\)"):
+            run_flow(settings=settings, source=str(platform))
+    finally:
+        promote(settings, first.champion_version, "back to the platform model")
+    assert (settings.path("published") / POINTER).read_text() == live_before
+    assert sorted(p.name for p in (settings.path("published") / BUNDLES_DIR).iterdir()) == bundles_before
+
+
 def test_schedule_is_a_monthly_deployment_of_the_whole_run_with_this_workspace(tmp_path):
     from pipelines.config import Settings
     from pipelines.errors import ScfriskError

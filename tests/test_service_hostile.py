@@ -294,11 +294,11 @@ def test_a_thousand_random_decisions_replay_from_their_audit_lines(svc):
     assert len(answers) == 1_000 and all("request_id" in a for a in answers), [a for a in answers if "status" in a][:3]
     ids = [a["request_id"] for a in answers]
     records = {r["request_id"]: r for r in read_audit(svc["settings"].audit_log)}
-    bundles_dir = svc["settings"].path("published") / BUNDLES_DIR
+    published = svc["settings"].path("published")
     outcomes = set()
     for request_id in ids:
         record = records[request_id]
-        again = replay(record, bundles_dir, svc["bundle"])
+        again = replay(record, published, svc["bundle"])
         assert again == {"pd": record["pd"], "grade": record["grade"], "decision": record["decision"]}, record
         outcomes.add(record["decision"])
     assert {"approve", "decline", None} <= outcomes  # the corpus exercises the policy, not one branch
