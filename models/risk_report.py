@@ -27,10 +27,10 @@ from features.definitions import FEATURE_INDEX, Feature
 from models.decision import exclusion_reason
 from models.evaluation import grades_by, metrics_by, pd_metrics, population_stability_index
 from models.explain import Explanation, compare_importance, explain, global_importance, importance_by
-from models.gates import GateDecision
+from models.gates import MODEL_KIND_TAG, SPLIT_KIND_TAG, GateDecision, SplitKind
 from models.html_report import Columns, Image, KeyFigures, Paragraph, Section, Status, Table, render_page
 from models.limits import FEATURES as LIMIT_FEATURES
-from models.model_card import LIMITATIONS
+from models.model_card import LIMITATIONS, PLATFORM_LIMITATIONS
 from models.pd_model import PDModel
 from models.plots import (
     beeswarm_figure,
@@ -130,15 +130,19 @@ EXPLANATION_LIMITS = (
     ),
     "Global views are computed on a random sample of the {test} population.",
 )
-TABLE_LIMITATIONS = (
-    "Trained on the rows of one table: its PDs hold for populations like that table's, nothing else.",
-    "Monotone constraints apply only where directions were declared; other effects are unconstrained.",
-    "Calibrated on the validation slice; a shift in the positive rate needs recalibration, not a refit.",
+TABLE_LIMITATION = (
+    "Trained on the rows of one table: its PDs hold for populations like that table's, nothing else."
 )
-RANDOM_SPLIT_LIMITATION = (
-    "The test rows are a random sample of the same period as the training rows (the table has no time "
-    "column): the report measures how the model generalises to new rows, not how it holds up over time."
-)
+SPLIT_LIMITATIONS = {
+    "random": (
+        "The test rows are a random sample of the same period as the training rows (no time column): the "
+        "report measures how the model generalises to new rows, not how it holds up over time."
+    ),
+    "test_table": (
+        "The test rows are the given test table: the report measures the model on that table, and says "
+        "nothing of how it holds up over time unless that table is later than the training rows."
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -156,8 +160,12 @@ class Scope:
 
     platform: bool
     """Trained on the platform's feature store (merchants, catalogue features), not on a user's own table."""
-    out_of_time: bool
-    """The test slice is later than the training slice (a time split), not a random sample of it."""
+    split: SplitKind
+    """How the test rows were chosen: the latest months, a random share, or a given test table."""
+
+    @property
+    def out_of_time(self) -> bool:
+        return self.split == "out_of_time"
 
     @property
     def entity(self) -> str:
@@ -169,21 +177,27 @@ class Scope:
 
     @property
     def test(self) -> str:
-        return "out-of-time test" if self.out_of_time else "held-out test"
+        return {"out_of_time": "out-of-time test", "random": "held-out test"}.get(
+            self.split, "given test table"
+        )
 
 
 def report_scope(model: PDModel, population: pd.DataFrame, time_col: str | None) -> Scope:
-    """Read the model's kind from what training records: `--table` runs store the feature-set version
-    "table"; a model without that record is a platform model when every input is a catalogue feature. The
-    split is out of time when a time column orders every test row after every training row."""
-    recorded = (model.metadata or {}).get("feature_set_version")
-    platform = recorded != "table" if recorded else all(n in FEATURE_INDEX for n in model.feature_names)
-    out_of_time = False
-    if time_col and time_col in population.columns:
-        times = pd.to_datetime(population[time_col], errors="coerce")
-        test, train = times[population["slice"] == "test"], times[population["slice"] == "train"]
-        out_of_time = bool(len(test) and len(train) and test.min() > train.max())
-    return Scope(platform, out_of_time)
+    """The model's kind and split as training records them (`model_kind`, `split_kind` in its metadata).
+    A model saved without that record is read from its data: a platform model when every input is a
+    catalogue feature, split out of time when a time column orders every test row after every training row."""
+    metadata = model.metadata or {}
+    platform = metadata.get(
+        MODEL_KIND_TAG, "platform" if set(model.feature_names) <= set(FEATURE_INDEX) else "table"
+    )
+    split = metadata.get(SPLIT_KIND_TAG)
+    if split is None:
+        split = "random"
+        if time_col and time_col in population.columns:
+            times = pd.to_datetime(population[time_col], errors="coerce")
+            test, train = times[population["slice"] == "test"], times[population["slice"] == "train"]
+            split = "out_of_time" if len(test) and len(train) and test.min() > train.max() else "random"
+    return Scope(platform == "platform", split)
 
 
 def feature_label(name: str, definitions: Mapping[str, Feature]) -> str:
@@ -640,7 +654,9 @@ def card_section(data: ReportData) -> Section:
                     "model version": data.version,
                     "features": len(data.model.features),
                     "calibration": data.model.calibrator.method,
-                    "split": "by time" if data.scope.out_of_time else "random",
+                    "split": {"out_of_time": "by time", "random": "random"}.get(
+                        data.scope.split, "test table"
+                    ),
                     f"{data.scope.test} rows": len(data.test),
                     "test default rate": f"{data.metrics['default_rate']:.2%}",
                 }
@@ -797,7 +813,7 @@ def stability_section(data: ReportData) -> Section:
 def monthly_section(data: ReportData, gates: GatesConfig) -> Section:
     if data.months is None:
         reason = (
-            "the split is random and the rows carry no month"
+            "the test rows are not a later period than the training rows"
             if not data.scope.out_of_time
             else "fewer than two months to compare"
         )
@@ -989,9 +1005,10 @@ def decisions_section(data: ReportData, size: int) -> Section:
 def limitations_section(data: ReportData) -> Section:
     scope = data.scope
     if scope.platform:
-        texts = [text.lstrip("- ") for text in LIMITATIONS]
+        texts = [text.lstrip("- ") for text in (*PLATFORM_LIMITATIONS, *LIMITATIONS)]
     else:
-        texts = [*TABLE_LIMITATIONS, *(() if scope.out_of_time else (RANDOM_SPLIT_LIMITATION,))]
+        texts = [TABLE_LIMITATION, *(t.lstrip("- ") for t in LIMITATIONS)]
+        texts += [SPLIT_LIMITATIONS[scope.split]] if scope.split in SPLIT_LIMITATIONS else []
     texts += [
         t.format(entity=scope.entity, entities=scope.entities, test=scope.test) for t in EXPLANATION_LIMITS
     ]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from models.gates import GateDecision
+from models.gates import MODEL_KIND_TAG, GateDecision
 from models.pd_model import PDModel
 from models.policy import load_policy
 from models.reason_codes import table_definitions
@@ -71,8 +71,9 @@ def report_population(
 def feature_snapshots(settings: Settings, model: PDModel) -> dict[str, pd.DataFrame]:
     """The offline store's monthly snapshots of the model's feature-set version (the last
     `features.snapshot_months`, oldest first), month -> the model's features; none for a table's model."""
-    version = (model.metadata or {}).get("feature_set_version")
-    if not version or version == "table":
+    metadata = model.metadata or {}
+    version = metadata.get("feature_set_version")
+    if metadata.get(MODEL_KIND_TAG, "platform") != "platform" or not version or version == "table":
         return {}
     files = sorted((settings.path("feature_store") / f"version={version}").glob("as_of=*.parquet"))
     files = files[-settings.features.snapshot_months :] if settings.features.snapshot_months else []

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from features.definitions import FEATURE_INDEX
-from models.gates import GateDecision
+from models.gates import MODEL_KIND_TAG, SPLIT_KIND_TAG, GateDecision
 from models.html_report import Section, Table, render_page
 from models.master_scale import load_master_scale
 from models.policy import load_policy
@@ -177,7 +177,7 @@ def own_table_html() -> str:
         master_scale=load_master_scale(REPO / "policy.toml"),
     )
     model = result.model
-    model.metadata = {"feature_set_version": "table"}
+    model.metadata = {MODEL_KIND_TAG: "table", SPLIT_KIND_TAG: "random"}  # what `train --table` records
     sections = risk_report_sections(
         model,
         frame.assign(y=frame["defaulted"]),
@@ -359,7 +359,7 @@ def test_snapshots_are_the_last_months_of_the_models_feature_set(
     snapshots = feature_snapshots(two, model)
     assert list(snapshots) == ["2025-02", "2025-03"]
     assert list(snapshots["2025-03"].columns) == model.feature_names
-    table_model = replace(model, metadata={"feature_set_version": "table"})
+    table_model = replace(model, metadata={**model.metadata, MODEL_KIND_TAG: "table"})
     assert feature_snapshots(two, table_model) == {}
 
 
