@@ -87,8 +87,8 @@ class IngestConfig(_Section):
     max_failure_examples: int = Field(5, ge=1, le=100)
     allow_future_seconds: int = Field(0, ge=0)
     data_docs_on_success: bool = False
-    """Also render the GX Data Docs of a batch that passed (a rejected batch always gets them): GX's
-    rendering costs as much as a third of the validation of a 1M-order batch."""
+    """Also write the validation page (`validation/index.html`) of a batch that passed; a rejected batch
+    always gets it."""
 
 
 class ServiceConfig(_Section):

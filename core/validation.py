@@ -15,16 +15,17 @@ Only if something fails, the failed rules are run again row by row with a `BASIC
 a few examples; failing rows are never materialised) to say which rows broke them; a pair's row-level
 rule runs on a frame of just the table's ordered timestamps, because GX copies the frame it gets for
 each pair to drop rows with a missing value. The context is ephemeral and holds no global state (each
-run's frame is dropped from GX's caches after it); only the Data Docs HTML is written, under
-`settings.path("validation")`.
+run's frame is dropped from GX's caches after it). The one file written is our own validation page,
+`settings.path("validation")/index.html`: GX's Data Docs load their CSS and scripts from CDNs and show a
+blank page offline, so the page is rendered from the same failures as the error message, self-contained.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,6 @@ from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SITE = "scfrisk"
 TABLE, KEYS, GAPS = "table", "keys", "gaps"
 REJECTED = "batch rejected, nothing was loaded: "
 ReferenceKeys = Mapping[tuple[str, str], pa.Array]
@@ -60,6 +60,10 @@ class Failure:
     """The column checked, or (later, earlier) for an ordered pair; empty for table-level checks."""
     expectation: str
     detail: str
+    failing_rows: int | None = None
+    """Rows that broke the rule (None for a table-level rule, e.g. the column set)."""
+    rows: int | None = None
+    examples: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         where = " >= ".join(f"{self.table}.{c}" for c in self.columns) or self.table
@@ -290,8 +294,9 @@ def _columns(kwargs: Mapping[str, Any]) -> tuple[str, ...]:
     return (kwargs["column_A"], kwargs["column_B"]) if "column_A" in kwargs else ()
 
 
-def _detail(config: Any, out: Mapping[str, Any], max_examples: int) -> tuple[str, set[str]]:
-    """What went wrong, and which columns it makes unusable for the other checks."""
+def _detail(config: Any, out: Mapping[str, Any], max_examples: int) -> tuple[Failure, set[str]]:
+    """What went wrong (table and columns left blank), and which columns it makes unusable for the other
+    checks."""
     if config.type == "expect_table_columns_to_match_set":
         observed, expected = set(out.get("observed_value") or []), set(config.kwargs["column_set"])
         missing, extra = sorted(expected - observed), sorted(observed - expected)
@@ -300,16 +305,17 @@ def _detail(config: Any, out: Mapping[str, Any], max_examples: int) -> tuple[str
             parts.append(f"missing required column(s) {missing}")
         if extra:
             parts.append(f"unknown column(s) {extra}")
-        return "failed: " + "; ".join(parts), set(missing)
+        return Failure("", (), _rule(config), "failed: " + "; ".join(parts)), set(missing)
     broken = set(_columns(config.kwargs)) if config.type == "expect_column_values_to_be_of_type" else set()
     if "unexpected_count" not in out:
-        return f"failed: observed {_show(out.get('observed_value'))}", broken
-    detail = f"failed for {out['unexpected_count']} of {out['element_count']} rows"
+        return Failure("", (), _rule(config), f"failed: observed {_show(out.get('observed_value'))}"), broken
+    count, rows = int(out["unexpected_count"]), int(out["element_count"])
+    detail = f"failed for {count} of {rows} rows"
     shown = dict.fromkeys(_show(v) for v in out.get("partial_unexpected_list", []) if not _is_missing(v))
-    examples = list(shown)[:max_examples]
+    examples = tuple(shown)[:max_examples]
     if examples:
         detail += ", e.g. " + ", ".join(examples)
-    return detail, broken
+    return Failure("", (), _rule(config), detail, count, rows, examples), broken
 
 
 def describe_failures(table: str, results: Iterable[Any], max_examples: int) -> list[Failure]:
@@ -329,9 +335,9 @@ def describe_failures(table: str, results: Iterable[Any], max_examples: int) -> 
             reason = (str(res.exception_info.get("exception_message")).splitlines() or [""])[0]
             found.append((Failure(table, columns, _rule(config), f"could not be evaluated: {reason}"), False))
             continue
-        detail, unusable = _detail(config, res.result, max_examples)
+        failure, unusable = _detail(config, res.result, max_examples)
         broken |= unusable
-        found.append((Failure(table, columns, _rule(config), detail), bool(unusable)))
+        found.append((replace(failure, table=table, columns=columns), bool(unusable)))
     return [f for f, cause in found if cause or not broken.intersection(f.columns)]
 
 
@@ -419,8 +425,8 @@ def _suite_name(name: str, columns: tuple[str, ...]) -> str:
     return ".".join((name, *columns))
 
 
-def _context(docs_dir: Path) -> Any:
-    """An in-memory GX context whose only side effect is one Data Docs site (validation pages only)."""
+def _context() -> Any:
+    """An in-memory GX context without side effects: no Data Docs site (see the module docstring)."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import (
         DataContextConfig,
@@ -428,34 +434,45 @@ def _context(docs_dir: Path) -> Any:
         ProgressBarsConfig,
     )
 
-    site = {
-        "class_name": "SiteBuilder",
-        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        "site_section_builders": {"expectations": "0", "profiling": "0"},
-        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
-    }
     config = DataContextConfig(
         store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
-        data_docs_sites={SITE: site},
+        data_docs_sites={},
         progress_bars=ProgressBarsConfig(globally=False),
         analytics_enabled=False,
     )
     return gx.get_context(mode="ephemeral", project_config=config)
 
 
-class BatchValidation:
-    """One GX context for a batch: tables are validated one at a time, the Data Docs written once."""
+@dataclass(frozen=True)
+class TableChecked:
+    table: str
+    rows: int
+    rules: int
+    failed: int
 
-    def __init__(self, settings: Settings, now: datetime) -> None:
+
+PageWriter = Callable[[Sequence[Failure], Sequence[TableChecked], datetime], Path]
+"""Writes the validation page of a batch (its failures, the tables checked, when) and returns its path;
+the ingest flow passes `reporting.validation_page`'s, so the ground floor renders nothing itself."""
+
+
+class BatchValidation:
+    """One GX context for a batch: tables are validated one at a time, the validation page written once."""
+
+    def __init__(self, settings: Settings, now: datetime, write_page: PageWriter) -> None:
         self.settings = settings
         self.now = now
-        self.docs_dir = settings.path("validation")
-        self.context = _context(self.docs_dir)
+        self.write_page = write_page
+        self.context = _context()
         # One asset for every run: each add or delete re-serialises the whole context config.
         source = self.context.data_sources.add_pandas("raw_batch")
         self.batch = source.add_dataframe_asset("frame").add_batch_definition_whole_dataframe("batch")
         self.failures: list[Failure] = []
-        self.rules_checked = 0
+        self.tables: list[TableChecked] = []
+
+    @property
+    def rules_checked(self) -> int:
+        return sum(t.rules for t in self.tables)
 
     def validate(
         self,
@@ -494,26 +511,25 @@ class BatchValidation:
             results.sort(key=lambda res: position[res.expectation_config.id])
             failures = describe_failures(spec.name, results, self.settings.ingest.max_failure_examples)
         log.info("validated %s: %d rows, %d rules, %d failed", spec.name, len(frame), len(rules), len(failed))
-        self.rules_checked += len(rules)
+        self.tables.append(TableChecked(spec.name, len(frame), len(rules), len(failures)))
         self.failures += failures
         return failures
 
     def finish(self) -> Path | None:
-        """Raise `DataValidationError` listing every failure of the batch, with the Data Docs it wrote.
+        """Raise `DataValidationError` listing every failure of the batch, with the validation page it wrote.
 
-        A passed batch gets Data Docs only with `ingest.data_docs_on_success`; returns their index then.
+        A passed batch gets its page only with `ingest.data_docs_on_success`; returns its path then.
         """
         if not self.failures and not self.settings.ingest.data_docs_on_success:
             return None
-        self.context.build_data_docs(site_names=[SITE])
-        index = self.docs_dir / "index.html"
+        index = self.write_page(self.failures, self.tables, self.now)
         if self.failures:
             tables_failed = sorted({f.table for f in self.failures})
             raise DataValidationError(
                 f"{REJECTED}{len(self.failures)} expectation(s) failed on "
                 f"{', '.join(tables_failed)}: "
                 + "; ".join(str(f) for f in self.failures)
-                + f" (GX Data Docs: {index})"
+                + f" (validation page: {index})"
             )
         return index
 
@@ -541,19 +557,3 @@ class BatchValidation:
         engine.batch_manager.reset_batch_cache()
         engine.batch_manager.batch_data_cache.clear()
         return result
-
-
-def validate_tables(
-    tables: Mapping[str, pa.Table],
-    specs: Mapping[str, TableSpec],
-    reference_keys: ReferenceKeys,
-    settings: Settings,
-    now: datetime,
-) -> Path | None:
-    """Validate tables already in memory (see `BatchValidation`); the Data Docs index if written, or the
-    error."""
-    validation = BatchValidation(settings, now)
-    for name, table in tables.items():
-        checks = check_frames(specs[name], table, reference_keys)
-        validation.validate(specs[name], to_validation_frame(table, name), checks, reference_keys)
-    return validation.finish()

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,6 +37,7 @@ from core.raw_store import RawStore
 from core.schemas import TABLES, TableSpec
 from core.settings import Settings
 from core.validation import BatchValidation, ReferenceKeys, check_frames, to_validation_frame
+from reporting.validation_page import write_validation_page
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -161,7 +163,7 @@ class IngestResult:
     store_rows: dict[str, int]
     rules_checked: int
     data_docs: Path | None
-    """Great Expectations Data Docs of the batch, when written (see `ingest.data_docs_on_success`)."""
+    """The validation page of the batch, when written (see `ingest.data_docs_on_success`)."""
     already_loaded: bool = False
     """The store's snapshot was made by this very batch: nothing was read, validated or written."""
     seconds: dict[str, float] = field(default_factory=dict)
@@ -183,7 +185,7 @@ class IngestResult:
                 f"  {name}: {rows:,} rows in batch, {written}, {self.store_rows.get(name, 0):,} rows stored"
             )
         report = (
-            f"validation report: {self.data_docs}" if self.data_docs else "no Data Docs for a passed batch"
+            f"validation report: {self.data_docs}" if self.data_docs else "no validation page for a passed batch"
         )
         lines.append(f"snapshot {self.snapshot_id}; {self.rules_checked} validation rules passed; {report}")
         return "\n".join(lines)
@@ -223,7 +225,7 @@ def _ingest(source: Path, settings: Settings, now: datetime) -> IngestResult:
             data_docs=None,
             already_loaded=True,
         )
-    validation = BatchValidation(settings, now)
+    validation = BatchValidation(settings, now, partial(write_validation_page, settings.path("validation")))
     clock = _Stopwatch()
     domains: dict[tuple[str, str], pa.Array] = {}
     rows: dict[str, int] = {}

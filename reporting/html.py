@@ -14,10 +14,14 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:  # pages without images (the validation page) need no matplotlib
+    from matplotlib.figure import Figure
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,15 @@ class KeyFigures:
     values: Mapping[str, str | float | int]
 
 
+class Status(Enum):
+    """A traffic-light cell: a table value of this type renders as a coloured badge."""
+
+    GREEN = "green"
+    AMBER = "amber"
+    RED = "red"
+    NOT_ASSESSED = "not assessed"
+
+
 @dataclass(frozen=True)
 class Table:
     frame: pd.DataFrame
@@ -39,6 +52,9 @@ class Table:
     formats: Mapping[str, str] = field(default_factory=dict)
     """Per-column format spec, e.g. {"approval_rate": "{:.1%}"}; other numbers get a readable default."""
     max_rows: int = 200
+    fold_after: int | None = None
+    """Show this many rows, and the whole table (up to `max_rows`) folded in a <details> below: a reader
+    sees the top of a long ranking without scrolling past it."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +70,17 @@ class Image:
         return cls(buffer.getvalue(), caption)
 
 
-Block = Paragraph | KeyFigures | Table | Image
+@dataclass(frozen=True)
+class Columns:
+    """Columns side by side, each a block or a sequence of blocks stacked (they wrap below each other on a
+    narrow page or on paper)."""
+
+    columns: Sequence[
+        Paragraph | KeyFigures | Table | Image | Sequence[Paragraph | KeyFigures | Table | Image]
+    ]
+
+
+Block = Paragraph | KeyFigures | Table | Image | Columns
 
 
 @dataclass(frozen=True)
@@ -72,11 +98,22 @@ header { border-bottom: 3px solid var(--accent); margin-bottom: 1.5rem; }
 h1 { font-size: 1.8rem; margin: 0 0 .25rem; letter-spacing: -.01em; }
 header p { color: var(--muted); margin: 0 0 1rem; }
 h2 { font-size: 1.25rem; margin: 2.2rem 0 .8rem; padding-bottom: .3rem; border-bottom: 1px solid var(--line); }
-nav ol { columns: 2; color: var(--muted); padding-left: 1.2rem; }
+nav ol { display: flex; flex-wrap: wrap; gap: .2rem 1.1rem; margin: 0 0 1rem; padding: 0; list-style: none;
+         font-size: .85rem; counter-reset: s; }
+nav li::before { counter-increment: s; content: counter(s) ". "; color: var(--muted); }
 nav a { color: var(--accent); text-decoration: none; }
-.figures { display: flex; flex-wrap: wrap; gap: .75rem; margin: 1rem 0; }
-.figure { border: 1px solid var(--line); border-radius: 6px; padding: .6rem .9rem; min-width: 9rem; }
-.figure b { display: block; font-size: 1.35rem; font-variant-numeric: tabular-nums; }
+.figures { display: flex; flex-wrap: wrap; gap: .6rem; margin: .8rem 0; }
+.figure { border: 1px solid var(--line); border-radius: 6px; padding: .45rem .8rem; min-width: 8rem; }
+.figure b { display: block; font-size: 1.25rem; font-variant-numeric: tabular-nums; }
+.columns { display: flex; flex-wrap: wrap; gap: 0 2rem; align-items: flex-start; }
+.columns > div { flex: 1 1 20rem; min-width: 0; }
+.columns table { margin-top: .3rem; font-size: .84rem; }
+.columns th, .columns td { padding: .22rem .55rem; }
+.badge { display: inline-block; white-space: nowrap; padding: 0 .5rem; border-radius: 9px;
+         font-weight: 600; font-size: .8rem; }
+.badge.green { background: #d7f0dd; color: #14612b; } .badge.amber { background: #fde9c4; color: #7a4a00; }
+.badge.red { background: #f8d3d0; color: #8f1d14; } .badge.not { background: #e6e8ec; color: var(--muted); }
+details { margin: -.8rem 0 1.4rem; } details > summary { cursor: pointer; color: var(--accent); }
 .figure span { color: var(--muted); font-size: .8rem; text-transform: uppercase; letter-spacing: .04em; }
 table { border-collapse: collapse; margin: .8rem 0 1.4rem; font-size: .88rem; width: auto; }
 caption { caption-side: top; text-align: left; color: var(--muted); padding-bottom: .3rem; }
@@ -94,6 +131,7 @@ footer { margin-top: 3rem; color: var(--muted); font-size: .8rem; border-top: 1p
   nav { display: none; }
   h2 { break-after: avoid; }
   table, figure, .figures { break-inside: avoid; }
+  details > table { display: none; }
   a { color: inherit; }
 }
 """
@@ -111,6 +149,8 @@ def _cell(value: object, fmt: str | None) -> tuple[str, bool]:
     """Text of one cell and whether it is numeric (right-aligned)."""
     if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return "–", True
+    if isinstance(value, Status):
+        return f'<span class="badge {value.value.split()[0]}">{html.escape(value.value)}</span>', False
     if isinstance(value, bool):
         return ("yes" if value else "no"), False
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -118,8 +158,7 @@ def _cell(value: object, fmt: str | None) -> tuple[str, bool]:
     return html.escape(str(value)), False
 
 
-def _table(block: Table) -> str:
-    frame = block.frame.head(block.max_rows)
+def _rows(block: Table, frame: pd.DataFrame) -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
     rows = []
     for record in frame.itertuples(index=False):  # display only: a report table has at most max_rows rows
@@ -130,10 +169,21 @@ def _table(block: Table) -> str:
             )
             cells.append(f'<td class="num">{text}</td>' if numeric else f"<td>{text}</td>")
         rows.append(f"<tr>{''.join(cells)}</tr>")
+    return f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody>"
+
+
+def _table(block: Table) -> str:
+    frame = block.frame.head(block.max_rows)
     more = len(block.frame) - len(frame)
     note = f'<p class="note">{more:,} more rows not shown.</p>' if more > 0 else ""
     caption = f"<caption>{html.escape(block.caption)}</caption>" if block.caption else ""
-    return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>{note}"
+    if block.fold_after is None or len(frame) <= block.fold_after:
+        return f"<table>{caption}{_rows(block, frame)}</table>{note}"
+    top = f"<table>{caption}{_rows(block, frame.head(block.fold_after))}</table>"
+    return (
+        f"{top}<details><summary>All {len(frame):,} rows of this table</summary>"
+        f"<table>{_rows(block, frame)}</table>{note}</details>"
+    )
 
 
 def _key_figures(block: KeyFigures) -> str:
@@ -151,11 +201,18 @@ def _image(block: Image) -> str:
     return f'<figure><img alt="{html.escape(block.caption)}" src="data:image/png;base64,{data}">{caption}</figure>'
 
 
+def _columns(block: Columns) -> str:
+    stacks = [column if isinstance(column, Sequence) else [column] for column in block.columns]
+    inner = ("".join(_RENDER[type(b)](b) for b in stack) for stack in stacks)
+    return '<div class="columns">' + "".join(f"<div>{part}</div>" for part in inner) + "</div>"
+
+
 _RENDER: dict[type, Callable[..., str]] = {
     Paragraph: lambda b: f"<p>{html.escape(b.text)}</p>",
     KeyFigures: _key_figures,
     Table: _table,
     Image: _image,
+    Columns: _columns,
 }
 
 

@@ -20,9 +20,9 @@ from core.validation import (
     check_frames,
     pandas_type,
     to_validation_frame,
-    validate_tables,
 )
 from pipelines.ingest import conform, reference_keys
+from testkit.validation import validate_tables
 from tests.batch_builder import to_arrow, valid_batch
 
 NOW = datetime(2024, 3, 1)
@@ -176,7 +176,7 @@ def test_a_validated_frame_is_not_kept_alive(settings, tmp_path):
     (~2 GB at 10M orders): this fails first."""
     batch = {name: to_arrow(name, frame) for name, frame in valid_batch().items()}
     domains = reference_keys(batch, RawStore(tmp_path / "empty"))
-    validation = BatchValidation(settings, NOW)
+    validation = BatchValidation(settings, NOW, lambda *_: settings.path("validation") / "index.html")
     frame = to_validation_frame(batch["orders"], "orders")
     alive = weakref.ref(frame)
     assert (
