@@ -28,7 +28,7 @@ from benchmarks.common import write_section
 from core.settings import Settings
 from pipelines.publish import publish
 from serving.audit import AuditLog
-from tests.service_fixtures import make_parts, online_snapshot, train_model
+from testkit.service import make_parts, online_snapshot, train_model
 
 log = logging.getLogger("bench_audit")
 

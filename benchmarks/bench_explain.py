@@ -26,7 +26,7 @@ from explanation.reason_codes import REFERENCES_KEY, ReasonCodeIndex, explain_pa
 from models.calibration import Calibrator
 from models.pd_model import PDModel, prepare_features
 from models.training import BASE_PARAMS, DEFAULT_CANDIDATE, infer_features
-from tests.explain_fixtures import NOT_FEATURES, catalogue_applications
+from testkit.explain import NOT_FEATURES, catalogue_applications
 
 log = logging.getLogger("bench_explain")
 ROUNDS, TRAIN_ROWS, SEED = 300, 20_000, 42

@@ -39,6 +39,6 @@ def settings(tmp_path: Path) -> Settings:
 @pytest.fixture(scope="session")
 def trained():
     """The explanation tests' LightGBM model on catalogue-named features, trained once per session."""
-    from tests.explain_fixtures import train
+    from testkit.explain import train
 
     return train()

@@ -17,7 +17,7 @@ from explanation.contributions import (
     used_features,
     write_explanations,
 )
-from tests.explain_fixtures import Trained
+from testkit.explain import Trained
 
 
 def test_shap_values_plus_base_value_equal_the_raw_margin_for_every_row(trained: Trained) -> None:

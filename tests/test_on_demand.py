@@ -34,9 +34,9 @@ from serving.app import create_app
 from serving.audit import inputs_hash, read_audit
 from serving.auth import Keyring
 from serving.bundle import replay
+from testkit.service import make_parts, online_snapshot, running_service, train_model
 from tests.batch_builder import to_arrow, valid_batch
 from tests.conftest import SAMPLE
-from tests.service_fixtures import make_parts, online_snapshot, running_service, train_model
 from tests.test_validation import CORRUPTIONS, NOW
 
 MERCHANTS = ["M0000042", "M0000074", "M0000085", "M0000088"]

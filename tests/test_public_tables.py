@@ -14,9 +14,9 @@ import json
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from benchmarks.bench_public import PUBLIC, TABLES, table_split, untuned_lightgbm_pd
 from core.settings import Settings
 from pipelines.train import read_table, train_table_flow
+from testkit.public_tables import PUBLIC, TABLES, table_split, untuned_lightgbm_pd
 from tests.conftest import REPO
 
 METRICS_KEYS = {"auc", "gini", "ks", "brier", "ece", "n_train", "n_test", "baseline_auc"}

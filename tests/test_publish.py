@@ -22,7 +22,7 @@ from serving.bundle import (
     current_bundle_id,
 )
 from serving.signing import KEY_ENV, SIGNATURE, SignatureError, bundle_key
-from tests.service_fixtures import (
+from testkit.service import (
     drop_last_merchants_limit,
     make_parts,
     online_snapshot,

@@ -21,7 +21,7 @@ from explanation.reason_codes import (
 from features.catalogue import PROTECTED_PROXIES, check_proxies
 from features.definitions import FEATURE_INDEX
 from reporting.model_card import protected_attributes
-from tests.explain_fixtures import Trained
+from testkit.explain import Trained
 
 
 @pytest.fixture(scope="module")

@@ -41,9 +41,9 @@ from reporting.risk_report import (
     render_risk_report,
     risk_report_sections,
 )
+from testkit.explain import NOT_FEATURES, Trained, catalogue_applications, train
 from tests.browser import chromium, console_messages, needs_chromium
 from tests.conftest import REPO
-from tests.explain_fixtures import NOT_FEATURES, Trained, catalogue_applications, train
 
 SECTIONS = [
     "Summary",

@@ -21,7 +21,7 @@ from serving.app import create_app
 from serving.audit import read_audit
 from serving.auth import Keyring
 from serving.bundle import BUNDLES_DIR, LIMITS_FILE, POINTER, BundleError, replay
-from tests.service_fixtures import (
+from testkit.service import (
     POLICY,
     drop_last_merchants_limit,
     make_parts,

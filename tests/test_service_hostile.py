@@ -28,7 +28,7 @@ from serving.app import create_app
 from serving.audit import read_audit
 from serving.auth import Keyring
 from serving.bundle import BUNDLES_DIR, load_bundle, replay
-from tests.service_fixtures import make_parts, online_snapshot, running_service, train_model
+from testkit.service import make_parts, online_snapshot, running_service, train_model
 
 KEY = "hostile-test-key-0123456789"
 NON_FINITE = ("Infinity", "-Infinity", "NaN", "1e999")

@@ -29,7 +29,7 @@ from models.calibration import Calibrator
 from models.pd_model import FeatureSpec, PDModel, prepare_features
 from pipelines.publish import BundleParts
 from serving.bundle import LIMITS_FILE, MANIFEST
-from tests.explain_fixtures import catalogue_applications
+from testkit.explain import catalogue_applications
 
 REPO = Path(__file__).resolve().parents[1]
 POLICY = REPO / "policy.toml"

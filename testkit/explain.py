@@ -1,6 +1,6 @@
 """A small trained PD model on catalogue feature names, shared by the explanation and report tests.
 
-The models package's synthetic applications (known true PD, categoricals, missing values, sentinels) are
+The synthetic applications (`testkit.synthetic`) (known true PD, categoricals, missing values, sentinels) are
 renamed to features of `features/definitions.py`, so reason codes are worded from the real catalogue.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,8 +19,8 @@ from models.pd_model import PDModel
 from models.splits import time_split
 from models.training import infer_features, train_pd_model
 from testkit.synthetic import DIRECTIONS, synthetic_applications
-from tests.conftest import REPO
 
+REPO = Path(__file__).resolve().parents[1]
 RENAME = {
     "merchant_type": "segment",
     "months_on_platform": "tenure_days",
