@@ -57,7 +57,7 @@ def train_and_test(settings: Settings, frame: pd.DataFrame, y: pd.Series, slices
     """Time `train_pd_model` on the time split, then the OOT test metrics, baseline's and oracle's."""
     features = infer_features(frame[slices == "train"], exclude, directions, kinds)
     m = settings.model
-    result, wall, cpu = timed(lambda: train_pd_model(frame, y, slices, features, seed=m.seed,
+    result, wall, cpu = timed(lambda: train_pd_model(frame, y, slices, features, seed=settings.seed,
                                                      max_rounds=m.max_rounds, search_trials=trials,
                                                      threads=m.threads))
     baseline_pd = result.baseline.predict_pd(result.model.prepare(frame))
@@ -77,7 +77,7 @@ def application_time_ceiling(settings: Settings, dataset: Path, frame: pd.DataFr
     train, test = (slices == "train").to_numpy(), (slices == "test").to_numpy()
     specs = infer_features(known[train], set())
     X = prepare_features(known, specs)
-    model = LogisticBaseline(specs, settings.model.seed).fit(X[train], y.to_numpy()[train])
+    model = LogisticBaseline(specs, settings.seed).fit(X[train], y.to_numpy()[train])
     return pd_metrics(y.to_numpy()[test], model.predict_pd(X[test]))["auc"]
 
 
@@ -99,7 +99,7 @@ def platform(settings: Settings, dataset: Path) -> dict[str, Any]:
 
 
 def synthetic(settings: Settings, rows: int, trials: int | None) -> dict[str, Any]:
-    frame = synthetic_applications(rows, settings.model.seed)
+    frame = synthetic_applications(rows, settings.seed)
     slices = time_split(frame["applied_at"], valid_months=4, test_months=4)
     result = train_and_test(settings, frame, frame["defaulted"], slices, SYNTHETIC_NOT_FEATURES, DIRECTIONS,
                             None, frame["true_pd"], trials or settings.model.search_trials)

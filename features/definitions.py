@@ -405,11 +405,6 @@ def feature_set_version() -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def monotone_constraints(names: list[str]) -> list[int]:
-    """LightGBM `monotone_constraints` for these columns, from each feature's expected direction."""
-    return [0 if feature(n).kind == "categorical" else feature(n).direction for n in names]
-
-
 UNIT_FORMATS: dict[str, str] = {
     "ratio": "{:.0%}",
     "CNY": "CNY {:,.0f}",

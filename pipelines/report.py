@@ -20,10 +20,10 @@ from core.errors import ScfriskError
 from core.settings import Settings
 from credit.policy import load_policy
 from explanation.reason_codes import table_definitions
+from models.evaluation import GROUP_COLUMNS
 from models.gates import MODEL_KIND_TAG, GateDecision
 from models.pd_model import PDModel
 from reporting.risk_report import (
-    GROUP_COLUMNS,
     ID_COLUMNS,
     POLICY_COLUMNS,
     OtherModel,

@@ -90,6 +90,7 @@ def training_fingerprint(settings: Settings, snapshot_id: str, feature_set_versi
         "snapshot": snapshot_id,
         "features": feature_set_version,
         "code": training_code_version(),
+        "seed": settings.seed,
         "model": settings.model.model_dump(mode="json"),
         "gates": settings.gates.model_dump(mode="json"),
         "policy": Path(settings.policy_file).read_text(),

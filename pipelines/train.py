@@ -25,7 +25,7 @@ from prefect import flow
 from core.errors import ScfriskError
 from core.settings import Settings
 from explanation.reason_codes import REFERENCES_KEY, reference_values
-from models.evaluation import Evaluation, evaluate_model
+from models.evaluation import GROUP_COLUMNS, Evaluation, evaluate_model
 from models.gates import (
     MODEL_KIND_TAG,
     SPLIT_KIND_TAG,
@@ -51,8 +51,6 @@ from reporting.plots import calibration_plot, ks_plot, roc_plot, score_distribut
 
 log = logging.getLogger(__name__)
 
-GROUP_COLUMNS = ("segment", "merchant_type", "product")
-"""Columns that metrics and grades are broken down by, when the table has them."""
 STRATIFIED_FRACTIONS = (0.2, 0.2)
 """(validation, test) shares of a table without a time column."""
 METRICS_OUT_KEYS = {"auc": "test_auc", "gini": "test_gini", "ks": "test_ks", "brier": "test_brier",
@@ -179,7 +177,7 @@ def run_training(settings: Settings, frame: pd.DataFrame, target: str, *, time_c
     drop = {target, "__source", *(c for c in (time_col, id_col) if c), *exclude}
     features = infer_features(data[slices == "train"], drop, directions, kinds)
     scale = load_master_scale(settings.policy_file)
-    result = train_pd_model(data, y, slices, features, seed=settings.model.seed, max_rounds=settings.model.max_rounds,
+    result = train_pd_model(data, y, slices, features, seed=settings.seed, max_rounds=settings.model.max_rounds,
                             search_trials=settings.model.search_trials, threads=settings.model.threads,
                             master_scale=scale)
     groups = [c for c in GROUP_COLUMNS if c in data.columns and c != target]
@@ -216,7 +214,7 @@ def _log_and_gate(settings: Settings, data: pd.DataFrame, y: pd.Series, slices: 
                          "calibration": model.calibrator.method})
         if model.metadata["raw_snapshot_id"]:
             mlflow.set_tag("raw_snapshot_id", model.metadata["raw_snapshot_id"])
-        mlflow.log_params({**{f"lgb_{k}": v for k, v in result.params.items()}, "seed": settings.model.seed,
+        mlflow.log_params({**{f"lgb_{k}": v for k, v in result.params.items()}, "seed": settings.seed,
                            "valid_months": settings.model.valid_months, "test_months": settings.model.test_months,
                            "search_trials": settings.model.search_trials, "n_features": len(model.features),
                            "calibration": model.calibrator.method})

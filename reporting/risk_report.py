@@ -38,7 +38,7 @@ from explanation.contributions import (
 )
 from explanation.reason_codes import RAISES, REFERENCES_KEY, reference_values, top_reasons
 from features.definitions import FEATURE_INDEX, Feature
-from models.evaluation import grades_by, metrics_by, pd_metrics, population_stability_index
+from models.evaluation import GROUP_COLUMNS, grades_by, metrics_by, pd_metrics, population_stability_index
 from models.gates import MODEL_KIND_TAG, SPLIT_KIND_TAG, GateDecision, SplitKind
 from models.pd_model import PDModel
 from models.splits import split_summary
@@ -61,8 +61,6 @@ from reporting.plots import (
 )
 
 TITLE = "Risk report"
-GROUP_COLUMNS = ("segment", "merchant_type", "product")
-"""Population columns the report breaks explanations and metrics down by, when present."""
 ID_COLUMNS = ("merchant_id", "application_id")
 POLICY_COLUMNS = LIMIT_FEATURES
 """Columns the credit policy reads besides the PD: kept in the report population for the summary's backtest."""

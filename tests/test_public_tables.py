@@ -47,5 +47,5 @@ def test_table_path_is_at_least_as_good_as_untuned_lightgbm(table, workspace, tm
     split = table_split(settings, read_table(PUBLIC / file), target)
     test = (split.slices == "test").to_numpy()
     assert (metrics["n_train"], metrics["n_test"]) == ((~test).sum(), test.sum())
-    untuned_auc = roc_auc_score(split.y[test], untuned_lightgbm_pd(split, settings.model.seed))
+    untuned_auc = roc_auc_score(split.y[test], untuned_lightgbm_pd(split, settings.seed))
     assert metrics["auc"] >= untuned_auc, f"{table}: ours {metrics['auc']:.4f} < untuned {untuned_auc:.4f}"
