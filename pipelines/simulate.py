@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.progress import Progress
 
+from pipelines.config import ModelConfig
 from pipelines.errors import ScfriskError
 from pipelines.schemas import (
     CATEGORIES,
@@ -174,6 +175,16 @@ class SimulationSummary:
             ),
         ]
         return "\n".join(lines)
+
+
+def months_to_train(model: ModelConfig) -> int:
+    """The shortest simulated history a PD model can be trained on with these model settings.
+
+    Merchants apply only after `HISTORY_MONTHS` of data; a loan's label needs `label_horizon_months`
+    after it; the out-of-time split needs at least one training month of labelled applications, then
+    `valid_months` and `test_months`.
+    """
+    return HISTORY_MONTHS + 1 + model.valid_months + model.test_months + model.label_horizon_months
 
 
 def simulate_platform(config: SimulationConfig, out: Path | str) -> SimulationSummary:
