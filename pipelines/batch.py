@@ -64,4 +64,4 @@ def require_tables(stage: str, store: RawStore, source: Path | None = None) -> N
         raise MissingTablesError(f"{stage} needs raw tables {needs}; neither batch {source} nor raw store "
                                  f"{store.root} has {lacking}")
     raise MissingTablesError(f"{stage} needs raw tables {needs}; raw store {store.root} has no {lacking}: "
-                             "ingest a batch with it first")
+                             f"ingest a batch with {'it' if len(missing) == 1 else 'them'} first")
