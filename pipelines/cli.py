@@ -376,7 +376,9 @@ def server_stop(ctx: typer.Context) -> None:
 def run() -> None:
     """Console entry point: user errors print one line and exit 2, never a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a command's `typer.Exit(n)` comes back as n
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except ScfriskError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         sys.exit(2)
