@@ -39,5 +39,6 @@ bench: setup  ## benchmarks; figures go to docs/benchmarks.md
 docs: setup  ## regenerate docs/data.md and docs/features.md from the code
 	$(RUN) python -m pipelines.docs
 
-clean:
+clean:  ## stop the workspace's Prefect server, then remove the workspace and the environments
+	-[ -x .venv/bin/scfrisk ] && .venv/bin/scfrisk server stop
 	rm -rf .scfrisk .venv .tools
