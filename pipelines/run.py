@@ -23,6 +23,7 @@ from prefect.deployments.runner import RunnerDeployment
 
 from features.flow import build_features_flow
 from models.reason_codes import ReasonCodeIndex
+from pipelines.batch import require_tables
 from pipelines.config import Settings
 from pipelines.ingest import ingest_flow
 from pipelines.limits import champion, limits_flow
@@ -127,6 +128,8 @@ def run_flow(settings: Settings, source: str, oracle: str | None = None) -> RunS
     from pipelines.report import report_file, report_for_version
     from pipelines.train import train_flow
 
+    # The CLI checks this before it starts; a scheduled run (`monthly_deployment`) is checked here.
+    require_tables("run", RawStore(settings.path("raw_store")), Path(source))
     ingested = ingest_flow(source=source, settings=settings)
     snapshot_id = RawStore(settings.path("raw_store")).snapshot_id or ""
     features = build_features_flow(settings=settings)
