@@ -13,8 +13,10 @@ export DO_NOT_TRACK ?= 1
 	$(PYTHON) -m venv .tools
 	.tools/bin/pip install --quiet --disable-pip-version-check uv
 
+# --compile-bytecode: every command imports Prefect, MLflow or GX; compiling their ~14k files once here
+# halves each command's import CPU (where PYTHONDONTWRITEBYTECODE is set, Python never caches them itself).
 .venv/.synced: $(if $(findstring .tools,$(UV)),.tools/bin/uv) pyproject.toml uv.lock
-	$(UV) sync --frozen --python $(PYTHON)
+	$(UV) sync --frozen --compile-bytecode --python $(PYTHON)
 	@touch $@
 
 setup: .venv/.synced  ## create .venv with the locked dependencies
