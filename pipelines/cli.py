@@ -78,12 +78,16 @@ def simulate(
     start: Annotated[str, typer.Option(help="First day of the simulated history (YYYY-MM-DD).")] = "2024-01-01",
 ) -> None:
     """Simulate a platform's merchants, orders, behaviour, inventory, receivables and loans."""
-    from pipelines.simulate import SimulationConfig, months_to_train, simulate_platform
+    from pipelines.simulate import HISTORY_MONTHS, SimulationConfig, months_to_train, simulate_platform
 
-    needed = months_to_train(_settings(ctx).model)
+    model = _settings(ctx).model
+    needed = months_to_train(model)
     if months < needed:
-        raise ScfriskError(f"--months {months} is too short to train on: the [model] settings need at least "
-                           f"{needed} months (see `months_to_train`); use --months {needed} or more")
+        raise ScfriskError(
+            f"--months {months} is too short to train on: with the [model] settings training needs at least "
+            f"{needed} months ({HISTORY_MONTHS} of history before the first application, applications over 1 "
+            f"training + {model.valid_months} validation + {model.test_months} test months, and the "
+            f"{model.label_horizon_months}-month label horizon after them); use --months {needed} or more")
     summary = simulate_platform(
         SimulationConfig(n_merchants=merchants, months=months, seed=seed, start=start), out
     )
@@ -109,7 +113,7 @@ def ingest(
     missing = missing_tables("train", RawStore(settings.path("raw_store")))
     if missing:
         typer.echo(f"note: the raw store has no {', '.join(missing)} yet; `scfrisk train`, `limits` and `run` "
-                   "need it")
+                   f"need {'it' if len(missing) == 1 else 'them'}")
 
 
 @app.command()
