@@ -120,11 +120,12 @@ def ensure_server(home: Path) -> str:
             log.info("the workspace's Prefect server (%s) runs another install: restarting it", state.describe())
             _terminate(state, home)
             state = None
+        started = None
         if state is None or not is_running(state, home):
-            state = _start(home)
+            state, started = _start(home)
             log.info("started the workspace's Prefect server (%s); later commands reuse it, "
                      "`scfrisk server stop` stops it", state.describe())
-        _wait_until_healthy(state, home)
+        _wait_until_healthy(state, home, started)
     os.environ[API_URL_VARIABLE] = state.api_url
     return state.api_url
 
@@ -160,7 +161,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _start(home: Path) -> ServerState:
+def _start(home: Path) -> tuple[ServerState, subprocess.Popen]:
     folder = prefect_home(home)
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != API_URL_VARIABLE}
@@ -174,13 +175,16 @@ def _start(home: Path) -> ServerState:
     state = ServerState(pid=process.pid, port=port, python=sys.executable, prefect=version("prefect"),
                         started_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"))
     (folder / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
-    return state
+    return state, process
 
 
-def _wait_until_healthy(state: ServerState, home: Path) -> None:
+def _wait_until_healthy(state: ServerState, home: Path, started: subprocess.Popen | None) -> None:
+    """Wait for the API to answer; give up when the server ends (the one just started is watched through
+    its process: its /proc entry is empty for a moment while it starts) or after the timeout."""
     deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
     while not is_healthy(state):
-        if not is_running(state, home) or time.monotonic() > deadline:
+        ended = started.poll() is not None if started is not None else not is_running(state, home)
+        if ended or time.monotonic() > deadline:
             _terminate(state, home)
             (prefect_home(home) / STATE_FILE).unlink(missing_ok=True)
             tail = _log_tail(prefect_home(home) / LOG_FILE)
