@@ -79,21 +79,23 @@ def main() -> None:
         home = Path(tmp) / "home"
         env = {**os.environ, "SCFRISK_HOME": str(home)}
         env.pop("PREFECT_API_URL", None)
-        _cli(["run", "--source", str(SAMPLE)], env)
-        _cli(["server", "stop"], env, check=False)
-        server_start = _cli(["server", "start"], env, check=False)[0]
-        has_server = (home / "prefect" / "server.json").is_file()
-        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in COMMANDS}
-        for _ in range(REPEATS):
-            for name, args in COMMANDS.items():
-                server = _server_cpu(home)
-                wall, cpu = _cli(args, env, check=name != "ingest, bad path")
-                runs[name].append((wall, cpu + _server_cpu(home) - server))
-        proc = subprocess.run([sys.executable, "-c", f"from benchmarks.bench_cli import _work; _work({str(home)!r})"],
-                              env=env, capture_output=True, text=True, check=True)
-        work = json.loads(proc.stdout.strip().splitlines()[-1])
-        if has_server:
-            _cli(["server", "stop"], env)
+        try:
+            _cli(["run", "--source", str(SAMPLE)], env)
+            _cli(["server", "stop"], env, check=False)
+            server_start = _cli(["server", "start"], env, check=False)[0]
+            has_server = (home / "prefect" / "server.json").is_file()
+            runs: dict[str, list[tuple[float, float]]] = {name: [] for name in COMMANDS}
+            for _ in range(REPEATS):
+                for name, args in COMMANDS.items():
+                    server = _server_cpu(home)
+                    wall, cpu = _cli(args, env, check=name != "ingest, bad path")
+                    runs[name].append((wall, cpu + _server_cpu(home) - server))
+            proc = subprocess.run(
+                [sys.executable, "-c", f"from benchmarks.bench_cli import _work; _work({str(home)!r})"],
+                env=env, capture_output=True, text=True, check=True)
+            work = json.loads(proc.stdout.strip().splitlines()[-1])
+        finally:
+            _cli(["server", "stop"], env, check=False)  # (a code without the server command just fails)
     load = os.getloadavg()
     rows = []
     for name, samples in runs.items():
