@@ -185,8 +185,9 @@ class Transaction:
     def commit(self, batch: str | None = None) -> dict[str, list[str]]:
         """Swap the staged partitions in; return the months rewritten per table.
 
-        `batch` (a fingerprint of the batch's files) is recorded as the one that made the new snapshot, when
-        the data changed: `loaded_batch` then tells a caller that re-ingesting it would change nothing.
+        `batch` (a fingerprint of the batch's files and rules) is recorded as the one that made the snapshot:
+        `loaded_batch` then tells a caller that re-ingesting it would change nothing. That holds too when
+        this batch changed nothing (its data already stored, checked by rules that changed since).
         """
         old = self.store.manifest()
         manifest = _next_manifest(old, self.staged)
@@ -199,6 +200,8 @@ class Transaction:
             swaps = [(name, month) for name, months in changed.items() for month in months]
             _write_json(self.store.root / JOURNAL, {"swaps": swaps, "manifest": manifest})
             self.store._apply_journal()
+        elif batch is not None and old.get("batch") != batch:
+            _write_json(self.store.root / MANIFEST, {**old, "batch": batch})
         return changed
 
 

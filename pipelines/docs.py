@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from core.schemas import TABLES, TableSpec
+from core.schemas import STAGE_TABLES, TABLES, TableSpec
 from features.catalogue import write_catalogue
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,10 @@ def render_data_model(specs: Iterable[TableSpec]) -> str:
     header += [
         f"| [`{s.name}`](#{s.name}) | `{s.key}` | {s.description} | `{s.time_column}` |" for s in specs
     ]
+    header += ["", "Each stage refuses to start without the raw tables it needs, in the raw store or in the batch",
+               "it ingests first (`STAGE_TABLES`); a missing activity table only leaves its features empty.", "",
+               "| stage | needs |", "|---|---|"]
+    header += [f"| `{stage}` | {', '.join(f'`{t}`' for t in tables)} |" for stage, tables in STAGE_TABLES.items()]
     return "\n".join(header) + "\n\n" + "\n".join(render_table(s) for s in specs)
 
 

@@ -21,6 +21,7 @@ import pandas as pd
 from prefect import flow, task
 from prefect.deployments.runner import RunnerDeployment
 
+from core.batch import require_tables
 from core.raw_store import RawStore
 from core.settings import Settings
 from explanation.reason_codes import ReasonCodeIndex
@@ -128,6 +129,8 @@ def run_flow(settings: Settings, source: str, oracle: str | None = None) -> RunS
     from pipelines.report import report_file, report_for_version
     from pipelines.train import train_flow
 
+    # The CLI checks this before it starts; a scheduled run (`monthly_deployment`) is checked here.
+    require_tables("run", RawStore(settings.path("raw_store")), Path(source))
     ingested = ingest_flow(source=source, settings=settings)
     snapshot_id = RawStore(settings.path("raw_store")).snapshot_id or ""
     features = build_features_flow(settings=settings)

@@ -23,11 +23,19 @@ SAMPLE = REPO / "data_samples" / "platform"
 
 @pytest.fixture(scope="session")
 def prefect_server():
-    """One temporary Prefect API for the whole session (starting one costs ~13 s)."""
+    """One temporary Prefect API for the whole session (starting one costs ~13 s), also exported as
+    PREFECT_API_URL: the CLI then uses it as a user's own server, and starts none of its workspace's."""
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
-        yield
+        before = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
+        yield PREFECT_API_URL.value()
+        if before is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = before
 
 
 @pytest.fixture
