@@ -3,9 +3,6 @@
 PYTHON ?= python3.11
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 RUN := $(UV) run --frozen --no-sync
-export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
-export GX_ANALYTICS_ENABLED ?= false
-export DO_NOT_TRACK ?= 1
 
 .PHONY: setup demo test lint browser bench docs clean
 

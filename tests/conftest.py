@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_UI_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+from pipelines.runtime import QUIET_DEFAULTS
+
+for key, value in QUIET_DEFAULTS.items():  # before Prefect, MLflow or GX are imported, as the CLI does
+    os.environ.setdefault(key, value)
 
 from pathlib import Path  # noqa: E402
 
