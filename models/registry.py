@@ -48,7 +48,7 @@ def configure_mlflow(settings: Settings) -> MlflowClient:
     """Point MLflow at the workspace store and make sure the experiment keeps its artifacts there too
     (without an explicit location MLflow writes ./mlartifacts in the current directory)."""
     mlflow.set_tracking_uri(settings.tracking_uri)
-    client = MlflowClient()
+    client = MlflowClient(settings.tracking_uri)
     if client.get_experiment_by_name(settings.mlflow.experiment) is None:
         location = settings.path("mlflow_artifacts") / settings.mlflow.experiment
         location.mkdir(parents=True, exist_ok=True)
@@ -125,7 +125,7 @@ def compare_with_champion(settings: Settings, challenger: Lineage, frame: pd.Dat
 
 def apply_decision(settings: Settings, version: str, decision: GateDecision) -> None:
     """The new version becomes the challenger, and the champion too when the gates passed."""
-    client, name = MlflowClient(), settings.mlflow.registered_model
+    client, name = MlflowClient(settings.tracking_uri), settings.mlflow.registered_model
     client.set_registered_model_alias(name, CHALLENGER, version)
     client.set_model_version_tag(name, version, "gate_decision", "promoted" if decision.promote else "rejected")
     client.set_model_version_tag(name, version, "gate_reasons", "; ".join(decision.reasons))

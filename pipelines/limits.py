@@ -101,7 +101,7 @@ def champion(settings: Settings) -> tuple[PDModel, str]:
     model = load_pd_model(settings, CHAMPION)
     if model is None:
         raise ScfriskError(f"registered model '{name}' has no champion; run `scfrisk train` first")
-    version = str(MlflowClient().get_model_version_by_alias(name, CHAMPION).version)
+    version = str(MlflowClient(settings.tracking_uri).get_model_version_by_alias(name, CHAMPION).version)
     available = set(feature_names())
     missing = [f for f in model.feature_names if f not in available]
     if missing:

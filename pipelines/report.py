@@ -154,7 +154,7 @@ def _other_side(settings: Settings, version: str) -> OtherModel | None:
 
     from models.registry import CHALLENGER, CHAMPION
 
-    client, name = MlflowClient(), settings.mlflow.registered_model
+    client, name = MlflowClient(settings.tracking_uri), settings.mlflow.registered_model
     aliases = {}
     for alias in (CHAMPION, CHALLENGER):
         try:
