@@ -25,8 +25,7 @@ METRICS_KEYS = {"auc", "gini", "ks", "brier", "ece", "n_train", "n_test", "basel
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Settings:
     """One workspace (one MLflow store) for the module; each table registers its own model name."""
-    return Settings(home=tmp_path_factory.mktemp("public"), policy_file=REPO / "policy.toml", seed=0,
-                    model={"seed": 0})
+    return Settings(home=tmp_path_factory.mktemp("public"), policy_file=REPO / "policy.toml", seed=0)
 
 
 @pytest.mark.parametrize("table", list(TABLES))

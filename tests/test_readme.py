@@ -26,9 +26,17 @@ SUBSTITUTION = re.compile(r"\$\(([^()]*(?:\([^()]*\)[^()]*)*)\)")
 
 
 def _block_commands(text: str) -> list[str]:
+    """The commands of the bash blocks; a here-document's lines are the command's input, not commands."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        commands += [c for c in block.replace("\\\n", " ").splitlines() if c.strip()]
+        until = None
+        for line in block.replace("\\\n", " ").splitlines():
+            if until is not None:
+                until = None if line.strip() == until else until
+            elif line.strip():
+                commands.append(line)
+                heredoc = re.search(r"<<-?\s*'?\"?(\w+)", line)
+                until = heredoc and heredoc.group(1)
     return commands
 
 

@@ -31,7 +31,7 @@ def test_fingerprint_changes_with_each_input(tmp_path):
     settings = Settings(home=tmp_path, policy_file=REPO / "policy.toml")
     base = training_fingerprint(settings, "snap1", "fs1")
     assert base == training_fingerprint(settings, "snap1", "fs1")
-    reseeded = settings.model_copy(update={"model": settings.model.model_copy(update={"seed": 7})})
+    reseeded = settings.model_copy(update={"seed": 7})
     assert (
         len(
             {
