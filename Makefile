@@ -3,9 +3,6 @@
 PYTHON ?= python3.11
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 RUN := $(UV) run --frozen --no-sync
-export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
-export GX_ANALYTICS_ENABLED ?= false
-export DO_NOT_TRACK ?= 1
 
 .PHONY: setup demo test lint browser bench docs clean
 
@@ -13,8 +10,10 @@ export DO_NOT_TRACK ?= 1
 	$(PYTHON) -m venv .tools
 	.tools/bin/pip install --quiet --disable-pip-version-check uv
 
+# --compile-bytecode: every command imports Prefect, MLflow or GX; compiling their ~14k files once here
+# halves each command's import CPU (where PYTHONDONTWRITEBYTECODE is set, Python never caches them itself).
 .venv/.synced: $(if $(findstring .tools,$(UV)),.tools/bin/uv) pyproject.toml uv.lock
-	$(UV) sync --frozen --python $(PYTHON)
+	$(UV) sync --frozen --compile-bytecode --python $(PYTHON)
 	@touch $@
 
 setup: .venv/.synced  ## create .venv with the locked dependencies
@@ -28,7 +27,8 @@ browser:  ## Debian's chromium, for the test that renders the risk report in a r
 	  echo "warning: chromium could not be installed; the browser rendering test will be skipped"
 
 lint: setup  ## ruff: pyflakes, pycodestyle, import order, bugbear (rules in pyproject.toml)
-	$(RUN) ruff check pipelines features models serving simulator benchmarks tests
+	$(RUN) ruff check core features models explanation credit reporting serving pipelines simulator testkit benchmarks tests
+	$(RUN) lint-imports
 
 test: setup browser lint  ## the lint, then the whole test suite
 	$(RUN) pytest
@@ -39,5 +39,6 @@ bench: setup  ## benchmarks; figures go to docs/benchmarks.md
 docs: setup  ## regenerate docs/data.md and docs/features.md from the code
 	$(RUN) python -m pipelines.docs
 
-clean:
+clean:  ## stop the workspace's Prefect server, then remove the workspace and the environments
+	-[ -x .venv/bin/scfrisk ] && .venv/bin/scfrisk server stop
 	rm -rf .scfrisk .venv .tools

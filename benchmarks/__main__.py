@@ -12,6 +12,7 @@ ALL = [
     "bench_limits",
     "bench_explain",
     "bench_service",
+    "bench_audit",
     "bench_pipeline",
 ]
 

@@ -1,7 +1,7 @@
 """Explanations: exact SHAP for a scored population, and reason-code latency per merchant.
 
 Same ~300-tree booster throughout. Baselines in the same run: `shap.TreeExplainer` for LightGBM's native
-`pred_contrib` (what `models.explain` uses), and the on-the-fly reason codes for the precomputed lookup.
+`pred_contrib` (what `explanation.contributions` uses), and the on-the-fly reason codes for the precomputed lookup.
 `python -m benchmarks.bench_explain [rows]` (default 100,000).
 """
 
@@ -21,12 +21,12 @@ import pandas as pd
 import shap
 
 from benchmarks.common import write_section
+from explanation.contributions import explain, explanation_table, write_explanations
+from explanation.reason_codes import REFERENCES_KEY, ReasonCodeIndex, explain_payloads, reference_values
 from models.calibration import Calibrator
-from models.explain import explain, explanation_table, write_explanations
 from models.pd_model import PDModel, prepare_features
-from models.reason_codes import REFERENCES_KEY, ReasonCodeIndex, explain_payloads, reference_values
 from models.training import BASE_PARAMS, DEFAULT_CANDIDATE, infer_features
-from tests.explain_fixtures import NOT_FEATURES, catalogue_applications
+from testkit.explain import NOT_FEATURES, catalogue_applications
 
 log = logging.getLogger("bench_explain")
 ROUNDS, TRAIN_ROWS, SEED = 300, 20_000, 42
@@ -118,7 +118,7 @@ load; ratios within the run are the comparable figures).
 | method | seconds | ms / row | speed vs baseline |
 |---|---:|---:|---:|
 | `shap.TreeExplainer(booster).shap_values` (baseline) | {tree_s:.1f} | {1e3 * tree_s / rows:.2f} | 1.00x |
-| LightGBM `pred_contrib` via `models.explain.explain` (chosen) | {native_s:.1f} | {1e3 * native_s / rows:.2f} | {tree_s / native_s:.2f}x |
+| LightGBM `pred_contrib` via `explanation.contributions.explain` (chosen) | {native_s:.1f} | {1e3 * native_s / rows:.2f} | {tree_s / native_s:.2f}x |
 
 TreeSHAP cost is per row, so 100,000 rows take about {native_s / rows * 1e5:,.0f} s at this rate. Both are exact
 TreeSHAP and agree to {same:.1e}; shap delegates LightGBM boosters to `pred_contrib` itself, so the gap

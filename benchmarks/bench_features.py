@@ -27,7 +27,7 @@ import pandas as pd
 
 from benchmarks.bench_simulate import BENCH_DATA, SIZES, command
 from benchmarks.common import run_measured, write_section
-from pipelines.raw_store import RawStore
+from core.raw_store import RawStore
 
 DATASET = "orders_10m"
 N_APPLICATIONS = 100_000
@@ -103,7 +103,7 @@ def vectorised_baseline(orders: pd.DataFrame, entities: pd.DataFrame) -> pd.Data
 def child(step: str, data: str, out: str) -> None:
     """One measured step in its own process; prints its figures as JSON."""
     from features.definitions import feature
-    from features.training_set import compute_features, get_training_set, normalise_entities
+    from features.training_set import compute_features, get_training_set, normalise_entities, table_readers
 
     store = SimulatorFolder(data)
     entities = applications(store, N_LOOP_SAMPLE if step == "pandas_loop" else N_APPLICATIONS)
@@ -114,8 +114,9 @@ def child(step: str, data: str, out: str) -> None:
     if step == "full":
         result = get_training_set(entities, store)
     elif step == "duckdb_subset":
+        con = duckdb.connect()
         result = compute_features(
-            normalise_entities(entities), store, features=tuple(feature(f) for f in SUBSET)
+            normalise_entities(entities), table_readers(store, con), features=tuple(feature(f) for f in SUBSET), con=con
         )
     elif step == "pandas_loop":
         result = loop_baseline(orders, keys)

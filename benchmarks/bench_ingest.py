@@ -49,7 +49,7 @@ def _baseline(source: str, out: str) -> None:
 
 def _ingest(source: str, home: str) -> None:
     """Child: one full ingest into an empty workspace; prints rows and per-stage seconds."""
-    from pipelines.config import Settings
+    from core.settings import Settings
     from pipelines.ingest import ingest
     from pipelines.runtime import prepare_environment
 
@@ -150,7 +150,7 @@ def main() -> None:
                 "10M orders): " + "; ".join(goals) + "."
             ),
             "",
-            "What keeps validation cheap (pipelines/validation.py): every rule first runs with a",
+            "What keeps validation cheap (core/validation.py): every rule first runs with a",
             "`BOOLEAN_ONLY` result in its cheapest exact form (ranges as min/max, foreign keys as a distinct",
             "count on a small key frame, ordered timestamp pairs as the minimum of a one-byte sign-of-gap",
             "column), and only failed rules are re-run row by row for the message; one GX asset per batch; GX's",

@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.common import self_peak_mb, write_section
-from models.limits import compute_limits
-from models.policy import CreditPolicy, ProductPolicy, load_policy
-from models.synthetic import limit_inputs
+from credit.limits import compute_limits
+from credit.policy import CreditPolicy, ProductPolicy, load_policy
+from testkit.synthetic import limit_inputs
 
 log = logging.getLogger("bench_limits")
 
@@ -123,7 +123,7 @@ def main() -> None:
     write_section(
         "Credit limits",
         f"""
-`python -m benchmarks.bench_limits`: `models.limits.compute_limits` on {MERCHANTS:,} synthetic merchants x
+`python -m benchmarks.bench_limits`: `credit.limits.compute_limits` on {MERCHANTS:,} synthetic merchants x
 {len(policy.products)} products = **{rows:,} merchant-product rows** (eligibility, limit, binding constraint,
 EL, APR, expected profit), against a row-by-row Python loop applying the same policy.
 

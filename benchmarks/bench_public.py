@@ -18,24 +18,15 @@ from __future__ import annotations
 import logging
 import statistics
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-import lightgbm as lgb
-import numpy as np
-import pandas as pd
-
 from benchmarks.common import write_section
+from core.settings import Settings
 from models.evaluation import pd_metrics
-from models.pd_model import FeatureSpec, prepare_features
-from models.training import binary_target, infer_features, train_pd_model
-from pipelines.config import Settings
-from pipelines.train import assign_slices, read_table
+from models.training import train_pd_model
+from pipelines.train import read_table
+from testkit.public_tables import PUBLIC, TABLES, table_split, untuned_lightgbm_pd
 
-PUBLIC = Path(__file__).resolve().parents[1] / "data_samples" / "public"
-TABLES = {"German credit": ("german_credit.parquet", "creditability"),
-          "SBA loans": ("sba_loans.parquet", "MIS_Status")}
-"""Table name -> (file under data_samples/public, target column); sources in data_samples/public/README.md."""
 SEEDS = range(5)
 MODELS = ("ours", "untuned", "logistic")
 INTRO = ("`python -m benchmarks.bench_public`: the `--table` path on the real tables of "
@@ -54,31 +45,6 @@ BEFORE = ("Before the refit on train + validation (ours then learnt from the tra
 METRICS = ("auc", "ece", "brier")
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TableSplit:
-    """One table sliced the way `scfrisk train --table` slices it, with its inferred model input."""
-
-    frame: pd.DataFrame
-    y: pd.Series
-    slices: pd.Series
-    features: tuple[FeatureSpec, ...]
-
-
-def table_split(settings: Settings, frame: pd.DataFrame, target: str) -> TableSplit:
-    """The `--table` path's target coding, split (seeded by `settings.seed`) and feature contract."""
-    y = binary_target(frame[target])
-    slices = assign_slices(frame, y, None, False, settings)
-    return TableSplit(frame, y, slices, infer_features(frame[slices == "train"], {target}))
-
-
-def untuned_lightgbm_pd(split: TableSplit, seed: int) -> np.ndarray:
-    """Test-row PDs of a default-parameter LGBMClassifier fitted on the train and validation slices."""
-    X = prepare_features(split.frame, split.features)
-    fit, test = (split.slices != "test").to_numpy(), (split.slices == "test").to_numpy()
-    model = lgb.LGBMClassifier(random_state=seed, verbose=-1).fit(X[fit], split.y.to_numpy()[fit])
-    return model.predict_proba(X[test])[:, 1]
 
 
 def compare(table: str, seed: int) -> dict[str, dict[str, float]]:

@@ -35,11 +35,11 @@ import mlflow
 import numpy as np
 
 from benchmarks.common import write_section
+from core.settings import Settings
 from models.registry import configure_mlflow, log_pd_model
-from pipelines.config import Settings
 from pipelines.publish import publish
 from serving.bundle import BUNDLES_DIR, current_bundle_id, load_bundle
-from tests.service_fixtures import make_parts, online_snapshot, train_model
+from testkit.service import make_parts, online_snapshot, train_model
 
 log = logging.getLogger("bench_service")
 

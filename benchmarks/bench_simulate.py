@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from benchmarks.common import run_measured, write_section
-from pipelines.schemas import TABLES
+from core.schemas import TABLES
 
 BENCH_DATA = Path(__file__).resolve().parents[1] / "bench_data"
 MONTHS = 24

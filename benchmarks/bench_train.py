@@ -5,7 +5,7 @@ Two kinds of data, kept apart in the results:
   * platform: the simulator batch `bench_data/orders_10m` (made by `bench_simulate`) ingested into a
     temporary workspace, its training set built by the feature store exactly as `scfrisk train` does
     (labelled loans, point-in-time features), the true PD read from the batch's `oracle/`. ~100k loans.
-  * synthetic: `models.synthetic` applications (a flat table whose features carry the true PD) at 100k and
+  * synthetic: `testkit.synthetic` applications (a flat table whose features carry the true PD) at 100k and
     1M rows; the platform simulator at 1M labelled loans would need ten times this batch.
 The platform's true PD also depends on each merchant's health over the six months AFTER the application,
 which no application-time feature can know; so the platform run also reports a ceiling: the logistic
@@ -28,15 +28,15 @@ import pandas as pd
 
 from benchmarks.bench_simulate import BENCH_DATA, MONTHS, SEED, SIZES
 from benchmarks.common import self_peak_mb, write_section
+from core.settings import Settings
 from features.definitions import FEATURES
 from models.evaluation import evaluate_model, pd_metrics
 from models.pd_model import prepare_features
 from models.splits import time_split
-from models.synthetic import DIRECTIONS, synthetic_applications
 from models.training import LogisticBaseline, binary_target, infer_features, train_pd_model
-from pipelines.config import Settings
 from pipelines.ingest import ingest
 from pipelines.train import ENTITY_COLUMNS, feature_store_table, oracle_pd
+from testkit.synthetic import DIRECTIONS, synthetic_applications
 
 DATASET = BENCH_DATA / "orders_10m"
 SYNTHETIC_SIZES = ((100_000, None), (1_000_000, 1))
@@ -57,7 +57,7 @@ def train_and_test(settings: Settings, frame: pd.DataFrame, y: pd.Series, slices
     """Time `train_pd_model` on the time split, then the OOT test metrics, baseline's and oracle's."""
     features = infer_features(frame[slices == "train"], exclude, directions, kinds)
     m = settings.model
-    result, wall, cpu = timed(lambda: train_pd_model(frame, y, slices, features, seed=m.seed,
+    result, wall, cpu = timed(lambda: train_pd_model(frame, y, slices, features, seed=settings.seed,
                                                      max_rounds=m.max_rounds, search_trials=trials,
                                                      threads=m.threads))
     baseline_pd = result.baseline.predict_pd(result.model.prepare(frame))
@@ -77,7 +77,7 @@ def application_time_ceiling(settings: Settings, dataset: Path, frame: pd.DataFr
     train, test = (slices == "train").to_numpy(), (slices == "test").to_numpy()
     specs = infer_features(known[train], set())
     X = prepare_features(known, specs)
-    model = LogisticBaseline(specs, settings.model.seed).fit(X[train], y.to_numpy()[train])
+    model = LogisticBaseline(specs, settings.seed).fit(X[train], y.to_numpy()[train])
     return pd_metrics(y.to_numpy()[test], model.predict_pd(X[test]))["auc"]
 
 
@@ -99,7 +99,7 @@ def platform(settings: Settings, dataset: Path) -> dict[str, Any]:
 
 
 def synthetic(settings: Settings, rows: int, trials: int | None) -> dict[str, Any]:
-    frame = synthetic_applications(rows, settings.model.seed)
+    frame = synthetic_applications(rows, settings.seed)
     slices = time_split(frame["applied_at"], valid_months=4, test_months=4)
     result = train_and_test(settings, frame, frame["defaulted"], slices, SYNTHETIC_NOT_FEATURES, DIRECTIONS,
                             None, frame["true_pd"], trials or settings.model.search_trials)
@@ -149,7 +149,7 @@ def main() -> None:
         f"(load {p['ingest_load']:.1f}), feature-store training set {p['features_s']:.0f} s / "
         f"{p['features_cpu']:.0f} s CPU, training {p['train_s']:.0f} s / {p['train_cpu']:.0f} s CPU "
         f"({p['rounds']} rounds).",
-        "* **synthetic**: `models.synthetic` applications (24 months; last 4 test, 4 before validate), a "
+        "* **synthetic**: `testkit.synthetic` applications (24 months; last 4 test, 4 before validate), a "
         "flat table whose features carry the true PD; the 1M row tries a single candidate to bound the run "
         f"time. 1M labelled platform loans would take a batch {1_000_000 / p['rows']:.0f}x this one "
         f"(~{SIZES[DATASET.name] * 1_000_000 / p['rows'] / 1000:,.0f}k merchants), beyond a 10-minute, 8 GB "

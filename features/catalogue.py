@@ -4,9 +4,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from features.definitions import DERIVED, FEATURES, Feature, feature_set_version
+from features.definitions import DERIVED, FEATURE_INDEX, FEATURES, Feature, feature_set_version
 
 CATALOGUE = Path(__file__).resolve().parents[1] / "docs" / "features.md"
+
+PROTECTED_PROXIES: dict[str, str] = {
+    "region": "where a merchant is registered can stand in for ethnicity or national origin (redlining)",
+}
+"""Features that may stand in for a protected attribute, and why: the one declaration the platform model
+(never an input) and the reason codes (never a reason) read. Protected attributes themselves (gender,
+age, ethnicity, religion...) are not in the data at all."""
+
+
+def check_proxies(proxies: dict[str, str]) -> None:
+    """Refuse a declaration that names no defined feature: a misspelt proxy would silently be cited."""
+    unknown = sorted(set(proxies) - set(FEATURE_INDEX))
+    if unknown:
+        raise ValueError(f"PROTECTED_PROXIES names features that features/definitions.py lacks: {unknown}")
+
+
+check_proxies(PROTECTED_PROXIES)
+
 
 DIRECTION = {1: "higher = riskier", -1: "higher = safer", 0: "neutral"}
 
@@ -50,6 +68,15 @@ def render_catalogue() -> str:
             f"| `{f.name}` | {f.description} | {f.source} | {_window(f)} | {_how(f)} | {f.unit} | "
             f"{'categorical' if f.kind == 'categorical' else DIRECTION[f.direction]} |"
         )
+    lines += [
+        "",
+        "## Possible proxies of protected attributes",
+        "",
+        "Never an input of the platform PD model and never given as a reason for a decision "
+        "(`features/catalogue.py`, `PROTECTED_PROXIES`). They stay in the store for fairness monitoring.",
+        "",
+        *(f"- `{name}`: {why}." for name, why in PROTECTED_PROXIES.items()),
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -392,18 +392,17 @@ def feature_names() -> list[str]:
     return [f.name for f in FEATURES]
 
 
+WORDING = ("description", "unit", "direction")
+"""Fields of a feature that say how its value reads or is expected to act, not what the value is."""
+
+
 def feature_set_version() -> str:
-    """Hash of every definition and source: stored snapshots are reused only while it is unchanged."""
-    payload = json.dumps(
-        {"sources": [asdict(s) for s in SOURCES.values()], "features": [asdict(f) for f in FEATURES]},
-        sort_keys=True,
-    )
+    """Hash of what computes the values (sources and definitions, not their wording): stored snapshots are
+    reused, and two models' test rows are comparable, only while it is unchanged. Rewording a description
+    neither rebuilds the store nor keeps a challenger from being compared with its champion."""
+    features = [{k: v for k, v in asdict(f).items() if k not in WORDING} for f in FEATURES]
+    payload = json.dumps({"sources": [asdict(s) for s in SOURCES.values()], "features": features}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
-
-
-def monotone_constraints(names: list[str]) -> list[int]:
-    """LightGBM `monotone_constraints` for these columns, from each feature's expected direction."""
-    return [0 if feature(n).kind == "categorical" else feature(n).direction for n in names]
 
 
 UNIT_FORMATS: dict[str, str] = {

@@ -9,9 +9,9 @@ from __future__ import annotations
 import duckdb
 import pandas as pd
 
+from core.errors import ScfriskError
+from core.raw_store import RawStore
 from features.training_set import table_readers
-from pipelines.errors import ScfriskError
-from pipelines.raw_store import RawStore
 
 DEFAULT_DPD = 90
 

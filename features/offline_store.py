@@ -17,10 +17,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.raw_store import RawStore
 from features.definitions import feature_set_version
 from features.labels import application_outcomes
 from features.training_set import get_training_set, table_readers
-from pipelines.raw_store import RawStore
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
+from core.errors import ScfriskError
 from features.definitions import feature_names
 from features.offline_store import OfflineStore, read_metadata
-from pipelines.errors import ScfriskError
 
 ONLINE_FILE = Path("online") / "features.parquet"
 

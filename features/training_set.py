@@ -7,18 +7,18 @@ runs in DuckDB over the raw store's tables, in batches of merchants so memory st
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import duckdb
 import numpy as np
 import pandas as pd
 from rich.progress import track
 
+from core.errors import ScfriskError
+from core.raw_store import RawStore
+from core.schemas import TABLES
 from features.definitions import FEATURES, Feature
 from features.sql import features_sql, source_tables
-from pipelines.errors import ScfriskError
-from pipelines.raw_store import RawStore
-from pipelines.schemas import TABLES
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +76,17 @@ def _merchant_batches(entities: pd.DataFrame, batch_rows: int) -> list[pd.DataFr
 
 def compute_features(
     entities: pd.DataFrame,
-    raw_store: RawStore,
+    tables: Mapping[str, str],
     batch_rows: int = DEFAULT_BATCH_ROWS,
     features: tuple[Feature, ...] = FEATURES,
+    con: duckdb.DuckDBPyConnection | None = None,
 ) -> pd.DataFrame:
     """Features for distinct (merchant_id, as_of) pairs, one row each, columns in definition order.
 
-    `features` may be a subset, as long as it includes what its derived features use."""
-    con = duckdb.connect()
-    sql = features_sql(table_readers(raw_store, con), features)
+    `features` may be a subset, as long as it includes what its derived features use. `con` is the
+    connection `tables` can be read in (one where in-memory tables are registered), else a new one."""
+    con = con or duckdb.connect()
+    sql = features_sql(tables, features)
     batches = _merchant_batches(entities[KEYS].drop_duplicates(), batch_rows)
     parts = []
     for batch in track(batches, description="features", disable=len(batches) < 2):
@@ -104,6 +106,7 @@ def get_training_set(
 ) -> pd.DataFrame:
     """The entity rows, in order and with every other column unchanged, plus all features as of each row."""
     entities = normalise_entities(entity_df)
-    features = compute_features(entities, raw_store, batch_rows)
+    con = duckdb.connect()
+    features = compute_features(entities, table_readers(raw_store, con), batch_rows, con=con)
     log.info("computed %d features for %d entity rows", len(FEATURES), len(entities))
     return entities.merge(features, on=KEYS, how="left", validate="many_to_one")

@@ -14,6 +14,8 @@ from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score, roc_curve
 from models.master_scale import MasterScale
 from models.pd_model import PDModel
 
+GROUP_COLUMNS = ("segment", "merchant_type", "product")
+"""Columns that metrics, grades and explanations are broken down by, when a table has them."""
 ECE_BINS = 10
 PSI_BINS = 10
 

@@ -20,12 +20,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types.schema import AnyType, ColSpec, Schema
 
+import core
 import models
-import pipelines
-from models.gates import GateDecision
+from core.errors import ScfriskError
+from core.settings import Settings
+from models.gates import ChampionComparison, GateDecision, Lineage, comparison_basis
 from models.pd_model import PDModel
-from pipelines.config import Settings
-from pipelines.errors import ScfriskError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def configure_mlflow(settings: Settings) -> MlflowClient:
     """Point MLflow at the workspace store and make sure the experiment keeps its artifacts there too
     (without an explicit location MLflow writes ./mlartifacts in the current directory)."""
     mlflow.set_tracking_uri(settings.tracking_uri)
-    client = MlflowClient()
+    client = MlflowClient(settings.tracking_uri)
     if client.get_experiment_by_name(settings.mlflow.experiment) is None:
         location = settings.path("mlflow_artifacts") / settings.mlflow.experiment
         location.mkdir(parents=True, exist_ok=True)
@@ -71,7 +71,7 @@ def log_pd_model(model: PDModel, example: pd.DataFrame, registered_model: str) -
         info = mlflow.pyfunc.log_model(name=ARTIFACT_KEY, python_model=PDPyfunc(), artifacts={ARTIFACT_KEY: str(saved)},
                                        signature=signature, input_example=example,
                                        registered_model_name=registered_model,
-                                       code_paths=[str(Path(p).parent) for p in (models.__file__, pipelines.__file__)],
+                                       code_paths=[str(Path(p).parent) for p in (models.__file__, core.__file__)],
                                        pip_requirements=_requirements())
     return str(info.registered_model_version)
 
@@ -95,27 +95,41 @@ def load_pd_model(settings: Settings, alias: str = CHAMPION) -> PDModel | None:
     return PDModel.load(Path(local) / "artifacts" / ARTIFACT_KEY)
 
 
-def champion_auc_on(settings: Settings, frame: pd.DataFrame, y: np.ndarray) -> float | None:
-    """The champion's AUC on these rows (a fair comparison); None without a champion or its features."""
+def model_settings(settings: Settings, registered_model: str) -> Settings:
+    """The workspace settings with another registered model: the registry helpers read the name from the
+    settings, so an own-table model goes through the same code under its own name."""
+    return settings.model_copy(update={"mlflow": settings.mlflow.model_copy(
+        update={"registered_model": registered_model})})
+
+
+def compare_with_champion(settings: Settings, challenger: Lineage, frame: pd.DataFrame,
+                          y: np.ndarray) -> ChampionComparison | None:
+    """The champion measured on the challenger's test rows `frame` when the two can be compared on them
+    (`models.gates.comparison_basis`); None without a champion."""
     from sklearn.metrics import roc_auc_score
 
-    champion = load_pd_model(settings, CHAMPION)
-    if champion is None:
-        return None
+    client, name = configure_mlflow(settings), settings.mlflow.registered_model
     try:
-        return float(roc_auc_score(y, champion.predict_pd(frame)))
-    except ScfriskError as exc:
-        log.warning("champion cannot score the new test set (%s); comparing with its logged AUC", exc)
-    version = MlflowClient().get_model_version_by_alias(settings.mlflow.registered_model, CHAMPION)
-    return MlflowClient().get_run(version.run_id).data.metrics.get("test_auc")
+        version = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+    run = client.get_run(version.run_id)
+    champion = load_pd_model(settings, CHAMPION)
+    missing = [f for f in champion.feature_names if f not in frame.columns]
+    comparable, basis = comparison_basis(Lineage.from_run(run.data.tags, run.data.params), challenger, missing)
+    auc = float(roc_auc_score(y, champion.predict_pd(frame))) if comparable else None
+    if not comparable:
+        log.warning("%s v%s not compared with the new version: %s", name, version.version, basis)
+    return ChampionComparison(str(version.version), auc, basis)
 
 
 def apply_decision(settings: Settings, version: str, decision: GateDecision) -> None:
     """The new version becomes the challenger, and the champion too when the gates passed."""
-    client, name = MlflowClient(), settings.mlflow.registered_model
+    client, name = MlflowClient(settings.tracking_uri), settings.mlflow.registered_model
     client.set_registered_model_alias(name, CHALLENGER, version)
     client.set_model_version_tag(name, version, "gate_decision", "promoted" if decision.promote else "rejected")
     client.set_model_version_tag(name, version, "gate_reasons", "; ".join(decision.reasons))
+    client.set_model_version_tag(name, version, "gate_comparison", decision.comparison)
     if decision.promote:
         client.set_registered_model_alias(name, CHAMPION, version)
     log.info("version %s: %s", version, "champion" if decision.promote else "challenger only")

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from pipelines.errors import ScfriskError
+from core.errors import ScfriskError
 
 SLICES = ("train", "valid", "test")
 

@@ -25,10 +25,10 @@ from sklearn.metrics import log_loss, roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
+from core.errors import ScfriskError
 from models.calibration import choose_calibrator
 from models.master_scale import MasterScale
 from models.pd_model import FeatureSpec, PDModel, clean_text, prepare_features
-from pipelines.errors import ScfriskError
 
 log = logging.getLogger(__name__)
 

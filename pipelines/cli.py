@@ -1,7 +1,9 @@
 """The `scfrisk` command line: thin shell over the flows; bad input becomes one clear line, exit 2.
 
-Heavy libraries (Prefect, MLflow, GX) are imported inside each command, after the workspace
-environment is prepared, so `scfrisk --help` and `scfrisk simulate` stay fast.
+Each command checks its arguments and inputs first (paths, the raw tables its stage needs), then makes
+sure the workspace's Prefect server answers (flow commands only, `pipelines.prefect_server`), and only
+then imports the heavy libraries (Prefect, MLflow, GX): a mistake is refused in well under a second.
+Help texts are plain text (no Rich markup), so `[service]` and the like print as written.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from typing import Annotated
 
 import typer
 
-from pipelines.config import Settings, load_settings
-from pipelines.errors import ScfriskError
+from core.errors import ScfriskError
+from core.settings import Settings, load_settings
+from pipelines.prefect_server import ensure_server, read_state, stop_server, user_api_url
 from pipelines.runtime import configure_logging, prepare_environment
 
 log = logging.getLogger("scfrisk")
@@ -25,11 +28,29 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,
 )
 
 
 def _settings(ctx: typer.Context) -> Settings:
     return ctx.obj
+
+
+def _orchestrated(ctx: typer.Context, stage: str | None = None, source: Path | None = None) -> Settings:
+    """Before a flow command's heavy imports: the raw tables its stage needs, then a Prefect API to record
+    its flow runs (the user's `PREFECT_API_URL`, else the workspace's server, started if needed)."""
+    settings = _settings(ctx)
+    if stage is not None:
+        from core.batch import require_tables
+        from core.raw_store import RawStore
+
+        require_tables(stage, RawStore(settings.path("raw_store")), source)
+    ensure_server(settings.home_dir)
+    return settings
+
+
+_BATCH_FOLDER = {"exists": True, "file_okay": False, "dir_okay": True}
+"""A batch folder option: a path that is not a folder is refused before anything is imported."""
 
 
 @app.callback()
@@ -49,6 +70,7 @@ def main(
 
 @app.command()
 def simulate(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="Folder to write one Parquet dataset per table into.")],
     merchants: Annotated[int, typer.Option(min=1, help="Number of merchants.")] = 2000,
     months: Annotated[int, typer.Option(min=3, max=120, help="Months of history.")] = 24,
@@ -56,8 +78,16 @@ def simulate(
     start: Annotated[str, typer.Option(help="First day of the simulated history (YYYY-MM-DD).")] = "2024-01-01",
 ) -> None:
     """Simulate a platform's merchants, orders, behaviour, inventory, receivables and loans."""
-    from simulator import SimulationConfig, simulate_platform
+    from simulator import HISTORY_MONTHS, SimulationConfig, months_to_train, simulate_platform
 
+    model = _settings(ctx).model
+    needed = months_to_train(model)
+    if months < needed:
+        raise ScfriskError(
+            f"--months {months} is too short to train on: with the [model] settings training needs at least "
+            f"{needed} months ({HISTORY_MONTHS} of history before the first application, applications over 1 "
+            f"training + {model.valid_months} validation + {model.test_months} test months, and the "
+            f"{model.label_horizon_months}-month label horizon after them); use --months {needed} or more")
     summary = simulate_platform(
         SimulationConfig(n_merchants=merchants, months=months, seed=seed, start=start), out
     )
@@ -67,13 +97,23 @@ def simulate(
 @app.command()
 def ingest(
     ctx: typer.Context,
-    source: Annotated[Path, typer.Option(help="Folder with one Parquet/CSV file or folder per table.")],
+    source: Annotated[Path, typer.Option(help="Folder with one Parquet/CSV file or folder per table.",
+                                         **_BATCH_FOLDER)],
 ) -> None:
     """Validate a batch of platform tables with Great Expectations and load it into the raw store."""
+    from core.batch import locate_tables, missing_tables
+
+    locate_tables(source)
+    settings = _orchestrated(ctx)
+    from core.raw_store import RawStore
     from pipelines.ingest import ingest_flow
 
-    result = ingest_flow(source=str(source), settings=_settings(ctx))
+    result = ingest_flow(source=str(source), settings=settings)
     typer.echo(result.describe())
+    missing = missing_tables("train", RawStore(settings.path("raw_store")))
+    if missing:
+        typer.echo(f"note: the raw store has no {', '.join(missing)} yet; `scfrisk train`, `limits` and `run` "
+                   f"need {'it' if len(missing) == 1 else 'them'}")
 
 
 @app.command()
@@ -116,16 +156,18 @@ def limits(
     ] = None,
 ) -> None:
     """Credit limits of every merchant and product from the champion PD model and the credit policy."""
+    settings = _orchestrated(ctx, "limits")
     from pipelines.limits import limits_flow
 
-    typer.echo(limits_flow(settings=_settings(ctx), as_of=as_of).describe())
+    typer.echo(limits_flow(settings=settings, as_of=as_of).describe())
 
 
 @app.command()
 def train(
     ctx: typer.Context,
     table: Annotated[
-        Path | None, typer.Option(help="Train on this Parquet/CSV feature table instead of the feature store.")
+        Path | None, typer.Option(help="Train on this Parquet/CSV feature table instead of the feature store.",
+                                  exists=True)
     ] = None,
     target: Annotated[str, typer.Option(help="Default flag column of --table (0/1, or e.g. good/bad).")] = "defaulted",
     time_col: Annotated[
@@ -133,22 +175,32 @@ def train(
     ] = None,
     id_col: Annotated[str | None, typer.Option("--id-col", help="Row identifier of --table (not a feature).")] = None,
     test_table: Annotated[
-        Path | None, typer.Option("--test-table", help="Test on this table; --table only gives train/validation.")
+        Path | None, typer.Option("--test-table", help="Test on this table; --table only gives train/validation.",
+                                  exists=True)
     ] = None,
     metrics_out: Annotated[Path | None, typer.Option("--metrics-out", help="Write test metrics JSON here.")] = None,
     oracle: Annotated[
-        Path | None, typer.Option(help="Simulator output folder: compare with its true PD (oracle/).")
+        Path | None, typer.Option(help="Simulator output folder: compare with its true PD (oracle/).", **_BATCH_FOLDER)
+    ] = None,
+    model_name: Annotated[
+        str | None,
+        typer.Option("--model-name", help="Registered model of --table (default: scfrisk-table-<file name>); "
+                                          "never the platform's model."),
     ] = None,
 ) -> None:
     """Train, evaluate and register a PD model; it replaces the champion only if it passes the gates."""
-    from pipelines.train import train_flow, train_table_flow
+    if model_name is not None and table is None:
+        raise ScfriskError("--model-name names the model of your own table: use it with --table")
+    settings = _orchestrated(ctx, None if table is not None else "train")
+    from pipelines.train import check_table_model_name, table_model_name, train_flow, train_table_flow
 
     if table is not None:
-        outcome = train_table_flow(settings=_settings(ctx), table=str(table), target=target, time_col=time_col,
+        check_table_model_name(settings, table_model_name(table, model_name))  # one line, before the flow
+        outcome = train_table_flow(settings=settings, table=str(table), target=target, time_col=time_col,
                                    id_col=id_col, test_table=str(test_table) if test_table else None,
-                                   metrics_out=str(metrics_out) if metrics_out else None)
+                                   metrics_out=str(metrics_out) if metrics_out else None, model_name=model_name)
     else:
-        outcome = train_flow(settings=_settings(ctx), oracle=str(oracle) if oracle else None,
+        outcome = train_flow(settings=settings, oracle=str(oracle) if oracle else None,
                              metrics_out=str(metrics_out) if metrics_out else None)
     typer.echo(outcome.describe())
 
@@ -168,7 +220,7 @@ def promote(
 
 
 features_app = typer.Typer(help="Feature store: point-in-time training sets, offline snapshots, online vectors.",
-                            no_args_is_help=True)
+                            no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(features_app, name="features")
 
 
@@ -191,8 +243,8 @@ def features_training_set(
     out: Annotated[Path, typer.Option(help="Output .parquet or .csv: the entity rows plus every feature.")],
 ) -> None:
     """Point-in-time features for each entity row, using only facts strictly before its as_of."""
+    from core.raw_store import RawStore
     from features.training_set import get_training_set
-    from pipelines.raw_store import RawStore
 
     if out.suffix.lower() not in (".csv", ".parquet"):
         raise ScfriskError(f"{out}: use a .parquet or .csv file")
@@ -211,9 +263,9 @@ def features_materialize(
     as_of: Annotated[datetime, typer.Option("--as-of", help="Point in time of the served feature vectors.")],
 ) -> None:
     """Write the offline snapshot for as_of (or reuse it) and publish it as the online store."""
+    from core.raw_store import RawStore
     from features.offline_store import OfflineStore
     from features.online_store import publish_online
-    from pipelines.raw_store import RawStore
 
     settings = _settings(ctx)
     offline = OfflineStore(settings.path("feature_store"), RawStore(settings.path("raw_store")))
@@ -228,10 +280,11 @@ def features_build(
     ] = None,
 ) -> None:
     """Training set, monthly snapshots and online vectors, recomputed only where the data changed."""
-    from features.flow import build_features_flow
+    settings = _orchestrated(ctx, "features")
+    from pipelines.features import build_features_flow
 
     as_of = online_as_of.isoformat() if online_as_of else None
-    result = build_features_flow(settings=_settings(ctx), online_as_of=as_of)
+    result = build_features_flow(settings=settings, online_as_of=as_of)
     typer.echo(result.describe())
 
 
@@ -249,15 +302,17 @@ def report(
 @app.command("run")
 def run_pipeline(
     ctx: typer.Context,
-    source: Annotated[Path, typer.Option(help="Batch folder of platform tables to ingest first.")],
+    source: Annotated[Path, typer.Option(help="Batch folder of platform tables to ingest first.", **_BATCH_FOLDER)],
     oracle: Annotated[
-        Path | None, typer.Option(help="Simulator output folder: also measure the gap to its true PD.")
+        Path | None, typer.Option(help="Simulator output folder: also measure the gap to its true PD.",
+                                  **_BATCH_FOLDER)
     ] = None,
 ) -> None:
     """The whole pipeline as one Prefect flow: ingest -> features -> train -> explain -> limits -> publish."""
+    settings = _orchestrated(ctx, "run", source)
     from pipelines.run import run_flow
 
-    summary = run_flow(settings=_settings(ctx), source=str(source), oracle=str(oracle) if oracle else None)
+    summary = run_flow(settings=settings, source=str(source), oracle=str(oracle) if oracle else None)
     typer.echo(summary.describe())
 
 
@@ -283,33 +338,71 @@ def schedule(
 @app.command()
 def demo(
     ctx: typer.Context,
-    source: Annotated[Path, typer.Option(help="Batch folder of platform tables.")] = Path("data_samples/platform"),
+    source: Annotated[
+        Path, typer.Option(help="Batch folder of platform tables.", **_BATCH_FOLDER)
+    ] = Path("data_samples/platform"),
     port: Annotated[int, typer.Option(help="Port of the demo service on 127.0.0.1.")] = 8000,
 ) -> None:
     """Run the pipeline, start the service in the background, score sample merchants over HTTP."""
+    settings = _orchestrated(ctx, "run", source)
     from pipelines.demo import run_demo
 
-    run_demo(_settings(ctx), source, port)
+    run_demo(settings, source, port)
+
+
+server_app = typer.Typer(help="The workspace's Prefect server, which records every flow run: flow commands "
+                           "start it when needed and reuse it; it runs until stopped.",
+                           no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("start")
+def server_start(ctx: typer.Context) -> None:
+    """Start the workspace's Prefect server now (flow commands otherwise start it on first use)."""
+    typer.echo(f"Prefect API: {ensure_server(_settings(ctx).home_dir)}")
+
+
+@server_app.command("status")
+def server_status(ctx: typer.Context) -> None:
+    """Whether the workspace's Prefect server runs and answers (exit 1 when it does not run)."""
+    from pipelines.prefect_server import is_healthy, is_running
+
+    if user_api_url():
+        typer.echo(f"PREFECT_API_URL is set ({user_api_url()}): flow commands use that server, none is managed")
+        return
+    home = _settings(ctx).home_dir
+    state = read_state(home)
+    if state is None or not is_running(state, home):
+        typer.echo("not running (the next flow command starts it)")
+        raise typer.Exit(1)
+    typer.echo(f"running: {state.describe()}; {'answering' if is_healthy(state) else 'NOT answering'}")
+
+
+@server_app.command("stop")
+def server_stop(ctx: typer.Context) -> None:
+    """Stop the workspace's Prefect server (the next flow command starts it again)."""
+    stopped = stop_server(_settings(ctx).home_dir)
+    typer.echo(f"stopped the Prefect server ({stopped.describe()})" if stopped else "no Prefect server was running")
 
 
 def run() -> None:
     """Console entry point: user errors print one line and exit 2, never a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a command's `typer.Exit(n)` comes back as n
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except ScfriskError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         sys.exit(2)
     except (typer.Exit, SystemExit) as exc:
         sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
-    except Exception as exc:  # click usage errors and aborts
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        raise
+    except typer.TyperException as exc:  # usage errors: an unknown option, a path that does not exist
+        context = getattr(exc, "ctx", None)
+        hint = f" (see `{context.command_path} --help`)" if context is not None else ""
+        typer.secho(f"error: {exc.format_message()}{hint}", err=True, fg=typer.colors.RED)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

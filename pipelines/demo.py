@@ -17,11 +17,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import typer
 
-from pipelines.config import Settings
-from pipelines.errors import ScfriskError
+from core.errors import ScfriskError
+from core.settings import Settings
+from credit.policy import CreditPolicy, load_policy
 
 READY_TIMEOUT_SECONDS = 90
 
@@ -70,21 +72,39 @@ def start_service(settings: Settings, port: int, key: str) -> tuple[int, Path]:
     raise ScfriskError(f"the service did not become ready in {READY_TIMEOUT_SECONDS} s; see {log_file}")
 
 
-def sample_requests(limits_file: Path) -> list[dict]:
-    """Three telling requests: a safe merchant within its limit, one asking above its limit, and the
-    riskiest merchant (declined, with its reasons)."""
+def _typical(rows: pd.DataFrame, what: str) -> pd.Series:
+    """The row of median PD: a typical case, not an extreme one."""
+    if rows.empty:
+        raise ScfriskError(f"the limits table has no {what} to show in the demo")
+    rows = rows.sort_values(["pd", "merchant_id"])
+    return rows.iloc[len(rows) // 2]
+
+
+def sample_requests(limits_file: Path, policy: CreditPolicy) -> list[dict]:
+    """Three requests that show what the policy does, picked from the limits table (the outcomes follow
+    from the data, none is forced): a typical merchant eligible for order financing asking for part of its
+    limit (approved), a typical microloan merchant asking for more than its limit but less than the
+    referral ratio (counter-offer), and a typical merchant turned away from order financing by the rule
+    that turns away most (declined, with that rule first among its reasons)."""
     limits = pd.read_parquet(limits_file)
-    orders = limits[limits["eligible"] & (limits["product"] == "order_financing")].sort_values("pd")
-    riskiest = limits.sort_values("pd").iloc[-1]
-    if len(orders) < 2:
-        orders = limits.drop_duplicates("merchant_id").sort_values("pd")
-    safe, middle = orders.iloc[0], orders.iloc[len(orders) // 2]
+    limits["product"] = limits["product"].astype(str)
+    orders = limits[limits["product"] == "order_financing"]
+    approve = _typical(orders[orders["eligible"]], "merchant eligible for order financing")
+    loans = limits[(limits["product"] == "microloan") & limits["eligible"]
+                   & (limits["merchant_id"] != approve["merchant_id"])]
+    counter = _typical(loans, "other merchant eligible for a microloan")
+    refused = orders[~orders["eligible"] & (orders["exclusion_reason"].astype(str) != "segment")]
+    commonest = refused["exclusion_reason"].astype(str).mode()
+    decline = _typical(refused[refused["exclusion_reason"].astype(str) == commonest.iloc[0]] if len(commonest)
+                       else refused, "merchant declined for order financing")
+    step, unit = policy.product("microloan").round_to, policy.product("order_financing").round_to
+    above = min(np.ceil(counter["limit"] * 1.5 / step) * step, policy.decision.refer_ratio * counter["limit"])
     return [
-        {"merchant_id": safe["merchant_id"], "product": "order_financing",
-         "requested_amount": float(max(round(safe["limit"] / 2, -2), 100.0))},
-        {"merchant_id": middle["merchant_id"], "product": "order_financing",
-         "requested_amount": float(round(middle["limit"] * 1.5 + 1000, -2))},
-        {"merchant_id": riskiest["merchant_id"], "product": "microloan", "requested_amount": 20000.0},
+        {"merchant_id": approve["merchant_id"], "product": "order_financing",
+         "requested_amount": float(max(np.floor(approve["limit"] * 0.6 / unit) * unit, unit))},
+        {"merchant_id": counter["merchant_id"], "product": "microloan", "requested_amount": float(above)},
+        {"merchant_id": decline["merchant_id"], "product": "order_financing",
+         "requested_amount": float(np.round(orders.loc[orders["eligible"], "limit"].median(), -2) or 500.0)},
     ]
 
 
@@ -93,9 +113,9 @@ def describe_answer(answer: dict) -> str:
     lines = [f"{answer['merchant_id']}: PD {answer['pd']:.2%}, grade {answer['grade']}, "
              f"decision {decision.get('outcome', '-')} {decision.get('amount', '')}".rstrip()]
     lines += [f"    limit {x['product']}: {x['limit']:,.0f} ({x['binding_constraint']})" if x["eligible"]
-              else f"    limit {x['product']}: not eligible ({x.get('exclusion_reason') or x['binding_constraint']})"
+              else f"    limit {x['product']}: not eligible ({x['exclusion_description']})"
               for x in answer["limits"]]
-    lines += [f"    reason: {r['description']}" for r in answer["reason_codes"]]
+    lines += [f"    reason ({r['source']}): {r['description']}" for r in answer["reason_codes"]]
     return "\n".join(lines)
 
 
@@ -108,11 +128,12 @@ def run_demo(settings: Settings, source: Path, port: int) -> None:
     pid, log_file = start_service(settings, port, key)
     base = f"http://127.0.0.1:{port}"
     typer.echo(f"\nservice live at {base} (pid {pid}, log {log_file}); demo API key: {key}\n")
-    for request in sample_requests(summary.limits):
+    requests = sample_requests(summary.limits, load_policy(settings.policy_file))
+    for request in requests:
         typer.echo(f"POST /v1/score {json.dumps(request)}")
         typer.echo(describe_answer(_call(f"{base}/v1/score", key, request)) + "\n")
     typer.echo(
         f"try it:  curl -s -X POST {base}/v1/score -H 'X-API-Key: {key}' -H 'Content-Type: application/json' "
-        f"-d '{{\"merchant_id\": \"{sample_requests(summary.limits)[0]['merchant_id']}\"}}'\n"
+        f"-d '{{\"merchant_id\": \"{requests[0]['merchant_id']}\"}}'\n"
         f"docs:    {base}/docs      stop it:  kill {pid}"
     )

@@ -1,7 +1,7 @@
 """`scfrisk ingest`: read a batch of platform tables, validate all of it, then load it into the raw store.
 
 A batch folder holds `<table>.parquet`, `<table>/` (Parquet parts) or `<table>.csv` for any subset of
-the tables in `pipelines.schemas`. The batch is all or nothing: every table is validated (foreign keys
+the tables in `core.schemas`. The batch is all or nothing: every table is validated (foreign keys
 against the batch plus the store) before a single partition is swapped into the store. `oracle/` is
 the simulator's ground truth and is never ingested.
 """
@@ -11,64 +11,35 @@ from __future__ import annotations
 import ctypes
 import gc
 import hashlib
+import importlib.util
 import logging
 import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from prefect import flow
-from prefect.states import Failed
 from rich.progress import Progress
 
-from pipelines import schemas as schema_code
-from pipelines import validation as validation_code
-from pipelines.config import Settings
-from pipelines.errors import ScfriskError
-from pipelines.files import file_sha256
-from pipelines.raw_store import RawStore
-from pipelines.schemas import TABLES, TableSpec
-from pipelines.validation import BatchValidation, ReferenceKeys, check_frames, to_validation_frame
+from core.batch import BatchError, locate_tables
+from core.files import file_sha256
+from core.raw_store import RawStore
+from core.schemas import TABLES, TableSpec
+from core.settings import Settings
+
+if TYPE_CHECKING:
+    from core.validation import ReferenceKeys
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-IGNORED = {"oracle"}
-"""Folders a batch may carry that are not data to load (the simulator's ground truth)."""
-
-
-class BatchError(ScfriskError):
-    """A batch folder that cannot be read as platform tables."""
-
-
-def locate_tables(source: Path) -> dict[str, Path]:
-    """Map each table of the batch to its file or folder, in dependency order; unknown names are errors."""
-    if not source.is_dir():
-        raise BatchError(f"batch folder {source} does not exist")
-    found: dict[str, Path] = {}
-    for path in sorted(source.iterdir()):
-        if path.name.startswith(".") or path.name in IGNORED:
-            continue
-        name = path.name if path.is_dir() else path.stem
-        if name not in TABLES or not (path.is_dir() or path.suffix in (".parquet", ".csv")):
-            raise BatchError(
-                f"unknown table file '{path.name}' in {source}; expected <table>.parquet, <table>.csv or "
-                f"<table>/ for tables: {', '.join(TABLES)}"
-            )
-        if name in found:
-            raise BatchError(f"table '{name}' is given twice in {source}: {found[name].name} and {path.name}")
-        found[name] = path
-    if not found:
-        raise BatchError(f"no table files in {source}; expected any of: {', '.join(TABLES)}")
-    return {name: found[name] for name in TABLES if name in found}
-
 
 def conform(table: pa.Table, spec: TableSpec, from_text: bool = False) -> pa.Table:
     """Cast columns to their schema types where that is lossless, in schema order, extras last.
@@ -114,6 +85,10 @@ def read_table(path: Path, spec: TableSpec) -> pa.Table:
         raise BatchError(f"cannot read table '{spec.name}' from {path}: {exc}") from exc
 
 
+RULE_MODULES = ("core.schemas", "core.validation")
+"""The code that decides whether a batch passes: a change to it makes a loaded batch new again."""
+
+
 def batch_fingerprint(paths: Mapping[str, Path]) -> str:
     """Content hash of a batch's table files (named relative to the batch) and of the rules that check them:
     the same files in another folder give the same fingerprint, a changed file or rule another one."""
@@ -122,8 +97,9 @@ def batch_fingerprint(paths: Mapping[str, Path]) -> str:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for file in files:
             digest.update(f"{name}/{file.relative_to(path.parent)}:{file_sha256(file)};".encode())
-    for module in (schema_code, validation_code):
-        digest.update(Path(module.__file__).read_bytes())
+    for module in RULE_MODULES:
+        # Located, not imported: a batch already loaded is recognised without importing pandas and GX.
+        digest.update(Path(importlib.util.find_spec(module).origin).read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -161,7 +137,7 @@ class IngestResult:
     store_rows: dict[str, int]
     rules_checked: int
     data_docs: Path | None
-    """Great Expectations Data Docs of the batch, when written (see `ingest.data_docs_on_success`)."""
+    """The validation page of the batch, when written (see `ingest.data_docs_on_success`)."""
     already_loaded: bool = False
     """The store's snapshot was made by this very batch: nothing was read, validated or written."""
     seconds: dict[str, float] = field(default_factory=dict)
@@ -183,7 +159,7 @@ class IngestResult:
                 f"  {name}: {rows:,} rows in batch, {written}, {self.store_rows.get(name, 0):,} rows stored"
             )
         report = (
-            f"validation report: {self.data_docs}" if self.data_docs else "no Data Docs for a passed batch"
+            f"validation report: {self.data_docs}" if self.data_docs else "no validation page for a passed batch"
         )
         lines.append(f"snapshot {self.snapshot_id}; {self.rules_checked} validation rules passed; {report}")
         return "\n".join(lines)
@@ -223,7 +199,10 @@ def _ingest(source: Path, settings: Settings, now: datetime) -> IngestResult:
             data_docs=None,
             already_loaded=True,
         )
-    validation = BatchValidation(settings, now)
+    from core.validation import BatchValidation, check_frames, to_validation_frame
+    from reporting.validation_page import write_validation_page
+
+    validation = BatchValidation(settings, now, partial(write_validation_page, settings.path("validation")))
     clock = _Stopwatch()
     domains: dict[tuple[str, str], pa.Array] = {}
     rows: dict[str, int] = {}
@@ -290,11 +269,8 @@ class _Stopwatch:
 
 @flow(name="ingest")
 def ingest_flow(source: str, settings: Settings) -> IngestResult:
-    """Prefect shell of `ingest`: one flow run per batch, visible in the workspace's Prefect UI."""
-    try:
-        result = ingest(Path(source), settings)
-    except ScfriskError as exc:
-        # Bad input is an outcome, not a crash: fail the run with the message, no traceback in the logs.
-        return Failed(message=str(exc), data=exc)
+    """Prefect shell of `ingest`: one flow run per batch, visible in the workspace's Prefect UI (bad input
+    fails the run with its message; the CLI prints it as one line, see `runtime.UserErrorsOnce`)."""
+    result = ingest(Path(source), settings)
     log.info(result.describe())
     return result

@@ -1,7 +1,7 @@
 """Batch limits table: every merchant x product as of a time, from champion PDs and point-in-time features.
 
 Thin glue: features come from the offline store's snapshot (what the online store serves), PDs from the
-champion in the MLflow registry (`models.registry`), limits from `models.limits`; the result is one
+champion in the MLflow registry (`models.registry`), limits from `credit.limits`; the result is one
 Parquet file under `$SCFRISK_HOME/limits/as_of=<date>/`.
 """
 
@@ -15,12 +15,12 @@ from pathlib import Path
 import pandas as pd
 from prefect import flow
 
-from models.limits import compute_limits
+from core.errors import ScfriskError
+from core.raw_store import RawStore
+from core.settings import Settings
+from credit.limits import compute_limits
+from credit.policy import CreditPolicy, load_policy
 from models.pd_model import PDModel
-from models.policy import CreditPolicy, load_policy
-from pipelines.config import Settings
-from pipelines.errors import ScfriskError
-from pipelines.raw_store import RawStore
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,8 @@ def write_strategy(settings: Settings, limits: pd.DataFrame, backtest: pd.DataFr
     also logged to the champion's MLflow run."""
     from mlflow import MlflowClient
 
-    from models.strategy import backtest_limits, strategy_tables, write_strategy_report
+    from credit.strategy import backtest_limits, strategy_tables
+    from reporting.strategy_report import write_strategy_report
 
     run_id = MlflowClient(settings.tracking_uri).get_model_version(settings.mlflow.registered_model,
                                                                    model_version).run_id
@@ -89,18 +90,28 @@ def write_strategy(settings: Settings, limits: pd.DataFrame, backtest: pd.DataFr
 
 
 def champion(settings: Settings) -> tuple[PDModel, str]:
-    """The champion PD model and its registry version."""
+    """The champion PD model and its registry version, refused unless the feature store has every input it
+    reads (a model of another table promoted by hand, or one of retired feature definitions)."""
     from mlflow import MlflowClient
 
+    from features.definitions import feature_names, feature_set_version
     from models.registry import CHAMPION, load_pd_model
 
+    name = settings.mlflow.registered_model
     model = load_pd_model(settings, CHAMPION)
     if model is None:
+        raise ScfriskError(f"registered model '{name}' has no champion; run `scfrisk train` first")
+    version = str(MlflowClient(settings.tracking_uri).get_model_version_by_alias(name, CHAMPION).version)
+    available = set(feature_names())
+    missing = [f for f in model.feature_names if f not in available]
+    if missing:
         raise ScfriskError(
-            f"registered model '{settings.mlflow.registered_model}' has no champion; run `scfrisk train` first"
+            f"champion {name} v{version} (trained on {model.metadata.get('source', '?')}) reads {len(missing)} "
+            f"input(s) that feature set {feature_set_version()} does not have: {', '.join(missing)}; nothing was "
+            f"scored or published: make a model of the feature store champion "
+            f"(`scfrisk promote --version N --reason ...`) or train one (`scfrisk train`)"
         )
-    version = MlflowClient().get_model_version_by_alias(settings.mlflow.registered_model, CHAMPION).version
-    return model, str(version)
+    return model, version
 
 
 def build_limits(settings: Settings, as_of: datetime | None = None) -> LimitsResult:

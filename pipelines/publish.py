@@ -1,11 +1,13 @@
 """Publishing: an immutable, checked bundle per run, made live by one atomic pointer switch.
 
 Layout under `settings.path("published")`:
-    bundles/<bundle_id>/   manifest.json (hashes of every file) + model, features, limits, reason-code index
-                           (`models.reason_codes` format, as saved by `ReasonCodeIndex.save`), policy, report
+    bundles/<bundle_id>/   manifest.json (hashes of every file), manifest.sig (its HMAC when a bundle key is
+                           configured, `serving.signing`) + model, features, limits, reason-code index
+                           (`explanation.reason_codes` format, as saved by `ReasonCodeIndex.save`), policy, report
     rejected/<bundle_id>/  bundles that failed their checks, kept for inspection, never live
     CURRENT                the live bundle id, replaced with `os.replace` so readers see the old or the new id
-The service polls CURRENT and reloads; `rollback` points it back at an older bundle.
+The service polls CURRENT and reloads; `rollback` points it back at an older bundle. Publish, rollback and
+the service pass a bundle through the same gate, `serving.bundle.check_bundle`, before it goes live.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from models.reason_codes import ReasonCodeIndex, explain_payloads
-from pipelines.config import Settings
-from pipelines.errors import ScfriskError
-from pipelines.files import file_sha256
+from core.errors import ScfriskError
+from core.files import file_sha256
+from core.settings import Settings
+from explanation.reason_codes import ReasonCodeIndex
+from serving import signing
 from serving.bundle import (
     BUNDLES_DIR,
     FEATURES_FILE,
@@ -36,22 +38,14 @@ from serving.bundle import (
     POINTER,
     POLICY_FILE,
     REPORT_FILE,
-    Bundle,
-    adverse_codes,
+    BundleCheckError,
+    bundle_path,
+    check_bundle,
     current_bundle_id,
-    load_bundle,
     read_manifest,
 )
 
 log = logging.getLogger(__name__)
-
-CHECK_ROWS = 200
-"""Rows of the online snapshot re-scored before a switch."""
-PD_TOLERANCE = 1e-6
-
-
-class BundleCheckError(ScfriskError):
-    """A bundle failed a check before going live; it stays out of service."""
 
 
 @dataclass(frozen=True)
@@ -89,9 +83,11 @@ def _stage(parts: BundleParts, staging: Path) -> dict[str, str]:
     return {str(p.relative_to(staging)): file_sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
 
 
-def build_bundle(parts: BundleParts, published: Path, now: datetime | None = None) -> Path:
-    """Write a new bundle into a staging folder of `published` and return it (not yet checked or live)."""
-    from models.policy import load_policy
+def build_bundle(parts: BundleParts, published: Path, key: signing.BundleKey | None,
+                 now: datetime | None = None) -> Path:
+    """Write a new bundle into a staging folder of `published` and return it (not yet checked or live);
+    its manifest is signed when a bundle key is configured."""
+    from credit.policy import load_policy
 
     staging = published / f".staging-{uuid.uuid4().hex}"
     staging.mkdir(parents=True)
@@ -108,47 +104,14 @@ def build_bundle(parts: BundleParts, published: Path, now: datetime | None = Non
         "files": files,
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if key is not None:
+        signing.sign(staging, MANIFEST, key)
     return staging
-
-
-def check_bundle(bundle_dir: Path) -> Bundle:
-    """Verify hashes, load the bundle exactly as the service will, and re-score part of its snapshot; raise on
-    any doubt."""
-    bundle = load_bundle(bundle_dir)
-    sample = bundle.snapshot.head(CHECK_ROWS)
-    pd_values = bundle.model.predict_pd(sample)
-    if not np.all(np.isfinite(pd_values) & (pd_values >= 0.0) & (pd_values <= 1.0)):
-        raise BundleCheckError(f"the model scores non-finite or out-of-range PDs on {FEATURES_FILE}")
-    missing = sorted(set(sample["merchant_id"]) - set(bundle.online))
-    if missing:
-        raise BundleCheckError(
-            f"{LIMITS_FILE} has no rows for {len(missing)} snapshot merchants, e.g. {missing[:3]}"
-        )
-    stored = np.array([bundle.online[m].pd for m in sample["merchant_id"]])
-    worst = float(np.max(np.abs(stored - pd_values))) if len(stored) else 0.0
-    if worst > PD_TOLERANCE:
-        raise BundleCheckError(
-            f"{LIMITS_FILE} PDs differ from the bundled model's by up to {worst:.3g}: the limits were computed "
-            "with another model or another feature snapshot"
-        )
-    fresh = ReasonCodeIndex(explain_payloads(bundle.model, sample))
-    stale = [m for m in sample["merchant_id"] if _codes(fresh, m) != _codes(bundle.reasons, m)]
-    if stale:
-        raise BundleCheckError(
-            f"reason codes of {len(stale)} snapshot merchants (e.g. {stale[:3]}) differ from the bundled "
-            "model's: the reason-code index was built with another model or another feature snapshot"
-        )
-    return bundle
-
-
-def _codes(reasons: ReasonCodeIndex, merchant_id: str) -> list[str]:
-    return [reason["code"] for reason in adverse_codes(reasons, merchant_id)]
 
 
 def switch_to(published: Path, bundle_id: str) -> None:
     """Make `bundle_id` live: write the pointer beside the old one, then rename over it (atomic)."""
-    if not (published / BUNDLES_DIR / bundle_id / MANIFEST).is_file():
-        raise ScfriskError(f"no published bundle '{bundle_id}' in {published / BUNDLES_DIR}")
+    bundle_path(published, bundle_id)
     tmp = published / f"{POINTER}.tmp"
     with tmp.open("w") as handle:
         handle.write(bundle_id + "\n")
@@ -165,7 +128,8 @@ def publish(parts: BundleParts, settings: Settings) -> str:
     live id stays, so the audit trail names one bundle per distinct content.
     """
     published = settings.path("published")
-    staging = build_bundle(parts, published)
+    key = signing.bundle_key(settings)
+    staging = build_bundle(parts, published, key)
     manifest = read_manifest(staging)
     bundle_id = manifest["bundle_id"]
     live = current_bundle_id(published)
@@ -174,7 +138,7 @@ def publish(parts: BundleParts, settings: Settings) -> str:
         log.info("bundle content unchanged: %s stays live", live)
         return live
     try:
-        check_bundle(staging)
+        check_bundle(staging, key)
     except ScfriskError as exc:
         rejected = published / "rejected" / bundle_id
         rejected.parent.mkdir(parents=True, exist_ok=True)
@@ -206,8 +170,6 @@ def rollback(settings: Settings, to: str | None = None) -> str:
         if not older:
             raise ScfriskError(f"no bundle older than the live one ({live}) to roll back to in {published}")
         to = older[-1]
-    elif to not in bundles:
-        raise ScfriskError(f"no published bundle '{to}'; published: {', '.join(bundles) or 'none'}")
-    check_bundle(published / BUNDLES_DIR / to)
+    check_bundle(bundle_path(published, to), signing.bundle_key(settings))
     switch_to(published, to)
     return to

@@ -1,8 +1,10 @@
 """`scfrisk report`: the risk report of a registered model version, as HTML in the workspace and in MLflow.
 
-Glue only: reads the registry and the training run, then calls `models.risk_report`. The training flow
-calls `write_risk_report` right after registering a version; it also logs the report population (the rows
-the report was built from) so `scfrisk report --model-version N` can rebuild the same report later.
+Glue only: reads the registry, the training run, the gate settings, the credit policy and the offline
+store's monthly snapshots, then calls `reporting.risk_report`. The training flow calls `write_risk_report`
+right after registering a version; it also logs the report population (the rows the report was built
+from) so `scfrisk report --model-version N` can rebuild the same report later (with the policy and the
+snapshots of the workspace as they are then).
 """
 
 from __future__ import annotations
@@ -14,12 +16,20 @@ from pathlib import Path
 
 import pandas as pd
 
-from models.gates import GateDecision
+from core.errors import ScfriskError
+from core.settings import Settings
+from credit.policy import load_policy
+from explanation.reason_codes import table_definitions
+from models.evaluation import GROUP_COLUMNS
+from models.gates import MODEL_KIND_TAG, GateDecision
 from models.pd_model import PDModel
-from models.reason_codes import table_definitions
-from models.risk_report import GROUP_COLUMNS, ID_COLUMNS, OtherModel, render_risk_report, risk_report_sections
-from pipelines.config import Settings
-from pipelines.errors import ScfriskError
+from reporting.risk_report import (
+    ID_COLUMNS,
+    POLICY_COLUMNS,
+    OtherModel,
+    render_risk_report,
+    risk_report_sections,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +51,13 @@ def report_population(
     time_col: str | None = None,
     max_rows_per_slice: int = MAX_ROWS_PER_SLICE,
 ) -> pd.DataFrame:
-    """The columns and rows a report needs: features, label, slice, groups, ids; big slices sampled."""
-    keep = [c for c in (*ID_COLUMNS, time_col, *GROUP_COLUMNS, "y", "slice") if c and c in population.columns]
+    """The columns and rows a report needs: features, label, slice, groups, ids, the policy's inputs; big
+    slices sampled."""
+    keep = [
+        c
+        for c in (*ID_COLUMNS, time_col, *GROUP_COLUMNS, *POLICY_COLUMNS, "y", "slice")
+        if c and c in population.columns
+    ]
     frame = population[list(dict.fromkeys([*keep, *model.feature_names]))]
     parts = [
         part
@@ -51,6 +66,21 @@ def report_population(
         for name, part in frame.groupby("slice", sort=False)
     ]
     return pd.concat(parts).sort_index()
+
+
+def feature_snapshots(settings: Settings, model: PDModel) -> dict[str, pd.DataFrame]:
+    """The offline store's monthly snapshots of the model's feature-set version (the last
+    `features.snapshot_months`, oldest first), month -> the model's features; none for a table's model."""
+    metadata = model.metadata or {}
+    version = metadata.get("feature_set_version")
+    if metadata.get(MODEL_KIND_TAG, "platform") != "platform" or not version or version == "table":
+        return {}
+    files = sorted((settings.path("feature_store") / f"version={version}").glob("as_of=*.parquet"))
+    files = files[-settings.features.snapshot_months :] if settings.features.snapshot_months else []
+    return {
+        path.stem.removeprefix("as_of=")[:7]: pd.read_parquet(path, columns=model.feature_names)
+        for path in files
+    }
 
 
 def write_risk_report(
@@ -72,6 +102,9 @@ def write_risk_report(
         population,
         definitions=table_definitions(model.features),
         version=version,
+        gates=settings.gates,
+        policy=load_policy(settings.policy_file),
+        snapshots=feature_snapshots(settings, model),
         decision=decision,
         other=other,
         time_col=time_col,
@@ -121,11 +154,11 @@ def _other_side(settings: Settings, version: str) -> OtherModel | None:
 
     from models.registry import CHALLENGER, CHAMPION
 
-    client, name = MlflowClient(), settings.mlflow.registered_model
+    client, name = MlflowClient(settings.tracking_uri), settings.mlflow.registered_model
     aliases = {}
     for alias in (CHAMPION, CHALLENGER):
         try:
-            aliases[alias] = client.get_model_version_by_alias(name, alias).version
+            aliases[alias] = str(client.get_model_version_by_alias(name, alias).version)  # MLflow 3: an int
         except MlflowException:
             continue
     role = CHALLENGER if aliases.get(CHAMPION) == version else CHAMPION

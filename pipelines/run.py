@@ -21,13 +21,14 @@ import pandas as pd
 from prefect import flow, task
 from prefect.deployments.runner import RunnerDeployment
 
-from features.flow import build_features_flow
-from models.reason_codes import ReasonCodeIndex
-from pipelines.config import Settings
+from core.batch import require_tables
+from core.raw_store import RawStore
+from core.settings import Settings
+from explanation.reason_codes import ReasonCodeIndex
+from pipelines.features import build_features_flow
 from pipelines.ingest import ingest_flow
 from pipelines.limits import champion, limits_flow
 from pipelines.publish import BundleParts, publish
-from pipelines.raw_store import RawStore
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ def training_fingerprint(settings: Settings, snapshot_id: str, feature_set_versi
         "snapshot": snapshot_id,
         "features": feature_set_version,
         "code": training_code_version(),
+        "seed": settings.seed,
         "model": settings.model.model_dump(mode="json"),
         "gates": settings.gates.model_dump(mode="json"),
         "policy": Path(settings.policy_file).read_text(),
@@ -127,6 +129,8 @@ def run_flow(settings: Settings, source: str, oracle: str | None = None) -> RunS
     from pipelines.report import report_file, report_for_version
     from pipelines.train import train_flow
 
+    # The CLI checks this before it starts; a scheduled run (`monthly_deployment`) is checked here.
+    require_tables("run", RawStore(settings.path("raw_store")), Path(source))
     ingested = ingest_flow(source=source, settings=settings)
     snapshot_id = RawStore(settings.path("raw_store")).snapshot_id or ""
     features = build_features_flow(settings=settings)
@@ -171,7 +175,7 @@ def monthly_deployment(settings: Settings, source: Path, cron: str = "0 3 1 * *"
     (served by `scfrisk schedule`; runs then show in the Prefect UI of the configured server)."""
     from pydantic import ValidationError
 
-    from pipelines.errors import ScfriskError
+    from core.errors import ScfriskError
 
     try:
         return run_flow.to_deployment(

@@ -2,6 +2,8 @@
 
 Two entry points share one run: the feature store (labels from the raw store's loans, point-in-time
 features) and any feature table (`--table`). The Prefect flows are thin shells over `run_training`.
+A model of the feature store is the platform's (`[mlflow].registered_model`, used by limits and the
+service); a model of one's own table is registered under a name of its own and never competes with it.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -19,43 +22,81 @@ import numpy as np
 import pandas as pd
 from prefect import flow
 
-from models.evaluation import Evaluation, evaluate_model
-from models.gates import GateDecision, decide_promotion
+from core.errors import ScfriskError
+from core.settings import Settings
+from explanation.reason_codes import REFERENCES_KEY, reference_values
+from models.evaluation import GROUP_COLUMNS, Evaluation, evaluate_model
+from models.gates import (
+    MODEL_KIND_TAG,
+    SPLIT_KIND_TAG,
+    GateDecision,
+    Lineage,
+    ModelKind,
+    SplitKind,
+    decide_promotion,
+)
 from models.master_scale import load_master_scale
-from models.model_card import render_model_card
-from models.plots import calibration_plot, ks_plot, roc_plot, score_distribution_plot
-from models.reason_codes import REFERENCES_KEY, reference_values
-from models.registry import apply_decision, champion_auc_on, configure_mlflow, log_pd_model
+from models.registry import (
+    apply_decision,
+    compare_with_champion,
+    configure_mlflow,
+    log_pd_model,
+    model_settings,
+)
 from models.splits import split_summary, stratified_split, time_split
 from models.training import TrainingResult, binary_target, infer_features, train_pd_model
-from pipelines.config import Settings
-from pipelines.errors import ScfriskError
 from pipelines.report import write_risk_report
+from reporting.model_card import render_model_card
+from reporting.plots import calibration_plot, ks_plot, roc_plot, score_distribution_plot
 
 log = logging.getLogger(__name__)
 
-GROUP_COLUMNS = ("segment", "merchant_type", "product")
-"""Columns that metrics and grades are broken down by, when the table has them."""
 STRATIFIED_FRACTIONS = (0.2, 0.2)
 """(validation, test) shares of a table without a time column."""
 METRICS_OUT_KEYS = {"auc": "test_auc", "gini": "test_gini", "ks": "test_ks", "brier": "test_brier",
                     "ece": "test_ece", "n_test": "test_n", "baseline_auc": "baseline_auc"}
+TABLE_MODEL_PREFIX = "scfrisk-table-"
+"""Registered name of an own-table model without `--model-name`: the prefix and the table file's stem."""
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 @dataclass(frozen=True)
 class TrainOutcome:
     run_id: str
+    model_name: str
     version: str
     decision: GateDecision
     metrics: dict[str, float]
     split: pd.DataFrame
+    split_kind: SplitKind
 
     def describe(self) -> str:
         m = self.metrics
-        return (f"model version {self.version} (run {self.run_id}): OOT AUC {m['test_auc']:.4f} "
-                f"(baseline {m['baseline_auc']:.4f}), ECE {m['test_ece']:.4f}, PSI {m['score_psi']:.4f}; "
-                f"{'promoted to champion' if self.decision.promote else 'challenger only'}\n  "
-                + "\n  ".join(self.decision.reasons))
+        test = "OOT" if self.split_kind == "out_of_time" else "test"
+        lines = [f"{self.model_name} version {self.version} (run {self.run_id}): {test} AUC {m['test_auc']:.4f} "
+                 f"(baseline {m['baseline_auc']:.4f}), ECE {m['test_ece']:.4f}, PSI {m['score_psi']:.4f}; "
+                 f"{'promoted to champion' if self.decision.promote else 'challenger only'}",
+                 *self.decision.reasons]
+        if "oracle_auc" in m:
+            lines.append(f"true PD (simulator oracle) on the {test} rows: AUC {m['oracle_auc']:.4f}, the model's "
+                         f"gap to it {m['auc_gap_to_oracle']:+.4f}; Brier {m['oracle_brier']:.4f}, gap "
+                         f"{m['brier_gap_to_oracle']:+.4f}")
+        return "\n  ".join(lines)
+
+
+def table_model_name(table: Path | str, model_name: str | None = None) -> str:
+    """The registered model of an own-table run: `model_name`, or derived from the table's file name."""
+    return model_name or TABLE_MODEL_PREFIX + re.sub(r"[^a-z0-9_]+", "-", Path(table).stem.lower()).strip("-")
+
+
+def check_table_model_name(settings: Settings, name: str) -> str:
+    """Refuse a name MLflow would mangle, and the platform's model, which limits and the service use."""
+    if not MODEL_NAME.fullmatch(name):
+        raise ScfriskError(f"--model-name '{name}': use letters, digits, '.', '_' or '-' (at most 100)")
+    if name == settings.mlflow.registered_model:
+        raise ScfriskError(f"--model-name '{name}' is the platform's model ([mlflow].registered_model), which "
+                           "limits and the service use; a model of your own table needs a name of its own")
+    return name
 
 
 def read_table(path: Path | str) -> pd.DataFrame:
@@ -110,8 +151,16 @@ def run_training(settings: Settings, frame: pd.DataFrame, target: str, *, time_c
                  id_col: str | None = None, test_frame: pd.DataFrame | None = None,
                  directions: dict[str, int] | None = None, kinds: dict[str, str] | None = None,
                  exclude: tuple[str, ...] = (), true_pd: pd.Series | None = None, source: str = "table",
-                 feature_set_version: str = "table") -> TrainOutcome:
-    """Train, evaluate, log, register and gate one model on a labelled table (plus an optional test table)."""
+                 feature_set_version: str = "table", model_name: str | None = None,
+                 raw_snapshot_id: str | None = None) -> TrainOutcome:
+    """Train, evaluate, log, register and gate one model on a labelled table (plus an optional test table).
+
+    With `model_name` (see `table_model_name`) the model is an own table's, registered under that name and
+    gated against that name's champion only; without it, the platform's (`[mlflow].registered_model`).
+    """
+    kind: ModelKind = "platform" if model_name is None else "table"
+    if model_name is not None:
+        settings = model_settings(settings, check_table_model_name(settings, model_name))
     _require_columns(frame, {"target": target, "time": time_col, "id": id_col}, source)
     if test_frame is not None:
         _require_columns(test_frame, {"target": target, "time": time_col}, "the test table")
@@ -128,7 +177,7 @@ def run_training(settings: Settings, frame: pd.DataFrame, target: str, *, time_c
     drop = {target, "__source", *(c for c in (time_col, id_col) if c), *exclude}
     features = infer_features(data[slices == "train"], drop, directions, kinds)
     scale = load_master_scale(settings.policy_file)
-    result = train_pd_model(data, y, slices, features, seed=settings.model.seed, max_rounds=settings.model.max_rounds,
+    result = train_pd_model(data, y, slices, features, seed=settings.seed, max_rounds=settings.model.max_rounds,
                             search_trials=settings.model.search_trials, threads=settings.model.threads,
                             master_scale=scale)
     groups = [c for c in GROUP_COLUMNS if c in data.columns and c != target]
@@ -136,26 +185,36 @@ def run_training(settings: Settings, frame: pd.DataFrame, target: str, *, time_c
     evaluation = evaluate_model(result.model, baseline_pd, data, y, slices, groups, true_pd,
                                 settings.gates.min_grade_count, settings.gates.grade_tolerance_z)
     split = split_summary(slices, y, data[time_col] if time_col else None)
-    train = (slices == "train").to_numpy()
+    train, test = (slices == "train").to_numpy(), (slices == "test").to_numpy()
+    split_kind: SplitKind = "test_table" if test_frame is not None else "out_of_time" if time_col else "random"
+    all_rows = data_hash(data)
+    lineage = Lineage(feature_set_version, all_rows, data_hash(data[test]), split.loc["valid"].get("end"),
+                      split.loc["test"].get("start"), raw_snapshot_id or all_rows)
     result.model.metadata = {
-        "feature_set_version": feature_set_version, "source": source, "data_hash": data_hash(data),
+        "feature_set_version": feature_set_version, "source": source, "data_hash": all_rows,
+        "raw_snapshot_id": raw_snapshot_id, MODEL_KIND_TAG: kind, SPLIT_KIND_TAG: split_kind,
         "trained_on": split.to_dict(orient="index"),
         REFERENCES_KEY: reference_values(result.model.prepare(data[train]), evaluation.scored.loc[train, "pd"]),
     }
-    return _log_and_gate(settings, data, y, slices, result, evaluation, split, source, time_col)
+    return _log_and_gate(settings, data, y, slices, result, evaluation, split, source, time_col, lineage)
 
 
 def _log_and_gate(settings: Settings, data: pd.DataFrame, y: pd.Series, slices: pd.Series, result: TrainingResult,
-                  evaluation: Evaluation, split: pd.DataFrame, source: str, time_col: str | None) -> TrainOutcome:
+                  evaluation: Evaluation, split: pd.DataFrame, source: str, time_col: str | None,
+                  lineage: Lineage) -> TrainOutcome:
     model, metrics = result.model, evaluation.metrics
     configure_mlflow(settings)
     test = (slices == "test").to_numpy()
     with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        mlflow.set_tags({"feature_set_version": model.metadata["feature_set_version"], "source": source,
-                         "data_hash": model.metadata["data_hash"], "git_commit": git_commit() or "none",
+        mlflow.set_tags({"feature_set_version": lineage.feature_set_version, "source": source,
+                         "data_hash": lineage.data_hash, "test_rows_hash": lineage.test_rows_hash,
+                         MODEL_KIND_TAG: model.metadata[MODEL_KIND_TAG],
+                         SPLIT_KIND_TAG: model.metadata[SPLIT_KIND_TAG], "git_commit": git_commit() or "none",
                          "calibration": model.calibrator.method})
-        mlflow.log_params({**{f"lgb_{k}": v for k, v in result.params.items()}, "seed": settings.model.seed,
+        if model.metadata["raw_snapshot_id"]:
+            mlflow.set_tag("raw_snapshot_id", model.metadata["raw_snapshot_id"])
+        mlflow.log_params({**{f"lgb_{k}": v for k, v in result.params.items()}, "seed": settings.seed,
                            "valid_months": settings.model.valid_months, "test_months": settings.model.test_months,
                            "search_trials": settings.model.search_trials, "n_features": len(model.features),
                            "calibration": model.calibrator.method})
@@ -179,19 +238,21 @@ def _log_and_gate(settings: Settings, data: pd.DataFrame, y: pd.Series, slices: 
                                               for s in ("train", "valid", "test")}, out / "score_distribution.png")):
             mlflow.log_artifact(str(path), "plots")
         version = log_pd_model(model, data.loc[test], settings.mlflow.registered_model)
-        champion_auc = champion_auc_on(settings, data.loc[test], y_test)
+        champion = compare_with_champion(settings, lineage, data.loc[test], y_test)
         decision = decide_promotion(metrics["test_auc"], metrics["test_ece"], metrics["score_psi"],
-                                    bool(metrics.get("grades_monotone", 1.0)), champion_auc, settings.gates)
+                                    bool(metrics.get("grades_monotone", 1.0)), champion, settings.gates)
         apply_decision(settings, version, decision)
         mlflow.set_tags({"gate_decision": "promoted" if decision.promote else "rejected",
-                         "registered_version": version})
-        mlflow.log_dict({**decision.as_dict(), "version": version, "champion_auc": champion_auc}, "gate_decision.json")
+                         "registered_model": settings.mlflow.registered_model, "registered_version": version})
+        mlflow.log_dict({**decision.as_dict(), "version": version, "champion_version": champion and champion.version,
+                         "champion_auc": champion and champion.auc}, "gate_decision.json")
         card = render_model_card(f"{settings.mlflow.registered_model} v{version}", model, split, evaluation,
                                  decision, source)
         mlflow.log_text(card, "model_card.md")
         write_risk_report(settings, model, data.assign(y=y, slice=slices), version, run_id=run.info.run_id,
                           decision=decision, time_col=time_col, source=source)
-    outcome = TrainOutcome(run.info.run_id, version, decision, metrics, split)
+    outcome = TrainOutcome(run.info.run_id, settings.mlflow.registered_model, version, decision, metrics, split,
+                           model.metadata[SPLIT_KIND_TAG])
     log.info(outcome.describe())
     return outcome
 
@@ -203,7 +264,8 @@ def write_metrics(outcome: TrainOutcome, path: Path | str) -> Path:
     payload["n_test"] = int(payload["n_test"])
     # The final booster learns from train + valid (`train_pd_model` refits on both).
     payload["n_train"] = int(outcome.split.loc[["train", "valid"], "rows"].sum())
-    payload.update(version=outcome.version, run_id=outcome.run_id, promoted=outcome.decision.promote)
+    payload.update(registered_model=outcome.model_name, version=outcome.version, run_id=outcome.run_id,
+                   promoted=outcome.decision.promote)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2))
@@ -213,10 +275,11 @@ def write_metrics(outcome: TrainOutcome, path: Path | str) -> Path:
 @flow(name="train-table")
 def train_table_flow(settings: Settings, table: str, target: str, time_col: str | None = None,
                      id_col: str | None = None, test_table: str | None = None,
-                     metrics_out: str | None = None) -> TrainOutcome:
-    """Prefect shell of `scfrisk train --table`."""
+                     metrics_out: str | None = None, model_name: str | None = None) -> TrainOutcome:
+    """Prefect shell of `scfrisk train --table`: registered as `model_name`, or a name derived from the table."""
     outcome = run_training(settings, read_table(table), target, time_col=time_col, id_col=id_col,
-                           test_frame=read_table(test_table) if test_table else None, source=str(table))
+                           test_frame=read_table(test_table) if test_table else None, source=str(table),
+                           model_name=table_model_name(table, model_name))
     if metrics_out:
         write_metrics(outcome, metrics_out)
     return outcome
@@ -229,9 +292,9 @@ ENTITY_COLUMNS = ["application_id", "loan_id", "merchant_id", "as_of", "product"
 def feature_store_table(settings: Settings) -> pd.DataFrame:
     """Completed loan outcomes with point-in-time features as of each application (the offline store's
     training set, reused while the raw snapshot and the feature definitions are unchanged)."""
+    from core.raw_store import RawStore
     from features.definitions import feature_names
     from features.offline_store import OfflineStore
-    from pipelines.raw_store import RawStore
 
     store = RawStore(settings.path("raw_store"))
     horizon = settings.model.label_horizon_months
@@ -255,15 +318,19 @@ def oracle_pd(oracle_dir: Path | str, loan_ids: pd.Series) -> pd.Series:
 @flow(name="train")
 def train_flow(settings: Settings, oracle: str | None = None, metrics_out: str | None = None) -> TrainOutcome:
     """Prefect shell of `scfrisk train`: feature store -> train -> evaluate -> register -> gate."""
+    from core.raw_store import RawStore
+    from features.catalogue import PROTECTED_PROXIES
     from features.definitions import FEATURES, feature_set_version
 
     frame = feature_store_table(settings)
     outcome = run_training(
         settings, frame, "defaulted", time_col="as_of", id_col="application_id",
         directions={f.name: f.direction for f in FEATURES}, kinds={f.name: f.kind for f in FEATURES},
-        exclude=tuple(c for c in ENTITY_COLUMNS if c not in ("defaulted", "as_of", "application_id")),
+        exclude=(*(c for c in ENTITY_COLUMNS if c not in ("defaulted", "as_of", "application_id")),
+                 *PROTECTED_PROXIES),  # a possible proxy of a protected attribute is never a model input
         true_pd=oracle_pd(oracle, frame["loan_id"]) if oracle else None,
         source=f"feature store {settings.path('raw_store')}", feature_set_version=feature_set_version(),
+        raw_snapshot_id=RawStore(settings.path("raw_store")).snapshot_id,
     )
     if metrics_out:
         write_metrics(outcome, metrics_out)

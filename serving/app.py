@@ -1,144 +1,28 @@
-"""The scoring service the loan engine calls: FastAPI app factory over the live published bundle.
-
-A request takes the bundle reference once and keeps it to the end, so a reload (load the new bundle
-fully, then swap one reference) never changes the answer of a request in flight. A bundle that cannot
-be loaded is not swapped in: the old one keeps serving and `/readyz` says so.
+"""The scoring service the loan engine calls: the app factory wires settings, keys, the live bundle, the
+audit log, the body guard and the routers (`serving.routes`); each route reads alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
-import logging
-import math
-import uuid
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Security
-from fastapi.concurrency import run_in_threadpool
+from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
-from fastapi.security import APIKeyHeader
-from pydantic import ValidationError
+from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 
-from pipelines.config import Settings
-from pipelines.errors import ScfriskError
-from serving.audit import AuditLog
-from serving.auth import ApiKey, Keyring
-from serving.bundle import (
-    BUNDLES_DIR,
-    MANIFEST,
-    REPORT_FILE,
-    Bundle,
-    Scored,
-    current_bundle_id,
-    load_bundle,
-    read_manifest,
-)
-from serving.schemas import (
-    MAX_TEXT,
-    BatchRequest,
-    BatchResponse,
-    Health,
-    MerchantLimits,
-    ModelInfo,
-    Problem,
-    Readiness,
-    ScoreRequest,
-    ScoreResponse,
-)
-
-log = logging.getLogger(__name__)
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": Problem, "description": "No or unknown API key in X-API-Key."},
-    403: {"model": Problem, "description": "The API key lacks the scope this endpoint needs."},
-    413: {"model": Problem, "description": "Request body or batch larger than the configured maximum."},
-    503: {"model": Problem, "description": "No bundle published or loaded yet."},
-}
-NOT_FOUND = {404: {"model": Problem, "description": "Unknown merchant, report or bundle."}}
-UNREADABLE = {400: {"model": Problem, "description": "The body cannot be parsed (not UTF-8, or nested too deep)."}}
-MAX_PROBLEMS = 20
-"""Errors listed in one 422 body (or one batch item's detail); the rest are counted."""
-
-
-class LiveBundle:
-    """The one reference requests read; replaced whole by `refresh`, never mutated."""
-
-    def __init__(self, published: Path) -> None:
-        self.published = published
-        self.bundle: Bundle | None = None
-        self.failed: tuple[str, str] | None = None
-        """(bundle id, error) of the last bundle that could not be loaded."""
-
-    def require(self) -> Bundle:
-        bundle = self.bundle
-        if bundle is None:
-            raise HTTPException(503, "no bundle is live yet: run the pipeline's publish step")
-        return bundle
-
-    async def refresh(self) -> None:
-        """Load the bundle the pointer names if it is new; on failure keep the current one."""
-        target = current_bundle_id(self.published)
-        live = self.bundle.bundle_id if self.bundle else None
-        if target is None or target == live or (self.failed and self.failed[0] == target):
-            return
-        try:
-            bundle = await asyncio.to_thread(load_bundle, self.published / BUNDLES_DIR / target)
-        except Exception as exc:  # any failure to load must leave the old bundle serving
-            self.failed = (target, f"{type(exc).__name__}: {exc}")
-            log.error("bundle %s could not be loaded, still serving %s: %s", target, live, exc)
-            return
-        self.bundle, self.failed = bundle, None
-        log.info("serving bundle %s (model %s, policy %s)", target, bundle.model_version, bundle.policy_version)
-
-
-class Refused(Exception):
-    """A request the live bundle cannot answer: its HTTP status, where in the body and why."""
-
-    def __init__(self, status: int, loc: list[Any], detail: str) -> None:
-        super().__init__(detail)
-        self.status, self.loc, self.detail = status, loc, detail
-
-    def http(self) -> Exception:
-        """As one request's error: a 422 body like a schema error's, or a plain `detail`."""
-        if self.status == 422:
-            return RequestValidationError([{"type": "value_error", "loc": tuple(self.loc), "msg": self.detail}])
-        return HTTPException(self.status, self.detail)
-
-
-def _short(value: Any) -> Any:
-    return value[:MAX_TEXT] + "..." if isinstance(value, str) and len(value) > MAX_TEXT else value
-
-
-def _problems(errors: list[dict[str, Any]], loc: list[Any]) -> list[dict[str, Any]]:
-    """`_problem` of each error, the first `MAX_PROBLEMS` of them: a body of 20,000 junk keys gets a short
-    refusal, not one line per key."""
-    listed = [_problem(error, loc) for error in errors[:MAX_PROBLEMS]]
-    if len(errors) > MAX_PROBLEMS:
-        listed.append({"type": "too_many_errors", "loc": [*loc] or ["body"],
-                       "msg": f"{len(errors) - MAX_PROBLEMS} more problems not listed"})
-    return listed
-
-
-def _problem(error: dict[str, Any], loc: list[Any]) -> dict[str, Any]:
-    """A pydantic error as strict JSON that cannot grow with the input: the offending value is echoed only
-    when it is a finite number, a boolean or short text, and a long key in `loc` is cut short."""
-    value = error.get("input")
-    loc = [_short(part) for part in (*loc, *error["loc"])]
-    message = error["msg"]
-    if error["type"] == "extra_forbidden":
-        message = (f"unknown feature '{loc[-1]}': not in the feature catalogue (GET /v1/model lists the inputs)"
-                   if "features" in loc[:-1] else f"unknown field '{loc[-1]}'")
-    problem = {"type": error["type"], "loc": loc, "msg": message}
-    safe = (value is None or isinstance(value, bool | int) or (isinstance(value, float) and math.isfinite(value))
-            or (isinstance(value, str) and len(value) <= MAX_TEXT))
-    if safe and "input" in error:
-        problem["input"] = value
-    return problem
+from core.errors import ScfriskError
+from core.settings import Settings
+from serving.audit import AuditLog, DurableAnswers
+from serving.auth import Keyring
+from serving.live import LiveBundle
+from serving.problems import invalid_request
+from serving.routes import lookup, operations, scoring
+from serving.signing import bundle_key
 
 
 class BodyLimit:
@@ -175,10 +59,10 @@ def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
             "or [service].api_keys"
         )
     service = settings.service
-    live = LiveBundle(settings.path("published"))
+    live = LiveBundle(settings.path("published"), bundle_key(settings))
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         audit = AuditLog(settings.audit_log)
         app.state.audit = audit
         await live.refresh()
@@ -195,7 +79,7 @@ def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
             watcher.cancel()
             audit.close()
 
-    app = FastAPI(
+    app = FastAPIOffline(
         title="scfrisk scoring service",
         version="1",
         description=(
@@ -207,186 +91,21 @@ def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
         ),
         lifespan=lifespan,
     )
-    app.state.live = live
+    app.state.settings, app.state.keyring, app.state.live = settings, keyring, live
     app.add_middleware(BodyLimit, max_bytes=service.max_request_bytes)
-    key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key with the needed scope.")
+    app.add_middleware(DurableAnswers)
+    app.add_exception_handler(RequestValidationError, invalid_request)  # type: ignore[arg-type]
+    for router in (scoring.router, lookup.router, operations.router):
+        app.include_router(router)
+    app.openapi = _openapi_with_live_values(app, live)  # type: ignore[method-assign]
+    return app
 
-    def scope(name: str):
-        def check(key: str | None = Security(key_header)) -> ApiKey:
-            found = keyring.identify(key)
-            if found is None:
-                raise HTTPException(401, "missing or unknown API key in the X-API-Key header")
-            if name not in found.scopes:
-                raise HTTPException(403, f"API key {found.key_id} lacks the '{name}' scope")
-            return found
 
-        return check
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Any, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _problems(list(exc.errors()), [])}, status_code=422)
-
-    def answer(bundle: Bundle, scored: Scored, req: ScoreRequest, inputs: dict[str, Any] | None, caller: ApiKey,
-               request_id: str) -> dict[str, Any]:
-        decision = bundle.decide(scored, req.product, req.requested_amount)
-        app.state.audit.write({
-            "request_id": request_id,
-            "time": datetime.now(UTC).isoformat(),
-            "caller": caller.key_id,
-            "merchant_id": req.merchant_id,
-            "product": req.product,
-            "requested_amount": req.requested_amount,
-            "features": inputs,
-            "inputs_hash": scored.inputs_hash,
-            "bundle_id": bundle.bundle_id,
-            "model_version": bundle.model_version,
-            "policy_version": bundle.policy_version,
-            "pd": scored.pd,
-            "grade": scored.grade,
-            "decision": decision and decision["outcome"],
-            "approved_amount": decision and decision["amount"],
-            "reasons": [r["code"] for r in scored.reason_codes],
-        })
-        return {
-            "request_id": request_id,
-            "merchant_id": req.merchant_id,
-            "pd": scored.pd,
-            "grade": scored.grade,
-            "limits": scored.limits,
-            "decision": decision,
-            "reason_codes": scored.reason_codes,
-            "model_version": bundle.model_version,
-            "features_as_of": bundle.features_as_of,
-            "policy_version": bundle.policy_version,
-            "bundle_id": bundle.bundle_id,
-        }
-
-    def check_request(bundle: Bundle, req: ScoreRequest, loc: list[Any]) -> dict[str, Any] | None:
-        """Refuse what the live bundle cannot answer; returns the inputs to score of a `features` payload
-        (exactly the bundle's inputs: what is scored is what the audit line records)."""
-        if req.product is not None and req.product not in bundle.policy.products:
-            known = ", ".join(bundle.policy.products)
-            raise Refused(422, [*loc, "product"], f"unknown product '{req.product}'; known: {known}")
-        features = req.feature_values()
-        if features is None:
-            if req.merchant_id not in bundle.online:
-                raise Refused(404, [*loc, "merchant_id"], f"merchant '{req.merchant_id}' is not in the online store "
-                                                          f"of bundle {bundle.bundle_id}; send its features instead")
-            return None
-        missing = bundle.missing_inputs(features)
-        if missing:
-            raise Refused(422, [*loc, "features", missing[0]],
-                          f"features payload misses {len(missing)} input(s): {', '.join(missing)}; send every "
-                          "input of the live model, null when unknown")
-        unknown = bundle.unknown_inputs(features)
-        allowed = math.floor(service.max_missing_share * len(bundle.model.features))
-        if len(unknown) > allowed:
-            raise Refused(422, [*loc, "features"],
-                          f"{len(unknown)} of the model's {len(bundle.model.features)} inputs are unknown (null, a "
-                          f"missing-value code or an unseen category: {', '.join(unknown)}); at most {allowed} may "
-                          "be: a PD built on so little is not a decision")
-        return {name: features[name] for name in bundle.input_columns}
-
-    @app.post("/v1/score", response_model=ScoreResponse, responses={**ERRORS, **NOT_FOUND, **UNREADABLE},
-              tags=["scoring"])
-    async def score(req: ScoreRequest, caller: ApiKey = Depends(scope("score"))) -> dict[str, Any]:
-        """Score one merchant: online-store lookup by `merchant_id`, or an explicit `features` payload.
-
-        A payload carries every input of the live model (GET /v1/model `inputs`), `null` for a value that is
-        unknown; at most `[service].max_missing_share` of the model's inputs may be unknown (null, a
-        missing-value code such as -999, or a category the model never saw), more is refused with 422.
-        Numbers must be finite JSON numbers; text, booleans and unknown keys are refused with 422 naming
-        the field.
-        """
-        bundle = live.require()
-        try:
-            inputs = check_request(bundle, req, ["body"])
-        except Refused as exc:
-            raise exc.http() from None
-        if inputs is not None:
-            scored = await run_in_threadpool(bundle.score_features, inputs)
-        else:
-            scored = bundle.online[req.merchant_id]
-        return answer(bundle, scored, req, inputs, caller, uuid.uuid4().hex)
-
-    @app.post("/v1/score/batch", response_model=BatchResponse, responses={**ERRORS, **UNREADABLE}, tags=["scoring"])
-    async def score_batch(batch: BatchRequest, caller: ApiKey = Depends(scope("score"))) -> dict[str, Any]:
-        """Score up to `[service].max_batch_size` requests, each as `/v1/score` would; explicit payloads are
-        scored together in one pass.
-
-        Always 200 with one entry per request, in the order sent: its answer, or its error (`status` 404 for
-        an unknown merchant, 422 for an invalid item, with `detail` and `loc`); a bad item never fails the
-        others. A batch over the size limit is refused whole with 413 before any item is read.
-        """
-        if len(batch.requests) > service.max_batch_size:
-            raise HTTPException(413, f"batch of {len(batch.requests)} requests exceeds max_batch_size "
-                                     f"{service.max_batch_size}")
-        bundle = live.require()
-        results: list[dict[str, Any] | None] = [None] * len(batch.requests)
-        accepted: list[tuple[int, ScoreRequest, dict[str, Any] | None]] = []
-        for i, item in enumerate(batch.requests):
-            loc = ["body", "requests", i]
-            try:
-                req = ScoreRequest.model_validate(item)
-                accepted.append((i, req, check_request(bundle, req, loc)))
-            except ValidationError as exc:
-                problems = _problems(exc.errors(), loc)
-                detail = "; ".join(f"{'.'.join(map(str, p['loc'][3:])) or 'item'}: {p['msg']}" for p in problems)
-                results[i] = {"status": 422, "detail": detail, "loc": problems[0]["loc"]}
-            except Refused as exc:
-                results[i] = {"status": exc.status, "detail": exc.detail, "loc": exc.loc}
-        payloads = [inputs for _, _, inputs in accepted if inputs is not None]
-        if payloads:
-            import pandas as pd
-
-            fresh = iter(await run_in_threadpool(bundle.score_frame, pd.DataFrame(payloads)))
-        for i, req, inputs in accepted:
-            scored = next(fresh) if inputs is not None else bundle.online[req.merchant_id]
-            results[i] = answer(bundle, scored, req, inputs, caller, uuid.uuid4().hex)
-        return {"results": results}
-
-    @app.get("/v1/merchants/{merchant_id}/limits", response_model=MerchantLimits,
-             responses={**ERRORS, **NOT_FOUND}, tags=["lookup"])
-    async def merchant_limits(merchant_id: str, caller: ApiKey = Depends(scope("read"))) -> dict[str, Any]:
-        """Current limits per product of an online-store merchant."""
-        bundle = live.require()
-        scored = bundle.online.get(merchant_id)
-        if scored is None:
-            raise HTTPException(
-                404, f"merchant '{merchant_id}' is not in the online store of bundle {bundle.bundle_id}"
-            )
-        return {"merchant_id": merchant_id, "pd": scored.pd, "grade": scored.grade, "limits": scored.limits,
-                "features_as_of": bundle.features_as_of, "policy_version": bundle.policy_version}
-
-    @app.get("/v1/model", response_model=ModelInfo, responses=ERRORS, tags=["lookup"])
-    async def model_info(caller: ApiKey = Depends(scope("read"))) -> dict[str, Any]:
-        """What is live: bundle, model, feature set and policy versions, and the inputs a payload needs."""
-        bundle = live.require()
-        m = bundle.manifest
-        return {"bundle_id": bundle.bundle_id, "model_version": bundle.model_version,
-                "feature_set_version": m["feature_set_version"], "features_as_of": bundle.features_as_of,
-                "policy_version": bundle.policy_version, "created_at": m["created_at"],
-                "inputs": bundle.input_columns, "products": list(bundle.policy.products),
-                "online_merchants": len(bundle.online)}
-
-    html = {200: {"description": "The report as a self-contained HTML page.",
-                  "content": {"text/html": {"schema": {"type": "string"}}}}}
-
-    @app.get("/reports/{version}", responses={**html, **ERRORS, **NOT_FOUND}, tags=["lookup"])
-    async def report(version: str, caller: ApiKey = Depends(scope("read"))) -> HTMLResponse:
-        """The risk report of a model version, from the newest published bundle that carries it."""
-        root = live.published / BUNDLES_DIR
-        for bundle_dir in sorted(root.iterdir(), reverse=True) if root.is_dir() else []:
-            path = bundle_dir / REPORT_FILE
-            if (bundle_dir / MANIFEST).is_file() and path.is_file():
-                if read_manifest(bundle_dir)["model_version"] == version:
-                    return HTMLResponse(path.read_text())
-        raise HTTPException(404, f"no published risk report for model version '{version}'")
-
+def _openapi_with_live_values(app: FastAPI, live: LiveBundle) -> Any:
+    """The OpenAPI schema, with the live policy's products and grades as the values they may take."""
     static_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
-        """The OpenAPI schema, with the live policy's products and grades as the values they may take."""
         schema = copy.deepcopy(static_openapi())
         components = schema["components"]["schemas"]
         # batch items are validated one by one in the handler; pydantic documents them inline, point them at
@@ -403,23 +122,4 @@ def create_app(settings: Settings, keyring: Keyring) -> FastAPI:
                 text["enum"] = values
         return schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
-
-    @app.get("/healthz", response_model=Health, tags=["operations"])
-    async def healthz() -> dict[str, str]:
-        """The process is up."""
-        return {"status": "ok"}
-
-    @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, tags=["operations"])
-    async def readyz() -> JSONResponse:
-        """Ready when a bundle is live; `degraded` when a newer published bundle failed to load."""
-        bundle, failed = live.bundle, live.failed
-        if bundle is None:
-            body = {"status": "not_ready", "bundle_id": None, "detail": failed and failed[1]}
-            return JSONResponse(body, status_code=503)
-        if failed:
-            detail = f"bundle {failed[0]} failed to load, still serving {bundle.bundle_id}: {failed[1]}"
-            return JSONResponse({"status": "degraded", "bundle_id": bundle.bundle_id, "detail": detail})
-        return JSONResponse({"status": "ready", "bundle_id": bundle.bundle_id, "detail": None})
-
-    return app
+    return openapi

@@ -11,7 +11,7 @@ import hmac
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from pipelines.errors import ScfriskError
+from core.errors import ScfriskError
 
 SCOPES = ("score", "read")
 """`score`: POST /v1/score and /v1/score/batch; `read`: limits, model and report lookups."""

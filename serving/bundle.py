@@ -1,15 +1,20 @@
 """A published bundle, read and made ready to answer: the on-disk layout, the pointer, and scoring.
 
 Everything the service says about an online-store merchant is computed once when a bundle loads (PD,
-grade, limits per product, reason codes) so a request is a dict lookup plus the decision for its amount.
-Merchants the store lacks are scored on the fly through the same model, limit engine and explainer; both
-kinds of answer read their reason codes from a reason table (`models.reason_codes.COLUMNS`) through
-`adverse_codes_by_merchant`, so they say the same.
+grade, limits per product with the plain words of any exclusion, reason codes) so a request is a dict
+lookup plus the decision for its amount. Merchants the store lacks are scored on the fly through the same
+model, limit engine and explainer (a bundle's model trained on the feature set this code computes can also
+take features computed from raw records, `features.on_demand`); both kinds of answer read their reason codes
+through `explanation.reason_codes.ReasonCodeIndex` (`adverse_codes`), so they say the same.
+
+`check_bundle` is the one gate before a bundle goes live (publish, rollback, the service), and
+`bundle_path` the one check of a bundle id that comes from outside (docs/security.md).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,20 +23,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from models import limits as limit_engine
-from models.decision import CreditRequest, decide_row
+from core.errors import ScfriskError
+from core.files import file_sha256
+from credit import limits as limit_engine
+from credit.decision import ADVERSE, CreditRequest, decide_row, exclusion_reason
+from credit.policy import CreditPolicy, load_policy
+from explanation.reason_codes import TABLE_FILE, ReasonCodeIndex, explain_inputs, model_references
+from features.definitions import feature_set_version
 from models.pd_model import NUMERIC_SENTINELS, PDModel
-from models.policy import CreditPolicy, load_policy
-from models.reason_codes import (
-    RAISES,
-    TABLE_FILE,
-    ReasonCodeIndex,
-    explain_inputs,
-    model_references,
-)
-from pipelines.errors import ScfriskError
-from pipelines.files import file_sha256
+from serving import signing
 from serving.audit import inputs_hash
+from serving.signing import BundleKey
 
 BUNDLES_DIR = "bundles"
 POINTER = "CURRENT"
@@ -42,27 +44,39 @@ LIMITS_FILE = "limits.parquet"
 POLICY_FILE = "policy.toml"
 REPORT_FILE = "risk_report.html"
 
-LIMIT_FIELDS = ("product", "eligible", "limit", "binding_constraint", "apr", "expected_loss", "exclusion_reason")
-"""Columns of the limit table the service returns, one entry per product."""
+LIMIT_FIELDS = ("product", "eligible", "limit", "binding_constraint", "apr", "expected_loss", "exclusion_reason",
+                "exclusion_description")
+"""Columns of the limit table the service returns, one entry per product (the last one worded here)."""
 MAX_REASONS = 4
-"""Reason codes in an answer (the API contract's cap): the largest risk-raising factors."""
+"""Reason codes in an answer (the API contract's cap): the policy's reasons for an adverse decision, then
+the largest risk-raising factors."""
+CHECK_ROWS = 200
+"""Rows of the online snapshot re-scored before a bundle goes live."""
+PD_TOLERANCE = 1e-6
+
+log = logging.getLogger(__name__)
 
 
 class BundleError(ScfriskError):
     """A bundle that is incomplete, altered or inconsistent; the message names the file and the check."""
 
 
+class BundleCheckError(BundleError):
+    """A bundle that loads but does not score as it recorded; it must not go live."""
+
+
 def read_manifest(bundle_dir: Path) -> dict[str, Any]:
     path = bundle_dir / MANIFEST
     if not path.is_file():
-        raise BundleError(f"{bundle_dir} has no {MANIFEST}; it is not a published bundle")
+        raise BundleError(f"bundle {bundle_dir.name} has no {MANIFEST}; it is not a published bundle")
     return json.loads(path.read_text())
 
 
 def verify_files(bundle_dir: Path, manifest: dict[str, Any]) -> None:
     """Every file the manifest lists exists with the recorded SHA-256, and no other file is present."""
     listed = manifest["files"]
-    present = {str(p.relative_to(bundle_dir)) for p in bundle_dir.rglob("*") if p.is_file()} - {MANIFEST}
+    present = {str(p.relative_to(bundle_dir)) for p in bundle_dir.rglob("*") if p.is_file()}
+    present -= {MANIFEST, signing.SIGNATURE}
     missing = sorted(set(listed) - present)
     extra = sorted(present - set(listed))
     altered = sorted(name for name in set(listed) & present if file_sha256(bundle_dir / name) != listed[name])
@@ -81,6 +95,18 @@ def current_bundle_id(published: Path) -> str | None:
         return None
 
 
+def bundle_path(published: Path, bundle_id: str) -> Path:
+    """The folder of published bundle `bundle_id`; the one check of an id from outside (the pointer file,
+    `rollback --to`): it must name a real folder directly in `bundles/` that holds a manifest, so no
+    `..`, absolute path or symlink can lead out of the workspace's bundles."""
+    root = published / BUNDLES_DIR
+    path = root / bundle_id
+    plain = bundle_id not in ("", ".", "..") and "\0" not in bundle_id and Path(bundle_id).name == bundle_id
+    if not (plain and path.is_dir() and not path.is_symlink() and (path / MANIFEST).is_file()):
+        raise BundleError(f"no published bundle '{bundle_id}' in {root}")
+    return path
+
+
 def _clean(value: Any) -> Any:
     """numpy / pandas scalars to JSON values; NaN and missing become None."""
     if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
@@ -96,10 +122,13 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     return [{k: _clean(v) for k, v in zip(names, row)} for row in frame.to_numpy(dtype=object).tolist()]
 
 
-def _limit_rows(limits: pd.DataFrame) -> dict[str, list[dict[str, Any]]]:
-    """Limit-table rows grouped by merchant, in table order (one per product)."""
+def _limit_rows(limits: pd.DataFrame, policy: CreditPolicy) -> dict[str, list[dict[str, Any]]]:
+    """Limit-table rows grouped by merchant, in table order (one per product), each ineligible one with its
+    exclusion in the policy's words (`exclusion_description`)."""
     grouped: dict[str, list[dict[str, Any]]] = {}
     for row in _records(limits[list(limit_engine.LIMIT_COLUMNS)]):
+        code, product = row["exclusion_reason"], row["product"]
+        row["exclusion_description"] = code and exclusion_reason(code, row, product, policy.product(product))
         grouped.setdefault(row["merchant_id"], []).append(row)
     return grouped
 
@@ -146,8 +175,7 @@ class Bundle:
         return self.policy.version
 
     def _precompute(self, features: pd.DataFrame, limits: pd.DataFrame) -> dict[str, Scored]:
-        limit_rows = _limit_rows(limits)
-        reasons = adverse_codes_by_merchant(self.reasons.table)
+        limit_rows = _limit_rows(limits, self.policy)
         hashes = dict(zip(features["merchant_id"], map(inputs_hash, _records(features[self.input_columns]))))
         return {
             merchant: Scored(
@@ -155,7 +183,7 @@ class Bundle:
                 pd=rows[0]["pd"],
                 grade=rows[0]["grade"],
                 rows=tuple(rows),
-                reason_codes=reasons.get(merchant, ()),
+                reason_codes=adverse_codes(self.reasons, merchant),
                 inputs_hash=hashes[merchant],
             )
             for merchant, rows in limit_rows.items()
@@ -187,16 +215,25 @@ class Bundle:
             frame["merchant_id"] = [f"payload-{i}" for i in range(len(frame))]
         inputs = self.model.prepare(frame.set_index("merchant_id"))
         frame["pd"] = self.model.predict_pd_prepared(inputs)
-        limit_rows = _limit_rows(limit_engine.compute_limits(frame, self.policy))
-        reasons = adverse_codes_by_merchant(explain_inputs(self.model, inputs))
+        limit_rows = _limit_rows(limit_engine.compute_limits(frame, self.policy), self.policy)
+        reasons = ReasonCodeIndex(explain_inputs(self.model, inputs))
         hashes = map(inputs_hash, _records(frame[self.input_columns]))
         return [Scored(merchant_id=merchant, pd=pd_value, grade=limit_rows[merchant][0]["grade"],
-                       rows=tuple(limit_rows[merchant]), reason_codes=reasons.get(str(merchant), ()),
+                       rows=tuple(limit_rows[merchant]), reason_codes=adverse_codes(reasons, str(merchant)),
                        inputs_hash=digest)
                 for merchant, pd_value, digest in zip(frame["merchant_id"], frame["pd"].tolist(), hashes)]
 
     def score_features(self, features: dict[str, Any]) -> Scored:
         return self.score_frame(pd.DataFrame([features]))[0]
+
+    def on_demand_problem(self) -> str | None:
+        """Why features cannot be computed for this bundle's model (None when they can): the service's
+        definitions must be the feature set the model was trained on."""
+        trained, here = self.manifest["feature_set_version"], feature_set_version()
+        if trained == here:
+            return None
+        return (f"bundle {self.bundle_id} was trained on feature set {trained}, this service computes {here}: "
+                "records cannot be scored with it; send the features instead")
 
     def decide(self, scored: Scored, product: str | None, requested_amount: float | None) -> dict[str, Any] | None:
         """The decision on a request for an amount of a product; None when the caller asked for neither."""
@@ -205,31 +242,26 @@ class Bundle:
         request = CreditRequest(merchant_id=scored.merchant_id, product=product, requested_amount=requested_amount)
         made = decide_row(request, scored.by_product[product], self.policy)
         return {"outcome": made.outcome.value, "amount": made.amount, "limit": made.limit, "apr": made.apr,
-                "tenor_days": made.tenor_days, "reasons": list(made.reasons)}
+                "tenor_days": made.tenor_days, "reasons": [r.description for r in made.reasons],
+                "reason_codes": [r.code for r in made.reasons]}
 
-
-def adverse_codes_by_merchant(table: pd.DataFrame) -> dict[str, tuple[dict[str, str], ...]]:
-    """What the caller is told, per merchant of a reason table (`models.reason_codes.COLUMNS`): the
-    largest factors that raised its risk, in catalogue words.
-
-    A merchant absent from the table had no feature that moved its score up or down, so it has no reason.
-    """
-    raised = np.flatnonzero(table["direction"].to_numpy() == RAISES)
-    raised = raised[np.argsort(table["rank"].to_numpy()[raised], kind="stable")]
-    merchants, codes, descriptions = (
-        table[column].to_numpy()[raised].tolist() for column in ("merchant_id", "code", "description")
-    )
-    found: dict[str, list[dict[str, str]]] = {}
-    for merchant, code, description in zip(merchants, codes, descriptions):
-        reasons = found.setdefault(merchant, [])
-        if len(reasons) < MAX_REASONS:
-            reasons.append({"code": code, "description": description})
-    return {merchant: tuple(reasons) for merchant, reasons in found.items()}
+    @staticmethod
+    def reasons_given(scored: Scored, decision: dict[str, Any] | None) -> list[dict[str, str]]:
+        """The `reason_codes` of an answer, what the loan engine shows the merchant: for a decline or a
+        counter-offer the policy's reasons come first (the rule that decided), then the model factors that
+        raised the PD; otherwise the model factors alone. At most `MAX_REASONS`."""
+        policy = []
+        if decision is not None and decision["outcome"] in ADVERSE:
+            policy = [{"code": code, "description": text, "source": "policy"}
+                      for code, text in zip(decision["reason_codes"], decision["reasons"])]
+        return [*policy, *scored.reason_codes][:MAX_REASONS]
 
 
 def adverse_codes(reasons: ReasonCodeIndex, merchant_id: str) -> tuple[dict[str, str], ...]:
-    """`adverse_codes_by_merchant` of one merchant of an index."""
-    return adverse_codes_by_merchant(reasons.rows(merchant_id)).get(merchant_id, ())
+    """The model factors a caller is told about one merchant: its largest risk-raising factors, in catalogue
+    words (none for a merchant nothing moved up)."""
+    return tuple({"code": r.code, "description": r.description, "source": "model"}
+                 for r in reasons.reasons(merchant_id).raised[:MAX_REASONS])
 
 
 def _read_table(path: Path, required: tuple[str, ...] | list[str]) -> pd.DataFrame:
@@ -265,3 +297,98 @@ def load_bundle(bundle_dir: Path) -> Bundle:
     except ScfriskError as exc:
         raise BundleError(f"bundle {bundle_dir.name} cannot explain its scores ({TABLE_FILE}): {exc}") from exc
     return Bundle(bundle_dir, manifest, model, policy, features, limits, reasons)
+
+
+def check_bundle(bundle_dir: Path, key: BundleKey | None) -> Bundle:
+    """Everything a bundle must pass before it goes live (publish, rollback and the service all call this):
+    its manifest signature when a key is configured, its file hashes and parts (`load_bundle`), and that
+    it scores as it recorded: part of its snapshot re-scored through the model, the limit engine and the
+    explainer gives its stored PDs, limits and reason codes, and every stored limit row can be decided."""
+    bundle_dir = Path(bundle_dir)
+    if key is not None:
+        signing.verify(bundle_dir, MANIFEST, key)
+    else:
+        log.warning("no bundle key is configured (%s or bundle_key_file): the signature of bundle %s is not "
+                    "checked, so anyone who can write the published folder can change decisions",
+                    signing.KEY_ENV, bundle_dir.name)
+    bundle = load_bundle(bundle_dir)
+    sample = bundle.snapshot.head(CHECK_ROWS)
+    missing = sorted(set(sample["merchant_id"]) - set(bundle.online))
+    if missing:
+        raise BundleCheckError(f"{LIMITS_FILE} has no rows for {len(missing)} snapshot merchants, e.g. {missing[:3]}")
+    try:
+        fresh = bundle.score_frame(sample.reset_index(drop=True))
+    except Exception as exc:  # a part that loads but cannot score: say so instead of failing every request
+        raise BundleCheckError(f"bundle {bundle_dir.name} cannot score its own snapshot: "
+                               f"{type(exc).__name__}: {exc}") from exc
+    _compare(bundle, fresh)
+    _decide_every_row(bundle)
+    return bundle
+
+
+def _compare(bundle: Bundle, fresh: list[Scored]) -> None:
+    """Fresh answers equal the stored ones: PDs to `PD_TOLERANCE`, limit rows, reason codes."""
+    if not all(0.0 <= scored.pd <= 1.0 for scored in fresh):
+        raise BundleCheckError(f"the model scores non-finite or out-of-range PDs on {FEATURES_FILE}")
+    worst = max((abs(scored.pd - bundle.online[scored.merchant_id].pd) for scored in fresh), default=0.0)
+    if not worst <= PD_TOLERANCE:
+        raise BundleCheckError(f"{LIMITS_FILE} PDs differ from the bundled model's by up to {worst:.3g}: the "
+                               "limits were computed with another model or another feature snapshot")
+    limits = [s.merchant_id for s in fresh if not _same_rows(s.limits, bundle.online[s.merchant_id].limits)]
+    if limits:
+        raise BundleCheckError(f"{LIMITS_FILE} rows of {len(limits)} snapshot merchants (e.g. {limits[:3]}) differ "
+                               f"from what the bundled model and policy {bundle.policy_version} give")
+    stale = [s.merchant_id for s in fresh if _codes(s) != _codes(bundle.online[s.merchant_id])]
+    if stale:
+        raise BundleCheckError(
+            f"reason codes of {len(stale)} snapshot merchants (e.g. {stale[:3]}) differ from the bundled "
+            "model's: the reason-code index was built with another model or another feature snapshot"
+        )
+
+
+def _codes(scored: Scored) -> list[str]:
+    return [reason["code"] for reason in scored.reason_codes]
+
+
+def _same_rows(fresh: tuple[dict[str, Any], ...], stored: tuple[dict[str, Any], ...]) -> bool:
+    def same(a: Any, b: Any) -> bool:
+        if isinstance(a, float) and isinstance(b, float):
+            return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6)
+        return type(a) is type(b) and a == b
+
+    return len(fresh) == len(stored) and all(
+        row.keys() == other.keys() and all(same(row[k], other[k]) for k in row) for row, other in zip(fresh, stored)
+    )
+
+
+def _decide_every_row(bundle: Bundle) -> None:
+    """Decide every stored limit row within its limit and far above it, so the decision reads every field it
+    uses of every row (exclusion, APR, binding constraint): a row it cannot read would answer 500 to the
+    loan engine. About 0.1 ms per merchant."""
+    for merchant, scored in bundle.online.items():
+        for product, row in scored.by_product.items():
+            try:
+                for amount in (1.0, 2.0 * float(row["limit"]) + 1.0):
+                    bundle.decide(scored, product, amount)
+            except Exception as exc:  # whatever it is, the row must not go live
+                raise BundleCheckError(f"{LIMITS_FILE} row of merchant {merchant}, product {product} cannot be "
+                                       f"decided ({type(exc).__name__}: {exc})") from exc
+
+
+def replay(record: dict[str, Any], published: Path, bundle: Bundle | None = None) -> dict[str, Any]:
+    """Re-score a logged decision with the bundle that made it: returns `pd`, `grade` and `decision`.
+
+    The line's bundle id goes through the same check as the pointer's (`bundle_path`), so an edited line
+    cannot lead the replay out of the workspace's bundles. Pass that bundle already loaded to replay many
+    lines of it without loading it once per line.
+    """
+    if bundle is None:
+        bundle = load_bundle(bundle_path(published, record["bundle_id"]))
+    elif bundle.bundle_id != record["bundle_id"]:
+        raise ValueError(f"request {record['request_id']} was decided by bundle {record['bundle_id']}, "
+                         f"not {bundle.bundle_id}")
+    scored = bundle.score_features(record.get("features") or bundle.features_of(record["merchant_id"]))
+    if scored.inputs_hash != record["inputs_hash"]:
+        raise ValueError(f"the inputs of request {record['request_id']} differ from the ones logged")
+    decision = bundle.decide(scored, record.get("product"), record.get("requested_amount"))
+    return {"pd": scored.pd, "grade": scored.grade, "decision": decision and decision["outcome"]}

@@ -8,6 +8,7 @@ bounds the size of an audit line.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -18,11 +19,14 @@ from pydantic import (
     SkipValidation,
     Strict,
     create_model,
+    field_validator,
     model_validator,
 )
 
+from core.schemas import TABLES
+from credit.limits import CONSTRAINTS
 from features.definitions import FEATURES, Feature
-from models.limits import CONSTRAINTS
+from features.on_demand import PROFILE, RECORD_TABLES
 
 Number = Annotated[float, Strict(), AllowInfNan(False)]
 """A finite JSON number: no `NaN` or `Infinity` (Python's JSON parser reads both, and `1e999`), no text, no
@@ -30,6 +34,10 @@ Number = Annotated[float, Strict(), AllowInfNan(False)]
 MAX_TEXT = 64
 """Longest text value (ids, products, categories): every real one is a short word."""
 Text = Annotated[str, Strict(), Field(min_length=1, max_length=MAX_TEXT)]
+RecordValue = Annotated[int, Strict()] | Number | Text | bool | None
+"""A raw column's value as JSON gives it (an integer stays one, for ids); the data model's rules check its
+type (timestamps: ISO 8601 text, naive UTC, as in docs/data.md)."""
+ScoringMode = Literal["online", "features", "records"]
 UNIT_EXAMPLES: dict[str, float] = {"CNY": 48_000.0, "ratio": 0.04, "days": 35.0, "count": 12.0, "stars": 4.6,
                                    "minutes": 42.0, "months": 6.0}
 """An illustrative value per catalogue unit for the OpenAPI examples (not a default, never scored)."""
@@ -58,8 +66,27 @@ Features = create_model(
 """An explicit feature payload: one optional field per catalogue feature, typed by its kind."""
 
 
+def _record_rows(name: str) -> tuple[Any, Any]:
+    what = f"Rows of `{name}` in the columns of docs/data.md: {TABLES[name].description}"
+    if name == PROFILE:
+        return list[dict[Text, RecordValue]], Field(min_length=1, max_length=1,
+                                                     description=f"{what} Exactly one: the merchant's profile.")
+    return list[dict[Text, RecordValue]], Field(default_factory=list, description=what)
+
+
+MerchantRecords = create_model(
+    "MerchantRecords",
+    __config__=ConfigDict(extra="forbid", json_schema_extra={
+        "description": "A merchant's raw records, one list per raw table the features read, in the columns of "
+                       "ingestion and checked by its rules; an omitted column is empty."}),
+    **{name: _record_rows(name) for name in RECORD_TABLES},
+)
+"""The `records` of a request, generated from the data model so it cannot lag behind the feature definitions."""
+
+
 class ScoreRequest(_Body):
-    """Score an online-store merchant by id, or any merchant from an explicit `features` payload."""
+    """Score an online-store merchant by id, any merchant from an explicit `features` payload, or from its raw
+    `records` (features computed on demand as of `as_of`)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"merchant_id": "M0000042", "product": "order_financing", "requested_amount": 20000},
@@ -75,14 +102,46 @@ class ScoreRequest(_Body):
     product: Text | None = Field(None, description="Product requested: one of the live policy's products "
                                                    "(GET /v1/model `products`).")
     requested_amount: Number | None = Field(None, gt=0, le=1e12, description="Amount asked for, in CNY.")
+    records: MerchantRecords | None = Field(  # type: ignore[valid-type]
+        None, description="The merchant's raw records (its profile, orders, events, ...); the service computes "
+                          "its features from them as of `as_of` and scores them as a `features` payload. Not with "
+                          "`features`; at most `[service].max_records` rows.")
+    as_of: datetime | None = Field(
+        None, ge=datetime(1970, 1, 1), description="With `records`: compute the features as of this time (UTC; "
+                                                   "default: the request's time). Only facts before it count.")
+
+    @field_validator("as_of")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        """Naive UTC, as the data model's timestamps are."""
+        if value is None or value.tzinfo is None:
+            return value
+        return value.astimezone(UTC).replace(tzinfo=None)
 
     @model_validator(mode="after")
     def _merchant_or_features(self) -> ScoreRequest:
-        if self.merchant_id is None and self.features is None:
-            raise ValueError("give a merchant_id (online store) or a features payload")
+        if self.merchant_id is None and self.features is None and self.records is None:
+            raise ValueError("give a merchant_id (online store), a features payload or the merchant's records")
         if (self.requested_amount is None) != (self.product is None):
             raise ValueError("product and requested_amount go together: give both for a decision, or neither")
         return self
+
+    @model_validator(mode="after")
+    def _records_alone(self) -> ScoreRequest:
+        if self.records is None:
+            if self.as_of is not None:
+                raise ValueError("as_of goes with records: the online store and a features payload have theirs")
+            return self
+        if self.features is not None:
+            raise ValueError("give features or records, not both")
+        profile = getattr(self.records, PROFILE)[0].get("merchant_id")
+        if self.merchant_id is not None and self.merchant_id != profile:
+            raise ValueError(f"merchant_id '{self.merchant_id}' is not the records' merchant ({profile!r})")
+        return self
+
+    def record_rows(self) -> dict[str, list[dict[str, Any]]] | None:
+        """The records as sent, by table (every table the features read; empty when not sent)."""
+        return None if self.records is None else dict(self.records)
 
     def feature_values(self) -> dict[str, float | str | None] | None:
         """The payload's features as sent: absent ones left out, `null` ones kept as None."""
@@ -110,11 +169,16 @@ class ProductLimit(BaseModel):
     apr: float | None = Field(description="Risk-based annual rate; null when not eligible.")
     expected_loss: float
     exclusion_reason: str | None = Field(description="First eligibility rule failed; null when eligible.")
+    exclusion_description: str | None = Field(
+        None, description="That rule in plain language, with the policy's numbers; null when eligible.")
 
 
 class ReasonCode(BaseModel):
-    code: str
+    code: str = Field(description="Stable: a policy rule (`exclusion.sales`, `limit.collateral`...) or a feature name.")
     description: str
+    source: Literal["policy", "model"] = Field(
+        "model", description="`policy`: the rule that declined or reduced the request; `model`: a factor that "
+                             "raised the PD, with the merchant's value against the typical approved merchant's.")
 
 
 class Decision(BaseModel):
@@ -124,12 +188,14 @@ class Decision(BaseModel):
     apr: float | None
     tenor_days: int
     reasons: list[str] = Field(description="Plain-language reasons, in the words of the policy.")
+    reason_codes: list[str] = Field([], description="Stable code of each of `reasons`, in the same order.")
 
 
 _LIMIT_EXAMPLE = {"product": "order_financing", "eligible": True, "limit": 60000.0,
                   "binding_constraint": "collateral", "apr": 0.142, "expected_loss": 412.5, "exclusion_reason": None}
 _ANSWER_EXAMPLE = {
-    "request_id": "5f0c3b8e2a7d4f1e9b6a0c2d4e6f8a1b", "merchant_id": "M0000042", "pd": 0.0213, "grade": "D",
+    "request_id": "5f0c3b8e2a7d4f1e9b6a0c2d4e6f8a1b", "merchant_id": "M0000042", "scoring_mode": "online",
+    "pd": 0.0213, "grade": "D",
     "limits": [_LIMIT_EXAMPLE, {"product": "microloan", "eligible": False, "limit": 0.0, "binding_constraint": None,
                                 "apr": None, "expected_loss": 0.0, "exclusion_reason": "grade"}],
     "decision": {"outcome": "approve", "amount": 20000.0, "limit": 60000.0, "apr": 0.142, "tenor_days": 90,
@@ -149,11 +215,15 @@ class ScoreResponse(BaseModel):
 
     request_id: str
     merchant_id: str | None
+    scoring_mode: ScoringMode = Field(description="What was scored: the online store's features of `merchant_id`, "
+                                                  "the explicit `features`, or features computed from `records`.")
     pd: float = Field(ge=0.0, le=1.0)
     grade: str
     limits: list[ProductLimit]
     decision: Decision | None = Field(description="Present when a product and an amount were requested.")
-    reason_codes: list[ReasonCode] = Field(max_length=4)
+    reason_codes: list[ReasonCode] = Field(
+        max_length=4, description="What to tell the merchant: on a decline or counter-offer the policy's reasons "
+                                  "first, then the model factors that raised the PD; otherwise those factors.")
     model_version: str
     features_as_of: str
     policy_version: str

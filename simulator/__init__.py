@@ -18,7 +18,7 @@ behaviour events), `finance` (inventory, receivables, applications, loans and th
 imports only the data model below it, and nothing but the CLI and the tests import it.
 """
 
-from simulator.config import HISTORY_MONTHS, OUTCOME_MONTHS, SimulationConfig
+from simulator.config import HISTORY_MONTHS, OUTCOME_MONTHS, SimulationConfig, months_to_train
 from simulator.oracle import ORACLE_DIR, ORACLE_SCHEMAS
 from simulator.platform import SimulationSummary, simulate_chunk, simulate_platform
 
@@ -30,5 +30,6 @@ __all__ = [
     "SimulationConfig",
     "SimulationSummary",
     "simulate_chunk",
+    "months_to_train",
     "simulate_platform",
 ]

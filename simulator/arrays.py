@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipelines.schemas import TIMESTAMP
+from core.schemas import TIMESTAMP
 
 DAY = 86_400
 

@@ -7,7 +7,8 @@ from datetime import date
 
 import numpy as np
 
-from pipelines.errors import ScfriskError
+from core.errors import ScfriskError
+from core.settings import ModelConfig
 
 HISTORY_MONTHS = 3
 """Months of data a merchant needs inside the window before it can apply."""
@@ -53,3 +54,13 @@ class SimulationConfig:
     @property
     def n_chunks(self) -> int:
         return -(-self.n_merchants // self.chunk_size)
+
+
+def months_to_train(model: ModelConfig) -> int:
+    """The shortest simulated history a PD model can be trained on with these model settings.
+
+    Merchants apply only after `HISTORY_MONTHS` of data; a loan's label needs `label_horizon_months`
+    after it; the out-of-time split needs at least one training month of labelled applications, then
+    `valid_months` and `test_months`.
+    """
+    return HISTORY_MONTHS + 1 + model.valid_months + model.test_months + model.label_horizon_months

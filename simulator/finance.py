@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipelines.schemas import CATEGORIES, PRODUCTS, REGIONS, TABLES
+from core.schemas import CATEGORIES, PRODUCTS, REGIONS, TABLES
 from simulator.arrays import DAY, ids, lognormal, sigmoid, strings, table, ts
 from simulator.config import HISTORY_MONTHS, OUTCOME_MONTHS
 from simulator.merchants import World

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipelines.schemas import CATEGORIES, MERCHANT_TYPES, REGIONS, TABLES
+from core.schemas import CATEGORIES, MERCHANT_TYPES, REGIONS, TABLES
 from simulator.arrays import DAY, lognormal, strings, table, ts
 from simulator.config import OUTCOME_MONTHS, SimulationConfig
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipelines.schemas import PRODUCTS, TIMESTAMP
+from core.schemas import PRODUCTS, TIMESTAMP
 from simulator.arrays import strings, table, ts
 from simulator.merchants import World
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipelines.schemas import EVENT_TYPES, ORDER_STATUSES, TABLES
+from core.schemas import EVENT_TYPES, ORDER_STATUSES, TABLES
 from simulator.arrays import DAY, day, ids, lognormal, sigmoid, strings, table, ts
 from simulator.merchants import World
 

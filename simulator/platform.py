@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.progress import Progress
 
-from pipelines.schemas import TABLES
+from core.schemas import TABLES
 from simulator import finance, orders
 from simulator.config import OUTCOME_MONTHS, SimulationConfig
 from simulator.merchants import World, merchants

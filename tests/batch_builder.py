@@ -8,8 +8,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.schemas import TABLES
 from pipelines.ingest import conform
-from pipelines.schemas import TABLES
 
 
 def ts(value: str | None) -> pd.Timestamp | None:

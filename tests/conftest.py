@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_UI_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+from pipelines.runtime import QUIET_DEFAULTS
+
+for key, value in QUIET_DEFAULTS.items():  # before Prefect, MLflow or GX are imported, as the CLI does
+    os.environ.setdefault(key, value)
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from pipelines.config import Settings  # noqa: E402
+from core.settings import Settings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data_samples" / "platform"
@@ -23,11 +21,19 @@ SAMPLE = REPO / "data_samples" / "platform"
 
 @pytest.fixture(scope="session")
 def prefect_server():
-    """One temporary Prefect API for the whole session (starting one costs ~13 s)."""
+    """One temporary Prefect API for the whole session (starting one costs ~13 s), also exported as
+    PREFECT_API_URL: the CLI then uses it as a user's own server, and starts none of its workspace's."""
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
-        yield
+        before = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
+        yield PREFECT_API_URL.value()
+        if before is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = before
 
 
 @pytest.fixture
@@ -39,6 +45,6 @@ def settings(tmp_path: Path) -> Settings:
 @pytest.fixture(scope="session")
 def trained():
     """The explanation tests' LightGBM model on catalogue-named features, trained once per session."""
-    from tests.explain_fixtures import train
+    from testkit.explain import train
 
     return train()

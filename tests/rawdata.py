@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 
-from pipelines.raw_store import RawStore
-from pipelines.schemas import TABLES
+from core.raw_store import RawStore
+from core.schemas import TABLES
 
 
 def write_raw_store(root: Path, tables: dict[str, list[dict] | pd.DataFrame]) -> RawStore:

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import ConfigError, load_settings
+from core.settings import ConfigError, load_settings
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -20,13 +20,26 @@ def test_defaults_keep_all_state_in_the_workspace(tmp_path, monkeypatch):
 
 
 def test_environment_overrides_file_for_every_level(tmp_path, monkeypatch):
-    path = _write(tmp_path, 'home = "a"\n[mlflow]\nexperiment = "from-file"\n[model]\nseed = 1\n')
+    path = _write(tmp_path, 'home = "a"\n[mlflow]\nexperiment = "from-file"\n[model]\nmax_rounds = 100\n')
     monkeypatch.setenv("SCFRISK_MLFLOW__EXPERIMENT", "from-env")
-    monkeypatch.setenv("SCFRISK_MODEL__SEED", "7")
+    monkeypatch.setenv("SCFRISK_MODEL__MAX_ROUNDS", "70")
     settings = load_settings(path)
     assert settings.mlflow.experiment == "from-env"
-    assert settings.model.seed == 7
-    assert settings.home == Path("a")
+    assert settings.model.max_rounds == 70
+    assert settings.home_dir == (tmp_path / "a").resolve()
+
+
+def test_relative_paths_in_the_file_are_read_from_its_folder(tmp_path, monkeypatch):
+    """`scfrisk -c /srv/ws/scfrisk.toml` from another directory finds that workspace and its policy."""
+    path = _write(tmp_path, 'home = ".ws"\npolicy_file = "policy.toml"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    settings = load_settings(path)
+    assert settings.home_dir == (tmp_path / ".ws").resolve()
+    assert settings.policy_file == tmp_path / "policy.toml"
+    monkeypatch.setenv("SCFRISK_HOME", "from-env")
+    assert load_settings(path).home_dir == (elsewhere / "from-env").resolve()  # the environment's: from here
 
 
 def test_unknown_key_is_named(tmp_path):
@@ -35,8 +48,8 @@ def test_unknown_key_is_named(tmp_path):
 
 
 def test_wrong_type_is_named_with_its_value(tmp_path):
-    with pytest.raises(ConfigError, match=r"'model.seed'.*'abc'"):
-        load_settings(_write(tmp_path, '[model]\nseed = "abc"\n'))
+    with pytest.raises(ConfigError, match=r"'model.max_rounds'.*'abc'"):
+        load_settings(_write(tmp_path, '[model]\nmax_rounds = "abc"\n'))
 
 
 def test_wrong_type_from_environment_is_named(tmp_path, monkeypatch):
@@ -55,3 +68,21 @@ def test_missing_and_malformed_files_are_refused(tmp_path):
 def test_repository_config_is_valid():
     repo_config = Path(__file__).resolve().parents[1] / "scfrisk.toml"
     assert load_settings(repo_config).mlflow.registered_model == "scfrisk-pd"
+
+
+def test_the_shipped_config_is_the_code_defaults(monkeypatch):
+    """scfrisk.toml documents the defaults; a value that differs from the code's would be two sources."""
+    import os
+    import tomllib
+
+    from core.settings import Settings
+
+    def flat(values: dict, prefix: str = ""):
+        for key, value in values.items():
+            yield from flat(value, f"{prefix}{key}.") if isinstance(value, dict) else [(f"{prefix}{key}", value)]
+
+    for key in [k for k in os.environ if k.startswith("SCFRISK_")]:
+        monkeypatch.delenv(key)
+    shipped = dict(flat(tomllib.loads((Path(__file__).resolve().parents[1] / "scfrisk.toml").read_text())))
+    defaults = dict(flat(Settings().model_dump(mode="json")))
+    assert {key: (value, defaults[key]) for key, value in shipped.items() if defaults[key] != value} == {}

@@ -1,7 +1,7 @@
 """Generated documentation stays in step with the code it is generated from."""
 
+from core.schemas import TABLES
 from pipelines.docs import DOCS, render_data_model
-from pipelines.schemas import TABLES
 
 
 def test_data_model_page_is_generated_from_the_schemas_and_up_to_date():

@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.explain import (
+from core.errors import ScfriskError
+from explanation.contributions import (
     SHAP_PREFIX,
     compare_importance,
     explain,
@@ -16,8 +17,7 @@ from models.explain import (
     used_features,
     write_explanations,
 )
-from pipelines.errors import ScfriskError
-from tests.explain_fixtures import Trained
+from testkit.explain import Trained
 
 
 def test_shap_values_plus_base_value_equal_the_raw_margin_for_every_row(trained: Trained) -> None:

@@ -12,10 +12,10 @@ import math
 import pandas as pd
 import pytest
 
-from features.definitions import FEATURES, format_value, monotone_constraints
+from core.errors import ScfriskError
+from features.definitions import FEATURES, format_value
 from features.labels import application_outcomes
 from features.training_set import get_training_set
-from pipelines.errors import ScfriskError
 from tests.rawdata import write_raw_store
 
 T = pd.Timestamp("2024-07-01")
@@ -246,5 +246,19 @@ def test_reason_code_formatting_and_constraints():
     assert format_value(float("nan"), "days") == "unknown"
     assert [format_value(v, "days") for v in (1.2, 0.6, 11.0)] == ["1 day", "1 day", "11 days"]
     assert format_value(1, "months") == "1 month"
-    assert monotone_constraints(["segment", "refund_rate_90d", "net_sales_30d"]) == [0, 1, -1]
     assert len(FEATURES) >= 60
+
+
+def test_feature_set_version_follows_what_computes_values_not_their_wording(monkeypatch):
+    import dataclasses
+
+    from features import definitions
+
+    before = definitions.feature_set_version()
+    first = definitions.FEATURES[0]
+    reworded = dataclasses.replace(first, description="said another way", unit="count", direction=-first.direction)
+    monkeypatch.setattr(definitions, "FEATURES", (reworded, *definitions.FEATURES[1:]))
+    assert definitions.feature_set_version() == before
+    recomputed = dataclasses.replace(first, window_days=(first.window_days or 30) + 1)
+    monkeypatch.setattr(definitions, "FEATURES", (recomputed, *definitions.FEATURES[1:]))
+    assert definitions.feature_set_version() != before

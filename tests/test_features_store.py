@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from core.errors import ScfriskError
 from features.catalogue import CATALOGUE, render_catalogue
 from features.definitions import feature_names
-from features.flow import build_features_flow
 from features.offline_store import OfflineStore, read_metadata
 from features.online_store import OnlineStore, publish_online
 from pipelines.cli import app
-from pipelines.errors import ScfriskError
+from pipelines.features import build_features_flow
 from tests.rawdata import write_raw_store
 from tests.test_features import TABLES, T
 

@@ -11,19 +11,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.decision import CreditRequest, Outcome, decide
-from models.html_report import Paragraph, Section, Table, render_page
-from models.limits import (
+from credit.decision import CreditRequest, Outcome, decide
+from credit.limits import (
     CONSTRAINTS,
+    EXCLUSION_RULES,
     LIMIT_COLUMNS,
     LimitInputError,
     compute_limits,
     expected_profit,
     product_limits,
 )
-from models.policy import PolicyError, load_policy, parse_policy
-from models.strategy import backtest_limits, strategy_tables, write_strategy_report
-from models.synthetic import limit_inputs as merchants
+from credit.policy import PolicyError, load_policy, parse_policy
+from credit.strategy import backtest_limits, strategy_tables
+from reporting.html import Paragraph, Section, Table, render_page
+from reporting.strategy_report import approval_explanation, write_strategy_report
+from testkit.synthetic import limit_inputs as merchants
 
 POLICY_FILE = Path(__file__).resolve().parents[1] / "policy.toml"
 POLICY = load_policy(POLICY_FILE)
@@ -186,16 +188,46 @@ def test_decisions_approve_counter_refer_and_decline_with_reasons():
     assert (approved.outcome, approved.amount, approved.tenor_days) == (Outcome.APPROVE, 5000, 60)
     countered = ask("M0000000", 12000)
     assert (countered.outcome, countered.amount) == (Outcome.COUNTER_OFFER, 8000)
-    assert "80% of the unsettled orders (10,000)" in countered.reasons[1]
+    assert [r.code for r in countered.reasons] == ["request.above_limit", "limit.collateral"]
+    assert "80% of the unsettled orders (10,000)" in countered.reasons[1].description
     referred = ask("M0000000", 50000)
-    assert (
-        referred.outcome == Outcome.REFER and referred.amount == 0 and "more than 2 x" in referred.reasons[0]
-    )
+    assert referred.outcome == Outcome.REFER and referred.amount == 0
+    assert "more than 2 x" in referred.reasons[0].description
     declined = ask("M0000002", 100)
-    assert declined.outcome == Outcome.DECLINE and "risk grade G is worse than E" in declined.reasons[0]
+    assert declined.outcome == Outcome.DECLINE and declined.reasons[0].code == "exclusion.grade"
+    assert "risk grade G is worse than E, the worst grade order financing accepts" in declined.reasons[0].description
     assert ask("M9999999", 100).outcome == Outcome.REFER
     with pytest.raises(PolicyError, match="unknown product 'leasing'"):
         decide(CreditRequest(merchant_id="M0000000", product="leasing", requested_amount=1), limits, POLICY)
+
+
+def test_a_decline_names_the_rule_that_declined_it_in_plain_words():
+    """The policy rule is the first reason, with the policy's numbers, never a bare code."""
+    frame = merchants(6).assign(segment="individual", tenure_days=1000, net_sales_90d=90000.0, pd=0.003)
+    frame.loc[1, "tenure_days"] = 10
+    frame.loc[2, "net_sales_90d"] = 50.0
+    frame.loc[3, "pd"] = 0.5
+    frame.loc[4, "unsettled_order_value"] = 20.0
+    limits = compute_limits(frame, POLICY)
+    terms = POLICY.products["order_financing"]
+    said = {}
+    for merchant, product in [("M0000000", "receivable_financing"), ("M0000001", "order_financing"),
+                              ("M0000002", "order_financing"), ("M0000003", "order_financing"),
+                              ("M0000004", "order_financing")]:
+        made = decide(CreditRequest(merchant_id=merchant, product=product, requested_amount=100), limits, POLICY)
+        assert made.outcome == Outcome.DECLINE and len(made.reasons) == 1
+        said[made.reasons[0].code] = made.reasons[0].description
+    assert said == {
+        "exclusion.segment": "receivable financing is offered only to corporate merchants",
+        "exclusion.tenure": f"fewer than {terms.min_tenure_days} days selling on the platform, the minimum for "
+                            "order financing",
+        "exclusion.sales": f"net sales of the last 90 days below {terms.min_net_sales_90d:,.0f}, the minimum for "
+                           "order financing",
+        "exclusion.grade": "risk grade G is worse than E, the worst grade order financing accepts",
+        "exclusion.min_limit": f"the order financing limit the merchant qualifies for is below the "
+                               f"{terms.min_limit:,.0f} minimum",
+    }
+    assert {code.removeprefix("exclusion.") for code in said} <= set(EXCLUSION_RULES)
 
 
 def test_limits_table_has_the_documented_columns():
@@ -251,6 +283,23 @@ def test_strategy_tables_add_up_and_pick_the_most_profitable_cutoff():
         np.testing.assert_allclose(last["realised_profit"], eligible["realised_profit"].sum())
         best = tables.best_cutoffs.set_index("product").loc[product]
         assert best["realised_profit"] == curve["realised_profit"].max()
+
+
+def test_strategy_report_says_which_rule_turns_away_how_many_rows():
+    limits = compute_limits(merchants(3000).assign(net_sales_90d=lambda f: f["net_sales_90d"] / 40), POLICY)
+    tables = strategy_tables(limits)
+    ex = tables.exclusions
+    counted = ex.set_index(["product", "rule"])["count"]
+    for product, group in limits.groupby("product", observed=True):
+        rules = group["exclusion_reason"].astype(object).where(~group["eligible"], "eligible")
+        assert counted[product].to_dict() == rules.value_counts().to_dict()
+    np.testing.assert_allclose(ex.groupby("product")["share"].sum(), 1.0)
+    assert set(ex["meaning"]) <= {"eligible", *EXCLUSION_RULES.values()}
+    first, *cutoffs = approval_explanation(tables)
+    assert first.startswith(f"{limits['eligible'].mean():.1%} of the {len(limits):,} rows are eligible")
+    busiest = ex[ex["rule"] != "eligible"].groupby("rule")["count"].sum().idxmax()
+    assert f"first rule it failed (the order the policy checks them): {EXCLUSION_RULES[busiest]}:" in first
+    assert len(cutoffs) == len(POLICY.products) and all("profit" in s for s in cutoffs)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from core.errors import ScfriskError
 from models.calibration import Calibrator, choose_calibrator
 from models.evaluation import (
     evaluate_model,
@@ -16,9 +17,8 @@ from models.evaluation import (
 from models.master_scale import load_master_scale
 from models.pd_model import PDModel, prepare_features
 from models.splits import split_summary, stratified_split, time_split
-from models.synthetic import DIRECTIONS, synthetic_applications
 from models.training import binary_target, infer_features, train_pd_model
-from pipelines.errors import ScfriskError
+from testkit.synthetic import DIRECTIONS, synthetic_applications
 from tests.conftest import REPO
 
 NOT_FEATURES = {"application_id", "applied_at", "defaulted", "true_pd"}

@@ -15,9 +15,11 @@ import socket
 import pandas as pd
 import pytest
 
-from pipelines.config import load_settings
+from core.settings import load_settings
+from core.validation import DataValidationError
+from credit.policy import load_policy
+from features.catalogue import PROTECTED_PROXIES
 from pipelines.demo import _call, sample_requests, start_service
-from pipelines.validation import DataValidationError
 from serving.bundle import BUNDLES_DIR, POINTER
 from tests.conftest import REPO, SAMPLE
 
@@ -65,6 +67,12 @@ def test_run_publishes_a_checked_bundle_with_every_artefact(pipeline):
                                       "warehouse_receipt_financing", "microloan"}
     assert limits["pd"].between(0, 1).all() and (limits["limit"] >= 0).all()
     assert limits.loc[~limits["eligible"], "limit"].eq(0).all()
+    # The shipped policy lends to the population it serves (it once found 14% of merchants eligible).
+    merchants = limits.groupby("merchant_id")["eligible"].any()
+    assert 0.40 <= merchants.mean() <= 0.80, f"{merchants.mean():.1%} of merchants eligible for some product"
+    per_product = limits.groupby("product", observed=True)["eligible"].mean()
+    assert per_product["order_financing"] >= 0.25 and per_product["microloan"] >= 0.25, per_product.to_dict()
+    assert (limits["exclusion_reason"] == "sales").mean() <= 0.30, "the sales floor alone must not exclude most"
     # The strategy report shows the profit-maximising cut-off, on the book and on the out-of-time backtest.
     assert "cut-off" in summary.strategy.read_text().lower()
     best = pd.read_parquet(summary.strategy.parent.parent / "backtest" / "best_cutoffs.parquet")
@@ -100,15 +108,17 @@ def test_a_failing_stage_publishes_nothing(pipeline, platform, tmp_path):
     assert sorted(p.name for p in (settings.path("published") / BUNDLES_DIR).iterdir()) == bundles_before
 
 
-def test_live_service_answers_the_loan_engine_and_audits_it(pipeline):
+def test_live_service_answers_the_loan_engine_and_audits_it(pipeline, platform):
     settings, summary = pipeline
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     pid, log_file = start_service(settings, port, KEY)
     try:
-        requests = sample_requests(summary.limits)
+        requests = sample_requests(summary.limits, load_policy(settings.policy_file))
         answers = [_call(f"http://127.0.0.1:{port}/v1/score", KEY, r) for r in requests]
+        # The demo's requests, picked from the data, show each kind of answer.
+        assert [a["decision"]["outcome"] for a in answers] == ["approve", "counter_offer", "decline"]
         for request, answer in zip(requests, answers):
             assert answer["merchant_id"] == request["merchant_id"]
             assert answer["model_version"] == summary.champion_version
@@ -117,20 +127,73 @@ def test_live_service_answers_the_loan_engine_and_audits_it(pipeline):
                                                                 "warehouse_receipt_financing", "microloan"}
             assert answer["decision"]["outcome"] in {"approve", "counter_offer", "refer", "decline"}
             assert len(answer["reason_codes"]) <= 4
-        # The riskiest merchant is owed reasons, in plain language with its own value.
-        assert answers[-1]["reason_codes"] and all(":" in r["description"] for r in answers[-1]["reason_codes"])
+        # The declined merchant is told the rule that declined it first, then the factors, in plain words.
+        rule, *factors = answers[-1]["reason_codes"]
+        assert rule["source"] == "policy" and rule["description"] == answers[-1]["decision"]["reasons"][0]
+        sides = (", higher than the typical", ", lower than the typical", ", unlike the typical")
+        assert factors and all(r["source"] == "model" and any(s in r["description"] for s in sides)
+                               for r in factors)
+        assert not {r["code"] for a in answers for r in a["reason_codes"]} & set(PROTECTED_PROXIES)
+        inputs = _call(f"http://127.0.0.1:{port}/v1/model", KEY)["inputs"]
+        assert not set(inputs) & set(PROTECTED_PROXIES), "a possible proxy is no input of the platform model"
         limits = pd.read_parquet(summary.limits).set_index(["merchant_id", "product"])
         for x in answers[0]["limits"]:
             assert x["limit"] == pytest.approx(limits.loc[(answers[0]["merchant_id"], x["product"]), "limit"])
         audit = [json.loads(line) for line in settings.audit_log.read_text().splitlines()]
         assert [a["request_id"] for a in audit[-3:]] == [a["request_id"] for a in answers]
+        # The same merchant sent as its raw records, as if it were new: features computed on demand as of
+        # the online store's as_of give the online answer.
+        request = min(requests, key=lambda r: len(_sample_records(platform, r["merchant_id"])["orders"]))
+        online = answers[requests.index(request)]
+        body = {**request, "records": _sample_records(platform, request["merchant_id"]),
+                "as_of": online["features_as_of"]}
+        fresh = _call(f"http://127.0.0.1:{port}/v1/score", KEY, body)
+        assert fresh["scoring_mode"] == "records" and fresh["merchant_id"] == online["merchant_id"]
+        assert fresh["pd"] == pytest.approx(online["pd"], abs=1e-9) and fresh["decision"] == online["decision"]
     finally:
         os.kill(pid, signal.SIGTERM)
 
 
+def test_a_champion_of_another_table_is_refused_and_the_live_bundle_stays(pipeline, platform):
+    from core.errors import ScfriskError
+    from models.registry import promote
+    from pipelines.run import run_flow
+    from pipelines.train import run_training
+
+    settings, first = pipeline
+    live_before = (settings.path("published") / POINTER).read_text()
+    bundles_before = sorted(p.name for p in (settings.path("published") / BUNDLES_DIR).iterdir())
+    # Registered under the platform's name on purpose (`train --table` never does): its gate refuses to
+    # compare it with the platform champion, and only a promotion by hand makes it the champion.
+    foreign = run_training(settings, pd.read_parquet(REPO / "data_samples" / "public" / "german_credit.parquet"),
+                           "creditability")
+    assert not foreign.decision.promote and "feature sets differ" in foreign.decision.comparison
+    promote(settings, foreign.version, "by mistake")
+    try:
+        with pytest.raises(ScfriskError, match=rf"champion scfrisk-pd v{foreign.version} .* reads 20 input\(s\)"):
+            run_flow(settings=settings, source=str(platform))
+    finally:
+        promote(settings, first.champion_version, "back to the platform model")
+    assert (settings.path("published") / POINTER).read_text() == live_before
+    assert sorted(p.name for p in (settings.path("published") / BUNDLES_DIR).iterdir()) == bundles_before
+
+
+def _sample_records(platform, merchant: str) -> dict[str, list[dict]]:
+    """A merchant's rows of every table the features read, as JSON gives them."""
+    import orjson
+    import pyarrow.parquet as pq
+
+    from features.on_demand import RECORD_TABLES
+
+    return orjson.loads(orjson.dumps({
+        name: pq.read_table(platform / name, filters=[("merchant_id", "=", merchant)]).to_pylist()
+        for name in RECORD_TABLES
+    }))
+
+
 def test_schedule_is_a_monthly_deployment_of_the_whole_run_with_this_workspace(tmp_path):
-    from pipelines.config import Settings
-    from pipelines.errors import ScfriskError
+    from core.errors import ScfriskError
+    from core.settings import Settings
     from pipelines.run import monthly_deployment
 
     settings = Settings(home=tmp_path / "ws")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from models.policy import PolicyError, load_policy, parse_policy
-from pipelines.schemas import PRODUCTS
+from core.schemas import PRODUCTS
+from credit.policy import PolicyError, load_policy, parse_policy
 
 POLICY_FILE = Path(__file__).resolve().parents[1] / "policy.toml"
 BASE = tomllib.loads(POLICY_FILE.read_text())

@@ -14,9 +14,9 @@ import json
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from benchmarks.bench_public import PUBLIC, TABLES, table_split, untuned_lightgbm_pd
-from pipelines.config import Settings
+from core.settings import Settings
 from pipelines.train import read_table, train_table_flow
+from testkit.public_tables import PUBLIC, TABLES, table_split, untuned_lightgbm_pd
 from tests.conftest import REPO
 
 METRICS_KEYS = {"auc", "gini", "ks", "brier", "ece", "n_train", "n_test", "baseline_auc"}
@@ -25,8 +25,7 @@ METRICS_KEYS = {"auc", "gini", "ks", "brier", "ece", "n_train", "n_test", "basel
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Settings:
     """One workspace (one MLflow store) for the module; each table registers its own model name."""
-    return Settings(home=tmp_path_factory.mktemp("public"), policy_file=REPO / "policy.toml", seed=0,
-                    model={"seed": 0})
+    return Settings(home=tmp_path_factory.mktemp("public"), policy_file=REPO / "policy.toml", seed=0)
 
 
 @pytest.mark.parametrize("table", list(TABLES))
@@ -47,5 +46,5 @@ def test_table_path_is_at_least_as_good_as_untuned_lightgbm(table, workspace, tm
     split = table_split(settings, read_table(PUBLIC / file), target)
     test = (split.slices == "test").to_numpy()
     assert (metrics["n_train"], metrics["n_test"]) == ((~test).sum(), test.sum())
-    untuned_auc = roc_auc_score(split.y[test], untuned_lightgbm_pd(split, settings.model.seed))
+    untuned_auc = roc_auc_score(split.y[test], untuned_lightgbm_pd(split, settings.seed))
     assert metrics["auc"] >= untuned_auc, f"{table}: ours {metrics['auc']:.4f} < untuned {untuned_auc:.4f}"

@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 import json
+import logging
+import secrets
 
 import pytest
 
-from pipelines.config import Settings
-from pipelines.errors import ScfriskError
-from pipelines.files import file_sha256
-from pipelines.publish import BundleCheckError, check_bundle, list_bundles, publish, rollback, switch_to
-from serving.bundle import BUNDLES_DIR, LIMITS_FILE, MANIFEST, BundleError, current_bundle_id
-from tests.service_fixtures import make_parts, online_snapshot, train_model
+from core.errors import ScfriskError
+from core.files import file_sha256
+from core.settings import ConfigError, Settings
+from pipelines.publish import BundleCheckError, list_bundles, publish, rollback, switch_to
+from serving.bundle import (
+    BUNDLES_DIR,
+    LIMITS_FILE,
+    MANIFEST,
+    BundleError,
+    bundle_path,
+    check_bundle,
+    current_bundle_id,
+)
+from serving.signing import KEY_ENV, SIGNATURE, SignatureError, bundle_key
+from testkit.service import (
+    drop_last_merchants_limit,
+    make_parts,
+    online_snapshot,
+    tamper_limits,
+    train_model,
+)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +92,7 @@ def test_altered_file_fails_the_hash_check_and_cannot_be_switched_back(tmp_path,
     publish(make_parts(tmp_path, models[1], snapshot, version="2"), settings)
     (settings.path("published") / BUNDLES_DIR / first / LIMITS_FILE).write_bytes(b"tampered")
     with pytest.raises(BundleError, match=rf"hash mismatch \['{LIMITS_FILE}'\]"):
-        check_bundle(settings.path("published") / BUNDLES_DIR / first)
+        check_bundle(settings.path("published") / BUNDLES_DIR / first, None)
     with pytest.raises(BundleError, match="hash mismatch"):
         rollback(settings)
 
@@ -93,3 +110,84 @@ def test_rollback_goes_to_the_previous_bundle_or_the_one_named(tmp_path, models,
         rollback(settings)
     with pytest.raises(ScfriskError, match="no published bundle 'nope'"):
         rollback(settings, to="nope")
+
+
+def test_bundle_that_cannot_be_decided_is_refused_by_publish_and_rollback(tmp_path, models, snapshot):
+    """A limit table edited with its hash recomputed: before, it passed the checks and answered 500."""
+    settings = Settings(home=tmp_path / "home")
+    published = settings.path("published")
+    parts = make_parts(tmp_path, models[0], snapshot)
+    broken = parts.limits.copy()
+    drop_last_merchants_limit(broken)
+    with pytest.raises(BundleCheckError, match=r"rows of 1 snapshot merchants .* differ"):
+        publish(type(parts)(**{**parts.__dict__, "limits": broken}), settings)
+    first = publish(parts, settings)
+    second = publish(make_parts(tmp_path, models[1], snapshot, version="2"), settings)
+    tamper_limits(published / BUNDLES_DIR / first, drop_last_merchants_limit)
+    with pytest.raises(BundleCheckError, match="differ"):
+        rollback(settings)
+    assert current_bundle_id(published) == second
+
+
+def test_ids_leading_out_of_the_bundles_folder_are_refused(tmp_path, models, snapshot):
+    settings, elsewhere = Settings(home=tmp_path / "home"), Settings(home=tmp_path / "elsewhere")
+    publish(make_parts(tmp_path, models[0], snapshot), settings)
+    outside = publish(make_parts(tmp_path, models[1], snapshot, version="2"), elsewhere)
+    published = settings.path("published")
+    (published / BUNDLES_DIR / "link").symlink_to(elsewhere.path("published") / BUNDLES_DIR / outside)
+    for bundle_id in (f"../../../elsewhere/published/bundles/{outside}",
+                      str(elsewhere.path("published") / BUNDLES_DIR / outside), "link", "..", "."):
+        with pytest.raises(BundleError, match="no published bundle"):
+            rollback(settings, to=bundle_id)
+        with pytest.raises(BundleError, match="no published bundle"):
+            switch_to(published, bundle_id)
+        with pytest.raises(BundleError, match="no published bundle"):
+            bundle_path(published, bundle_id)
+
+
+def _key_file(folder, text: str | None = None):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "bundle.key"
+    path.write_text(text or secrets.token_hex(32))
+    return path
+
+
+def test_signed_manifests_cannot_be_changed_without_the_key(tmp_path, models, snapshot, caplog):
+    signed = Settings(home=tmp_path / "home", bundle_key_file=_key_file(tmp_path / "secrets"))
+    unsigned = Settings(home=tmp_path / "home")
+    published = signed.path("published")
+    with caplog.at_level(logging.WARNING, logger="serving.bundle"):
+        old = publish(make_parts(tmp_path, models[0], snapshot, version="0"), unsigned)
+    assert "no bundle key is configured" in caplog.text and not (published / BUNDLES_DIR / old / SIGNATURE).exists()
+    first = publish(make_parts(tmp_path, models[0], snapshot), signed)
+    second = publish(make_parts(tmp_path, models[1], snapshot, version="2"), signed)
+    assert (published / BUNDLES_DIR / first / SIGNATURE).is_file()
+    check_bundle(published / BUNDLES_DIR / first, bundle_key(signed))
+
+    with pytest.raises(SignatureError, match=f"bundle {old} is not signed"):
+        rollback(signed, to=old)
+    other = Settings(home=tmp_path / "home", bundle_key_file=_key_file(tmp_path / "other"))
+    with pytest.raises(SignatureError, match="not with the configured key"):
+        rollback(other, to=first)
+    manifest = json.loads((published / BUNDLES_DIR / first / MANIFEST).read_text())
+    manifest["features_as_of"] = "2030-01-01T00:00:00"  # scores as before: only the signature can tell
+    (published / BUNDLES_DIR / first / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    with pytest.raises(SignatureError, match="manifest was changed after it was signed"):
+        rollback(signed)
+    assert current_bundle_id(published) == second
+
+
+def test_the_bundle_key_comes_from_outside_the_workspace(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    with pytest.raises(ConfigError, match="inside"):
+        bundle_key(Settings(home=home, bundle_key_file=_key_file(home / "keys")))
+    with pytest.raises(ConfigError, match="shorter than 32 bytes"):
+        bundle_key(Settings(home=home, bundle_key_file=_key_file(tmp_path / "short", "tiny")))
+    with pytest.raises(ConfigError, match="absolute path"):
+        bundle_key(Settings(home=home, bundle_key_file="bundle.key"))
+    from_file = bundle_key(Settings(home=home, bundle_key_file=_key_file(tmp_path / "k")))
+    monkeypatch.setenv(KEY_ENV, secrets.token_hex(32))
+    from_env = bundle_key(Settings(home=home, bundle_key_file=tmp_path / "k" / "bundle.key"))
+    assert from_file.key_id != from_env.key_id and bundle_key(Settings(home=home)) == from_env
+    monkeypatch.delenv(KEY_ENV)
+    assert bundle_key(Settings(home=home)) is None

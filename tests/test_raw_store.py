@@ -15,9 +15,9 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
+from core.raw_store import RawStore
+from core.schemas import TABLES
 from pipelines.ingest import conform
-from pipelines.raw_store import RawStore
-from pipelines.schemas import TABLES
 from tests.batch_builder import valid_batch
 
 

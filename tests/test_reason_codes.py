@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.explain import explain
-from models.reason_codes import (
+from core.errors import ScfriskError
+from explanation.contributions import explain
+from explanation.reason_codes import (
     LOWERS,
     RAISES,
     REFERENCES_KEY,
@@ -17,8 +18,10 @@ from models.reason_codes import (
     reference_values,
     top_reasons,
 )
-from pipelines.errors import ScfriskError
-from tests.explain_fixtures import Trained
+from features.catalogue import PROTECTED_PROXIES, check_proxies
+from features.definitions import FEATURE_INDEX
+from reporting.model_card import protected_attributes
+from testkit.explain import Trained
 
 
 @pytest.fixture(scope="module")
@@ -30,18 +33,78 @@ def index(trained: Trained) -> ReasonCodeIndex:
     )
 
 
-def test_reasons_are_exactly_the_largest_positive_and_negative_contributions(
+def _on_its_side(name: str, value: object, reference: object, sign: int) -> bool:
+    """The citing rule, spelled out once more: a declared direction must agree with the comparison."""
+    if name in PROTECTED_PROXIES:
+        return False
+    if pd.isna(value) or reference is None:
+        return True
+    feature = FEATURE_INDEX[name]
+    if feature.kind == "categorical" or feature.direction == 0:
+        return str(value) != str(reference)
+    return sign * feature.direction * (float(value) - float(reference)) > 0
+
+
+def test_reasons_are_exactly_the_largest_contributions_that_read_the_way_they_count(
     trained: Trained, index: ReasonCodeIndex
 ) -> None:
     frame = trained.frame.set_index("merchant_id").sample(200, random_state=1)
-    values = explain(trained.model.booster, trained.model.prepare(frame)).values
+    inputs = trained.model.prepare(frame)
+    values = explain(trained.model.booster, inputs).values
+    references = model_references(trained.model)
     for merchant, row in values.iterrows():
         reasons = index.lookup(merchant)
-        up = row[row > 0].sort_values(ascending=False).head(4)
-        down = row[row < 0].sort_values().head(4)
-        assert [r.code for r in reasons.raised] == up.index.tolist()
-        assert [r.code for r in reasons.lowered] == down.index.tolist()
-        np.testing.assert_allclose([r.contribution for r in reasons.raised], up.to_numpy())
+        for sign, cited in ((1, reasons.raised), (-1, reasons.lowered)):
+            keep = [n for n in row.index if sign * row[n] > 0
+                    and _on_its_side(n, inputs.at[merchant, n], references.get(n), sign)]
+            expected = (sign * row[keep]).sort_values(ascending=False).head(4)
+            assert [r.code for r in cited] == expected.index.tolist()
+            np.testing.assert_allclose([sign * r.contribution for r in cited], expected.to_numpy())
+
+
+def test_a_factor_is_cited_only_on_the_risky_side_of_the_approved_reference() -> None:
+    """SHAP counts against the average merchant, the sentence against the typical approved one: a
+    refund rate below the approved merchants' or a tenure above theirs is never said to raise the risk."""
+    contributions = pd.DataFrame({"refund_rate_90d": [0.4], "tenure_days": [0.3], "complaints_90d": [0.2],
+                                  "avg_days_to_ship_90d": [0.1]}, index=["M1"])
+    inputs = pd.DataFrame({"refund_rate_90d": [0.02], "tenure_days": [900.0], "complaints_90d": [3.0],
+                           "avg_days_to_ship_90d": [7.0]}, index=["M1"])
+    references = {"refund_rate_90d": 0.04, "tenure_days": 700.0, "complaints_90d": 0.0, "avg_days_to_ship_90d": 1.0}
+    table = top_reasons(contributions, inputs, references)
+    assert table["code"].tolist() == ["complaints_90d", "avg_days_to_ship_90d"]
+    assert table["description"].tolist() == [
+        "Buyer complaints received in the last 90 days: 3, higher than the typical approved merchant's 0",
+        "Average days between an order and its shipment, orders of the last 90 days: 7 days, higher than the "
+        "typical approved merchant's 1 day",
+    ]
+
+
+def test_no_reason_ever_cites_a_possible_proxy_of_a_protected_attribute(trained: Trained) -> None:
+    assert "region" in PROTECTED_PROXIES and "region" in trained.model.feature_names  # the fixture uses it
+    frame = trained.frame.set_index("merchant_id")
+    table = explain_payloads(trained.model, frame, top_n=len(trained.model.feature_names))
+    assert len(table) > 0 and not set(table["code"]) & set(PROTECTED_PROXIES)
+    forced = top_reasons(pd.DataFrame({"region": [5.0], "segment": [0.1]}, index=["M1"]),
+                         pd.DataFrame({"region": ["west"], "segment": ["individual"]}, index=["M1"]),
+                         {"region": "east", "segment": "corporate"})
+    assert forced["code"].tolist() == ["segment"]
+
+
+def test_a_misspelt_proxy_declaration_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"lacks: \['regoin'\]"):
+        check_proxies({"regoin": "typo"})
+
+
+def test_the_model_card_says_how_protected_attributes_and_proxies_are_handled(trained: Trained) -> None:
+    with_region = protected_attributes(trained.model)
+    assert "## Protected attributes and their proxies" in with_region
+    assert "- `region` (" in with_region and "**an input of this model**" in with_region
+    assert "never given as a reason" in with_region
+    without = type(trained.model)(trained.model.booster,
+                                  tuple(f for f in trained.model.features if f.name != "region"),
+                                  trained.model.calibrator)
+    assert "not an input of this model" in protected_attributes(without)
+    assert "None of them shapes this model's PDs." in protected_attributes(without)
 
 
 def test_reason_text_renders_the_merchants_value_and_the_approved_reference(trained: Trained) -> None:
@@ -52,8 +115,8 @@ def test_reason_text_renders_the_merchants_value_and_the_approved_reference(trai
     assert refund["direction"].tolist() == [RAISES] and refund["rank"].tolist() == [1]
     reference = model_references(trained.model)["refund_rate_90d"]
     assert refund["description"].iloc[0] == (
-        "Share of orders placed in the last 90 days that were refunded: 18%; "
-        f"typical for approved merchants: {reference:.0%}"
+        "Share of orders placed in the last 90 days that were refunded: 18%, "
+        f"higher than the typical approved merchant's {reference:.0%}"
     )
     assert refund["value"].iloc[0] == "18%"
 
@@ -80,7 +143,7 @@ def test_a_feature_with_zero_contribution_never_appears() -> None:
     table = top_reasons(
         contributions,
         inputs,
-        {"refund_rate_90d": 0.04, "tenure_days": 700.0, "complaints_90d": 0.0, "segment": "corporate"},
+        {"refund_rate_90d": 0.04, "tenure_days": 700.0, "complaints_90d": 5.0, "segment": "corporate"},
     )
     assert (table["contribution"] != 0).all()
     assert table[table["merchant_id"] == "M1"][["direction", "code"]].values.tolist() == [
@@ -99,7 +162,7 @@ def test_missing_values_are_said_to_be_unknown_never_a_number(trained: Trained) 
     table = explain_payloads(trained.model, merchant, top_n=len(trained.model.feature_names))
     late = table[table["code"] == "late_delivery_rate_90d"]
     assert late["value"].tolist() == ["unknown"]
-    assert ": unknown; typical for approved merchants: " in late["description"].iloc[0]
+    assert ": unknown; the typical approved merchant's: " in late["description"].iloc[0]
 
 
 def test_precomputed_index_and_on_the_fly_payloads_agree_and_survive_a_round_trip(

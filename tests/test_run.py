@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 
-from pipelines.config import Settings
+from core.settings import Settings
 from pipelines.run import TRAINING_CODE, training_code_version, training_fingerprint
 from tests.conftest import REPO
 
@@ -31,7 +31,7 @@ def test_fingerprint_changes_with_each_input(tmp_path):
     settings = Settings(home=tmp_path, policy_file=REPO / "policy.toml")
     base = training_fingerprint(settings, "snap1", "fs1")
     assert base == training_fingerprint(settings, "snap1", "fs1")
-    reseeded = settings.model_copy(update={"model": settings.model.model_copy(update={"seed": 7})})
+    reseeded = settings.model_copy(update={"seed": 7})
     assert (
         len(
             {

@@ -2,33 +2,38 @@
 
 from __future__ import annotations
 
-import socket
+import logging
+import secrets
+import shutil
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import uvicorn
 
-from pipelines.config import ServiceConfig, Settings
-from pipelines.errors import ScfriskError
-from pipelines.publish import publish, rollback, switch_to
+from core.errors import ScfriskError
+from core.settings import ServiceConfig, Settings
+from credit.policy import load_policy
+from pipelines.publish import BundleCheckError, publish, rollback, switch_to
 from serving.app import create_app
-from serving.audit import read_audit, replay
+from serving.audit import read_audit
 from serving.auth import Keyring
-from serving.bundle import BUNDLES_DIR, LIMITS_FILE
-from tests.service_fixtures import make_parts, online_snapshot, train_model
+from serving.bundle import BUNDLES_DIR, LIMITS_FILE, POINTER, BundleError, replay
+from testkit.service import (
+    POLICY,
+    drop_last_merchants_limit,
+    make_parts,
+    online_snapshot,
+    running_service,
+    tamper_limits,
+    train_model,
+)
 
 KEY = "full-access-key-0123456789"
 READ_KEY = "read-only-key-0123456789"
 MERCHANT = "M0000003"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait(condition, timeout: float = 20.0) -> None:
@@ -48,24 +53,10 @@ def service(tmp_path_factory):
     model, snapshot = train_model(seed=7), online_snapshot(300)
     first = publish(make_parts(work, model, snapshot), settings)
     keyring = Keyring.from_config([f"{READ_KEY}:read"], {"SCFRISK_API_KEYS": KEY})
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, keyring), host="127.0.0.1", port=port,
-                                          log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": KEY}, timeout=30)
-    _wait(lambda: _ready(client))
-    yield {"client": client, "settings": settings, "work": work, "model": model, "snapshot": snapshot,
-           "first": first, "url": f"http://127.0.0.1:{port}"}
-    server.should_exit = True
-    thread.join(10)
-
-
-def _ready(client: httpx.Client) -> bool:
-    try:
-        return client.get("/readyz").status_code == 200
-    except httpx.TransportError:
-        return False
+    with running_service(create_app(settings, keyring), KEY) as client:
+        url = str(client.base_url).rstrip("/")
+        yield {"client": client, "settings": settings, "work": work, "model": model, "snapshot": snapshot,
+               "first": first, "url": url, "keyring": keyring}
 
 
 def _live(client: httpx.Client) -> str:
@@ -103,8 +94,34 @@ def test_risky_payload_is_told_its_own_values_in_catalogue_words(service):
     body = service["client"].post("/v1/score", json={"features": features}).json()
     reasons = {r["code"]: r["description"] for r in body["reason_codes"]}
     assert 1 <= len(reasons) <= 4 and "refund_rate_90d" in reasons
-    assert reasons["refund_rate_90d"].startswith("Share of orders placed in the last 90 days that were refunded: 37%;")
+    assert reasons["refund_rate_90d"].startswith(
+        "Share of orders placed in the last 90 days that were refunded: 37%, higher than")
     assert "41%" in reasons["late_delivery_rate_90d"]
+
+
+def test_a_declined_merchant_is_told_the_rule_first_then_the_factors_and_the_audit_keeps_both(service):
+    client, settings = service["client"], service["settings"]
+    features = service["snapshot"].drop(columns="merchant_id").iloc[3].to_dict()
+    features.update(net_sales_90d=120.0, tenure_days=1000.0, refund_rate_90d=0.37, late_delivery_rate_90d=0.41)
+    floor = load_policy(POLICY).product("order_financing").min_net_sales_90d
+    body = client.post("/v1/score", json={"features": features, "product": "order_financing",
+                                          "requested_amount": 500}).json()
+    assert body["decision"]["outcome"] == "decline"
+    rule = f"net sales of the last 90 days below {floor:,.0f}, the minimum for order financing"
+    assert body["decision"]["reasons"] == [rule] and body["decision"]["reason_codes"] == ["exclusion.sales"]
+    first, *factors = body["reason_codes"]
+    assert first == {"code": "exclusion.sales", "description": rule, "source": "policy"}
+    assert factors and {r["source"] for r in factors} == {"model"}
+    assert all(", higher than the typical" in r["description"] or ", lower than the typical" in r["description"]
+               for r in factors)
+    order = next(x for x in body["limits"] if x["product"] == "order_financing")
+    assert (order["exclusion_reason"], order["exclusion_description"]) == ("sales", rule)
+    for x in body["limits"]:  # every exclusion in words, never a bare code; none when eligible
+        assert (x["exclusion_description"] is None) == x["eligible"]
+        assert x["eligible"] or len(x["exclusion_description"].split()) > 4
+    record = {r["request_id"]: r for r in read_audit(settings.audit_log)}[body["request_id"]]
+    assert record["policy_reasons"] == {"exclusion.sales": rule}
+    assert record["reasons"] == [r["code"] for r in factors]
 
 
 def test_errors_name_what_is_wrong(service):
@@ -160,7 +177,7 @@ def test_audit_log_reproduces_decisions(service):
     for request_id in ids:
         record = records[request_id]
         assert KEY not in str(record) and record["caller"].startswith("key-")
-        again = replay(record, settings.path("published") / BUNDLES_DIR)
+        again = replay(record, settings.path("published"))
         assert again == {"pd": record["pd"], "grade": record["grade"], "decision": record["decision"]}
 
 
@@ -197,3 +214,139 @@ def test_publish_during_traffic_fails_no_request_then_rollback_and_broken_bundle
     assert client.post("/v1/score", json={"merchant_id": MERCHANT}).json()["bundle_id"] == before
     switch_to(published, before)
 
+
+def test_readiness_without_a_key_says_only_ready_or_not(service):
+    url = service["url"]
+    anonymous = httpx.get(f"{url}/readyz")
+    assert anonymous.status_code == 200 and anonymous.json() == {"status": "ready", "bundle_id": None, "detail": None}
+    keyed = httpx.get(f"{url}/readyz", headers={"X-API-Key": READ_KEY}).json()
+    assert keyed["status"] == "ready" and keyed["bundle_id"] == _live(service["client"])
+    assert httpx.get(f"{url}/readyz", headers={"X-API-Key": "x" * 30}).status_code == 401
+
+
+def test_pointer_outside_the_bundles_folder_is_not_followed(service):
+    client, settings, work = service["client"], service["settings"], service["work"]
+    published, before = settings.path("published"), _live(client)
+    elsewhere = Settings(home=work / "elsewhere")
+    outside = publish(make_parts(work, service["model"], service["snapshot"], version="outside"), elsewhere)
+    for pointer in (f"../../../elsewhere/published/bundles/{outside}",
+                    str(elsewhere.path("published") / BUNDLES_DIR / outside)):
+        (published / POINTER).write_text(pointer + "\n")  # as anyone who can write the published folder could
+        _wait(lambda: client.get("/readyz").json()["status"] == "degraded")
+        ready = client.get("/readyz").json()
+        assert ready["bundle_id"] == before and f"no published bundle '{pointer}'" in ready["detail"]
+        anonymous = httpx.get(f"{service['url']}/readyz")
+        assert anonymous.json() == {"status": "ready", "bundle_id": None, "detail": None}
+        assert client.post("/v1/score", json={"merchant_id": MERCHANT}).json()["bundle_id"] == before
+        switch_to(published, before)
+        _wait(lambda: client.get("/readyz").json()["status"] == "ready")
+
+
+def test_tampered_bundle_with_recomputed_hashes_never_goes_live(service):
+    client, settings, work = service["client"], service["settings"], service["work"]
+    published, before = settings.path("published"), _live(client)
+    tampered = publish(make_parts(work, service["model"], service["snapshot"], version="tampered"), settings)
+    _wait(lambda: _live(client) == tampered)
+    switch_to(published, before)
+    _wait(lambda: _live(client) == before)
+    tamper_limits(published / BUNDLES_DIR / tampered, drop_last_merchants_limit)
+    switch_to(published, tampered)
+    _wait(lambda: client.get("/readyz").json()["status"] == "degraded")
+    detail = client.get("/readyz").json()["detail"]
+    last = service["snapshot"]["merchant_id"].iloc[-1]
+    assert f"merchant {last}, product" in detail and "cannot be decided (TypeError" in detail
+    answer = client.post("/v1/score", json={"merchant_id": last, "product": "microloan", "requested_amount": 500})
+    assert answer.status_code == 200 and answer.json()["bundle_id"] == before
+    with pytest.raises(BundleCheckError, match="cannot be decided"):
+        rollback(settings, to=tampered)
+    switch_to(published, before)
+    _wait(lambda: client.get("/readyz").json()["status"] == "ready")
+
+
+def test_audit_lines_follow_rotation_and_no_decision_is_answered_without_its_line(service):
+    client, path = service["client"], service["settings"].audit_log
+    request = {"merchant_id": MERCHANT, "product": "microloan", "requested_amount": 500}
+    rotated = path.with_name(path.name + ".1")
+    path.rename(rotated)
+    after_mv = client.post("/v1/score", json=request).json()["request_id"]
+    assert [r["request_id"] for r in read_audit(path)] == [after_mv] and after_mv not in rotated.read_text()
+    path.unlink()
+    after_rm = client.post("/v1/score", json=request).json()["request_id"]
+    assert [r["request_id"] for r in read_audit(path)] == [after_rm]
+
+    path.unlink()
+    path.mkdir()  # the log cannot be written: the decision must not be given
+    refused = client.post("/v1/score", json=request)
+    assert refused.status_code == 500 and "audit log" in refused.json()["detail"] and "pd" not in refused.json()
+    assert client.post("/v1/score/batch", json={"requests": [request]}).status_code == 500
+    path.rmdir()
+    again = client.post("/v1/score", json=request)
+    assert again.status_code == 200 and [r["request_id"] for r in read_audit(path)] == [again.json()["request_id"]]
+
+
+def test_a_broken_bundle_is_named_and_served_once_repaired(service, tmp_path, caplog):
+    settings = Settings(home=tmp_path / "home", service=ServiceConfig(reload_interval_seconds=0.05))
+    bundle_id = publish(make_parts(tmp_path, service["model"], service["snapshot"]), settings)
+    limits = settings.path("published") / BUNDLES_DIR / bundle_id / LIMITS_FILE
+    good = limits.read_bytes()
+    limits.write_bytes(b"corrupt")
+    app = create_app(settings, service["keyring"])
+    with caplog.at_level(logging.ERROR, logger="serving.live"), running_service(app, KEY, until="/healthz") as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and f"hash mismatch ['{LIMITS_FILE}']" in ready.json()["detail"]
+        refused = client.post("/v1/score", json={"merchant_id": MERCHANT})
+        assert refused.status_code == 503 and f"bundle {bundle_id} cannot be served" in refused.json()["detail"]
+        assert "hash mismatch" in refused.json()["detail"] and str(tmp_path) not in refused.text + ready.text
+        time.sleep(0.5)  # ten polls of an unchanged broken bundle
+        limits.write_bytes(good)
+        _wait(lambda: client.get("/readyz").status_code == 200)
+        assert client.post("/v1/score", json={"merchant_id": MERCHANT}).json()["bundle_id"] == bundle_id
+    errors = [r for r in caplog.records if r.name == "serving.live" and r.levelno >= logging.ERROR]
+    assert len([r for r in errors if bundle_id in r.getMessage()]) == 1
+
+
+def test_a_service_with_a_bundle_key_refuses_unsigned_bundles(service, tmp_path):
+    key_file = tmp_path / "secrets" / "bundle.key"
+    key_file.parent.mkdir()
+    key_file.write_text(secrets.token_hex(32))
+    unsigned = Settings(home=tmp_path / "home", service=ServiceConfig(reload_interval_seconds=0.05))
+    signed = unsigned.model_copy(update={"bundle_key_file": key_file})
+    publish(make_parts(tmp_path, service["model"], service["snapshot"]), unsigned)
+    with running_service(create_app(signed, service["keyring"]), KEY, until="/healthz") as client:
+        assert "is not signed" in client.get("/readyz").json()["detail"]
+        signed_id = publish(make_parts(tmp_path, service["model"], service["snapshot"], version="2"), signed)
+        _wait(lambda: _live(client) == signed_id)
+
+
+OPERATIONS = ("/v1/score", "/v1/score/batch", "/v1/merchants/{merchant_id}/limits", "/readyz")
+
+
+@pytest.mark.skipif(
+    shutil.which("chromium") is None,
+    reason="Debian's chromium is not installed (the test target runs `apt-get install -y chromium`)",
+)
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_api_docs_render_in_chromium_without_network(service, tmp_path, page):
+    """Only loopback is reachable (every other name fails to resolve, every proxy is a closed port), so a
+    page that loads its scripts from a CDN renders blank; the operations are in the DOM only once the
+    page's JavaScript has fetched /openapi.json and rendered it."""
+    proc = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
+         "--disable-background-networking", "--disable-component-update", f"--user-data-dir={tmp_path}",
+         "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+         "--virtual-time-budget=15000", "--dump-dom", f"{service['url']}{page}"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rendered = proc.stdout
+    marker = 'data-path="{}"' if page == "/docs" else "{}"
+    assert [op for op in OPERATIONS if marker.format(op) not in rendered] == []
+    if page == "/redoc":
+        assert "operation-type post" in rendered
+
+
+@pytest.mark.parametrize("bundle_id", ["..", "../../..", "/etc", "20260101T000000Z/../.."])
+def test_replay_refuses_an_audit_line_whose_bundle_leads_out_of_the_bundles(tmp_path, bundle_id):
+    (tmp_path / BUNDLES_DIR).mkdir()
+    with pytest.raises(BundleError, match="no published bundle"):
+        replay({"bundle_id": bundle_id, "request_id": "r1", "merchant_id": "M1"}, tmp_path)

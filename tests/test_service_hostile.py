@@ -21,14 +21,14 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from core.settings import ServiceConfig, Settings
 from features.definitions import FEATURES
-from pipelines.config import ServiceConfig, Settings
 from pipelines.publish import publish
 from serving.app import create_app
-from serving.audit import read_audit, replay
+from serving.audit import read_audit
 from serving.auth import Keyring
-from serving.bundle import BUNDLES_DIR, load_bundle
-from tests.service_fixtures import make_parts, online_snapshot, running_service, train_model
+from serving.bundle import BUNDLES_DIR, load_bundle, replay
+from testkit.service import make_parts, online_snapshot, running_service, train_model
 
 KEY = "hostile-test-key-0123456789"
 NON_FINITE = ("Infinity", "-Infinity", "NaN", "1e999")
@@ -294,11 +294,11 @@ def test_a_thousand_random_decisions_replay_from_their_audit_lines(svc):
     assert len(answers) == 1_000 and all("request_id" in a for a in answers), [a for a in answers if "status" in a][:3]
     ids = [a["request_id"] for a in answers]
     records = {r["request_id"]: r for r in read_audit(svc["settings"].audit_log)}
-    bundles_dir = svc["settings"].path("published") / BUNDLES_DIR
+    published = svc["settings"].path("published")
     outcomes = set()
     for request_id in ids:
         record = records[request_id]
-        again = replay(record, bundles_dir, svc["bundle"])
+        again = replay(record, published, svc["bundle"])
         assert again == {"pd": record["pd"], "grade": record["grade"], "decision": record["decision"]}, record
         outcomes.add(record["decision"])
     assert {"approve", "decline", None} <= outcomes  # the corpus exercises the policy, not one branch

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pipelines.errors import ScfriskError
-from pipelines.schemas import TABLES
+from core.errors import ScfriskError
+from core.schemas import TABLES
 from simulator import SimulationConfig, simulate_platform
 from tests.conftest import SAMPLE
 

@@ -11,18 +11,18 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from pipelines.ingest import conform, reference_keys
-from pipelines.raw_store import RawStore
-from pipelines.schemas import TABLES
-from pipelines.validation import (
+from core.raw_store import RawStore
+from core.schemas import TABLES
+from core.validation import (
     BatchValidation,
     DataValidationError,
     build_rules,
     check_frames,
     pandas_type,
     to_validation_frame,
-    validate_tables,
 )
+from pipelines.ingest import conform, reference_keys
+from testkit.validation import validate_tables
 from tests.batch_builder import to_arrow, valid_batch
 
 NOW = datetime(2024, 3, 1)
@@ -93,21 +93,22 @@ def _orphan(b):
     )
 
 
-@pytest.mark.parametrize(
-    "corrupt",
-    [
-        _wrong_type,
-        _missing_column,
-        _null_key,
-        _duplicate_key,
-        _bad_status,
-        _negative_amount,
-        _unordered,
-        _future,
-        _orphan,
-    ],
-    ids=lambda f: f.__name__.strip("_"),
-)
+CORRUPTIONS = [
+    _wrong_type,
+    _missing_column,
+    _null_key,
+    _duplicate_key,
+    _bad_status,
+    _negative_amount,
+    _unordered,
+    _future,
+    _orphan,
+]
+"""One defect per rule of the data model, with the message that names it (also checked in Arrow, for
+records sent to the scoring service: tests/test_on_demand.py)."""
+
+
+@pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=lambda f: f.__name__.strip("_"))
 def test_each_rule_rejects_bad_input_with_an_actionable_message(corrupt, settings, tmp_path):
     good = {name: to_arrow(name, frame) for name, frame in valid_batch().items()}
     bad = valid_batch()
@@ -175,7 +176,7 @@ def test_a_validated_frame_is_not_kept_alive(settings, tmp_path):
     (~2 GB at 10M orders): this fails first."""
     batch = {name: to_arrow(name, frame) for name, frame in valid_batch().items()}
     domains = reference_keys(batch, RawStore(tmp_path / "empty"))
-    validation = BatchValidation(settings, NOW)
+    validation = BatchValidation(settings, NOW, lambda *_: settings.path("validation") / "index.html")
     frame = to_validation_frame(batch["orders"], "orders")
     alive = weakref.ref(frame)
     assert (

@@ -1,0 +1,126 @@
+"""Fixed cost of a command: what `scfrisk` spends besides its work, each command its own process.
+
+Commands: a refused bad path (`ingest --source /does/not/exist`), and flow commands with little work
+(`ingest` of the batch already loaded, `limits`, `report`) in a workspace made by one
+`scfrisk run --source data_samples/platform` (not measured). Each command runs REPEATS times; medians of
+wall and CPU seconds (the command and the children it waits for, plus the CPU the workspace's Prefect
+server spent meanwhile). Baseline, the work: the same functions called in one process whose imports are
+done (second call of each). Fixed cost = command - work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import write_section
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data_samples" / "platform"
+REPEATS = 3
+COMMANDS = {
+    "ingest, bad path": ["ingest", "--source", "/does/not/exist"],
+    "ingest, batch already loaded": ["ingest", "--source", str(SAMPLE)],
+    "limits": ["limits"],
+    "report": ["report", "--model-version", "1"],
+}
+
+
+def _cli(args: list[str], env: dict[str, str], check: bool = True) -> tuple[float, float]:
+    """Wall and CPU seconds of one command (children it waited for included)."""
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], env=env, capture_output=True,
+                          text=True, check=False)
+    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{args} failed:\n{proc.stderr[-3000:]}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def _server_cpu(home: Path) -> float:
+    """CPU seconds the workspace's Prefect server has used so far (0 when there is none)."""
+    try:
+        pid = json.loads((home / "prefect" / "server.json").read_text())["pid"]
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, KeyError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _work(home: str) -> None:
+    """Child: the commands' work in one warm process; prints {name: [wall, cpu]} of the second calls."""
+    from core.settings import Settings
+    from pipelines.ingest import ingest
+    from pipelines.limits import build_limits
+    from pipelines.report import report_for_version
+    from pipelines.runtime import prepare_environment
+
+    settings = Settings(home=Path(home))
+    prepare_environment(settings)
+    work = {"ingest, batch already loaded": lambda: ingest(SAMPLE, settings),
+            "limits": lambda: build_limits(settings), "report": lambda: report_for_version(settings, "1")}
+    out = {}
+    for name, call in work.items():
+        for _ in range(2):
+            start, cpu = time.perf_counter(), time.process_time()
+            call()
+            out[name] = [time.perf_counter() - start, time.process_time() - cpu]
+    print(json.dumps(out))
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp) / "home"
+        env = {**os.environ, "SCFRISK_HOME": str(home)}
+        env.pop("PREFECT_API_URL", None)
+        try:
+            _cli(["run", "--source", str(SAMPLE)], env)
+            _cli(["server", "stop"], env, check=False)
+            server_start = _cli(["server", "start"], env, check=False)[0]
+            has_server = (home / "prefect" / "server.json").is_file()
+            runs: dict[str, list[tuple[float, float]]] = {name: [] for name in COMMANDS}
+            for _ in range(REPEATS):
+                for name, args in COMMANDS.items():
+                    server = _server_cpu(home)
+                    wall, cpu = _cli(args, env, check=name != "ingest, bad path")
+                    runs[name].append((wall, cpu + _server_cpu(home) - server))
+            proc = subprocess.run(
+                [sys.executable, "-c", f"from benchmarks.bench_cli import _work; _work({str(home)!r})"],
+                env=env, capture_output=True, text=True, check=True)
+            work = json.loads(proc.stdout.strip().splitlines()[-1])
+        finally:
+            _cli(["server", "stop"], env, check=False)  # (a code without the server command just fails)
+    load = os.getloadavg()
+    rows = []
+    for name, samples in runs.items():
+        wall, cpu = statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples)
+        w_wall, w_cpu = work.get(name, [0.0, 0.0])
+        rows.append(f"| {name} | {wall:.1f} | {cpu:.1f} | {w_wall:.1f} | {w_cpu:.1f} | **{wall - w_wall:.1f}** | "
+                    f"{cpu - w_cpu:.1f} |")
+    server_line = (f"Starting the workspace's Prefect server (`scfrisk server start`, paid once by the first flow "
+                   f"command of a workspace): {server_start:.1f} s wall." if has_server else
+                   "No workspace server: every flow command starts Prefect's temporary server (included above).")
+    body = f"""
+`python -m benchmarks.bench_cli`: each command its own process, median of {REPEATS}; CPU = the command, the
+children it waits for and the workspace's Prefect server meanwhile. Work = the same functions called in one
+warm process (imports done). Fixed = command - work. Load average (1, 5, 15 min) at the end:
+{load[0]:.1f}, {load[1]:.1f}, {load[2]:.1f}.
+
+| command | wall s | CPU s | work wall s | work CPU s | fixed wall s | fixed CPU s |
+|---|---:|---:|---:|---:|---:|---:|
+{chr(10).join(rows)}
+
+{server_line}
+"""
+    print(body)
+    write_section("Command start-up", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Workspace configuration: one `scfrisk.toml`, every key overridable from the environment.
+
+All state of a run lives under one workspace folder, ``SCFRISK_HOME`` (default ``.scfrisk`` in the
+current directory), so two workspaces never mix. Relative paths in the config are resolved against it.
+
+Precedence, highest first: environment (``SCFRISK_<KEY>`` at the top level, ``SCFRISK_<SECTION>__<KEY>``
+inside a section), then the TOML file, then the defaults below. The file is ``$SCFRISK_CONFIG`` when set,
+else ``scfrisk.toml`` in the current directory when present, else none.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from core.errors import ScfriskError
+from core.files import read_toml
+
+CONFIG_ENV = "SCFRISK_CONFIG"
+DEFAULT_CONFIG_FILE = "scfrisk.toml"
+
+
+class ConfigError(ScfriskError):
+    """A configuration file or variable that cannot be used; the message says which key and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsConfig(_Section):
+    """Where each layer keeps its files, relative to the workspace unless absolute."""
+
+    raw_store: Path = Path("raw")
+    feature_store: Path = Path("features")
+    reports: Path = Path("reports")
+    published: Path = Path("published")
+    validation: Path = Path("validation")
+    mlflow_artifacts: Path = Path("mlartifacts")
+
+
+class MlflowConfig(_Section):
+    """Tracking store; empty `tracking_uri` means an embedded SQLite file in the workspace."""
+
+    tracking_uri: str = ""
+    experiment: str = "scfrisk"
+    registered_model: str = "scfrisk-pd"
+
+
+class ModelConfig(_Section):
+    """Training settings shared by the default-model flows (their seed is the workspace's `seed`)."""
+
+    label_horizon_months: int = Field(12, ge=1, le=36)
+    test_months: int = Field(2, ge=1)
+    valid_months: int = Field(2, ge=1)
+    max_rounds: int = Field(1000, ge=10, le=20000)
+    search_trials: int = Field(8, ge=1, le=200)
+    threads: int = Field(1, ge=1, le=256)
+
+
+class FeaturesConfig(_Section):
+    """Feature-store settings."""
+
+    snapshot_months: int = Field(6, ge=0, le=240)
+    """Monthly offline snapshots kept materialised (most recent months; each later run adds only the new one)."""
+
+
+class GatesConfig(_Section):
+    """What a challenger must show on the out-of-time test before it replaces the champion."""
+
+    auc_tolerance: float = Field(0.005, ge=0.0, le=0.2)
+    max_ece: float = Field(0.03, gt=0.0, le=0.5)
+    max_score_psi: float = Field(0.25, gt=0.0, le=5.0)
+    require_monotone_grades: bool = True
+    min_grade_count: int = Field(30, ge=1)
+    grade_tolerance_z: float = Field(1.64, ge=0.0, le=5.0)
+
+
+class IngestConfig(_Section):
+    """Rules of the validated ingestion that are settings rather than schema."""
+
+    max_failure_examples: int = Field(5, ge=1, le=100)
+    allow_future_seconds: int = Field(0, ge=0)
+    data_docs_on_success: bool = False
+    """Also write the validation page (`validation/index.html`) of a batch that passed; a rejected batch
+    always gets it."""
+
+
+class ServiceConfig(_Section):
+    """The scoring service. API keys are `key` (every scope) or `key:scope+scope` (scopes: score, read);
+    keys from the comma-separated `SCFRISK_API_KEYS` variable are added to these."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_keys: tuple[str, ...] = ()
+    max_batch_size: int = Field(500, ge=1, le=100_000)
+    max_request_bytes: int = Field(1_000_000, ge=1024)
+    max_missing_share: float = Field(0.5, ge=0.0, le=1.0)
+    """Largest share of the model's inputs a `features` payload may leave unknown (null, a missing-value
+    code, an unseen category) before it is refused with 422: a PD built on next to nothing is not a
+    decision. 0.5 keeps every merchant of the sample's online store scorable (the least known has 37 of
+    80 inputs unknown, 99% have at most 23) and refuses payloads of mostly nulls."""
+    max_records: int = Field(5_000, ge=1, le=1_000_000)
+    """Raw records one request may carry, all tables together (their features are computed per request)."""
+    audit_log: Path = Path("audit/decisions.jsonl")
+    reload_interval_seconds: float = Field(2.0, gt=0.0)
+
+
+class Settings(BaseSettings):
+    """The validated configuration of one workspace."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SCFRISK_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    home: Path = Path(".scfrisk")
+    seed: int = 42
+    """The one seed of a workspace: splits, model search, boosting, samples in reports."""
+    policy_file: Path = Path("policy.toml")
+    bundle_key_file: Path | None = None
+    """Absolute path, outside the workspace, of the key that signs bundle manifests (`serving.signing`);
+    `SCFRISK_BUNDLE_KEY` takes precedence. Neither set: bundles are not signed."""
+    paths: PathsConfig = PathsConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    model: ModelConfig = ModelConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    gates: GatesConfig = GatesConfig()
+    ingest: IngestConfig = IngestConfig()
+    service: ServiceConfig = ServiceConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs; the environment must win over it.
+        return env_settings, init_settings
+
+    def path(self, key: str) -> Path:
+        """Absolute path of a `[paths]` entry, resolved against the workspace."""
+        value = getattr(self.paths, key)
+        return value if value.is_absolute() else self.home_dir / value
+
+    @property
+    def audit_log(self) -> Path:
+        """Absolute path of the service's append-only decision log, resolved against the workspace."""
+        value = self.service.audit_log
+        return value if value.is_absolute() else self.home_dir / value
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.mlflow.tracking_uri:
+            return self.mlflow.tracking_uri
+        return f"sqlite:///{self.home_dir / 'mlflow.db'}"
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"unknown key '{key}'"
+    return f"'{key}': {error['msg']} (got {error.get('input')!r})"
+
+
+def _anchored(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The file's relative `home` and `policy_file` read from the file's own folder, not from wherever the
+    command runs: `scfrisk -c /srv/ws/scfrisk.toml` works from any directory."""
+    anchored = dict(data)
+    for key in ("home", "policy_file"):
+        if isinstance(data.get(key), str) and not Path(data[key]).expanduser().is_absolute():
+            anchored[key] = str(folder / data[key])
+    return anchored
+
+
+def load_settings(config_file: Path | str | None = None) -> Settings:
+    """Read, merge and validate the configuration; raise `ConfigError` naming every bad key."""
+    if config_file is None:
+        config_file = os.environ.get(CONFIG_ENV) or (
+            DEFAULT_CONFIG_FILE if Path(DEFAULT_CONFIG_FILE).is_file() else None
+        )
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if config_file is not None:
+        source = str(config_file)
+        data = read_toml(config_file, ConfigError, "config file")
+        data = _anchored(data, Path(config_file).resolve().parent)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise ConfigError(f"invalid configuration ({source} + SCFRISK_* environment): {problems}") from exc

@@ -1,0 +1,62 @@
+"""`scfrisk features build`: after each ingest, bring the feature store up to date (Prefect shell).
+
+Training set, monthly snapshots and the online vector are each reused when the raw snapshot and the
+feature definitions are unchanged, so a rerun after no new data costs only the checks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from prefect import flow
+
+from core.errors import ScfriskError
+from core.raw_store import RawStore
+from core.settings import Settings
+from features.offline_store import OfflineStore, month_starts
+from features.online_store import publish_online
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FeatureBuild:
+    version: str
+    training_set: Path
+    online: Path
+    online_as_of: pd.Timestamp
+    snapshots: list[Path] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return (
+            f"feature set {self.version}: training set {self.training_set}, {len(self.snapshots)} monthly "
+            f"snapshots, online features as of {self.online_as_of:%Y-%m-%d %H:%M} in {self.online}"
+        )
+
+
+def build_features(settings: Settings, online_as_of: pd.Timestamp | None = None) -> FeatureBuild:
+    store = RawStore(settings.path("raw_store"))
+    offline = OfflineStore(settings.path("feature_store"), store)
+    months = month_starts(store)
+    if not months:
+        raise ScfriskError(f"raw store {store.root} has no orders; nothing to build features from")
+    online_as_of = pd.Timestamp(online_as_of) if online_as_of is not None else months[-1]
+    return FeatureBuild(
+        version=offline.version,
+        training_set=offline.training_set(settings.model.label_horizon_months),
+        snapshots=[offline.materialize(m) for m in months[-settings.features.snapshot_months:]]
+        if settings.features.snapshot_months else [],
+        online=publish_online(offline, online_as_of),
+        online_as_of=online_as_of,
+    )
+
+
+@flow(name="features-build")
+def build_features_flow(settings: Settings, online_as_of: str | None = None) -> FeatureBuild:
+    """Prefect shell of `build_features`."""
+    result = build_features(settings, pd.Timestamp(online_as_of) if online_as_of else None)
+    log.info(result.describe())
+    return result

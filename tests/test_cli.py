@@ -1,0 +1,165 @@
+"""The command line's first seconds: inputs refused before heavy imports, one line per error, literal help
+texts, and a stage refused up front when the workspace lacks the raw tables it needs."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from core.errors import ScfriskError
+from core.raw_store import RawStore
+from core.schemas import STAGE_TABLES, TABLES
+from core.settings import ModelConfig, Settings
+from pipelines.cli import app, run
+from simulator import SimulationConfig, months_to_train, simulate_platform
+from tests.batch_builder import valid_batch, write_batch
+from tests.conftest import REPO
+
+HEAVY = ("prefect", "great_expectations", "mlflow", "pandas", "pyarrow", "duckdb", "lightgbm")
+
+
+def _cli(argv: list[str], monkeypatch, capsys, home: Path) -> tuple[int, str]:
+    """`scfrisk argv` in this process through the console entry point: exit code and stderr."""
+    monkeypatch.setenv("SCFRISK_HOME", str(home))
+    monkeypatch.setattr(sys, "argv", ["scfrisk", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        run()
+    return exit_.value.code, capsys.readouterr().err
+
+
+def _one_error_line(stderr: str) -> str:
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    return errors[0]
+
+
+def test_a_missing_batch_folder_is_refused_before_any_heavy_import(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "pipelines.cli", "ingest", "--source", str(tmp_path / "nope")],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "SCFRISK_HOME": str(tmp_path / "home")},
+    )
+    assert proc.returncode == 2
+    error = _one_error_line(proc.stderr)
+    assert "'--source'" in error and "does not exist" in error
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert not imported & set(HEAVY), f"imported before refusing: {sorted(imported & set(HEAVY))}"
+
+
+def test_a_usage_error_is_one_line_without_traceback(tmp_path, monkeypatch, capsys):
+    code, stderr = _cli(["ingest", "--sauce", "x"], monkeypatch, capsys, tmp_path / "home")
+    assert code == 2
+    assert "No such option: --sauce" in _one_error_line(stderr)
+
+
+def _commands(group: typer.main.TyperGroup, path: tuple[str, ...] = ()):
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            yield from _commands(command, (*path, name))
+        else:
+            yield (*path, name), command
+
+
+def test_every_help_text_prints_as_written():
+    """Brackets such as `[service]` are text, not Rich markup to swallow."""
+    texts = 0
+    for path, command in _commands(typer.main.get_command(app)):
+        result = CliRunner().invoke(app, [*path, "--help"], terminal_width=200)
+        assert result.exit_code == 0, result.output
+        shown = " ".join(result.output.split())
+        for text in [command.help or "", *(p.help or "" for p in command.params)]:
+            for phrase in re.findall(r"[^.;]*\[[^\]]*\][^.;]*", text):
+                texts += 1
+                assert " ".join(phrase.split()) in shown, f"scfrisk {' '.join(path)} --help: {phrase!r}"
+    assert texts >= 3
+    serve = " ".join(CliRunner().invoke(app, ["serve", "--help"], terminal_width=200).output.split())
+    assert "SCFRISK_API_KEYS or [service])" in serve and "(default: [service].host)" in serve
+
+
+def test_simulate_refuses_a_history_too_short_to_train_on(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "platform"
+    code, stderr = _cli(["simulate", "--months", "19", "--out", str(out)], monkeypatch, capsys, tmp_path / "home")
+    assert code == 2
+    assert "--months 19 is too short to train on" in _one_error_line(stderr) and "at least 20 months" in stderr
+    assert not out.exists()
+    monkeypatch.setenv("SCFRISK_MODEL__LABEL_HORIZON_MONTHS", "6")  # the minimum follows the model settings
+    code, stderr = _cli(["simulate", "--months", "13", "--out", str(out)], monkeypatch, capsys, tmp_path / "home")
+    assert code == 2 and "at least 14 months" in _one_error_line(stderr)
+
+
+@pytest.mark.slow
+def test_months_to_train_is_the_shortest_simulation_that_splits(tmp_path):
+    """At the minimum the out-of-time split has its three slices; one month less, training fails."""
+    from core.batch import locate_tables
+    from models.splits import time_split
+    from pipelines.ingest import read_table
+    from pipelines.train import feature_store_table
+
+    model = ModelConfig(label_horizon_months=2, valid_months=1, test_months=1)
+    needed = months_to_train(model)
+    for months in (needed, needed - 1):
+        folder = tmp_path / str(months)
+        simulate_platform(SimulationConfig(n_merchants=120, months=months, seed=1), folder / "batch")
+        settings = Settings(home=folder / "home", model=model)
+        store = RawStore(settings.path("raw_store"))
+        with store.transaction() as staging:  # the simulator's tables are valid: skip GX to keep this short
+            for name, path in locate_tables(folder / "batch").items():
+                staging.stage(name, read_table(path, TABLES[name]))
+            staging.commit()
+        if months == needed:
+            frame = feature_store_table(settings)
+            assert set(time_split(frame["as_of"], model.valid_months, model.test_months)) == {
+                "train", "valid", "test"}
+        else:
+            with pytest.raises(ScfriskError):
+                time_split(feature_store_table(settings)["as_of"], model.valid_months, model.test_months)
+
+
+def test_run_refuses_a_batch_without_loan_performance_at_once(tmp_path, monkeypatch, capsys):
+    batch = {name: frame for name, frame in valid_batch().items() if name != "loan_performance"}
+    folder = write_batch(tmp_path / "batch", batch)
+    home = tmp_path / "home"
+    code, stderr = _cli(["run", "--source", str(folder)], monkeypatch, capsys, home)
+    assert code == 2
+    error = _one_error_line(stderr)
+    assert f"run needs raw tables {', '.join(STAGE_TABLES['run'])}" in error
+    assert f"neither batch {folder} nor raw store {home / 'raw'} has loan_performance" in error
+    assert not (home / "raw").exists() and not (home / "prefect" / "server.json").exists()
+
+
+@pytest.mark.parametrize("stage", ["train", "limits", "features"])
+def test_a_stage_names_the_raw_tables_the_workspace_lacks(stage, tmp_path, monkeypatch, capsys):
+    home = tmp_path / "home"
+    store = RawStore(home / "raw")
+    with store.transaction() as staging:
+        staging.stage("merchants", pq.read_table(write_batch(tmp_path / "b", valid_batch()) / "merchants.parquet"))
+        staging.commit()
+    argv = {"train": ["train"], "limits": ["limits"], "features": ["features", "build"]}[stage]
+    code, stderr = _cli(argv, monkeypatch, capsys, home)
+    assert code == 2
+    lacking = [t for t in STAGE_TABLES[stage] if t != "merchants"]
+    assert f"raw store {home / 'raw'} has no {', '.join(lacking)}: ingest" in _one_error_line(stderr)
+    assert not (home / "prefect" / "server.json").exists()
+
+
+@pytest.mark.slow
+def test_a_wrong_target_is_one_line_without_traceback(prefect_server, tmp_path):
+    """Bad input found inside a flow: Prefect's traceback and 'Finished in state Failed' stay off the
+    console, the CLI's line is the only one."""
+    table = REPO / "data_samples" / "public" / "german_credit.parquet"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "train", "--table", str(table), "--target", "nope"],
+        capture_output=True, text=True, cwd=tmp_path,
+        env={**os.environ, "SCFRISK_HOME": str(tmp_path / "home"), "PREFECT_API_URL": prefect_server},
+    )
+    assert proc.returncode == 2
+    assert "target column 'nope' is not in" in _one_error_line(proc.stderr)
+    assert sum("target column 'nope'" in line for line in proc.stderr.splitlines()) == 1, proc.stderr
