@@ -79,7 +79,7 @@ def stores(tmp_path_factory):
 def _records_in_store(raw: RawStore, merchant: str) -> dict[str, list[dict]]:
     con = duckdb.connect()
     return _wire({
-        name: con.sql(f"SELECT * FROM read_parquet('{raw.table_glob(name)}', hive_partitioning = false) "
+        name: con.sql(f"SELECT * FROM {raw.register(con, name)} "
                       f"WHERE merchant_id = '{merchant}'").to_arrow_table().to_pylist()
         for name in RECORD_TABLES
     })
