@@ -224,18 +224,6 @@ features_app = typer.Typer(help="Feature store: point-in-time training sets, off
 app.add_typer(features_app, name="features")
 
 
-def _read_table(path: Path):  # noqa: ANN202 - pandas is imported lazily
-    import pandas as pd
-
-    if not path.is_file():
-        raise ScfriskError(f"entity file {path} does not exist")
-    if path.suffix.lower() == ".csv":
-        return pd.read_csv(path)
-    if path.suffix.lower() == ".parquet":
-        return pd.read_parquet(path)
-    raise ScfriskError(f"{path}: use a .parquet or .csv file")
-
-
 @features_app.command("training-set")
 def features_training_set(
     ctx: typer.Context,
@@ -243,12 +231,13 @@ def features_training_set(
     out: Annotated[Path, typer.Option(help="Output .parquet or .csv: the entity rows plus every feature.")],
 ) -> None:
     """Point-in-time features for each entity row, using only facts strictly before its as_of."""
+    from core.files import read_frame
     from core.raw_store import RawStore
     from features.training_set import get_training_set
 
     if out.suffix.lower() not in (".csv", ".parquet"):
         raise ScfriskError(f"{out}: use a .parquet or .csv file")
-    frame = get_training_set(_read_table(entities), RawStore(_settings(ctx).path("raw_store")))
+    frame = get_training_set(read_frame(entities, "entity file"), RawStore(_settings(ctx).path("raw_store")))
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".csv":
         frame.to_csv(out, index=False)

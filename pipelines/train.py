@@ -23,6 +23,7 @@ import pandas as pd
 from prefect import flow
 
 from core.errors import ScfriskError
+from core.files import read_frame
 from core.settings import Settings
 from explanation.reason_codes import REFERENCES_KEY, reference_values
 from models.evaluation import GROUP_COLUMNS, Evaluation, evaluate_model
@@ -100,15 +101,8 @@ def check_table_model_name(settings: Settings, name: str) -> str:
 
 
 def read_table(path: Path | str) -> pd.DataFrame:
-    """A Parquet file/folder or CSV file as a DataFrame (CSV cells kept as text; kinds are inferred later)."""
-    path = Path(path)
-    if not path.exists():
-        raise ScfriskError(f"table {path} does not exist")
-    if path.is_dir() or path.suffix.lower() in (".parquet", ".pq"):
-        return pd.read_parquet(path)
-    if path.suffix.lower() in (".csv", ".txt"):
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
-    raise ScfriskError(f"table {path}: unsupported format '{path.suffix}' (use .parquet or .csv)")
+    """A `--table`: CSV cells kept as text, their kinds inferred later."""
+    return read_frame(path, "table", as_text=True)
 
 
 def _require_columns(frame: pd.DataFrame, columns: dict[str, str | None], table: str) -> None:
