@@ -148,6 +148,36 @@ def rollback(
 
 
 @app.command()
+def replay(
+    ctx: typer.Context,
+    request_id: Annotated[list[str] | None, typer.Option(help="A decision to replay (repeat the option); "
+                                                              "default: every line of the log.")] = None,
+    audit_log: Annotated[Path | None, typer.Option(help="Audit log to read (default: the workspace's).",
+                                                   exists=True, dir_okay=False)] = None,
+) -> None:
+    """Re-score logged decisions with the bundles that made them; exits 1 when any answer differs."""
+    from serving.audit import read_audit
+    from serving.bundle import replay_decisions
+
+    settings = _settings(ctx)
+    records = read_audit(audit_log or settings.audit_log)
+    if request_id:
+        unknown = sorted(set(request_id) - {r["request_id"] for r in records})
+        if unknown:
+            raise ScfriskError(f"no decision {', '.join(unknown)} in {audit_log or settings.audit_log}")
+        records = [r for r in records if r["request_id"] in set(request_id)]
+    differ = 0
+    for record, again in replay_decisions(records, settings.path("published")):
+        logged = {"pd": record["pd"], "grade": record["grade"], "decision": record["decision"]}
+        if again != logged:
+            differ += 1
+            typer.echo(f"{record['request_id']}: logged {logged}, replayed {again}")
+    typer.echo(f"replayed {len(records)} decision(s): {len(records) - differ} the same, {differ} different")
+    if differ:
+        raise typer.Exit(1)
+
+
+@app.command()
 def limits(
     ctx: typer.Context,
     as_of: Annotated[
