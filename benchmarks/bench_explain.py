@@ -21,12 +21,12 @@ import pandas as pd
 import shap
 
 from benchmarks.common import write_section
-from explanation.contributions import explain, explanation_table, write_explanations
+from explanation.contributions import explain
 from explanation.reason_codes import REFERENCES_KEY, ReasonCodeIndex, explain_payloads, reference_values
 from models.calibration import Calibrator
 from models.pd_model import PDModel, prepare_features
 from models.training import BASE_PARAMS, DEFAULT_CANDIDATE, infer_features
-from testkit.explain import NOT_FEATURES, catalogue_applications
+from testkit.explain import NOT_FEATURES, catalogue_applications, explanation_table, write_explanations
 
 log = logging.getLogger("bench_explain")
 ROUNDS, TRAIN_ROWS, SEED = 300, 20_000, 42

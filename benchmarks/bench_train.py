@@ -30,12 +30,13 @@ from benchmarks.bench_simulate import BENCH_DATA, MONTHS, SEED, SIZES
 from benchmarks.common import self_peak_mb, write_section
 from core.settings import Settings
 from features.definitions import FEATURES
+from features.offline_store import ENTITY_COLUMNS, training_frame
 from models.evaluation import evaluate_model, pd_metrics
 from models.pd_model import prepare_features
 from models.splits import time_split
 from models.training import LogisticBaseline, binary_target, infer_features, train_pd_model
 from pipelines.ingest import ingest
-from pipelines.train import ENTITY_COLUMNS, feature_store_table, oracle_pd
+from pipelines.train import oracle_pd
 from testkit.synthetic import DIRECTIONS, synthetic_applications
 
 DATASET = BENCH_DATA / "orders_10m"
@@ -85,7 +86,7 @@ def platform(settings: Settings, dataset: Path) -> dict[str, Any]:
     """Ingest the simulator batch, build the feature store's training set, train and test on it."""
     _, ingest_s, ingest_cpu = timed(ingest, dataset, settings)
     ingest_load = os.getloadavg()[0]
-    frame, features_s, features_cpu = timed(feature_store_table, settings)
+    frame, features_s, features_cpu = timed(training_frame, settings)
     true_pd = oracle_pd(dataset, frame["loan_id"])
     y = binary_target(frame["defaulted"])
     slices = time_split(frame["as_of"], settings.model.valid_months, settings.model.test_months)

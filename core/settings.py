@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from core.errors import ScfriskError
+from core.errors import ScfriskError, describe_invalid
 from core.files import read_toml
 
 CONFIG_ENV = "SCFRISK_CONFIG"
@@ -169,13 +169,6 @@ class Settings(BaseSettings):
         return f"sqlite:///{self.home_dir / 'mlflow.db'}"
 
 
-def _describe(error: dict[str, Any]) -> str:
-    key = ".".join(str(part) for part in error["loc"])
-    if error["type"] == "extra_forbidden":
-        return f"unknown key '{key}'"
-    return f"'{key}': {error['msg']} (got {error.get('input')!r})"
-
-
 def _anchored(data: dict[str, Any], folder: Path) -> dict[str, Any]:
     """The file's relative `home` and `policy_file` read from the file's own folder, not from wherever the
     command runs: `scfrisk -c /srv/ws/scfrisk.toml` works from any directory."""
@@ -201,5 +194,5 @@ def load_settings(config_file: Path | str | None = None) -> Settings:
     try:
         return Settings(**data)
     except ValidationError as exc:
-        problems = "; ".join(_describe(e) for e in exc.errors())
+        problems = describe_invalid(exc.errors())
         raise ConfigError(f"invalid configuration ({source} + SCFRISK_* environment): {problems}") from exc

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from core.errors import ScfriskError
+from core.errors import ScfriskError, describe_invalid
 from core.files import read_toml
 from core.schemas import CATEGORIES, MERCHANT_TYPES
 from models.master_scale import MasterScale
@@ -157,26 +157,12 @@ class CreditPolicy(_Strict):
             ) from None
 
 
-def _describe(error: dict[str, Any]) -> str:
-    # The discriminator tag pydantic puts in the location of a base is not a key of the file.
-    key = ".".join(str(part) for part in error["loc"] if part not in BASE_KINDS)
-    if error["type"] == "extra_forbidden":
-        return f"unknown key '{key}'"
-    message = error["msg"].removeprefix("Value error, ")
-    field, sep, rest = message.partition(": ")
-    if sep and field.isidentifier():  # a validator's "<field>: problem" becomes one dotted key
-        key, message = f"{key}.{field}" if key else field, rest
-    value = error.get("input")
-    shown = f" (got {value!r})" if isinstance(value, (str, int, float)) else ""
-    return f"'{key}': {message}{shown}" if key else message
-
-
 def parse_policy(data: dict[str, Any], source: str = "policy") -> CreditPolicy:
     """Validate policy data; every problem is reported with its dotted key."""
     try:
         return CreditPolicy(**data)
     except ValidationError as exc:
-        problems = "; ".join(_describe(e) for e in exc.errors())
+        problems = describe_invalid(exc.errors(), BASE_KINDS)
         raise PolicyError(f"invalid credit policy {source}: {problems}") from exc
 
 

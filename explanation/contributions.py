@@ -1,4 +1,4 @@
-"""SHAP explanations of the PD booster: per-row contributions, global importance, audit files.
+"""SHAP explanations of the PD booster: per-row contributions and importance (global, by group, compared).
 
 Method: LightGBM's native exact TreeSHAP (`Booster.predict(pred_contrib=True)`). `shap.TreeExplainer` on a
 LightGBM booster delegates to that very call (same numbers, plus a copy), and shap's own C++ TreeSHAP
@@ -13,26 +13,18 @@ calibration curve, which is why contributions are never quoted as PD points.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 from rich.progress import Progress
 
 from core.errors import ScfriskError
 from models.pd_model import model_matrix
 
-log = logging.getLogger(__name__)
-
 CHUNK_ROWS = 20_000
 """Rows per TreeSHAP call: bounds memory and drives the progress bar (exact TreeSHAP costs ~2 ms a row)."""
-SHAP_PREFIX = "shap__"
-"""Column prefix of contributions in audit files, so they are never mistaken for feature values."""
 
 
 @dataclass(frozen=True)
@@ -71,12 +63,6 @@ def explain(
     )
 
 
-def used_features(booster: lgb.Booster) -> list[str]:
-    """Features with at least one split: the only ones that can ever receive a contribution."""
-    splits = booster.feature_importance(importance_type="split")
-    return [name for name, count in zip(booster.feature_name(), splits) if count > 0]
-
-
 def global_importance(values: pd.DataFrame) -> pd.Series:
     """Mean |SHAP| per feature, largest first: the average log-odds a feature moves a merchant by."""
     return values.abs().mean().sort_values(ascending=False).rename("mean_abs_shap")
@@ -100,33 +86,3 @@ def compare_importance(champion: pd.Series, challenger: pd.Series) -> pd.DataFra
         table[f"{column}_rank"] = table[column].rank(ascending=False, method="min").astype(int)
     table["share_change"] = table["challenger_share"] - table["champion_share"]
     return table.sort_values("champion", ascending=False).rename_axis("feature").reset_index()
-
-
-def explanation_table(explanation: Explanation, keys: pd.DataFrame, model_version: str) -> pd.DataFrame:
-    """One audit row per scored row: its keys, the model version, base value, margin and each contribution."""
-    if len(keys) != len(explanation.values):
-        raise ValueError(f"{len(keys)} key rows for {len(explanation.values)} explained rows")
-    shap_columns = explanation.values.add_prefix(SHAP_PREFIX).reset_index(drop=True)
-    return pd.concat(
-        [
-            keys.reset_index(drop=True),
-            pd.DataFrame(
-                {
-                    "model_version": model_version,
-                    "base_value": explanation.base_value,
-                    "raw_margin": explanation.margin.to_numpy(),
-                }
-            ),
-            shap_columns,
-        ],
-        axis=1,
-    )
-
-
-def write_explanations(table: pd.DataFrame, path: Path | str) -> Path:
-    """Write an `explanation_table` to Parquet; float64 is kept so an auditor can re-add the margin exactly."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), path, compression="zstd")
-    log.info("wrote %d explanations to %s", len(table), path)
-    return path

@@ -17,8 +17,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.errors import ScfriskError
 from core.raw_store import RawStore
-from features.definitions import feature_set_version
+from core.settings import Settings
+from features.definitions import feature_names, feature_set_version
 from features.labels import application_outcomes
 from features.training_set import get_training_set, table_readers
 
@@ -114,3 +116,20 @@ def month_starts(raw_store: RawStore) -> list[pd.Timestamp]:
     return list(pd.date_range(pd.Timestamp(first).to_period("M").to_timestamp() + pd.offsets.MonthBegin(1),
                               pd.Timestamp(last).to_period("M").to_timestamp() + pd.offsets.MonthBegin(1),
                               freq="MS"))
+
+
+ENTITY_COLUMNS = ["application_id", "loan_id", "merchant_id", "as_of", "product", "defaulted"]
+"""Label-table columns the feature-store training run keeps besides the features themselves."""
+
+
+def training_frame(settings: Settings) -> pd.DataFrame:
+    """Completed loan outcomes with point-in-time features as of each application (the offline store's
+    training set, reused while the raw snapshot and the feature definitions are unchanged)."""
+    store = RawStore(settings.path("raw_store"))
+    horizon = settings.model.label_horizon_months
+    frame = pd.read_parquet(OfflineStore(settings.path("feature_store"), store).training_set(horizon))
+    complete = frame.loc[frame["outcome_complete"], [*ENTITY_COLUMNS, *feature_names()]]
+    if complete.empty:
+        raise ScfriskError(f"none of the {len(frame)} loans in {store.root} has a complete {horizon}-month "
+                           "outcome yet; ingest a longer history")
+    return complete.reset_index(drop=True)

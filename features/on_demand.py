@@ -3,7 +3,7 @@
 A merchant outside the online store can be scored from its own records (its profile, orders, behaviour
 events, ...) instead of 80 engineered values. The records come in the columns of ingestion
 (`core.schemas`) and go through ingestion's steps: read as text and cast to each column's type, as a
-CSV batch is, then checked by the data model's rules (`core.validation.spec_rules`, evaluated in Arrow
+CSV batch is, then checked by the data model's rules (`core.rules.spec_rules`, evaluated in Arrow
 because GX takes a second per request). The features are then computed by the offline store's query
 (`features.sql`) run by DuckDB on the records as in-memory Arrow tables, so the same facts at the same
 as_of give the same row as `OfflineStore.materialize`.
@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from core.errors import ScfriskError
+from core.rules import DataValidationError, Failure, check_records, spec_rules
 from core.schemas import MERCHANTS, TABLES, TableSpec
-from core.validation import DataValidationError, Failure, check_records, spec_rules
 from features.definitions import FEATURES, feature_names
 from features.sql import source_tables
 from features.training_set import compute_features, normalise_entities

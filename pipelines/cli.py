@@ -148,6 +148,36 @@ def rollback(
 
 
 @app.command()
+def replay(
+    ctx: typer.Context,
+    request_id: Annotated[list[str] | None, typer.Option(help="A decision to replay (repeat the option); "
+                                                              "default: every line of the log.")] = None,
+    audit_log: Annotated[Path | None, typer.Option(help="Audit log to read (default: the workspace's).",
+                                                   exists=True, dir_okay=False)] = None,
+) -> None:
+    """Re-score logged decisions with the bundles that made them; exits 1 when any answer differs."""
+    from serving.audit import read_audit
+    from serving.bundle import replay_decisions
+
+    settings = _settings(ctx)
+    records = read_audit(audit_log or settings.audit_log)
+    if request_id:
+        unknown = sorted(set(request_id) - {r["request_id"] for r in records})
+        if unknown:
+            raise ScfriskError(f"no decision {', '.join(unknown)} in {audit_log or settings.audit_log}")
+        records = [r for r in records if r["request_id"] in set(request_id)]
+    differ = 0
+    for record, again in replay_decisions(records, settings.path("published")):
+        logged = {"pd": record["pd"], "grade": record["grade"], "decision": record["decision"]}
+        if again != logged:
+            differ += 1
+            typer.echo(f"{record['request_id']}: logged {logged}, replayed {again}")
+    typer.echo(f"replayed {len(records)} decision(s): {len(records) - differ} the same, {differ} different")
+    if differ:
+        raise typer.Exit(1)
+
+
+@app.command()
 def limits(
     ctx: typer.Context,
     as_of: Annotated[
@@ -224,18 +254,6 @@ features_app = typer.Typer(help="Feature store: point-in-time training sets, off
 app.add_typer(features_app, name="features")
 
 
-def _read_table(path: Path):  # noqa: ANN202 - pandas is imported lazily
-    import pandas as pd
-
-    if not path.is_file():
-        raise ScfriskError(f"entity file {path} does not exist")
-    if path.suffix.lower() == ".csv":
-        return pd.read_csv(path)
-    if path.suffix.lower() == ".parquet":
-        return pd.read_parquet(path)
-    raise ScfriskError(f"{path}: use a .parquet or .csv file")
-
-
 @features_app.command("training-set")
 def features_training_set(
     ctx: typer.Context,
@@ -243,12 +261,13 @@ def features_training_set(
     out: Annotated[Path, typer.Option(help="Output .parquet or .csv: the entity rows plus every feature.")],
 ) -> None:
     """Point-in-time features for each entity row, using only facts strictly before its as_of."""
+    from core.files import read_frame
     from core.raw_store import RawStore
     from features.training_set import get_training_set
 
     if out.suffix.lower() not in (".csv", ".parquet"):
         raise ScfriskError(f"{out}: use a .parquet or .csv file")
-    frame = get_training_set(_read_table(entities), RawStore(_settings(ctx).path("raw_store")))
+    frame = get_training_set(read_frame(entities, "entity file"), RawStore(_settings(ctx).path("raw_store")))
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".csv":
         frame.to_csv(out, index=False)

@@ -61,7 +61,7 @@ def render_data_model(specs: Iterable[TableSpec]) -> str:
         "",
         "The raw tables a platform delivers to `scfrisk ingest`, in dependency order (foreign keys point",
         "only to earlier tables). Every rule below is a Great Expectations expectation built from the same",
-        "spec (`core/validation.py`); a batch that breaks any of them is rejected as a whole.",
+        "spec (`core/rules.py`, checked by `core/validation.py`); a batch that breaks any of them is rejected as a whole.",
         "Timestamps are naive UTC, microsecond precision.",
         "",
         "| table | key | rows are | partitioned by |",

@@ -36,7 +36,7 @@ from core.schemas import TABLES, TableSpec
 from core.settings import Settings
 
 if TYPE_CHECKING:
-    from core.validation import ReferenceKeys
+    from core.rules import ReferenceKeys
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -85,7 +85,7 @@ def read_table(path: Path, spec: TableSpec) -> pa.Table:
         raise BatchError(f"cannot read table '{spec.name}' from {path}: {exc}") from exc
 
 
-RULE_MODULES = ("core.schemas", "core.validation")
+RULE_MODULES = ("core.schemas", "core.rules", "core.validation")
 """The code that decides whether a batch passes: a change to it makes a loaded batch new again."""
 
 

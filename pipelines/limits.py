@@ -62,10 +62,10 @@ def limits_path(settings: Settings, as_of: datetime) -> Path:
 
 def backtest_population(settings: Settings, model: PDModel) -> pd.DataFrame:
     """The out-of-time test applications of the training set (same windows as training), scored now."""
+    from features.offline_store import training_frame
     from models.splits import time_split
-    from pipelines.train import feature_store_table
 
-    frame = feature_store_table(settings)
+    frame = training_frame(settings)
     test = frame[(time_split(frame["as_of"], settings.model.valid_months, settings.model.test_months)
                   == "test").to_numpy()]
     return test.assign(pd=model.predict_pd(test))

@@ -23,6 +23,7 @@ import pandas as pd
 from prefect import flow
 
 from core.errors import ScfriskError
+from core.files import read_frame
 from core.settings import Settings
 from explanation.reason_codes import REFERENCES_KEY, reference_values
 from models.evaluation import GROUP_COLUMNS, Evaluation, evaluate_model
@@ -100,15 +101,8 @@ def check_table_model_name(settings: Settings, name: str) -> str:
 
 
 def read_table(path: Path | str) -> pd.DataFrame:
-    """A Parquet file/folder or CSV file as a DataFrame (CSV cells kept as text; kinds are inferred later)."""
-    path = Path(path)
-    if not path.exists():
-        raise ScfriskError(f"table {path} does not exist")
-    if path.is_dir() or path.suffix.lower() in (".parquet", ".pq"):
-        return pd.read_parquet(path)
-    if path.suffix.lower() in (".csv", ".txt"):
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
-    raise ScfriskError(f"table {path}: unsupported format '{path.suffix}' (use .parquet or .csv)")
+    """A `--table`: CSV cells kept as text, their kinds inferred later."""
+    return read_frame(path, "table", as_text=True)
 
 
 def _require_columns(frame: pd.DataFrame, columns: dict[str, str | None], table: str) -> None:
@@ -285,27 +279,6 @@ def train_table_flow(settings: Settings, table: str, target: str, time_col: str 
     return outcome
 
 
-ENTITY_COLUMNS = ["application_id", "loan_id", "merchant_id", "as_of", "product", "defaulted"]
-"""Label-table columns the feature-store training run keeps besides the features themselves."""
-
-
-def feature_store_table(settings: Settings) -> pd.DataFrame:
-    """Completed loan outcomes with point-in-time features as of each application (the offline store's
-    training set, reused while the raw snapshot and the feature definitions are unchanged)."""
-    from core.raw_store import RawStore
-    from features.definitions import feature_names
-    from features.offline_store import OfflineStore
-
-    store = RawStore(settings.path("raw_store"))
-    horizon = settings.model.label_horizon_months
-    frame = pd.read_parquet(OfflineStore(settings.path("feature_store"), store).training_set(horizon))
-    complete = frame.loc[frame["outcome_complete"], [*ENTITY_COLUMNS, *feature_names()]]
-    if complete.empty:
-        raise ScfriskError(f"none of the {len(frame)} loans in {store.root} has a complete {horizon}-month "
-                           "outcome yet; ingest a longer history")
-    return complete.reset_index(drop=True)
-
-
 def oracle_pd(oracle_dir: Path | str, loan_ids: pd.Series) -> pd.Series:
     """The simulator's true PD of each loan (NaN where unknown), aligned with `loan_ids`."""
     path = Path(oracle_dir) / "oracle" / "loans"
@@ -321,8 +294,9 @@ def train_flow(settings: Settings, oracle: str | None = None, metrics_out: str |
     from core.raw_store import RawStore
     from features.catalogue import PROTECTED_PROXIES
     from features.definitions import FEATURES, feature_set_version
+    from features.offline_store import ENTITY_COLUMNS, training_frame
 
-    frame = feature_store_table(settings)
+    frame = training_frame(settings)
     outcome = run_training(
         settings, frame, "defaulted", time_col="as_of", id_col="application_id",
         directions={f.name: f.direction for f in FEATURES}, kinds={f.name: f.kind for f in FEATURES},

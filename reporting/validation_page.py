@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from core.validation import Failure, TableChecked
+from core.rules import Failure
+from core.validation import TableChecked
 from reporting.html import KeyFigures, Paragraph, Section, Table, write_page
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -392,3 +393,14 @@ def replay(record: dict[str, Any], published: Path, bundle: Bundle | None = None
         raise ValueError(f"the inputs of request {record['request_id']} differ from the ones logged")
     decision = bundle.decide(scored, record.get("product"), record.get("requested_amount"))
     return {"pd": scored.pd, "grade": scored.grade, "decision": decision and decision["outcome"]}
+
+
+def replay_decisions(records: Iterable[dict[str, Any]],
+                     published: Path) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """Each audit line with its replay (`replay`), every bundle loaded once."""
+    bundles: dict[str, Bundle] = {}
+    for record in records:
+        bundle_id = record["bundle_id"]
+        if bundle_id not in bundles:
+            bundles[bundle_id] = load_bundle(bundle_path(published, bundle_id))
+        yield record, replay(record, published, bundles[bundle_id])

@@ -6,13 +6,18 @@ renamed to features of `features/definitions.py`, so reason codes are worded fro
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+import lightgbm as lgb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
+from explanation.contributions import Explanation
 from explanation.reason_codes import REFERENCES_KEY, reference_values
 from models.master_scale import load_master_scale
 from models.pd_model import PDModel
@@ -20,6 +25,9 @@ from models.splits import time_split
 from models.training import infer_features, train_pd_model
 from testkit.synthetic import DIRECTIONS, synthetic_applications
 
+log = logging.getLogger(__name__)
+SHAP_PREFIX = "shap__"
+"""Column prefix of contributions in audit files, so they are never mistaken for feature values."""
 REPO = Path(__file__).resolve().parents[1]
 RENAME = {
     "merchant_type": "segment",
@@ -71,3 +79,39 @@ def train(n: int = 4000, seed: int = 7, max_rounds: int = 120) -> Trained:
         REFERENCES_KEY: reference_values(model.prepare(frame[train_rows]), frame.loc[train_rows, "pd"])
     }
     return Trained(model, frame)
+
+
+def used_features(booster: lgb.Booster) -> list[str]:
+    """Features with at least one split: the only ones that can ever receive a contribution."""
+    splits = booster.feature_importance(importance_type="split")
+    return [name for name, count in zip(booster.feature_name(), splits) if count > 0]
+
+
+def explanation_table(explanation: Explanation, keys: pd.DataFrame, model_version: str) -> pd.DataFrame:
+    """One audit row per scored row: its keys, the model version, base value, margin and each contribution."""
+    if len(keys) != len(explanation.values):
+        raise ValueError(f"{len(keys)} key rows for {len(explanation.values)} explained rows")
+    shap_columns = explanation.values.add_prefix(SHAP_PREFIX).reset_index(drop=True)
+    return pd.concat(
+        [
+            keys.reset_index(drop=True),
+            pd.DataFrame(
+                {
+                    "model_version": model_version,
+                    "base_value": explanation.base_value,
+                    "raw_margin": explanation.margin.to_numpy(),
+                }
+            ),
+            shap_columns,
+        ],
+        axis=1,
+    )
+
+
+def write_explanations(table: pd.DataFrame, path: Path | str) -> Path:
+    """Write an `explanation_table` to Parquet; float64 is kept so an auditor can re-add the margin exactly."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), path, compression="zstd")
+    log.info("wrote %d explanations to %s", len(table), path)
+    return path

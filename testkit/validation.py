@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from core.rules import ReferenceKeys
 from core.schemas import TableSpec
 from core.settings import Settings
-from core.validation import BatchValidation, ReferenceKeys, check_frames, to_validation_frame
+from core.validation import BatchValidation, check_frames, to_validation_frame
 from reporting.validation_page import write_validation_page
 
 

@@ -99,9 +99,9 @@ def test_simulate_refuses_a_history_too_short_to_train_on(tmp_path, monkeypatch,
 def test_months_to_train_is_the_shortest_simulation_that_splits(tmp_path):
     """At the minimum the out-of-time split has its three slices; one month less, training fails."""
     from core.batch import locate_tables
+    from features.offline_store import training_frame
     from models.splits import time_split
     from pipelines.ingest import read_table
-    from pipelines.train import feature_store_table
 
     model = ModelConfig(label_horizon_months=2, valid_months=1, test_months=1)
     needed = months_to_train(model)
@@ -115,12 +115,12 @@ def test_months_to_train_is_the_shortest_simulation_that_splits(tmp_path):
                 staging.stage(name, read_table(path, TABLES[name]))
             staging.commit()
         if months == needed:
-            frame = feature_store_table(settings)
+            frame = training_frame(settings)
             assert set(time_split(frame["as_of"], model.valid_months, model.test_months)) == {
                 "train", "valid", "test"}
         else:
             with pytest.raises(ScfriskError):
-                time_split(feature_store_table(settings)["as_of"], model.valid_months, model.test_months)
+                time_split(training_frame(settings)["as_of"], model.valid_months, model.test_months)
 
 
 def test_run_refuses_a_batch_without_loan_performance_at_once(tmp_path, monkeypatch, capsys):

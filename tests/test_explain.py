@@ -7,17 +7,8 @@ import pandas as pd
 import pytest
 
 from core.errors import ScfriskError
-from explanation.contributions import (
-    SHAP_PREFIX,
-    compare_importance,
-    explain,
-    explanation_table,
-    global_importance,
-    importance_by,
-    used_features,
-    write_explanations,
-)
-from testkit.explain import Trained
+from explanation.contributions import compare_importance, explain, global_importance, importance_by
+from testkit.explain import SHAP_PREFIX, Trained, explanation_table, used_features, write_explanations
 
 
 def test_shap_values_plus_base_value_equal_the_raw_margin_for_every_row(trained: Trained) -> None:

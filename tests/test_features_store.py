@@ -9,11 +9,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from core.errors import ScfriskError
 from features.catalogue import CATALOGUE, render_catalogue
 from features.definitions import feature_names
 from features.offline_store import OfflineStore, read_metadata
-from features.online_store import OnlineStore, publish_online
+from features.online_store import ONLINE_FILE, publish_online
 from pipelines.cli import app
 from pipelines.features import build_features_flow
 from tests.rawdata import write_raw_store
@@ -30,15 +29,22 @@ def _as_python(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def test_online_lookup_equals_offline_snapshot(offline):
+def _online(root) -> tuple[dict[str, dict], pd.Timestamp]:
+    """The published online vectors by merchant, and their as_of."""
+    path = root / ONLINE_FILE
+    rows = pd.read_parquet(path).set_index("merchant_id")[feature_names()]
+    vectors = {m: {n: _as_python(v) for n, v in row.items()} for m, row in rows.iterrows()}
+    return vectors, pd.Timestamp(read_metadata(path)["as_of"])
+
+
+def test_online_vectors_equal_the_offline_snapshot(offline):
     publish_online(offline, T)
-    online = OnlineStore.load(offline.root)
+    online, as_of = _online(offline.root)
     snapshot = offline.read(T)
-    assert len(online) == len(snapshot) == 3 and online.as_of == T
+    assert len(online) == len(snapshot) == 3 and as_of == T
     for _, row in snapshot.iterrows():
-        assert online.lookup(row["merchant_id"]) == {n: _as_python(row[n]) for n in feature_names()}
-    assert online.lookup("M404") is None
-    assert online.lookup("M1")["net_sales_30d"] == 300.0
+        assert online[row["merchant_id"]] == {n: _as_python(row[n]) for n in feature_names()}
+    assert online["M1"]["net_sales_30d"] == 300.0
 
 
 def test_snapshot_reused_until_raw_data_changes(offline):
@@ -57,11 +63,6 @@ def test_snapshot_reused_until_raw_data_changes(offline):
 def test_merchants_onboarded_after_as_of_are_not_in_the_snapshot(offline):
     assert sorted(offline.read(T)["merchant_id"]) == ["M1", "M2", "M3"]
     assert sorted(offline.read(pd.Timestamp("2023-06-01"))["merchant_id"]) == ["M1", "M3"]
-
-
-def test_online_store_missing_is_a_user_error(tmp_path):
-    with pytest.raises(ScfriskError, match="features materialize"):
-        OnlineStore.load(tmp_path)
 
 
 def test_catalogue_is_generated_and_up_to_date():
@@ -90,7 +91,7 @@ def test_build_flow_then_rerun_reuses_everything(offline, settings, prefect_serv
     assert list(training["application_id"]) == [3, 1]
     tenure = training.set_index("application_id").loc[1, "tenure_days"]
     assert tenure == pytest.approx((T - pd.Timestamp("2023-01-01")).days - 200)
-    assert OnlineStore.load(offline.root).lookup("M1")["gmv_90d"] == 1420.0  # includes the order at T
+    assert _online(offline.root)[0]["M1"]["gmv_90d"] == 1420.0  # includes the order at T
     stamps = {p: p.stat().st_mtime_ns for p in [first.training_set, *first.snapshots]}
     second = build_features_flow(settings=settings)
     assert {p: p.stat().st_mtime_ns for p in [second.training_set, *second.snapshots]} == stamps
@@ -100,5 +101,5 @@ def test_cli_materialize_publishes_online_vectors(offline, settings, monkeypatch
     monkeypatch.setenv("SCFRISK_HOME", str(settings.home_dir))
     result = CliRunner().invoke(app, ["features", "materialize", "--as-of", "2024-07-01"])
     assert result.exit_code == 0, result.output
-    online = OnlineStore.load(settings.path("feature_store"))
-    assert online.as_of == T and online.lookup("M1")["net_sales_30d"] == 300.0
+    online, as_of = _online(settings.path("feature_store"))
+    assert as_of == T and online["M1"]["net_sales_30d"] == 300.0

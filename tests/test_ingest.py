@@ -16,8 +16,8 @@ from deltalake import DeltaTable
 
 from core.errors import ScfriskError
 from core.raw_store import RawStore
+from core.rules import DataValidationError
 from core.settings import Settings
-from core.validation import DataValidationError
 from pipelines.cli import run
 from pipelines.ingest import BatchError, ingest, ingest_flow, locate_tables
 from tests.batch_builder import valid_batch, write_batch

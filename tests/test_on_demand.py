@@ -22,9 +22,9 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from core.raw_store import RawStore
+from core.rules import check_records, spec_rules
 from core.schemas import TABLES
 from core.settings import ServiceConfig, Settings
-from core.validation import check_records, spec_rules
 from features.definitions import feature_names, feature_set_version
 from features.offline_store import OfflineStore
 from features.on_demand import RECORD_TABLES, InvalidRecords, RecordsError, features_from_records

@@ -15,8 +15,8 @@ import socket
 import pandas as pd
 import pytest
 
+from core.rules import DataValidationError
 from core.settings import load_settings
-from core.validation import DataValidationError
 from credit.policy import load_policy
 from features.catalogue import PROTECTED_PROXIES
 from pipelines.demo import _call, sample_requests, start_service

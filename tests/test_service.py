@@ -11,11 +11,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import orjson
 import pytest
+from typer.testing import CliRunner
 
 from core.errors import ScfriskError
 from core.settings import ServiceConfig, Settings
 from credit.policy import load_policy
+from pipelines.cli import app
 from pipelines.publish import BundleCheckError, publish, rollback, switch_to
 from serving.app import create_app
 from serving.audit import read_audit
@@ -179,6 +182,16 @@ def test_audit_log_reproduces_decisions(service):
         assert KEY not in str(record) and record["caller"].startswith("key-")
         again = replay(record, settings.path("published"))
         assert again == {"pd": record["pd"], "grade": record["grade"], "decision": record["decision"]}
+    # The auditor's command: the same lines replayed from the workspace's log; an edited outcome is caught.
+    runner, env = CliRunner(), {"SCFRISK_HOME": str(settings.home_dir)}
+    result = runner.invoke(app, ["replay", *(f"--request-id={i}" for i in ids)], env=env)
+    assert result.exit_code == 0 and "replayed 2 decision(s): 2 the same, 0 different" in result.output, result.output
+    edited = settings.home_dir / "edited.jsonl"
+    lines = [r for r in read_audit(settings.audit_log) if r["request_id"] in ids]
+    lines[0]["decision"] = "approve" if lines[0]["decision"] != "approve" else "decline"
+    edited.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in lines))
+    result = runner.invoke(app, ["replay", "--audit-log", str(edited)], env=env)
+    assert result.exit_code == 1 and "1 different" in result.output and ids[0] in result.output, result.output
 
 
 def test_publish_during_traffic_fails_no_request_then_rollback_and_broken_bundle(service):

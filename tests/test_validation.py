@@ -12,15 +12,9 @@ import pyarrow as pa
 import pytest
 
 from core.raw_store import RawStore
+from core.rules import DataValidationError, pandas_type
 from core.schemas import TABLES
-from core.validation import (
-    BatchValidation,
-    DataValidationError,
-    build_rules,
-    check_frames,
-    pandas_type,
-    to_validation_frame,
-)
+from core.validation import BatchValidation, build_rules, check_frames, to_validation_frame
 from pipelines.ingest import conform, reference_keys
 from testkit.validation import validate_tables
 from tests.batch_builder import to_arrow, valid_batch

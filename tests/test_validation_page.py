@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from core.raw_store import RawStore
+from core.rules import DataValidationError
 from core.schemas import TABLES
-from core.validation import DataValidationError
 from pipelines.ingest import reference_keys
 from testkit.validation import validate_tables
 from tests.batch_builder import to_arrow, valid_batch
