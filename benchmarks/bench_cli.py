@@ -97,10 +97,11 @@ def main() -> None:
         finally:
             _cli(["server", "stop"], env, check=False)  # (a code without the server command just fails)
     load = os.getloadavg()
-    rows = []
+    rows, fixed = [], {}
     for name, samples in runs.items():
         wall, cpu = statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples)
         w_wall, w_cpu = work.get(name, [0.0, 0.0])
+        fixed[name] = wall - w_wall
         rows.append(f"| {name} | {wall:.1f} | {cpu:.1f} | {w_wall:.1f} | {w_cpu:.1f} | **{wall - w_wall:.1f}** | "
                     f"{cpu - w_cpu:.1f} |")
     server_line = (f"Starting the workspace's Prefect server (`scfrisk server start`, paid once by the first flow "
@@ -117,9 +118,17 @@ warm process (imports done). Fixed = command - work. Load average (1, 5, 15 min)
 {chr(10).join(rows)}
 
 {server_line}
+
+Goals (issue #14): a bad path refused in under 1 s: {_verdict(fixed["ingest, bad path"] < 1)}; fixed cost of a flow
+command at most 5 s above its work: {"; ".join(f"{name} {_verdict(cost <= 5)}" for name, cost in fixed.items()
+                                              if name != "ingest, bad path")}.
 """
     print(body)
     write_section("Command start-up", body)
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "**not met**"
 
 
 if __name__ == "__main__":
