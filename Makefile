@@ -26,7 +26,7 @@ browser:  ## Debian's chromium, for the test that renders the risk report in a r
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
 	  echo "warning: chromium could not be installed; the browser rendering test will be skipped"
 
-lint: setup  ## ruff: pyflakes, pycodestyle, import order, bugbear (rules in pyproject.toml)
+lint: setup  ## ruff (pyflakes, pycodestyle, import order, bugbear) and import-linter (the floors), rules in pyproject.toml
 	$(RUN) ruff check core features models explanation credit reporting serving pipelines simulator testkit benchmarks tests
 	$(RUN) lint-imports
 
