@@ -270,6 +270,8 @@ class ModelInfo(BaseModel):
                                           "unknown).")
     products: list[str]
     online_merchants: int
+    accepts_records: bool = Field(description="Whether `records` can be scored: the service computes the "
+                                              "feature set the live model was trained on.")
 
 
 class Health(BaseModel):

@@ -272,9 +272,11 @@ def test_requests_the_service_refuses_with_the_reason(service):
 def test_a_model_of_another_feature_set_cannot_score_records(service):
     client, settings = service["client"], service["settings"]
     live = client.get("/readyz").json()["bundle_id"]
+    assert client.get("/v1/model").json()["accepts_records"] is True
     stale = publish(dataclasses.replace(service["parts"], feature_set_version="older"), settings)
     _wait(lambda: client.get("/readyz").json()["bundle_id"] == stale)
     try:
+        assert client.get("/v1/model").json()["accepts_records"] is False  # a client can know before sending
         answer = client.post("/v1/score", json={"records": _records("M0000042")})
         assert answer.status_code == 409 and "trained on feature set older" in answer.json()["detail"]
     finally:

@@ -39,7 +39,7 @@ async def model_info(caller: ApiKey = Depends(deps.scope("read")),
             "feature_set_version": m["feature_set_version"], "features_as_of": bundle.features_as_of,
             "policy_version": bundle.policy_version, "created_at": m["created_at"],
             "inputs": bundle.input_columns, "products": list(bundle.policy.products),
-            "online_merchants": len(bundle.online)}
+            "online_merchants": len(bundle.online), "accepts_records": bundle.on_demand_problem() is None}
 
 
 @router.get("/reports/{version}", responses={**HTML, **ERRORS, **NOT_FOUND})
