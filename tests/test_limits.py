@@ -306,8 +306,10 @@ def test_strategy_report_says_which_rule_turns_away_how_many_rows():
 def test_strategy_report_is_one_self_contained_page_and_parquet_logged_to_mlflow(tmp_path, settings):
     import mlflow
 
+    from models.registry import configure_mlflow
+
     tables = strategy_tables(backtest_limits(_backtest_set(1500), POLICY))
-    mlflow.set_tracking_uri(settings.tracking_uri)
+    configure_mlflow(settings)  # the workspace's experiment: artifacts under SCFRISK_HOME, not ./mlruns
     with mlflow.start_run() as run:
         page = write_strategy_report(
             tables, tmp_path / "strategy", POLICY.version, run.info.run_id, settings.tracking_uri
