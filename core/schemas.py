@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 PRODUCTS: tuple[str, ...] = (
     "order_financing",
@@ -77,6 +78,37 @@ class TableSpec:
     @property
     def timestamp_columns(self) -> list[str]:
         return [c.name for c in self.columns if pa.types.is_timestamp(c.type)]
+
+
+def conform(table: pa.Table, spec: TableSpec, from_text: bool = False) -> pa.Table:
+    """Cast columns to their schema types where that is lossless, in schema order, extras last.
+
+    Text (CSV) is parsed into any type; typed (Parquet) columns only change width or unit. A column that
+    will not cast is left as delivered so the type expectation reports it with the delivered type.
+    """
+    columns: dict[str, pa.ChunkedArray] = {}
+    extras = [n for n in table.column_names if n not in spec.column_index]
+    for name in [c.name for c in spec.columns if c.name in table.column_names] + extras:
+        column = table.column(name)
+        col = spec.column_index.get(name)
+        if col is not None and column.type != col.type and (from_text or _same_family(column.type, col.type)):
+            try:
+                column = pc.cast(column, col.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                pass
+        columns[name] = column
+    return pa.table(columns)
+
+
+def _same_family(actual: pa.DataType, expected: pa.DataType) -> bool:
+    families = (pa.types.is_integer, pa.types.is_floating, pa.types.is_timestamp, _is_text)
+    return any(f(actual) and f(expected) for f in families) or (
+        pa.types.is_integer(actual) and pa.types.is_floating(expected)
+    )
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
 def _id(name: str, what: str) -> Column:

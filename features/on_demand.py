@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from core.errors import ScfriskError
 from core.rules import DataValidationError, Failure, check_records, spec_rules
-from core.schemas import MERCHANTS, TABLES, TableSpec
+from core.schemas import MERCHANTS, TABLES, TableSpec, conform
 from features.definitions import FEATURES, feature_names
 from features.sql import source_tables
 from features.training_set import compute_features, normalise_entities
@@ -65,12 +65,9 @@ def records_table(spec: TableSpec, rows: Sequence[Mapping[str, Any]]) -> pa.Tabl
     for the column-set rule to name. Values are read as ingestion reads CSV: as text, cast to the column's
     type when every value reads as it, else left as text so the type rule counts those that do not."""
     unknown = sorted({name for row in rows for name in row} - set(spec.column_index))
-    columns = {}
-    for name in [*spec.column_index, *unknown]:
-        text = pa.array([_text(row.get(name)) for row in rows], pa.string())
-        column = spec.column_index.get(name)
-        columns[name] = text if column is None else _cast(text, column.type)
-    return pa.table(columns)
+    text = {name: pa.array([_text(row.get(name)) for row in rows], pa.string())
+            for name in [*spec.column_index, *unknown]}
+    return conform(pa.table(text), spec, from_text=True)
 
 
 def _text(value: Any) -> str | None:
@@ -79,13 +76,6 @@ def _text(value: Any) -> str | None:
     if isinstance(value, bool):
         return str(value).lower()
     return repr(value) if isinstance(value, float) else str(value)
-
-
-def _cast(text: pa.Array, to: pa.DataType) -> pa.Array:
-    try:
-        return text.cast(to)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        return text
 
 
 def validated_tables(

@@ -32,7 +32,7 @@ from rich.progress import Progress
 from core.batch import BatchError, locate_tables
 from core.files import file_sha256
 from core.raw_store import RawStore
-from core.schemas import TABLES, TableSpec
+from core.schemas import TABLES, TableSpec, conform
 from core.settings import Settings
 
 if TYPE_CHECKING:
@@ -40,37 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-def conform(table: pa.Table, spec: TableSpec, from_text: bool = False) -> pa.Table:
-    """Cast columns to their schema types where that is lossless, in schema order, extras last.
-
-    Text (CSV) is parsed into any type; typed (Parquet) columns only change width or unit. A column that
-    will not cast is left as delivered so the type expectation reports it with the delivered type.
-    """
-    columns: dict[str, pa.ChunkedArray] = {}
-    extras = [n for n in table.column_names if n not in spec.column_index]
-    for name in [c.name for c in spec.columns if c.name in table.column_names] + extras:
-        column = table.column(name)
-        col = spec.column_index.get(name)
-        if col is not None and column.type != col.type and (from_text or _same_family(column.type, col.type)):
-            try:
-                column = pc.cast(column, col.type)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                pass
-        columns[name] = column
-    return pa.table(columns)
-
-
-def _same_family(actual: pa.DataType, expected: pa.DataType) -> bool:
-    families = (pa.types.is_integer, pa.types.is_floating, pa.types.is_timestamp, _is_text)
-    return any(f(actual) and f(expected) for f in families) or (
-        pa.types.is_integer(actual) and pa.types.is_floating(expected)
-    )
-
-
-def _is_text(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
-
 
 def read_table(path: Path, spec: TableSpec) -> pa.Table:
     """One table of the batch, conformed to its spec; an unreadable file is a `BatchError`."""

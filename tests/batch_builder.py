@@ -8,8 +8,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from core.schemas import TABLES
-from pipelines.ingest import conform
+from core.schemas import TABLES, conform
 
 
 def ts(value: str | None) -> pd.Timestamp | None:

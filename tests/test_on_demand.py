@@ -23,12 +23,12 @@ from hypothesis import strategies as st
 
 from core.raw_store import RawStore
 from core.rules import check_records, spec_rules
-from core.schemas import TABLES
+from core.schemas import TABLES, conform
 from core.settings import ServiceConfig, Settings
 from features.definitions import feature_names, feature_set_version
 from features.offline_store import OfflineStore
 from features.on_demand import RECORD_TABLES, InvalidRecords, RecordsError, features_from_records
-from pipelines.ingest import conform, reference_keys
+from pipelines.ingest import reference_keys
 from pipelines.publish import publish, switch_to
 from serving.app import create_app
 from serving.audit import inputs_hash, read_audit

@@ -16,8 +16,7 @@ import pytest
 from deltalake import DeltaTable
 
 from core.raw_store import RawStore
-from core.schemas import TABLES
-from pipelines.ingest import conform
+from core.schemas import TABLES, conform
 from tests.batch_builder import valid_batch
 
 

@@ -13,9 +13,9 @@ import pytest
 
 from core.raw_store import RawStore
 from core.rules import DataValidationError, pandas_type
-from core.schemas import TABLES
+from core.schemas import TABLES, conform
 from core.validation import BatchValidation, build_rules, check_frames, to_validation_frame
-from pipelines.ingest import conform, reference_keys
+from pipelines.ingest import reference_keys
 from testkit.validation import validate_tables
 from tests.batch_builder import to_arrow, valid_batch
 
