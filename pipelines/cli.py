@@ -160,12 +160,14 @@ def replay(
     from serving.bundle import replay_decisions
 
     settings = _settings(ctx)
-    records = read_audit(audit_log or settings.audit_log)
+    path = audit_log or settings.audit_log
+    records = read_audit(path)
     if request_id:
-        unknown = sorted(set(request_id) - {r["request_id"] for r in records})
+        wanted = set(request_id)
+        unknown = sorted(wanted - {r["request_id"] for r in records})
         if unknown:
-            raise ScfriskError(f"no decision {', '.join(unknown)} in {audit_log or settings.audit_log}")
-        records = [r for r in records if r["request_id"] in set(request_id)]
+            raise ScfriskError(f"no decision {', '.join(unknown)} in {path}")
+        records = [r for r in records if r["request_id"] in wanted]
     differ = 0
     for record, again in replay_decisions(records, settings.path("published")):
         logged = {"pd": record["pd"], "grade": record["grade"], "decision": record["decision"]}
