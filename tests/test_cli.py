@@ -18,7 +18,7 @@ from core.errors import ScfriskError
 from core.raw_store import RawStore
 from core.schemas import STAGE_TABLES, TABLES
 from core.settings import ModelConfig, Settings
-from pipelines.cli import app, run
+from pipelines.cli import app, invoke
 from simulator import SimulationConfig, months_to_train, simulate_platform
 from tests.batch_builder import valid_batch, write_batch
 from tests.conftest import REPO
@@ -27,12 +27,10 @@ HEAVY = ("prefect", "great_expectations", "mlflow", "pandas", "pyarrow", "duckdb
 
 
 def _cli(argv: list[str], monkeypatch, capsys, home: Path) -> tuple[int, str]:
-    """`scfrisk argv` in this process through the console entry point: exit code and stderr."""
+    """`scfrisk argv` in this process as the console entry point runs it: exit code and stderr."""
     monkeypatch.setenv("SCFRISK_HOME", str(home))
     monkeypatch.setattr(sys, "argv", ["scfrisk", *argv])
-    with pytest.raises(SystemExit) as exit_:
-        run()
-    return exit_.value.code, capsys.readouterr().err
+    return invoke(), capsys.readouterr().err
 
 
 def _one_error_line(stderr: str) -> str:

@@ -18,7 +18,7 @@ from core.errors import ScfriskError
 from core.raw_store import RawStore
 from core.rules import DataValidationError
 from core.settings import Settings
-from pipelines.cli import run
+from pipelines.cli import invoke
 from pipelines.ingest import BatchError, ingest, ingest_flow, locate_tables
 from tests.batch_builder import valid_batch, write_batch
 
@@ -241,9 +241,7 @@ def test_cli_prints_one_error_line_and_exits_2_for_a_malformed_file(
     (folder / "orders.parquet").write_bytes(b"this is not parquet")
     monkeypatch.setenv("SCFRISK_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(sys, "argv", ["scfrisk", "ingest", "--source", str(folder)])
-    with pytest.raises(SystemExit) as exit_:
-        run()
-    assert exit_.value.code == 2
+    assert invoke() == 2
     stderr = capsys.readouterr().err
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert errors == [
