@@ -88,9 +88,10 @@ def _measure(home: Path, env: dict[str, str], checkouts: dict[str, Path | None]
     between rounds): {checkout: {command: [(wall, cpu)]}}."""
     runs: dict[str, dict[str, list[tuple[float, float]]]] = {label: {name: [] for name in COMMANDS}
                                                              for label in checkouts}
+    order = list(checkouts.items())
     for round_ in range(REPEATS):
         for name, args in COMMANDS.items():
-            for label, checkout in list(checkouts.items())[:: -1 if round_ % 2 else 1]:
+            for label, checkout in reversed(order) if round_ % 2 else order:
                 server = _server_cpu(home)
                 wall, cpu = _cli(args, _checkout_env(env, home, checkout), check=name != "ingest, bad path",
                                  checkout=checkout)
