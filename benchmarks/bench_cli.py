@@ -174,10 +174,20 @@ at the end: {load[0]:.1f}, {load[1]:.1f}, {load[2]:.1f} (2 cores: above 2, wall 
 Goals (issue #14), this checkout: a bad path refused in under 1 s: {_verdict(ours["ingest, bad path"] < 1)}; fixed
 cost of a flow command at most 5 s above its work: {"; ".join(f"{name} {_verdict(cost <= 5)}"
                                                            for name, cost in ours.items()
-                                                           if name != "ingest, bad path")}.
+                                                           if name != "ingest, bad path")}.{_busy(load_before, load)}
 """
     print(body)
     write_section("Command start-up", body)
+
+
+def _busy(*loads: tuple[float, float, float]) -> str:
+    """The caveat of verdicts on wall times measured while other jobs held the cores."""
+    cores = os.cpu_count() or 1
+    if max(load[0] for load in loads) <= cores:
+        return ""
+    return (f" Measured at a load above the machine's {cores} cores: wall times include waiting for a core, "
+            "so these verdicts say little; compare the checkouts' CPU figures, and judge the goals on an idle "
+            "machine.")
 
 
 def _verdict(ok: bool) -> str:
