@@ -71,13 +71,17 @@ def main(
 @app.command()
 def simulate(
     ctx: typer.Context,
-    out: Annotated[Path, typer.Option(help="Folder to write one Parquet dataset per table into.")],
+    out: Annotated[str, typer.Option(help="Folder to write one Parquet dataset per table into, or a PostgreSQL "
+                                          "URL (postgresql://user@host:5432/db) to load the platform into.")],
     merchants: Annotated[int, typer.Option(min=1, help="Number of merchants.")] = 2000,
     months: Annotated[int, typer.Option(min=3, max=120, help="Months of history.")] = 24,
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same data.")] = 42,
     start: Annotated[str, typer.Option(help="First day of the simulated history (YYYY-MM-DD).")] = "2024-01-01",
+    files: Annotated[Path | None, typer.Option(help="With a database --out: also keep the simulated files (and "
+                                                     "the oracle) in this folder.")] = None,
 ) -> None:
-    """Simulate a platform's merchants, orders, behaviour, inventory, receivables and loans."""
+    """Simulate a platform's merchants, orders, behaviour, inventory, receivables and loans; into a folder, or
+    into the platform's PostgreSQL database (tables created from the data model, rows upserted by key)."""
     from simulator import HISTORY_MONTHS, SimulationConfig, months_to_train, simulate_platform
 
     model = _settings(ctx).model
@@ -88,10 +92,20 @@ def simulate(
             f"{needed} months ({HISTORY_MONTHS} of history before the first application, applications over 1 "
             f"training + {model.valid_months} validation + {model.test_months} test months, and the "
             f"{model.label_horizon_months}-month label horizon after them); use --months {needed} or more")
-    summary = simulate_platform(
-        SimulationConfig(n_merchants=merchants, months=months, seed=seed, start=start), out
-    )
-    typer.echo(summary.describe())
+    config = SimulationConfig(n_merchants=merchants, months=months, seed=seed, start=start)
+    if "://" not in out:
+        typer.echo(simulate_platform(config, Path(out)).describe())
+        return
+    from tempfile import TemporaryDirectory
+
+    from core.postgres import check, load_folder, redact
+
+    check(out)  # a wrong URL, host or password is refused before the simulation runs
+    with TemporaryDirectory(prefix="scfrisk-simulated-") as temporary:
+        folder = files or Path(temporary)
+        typer.echo(simulate_platform(config, folder).describe())
+        rows = load_folder(out, folder)
+    typer.echo(f"loaded into {redact(out)}: " + ", ".join(f"{name} {n:,}" for name, n in rows.items()) + " rows")
 
 
 @app.command()
