@@ -3,48 +3,27 @@ catch late commits and changed rows, chunked reads, and errors a user can act on
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import adbc_driver_postgresql.dbapi
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pytest
 
 from core.postgres import PostgresError, load
 from core.postgres_source import PostgresSource
-from core.schemas import TABLES, conform
+from core.schemas import TABLES
 from tests.conftest import SAMPLE
+from tests.sample_slice import changed_at, latest_change, sample_slice
 
 MERCHANTS = 60
-
-
-def sample_slice(merchants: int = MERCHANTS) -> dict[str, pa.Table]:
-    """Every table of the sample for its first merchants, in the data model's exact schema."""
-    ids = pads.dataset(SAMPLE / "merchants").to_table(columns=["merchant_id"]).column(0).to_pylist()
-    keep = pa.array(sorted(ids)[:merchants])
-    tables = {}
-    for name, spec in TABLES.items():
-        table = pads.dataset(SAMPLE / name).to_table(filter=pc.field("merchant_id").isin(keep))
-        tables[name] = conform(table, spec).select([c.name for c in spec.columns]).cast(spec.arrow_schema)
-    return tables
 
 
 @pytest.fixture(scope="module")
 def platform() -> dict[str, pa.Table]:
     if not (SAMPLE / "orders").is_dir():
         pytest.skip("data_samples/platform is not there")
-    return sample_slice()
-
-
-def changed_at(table: pa.Table, name: str) -> pa.ChunkedArray:
-    """Each row's change time: `updated_at`, or the time column while the row never changed."""
-    spec = TABLES[name]
-    return pc.coalesce(table[spec.change_column], table[spec.time_column])
-
-
-def latest_change(table: pa.Table, name: str) -> datetime:
-    return pc.max(changed_at(table, name)).as_py()
+    return sample_slice(MERCHANTS)
 
 
 def pulled(source: PostgresSource, name: str) -> pa.Table:
