@@ -16,6 +16,7 @@ checks, since refusing bad rows is the ingest's validation, which names table, c
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -60,6 +61,17 @@ def redact(url: str) -> str:
     host = parts.netloc.rpartition("@")[2]
     user = parts.username
     return urlunsplit((parts.scheme, f"{user}@{host}" if user else host, parts.path, "", ""))
+
+
+def password_to_environment(url: str) -> str:
+    """The URL without its password, which goes to `PGPASSWORD` for libpq instead: a URL passed on to a flow
+    run is recorded as its parameter, and must not carry the password there."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    os.environ["PGPASSWORD"] = unquote(parts.password)
+    netloc = f"{parts.netloc.rpartition('@')[0].partition(':')[0]}@{parts.netloc.rpartition('@')[2]}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def connect(url: str) -> Connection:

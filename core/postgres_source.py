@@ -36,10 +36,11 @@ import pyarrow as pa
 
 from core.postgres import PostgresError, change_expression, connect, pg_type, quote, reason, redact
 from core.schemas import TABLES, TableSpec, conform
+from core.settings import IngestConfig, Settings
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OVERLAP = timedelta(hours=1)
+DEFAULT_OVERLAP = timedelta(seconds=IngestConfig().watermark_overlap_seconds)
 BATCH_BYTES = 16 << 20
 """Size of the Arrow batches the driver hands over (its hint): the memory a chunk of a table takes."""
 STATE_KEY = "postgresql"
@@ -50,9 +51,11 @@ _FLOAT_FROM = {"numeric", "real", "integer", "bigint", "smallint"}
 which binary COPY would hand over as text)."""
 
 
-def from_url(text: str, state: Mapping[str, Any] | None = None, overlap: timedelta = DEFAULT_OVERLAP) -> PostgresSource:
-    """The pull from the database at `text` that follows the one whose source state the raw store holds."""
-    return PostgresSource(text, state, overlap)
+def from_url(text: str, settings: Settings | None = None, state: Mapping[str, Any] | None = None) -> PostgresSource:
+    """The pull from the database at `text` that follows the one whose source state (`state`) the raw store
+    holds; `core.sources.open_source` calls it for a postgresql:// source."""
+    ingest = settings.ingest if settings is not None else IngestConfig()
+    return PostgresSource(text, state, timedelta(seconds=ingest.watermark_overlap_seconds))
 
 
 class PostgresSource:
