@@ -45,8 +45,12 @@ def _orchestrated(ctx: typer.Context, stage: str | None = None, source: Path | s
         from core.raw_store import RawStore
         from core.sources import open_source
 
-        require_tables(stage, RawStore(settings.path("raw_store")),
-                       open_source(str(source)) if source is not None else None)
+        store = RawStore(settings.path("raw_store"))
+        if source is None:
+            require_tables(stage, store)
+        else:
+            batch = open_source(str(source))
+            require_tables(stage, store, batch.tables(), batch.description)
     ensure_server(settings.home_dir)
     return settings
 
