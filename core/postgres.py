@@ -20,16 +20,18 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import adbc_driver_manager
 import pyarrow as pa
-import pyarrow.parquet as pq
-from adbc_driver_manager.dbapi import Connection
 
-from core.batch import locate_tables
 from core.errors import ScfriskError
 from core.schemas import TABLES, TIMESTAMP, TableSpec, conform
+from core.sources import FolderSource
+
+if TYPE_CHECKING:
+    from adbc_driver_manager.dbapi import Connection
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +167,9 @@ def load(url: str, tables: Mapping[str, Iterable[pa.RecordBatch]]) -> dict[str, 
 
 
 def load_folder(url: str, folder: Path) -> dict[str, int]:
-    """Upsert a batch folder of Parquet tables (as the simulator writes them) in one transaction."""
-    paths = locate_tables(folder)
-    return load(url, {name: _parquet_batches(path) for name, path in paths.items()})
+    """Upsert a batch folder (Parquet or CSV tables, `core.batch`) in one transaction."""
+    source = FolderSource(folder)
+    return load(url, {name: source.batches(name) for name in source.tables()})
 
 
 def check(url: str) -> None:
@@ -175,14 +177,6 @@ def check(url: str) -> None:
     if not is_postgres_url(url):
         raise PostgresError(f"{redact(url)} is not a database URL: use {' or '.join(s + '...' for s in SCHEMES)}")
     connect(url).close()
-
-
-def _parquet_batches(path: Path) -> Iterator[pa.RecordBatch]:
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
-    for file in files:
-        if file.suffix != ".parquet":
-            raise PostgresError(f"{file}: only Parquet tables are loaded into a database")
-        yield from pq.ParquetFile(file).iter_batches(batch_size=256 * 1024)
 
 
 def _counted(spec: TableSpec, batches: Iterable[pa.RecordBatch], rows: dict[str, int]) -> Iterator[pa.RecordBatch]:

@@ -117,11 +117,22 @@ def simulate(
 @app.command()
 def ingest(
     ctx: typer.Context,
-    source: Annotated[str, typer.Option(help="Batch folder with one Parquet/CSV file or folder per table.")],
+    source: Annotated[str | None, typer.Option(
+        help="Batch folder with one Parquet/CSV file or folder per table, or the platform's database "
+             "(postgresql://user@host:5432/db; password in PGPASSWORD or ~/.pgpass). Default: [ingest].source."
+    )] = None,
 ) -> None:
-    """Validate a batch of platform tables with Great Expectations and load it into the raw store."""
+    """Validate a batch of platform tables with Great Expectations and load it into the raw store; from a
+    database, the rows new or changed since the last pull that committed."""
+    source = source or _settings(ctx).ingest.source
+    if not source:
+        raise ScfriskError("no source to ingest: give --source, or set [ingest].source in scfrisk.toml")
     if "://" not in source and not Path(source).is_dir():  # refused before pyarrow is even imported
         raise typer.BadParameter(f"batch folder {source} does not exist", param_hint="'--source'")
+    if "://" in source:
+        from core.postgres import is_postgres_url, password_to_environment
+
+        source = password_to_environment(source) if is_postgres_url(source) else source
     from core.batch import missing_tables
     from core.sources import open_source
 
