@@ -3,16 +3,19 @@ catch late commits and changed rows, chunked reads, and errors a user can act on
 
 from __future__ import annotations
 
+import sys
 from datetime import timedelta
 
 import adbc_driver_postgresql.dbapi
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pytest
 
 from core.postgres import PostgresError, load
 from core.postgres_source import PostgresSource
 from core.schemas import TABLES
+from pipelines.cli import run
 from tests.conftest import SAMPLE
 from tests.sample_slice import changed_at, latest_change, sample_slice
 
@@ -161,3 +164,39 @@ def test_a_wrong_password_host_or_database_is_one_line_without_the_password(post
         assert reason in message and "\n" not in message, message
         assert postgres.password not in message and "not-the-password" not in message, message
         assert message.startswith("cannot connect to PostgreSQL postgresql://scfrisk@")
+
+
+def test_simulate_out_a_database_loads_the_platform_and_again_changes_nothing(postgres, database, tmp_path,
+                                                                             monkeypatch, capsys):
+    monkeypatch.setenv("SCFRISK_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PGPASSWORD", postgres.password)
+    url = database.replace(f":{postgres.password}@", "@")
+    monkeypatch.setattr(sys, "argv", ["scfrisk", "simulate", "--merchants", "40", "--months", "20", "--out", url,
+                                      "--files", str(tmp_path / "sim")])
+    run()
+    out = capsys.readouterr().out
+    with PostgresSource(url) as source:
+        counts = {name: source.rows(name) for name in TABLES}
+        orders = pulled(source, "orders")
+    assert counts == {name: pads.dataset(tmp_path / "sim" / name).count_rows() for name in TABLES}
+    assert f"loaded into {url}: merchants 40, orders {counts['orders']:,}" in out
+    assert orders.equals(pads.dataset(tmp_path / "sim" / "orders").to_table().cast(orders.schema).sort_by("order_id"))
+    assert (tmp_path / "sim" / "oracle" / "loans").is_dir()
+    run()  # the same platform again: upserted by key, nothing added
+    with PostgresSource(url) as source:
+        assert {name: source.rows(name) for name in TABLES} == counts
+
+
+def test_simulate_out_a_database_with_a_wrong_password_is_one_line_before_simulating(postgres, tmp_path,
+                                                                                    monkeypatch, capsys):
+    monkeypatch.setenv("SCFRISK_HOME", str(tmp_path / "home"))
+    wrong = postgres.url().replace(postgres.password, "not-the-password")
+    monkeypatch.setattr(sys, "argv", ["scfrisk", "simulate", "--out", wrong, "--files", str(tmp_path / "sim")])
+    with pytest.raises(SystemExit) as exit_:
+        run()
+    stderr = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in stderr
+    assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
+        f"error: cannot connect to PostgreSQL {postgres.url(password=False)}: connection to server at "
+        f'"127.0.0.1", port {postgres.port} failed: FATAL: password authentication failed for user "scfrisk"']
+    assert "not-the-password" not in stderr and not (tmp_path / "sim").exists()
