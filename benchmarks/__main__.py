@@ -6,6 +6,7 @@ import sys
 ALL = [
     "bench_simulate",
     "bench_ingest",
+    "bench_postgres",
     "bench_features",
     "bench_train",
     "bench_public",
