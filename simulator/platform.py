@@ -95,9 +95,10 @@ def simulate_platform(config: SimulationConfig, out: Path | str, days: int = 0) 
     With `days`, the same history as the platform wrote it over the window's last `days` days: the base,
     `out/base/<table>/`, as of the first of those days (midnight UTC), then one batch a day,
     `out/daily/YYYY-MM-DD/<table>/`, with every row written or changed that day as it stands at the day's
-    end (`simulator.timeline`); a table without rows is left out of a batch (a day without any, of the
-    folder: rare but for a few merchants). The oracle stays in `out/oracle/`. The world is simulated once and each chunk cut into days, so a day costs a pass over the
-    chunk's recent rows, not a simulation.
+    end (`simulator.timeline`). A table without rows is left out of its batch, and a day without any has
+    no folder (only tiny platforms have such days). The oracle stays in `out/oracle/`. The world is
+    simulated once and each chunk cut into days, so the days cost a pass over the rows they hold, not a
+    simulation each.
     """
     out = Path(out)
     started = time.perf_counter()

@@ -151,7 +151,8 @@ def test_every_day_is_an_ingestible_batch_and_the_store_ends_as_the_whole_histor
     for folder in [daily / "base", *_days(daily)]:
         result = ingest(folder, by_day, now)
         assert result.rules_checked > 0 and not result.already_loaded, folder
-    assert result.partitions_written["orders"] == ["2024-05"]  # the day's new orders and the changes of May's
+    written = result.partitions_written["orders"]  # the day's new orders and the changes of May's: May only
+    assert written and all("2024-05" in partition for partition in written), written
     at_once = Settings(home=tmp_path / "at_once")
     ingest(full, at_once, now)
 
