@@ -39,7 +39,7 @@ def as_of(name: str, lives: pa.Table, at: int) -> pa.Table:
     spec = TABLES[name]
     cut = pa.scalar(at * 1_000_000, TIMESTAMP)
     written = pc.less(lives[spec.time_column], cut)
-    rows = lives if pc.all(written).as_py() is not False else lives.filter(written)  # no copy when all stay
+    rows = lives if pc.all(written).as_py() else lives.filter(written)  # no copy when every row stays
     if not spec.state_columns:
         return rows.select([c.name for c in spec.columns])
     columns = {column: rows[column] for column in rows.column_names}
@@ -68,9 +68,9 @@ def day_changes(name: str, history: pa.Table, first_day: int, end: int) -> list[
     n_days = (end - first_day) // DAY
     touched = []
     for column in (spec.time_column, *spec.state_columns):
-        micros = pc.fill_null(history[column].cast(pa.int64()), -1).to_numpy()
-        day = (micros // 1_000_000 - first_day) // DAY
-        on = np.flatnonzero((micros >= 0) & (day >= 0) & (day < n_days))
+        values = history[column]
+        day = (pc.fill_null(values.cast(pa.int64()), 0).to_numpy() // 1_000_000 - first_day) // DAY
+        on = np.flatnonzero(values.is_valid().to_numpy(zero_copy_only=False) & (day >= 0) & (day < n_days))
         touched.append(day[on] * len(history) + on)
     pairs = np.unique(np.concatenate(touched))  # (day, row), by day then row; a row once a day
     day, row = pairs // max(len(history), 1), pairs % max(len(history), 1)
