@@ -83,11 +83,25 @@ def simulate(
     months: Annotated[int, typer.Option(min=3, max=120, help="Months of history.")] = 24,
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same data.")] = 42,
     start: Annotated[str, typer.Option(help="First day of the simulated history (YYYY-MM-DD).")] = "2024-01-01",
+    days: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Write the last N days day by day: OUT/base as of N days before the end, then one batch a day "
+            "in OUT/daily/YYYY-MM-DD with the rows written or changed that day (0: the whole history in OUT).",
+        ),
+    ] = 0,
     files: Annotated[Path | None, typer.Option(help="With a database --out: also keep the simulated files (and "
                                                      "the oracle) in this folder.")] = None,
 ) -> None:
-    """Simulate a platform's merchants, orders, behaviour, inventory, receivables and loans; into a folder, or
-    into the platform's PostgreSQL database (tables created from the data model, rows upserted by key)."""
+    """Simulate a platform's merchants, orders, behaviour, inventory, receivables and loans.
+
+    With --days N the same history is written as the platform's database grew: a base, then N daily
+    batches, each one ingestible in order (`scfrisk ingest --source OUT/base`, then each day's folder);
+    upserted by key they give the whole history. The oracle goes to OUT/oracle either way.
+    --out may also be the platform's PostgreSQL database (postgresql://user@host:5432/db): its tables are
+    created from the data model and the rows upserted by key, the base then each day in its own transaction.
+    """
     from simulator import HISTORY_MONTHS, SimulationConfig, months_to_train, simulate_platform
 
     model = _settings(ctx).model
@@ -100,18 +114,25 @@ def simulate(
             f"{model.label_horizon_months}-month label horizon after them); use --months {needed} or more")
     config = SimulationConfig(n_merchants=merchants, months=months, seed=seed, start=start)
     if "://" not in out:
-        typer.echo(simulate_platform(config, Path(out)).describe())
+        typer.echo(simulate_platform(config, Path(out), days=days).describe())
         return
     from tempfile import TemporaryDirectory
 
     from core.postgres import check, load_folder, redact
+    from simulator.platform import BASE, DAILY
 
     check(out)  # a wrong URL, host or password is refused before the simulation runs
     with TemporaryDirectory(prefix="scfrisk-simulated-") as temporary:
         folder = files or Path(temporary)
-        typer.echo(simulate_platform(config, folder).describe())
-        rows = load_folder(out, folder)
-    typer.echo(f"loaded into {redact(out)}: " + ", ".join(f"{name} {n:,}" for name, n in rows.items()) + " rows")
+        typer.echo(simulate_platform(config, folder, days=days).describe())
+        batches = [folder / BASE, *sorted((folder / DAILY).glob("*"))] if days else [folder]
+        totals: dict[str, int] = {}
+        for batch in batches:  # the base, then each day's new and changed rows: one transaction each, in order
+            for name, n in load_folder(out, batch).items():
+                totals[name] = totals.get(name, 0) + n
+    what = f"the base and {days} daily batches (upserted day by day)" if days else "the platform"
+    typer.echo(f"loaded {what} into {redact(out)}: " + ", ".join(f"{name} {n:,}" for name, n in totals.items())
+               + " rows upserted")
 
 
 @app.command()

@@ -16,6 +16,7 @@ from core.postgres import PostgresError, load
 from core.postgres_source import PostgresSource
 from core.schemas import TABLES
 from pipelines.cli import run
+from simulator import SimulationConfig, simulate_platform
 from tests.conftest import SAMPLE
 from tests.sample_slice import changed_at, latest_change, sample_slice
 
@@ -179,12 +180,27 @@ def test_simulate_out_a_database_loads_the_platform_and_again_changes_nothing(po
         counts = {name: source.rows(name) for name in TABLES}
         orders = pulled(source, "orders")
     assert counts == {name: pads.dataset(tmp_path / "sim" / name).count_rows() for name in TABLES}
-    assert f"loaded into {url}: merchants 40, orders {counts['orders']:,}" in out
+    assert f"loaded the platform into {url}: merchants 40, orders {counts['orders']:,}" in out
     assert orders.equals(pads.dataset(tmp_path / "sim" / "orders").to_table().cast(orders.schema).sort_by("order_id"))
     assert (tmp_path / "sim" / "oracle" / "loans").is_dir()
     run()  # the same platform again: upserted by key, nothing added
     with PostgresSource(url) as source:
         assert {name: source.rows(name) for name in TABLES} == counts
+
+
+def test_simulate_days_into_a_database_upserts_the_base_then_each_day_into_the_whole_history(
+    postgres, database, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("SCFRISK_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(sys, "argv", ["scfrisk", "simulate", "--merchants", "40", "--months", "20", "--days", "3",
+                                      "--out", database])
+    run()
+    assert "loaded the base and 3 daily batches (upserted day by day) into" in capsys.readouterr().out
+    simulate_platform(SimulationConfig(n_merchants=40, months=20, seed=42, start="2024-01-01"), tmp_path / "full")
+    with PostgresSource(database) as source:
+        for name, spec in TABLES.items():
+            whole = pads.dataset(tmp_path / "full" / name).to_table()
+            assert pulled(source, name).equals(whole.cast(spec.arrow_schema).sort_by(spec.key)), name
 
 
 def test_simulate_out_a_database_with_a_wrong_password_is_one_line_before_simulating(postgres, tmp_path,
