@@ -25,6 +25,7 @@ database or schema) starts from scratch, which is always correct since loading i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections.abc import Iterator, Mapping
@@ -95,14 +96,17 @@ class PostgresSource:
         self.close()
 
     def close(self) -> None:
-        """End the read-only transaction and the connection."""
-        if getattr(self, "_cursor", None) is not None:
-            self._cursor.close()
-            self._cursor = None
-        if getattr(self, "_connection", None) is not None:
-            self._connection.rollback()
-            self._connection.close()
-            self._connection = None
+        """End the read-only transaction and the connection (quietly when the server has gone already)."""
+        cursor, connection = getattr(self, "_cursor", None), getattr(self, "_connection", None)
+        self._cursor = self._connection = None
+        with contextlib.suppress(adbc_driver_manager.Error):
+            if cursor is not None:
+                cursor.close()
+            if connection is not None:
+                connection.rollback()
+        if connection is not None:
+            with contextlib.suppress(adbc_driver_manager.Error):
+                connection.close()
 
     def tables(self) -> list[str]:
         return list(TABLES)

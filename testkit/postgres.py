@@ -41,6 +41,17 @@ def server_bin() -> Path:
     return Path(candidates[-1]).parent
 
 
+def cluster_owner() -> pwd.struct_passwd | None:
+    """The user the cluster runs as when the caller is root (`initdb` refuses root); None: the caller."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam("postgres")
+    except KeyError:
+        raise PostgresUnavailable("initdb refuses to run as root, and there is no postgres user to run it as "
+                                  "(Debian's postgresql package creates one)") from None
+
+
 @dataclass(frozen=True)
 class Cluster:
     host: str
@@ -65,9 +76,8 @@ class Cluster:
 @contextmanager
 def cluster() -> Iterator[Cluster]:
     """A running cluster, stopped and its folder removed on exit, whatever happened in between."""
-    bin_ = server_bin()
+    bin_, owner = server_bin(), cluster_owner()
     root = Path(tempfile.mkdtemp(prefix="scfrisk-pg-", dir="/tmp"))
-    owner = pwd.getpwnam("postgres") if os.geteuid() == 0 else None
     password = secrets.token_hex(12)
     (root / "pw").write_text(password + "\n")
     if owner is not None:

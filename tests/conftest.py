@@ -54,10 +54,10 @@ def trained():
 def postgres():
     """One throwaway PostgreSQL cluster for the session (`testkit.postgres`), removed at the end even when
     tests fail; skipped, saying why, only where no server binaries are installed."""
-    from testkit.postgres import PostgresUnavailable, cluster, server_bin
+    from testkit.postgres import PostgresUnavailable, cluster, cluster_owner, server_bin
 
     try:
-        server_bin()
+        server_bin(), cluster_owner()
     except PostgresUnavailable as exc:
         pytest.skip(str(exc))
     with cluster() as running:

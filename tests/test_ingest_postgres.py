@@ -151,6 +151,7 @@ def test_a_wrong_password_or_host_is_one_line_from_the_cli(postgres, tmp_path, m
     assert not (tmp_path / "home" / "raw").exists()
 
 
+@pytest.mark.slow
 def test_the_cli_pulls_from_the_configured_database_and_records_no_password(
     prefect_server, postgres, database, platform, tmp_path, monkeypatch, capsys
 ):
