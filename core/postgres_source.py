@@ -210,8 +210,8 @@ class PostgresSource:
         absent = [name for name, columns in types.items() if not columns]
         if absent:
             raise PostgresError(
-                f"PostgreSQL {self.description} has no table {', '.join(absent)} (looked up on the search path "
-                f"of schema {self.database.rsplit('/', 1)[-1]}); a pull reads the data model's tables: "
+                f"PostgreSQL {self.description} has no table {', '.join(absent)} (looked up on the search path; "
+                f"current schema: {self.database.rsplit('/', 1)[-1]}); a pull reads the data model's tables: "
                 f"{', '.join(TABLES)}")
         missing = [
             f"{name}.{c.name}" for name, spec in TABLES.items() for c in spec.columns
