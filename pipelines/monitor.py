@@ -202,14 +202,14 @@ def bundle_parts(bundle: Bundle, policy_file: Path, alerts: pd.DataFrame, as_of:
 
 def run_monitor(settings: Settings, as_of: datetime | None = None) -> MonitorResult:
     """The day's alerts on every live loan, written and published (see the module docstring)."""
+    policy = load_policy(settings.policy_file)
+    bundle = live_bundle(settings)
+    check_same_terms(policy, bundle)
     store = RawStore(settings.path("raw_store"))
     for name in ("merchants", "orders", "loans", "loan_applications"):
         if not store.has_table(name):
             raise ScfriskError(f"raw store {store.root} has no {name}; run `scfrisk ingest` first")
     as_of = as_of or default_as_of(store)
-    policy = load_policy(settings.policy_file)
-    bundle = live_bundle(settings)
-    check_same_terms(policy, bundle)
     book = loan_book(store, bundle, policy, as_of)
     alerts = early_warnings(book, policy, as_of)
     folder = settings.home_dir / "monitor" / f"as_of={as_of:%Y-%m-%d}"
