@@ -164,7 +164,7 @@ def _pd_migration(book: pd.DataFrame, config: PdMigration, scale: MasterScale) -
     steps = grade_now - grade_then
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = now / then
-    mask = known & (ratio >= config.min_pd_ratio) & (steps >= config.min_grade_steps)
+    mask = known & (ratio >= config.min_pd_ratio) & (steps >= config.min_grade_steps) & (now >= config.min_pd_now)
     names = np.array(scale.names)
     evidence, reasons = [], []
     for p_now, p_then, g_now, g_then, k in zip(now[mask], then[mask], names[grade_now[mask]],
@@ -172,7 +172,7 @@ def _pd_migration(book: pd.DataFrame, config: PdMigration, scale: MasterScale) -
         evidence.append({"pd_now": p_now, "pd_origination": p_then, "grade_now": g_now,
                          "grade_origination": g_then})
         reasons.append(f"the PD rose from {p_then:.2%} (grade {g_then}) at origination to {p_now:.2%} "
-                       f"(grade {g_now}) now, {k} grades worse")
+                       f"(grade {g_now}) now, {k} grade{'s' if k > 1 else ''} worse")
     return _fired(book, mask, "pd_migration", config, evidence, reasons)
 
 

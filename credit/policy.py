@@ -149,7 +149,9 @@ class PdMigration(_Signal):
 
     min_pd_ratio: Annotated[float, Field(gt=1.0)]
     min_grade_steps: Annotated[int, Field(ge=1)]
-    """Fires when the PD has multiplied by `min_pd_ratio` AND the grade is this many steps worse."""
+    min_pd_now: Rate = 0.0
+    """Fires when the PD has multiplied by `min_pd_ratio`, the grade is `min_grade_steps` worse, AND the PD
+    is now at least `min_pd_now` (a move from 0.2% to 0.5% is a migration, not a warning)."""
 
 
 class SalesDrop(_Signal):

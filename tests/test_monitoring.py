@@ -29,7 +29,7 @@ def _with(change) -> dict:
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (lambda m: m["sales_drop"].pop("cut_share"), "'monitoring.sales_drop.cut_share': required when action is 'cut'"),
+    (lambda m: m["sales_drop"].update(action="cut"), "'monitoring.sales_drop.cut_share': required when action is 'cut'"),
     (lambda m: m["pd_migration"].update(cut_share=0.3), "'monitoring.pd_migration.cut_share': only a 'cut' takes"),
     (lambda m: m["refund_spike"].update(feature="refund_rate_7d"),
      "'monitoring.refund_spike.feature': 'refund_rate_7d' is not a numeric feature of the catalogue"),
@@ -37,7 +37,7 @@ def _with(change) -> dict:
     (lambda m: m["days_past_due"].update(action="shout"), "'monitoring.days_past_due.action'"),
     (lambda m: m["margin_call"].update(max_ltv=-1), "'monitoring.margin_call.max_ltv'"),
     (lambda m: m.update(early_bird={"action": "watch"}), "unknown key 'monitoring.early_bird'"),
-    (lambda m: m["sales_drop"].update(cut_share=1.5), "'monitoring.sales_drop.cut_share'"),
+    (lambda m: m["sales_drop"].update(action="cut", cut_share=1.5), "'monitoring.sales_drop.cut_share'"),
 ])
 def test_monitoring_policy_is_validated_on_load_with_the_key_named(change, message):
     with pytest.raises(PolicyError, match="invalid credit policy") as info:
@@ -63,12 +63,12 @@ QUIET = {
     "late_delivery_rate_30d": 0.05, baseline_column("late_delivery_rate_30d", 90): 0.05,
 }
 CRAFTED = {
-    "pd_migration": {"pd_now": 0.07, "pd_origination": 0.009},  # B -> E, 7.8x
-    "sales_drop": {"net_sales_30d": 300.0},  # 30% of the 1,000 monthly level
-    "refund_spike": {"refund_rate_90d": 0.15},
-    "complaint_spike": {"complaint_rate_90d": 0.08},
-    "shipping_delay": {"late_delivery_rate_30d": 0.40},
-    "overdue_receivables": {"overdue_receivables": 3000.0, "receivables_overdue_share": 0.6},
+    "pd_migration": {"pd_now": 0.17, "pd_origination": 0.009},  # B -> G, 18.9x
+    "sales_drop": {"net_sales_30d": 150.0},  # 15% of the 1,000 monthly level
+    "refund_spike": {"refund_rate_90d": 0.35},
+    "complaint_spike": {"complaint_rate_90d": 0.32},
+    "shipping_delay": {"late_delivery_rate_30d": 0.60},
+    "overdue_receivables": {"overdue_receivables": 6000.0, "receivables_overdue_share": 0.6},
     "days_past_due": {"days_past_due": 12},
     "collateral_released": {"product": "warehouse_receipt_financing", "warehouse_value_now": 500.0,
                             "outstanding": 100.0},
@@ -103,14 +103,27 @@ def test_evidence_and_reasons_carry_the_figures():
     alerts = early_warnings(_book(CRAFTED["pd_migration"], CRAFTED["margin_call"], CRAFTED["sales_drop"]),
                             POLICY_, AS_OF).set_index("signal")
     assert json.loads(alerts.loc["pd_migration", "evidence"]) == {
-        "pd_now": 0.07, "pd_origination": 0.009, "grade_now": "E", "grade_origination": "B"}
-    assert "from 0.90% (grade B) at origination to 7.00% (grade E) now, 3 grades worse" in alerts.loc[
+        "pd_now": 0.17, "pd_origination": 0.009, "grade_now": "G", "grade_origination": "B"}
+    assert "from 0.90% (grade B) at origination to 17.00% (grade G) now, 5 grades worse" in alerts.loc[
         "pd_migration", "reason"]
     margin = json.loads(alerts.loc["margin_call", "evidence"])
     assert margin["haircut"] == 0.20 and margin["ltv"] == pytest.approx(4500 / (4800 * 0.8))
     assert "above the 90% maximum loan to value" in alerts.loc["margin_call", "reason"]
-    assert alerts.loc["sales_drop", "cut_share"] == 0.5 and "30% of the merchant's own monthly level" in alerts.loc[
-        "sales_drop", "reason"]
+    assert "15% of the merchant's own monthly level" in alerts.loc["sales_drop", "reason"]
+    assert alerts.loc["pd_migration", "action"] == "escalate" and np.isnan(alerts.loc["pd_migration", "cut_share"])
+
+
+def test_a_migration_to_a_pd_below_the_floor_or_a_rate_below_its_floor_is_quiet():
+    low = {"pd_now": 0.09, "pd_origination": 0.009}  # B -> F: 10x, 4 grades, but under min_pd_now 16%
+    floor = {"refund_rate_90d": 0.25, baseline_column("refund_rate_90d", 90): 0.01}  # 25x, under 30%
+    steady = {"complaint_rate_90d": 0.40, baseline_column("complaint_rate_90d", 90): 0.30}  # 1.3x, under 2x
+    assert early_warnings(_book(low, floor, steady), POLICY_, AS_OF).empty
+
+
+def test_a_cut_signal_carries_its_share():
+    data = _with(lambda m: m["sales_drop"].update(action="cut", cut_share=0.4))
+    alerts = early_warnings(_book(CRAFTED["sales_drop"]), parse_policy(data), AS_OF)
+    assert alerts["action"].tolist() == ["cut"] and alerts["cut_share"].tolist() == [0.4]
 
 
 def test_a_book_missing_a_column_is_refused():
