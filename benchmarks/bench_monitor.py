@@ -33,7 +33,7 @@ import pandas as pd
 from benchmarks.common import run_measured, write_section
 from core.raw_store import RawStore
 from core.settings import Settings
-from credit.monitoring import early_warnings
+from credit.monitoring import LIMIT_ACTIONS, early_warnings
 from credit.policy import load_policy
 from features.training_set import table_readers
 from pipelines.monitor import live_bundle, loan_book
@@ -104,13 +104,13 @@ def measure(settings: Settings) -> dict:
     pairs["as_of"] = pairs["as_of"].astype("datetime64[us]")
     key = ["loan_id", "as_of"]
     signals = alerted.groupby(key)["signal"].agg(set).rename("signals")
-    acting = alerted[alerted["action"] != "watch"].groupby(key).size().rename("acting")
+    acting = alerted[alerted["action"].isin(LIMIT_ACTIONS)].groupby(key).size().rename("acting")
     pairs = pairs.join(signals, on=key).join(acting, on=key)
     has = pairs["signals"].notna()
     rules = {
         f"DPD >= {BASELINE_DPD} alone (baseline)": pairs["days_past_due"] >= BASELINE_DPD,
         "monitor: any alert": has,
-        "monitor: alerts that act (not watch)": pairs["acting"].notna(),
+        "monitor: alerts that change the limit (freeze, cut, escalate)": pairs["acting"].notna(),
         "monitor: any alert but days past due": pairs["signals"].map(
             lambda s: isinstance(s, set) and bool(s - {"days_past_due"})),
     }
@@ -139,15 +139,17 @@ def report(m: dict, load: float) -> str:
               "days (0 if missed) |\n|---|---:|---:|---:|---:|---:|---:|")
     return f"""
 `python -m benchmarks.bench_monitor`: the monitor's code on the live loans of `data_samples/platform` every
-{STEP_DAYS} days from {m['days'][0]:%Y-%m-%d} to {m['days'][-1]:%Y-%m-%d} ({len(m['days'])} days,
+{STEP_DAYS} days from {m['days'][0]:%Y-%m-%d} to {m['days'][-1]:%Y-%m-%d} ({len(m['days'])} days;
 {len(pairs):,} (loan, day) pairs live and not yet at 90 days past due; {pairs['bad'].mean():.1%} of them reach it
 within {HORIZON_DAYS} days, the precision of flagging every loan). Truth: the day each loan crossed 90 days past
 due, from `loan_performance` ({len(m['day90']):,} loans; {m['oracle_agree']:,} of them are `defaulted` in the
-simulator's oracle, the others crossed 90 after their 12-month window). Precision: share of flagged (loan, day)
+simulator's oracle). Precision: share of flagged (loan, day)
 pairs whose loan reaches 90 days past due within {HORIZON_DAYS} days. Lead: days from the first as-of day a rule
 flagged the loan to the day it crossed 90, for the loans that crossed in the window. PDs come from the live
 model, trained on loans of the same period (its test months are the last ones), so the PD signal is somewhat
-optimistic here. {m['alerts_per_day']:,.0f} alerts a day on average; CPU per monitored day
+optimistic here. Both rules read days past due at month ends only (the data has no daily repayment
+status), and the monitor runs every {STEP_DAYS} days here, so lead times are in steps of {STEP_DAYS} days for both.
+{m['alerts_per_day']:,.0f} alerts a day on average; CPU per monitored day
 {np.median(m['cpu']):.1f} s (median; 1-minute load average at the end: {load:.1f}).
 
 {header}
@@ -158,7 +160,13 @@ loans that crossed 90 days past due ({base['caught']:,} for DPD >= {BASELINE_DPD
 {monitor['lead_median'] - base['lead_median']:+.0f} days earlier, at {monitor['precision']:.1%} precision
 against {base['precision']:.1%}.
 
-Per signal (a (loan, day) pair counts for every signal that fired on it):
+Per signal (a (loan, day) pair counts for every signal that fired on it). The collateral signals guard the
+loss given default (the cover of the loan), not its odds: in the simulator neither warehouse releases nor the
+financed receivables drive default (goods of weaker merchants turn over more slowly), so they sit at or
+below the base rate and only call for collateral. The merchant's own-history signals add lead time (the
+monitor without days past due still flags {rules['monitor: any alert but days past due']['caught']:,} of the
+{monitor['events']:,} loans, a median {rules['monitor: any alert but days past due']['lead_median']:.0f} days
+ahead) at a precision of about 2x the base rate: they feed the watch list, not the limits.
 
 {header}
 {chr(10).join(_row(name, f) for name, f in m['signals'].items())}

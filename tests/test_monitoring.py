@@ -29,7 +29,8 @@ def _with(change) -> dict:
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (lambda m: m["sales_drop"].update(action="cut"), "'monitoring.sales_drop.cut_share': required when action is 'cut'"),
+    (lambda m: m["sales_drop"].update(action="cut"),
+     "'monitoring.sales_drop.cut_share': required when action is 'cut'"),
     (lambda m: m["pd_migration"].update(cut_share=0.3), "'monitoring.pd_migration.cut_share': only a 'cut' takes"),
     (lambda m: m["refund_spike"].update(feature="refund_rate_7d"),
      "'monitoring.refund_spike.feature': 'refund_rate_7d' is not a numeric feature of the catalogue"),
