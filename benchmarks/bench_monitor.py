@@ -5,9 +5,8 @@ Workspace: `scfrisk run --source data_samples/platform` in a temporary folder (o
 BENCH_MONITOR_HOME that already ran it). The monitor's own code (`pipelines.monitor.loan_book` and
 `credit.monitoring.early_warnings`, what `scfrisk monitor` runs) is applied every `STEP_DAYS` days over
 `FIRST_DAY`..`LAST_DAY`; the baseline rule reads the same loan book. Truth: the day each loan reached 90
-days past due, from the raw store's `loan_performance` (a month-end row with d >= 90 days past due means
-the loan crossed 90 on that day minus d - 90; the simulator's days past due are whole days since the missed
-payment), checked against `oracle/loans.defaulted`.
+days past due, `oracle/loans.dpd90_at` of the simulator, checked against what `loan_performance` shows (a
+month-end row with d >= 90 days past due means the loan crossed 90 on that day minus d - 90).
 
 A (loan, day) pair counts when the loan is live and not yet 90 days past due that day; an alert is right
 when the loan reaches 90 days past due within `HORIZON_DAYS`. Lead time: for each loan that reached 90 days
@@ -50,7 +49,8 @@ BASELINE_DPD = 30
 
 
 def day_of_90_dpd(store: RawStore) -> pd.Series:
-    """Per loan that reached 90 days past due, the day it did (from its first month-end row at 90+)."""
+    """Per loan seen 90 days past due in the raw store, the day it crossed 90 (from its first month-end row at
+    90+): what the platform itself could know, to check the oracle against."""
     con = duckdb.connect()
     table_readers(store, con, ["loan_performance"])
     frame = con.execute(
@@ -88,7 +88,10 @@ def measure(settings: Settings) -> dict:
     store = RawStore(settings.path("raw_store"))
     policy = load_policy(settings.policy_file)
     bundle = live_bundle(settings)
-    day90 = day_of_90_dpd(store)
+    oracle = pd.read_parquet(SAMPLE / "oracle" / "loans", columns=["loan_id", "dpd90_at"]).dropna()
+    day90 = pd.Series(oracle["dpd90_at"].dt.floor("D").to_numpy(), index=oracle["loan_id"].to_numpy())
+    seen = day_of_90_dpd(store)
+    gap = (seen - day90.reindex(seen.index)).dt.days
     days = [FIRST_DAY + timedelta(days=STEP_DAYS * i)
             for i in range(int((LAST_DAY - FIRST_DAY).days // STEP_DAYS) + 1)]
     books, alerts, cpu = [], [], []
@@ -116,13 +119,11 @@ def measure(settings: Settings) -> dict:
     }
     per_signal = {name: pairs["signals"].map(lambda s, n=name: isinstance(s, set) and n in s)
                   for name in policy.monitoring.signals()}
-    oracle = pd.read_parquet(SAMPLE / "oracle" / "loans", columns=["loan_id", "defaulted"])
-    agree = oracle.set_index("loan_id")["defaulted"].reindex(day90.index)
     return {
         "days": days, "pairs": pairs, "day90": day90, "cpu": cpu, "rules": {
             name: rule_figures(pairs, flagged, day90, days) for name, flagged in rules.items()},
         "signals": {name: rule_figures(pairs, flagged, day90, days) for name, flagged in per_signal.items()},
-        "oracle_agree": int(agree.sum()), "alerts_per_day": len(alerted) / len(days),
+        "seen": len(seen), "seen_same_day": int((gap.abs() <= 1).sum()), "alerts_per_day": len(alerted) / len(days),
     }
 
 
@@ -142,8 +143,8 @@ def report(m: dict, load: float) -> str:
 {STEP_DAYS} days from {m['days'][0]:%Y-%m-%d} to {m['days'][-1]:%Y-%m-%d} ({len(m['days'])} days;
 {len(pairs):,} (loan, day) pairs live and not yet at 90 days past due; {pairs['bad'].mean():.1%} of them reach it
 within {HORIZON_DAYS} days, the precision of flagging every loan). Truth: the day each loan crossed 90 days past
-due, from `loan_performance` ({len(m['day90']):,} loans; {m['oracle_agree']:,} of them are `defaulted` in the
-simulator's oracle). Precision: share of flagged (loan, day)
+due, `dpd90_at` of the simulator's oracle ({len(m['day90']):,} defaulters; {m['seen']:,} of them are seen 90+ days
+past due in `loan_performance`, {m['seen_same_day']:,} of those on the oracle's day, within a day). Precision: share of flagged (loan, day)
 pairs whose loan reaches 90 days past due within {HORIZON_DAYS} days. Lead: days from the first as-of day a rule
 flagged the loan to the day it crossed 90, for the loans that crossed in the window. PDs come from the live
 model, trained on loans of the same period (its test months are the last ones), so the PD signal is somewhat
