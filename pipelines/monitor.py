@@ -24,6 +24,7 @@ from core.raw_store import RawStore
 from core.settings import Settings
 from credit.monitoring import baseline_column, baselines, early_warnings
 from credit.policy import CreditPolicy, load_policy
+from features.definitions import feature_set_version
 from features.training_set import get_training_set, table_readers
 from pipelines.publish import BundleParts, publish
 from reporting.watch_list import write_watch_list
@@ -171,10 +172,11 @@ def live_bundle(settings: Settings) -> Bundle:
         raise ScfriskError(f"no bundle is live in {published}: run `scfrisk run` first; the monitor scores with "
                            "the live bundle's model and publishes the alerts with it")
     bundle = load_bundle(bundle_path(published, live))
-    problem = bundle.on_demand_problem()
-    if problem:
-        raise ScfriskError(f"the live {problem.split(': records')[0]}: the monitor computes features with this "
-                           "code's definitions; run `scfrisk run` to publish a model of them")
+    if bundle.on_demand_problem():
+        trained = bundle.manifest["feature_set_version"]
+        raise ScfriskError(f"the live bundle {live} was trained on feature set {trained}, this code computes "
+                           f"{feature_set_version()}: the monitor scores features of this code; run `scfrisk run` "
+                           "to publish a model of them")
     return bundle
 
 
