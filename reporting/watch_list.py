@@ -48,6 +48,7 @@ def watch_list_sections(alerts: pd.DataFrame, as_of: datetime, loans_checked: in
     counts = (alerts.groupby(["signal", "action"]).agg(alerts=("loan_id", "size"), loans=("loan_id", "nunique"))
               .reset_index().sort_values("alerts", ascending=False))
     counts["signal"] = counts["signal"].str.replace("_", " ")
+    counts["action"] = counts["action"].str.replace("_", " ")
     rank = {action: i for i, action in enumerate(SEVERITY)}
     ordered = alerts.assign(_rank=alerts["action"].map(rank)).sort_values(["_rank", "merchant_id", "loan_id"])
     table = pd.DataFrame({
