@@ -148,7 +148,8 @@ past due in `loan_performance`, {m['seen_same_day']:,} of those on the oracle's 
 pairs whose loan reaches 90 days past due within {HORIZON_DAYS} days. Lead: days from the first as-of day a rule
 flagged the loan to the day it crossed 90, for the loans that crossed in the window. PDs come from the live
 model, trained on loans of the same period (its test months are the last ones), so the PD signal is somewhat
-optimistic here. Both rules read days past due at month ends only (the data has no daily repayment
+optimistic here; and the policy's thresholds were chosen on this sample and period, so every figure is
+in-sample (a simulated batch of another seed is the out-of-sample check). Both rules read days past due at month ends only (the data has no daily repayment
 status), and the monitor runs every {STEP_DAYS} days here, so lead times are in steps of {STEP_DAYS} days for both.
 {m['alerts_per_day']:,.0f} alerts a day on average; CPU per monitored day
 {np.median(m['cpu']):.1f} s (median; 1-minute load average at the end: {load:.1f}).
