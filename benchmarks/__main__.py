@@ -15,6 +15,7 @@ ALL = [
     "bench_service",
     "bench_audit",
     "bench_pipeline",
+    "bench_monitor",
 ]
 
 for name in sys.argv[1:] or ALL:

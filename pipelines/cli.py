@@ -250,6 +250,23 @@ def limits(
 
 
 @app.command()
+def monitor(
+    ctx: typer.Context,
+    as_of: Annotated[
+        datetime | None,
+        typer.Option("--as-of", help="Day to monitor (default: the raw store's latest, midnight after its last "
+                                     "order)."),
+    ] = None,
+) -> None:
+    """Early warning on every live loan: the day's alerts (policy [monitoring]), a watch-list page, and a new
+    bundle that carries them, so the service applies their freezes and cuts at once."""
+    settings = _orchestrated(ctx, "monitor")
+    from pipelines.monitor import monitor_flow
+
+    typer.echo(monitor_flow(settings=settings, as_of=as_of).describe())
+
+
+@app.command()
 def train(
     ctx: typer.Context,
     table: Annotated[

@@ -144,14 +144,14 @@ def test_run_refuses_a_batch_without_loan_performance_at_once(tmp_path, monkeypa
     assert not (home / "raw").exists() and not (home / "prefect" / "server.json").exists()
 
 
-@pytest.mark.parametrize("stage", ["train", "limits", "features"])
+@pytest.mark.parametrize("stage", ["train", "limits", "features", "monitor"])
 def test_a_stage_names_the_raw_tables_the_workspace_lacks(stage, tmp_path, monkeypatch, capsys):
     home = tmp_path / "home"
     store = RawStore(home / "raw")
     with store.transaction() as staging:
         staging.stage("merchants", pq.read_table(write_batch(tmp_path / "b", valid_batch()) / "merchants.parquet"))
         staging.commit()
-    argv = {"train": ["train"], "limits": ["limits"], "features": ["features", "build"]}[stage]
+    argv = {"train": ["train"], "limits": ["limits"], "features": ["features", "build"], "monitor": ["monitor"]}[stage]
     code, stderr = _cli(argv, monkeypatch, capsys, home)
     assert code == 2
     lacking = [t for t in STAGE_TABLES[stage] if t != "merchants"]
