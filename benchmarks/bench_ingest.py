@@ -259,12 +259,20 @@ def measure_engines(batch: Path) -> list[dict]:
 
 def engines_main(batches: list[str] | None = None) -> None:
     """The section comparing the engines on the 10M batch (or the batches named)."""
-    lines = []
+    measured = []
     for name in batches or ["orders_10m"]:
         if not (DATA / name).is_dir():
             print(f"skip {name}: {DATA / name} missing (run benchmarks.bench_simulate first)")
             continue
-        runs = measure_engines(DATA / name)
+        measured.append(measure_engines(DATA / name))
+    if measured:
+        write_engines_section(measured)
+
+
+def write_engines_section(measured: list[list[dict]]) -> None:
+    """The docs section from the runs of each batch (`measure_engines`: local first)."""
+    lines = []
+    for runs in measured:
         local = runs[0]
         for run in runs:
             label = "local" if run["engine"] == "local" else f"dask, {run['workers']} worker(s)"
@@ -276,8 +284,6 @@ def engines_main(batches: list[str] | None = None) -> None:
                 f"{local['wall'] / run['wall']:.2f}x | {run['cpu'] / local['cpu']:.2f}x | "
                 f"{'same' if run['snapshot'] == local['snapshot'] else '**differs**'} | {run['load']:.1f} |"
             )
-    if not lines:
-        return
     body = "\n".join([
         "`python -m benchmarks.bench_ingest engines`: the ingest flow (read and split into month x merchant-bucket",
         "partitions, key checks across partitions, then Great Expectations validation and staging of each",

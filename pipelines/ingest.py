@@ -341,6 +341,9 @@ def _validator(batch: _Batch) -> TableValidator:
     if key not in _VALIDATORS:
         _VALIDATORS.clear()
         _VALIDATORS[key] = TableValidator(batch.settings, batch.now)
+        # In a worker, as `ingest` does in the flow's process: what lives now (modules, the GX context) is
+        # never garbage, so each unit's collection scans only the unit's objects.
+        gc.freeze()
     return _VALIDATORS[key]
 
 
