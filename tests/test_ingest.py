@@ -11,15 +11,21 @@ from pathlib import Path
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
+from core.batch import BatchError, locate_tables
 from core.errors import ScfriskError
+from core.partitioning import merchant_bucket, month_key, partition_key
 from core.raw_store import RawStore
 from core.rules import DataValidationError
+from core.schemas import TABLES, conform
 from core.settings import Settings
-from pipelines.cli import invoke
-from pipelines.ingest import BatchError, ingest, ingest_flow, locate_tables
+from core.sources import FolderSource, Source, open_source
+from pipelines.cli import run
+from pipelines.ingest import ingest, ingest_flow
 from tests.batch_builder import valid_batch, write_batch
 
 NOW = datetime(2024, 3, 1)
@@ -53,12 +59,22 @@ def orders_rows(raw: RawStore) -> list[tuple]:
     return con.sql(f"SELECT order_id, status FROM {raw.register(con, 'orders')} ORDER BY order_id").fetchall()
 
 
-def test_batch_lands_partitioned_by_month_with_a_manifest(store):
+def test_batch_lands_partitioned_by_month_and_merchant_bucket_with_a_manifest(store):
     raw = RawStore(store.path("raw_store"))
     manifest = raw.manifest()
-    assert manifest["tables"]["orders"]["rows"] == 6
-    assert sorted(manifest["tables"]["orders"]["partitions"]) == ["2024-01", "2024-02"]
-    assert sorted(p["month"] for p in DeltaTable(raw.table_url("orders")).partitions()) == ["2024-01", "2024-02"]
+    assert manifest["tables"]["orders"]["rows"] == 6 and manifest["buckets"] == store.compute.merchant_buckets
+    orders = pq.read_table(write_batch(store.home.parent / "b", valid_batch()) / "orders.parquet")
+    expected = {
+        (month, bucket)
+        for month, bucket in zip(
+            month_key(orders.column("ordered_at")).to_pylist(),
+            merchant_bucket(orders.column("merchant_id"), raw.buckets).to_pylist(),
+            strict=True,
+        )
+    }
+    assert set(raw.partitions("orders")) == expected and len(expected) > 2
+    delta = DeltaTable(raw.table_url("orders")).partitions()
+    assert {(p["month"], int(p["bucket"])) for p in delta} == expected
     con = duckdb.connect()
     months = con.sql(f"SELECT DISTINCT strftime(ordered_at, '%Y-%m') FROM {raw.register(con, 'orders')}")
     assert len(months.fetchall()) == 2
@@ -93,7 +109,8 @@ def test_the_batch_that_made_the_snapshot_is_not_ingested_again(store, tmp_path)
     batch = valid_batch()
     batch["orders"].loc[0, "amount"] = 99.0  # one value changed: a new batch, validated and loaded
     changed = ingest(write_batch(tmp_path / "changed", batch), store, NOW)
-    assert not changed.already_loaded and changed.partitions_written["orders"] == ["2024-01"]
+    assert not changed.already_loaded and len(changed.partitions_written["orders"]) == 1
+    assert changed.partitions_written["orders"][0].startswith("month=2024-01/bucket=")
 
 
 def test_failed_batch_leaves_the_store_byte_identical(store, tmp_path):
@@ -195,7 +212,7 @@ def test_new_month_appends_and_redelivered_rows_replace(store, tmp_path):
     )
 
     after = store_files(store)
-    assert result.partitions_written["orders"] == ["2024-01", "2024-03"]
+    assert {key.split("/")[0] for key in result.partitions_written["orders"]} == {"month=2024-01", "month=2024-03"}
     untouched = ("orders/month=2024-02/", "merchants/")
     assert {k: v for k, v in after.items() if k.startswith(untouched) and "_delta_log" not in k} == {
         k: v for k, v in before.items() if k.startswith(untouched) and "_delta_log" not in k
@@ -219,10 +236,14 @@ def test_csv_and_parquet_parts_load_the_same_snapshot(loaded, tmp_path):
     assert result.snapshot_id == parquet_snapshot
 
 
-def test_a_store_in_the_layout_before_delta_is_named_not_misread(tmp_path):
+@pytest.mark.parametrize("manifest", [
+    '{"snapshot_id": "0123456789abcdef", "tables": {}}',  # before Delta Lake
+    '{"snapshot_id": "0123456789abcdef", "sequence": 1, "tables": {"orders": {}}}',  # months only
+])
+def test_a_store_in_an_older_layout_is_named_not_misread(tmp_path, manifest):
     (tmp_path / "raw").mkdir()
-    (tmp_path / "raw" / "_manifest.json").write_text('{"snapshot_id": "0123456789abcdef", "tables": {}}')
-    with pytest.raises(ScfriskError, match="layout before Delta Lake; ingest its batches again"):
+    (tmp_path / "raw" / "_manifest.json").write_text(manifest)
+    with pytest.raises(ScfriskError, match="older layout .* ingest its batches again into an empty raw store"):
         RawStore(tmp_path / "raw").manifest()
 
 
@@ -241,7 +262,9 @@ def test_cli_prints_one_error_line_and_exits_2_for_a_malformed_file(
     (folder / "orders.parquet").write_bytes(b"this is not parquet")
     monkeypatch.setenv("SCFRISK_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(sys, "argv", ["scfrisk", "ingest", "--source", str(folder)])
-    assert invoke() == 2
+    with pytest.raises(SystemExit) as exit_:
+        run()
+    assert exit_.value.code == 2
     stderr = capsys.readouterr().err
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert errors == [
@@ -263,3 +286,69 @@ def test_ingest_flow_runs_through_prefect(prefect_server, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ScfriskError, match="no table files"):
         ingest_flow(source=str(tmp_path / "empty"), settings=settings)
+
+
+def test_a_key_repeated_across_partitions_is_rejected_counted_over_the_table(store, tmp_path, monkeypatch):
+    monkeypatch.setattr("pipelines.ingest.UNIT_ROWS", 1)  # each partition validated alone, as at scale
+    batch = valid_batch()
+    orders = batch["orders"]
+    orders.loc[3, "order_id"] = 1  # order 1 again, by another merchant in another month: another partition
+    orders.loc[4, "order_id"] = 1
+    orders["order_id"] += 100
+    before = store_files(store)
+    with pytest.raises(DataValidationError, match=r"orders\.order_id: expect_column_values_to_be_unique failed for "
+                                                  r"3 of 6 rows, e\.g\. 101(;| \()"):
+        ingest(write_batch(tmp_path / "dup", {"orders": orders}), store, NOW)
+    assert store_files(store) == before
+
+
+def test_a_row_redelivered_for_another_merchant_leaves_its_old_partition(store, tmp_path):
+    raw = RawStore(store.path("raw_store"))
+    orders = valid_batch()["orders"]
+    moved = orders.iloc[[0]].assign(merchant_id="M0000003")  # order 1 was M0000001's
+    old = (month_key(pa.array(orders["ordered_at"].iloc[[0]])).to_pylist()[0],
+           merchant_bucket(pa.array(["M0000001"]), raw.buckets)[0].as_py())
+    new_bucket = merchant_bucket(pa.array(["M0000003"]), raw.buckets)[0].as_py()
+    assert old[1] != new_bucket
+    result = ingest(write_batch(tmp_path / "moved", {"orders": moved}), store, NOW)
+    con = duckdb.connect()
+    rows = con.sql(f"SELECT order_id, merchant_id FROM {raw.register(con, 'orders')} WHERE order_id = 1").fetchall()
+    assert rows == [(1, "M0000003")] and raw.manifest()["tables"]["orders"]["rows"] == 6
+    assert partition_key(*old) in result.partitions_written["orders"]
+
+
+class _Stream:
+    """A source of the protocol (as a database would be): each table in several record batches, a state."""
+
+    description = "a test stream"
+
+    def __init__(self, tables: dict[str, pd.DataFrame]) -> None:
+        self.data = {n: conform(pa.Table.from_pandas(f, preserve_index=False), TABLES[n]) for n, f in tables.items()}
+
+    def tables(self) -> list[str]:
+        return [n for n in TABLES if n in self.data]
+
+    def fingerprint(self) -> str:
+        return "stream-1"
+
+    def batches(self, name):
+        yield from self.data[name].to_batches(max_chunksize=2)
+
+    def state(self):
+        return {"stream": {"orders": 6}}
+
+
+def test_a_source_streams_in_record_batches_and_its_state_commits_with_the_data(settings, loaded):
+    source = _Stream(valid_batch())
+    assert isinstance(source, Source) and len(list(source.batches("orders"))) == 3
+    result = ingest(source, settings, NOW)
+    raw = RawStore(settings.path("raw_store"))
+    assert result.source == "a test stream" and raw.source_state() == {"stream": {"orders": 6}}
+    assert raw.snapshot_id == RawStore(Settings(home=loaded).path("raw_store")).snapshot_id
+
+
+def test_a_source_is_chosen_by_its_text(tmp_path):
+    assert isinstance(open_source(str(write_batch(tmp_path / "b", valid_batch()))), FolderSource)
+    assert open_source((tmp_path / "b").as_uri()).tables() == list(valid_batch())
+    with pytest.raises(BatchError, match=r"unknown source 'ftp://\.\.\.': give a batch folder or one of postgresql://"):
+        open_source("ftp://host/batch")
