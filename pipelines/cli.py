@@ -505,7 +505,8 @@ def invoke() -> int:
 
 
 def run() -> None:
-    """The command of `sys.argv` in this process (tests): `sys.exit(code)` unless the command succeeded."""
+    """The command of `sys.argv` inside a host process (pytest, a notebook), which goes on afterwards:
+    `sys.exit(code)` unless the command succeeded."""
     code = invoke()
     if code:
         sys.exit(code)
