@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from core.errors import ScfriskError, describe_invalid
@@ -151,7 +151,9 @@ class ServiceConfig(_Section):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    api_keys: tuple[str, ...] = ()
+    api_keys: tuple[SecretStr, ...] = ()
+    """Secret: every flow takes the settings as a parameter, and Prefect records parameters in its database
+    and UI, where a `SecretStr` shows as `**********`."""
     max_batch_size: int = Field(500, ge=1, le=100_000)
     max_request_bytes: int = Field(1_000_000, ge=1024)
     max_missing_share: float = Field(0.5, ge=0.0, le=1.0)

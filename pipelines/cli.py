@@ -188,7 +188,8 @@ def serve(
     from serving.auth import Keyring
 
     settings = _settings(ctx)
-    application = create_app(settings, Keyring.from_config(settings.service.api_keys, os.environ))
+    application = create_app(settings, Keyring.from_config(
+        [key.get_secret_value() for key in settings.service.api_keys], os.environ))
     uvicorn.run(application, host=host or settings.service.host, port=port or settings.service.port,
                 workers=1, log_level="info", access_log=False)
 

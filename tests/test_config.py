@@ -97,3 +97,15 @@ def test_a_database_password_in_the_configuration_is_refused(tmp_path):
     assert "s3cret" not in str(error.value)
     path.write_text('[ingest]\nsource = "postgresql://risk@db:5432/platform"\n')
     assert load_settings(path).ingest.source == "postgresql://risk@db:5432/platform"
+
+
+def test_api_keys_never_reach_the_flow_parameters_prefect_records(monkeypatch):
+    """Every flow takes the settings as a parameter; Prefect stores parameters in its database and UI."""
+    from pipelines.limits import limits_flow
+
+    monkeypatch.setenv("SCFRISK_SERVICE__API_KEYS", '["s3cret-key:score"]')
+    settings = load_settings(None)
+    assert settings.service.api_keys[0].get_secret_value() == "s3cret-key:score"
+    recorded = limits_flow.serialize_parameters({"settings": settings})
+    assert "s3cret-key" not in str(recorded)
+    assert recorded["settings"]["service"]["api_keys"] == ["**********"]
