@@ -135,12 +135,12 @@ def run_flow(settings: Settings, source: str, oracle: str | None = None) -> RunS
     require_tables("run", RawStore(settings.path("raw_store")), open_source(source))
     ingested = on_engine(ingest_flow, settings)(source=source, settings=settings)
     snapshot_id = RawStore(settings.path("raw_store")).snapshot_id or ""
-    features = build_features_flow(settings=settings)
+    features = on_engine(build_features_flow, settings)(settings=settings)
 
     fingerprint = training_fingerprint(settings, snapshot_id, features.version)
     trained = None
     if trained_version_for(settings, fingerprint) is None:
-        outcome = train_flow(settings=settings, oracle=oracle)
+        outcome = on_engine(train_flow, settings)(settings=settings, oracle=oracle)
         from mlflow import MlflowClient
 
         MlflowClient(settings.tracking_uri).set_tag(outcome.run_id, FINGERPRINT_TAG, fingerprint)
@@ -152,7 +152,7 @@ def run_flow(settings: Settings, source: str, oracle: str | None = None) -> RunS
     report = report_file(settings, version)
     if not report.is_file():
         report = report_for_version(settings, version)
-    limits = limits_flow(settings=settings, as_of=features.online_as_of.to_pydatetime())
+    limits = on_engine(limits_flow, settings)(settings=settings, as_of=features.online_as_of.to_pydatetime())
     snapshot = pd.read_parquet(features.online)
     with tempfile.TemporaryDirectory() as tmp:
         parts = BundleParts(
