@@ -177,7 +177,7 @@ def boost(params: dict[str, Any], X: pd.DataFrame, y: np.ndarray, rounds: int,
     y_parts = dd.from_pandas(pd.Series(y[order], index=X.index[order]), npartitions=parts, sort=False)
     params = {k: v for k, v in params.items() if k != "num_threads"}  # a worker uses its own threads
     model = DaskLGBMClassifier(client=client, n_estimators=rounds, **params)
-    with warnings.catch_warnings():
+    with client.as_current(), warnings.catch_warnings():  # lightgbm.dask waits on the default client
         warnings.filterwarnings("ignore", "Parameter n_jobs will be ignored", UserWarning)
         return model.fit(X_parts, y_parts).booster_
 
