@@ -9,7 +9,7 @@ process (local) or with `lightgbm.dask` (every round, then the early-stopping ro
 candidates of at most 300 rounds on every engine. Figures per process: CPU seconds (user + system), peak
 RSS; a worker's are read from the worker itself at the end of the step.
 
-    python -m benchmarks.bench_scale_features [--raw <raw store>]
+    python -m benchmarks.bench_scale_features [dataset name or folder (default orders_10m)] [--raw <its raw store>]
 """
 
 from __future__ import annotations
@@ -105,12 +105,12 @@ def measure(step: str, raw: Path, out: Path, workers: int) -> dict[str, Any]:
     return {**figures, "wall": wall, "peak_mb": peak_mb}
 
 
-def ingested(tmp: Path) -> Path:
+def ingested(tmp: Path, dataset: str) -> Path:
     from core.settings import Settings
     from pipelines.ingest import ingest
 
     settings = Settings(home=tmp / "home", policy_file=Path(__file__).resolve().parents[1] / "policy.toml")
-    ingest(BENCH_DATA / DATASET, settings)
+    ingest(Path(dataset) if Path(dataset).is_dir() else BENCH_DATA / dataset, settings)
     return settings.path("raw_store")
 
 
@@ -123,12 +123,12 @@ def row(step: str, engine: str, m: dict[str, Any], local: dict[str, Any]) -> str
             f"| {m['driver_cpu']:.0f} | {m['peak_mb']:,.0f} | {per_worker}{auc} |")
 
 
-def main(raw: Path | None = None) -> None:
+def main(dataset: str = DATASET, raw: Path | None = None) -> None:
     load_before = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        raw = raw or ingested(tmp_path)
+        raw = raw or ingested(tmp_path, dataset)
         results: dict[str, dict[str, dict[str, Any]]] = {"features": {}, "training": {}}
         for engine, workers in ENGINES.items():
             out = tmp_path / f"features_{workers}"
@@ -139,8 +139,8 @@ def main(raw: Path | None = None) -> None:
     for step, by_engine in results.items():
         rows += [row(step, engine, m, by_engine["local"]) for engine, m in by_engine.items()]
     table = "\n".join(rows)
-    write_section("Features and training at 10M orders: local engine and Dask (bench_scale_features)", f"""
-Raw store: `bench_data/{DATASET}` ingested ({raw}). Features = the training set (every loan as of its
+    write_section("Features and training: local engine and Dask (bench_scale_features)", f"""
+Raw store: `bench_data/{Path(dataset).name}` ingested. Features = the training set (every loan as of its
 application) and the snapshot of the last month, per merchant bucket; the three engines' files are
 bit-equal (`tests/test_dask_engine.py` checks it on the sample). Training = `train_pd_model` on that
 training set, {TRIALS} candidates of at most {ROUNDS} rounds. Each step in its own process; a Dask step starts
@@ -159,4 +159,6 @@ if __name__ == "__main__":
     if len(sys.argv) == 5:
         child(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
     else:
-        main(Path(sys.argv[2]) if len(sys.argv) == 3 and sys.argv[1] == "--raw" else None)
+        args = sys.argv[1:]
+        raw_path = Path(args[args.index("--raw") + 1]) if "--raw" in args else None
+        main(next((a for a in args if not a.startswith("--") and Path(a) != raw_path), DATASET), raw_path)

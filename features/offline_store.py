@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,10 @@ def snapshot_part(raw_store: RawStore, as_of: pd.Timestamp, bucket: int) -> pd.D
     return get_training_set(merchants_as_of(raw_store, as_of, [bucket]), raw_store, buckets=[bucket])
 
 
-def training_part(raw_store: RawStore, horizon_months: int, observed_until: Any, bucket: int) -> pd.DataFrame:
-    """One bucket's loan outcomes with their features as of each application."""
+def training_part(raw_store: RawStore, horizon_months: int, observed_until: datetime | None,
+                  bucket: int) -> pd.DataFrame:
+    """One bucket's loan outcomes (complete by the store-wide `observed_until`) with their features as of
+    each application."""
     outcomes = application_outcomes(raw_store, horizon_months, [bucket], observed_until)
     return get_training_set(outcomes, raw_store, buckets=[bucket])
 
