@@ -149,7 +149,7 @@ which the flows add, not included). CPU = driver + workers, user + system. Load 
 2-core machine: {load_before[0]:.1f} before, {load_after[0]:.1f} after; other jobs share it, so **CPU seconds
 are the stable figure** and wall time (and so the speed-up) depends on the load.
 
-| step | engine | rows | wall s | speed-up | CPU s (all) | driver CPU s | driver peak MB | per worker: CPU s, MB | OOT AUC |
+| step | engine | rows | wall s | speed-up | CPU s (all) | driver CPU s | peak MB, largest process | per worker: CPU s, MB | OOT AUC |
 |---|---|---|---|---|---|---|---|---|---|
 {table}
 """)
