@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from core.errors import ScfriskError
 from core.raw_store import RawStore
-from core.schemas import STAGE_TABLES, TABLES
+from core.schemas import STAGE_TABLES
 from core.settings import ModelConfig, Settings
 from pipelines.cli import app, run
 from simulator import SimulationConfig, months_to_train, simulate_platform
@@ -95,13 +95,21 @@ def test_simulate_refuses_a_history_too_short_to_train_on(tmp_path, monkeypatch,
     assert code == 2 and "at least 14 months" in _one_error_line(stderr)
 
 
+def test_simulate_refuses_more_days_than_the_window_has(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "platform"
+    args = ["simulate", "--months", "20", "--merchants", "10", "--days", "700", "--out", str(out)]
+    code, stderr = _cli(args, monkeypatch, capsys, tmp_path / "home")
+    assert code == 2
+    assert "days must be between 1 and 608 (the window has 609 days), got 700" in _one_error_line(stderr)
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_months_to_train_is_the_shortest_simulation_that_splits(tmp_path):
     """At the minimum the out-of-time split has its three slices; one month less, training fails."""
-    from core.batch import locate_tables
+    from core.sources import FolderSource, read_table
     from features.offline_store import training_frame
     from models.splits import time_split
-    from pipelines.ingest import read_table
 
     model = ModelConfig(label_horizon_months=2, valid_months=1, test_months=1)
     needed = months_to_train(model)
@@ -111,8 +119,9 @@ def test_months_to_train_is_the_shortest_simulation_that_splits(tmp_path):
         settings = Settings(home=folder / "home", model=model)
         store = RawStore(settings.path("raw_store"))
         with store.transaction() as staging:  # the simulator's tables are valid: skip GX to keep this short
-            for name, path in locate_tables(folder / "batch").items():
-                staging.stage(name, read_table(path, TABLES[name]))
+            batch = FolderSource(folder / "batch")
+            for name in batch.tables():
+                staging.stage(name, read_table(batch, name))
             staging.commit()
         if months == needed:
             frame = training_frame(settings)
@@ -135,14 +144,14 @@ def test_run_refuses_a_batch_without_loan_performance_at_once(tmp_path, monkeypa
     assert not (home / "raw").exists() and not (home / "prefect" / "server.json").exists()
 
 
-@pytest.mark.parametrize("stage", ["train", "limits", "features"])
+@pytest.mark.parametrize("stage", ["train", "limits", "features", "monitor"])
 def test_a_stage_names_the_raw_tables_the_workspace_lacks(stage, tmp_path, monkeypatch, capsys):
     home = tmp_path / "home"
     store = RawStore(home / "raw")
     with store.transaction() as staging:
         staging.stage("merchants", pq.read_table(write_batch(tmp_path / "b", valid_batch()) / "merchants.parquet"))
         staging.commit()
-    argv = {"train": ["train"], "limits": ["limits"], "features": ["features", "build"]}[stage]
+    argv = {"train": ["train"], "limits": ["limits"], "features": ["features", "build"], "monitor": ["monitor"]}[stage]
     code, stderr = _cli(argv, monkeypatch, capsys, home)
     assert code == 2
     lacking = [t for t in STAGE_TABLES[stage] if t != "merchants"]
