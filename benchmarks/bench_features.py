@@ -37,7 +37,13 @@ SUBSET = ("net_sales_30d", "net_sales_90d", "orders_90d", "refund_rate_90d", "un
 
 
 class SimulatorFolder(RawStore):
-    """The simulator's `<table>/part-*.parquet` layout seen as a raw store (no manifest: never reused)."""
+    """The simulator's `<table>/part-*.parquet` layout seen as a raw store (no manifest: never reused), one
+    merchant bucket (every file read for it)."""
+
+    buckets = 1
+
+    def pinned(self) -> SimulatorFolder:
+        return self
 
     def table_glob(self, name: str) -> str:
         return str(Path(self.root) / name / "*.parquet")
@@ -45,7 +51,7 @@ class SimulatorFolder(RawStore):
     def has_table(self, name: str) -> bool:
         return any((Path(self.root) / name).glob("*.parquet"))
 
-    def register(self, con: duckdb.DuckDBPyConnection, name: str) -> str:
+    def register(self, con: duckdb.DuckDBPyConnection, name: str, buckets: object = None) -> str:
         con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT * FROM read_parquet('{self.table_glob(name)}')")
         return name
 
