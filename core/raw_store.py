@@ -203,7 +203,7 @@ class RawStore:
         )
         sorted_ids = month_ids.take(order).to_numpy()
         ids, starts = np.unique(sorted_ids, return_index=True)
-        stops = [*starts[1:], len(sorted_ids)]
+        stops = [*starts[1:], len(sorted_ids)][:len(starts)]  # none for a table delivered empty
         rows = {_month(i): order[start:stop] for i, start, stop in zip(ids, starts, stops, strict=True)}
         stored = self.manifest()["tables"].get(spec.name, {}).get("partitions", {})
         con = duckdb.connect()

@@ -26,12 +26,12 @@ months. Pure functions: SQL text from the definitions.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from core.schemas import TABLES
 from features.definitions import DERIVED, FEATURES, SOURCES, Feature, Source
-from features.sql import facts_sql, per_key_sql, single_sql, window_predicate
+from features.sql import RECENT_DAYS, facts_sql, per_key_sql, single_sql, window_predicate
 
 
 @dataclass(frozen=True)
@@ -171,32 +171,47 @@ def partials_sql(plan: SourcePlan, rows: Mapping[str, str], where: str) -> str:
     )
 
 
-def rolled_sql(plan: SourcePlan, partials: str) -> str:
+def _lookback(features: list[Feature]) -> int | None:
+    lookbacks = [f.lookback_days for f in features]
+    return None if None in lookbacks else max(lookbacks)  # type: ignore[type-var]
+
+
+def rolled_sql(plan: SourcePlan, partials: Callable[[int | None], str]) -> str:
     """One row per entity with partials in reach, one column per rolled feature: the windows as of the
-    entity's midnight `as_of` over the daily partials (`partials`: a relation of `partials_sql`'s shape)."""
+    entity's midnight `as_of` over the daily partials. `partials(days)` is a relation of `partials_sql`'s
+    shape holding at least the last `days` days before as_of (None: all days).
+
+    Like `features.sql.source_sql`, the aggregates run in passes each bounded by its longest window (those
+    within RECENT_DAYS, the longer ones, those over all history, each two-stage key), so a pass reads only
+    the days it needs."""
     source = plan.source
     day_level, _ = _column_kinds(source)
     used = _words(" ".join(f"{f.filter or ''} {f.per or ''}" for f in plan.features))
     columns = "".join(f",\n       {expr} AS {name}" for name, expr in source.columns if name in day_level & used)
-    lookbacks = [f.lookback_days for f in plan.features]
-    bound = "" if None in lookbacks else f" AND p.day >= CAST(e.as_of AS DATE) - {max(lookbacks)}"  # type: ignore[type-var]
-    facts = (
-        "(SELECT *" + columns + " FROM (\n"
-        f"SELECT e.eid, e.as_of, CAST(e.as_of AS DATE) - p.day AS age_days, p.day AS {source.time_column}, "
-        "p.* EXCLUDE (merchant_id, day)\n"
-        f"FROM entities e JOIN {partials} p ON p.merchant_id = e.merchant_id{bound})) AS facts"
-    )
     by_name = {r.feature.name: r for r in plan.rolled}
 
     def value(f: Feature) -> str:
         return by_name[f.name].value()
 
+    def facts(fs: list[Feature]) -> str:
+        days = _lookback(fs)
+        bound = "" if days is None else f" AND p.day >= CAST(e.as_of AS DATE) - {days}"
+        return (
+            "(SELECT *" + columns + " FROM (\n"
+            f"SELECT e.eid, e.as_of, CAST(e.as_of AS DATE) - p.day AS age_days, p.day AS {source.time_column}, "
+            "p.* EXCLUDE (merchant_id, day)\n"
+            f"FROM entities e JOIN {partials(days)} p ON p.merchant_id = e.merchant_id{bound})) AS facts"
+        )
+
     plain = [f for f in plan.features if f.per is None]
-    passes = [single_sql(facts, plain, value)] if plain else []
+    recent = [f for f in plain if f.lookback_days is not None and f.lookback_days <= RECENT_DAYS]
+    forever = [f for f in plain if f.lookback_days is None]
+    groups = [fs for fs in (recent, [f for f in plain if f not in recent + forever], forever) if fs]
+    passes = [single_sql(facts(fs), fs, value) for fs in groups]
     keys: dict[str, list[Feature]] = {}
     for f in plan.features:
         if f.per is not None:
             keys.setdefault(f.per, []).append(f)
-    passes += [per_key_sql(facts, per, fs, value) for per, fs in keys.items()]
+    passes += [per_key_sql(facts(fs), per, fs, value) for per, fs in keys.items()]
     first, *rest = passes
     return f"SELECT * FROM {first}" + "".join(f"\n  FULL JOIN {p} USING (eid)" for p in rest)

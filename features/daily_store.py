@@ -24,6 +24,7 @@ import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,17 @@ class DailyStore:
             if folder.name not in kept:
                 shutil.rmtree(folder, ignore_errors=True)
 
+    def _partials(self, files: dict[str, str], source_plan: SourcePlan, tables: dict[str, str],
+                  as_of: pd.Timestamp, days: int | None) -> str:
+        """The partial files of the months within `days` before as_of (None: all of them)."""
+        first = None if days is None else f"{as_of - pd.Timedelta(days=days):%Y-%m}"
+        paths = [str(self.dir / f) for month, f in sorted(files.items()) if first is None or month >= first]
+        if not paths:
+            rows = {source_plan.source.name: source_rows_sql(source_plan.source, source_plan.features, tables)}
+            return f"({partials_sql(source_plan, rows, 'false')})"
+        listed = ", ".join(f"'{p}'" for p in paths)
+        return f"read_parquet([{listed}], hive_partitioning = false)"
+
     def _roll_up(self, con: duckdb.DuckDBPyConnection, tables: dict[str, str], files: dict[str, dict[str, str]],
                  as_of: pd.Timestamp) -> pd.DataFrame:
         merchants = con.execute(
@@ -204,14 +216,8 @@ class DailyStore:
         con.execute("CREATE OR REPLACE TEMP TABLE entities AS SELECT row_number() OVER () AS eid, * FROM batch")
         relations = {}
         for source_plan in self.plan.sources:
-            paths = [str(self.dir / f) for f in files[source_plan.source.name].values()]
-            if paths:
-                listed = ", ".join(f"'{p}'" for p in paths)
-                partials = f"read_parquet([{listed}], hive_partitioning = false)"
-            else:
-                rows = {source_plan.source.name: source_rows_sql(source_plan.source, source_plan.features, tables)}
-                partials = f"({partials_sql(source_plan, rows, 'false')})"
-            relations[f"r_{source_plan.source.name}"] = (rolled_sql(source_plan, partials), source_plan.features)
+            relation = partial(self._partials, files[source_plan.source.name], source_plan, tables, as_of)
+            relations[f"r_{source_plan.source.name}"] = (rolled_sql(source_plan, relation), source_plan.features)
         direct = by_source(self.plan.direct)
         rows = {name: source_rows_sql(SOURCES[name], fs, tables) for name, fs in direct.items()}
         for name, fs in direct.items():

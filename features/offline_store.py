@@ -68,7 +68,7 @@ class OfflineStore:
             and read_metadata(path).get("raw_snapshot_id") == snapshot
         )
 
-    def _metadata(self, as_of: str) -> dict[str, str]:
+    def metadata(self, as_of: str) -> dict[str, str]:
         return {"feature_set_version": self.version, "as_of": as_of,
                 "raw_snapshot_id": str(self.raw_store.snapshot_id)}
 
@@ -91,7 +91,7 @@ class OfflineStore:
             return path
         features = get_training_set(self.merchants_as_of(as_of), self.raw_store)
         log.info("materialised %d merchants as of %s", len(features), as_of)
-        return write_with_metadata(features, path, self._metadata(as_of.isoformat()))
+        return write_with_metadata(features, path, self.metadata(as_of.isoformat()))
 
     def read(self, as_of: pd.Timestamp | str) -> pd.DataFrame:
         return pd.read_parquet(self.materialize(as_of))
@@ -103,7 +103,7 @@ class OfflineStore:
             log.info("reusing training set %s", path.name)
             return path
         frame = get_training_set(application_outcomes(self.raw_store, horizon_months), self.raw_store)
-        return write_with_metadata(frame, path, self._metadata("applied_at"))
+        return write_with_metadata(frame, path, self.metadata("applied_at"))
 
 
 def month_starts(raw_store: RawStore) -> list[pd.Timestamp]:

@@ -1,0 +1,83 @@
+"""The daily refresh: incremental online features equal a full rebuild, and `scfrisk refresh` end to end
+publishes a bundle the running service switches to under traffic, with no failed request."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+
+from core.errors import ScfriskError
+from core.raw_store import RawStore
+from features.daily_store import DailyStore
+from features.definitions import FEATURES
+from features.offline_store import OfflineStore
+from pipelines.ingest import ingest
+from testkit.daily import split_day
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data_samples" / "platform"
+DAY = pd.Timestamp("2025-10-15")
+MERCHANTS = 600
+
+
+def assert_same_features(got: pd.DataFrame, want: pd.DataFrame) -> None:
+    """Every feature of every merchant: categories equal, numbers equal to 1e-12 (relative above 1), the
+    same ones unknown."""
+    assert list(got.columns) == list(want.columns)
+    assert got["merchant_id"].tolist() == want["merchant_id"].tolist()
+    assert (got["as_of"] == want["as_of"]).all()
+    for f in FEATURES:
+        a, b = got[f.name], want[f.name]
+        if f.kind == "categorical":
+            assert a.fillna("<none>").tolist() == b.fillna("<none>").tolist(), f.name
+            continue
+        a, b = a.to_numpy(float), b.to_numpy(float)
+        assert (np.isnan(a) == np.isnan(b)).all(), f"{f.name}: unknown for other merchants"
+        known = ~np.isnan(b)
+        gap = np.abs(a[known] - b[known]) / np.maximum(1.0, np.abs(b[known]))
+        assert gap.max(initial=0.0) <= 1e-12, f"{f.name}: off by {gap.max():.3g}"
+
+
+@pytest.fixture(scope="module")
+def days(tmp_path_factory) -> dict[str, Path]:
+    """The sample's first 600 merchants cut at DAY: the base before it, the day's pull."""
+    root = tmp_path_factory.mktemp("days")
+    counts = split_day(SAMPLE, DAY, root / "base", root / "day", merchants=MERCHANTS)
+    con = duckdb.connect()
+    older = con.execute(f"SELECT count(*) FROM '{root}/day/orders.parquet' WHERE ordered_at < ?", [DAY]).fetchone()[0]
+    assert counts["orders"]["day"] > older > 0  # new orders, and older ones whose state changed that day
+    return {"base": root / "base", "day": root / "day"}
+
+
+def test_refresh_after_a_day_equals_a_full_rebuild_every_feature_every_merchant(days, settings):
+    ingest(days["base"], settings)
+    store = RawStore(settings.path("raw_store"))
+    daily = DailyStore(settings.path("feature_store"), store)
+    first = daily.refresh(DAY)
+    assert first.full
+    assert_same_features(first.features, OfflineStore(settings.path("feature_store"), store).read(DAY))
+
+    ingest(days["day"], settings)
+    store = RawStore(settings.path("raw_store"))
+    after = DailyStore(settings.path("feature_store"), store).refresh(DAY + pd.Timedelta(days=1))
+    assert not after.full
+    # The day's month, and the older months whose orders were refunded, delivered... that day; not the rest.
+    months = after.recomputed["orders"]
+    assert "2025-10" in months and any(m < "2025-10" for m in months) and len(months) < 12
+    full = OfflineStore(settings.path("feature_store"), store).read(DAY + pd.Timedelta(days=1))
+    assert_same_features(after.features, full)
+
+    # Days roll with no new pull: windows move, masks flip (deliveries, due dates) on the stored rows.
+    later = DAY + pd.Timedelta(days=9)
+    rolled = DailyStore(settings.path("feature_store"), store).refresh(later)
+    assert not rolled.full
+    assert_same_features(rolled.features, OfflineStore(settings.path("feature_store"), store).read(later))
+
+
+def test_online_features_roll_by_whole_days_only(settings):
+    with pytest.raises(ScfriskError, match="must be a midnight"):
+        DailyStore(settings.path("feature_store"), RawStore(settings.path("raw_store"))).refresh(
+            DAY + pd.Timedelta(hours=6))
