@@ -14,6 +14,7 @@ ALL = [
     "bench_service",
     "bench_audit",
     "bench_pipeline",
+    "bench_refresh",
 ]
 
 for name in sys.argv[1:] or ALL:

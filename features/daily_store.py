@@ -35,8 +35,8 @@ from core.errors import ScfriskError
 from core.raw_store import RawStore
 from core.schemas import TABLES
 from features.daily import Plan, SourcePlan, partials_sql, plan, rolled_sql
-from features.definitions import FEATURES, SOURCES, Source, feature_set_version
-from features.sql import assemble_sql, by_source, source_rows_sql, source_sql
+from features.definitions import FEATURES, SOURCES, feature_set_version
+from features.sql import assemble_sql, by_source, source_rows_sql, source_sql, used_columns
 from features.training_set import KEYS, normalise_entities, table_readers
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,10 @@ def changed_months(old: dict[str, Any], new: dict[str, Any]) -> dict[str, set[st
         b = new["tables"].get(name, {}).get("partitions", {})
         out[name] = {m for m in set(a) | set(b) if a.get(m, {}).get("sha256") != b.get(m, {}).get("sha256")}
     return out
+
+
+def _words(*sql: str) -> set[str]:
+    return set(re.findall(r"\w+", " ".join(sql)))
 
 
 def _months_sql(months: set[str], column: str = "fact_time") -> str:
@@ -128,7 +132,7 @@ class DailyStore:
         recomputed: dict[str, list[str]] = {}
         for source_plan in self.plan.sources:
             name = source_plan.source.name
-            months = None if old is None else self._touched(con, before, source_plan.source, changed,  # type: ignore[arg-type]
+            months = None if old is None else self._touched(con, before, source_plan, changed,  # type: ignore[arg-type]
                                                              pd.Timestamp(old["as_of"]), as_of)
             if months == set():
                 continue
@@ -149,16 +153,19 @@ class DailyStore:
         frame = self._roll_up(con, tables, files, as_of)
         return DailyRefresh(frame, as_of, recomputed, full=old is None)
 
-    def _touched(self, con: duckdb.DuckDBPyConnection, before: RawStore, source: Source,
+    def _touched(self, con: duckdb.DuckDBPyConnection, before: RawStore, source_plan: SourcePlan,
                  changed: dict[str, set[str]], old_as_of: pd.Timestamp, as_of: pd.Timestamp) -> set[str] | None:
-        """Months (of the source's time) whose partials may differ; None: all of them."""
-        joined = set(re.findall(r"\{(\w+)\}", source.relation)) - {"table", source.table}
-        if any(changed.get(t) for t in joined):
-            return None  # a joined table changed: its rows reach facts of any month
+        """Months (of the source's time) whose partials may differ; None: all of them. Only the raw columns
+        the partials read count: a joined table whose columns they do not use, a time they do not compare."""
+        source = source_plan.source
         spec = TABLES[source.table]
+        read = _words(source.time_column, *(expr for _, expr in used_columns(source, source_plan.features)))
+        joined = set(re.findall(r"\{(\w+)\}", source.relation)) - {"table", source.table}
+        if any(changed.get(t) and read & (set(TABLES[t].column_index) - set(spec.column_index)) for t in joined):
+            return None  # a joined table whose columns the partials use changed: its rows reach any month
         time = source.time_column
         month = f"strftime({time}, '%Y-%m')"
-        crossing = " OR ".join(f"({c} >= $old AND {c} < $new)" for c in spec.timestamp_columns)
+        crossing = " OR ".join(f"({c} >= $old AND {c} < $new)" for c in spec.timestamp_columns if c in read)
         params = {"old": old_as_of.to_pydatetime(), "new": as_of.to_pydatetime()}
         months = {m for (m,) in con.execute(
             f"SELECT DISTINCT {month} FROM {source.table} WHERE {time} < $new AND ({crossing})", params).fetchall()}

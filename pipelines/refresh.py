@@ -86,15 +86,15 @@ def refresh(settings: Settings, source: Path, as_of: pd.Timestamp | None = None)
     from features.daily_store import DailyStore
     from features.offline_store import OfflineStore, write_with_metadata
     from features.online_store import publish_online
-    from pipelines.ingest import ingest_flow
+    from pipelines.ingest import ingest
     from pipelines.limits import champion, limits_path, limits_table
-    from pipelines.publish import BundleParts
+    from pipelines.publish import BundleParts, publish
     from pipelines.report import report_file
-    from pipelines.run import publish_bundle
 
     require_tables("limits", RawStore(settings.path("raw_store")), source)
     steps = _Steps()
-    steps.run("pull", ingest_flow, source=str(source), settings=settings)
+    pulled = steps.run("pull", ingest, source, settings)
+    log.info(pulled.describe())
     store = RawStore(settings.path("raw_store"))
     as_of = pd.Timestamp(as_of) if as_of is not None else next_midnight(store)
 
@@ -117,9 +117,9 @@ def refresh(settings: Settings, source: Path, as_of: pd.Timestamp | None = None)
     limits, reasons = steps.run("score", score)
     report = report_file(settings, version)
 
-    def publish() -> str:
+    def switch_in() -> str:
         with tempfile.TemporaryDirectory() as tmp:
-            return publish_bundle(BundleParts(
+            return publish(BundleParts(
                 model_dir=model.save(Path(tmp) / "model"),
                 model_version=version,
                 feature_set_version=OfflineStore(settings.path("feature_store"), store).version,
@@ -131,7 +131,7 @@ def refresh(settings: Settings, source: Path, as_of: pd.Timestamp | None = None)
                 risk_report=report if report.is_file() else None,
             ), settings)
 
-    bundle_id = steps.run("publish", publish)
+    bundle_id = steps.run("publish", switch_in)
     return RefreshSummary(as_of, store.snapshot_id or "", bundle_id, len(daily.features), version,
                           daily.describe(), steps.seconds, steps.cpu_seconds)
 
