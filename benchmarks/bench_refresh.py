@@ -35,19 +35,6 @@ def _last_day(source: Path) -> pd.Timestamp:
     return pd.Timestamp(last).normalize()
 
 
-def _register_champion(settings) -> None:  # noqa: ANN001 - Settings
-    import mlflow
-
-    from models.registry import CHAMPION, configure_mlflow, log_pd_model
-    from testkit.service import online_snapshot, train_model
-
-    client = configure_mlflow(settings)
-    model = train_model()
-    with mlflow.start_run():
-        version = log_pd_model(model, online_snapshot(20), settings.mlflow.registered_model)
-    client.set_registered_model_alias(settings.mlflow.registered_model, CHAMPION, version)
-
-
 def _max_gap(a: pd.DataFrame, b: pd.DataFrame) -> float:
     from features.definitions import FEATURES
 
@@ -72,6 +59,7 @@ def measure(name: str, source: Path) -> dict:
     from pipelines.ingest import ingest
     from pipelines.refresh import refresh
     from testkit.daily import split_day
+    from testkit.service import register_champion
 
     day = _last_day(source)
     with tempfile.TemporaryDirectory(dir=BENCH_DATA if BENCH_DATA.is_dir() else None) as tmp:
@@ -81,7 +69,7 @@ def measure(name: str, source: Path) -> dict:
         wall = time.perf_counter()
         ingest(work / "base", settings)
         base_s = time.perf_counter() - wall
-        _register_champion(settings)
+        register_champion(settings)
         wall, cpu = time.perf_counter(), time.process_time()
         first = DailyStore(settings.path("feature_store"), RawStore(settings.path("raw_store"))).refresh(day)
         first_s, first_cpu = time.perf_counter() - wall, time.process_time() - cpu

@@ -3,15 +3,20 @@ publishes a bundle the running service switches to under traffic, with no failed
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import duckdb
+import httpx
 import numpy as np
 import pandas as pd
 import pytest
 
 from core.errors import ScfriskError
 from core.raw_store import RawStore
+from core.settings import ServiceConfig, Settings
 from features.daily_store import DailyStore
 from features.definitions import FEATURES
 from features.offline_store import OfflineStore
@@ -81,3 +86,57 @@ def test_online_features_roll_by_whole_days_only(settings):
     with pytest.raises(ScfriskError, match="must be a midnight"):
         DailyStore(settings.path("feature_store"), RawStore(settings.path("raw_store"))).refresh(
             DAY + pd.Timedelta(hours=6))
+
+
+KEY = "refresh-test-key-0123456789"
+
+
+@pytest.mark.slow
+def test_scfrisk_refresh_publishes_the_day_and_the_running_service_switches_with_no_failed_request(
+        days, tmp_path, prefect_server, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from pipelines.refresh import refresh_flow
+    from serving.app import create_app
+    from serving.auth import Keyring
+    from serving.bundle import BUNDLES_DIR, read_manifest
+    from testkit.service import register_champion, running_service
+
+    settings = Settings(home=tmp_path / "home", service=ServiceConfig(reload_interval_seconds=0.05))
+    version = register_champion(settings)
+    first = refresh_flow(settings=settings, source=str(days["base"]))  # the first pull: the base, as of DAY
+    assert first.as_of == DAY and first.model_version == version and "first build" in first.features
+    merchant = pd.read_parquet(settings.path("feature_store") / "online" / "features.parquet")["merchant_id"].iloc[0]
+    monkeypatch.setenv("SCFRISK_HOME", str(settings.home_dir))
+    stop = threading.Event()
+
+    with running_service(create_app(settings, Keyring.from_config([], {"SCFRISK_API_KEYS": KEY})), KEY) as client:
+        assert client.get("/readyz").json()["bundle_id"] == first.bundle_id
+
+        def hammer() -> list[tuple[int, str]]:
+            answers = []
+            with httpx.Client(base_url=str(client.base_url), headers={"X-API-Key": KEY}) as own:
+                while not stop.is_set():
+                    answer = own.post("/v1/score", json={"merchant_id": merchant})
+                    answers.append((answer.status_code, answer.json().get("bundle_id")))
+            return answers
+
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(hammer) for _ in range(3)]
+            result = CliRunner().invoke(app, ["refresh", "--source", str(days["day"])])
+            assert result.exit_code == 0, result.output
+            published = settings.path("published")
+            second = (published / "CURRENT").read_text().strip()
+            deadline = time.monotonic() + 30
+            while client.get("/readyz").json()["bundle_id"] != second and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.3)  # traffic on the new bundle too
+            stop.set()
+            answers = [a for f in futures for a in f.result()]
+    assert second != first.bundle_id and f"refreshed to {DAY + pd.Timedelta(days=1):%Y-%m-%d}" in result.output
+    assert {code for code, _ in answers} == {200}
+    assert {bundle for _, bundle in answers} == {first.bundle_id, second}  # served before and after the swap
+    manifest = read_manifest(published / BUNDLES_DIR / second)
+    assert manifest["features_as_of"] == (DAY + pd.Timedelta(days=1)).isoformat()
+    assert manifest["model_version"] == version
