@@ -348,7 +348,7 @@ def refresh(
 ) -> None:
     """The daily refresh as one Prefect flow: pull -> raw store -> online features rolled forward (no full
     rebuild) -> re-score with the champion -> publish a bundle the running service switches to."""
-    settings = _orchestrated(ctx, "limits", source)
+    settings = _orchestrated(ctx, "refresh", source)
     from pipelines.refresh import refresh_flow
 
     summary = refresh_flow(settings=settings, source=str(source), as_of=as_of.isoformat() if as_of else None)

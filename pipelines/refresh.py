@@ -91,7 +91,7 @@ def refresh(settings: Settings, source: Path, as_of: pd.Timestamp | None = None)
     from pipelines.publish import BundleParts, publish
     from pipelines.report import report_file
 
-    require_tables("limits", RawStore(settings.path("raw_store")), source)
+    require_tables("refresh", RawStore(settings.path("raw_store")), source)
     steps = _Steps()
     pulled = steps.run("pull", ingest, source, settings)
     log.info(pulled.describe())
