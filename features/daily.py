@@ -29,6 +29,8 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
+import pandas as pd
+
 from core.schemas import TABLES
 from features.definitions import DERIVED, FEATURES, SOURCES, Feature, Source
 from features.sql import RECENT_DAYS, facts_sql, per_key_sql, single_sql, window_predicate
@@ -44,7 +46,19 @@ class Rolled:
     """The part of the feature's filter left to the roll-up (on day-level columns); the rest is in the partials."""
 
     def value(self) -> str:
+        """Over day rows (`age_days` = n)."""
         return self.template.replace("{where}", window_predicate(replace(self.feature, filter=self.day_filter)))
+
+    def mixed_value(self) -> str:
+        """Over day and month rows (`mixed_sql`): a month row counts when the whole month is in the window,
+        a day row when it is and its month is not (the window's edge months)."""
+        whole = window_predicate(replace(self.feature, filter=None))
+
+        def inside(lo: str, hi: str) -> str:
+            return whole.replace("age_days >", f"{lo} >").replace("age_days <=", f"{hi} <=")
+
+        where = f"{inside('n_lo', 'n_hi')} AND (is_month OR NOT ({inside('m_lo', 'm_hi')}))"
+        return self.template.replace("{where}", where)
 
 
 @dataclass(frozen=True)
@@ -176,42 +190,64 @@ def _lookback(features: list[Feature]) -> int | None:
     return None if None in lookbacks else max(lookbacks)  # type: ignore[type-var]
 
 
-def rolled_sql(plan: SourcePlan, partials: Callable[[int | None], str]) -> str:
-    """One row per entity with partials in reach, one column per rolled feature: the windows as of the
-    entity's midnight `as_of` over the daily partials. `partials(days)` is a relation of `partials_sql`'s
-    shape holding at least the last `days` days before as_of (None: all days).
+def months_sql(plan: SourcePlan, days: str) -> str:
+    """The daily partials (`days`, a relation of `partials_sql`'s shape) added up per merchant and month,
+    `day` being the month's first: sums and counts add, maxima take the max."""
+    parts = "".join(f", {'max' if sql.startswith('max(') else 'sum'}({c}) AS {c}" for c, sql in plan.partials)
+    return f"SELECT merchant_id, CAST(date_trunc('month', day) AS DATE) AS day{parts} FROM {days} GROUP BY ALL"
 
-    Like `features.sql.source_sql`, the aggregates run in passes each bounded by its longest window (those
-    within RECENT_DAYS, the longer ones, those over all history, each two-stage key), so a pass reads only
-    the days it needs."""
+
+def edge_months(features: list[Feature], as_of: pd.Timestamp) -> set[str]:
+    """The months a window of these features covers in part as of a midnight (its first and last day's):
+    their days must be read one by one; the months in between count whole."""
+    out = set()
+    for f in features:
+        if f.window_days is not None:
+            first = as_of - pd.Timedelta(days=f.lag_days + f.window_days)
+            out |= {f"{first:%Y-%m}", f"{as_of - pd.Timedelta(days=f.lag_days + 1):%Y-%m}"}
+    return out
+
+
+def rolled_sql(plan: SourcePlan, partials: Callable[[list[Feature], bool], str]) -> str:
+    """One row per entity with partials in reach, one column per rolled feature: the windows as of the
+    entity's midnight `as_of` over the partials. `partials(features, mixed)` is a relation of
+    `partials_sql`'s shape holding at least the days these features reach back to; with `mixed`, the
+    days of their `edge_months` and the `months_sql` rows of the rest, told apart by `is_month`.
+
+    Like `features.sql.source_sql`, the aggregates run in passes each bounded by its longest window: the
+    plain features in three (within RECENT_DAYS, longer, all history) over month rows and edge days, each
+    two-stage key (and a plain feature with a day-level filter) over day rows."""
     source = plan.source
     day_level, _ = _column_kinds(source)
     used = _words(" ".join(f"{f.filter or ''} {f.per or ''}" for f in plan.features))
     columns = "".join(f",\n       {expr} AS {name}" for name, expr in source.columns if name in day_level & used)
     by_name = {r.feature.name: r for r in plan.rolled}
 
-    def value(f: Feature) -> str:
-        return by_name[f.name].value()
-
-    def facts(fs: list[Feature]) -> str:
+    def facts(fs: list[Feature], mixed: bool) -> str:
         days = _lookback(fs)
-        bound = "" if days is None else f" AND p.day >= CAST(e.as_of AS DATE) - {days}"
+        bound = "" if days is None else f" AND p.day >= CAST(e.as_of AS DATE) - {days + 31}"
+        today = "CAST(e.as_of AS DATE)"
+        ranges = (f"date_diff('day', last_day(p.day), {today}) AS m_lo, "
+                  f"date_diff('day', CAST(date_trunc('month', p.day) AS DATE), {today}) AS m_hi, "
+                  f"CASE WHEN p.is_month THEN m_lo ELSE age_days END AS n_lo, "
+                  f"CASE WHEN p.is_month THEN m_hi ELSE age_days END AS n_hi, ") if mixed else ""
         return (
             "(SELECT *" + columns + " FROM (\n"
-            f"SELECT e.eid, e.as_of, CAST(e.as_of AS DATE) - p.day AS age_days, p.day AS {source.time_column}, "
+            f"SELECT e.eid, e.as_of, {today} - p.day AS age_days, {ranges}p.day AS {source.time_column}, "
             "p.* EXCLUDE (merchant_id, day)\n"
-            f"FROM entities e JOIN {partials(days)} p ON p.merchant_id = e.merchant_id{bound})) AS facts"
+            f"FROM entities e JOIN {partials(fs, mixed)} p ON p.merchant_id = e.merchant_id{bound})) AS facts"
         )
 
-    plain = [f for f in plan.features if f.per is None]
+    plain = [f for f in plan.features if f.per is None and by_name[f.name].day_filter is None]
     recent = [f for f in plain if f.lookback_days is not None and f.lookback_days <= RECENT_DAYS]
     forever = [f for f in plain if f.lookback_days is None]
     groups = [fs for fs in (recent, [f for f in plain if f not in recent + forever], forever) if fs]
-    passes = [single_sql(facts(fs), fs, value) for fs in groups]
-    keys: dict[str, list[Feature]] = {}
+    passes = [single_sql(facts(fs, True), fs, lambda f: by_name[f.name].mixed_value()) for fs in groups]
+    keys: dict[str | None, list[Feature]] = {}
     for f in plan.features:
-        if f.per is not None:
+        if f not in plain:
             keys.setdefault(f.per, []).append(f)
-    passes += [per_key_sql(facts(fs), per, fs, value) for per, fs in keys.items()]
+    passes += [per_key_sql(facts(fs, False), per, fs, lambda f: by_name[f.name].value()) if per
+               else single_sql(facts(fs, False), fs, lambda f: by_name[f.name].value()) for per, fs in keys.items()]
     first, *rest = passes
     return f"SELECT * FROM {first}" + "".join(f"\n  FULL JOIN {p} USING (eid)" for p in rest)

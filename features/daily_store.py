@@ -2,8 +2,9 @@
 `features.daily`).
 
 Layout under `<feature_store>/version=<feature_set_version>/daily/`:
-    <source>/gen=<id>/month=<YYYY-MM>/data_0.parquet   partials of one month of facts (by the source's time)
-    state.json   the as_of and raw snapshot they hold, and the file of every (source, month)
+    <source>/gen=<id>/month=<YYYY-MM>/*.parquet         partials per merchant and day of one month of facts
+    <source>/gen=<id>/whole/month=<YYYY-MM>/*.parquet   the same added up per merchant and month
+    state.json   the as_of and raw snapshot they hold, and the folder of every (source, month)
 A refresh recomputes only the months it must, into a new generation, then replaces `state.json` (temp file
 and rename): a refresh that fails leaves the previous state and its files; files no state names any more
 are removed after the switch.
@@ -34,14 +35,17 @@ import pandas as pd
 from core.errors import ScfriskError
 from core.raw_store import RawStore
 from core.schemas import TABLES
-from features.daily import Plan, SourcePlan, partials_sql, plan, rolled_sql
-from features.definitions import FEATURES, SOURCES, feature_set_version
+from features.daily import Plan, SourcePlan, edge_months, months_sql, partials_sql, plan, rolled_sql
+from features.definitions import FEATURES, SOURCES, Feature, feature_set_version
 from features.sql import assemble_sql, by_source, source_rows_sql, source_sql, used_columns
 from features.training_set import KEYS, normalise_entities, table_readers
 
 log = logging.getLogger(__name__)
 
 STATE = "state.json"
+WHOLE = "whole"
+"""Folder of a generation holding its months' partials added up per merchant and month."""
+LAYOUT = 2
 
 
 @dataclass
@@ -62,7 +66,7 @@ class DailyRefresh:
 
 
 def _plan_hash(p: Plan) -> str:
-    text = json.dumps([[s.source.name, s.partials] for s in p.sources])
+    text = json.dumps([LAYOUT, [[s.source.name, s.partials] for s in p.sources]])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -183,17 +187,22 @@ class DailyStore:
 
     def _write(self, con: duckdb.DuckDBPyConnection, source_plan: SourcePlan, tables: dict[str, str],
                months: set[str] | None, generation: str) -> dict[str, str]:
-        """Compute the partials of the given months (None: all) into a new generation; month -> file."""
+        """Compute the partials of the given months (None: all) into a new generation, per day and per month
+        (`whole/`); month -> its folder."""
         source = source_plan.source
         rows = {source.name: source_rows_sql(source, source_plan.features, tables)}
         where = "true" if months is None else _months_sql(months)
-        sql = partials_sql(source_plan, rows, where)
         folder = self.dir / source.name / f"gen={generation}"
         folder.mkdir(parents=True, exist_ok=True)
-        con.execute(f"COPY (SELECT strftime(day, '%Y-%m') AS month, * FROM ({sql})) TO '{folder}' "
-                    "(FORMAT parquet, PARTITION_BY (month), OVERWRITE_OR_IGNORE)")
-        return {p.parent.name.removeprefix("month="): str(p.relative_to(self.dir))
-                for p in sorted(folder.glob("month=*/*.parquet"))}
+        by_month = "(FORMAT parquet, PARTITION_BY (month), OVERWRITE_OR_IGNORE)"
+        con.execute(f"COPY (SELECT strftime(day, '%Y-%m') AS month, * FROM ({partials_sql(source_plan, rows, where)})) "
+                    f"TO '{folder}' {by_month}")
+        written = {p.name.removeprefix("month="): str(p.relative_to(self.dir)) for p in sorted(folder.glob("month=*"))}
+        if written:
+            days = f"read_parquet('{folder}/month=*/*.parquet', hive_partitioning = false)"
+            con.execute(f"COPY (SELECT strftime(day, '%Y-%m') AS month, * FROM ({months_sql(source_plan, days)})) "
+                        f"TO '{folder / WHOLE}' {by_month}")
+        return written
 
     def _collect(self, state: dict[str, Any]) -> None:
         """Remove the generations no month of the state names any more."""
@@ -203,14 +212,27 @@ class DailyStore:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def _partials(self, files: dict[str, str], source_plan: SourcePlan, tables: dict[str, str],
-                  as_of: pd.Timestamp, days: int | None) -> str:
-        """The partial files of the months within `days` before as_of (None: all of them)."""
-        first = None if days is None else f"{as_of - pd.Timedelta(days=days):%Y-%m}"
-        paths = [str(self.dir / f) for month, f in sorted(files.items()) if first is None or month >= first]
-        if not paths:
+                  as_of: pd.Timestamp, features: list[Feature], mixed: bool) -> str:
+        """The partials these features read as of as_of (`features.daily.rolled_sql`): the days of the months
+        they reach back to, or (mixed) the days of their edge months and the other months whole."""
+        days = [f.lookback_days for f in features]
+        first = None if None in days else f"{as_of - pd.Timedelta(days=max(days)):%Y-%m}"  # type: ignore[type-var]
+        reach = {m: f for m, f in files.items() if first is None or m >= first}
+        if not mixed:
+            return self._read([self.dir / f for f in reach.values()], source_plan, tables)
+        edges = edge_months(features, as_of)
+        day_rows = self._read([self.dir / f for m, f in reach.items() if m in edges], source_plan, tables)
+        whole = [self.dir / Path(f).parent / WHOLE / Path(f).name for f in reach.values()]
+        month_rows = self._read(whole, source_plan, tables)
+        return (f"(SELECT *, false AS is_month FROM {day_rows} UNION ALL BY NAME "
+                f"SELECT *, true AS is_month FROM {month_rows})")
+
+    def _read(self, folders: list[Path], source_plan: SourcePlan, tables: dict[str, str]) -> str:
+        """Partial files as one relation (an empty one of the same columns when there are none)."""
+        if not folders:
             rows = {source_plan.source.name: source_rows_sql(source_plan.source, source_plan.features, tables)}
             return f"({partials_sql(source_plan, rows, 'false')})"
-        listed = ", ".join(f"'{p}'" for p in paths)
+        listed = ", ".join(f"'{p}/*.parquet'" for p in sorted(folders))
         return f"read_parquet([{listed}], hive_partitioning = false)"
 
     def _roll_up(self, con: duckdb.DuckDBPyConnection, tables: dict[str, str], files: dict[str, dict[str, str]],
