@@ -7,12 +7,15 @@ reason, instead of failing minutes later with a misleading one.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.errors import ScfriskError
-from core.raw_store import RawStore
 from core.schemas import STAGE_TABLES, TABLES
+
+if TYPE_CHECKING:
+    from core.raw_store import RawStore
 
 IGNORED = {"oracle"}
 """Folders a batch may carry that are not data to load (the simulator's ground truth)."""
@@ -48,20 +51,22 @@ def locate_tables(source: Path) -> dict[str, Path]:
     return {name: found[name] for name in TABLES if name in found}
 
 
-def missing_tables(stage: str, store: RawStore, batch: Mapping[str, Path] | None = None) -> list[str]:
+def missing_tables(stage: str, store: RawStore, batch: Collection[str] = ()) -> list[str]:
     """The tables `stage` needs that neither the raw store nor the batch about to be ingested holds."""
-    return [name for name in STAGE_TABLES[stage] if name not in (batch or {}) and not store.has_table(name)]
+    return [name for name in STAGE_TABLES[stage] if name not in batch and not store.has_table(name)]
 
 
-def require_tables(stage: str, store: RawStore, source: Path | None = None) -> None:
-    """Refuse a stage whose raw tables are missing, naming them and where they were looked for."""
-    batch = locate_tables(source) if source is not None else None
-    missing = missing_tables(stage, store, batch)
+def require_tables(
+    stage: str, store: RawStore, batch: Collection[str] | None = None, batch_description: str = ""
+) -> None:
+    """Refuse a stage whose raw tables are missing, naming them and where they were looked for (the raw
+    store, and the tables of the batch about to be ingested, described for the message)."""
+    missing = missing_tables(stage, store, batch or ())
     if not missing:
         return
     needs, lacking = ", ".join(STAGE_TABLES[stage]), ", ".join(missing)
-    if source is not None:
-        raise MissingTablesError(f"{stage} needs raw tables {needs}; neither batch {source} nor raw store "
-                                 f"{store.root} has {lacking}")
+    if batch is not None:
+        raise MissingTablesError(f"{stage} needs raw tables {needs}; neither batch {batch_description} nor "
+                                 f"raw store {store.root} has {lacking}")
     raise MissingTablesError(f"{stage} needs raw tables {needs}; raw store {store.root} has no {lacking}: "
                              f"ingest a batch with {'it' if len(missing) == 1 else 'them'} first")

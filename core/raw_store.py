@@ -1,9 +1,14 @@
-"""The validated raw store: one Delta Lake table per raw table, `<root>/<table>`, partitioned by month.
+"""The validated raw store: one Delta Lake table per raw table, `<root>/<table>`, partitioned by month and
+merchant bucket.
 
-Every table is partitioned by the month of its own time column (see `core.schemas`; the partition
-column `month` is Delta's, readers never see it). The store is addressed by a URL (`file://`, `s3://`, ...;
-a plain path is a local folder): the data and its commits go through Delta Lake (delta-rs), whose commit is
-atomic on object storage too, where a rename is a copy and a delete.
+Every table is partitioned by the month of its own time column (see `core.schemas`) and by the hash bucket
+of its merchant (`core.partitioning`): a worker reads one bucket's files alone. The partition columns
+`month` and `bucket` are Delta's; readers never see them. A store's bucket count is fixed when it is
+created (recorded in the manifest): a later setting that differs is ignored with a warning.
+
+The store is addressed by a URL (`file://`, `s3://`, ...; a plain path is a local folder): the data and its
+commits go through Delta Lake (delta-rs), whose commit is atomic on object storage too,
+where a rename is a copy and a delete.
 
 A Delta commit covers one table, a batch several. So readers do not read a table's latest version: the
 manifest `_manifest.json`, written last by a batch (one PUT, whole or not at all), names the version of
@@ -13,11 +18,14 @@ same snapshot, and a model that records it can re-read that very data (`RawStore
 every manifest is also kept under `_snapshots/<id>.json`). It also names the batch (a fingerprint of its
 files) whose commit made that snapshot, so the same batch is not ingested twice.
 
-Writes are all or nothing and incremental. Staging a table rebuilds every partition the batch touches
-(upserted by the table's key, sorted by it, written deterministically and named by its content) as a
-Parquet file beside the table's data, not yet committed, so invisible. Only after the whole batch has
-passed does `commit` write a journal (each table's files and months), commit each table (a Delta overwrite
-of exactly the touched partitions: the copy-on-write form of a MERGE by key), then the manifest. A crash
+Writes are all or nothing and incremental. Staging rebuilds every partition the batch touches (upserted
+by the table's key, sorted by it, written deterministically and named by its content) as a Parquet file
+beside the table's data, not yet committed, so invisible; partitions are staged independently, so any
+process that can reach the store may stage some (`RawStore.stage_partition`). Only after the whole batch
+has passed does `commit` write a journal (each table's files added and removed), commit each table (one
+Delta commit removing the touched partitions' old files and adding the new ones: the copy-on-write form of
+a MERGE by key), then the manifest (which also carries the source's state, e.g. a database's watermarks,
+so they move exactly when the data does). A crash
 between two tables' commits leaves the manifest, and so every reader, on the old snapshot; the next write
 rolls the journal forward, skipping tables whose commit carries the batch's transaction number (Delta's
 idempotent `txn` action). A batch that fails before `commit` removes the files it staged.
@@ -33,15 +41,15 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
 import duckdb
 import fsspec
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -49,22 +57,40 @@ import pyarrow.fs as pa_fs
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 from deltalake import Schema as DeltaSchema
-from deltalake.transaction import AddAction, CommitProperties, create_table_with_add_actions
+from deltalake.transaction import AddAction, CommitProperties, RemoveAction, create_table_with_add_actions
 from deltalake.transaction import Transaction as AppTransaction
 
 from core.errors import ScfriskError
-from core.schemas import TABLES, TableSpec
+from core.partitioning import BUCKET, MONTH, parse_partition_key, split_by_partition
+from core.schemas import TABLES
+
+DEFAULT_BUCKETS = 8
+"""Merchant buckets of a new store when the writer does not say (`[compute] merchant_buckets`)."""
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "_manifest.json"
 SNAPSHOTS = "_snapshots"
 JOURNAL = "_commit.json"
-PARTITION = "month"
 APP_ID = "scfrisk-raw-store"
 """Delta transaction id of the store's batches: a table's commit records the batch's sequence number."""
 
 EMPTY_MANIFEST: dict[str, Any] = {"snapshot_id": None, "sequence": 0, "tables": {}}
+
+PARTITION_FIELDS = [pa.field(MONTH, pa.string()), pa.field(BUCKET, pa.int16())]
+
+
+@dataclass(frozen=True)
+class StagedPartition:
+    """One partition rebuilt for a batch: its manifest entry ({} when emptied), and the file written
+    for it (None when its content did not change, or it was emptied)."""
+
+    table: str
+    key: str
+    entry: dict[str, Any]
+    add: dict[str, Any] | None = None
+    written: str | None = None
+    """The file this staging created (not there before): removed again unless the batch commits."""
 
 
 class RawStore:
@@ -75,9 +101,11 @@ class RawStore:
         root: Path | str,
         storage_options: Mapping[str, str] | None = None,
         snapshot: Mapping[str, Any] | None = None,
+        buckets: int | None = None,
     ) -> None:
         """`root`: a folder or a URL; `storage_options` go to both fsspec and delta-rs (credentials are
-        usually better left to the `AWS_*` environment); `snapshot` pins reads to a past manifest."""
+        usually better left to the `AWS_*` environment); `snapshot` pins reads to a past manifest;
+        `buckets`: the merchant buckets a writer would create the store with (an existing store keeps its own)."""
         text = str(root)
         local = "://" not in text or text.startswith("file://")
         self.root: Path | str = Path(unquote(text.removeprefix("file://"))) if local else text
@@ -86,6 +114,7 @@ class RawStore:
         self.storage_options = dict(storage_options or {})
         self.fs, self._path = fsspec.core.url_to_fs(self.url, **self.storage_options)
         self._pinned = dict(snapshot) if snapshot is not None else None
+        self._configured_buckets = buckets
 
     def _file(self, *parts: str) -> str:
         return "/".join([self._path.rstrip("/"), *parts])
@@ -101,12 +130,17 @@ class RawStore:
         if not self.fs.isfile(path):
             return dict(EMPTY_MANIFEST)
         manifest = json.loads(self.fs.cat_file(path))
-        if "sequence" not in manifest:
+        if "sequence" not in manifest or (manifest["tables"] and "buckets" not in manifest):
             raise ScfriskError(
-                f"raw store {self.root} is in the layout before Delta Lake; ingest its batches again into an "
-                "empty raw store (another SCFRISK_HOME, or after moving this folder away)"
+                f"raw store {self.root} is in an older layout (before Delta Lake, or partitioned by month only); "
+                "ingest its batches again into an empty raw store (another SCFRISK_HOME, or after moving this "
+                "folder away)"
             )
         return manifest
+
+    def pinned(self) -> RawStore:
+        """This store fixed at its current snapshot: what a worker reads while a batch is being staged."""
+        return RawStore(self.url, self.storage_options, self.manifest(), self._configured_buckets)
 
     @property
     def snapshot_id(self) -> str | None:
@@ -117,9 +151,18 @@ class RawStore:
         """The Delta version of every table in the snapshot."""
         return {name: t["version"] for name, t in self.manifest()["tables"].items()}
 
+    @property
+    def buckets(self) -> int:
+        """Merchant buckets of the store's layout: the manifest's once it has data, else the configured count."""
+        return self.manifest().get("buckets") or self._configured_buckets or DEFAULT_BUCKETS
+
     def loaded_batch(self) -> str | None:
         """Fingerprint of the batch whose commit made the current snapshot (None if unknown)."""
         return self.manifest().get("batch")
+
+    def source_state(self) -> dict[str, Any]:
+        """What the sources committed with their batches (`Transaction.commit`): e.g. a database's watermarks."""
+        return dict(self.manifest().get("source_state") or {})
 
     def at(self, snapshot_id: str) -> RawStore:
         """The store as it was at an earlier snapshot (Delta time travel to the versions it names)."""
@@ -131,42 +174,117 @@ class RawStore:
     def has_table(self, name: str) -> bool:
         return self.manifest()["tables"].get(name, {}).get("rows", 0) > 0
 
+    def partitions(self, name: str) -> dict[tuple[str, int], int]:
+        """Rows of each stored partition (month, bucket) of a table; empty when it has none."""
+        stored = self.manifest()["tables"].get(name, {}).get("partitions", {})
+        return {parse_partition_key(key): part["rows"] for key, part in stored.items()}
+
     def _delta(self, name: str) -> DeltaTable:
         version = self.manifest()["tables"][name]["version"]
         return DeltaTable(self.table_url(name), version=version, storage_options=self.storage_options or None)
 
-    def dataset(self, name: str) -> pads.Dataset:
+    def dataset(self, name: str, buckets: Sequence[int] | None = None) -> pads.Dataset:
         """The table at the snapshot's version as an Arrow dataset (filters and projections push down to
-        its files; the `month` partition column prunes whole files); empty when the table has no data."""
+        its files; the partition columns `month` and `bucket` prune whole files); empty when the table has
+        no data. `buckets`: only those buckets' files."""
         if not self.has_table(name):
-            return pads.dataset(TABLES[name].arrow_schema.empty_table())
+            return pads.dataset(pa.schema([*TABLES[name].arrow_schema, *PARTITION_FIELDS]).empty_table())
         filesystem, path = pa_fs.FileSystem.from_uri(self.table_url(name))
-        return self._delta(name).to_pyarrow_dataset(filesystem=pa_fs.SubTreeFileSystem(path, filesystem))
+        return self._delta(name).to_pyarrow_dataset(
+            partitions=_bucket_filter(buckets), filesystem=pa_fs.SubTreeFileSystem(path, filesystem)
+        )
 
-    def register(self, con: duckdb.DuckDBPyConnection, name: str) -> str:
+    def register(self, con: duckdb.DuckDBPyConnection, name: str, buckets: Sequence[int] | None = None) -> str:
         """Make the table at the snapshot's version readable in `con` as a view of the same name (its
-        schema's columns, no partition column); return the name.
+        schema's columns, no partition column); return the name. `buckets`: only those merchant buckets'
+        files (a worker's share), all when None.
 
         On a local disk DuckDB reads the version's Parquet files itself (measured: half the CPU of an Arrow
         dataset scan for the features); elsewhere it scans the Arrow dataset, so no DuckDB extension is
         needed for object storage. Either way filters and projections are pushed down."""
         columns = ", ".join(c.name for c in TABLES[name].columns)
-        if self.has_table(name) and isinstance(self.root, Path):
-            files = ", ".join("'" + f.replace("'", "''") + "'" for f in self._delta(name).file_uris())
-            source = f"read_parquet([{files}], hive_partitioning = false)"
+        files = self._delta(name).file_uris(_bucket_filter(buckets)) if self.has_table(name) else []
+        if files and isinstance(self.root, Path):
+            listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+            source = f"read_parquet([{listed}], hive_partitioning = false)"
         else:
-            con.register(f"{name}__delta", self.dataset(name))
+            con.register(f"{name}__delta", self.dataset(name, buckets))
             source = f"{name}__delta"
         con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT {columns} FROM {source}")
         return name
 
-    def distinct_values(self, name: str, column: str) -> pa.Array:
-        """Every stored value of a column (the domain of foreign keys pointing at it)."""
+    def distinct_values(self, name: str, column: str, buckets: Sequence[int] | None = None) -> pa.Array:
+        """Every stored value of a column (the domain of foreign keys pointing at it), of those buckets."""
         con = duckdb.connect()
-        view = self.register(con, name)
+        view = self.register(con, name, buckets)
         values = con.sql(f"SELECT DISTINCT {column} FROM {view}").to_arrow_table().column(0).combine_chunks()
         con.close()
         return values.cast(TABLES[name].column_index[column].type)
+
+    def moved_keys(self, name: str, batch_keys: pads.Dataset | pa.Table) -> dict[str, pa.Array]:
+        """Stored rows a batch re-delivers into another partition (its time or merchant changed): their
+        keys, by the stored partition they must leave. `batch_keys`: the batch's key column and its
+        `partition` (a `partition_key`). Key columns only, in DuckDB (which spills a join larger than memory)."""
+        if not self.has_table(name):
+            return {}
+        key = TABLES[name].key
+        con = duckdb.connect()
+        con.register("batch_keys", batch_keys)
+        con.register("stored", self.dataset(name).scanner(columns=[key, MONTH, BUCKET]))
+        moved = con.sql(
+            f"SELECT '{MONTH}=' || s.{MONTH} || '/{BUCKET}=' || s.{BUCKET} AS partition, s.{key} FROM stored s "
+            f"JOIN batch_keys b ON s.{key} = b.{key} "
+            f"WHERE b.partition <> '{MONTH}=' || s.{MONTH} || '/{BUCKET}=' || s.{BUCKET} ORDER BY 1, 2"
+        ).to_arrow_table()
+        con.close()
+        out: dict[str, pa.Array] = {}
+        for part in pc.unique(moved.column("partition")).to_pylist():
+            out[part] = moved.filter(pc.equal(moved.column("partition"), part)).column(key).combine_chunks()
+        return out
+
+    def stage_partition(
+        self, name: str, key: str, rows: pa.Table | None, leaving: pa.Array | None = None
+    ) -> StagedPartition:
+        """Rebuild one partition for a batch: the stored rows, minus those whose key the batch delivers
+        (`rows`, validated, keys unique) or moves elsewhere (`leaving`), plus `rows`; sorted by key, written
+        deterministically and named by its content. Safe in any process: it reads only this partition."""
+        spec = TABLES[name]
+        parts = [rows.select([c.name for c in spec.columns]).cast(spec.arrow_schema)] if rows is not None else []
+        old = self.manifest()["tables"].get(name, {}).get("partitions", {}).get(key)
+        if old:
+            stored = pq.read_table(self._file(name, _file_name(key, old["sha256"])), filesystem=self.fs)
+            gone = [a for a in (rows.column(spec.key).combine_chunks() if rows is not None else None, leaving)
+                    if a is not None]
+            if gone:
+                drop = pc.is_in(stored.column(spec.key), value_set=pa.concat_arrays([a.cast(stored.schema.field(
+                    spec.key).type) for a in gone]))
+                stored = stored.filter(pc.invert(drop))
+            parts.insert(0, stored.select([c.name for c in spec.columns]).cast(spec.arrow_schema))
+        merged = pa.concat_tables(parts).sort_by(spec.key) if parts else spec.arrow_schema.empty_table()
+        if merged.num_rows == 0:
+            return StagedPartition(name, key, {})
+        # One chunk per column, so the bytes depend on the rows only, not on how they were read.
+        sink = pa.BufferOutputStream()
+        pq.write_table(merged.combine_chunks(), sink, compression="zstd", row_group_size=1 << 20)
+        data = sink.getvalue().to_pybytes()
+        digest = hashlib.sha256(data).hexdigest()
+        entry = {"rows": merged.num_rows, "sha256": digest}
+        if old and old["sha256"] == digest:
+            return StagedPartition(name, key, entry)
+        path = self._file(name, _file_name(key, digest))
+        written = None
+        if not self.fs.exists(path):  # else the same bytes, kept by an older version
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.pipe_file(path, data)
+            written = path
+        month, bucket = parse_partition_key(key)
+        add = {
+            "path": _file_name(key, digest), "size": len(data),
+            "partition_values": {MONTH: month, BUCKET: str(bucket)},
+            "modification_time": int(time.time() * 1000), "data_change": True,
+            "stats": json.dumps({"numRecords": merged.num_rows}),
+        }
+        return StagedPartition(name, key, entry, add, written)
 
     def recover(self) -> bool:
         """Roll an interrupted commit forward from its journal; True if there was one to finish."""
@@ -178,10 +296,14 @@ class RawStore:
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
-        """A batch write: stage tables one at a time, then `commit`; uncommitted files never outlive it."""
+        """A batch write: stage partitions, then `commit`; uncommitted files never outlive it."""
         if self._pinned is not None:
             raise ScfriskError(f"raw store {self.root} is pinned to snapshot {self.snapshot_id}: read only")
         self.recover()
+        stored = self.manifest().get("buckets")
+        if stored and self._configured_buckets and stored != self._configured_buckets:
+            log.warning("raw store %s keeps its %d merchant buckets (its layout); the setting of %d is ignored",
+                        self.root, stored, self._configured_buckets)
         batch = Transaction(self)
         try:
             yield batch
@@ -189,55 +311,6 @@ class RawStore:
             if not batch.committed and not self.fs.isfile(self._file(JOURNAL)):  # a journal needs its files
                 for path in batch.written:
                     self.fs.rm_file(path)
-
-    def _stage(self, spec: TableSpec, table: pa.Table, batch: Transaction) -> dict[str, Any]:
-        """Rebuild every partition the batch touches, writing the changed ones; an emptied partition maps
-        to {}. One pass over the batch: its rows ordered by (month, key) once, then taken one month at a
-        time (a month's copy is the extra memory)."""
-        table = table.select([c.name for c in spec.columns]).cast(spec.arrow_schema)
-        time_ = table.column(spec.time_column)
-        month_ids = pc.add(pc.multiply(pc.year(time_), 12), pc.subtract(pc.month(time_), 1))
-        order = pc.sort_indices(
-            pa.table({"month": month_ids, "key": table.column(spec.key)}),
-            sort_keys=[("month", "ascending"), ("key", "ascending")],
-        )
-        sorted_ids = month_ids.take(order).to_numpy()
-        ids, starts = np.unique(sorted_ids, return_index=True)
-        stops = [*starts[1:], len(sorted_ids)][:len(starts)]  # none for a table delivered empty
-        rows = {_month(i): order[start:stop] for i, start, stop in zip(ids, starts, stops, strict=True)}
-        stored = self.manifest()["tables"].get(spec.name, {}).get("partitions", {})
-        con = duckdb.connect()
-        con.register("batch_keys", table.select([spec.key]))
-        if stored:
-            con.register("stored", self.dataset(spec.name))
-            # A re-delivered row whose time moved to another month must leave its old partition.
-            moved = con.sql(
-                f"SELECT DISTINCT s.{PARTITION} FROM stored s SEMI JOIN batch_keys b ON s.{spec.key} = b.{spec.key}"
-            ).fetchall()
-            rows.update({m: order[:0] for (m,) in moved if m not in rows})
-        partitions: dict[str, dict[str, Any]] = {}
-        adds: list[dict[str, Any]] = []
-        for m, indices in sorted(rows.items()):
-            merged = table.take(indices)
-            if m in stored:
-                kept = con.sql(
-                    f"SELECT {', '.join(table.column_names)} FROM stored s "
-                    f"ANTI JOIN batch_keys b ON s.{spec.key} = b.{spec.key} WHERE s.{PARTITION} = '{m}'"
-                ).to_arrow_table()
-                merged = pa.concat_tables([kept.cast(spec.arrow_schema), merged]).sort_by(spec.key)
-            if merged.num_rows == 0:
-                partitions[m] = {}
-                continue
-            # One chunk per column, so the bytes depend on the rows only, not on how they were read.
-            sink = pa.BufferOutputStream()
-            pq.write_table(merged.combine_chunks(), sink, compression="zstd", row_group_size=1 << 20)
-            data = sink.getvalue().to_pybytes()
-            digest = hashlib.sha256(data).hexdigest()
-            partitions[m] = {"rows": merged.num_rows, "sha256": digest}
-            if stored.get(m, {}).get("sha256") != digest:
-                adds.append(batch.write_file(spec.name, m, data, digest, merged.num_rows))
-        con.close()
-        return {"partitions": partitions, "adds": adds}
 
     def _apply_journal(self) -> None:
         """Commit each table of the journal (skipping any that already has it), then the manifest."""
@@ -252,76 +325,92 @@ class RawStore:
         self.fs.rm_file(self._file(JOURNAL))
 
     def _commit_table(self, name: str, entry: Mapping[str, Any], sequence: int) -> int:
-        """One Delta commit replacing the touched partitions by the staged files; its version."""
+        """One Delta commit removing the touched partitions' old files and adding the staged ones; its version."""
         url, options = self.table_url(name), self.storage_options or None
         adds = [AddAction(**add) for add in entry["adds"]]
-        schema = DeltaSchema.from_arrow(TABLES[name].arrow_schema.append(pa.field(PARTITION, pa.string())))
+        schema = DeltaSchema.from_arrow(pa.schema([*TABLES[name].arrow_schema, *PARTITION_FIELDS]))
         props = CommitProperties(app_transactions=[AppTransaction(APP_ID, sequence)])
         if not DeltaTable.is_deltatable(url, options):
             create_table_with_add_actions(
-                url, schema, adds, mode="error", partition_by=[PARTITION], storage_options=options,
+                url, schema, adds, mode="error", partition_by=[MONTH, BUCKET], storage_options=options,
                 commit_properties=props,
             )
         else:
             table = DeltaTable(url, storage_options=options)
             if (table.transaction_version(APP_ID) or 0) >= sequence:
                 return table.version()  # committed before the interruption
+            now = int(time.time() * 1000)
+            removes = [RemoveAction(path, True, now, partition_values=_partition_values(path))
+                       for path in entry["removes"]]
             table.create_write_transaction(
-                adds, "overwrite", schema, partition_by=[PARTITION],
-                partition_filters=[(PARTITION, "in", entry["months"])], commit_properties=props,
+                [*removes, *adds], "append", schema, partition_by=[MONTH, BUCKET], commit_properties=props,
             )
         return DeltaTable(url, storage_options=options).version()
 
 
 class Transaction:
-    """The tables of one batch staged so far; `commit` commits every changed table, manifest last."""
+    """The partitions of one batch staged so far; `commit` commits every changed table, manifest last."""
 
     def __init__(self, store: RawStore) -> None:
         self.store = store
-        self.staged: dict[str, dict[str, Any]] = {}
+        self.staged: dict[str, dict[str, StagedPartition]] = {}
         self.written: list[str] = []
         """Files this batch created: removed again unless it commits."""
         self.committed = False
 
+    def add(self, staged: Sequence[StagedPartition]) -> None:
+        """Take partitions staged anywhere (`RawStore.stage_partition`) into the batch."""
+        for part in staged:
+            self.staged.setdefault(part.table, {})[part.key] = part
+            if part.written:
+                self.written.append(part.written)
+
     def stage(self, name: str, table: pa.Table) -> None:
-        """Write a validated table's changed partitions beside its data (schema-conformed, keys unique)."""
-        self.staged[name] = self.store._stage(TABLES[name], table, self)
+        """Stage a whole validated table held in memory (schema-conformed, keys unique): every partition it
+        touches, and those its rows leave. The ingest stages partition by partition instead."""
+        spec, store = TABLES[name], self.store
+        parts = split_by_partition(table, spec.time_column, store.buckets)
+        keys = pa.concat_tables(
+            [pa.table({spec.key: rows.column(spec.key), "partition": pa.array([k] * rows.num_rows, pa.string())})
+             for k, rows in parts.items()]
+        ) if parts else None
+        leaving = store.moved_keys(name, keys) if keys is not None else {}
+        self.add([store.stage_partition(name, key, parts.get(key), leaving.get(key))
+                  for key in sorted({*parts, *leaving})])
 
-    def write_file(self, name: str, month: str, data: bytes, digest: str, rows: int) -> dict[str, Any]:
-        """Put a partition's file (named by its content, so a rerun writes the same one); its add action."""
-        relative = f"{PARTITION}={month}/part-{digest[:32]}.parquet"
-        path = self.store._file(name, relative)
-        if not self.store.fs.exists(path):  # else the same bytes, kept by an older version
-            self.store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            self.store.fs.pipe_file(path, data)
-            self.written.append(path)
-        return {
-            "path": relative, "size": len(data), "partition_values": {PARTITION: month},
-            "modification_time": int(time.time() * 1000), "data_change": True,
-            "stats": json.dumps({"numRecords": rows}),
-        }
+    def commit(
+        self, batch: str | None = None, source_state: Mapping[str, Any] | None = None
+    ) -> dict[str, list[str]]:
+        """Commit the staged tables; return the partitions rewritten per table.
 
-    def commit(self, batch: str | None = None) -> dict[str, list[str]]:
-        """Commit the staged tables; return the months rewritten per table.
-
-        `batch` (a fingerprint of the batch's files and rules) is recorded as the one that made the snapshot:
+        `batch` (a fingerprint of the batch's data and rules) is recorded as the one that made the snapshot:
         `loaded_batch` then tells a caller that re-ingesting it would change nothing. That holds too when
         this batch changed nothing (its data already stored, checked by rules that changed since).
+        `source_state` (keys merged over the stored ones, `RawStore.source_state`) is written in the same
+        manifest, so a source's watermarks move only when its batch commits.
         """
         old = self.store.manifest()
         changed = {
-            name: [m for m, part in s["partitions"].items() if _entry(old, name, m) != part.get("sha256")]
-            for name, s in self.staged.items()
+            name: sorted(k for k, part in parts.items() if _entry(old, name, k) != part.entry.get("sha256"))
+            for name, parts in self.staged.items()
         }
+        state = {**(old.get("source_state") or {}), **(source_state or {})}
         if any(changed.values()):
-            tables = {name: {"months": changed[name], "adds": s["adds"]} for name, s in self.staged.items()
-                      if changed[name]}
-            manifest = _next_manifest(old, {name: s["partitions"] for name, s in self.staged.items()})
-            manifest["batch"] = batch
+            tables = {
+                name: {
+                    "adds": [self.staged[name][k].add for k in keys if self.staged[name][k].add],
+                    "removes": [_file_name(k, sha) for k in keys if (sha := _entry(old, name, k))],
+                }
+                for name, keys in changed.items() if keys
+            }
+            manifest = _next_manifest(
+                old, {name: {k: p.entry for k, p in parts.items()} for name, parts in self.staged.items()}
+            )
+            manifest.update(batch=batch, buckets=self.store.buckets, source_state=state)
             _write_json(self.store.fs, self.store._file(JOURNAL), {"tables": tables, "manifest": manifest})
             self.store._apply_journal()
-        elif batch is not None and old.get("batch") != batch:
-            _write_json(self.store.fs, self.store._file(MANIFEST), {**old, "batch": batch})
+        elif (batch is not None and old.get("batch") != batch) or state != (old.get("source_state") or {}):
+            _write_json(self.store.fs, self.store._file(MANIFEST), {**old, "batch": batch, "source_state": state})
         self.committed = True
         return changed
 
@@ -337,12 +426,22 @@ def _write_json(fs: fsspec.AbstractFileSystem, path: str, content: dict[str, Any
     fs.mv(path + ".tmp", path)
 
 
-def _month(month_id: int) -> str:
-    return f"{month_id // 12:04d}-{month_id % 12 + 1:02d}"
+def _file_name(key: str, digest: str) -> str:
+    """A partition file's path in its table: in the partition's folder, named by its content."""
+    return f"{key}/part-{digest[:32]}.parquet"
 
 
-def _entry(manifest: dict[str, Any], name: str, month: str) -> str | None:
-    return manifest["tables"].get(name, {}).get("partitions", {}).get(month, {}).get("sha256")
+def _partition_values(path: str) -> dict[str, str | None]:
+    month, bucket = parse_partition_key(path.rsplit("/", 1)[0])
+    return {MONTH: month, BUCKET: str(bucket)}
+
+
+def _bucket_filter(buckets: Sequence[int] | None) -> list[tuple[str, str, Any]] | None:
+    return None if buckets is None else [(BUCKET, "in", [str(b) for b in buckets])]
+
+
+def _entry(manifest: dict[str, Any], name: str, key: str) -> str | None:
+    return manifest["tables"].get(name, {}).get("partitions", {}).get(key, {}).get("sha256")
 
 
 def _next_manifest(old: dict[str, Any], staged: Mapping[str, Mapping[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -350,16 +449,16 @@ def _next_manifest(old: dict[str, Any], staged: Mapping[str, Mapping[str, dict[s
     tables = json.loads(json.dumps(old["tables"]))
     for name, parts in staged.items():
         partitions = tables.setdefault(name, {"partitions": {}, "version": None})["partitions"]
-        for month, part in parts.items():
+        for key, part in parts.items():
             if part:
-                partitions[month] = part
+                partitions[key] = part
             else:
-                partitions.pop(month, None)
+                partitions.pop(key, None)
         tables[name]["partitions"] = dict(sorted(partitions.items()))
         tables[name]["rows"] = sum(p["rows"] for p in partitions.values())
         if tables[name]["version"] is None and not partitions:  # delivered empty, never stored: no table
             del tables[name]
-    return {"snapshot_id": None, "sequence": old.get("sequence", 0) + 1, "tables": dict(sorted(tables.items()))}
+    return {**old, "snapshot_id": None, "sequence": old.get("sequence", 0) + 1, "tables": dict(sorted(tables.items()))}
 
 
 def _snapshot_id(tables: Mapping[str, Any]) -> str:

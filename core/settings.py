@@ -11,10 +11,11 @@ else ``scfrisk.toml`` in the current directory when present, else none.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from core.errors import ScfriskError, describe_invalid
@@ -90,6 +91,43 @@ class IngestConfig(_Section):
     always gets it."""
 
 
+MEMORY = re.compile(r"^\d+(\.\d+)?\s*(B|kB|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$")
+"""A size as Dask reads it (`4GiB`, `512MB`, `2e9` is not one: plain bytes are digits only)."""
+
+
+class ComputeConfig(_Section):
+    """The engine that runs per-partition work (`pipelines.compute`): one process, or a Dask cluster."""
+
+    engine: Literal["local", "dask"] = "local"
+    """`local`: a loop in the flow's process (no scheduler, fastest on one machine); `dask`: Prefect tasks on
+    prefect-dask's DaskTaskRunner, on the scheduler at `address` or a LocalCluster started for the flow run."""
+    address: str = ""
+    """An existing Dask scheduler (`tcp://host:8786`); empty: a LocalCluster of `n_workers` per flow run."""
+    n_workers: int = Field(2, ge=1, le=1024)
+    threads_per_worker: int = Field(1, ge=1, le=256)
+    memory_limit: str = "4GiB"
+    """Memory of each LocalCluster worker (Dask pauses, then restarts, a worker beyond it)."""
+    merchant_buckets: int = Field(8, ge=1, le=4096)
+    """Merchant hash buckets of a new raw store's layout (`core.partitioning`); an existing store keeps its own."""
+    train_in_memory_rows: int = Field(2_000_000, ge=1)
+    """Training sets with more rows train with `lightgbm.dask` on the cluster: 2M rows of ~80 float64 features
+    are ~1.3 GB as a frame plus LightGBM's binned copy, well inside one 4 GiB worker or the flow's process."""
+
+    @field_validator("address")
+    @classmethod
+    def _scheduler_url(cls, value: str) -> str:
+        if value and "://" not in value:
+            raise ValueError(f"'{value}' is not a scheduler address such as tcp://host:8786")
+        return value
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        if not MEMORY.match(value.strip()):
+            raise ValueError(f"'{value}' is not a size such as 4GiB or 512MB")
+        return value.strip()
+
+
 class ServiceConfig(_Section):
     """The scoring service. API keys are `key` (every scope) or `key:scope+scope` (scopes: score, read);
     keys from the comma-separated `SCFRISK_API_KEYS` variable are added to these."""
@@ -133,6 +171,7 @@ class Settings(BaseSettings):
     features: FeaturesConfig = FeaturesConfig()
     gates: GatesConfig = GatesConfig()
     ingest: IngestConfig = IngestConfig()
+    compute: ComputeConfig = ComputeConfig()
     service: ServiceConfig = ServiceConfig()
 
     @classmethod

@@ -33,6 +33,7 @@ import duckdb
 import pandas as pd
 
 from core.errors import ScfriskError
+from core.partitioning import parse_partition_key
 from core.raw_store import RawStore
 from core.schemas import TABLES
 from features.daily import Plan, SourcePlan, edge_months, months_sql, partials_sql, plan, rolled_sql
@@ -71,12 +72,13 @@ def _plan_hash(p: Plan) -> str:
 
 
 def changed_months(old: dict[str, Any], new: dict[str, Any]) -> dict[str, set[str]]:
-    """Per raw table, the month partitions whose content differs between two manifests."""
+    """Per raw table, the months of the partitions whose content differs between two manifests."""
     out = {}
     for name in set(old["tables"]) | set(new["tables"]):
         a = old["tables"].get(name, {}).get("partitions", {})
         b = new["tables"].get(name, {}).get("partitions", {})
-        out[name] = {m for m in set(a) | set(b) if a.get(m, {}).get("sha256") != b.get(m, {}).get("sha256")}
+        out[name] = {parse_partition_key(k)[0] for k in set(a) | set(b)
+                     if a.get(k, {}).get("sha256") != b.get(k, {}).get("sha256")}
     return out
 
 

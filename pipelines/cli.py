@@ -36,15 +36,21 @@ def _settings(ctx: typer.Context) -> Settings:
     return ctx.obj
 
 
-def _orchestrated(ctx: typer.Context, stage: str | None = None, source: Path | None = None) -> Settings:
+def _orchestrated(ctx: typer.Context, stage: str | None = None, source: Path | str | None = None) -> Settings:
     """Before a flow command's heavy imports: the raw tables its stage needs, then a Prefect API to record
     its flow runs (the user's `PREFECT_API_URL`, else the workspace's server, started if needed)."""
     settings = _settings(ctx)
     if stage is not None:
         from core.batch import require_tables
         from core.raw_store import RawStore
+        from core.sources import open_source
 
-        require_tables(stage, RawStore(settings.path("raw_store")), source)
+        store = RawStore(settings.path("raw_store"))
+        if source is None:
+            require_tables(stage, store)
+        else:
+            batch = open_source(str(source))
+            require_tables(stage, store, batch.tables(), batch.description)
     ensure_server(settings.home_dir)
     return settings
 
@@ -97,18 +103,21 @@ def simulate(
 @app.command()
 def ingest(
     ctx: typer.Context,
-    source: Annotated[Path, typer.Option(help="Folder with one Parquet/CSV file or folder per table.",
-                                         **_BATCH_FOLDER)],
+    source: Annotated[str, typer.Option(help="Batch folder with one Parquet/CSV file or folder per table.")],
 ) -> None:
     """Validate a batch of platform tables with Great Expectations and load it into the raw store."""
-    from core.batch import locate_tables, missing_tables
+    if "://" not in source and not Path(source).is_dir():  # refused before pyarrow is even imported
+        raise typer.BadParameter(f"batch folder {source} does not exist", param_hint="'--source'")
+    from core.batch import missing_tables
+    from core.sources import open_source
 
-    locate_tables(source)
+    open_source(source)  # a folder without tables, or an unknown URL, is refused before anything starts
     settings = _orchestrated(ctx)
     from core.raw_store import RawStore
+    from pipelines.compute import on_engine
     from pipelines.ingest import ingest_flow
 
-    result = ingest_flow(source=str(source), settings=settings)
+    result = on_engine(ingest_flow, settings)(source=source, settings=settings)
     typer.echo(result.describe())
     missing = missing_tables("train", RawStore(settings.path("raw_store")))
     if missing:
@@ -340,18 +349,19 @@ def run_pipeline(
 @app.command()
 def refresh(
     ctx: typer.Context,
-    source: Annotated[Path, typer.Option(help="Batch folder of the day's pull: new rows and changed rows.",
-                                         **_BATCH_FOLDER)],
+    source: Annotated[str, typer.Option(help="Batch folder of the day's pull: new rows and changed rows.")],
     as_of: Annotated[
         datetime | None, typer.Option(help="Midnight to refresh to (default: the one after the newest order).")
     ] = None,
 ) -> None:
     """The daily refresh as one Prefect flow: pull -> raw store -> online features rolled forward (no full
     rebuild) -> re-score with the champion -> publish a bundle the running service switches to."""
+    if "://" not in source and not Path(source).is_dir():  # refused before pyarrow is even imported
+        raise typer.BadParameter(f"batch folder {source} does not exist", param_hint="'--source'")
     settings = _orchestrated(ctx, "refresh", source)
     from pipelines.refresh import refresh_flow
 
-    summary = refresh_flow(settings=settings, source=str(source), as_of=as_of.isoformat() if as_of else None)
+    summary = refresh_flow(settings=settings, source=source, as_of=as_of.isoformat() if as_of else None)
     typer.echo(summary.describe())
 
 

@@ -24,16 +24,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 from prefect import flow
 from rich.progress import Progress
 
-from core.batch import BatchError, locate_tables
-from core.files import file_sha256
 from core.raw_store import RawStore
-from core.schemas import TABLES, TableSpec, conform
+from core.schemas import TABLES
 from core.settings import Settings
+from core.sources import Source, open_source, read_table
 
 if TYPE_CHECKING:
     from core.rules import ReferenceKeys
@@ -41,31 +38,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-def read_table(path: Path, spec: TableSpec) -> pa.Table:
-    """One table of the batch, conformed to its spec; an unreadable file is a `BatchError`."""
-    try:
-        if path.suffix == ".csv":
-            options = pacsv.ConvertOptions(
-                column_types={c.name: pa.string() for c in spec.columns}, strings_can_be_null=True
-            )
-            return conform(pacsv.read_csv(path, convert_options=options), spec, from_text=True)
-        return conform(pq.read_table(path), spec)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise BatchError(f"cannot read table '{spec.name}' from {path}: {exc}") from exc
-
-
 RULE_MODULES = ("core.schemas", "core.rules", "core.validation")
 """The code that decides whether a batch passes: a change to it makes a loaded batch new again."""
 
 
-def batch_fingerprint(paths: Mapping[str, Path]) -> str:
-    """Content hash of a batch's table files (named relative to the batch) and of the rules that check them:
-    the same files in another folder give the same fingerprint, a changed file or rule another one."""
-    digest = hashlib.sha256()
-    for name, path in paths.items():
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        for file in files:
-            digest.update(f"{name}/{file.relative_to(path.parent)}:{file_sha256(file)};".encode())
+def batch_fingerprint(source: Source) -> str:
+    """The source's data fingerprint and the rules that check it: the same data in another folder gives the
+    same fingerprint, a changed file or rule another one."""
+    digest = hashlib.sha256(source.fingerprint().encode())
     for module in RULE_MODULES:
         # Located, not imported: a batch already loaded is recognised without importing pandas and GX.
         digest.update(Path(importlib.util.find_spec(module).origin).read_bytes())
@@ -134,7 +114,7 @@ class IngestResult:
         return "\n".join(lines)
 
 
-def ingest(source: Path, settings: Settings, now: datetime | None = None) -> IngestResult:
+def ingest(source: Source | Path | str, settings: Settings, now: datetime | None = None) -> IngestResult:
     """Validate the batch and upsert it, one table at a time; nothing is swapped in unless all passed.
 
     Tables stream in dependency order: read, validate (foreign keys against the keys of the tables
@@ -146,19 +126,20 @@ def ingest(source: Path, settings: Settings, now: datetime | None = None) -> Ing
     # `_release_memory` scan only the batch's objects (0.3 s per collection otherwise).
     gc.freeze()
     try:
-        return _ingest(source, settings, now or datetime.now(UTC).replace(tzinfo=None))
+        opened = source if isinstance(source, Source) else open_source(str(source))
+        return _ingest(opened, settings, now or datetime.now(UTC).replace(tzinfo=None))
     finally:
         gc.unfreeze()
 
 
-def _ingest(source: Path, settings: Settings, now: datetime) -> IngestResult:
-    store = RawStore(settings.path("raw_store"))
-    paths = locate_tables(source)
-    fingerprint = batch_fingerprint(paths)
+def _ingest(source: Source, settings: Settings, now: datetime) -> IngestResult:
+    store = RawStore(settings.path("raw_store"), buckets=settings.compute.merchant_buckets)
+    names = source.tables()
+    fingerprint = batch_fingerprint(source)
     if store.loaded_batch() == fingerprint:
         manifest = store.manifest()
         return IngestResult(
-            source=str(source),
+            source=source.description,
             store=store.root,
             snapshot_id=manifest["snapshot_id"],
             rows={},
@@ -176,10 +157,10 @@ def _ingest(source: Path, settings: Settings, now: datetime) -> IngestResult:
     domains: dict[tuple[str, str], pa.Array] = {}
     rows: dict[str, int] = {}
     with store.transaction() as staging, Progress(transient=True) as progress:
-        task = progress.add_task("ingesting", total=len(paths))
-        for name, path in paths.items():
+        task = progress.add_task("ingesting", total=len(names))
+        for name in names:
             spec = TABLES[name]
-            table = clock.time("read", read_table, path, spec)
+            table = clock.time("read", read_table, source, name)
             rows[name] = table.num_rows
             for fk in spec.foreign_keys:
                 if (fk.table, fk.ref_column) not in domains:
@@ -193,14 +174,14 @@ def _ingest(source: Path, settings: Settings, now: datetime) -> IngestResult:
             del frame, checks
             _release_memory()
             if not validation.failures:  # once the batch is rejected, staging more is wasted work
-                clock.time("write", staging.stage, name, clock.time("read", read_table, path, spec))
+                clock.time("write", staging.stage, name, clock.time("read", read_table, source, name))
                 _release_memory()
             progress.advance(task)
         data_docs = clock.time("validate", validation.finish)
-        written = clock.time("write", staging.commit, fingerprint)
+        written = clock.time("write", staging.commit, fingerprint, source.state())
     manifest = store.manifest()
     return IngestResult(
-        source=str(source),
+        source=source.description,
         store=store.root,
         snapshot_id=manifest["snapshot_id"],
         rows=rows,
@@ -240,6 +221,6 @@ class _Stopwatch:
 def ingest_flow(source: str, settings: Settings) -> IngestResult:
     """Prefect shell of `ingest`: one flow run per batch, visible in the workspace's Prefect UI (bad input
     fails the run with its message; the CLI prints it as one line, see `runtime.UserErrorsOnce`)."""
-    result = ingest(Path(source), settings)
+    result = ingest(source, settings)
     log.info(result.describe())
     return result

@@ -28,6 +28,7 @@ from core.batch import require_tables
 from core.errors import ScfriskError
 from core.raw_store import RawStore
 from core.settings import Settings
+from core.sources import open_source
 from features.training_set import table_readers
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class _Steps:
         return out
 
 
-def refresh(settings: Settings, source: Path, as_of: pd.Timestamp | None = None) -> RefreshSummary:
+def refresh(settings: Settings, source: str | Path, as_of: pd.Timestamp | None = None) -> RefreshSummary:
     """The daily refresh (see the module docstring); `as_of` defaults to the midnight after the newest order."""
     from credit.policy import load_policy
     from explanation.reason_codes import ReasonCodeIndex
@@ -91,9 +92,10 @@ def refresh(settings: Settings, source: Path, as_of: pd.Timestamp | None = None)
     from pipelines.publish import BundleParts, publish
     from pipelines.report import report_file
 
-    require_tables("refresh", RawStore(settings.path("raw_store")), source)
+    batch = open_source(str(source))
+    require_tables("refresh", RawStore(settings.path("raw_store")), batch.tables(), batch.description)
     steps = _Steps()
-    pulled = steps.run("pull", ingest, source, settings)
+    pulled = steps.run("pull", ingest, batch, settings)
     log.info(pulled.describe())
     store = RawStore(settings.path("raw_store"))
     as_of = pd.Timestamp(as_of) if as_of is not None else next_midnight(store)
@@ -139,7 +141,7 @@ def refresh(settings: Settings, source: Path, as_of: pd.Timestamp | None = None)
 @flow(name="scfrisk-refresh", log_prints=False)
 def refresh_flow(settings: Settings, source: str, as_of: str | None = None) -> RefreshSummary:
     """Prefect shell of `refresh`: one flow run per day."""
-    summary = refresh(settings, Path(source), pd.Timestamp(as_of) if as_of else None)
+    summary = refresh(settings, source, pd.Timestamp(as_of) if as_of else None)
     log.info(summary.describe())
     return summary
 

@@ -24,7 +24,9 @@ from prefect.deployments.runner import RunnerDeployment
 from core.batch import require_tables
 from core.raw_store import RawStore
 from core.settings import Settings
+from core.sources import open_source
 from explanation.reason_codes import ReasonCodeIndex
+from pipelines.compute import on_engine
 from pipelines.features import build_features_flow
 from pipelines.ingest import ingest_flow
 from pipelines.limits import champion, limits_flow
@@ -130,8 +132,9 @@ def run_flow(settings: Settings, source: str, oracle: str | None = None) -> RunS
     from pipelines.train import train_flow
 
     # The CLI checks this before it starts; a scheduled run (`monthly_deployment`) is checked here.
-    require_tables("run", RawStore(settings.path("raw_store")), Path(source))
-    ingested = ingest_flow(source=source, settings=settings)
+    batch = open_source(source)
+    require_tables("run", RawStore(settings.path("raw_store")), batch.tables(), batch.description)
+    ingested = on_engine(ingest_flow, settings)(source=source, settings=settings)
     snapshot_id = RawStore(settings.path("raw_store")).snapshot_id or ""
     features = build_features_flow(settings=settings)
 

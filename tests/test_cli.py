@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from core.errors import ScfriskError
 from core.raw_store import RawStore
-from core.schemas import STAGE_TABLES, TABLES
+from core.schemas import STAGE_TABLES
 from core.settings import ModelConfig, Settings
 from pipelines.cli import app, run
 from simulator import SimulationConfig, months_to_train, simulate_platform
@@ -98,10 +98,9 @@ def test_simulate_refuses_a_history_too_short_to_train_on(tmp_path, monkeypatch,
 @pytest.mark.slow
 def test_months_to_train_is_the_shortest_simulation_that_splits(tmp_path):
     """At the minimum the out-of-time split has its three slices; one month less, training fails."""
-    from core.batch import locate_tables
+    from core.sources import FolderSource, read_table
     from features.offline_store import training_frame
     from models.splits import time_split
-    from pipelines.ingest import read_table
 
     model = ModelConfig(label_horizon_months=2, valid_months=1, test_months=1)
     needed = months_to_train(model)
@@ -111,8 +110,9 @@ def test_months_to_train_is_the_shortest_simulation_that_splits(tmp_path):
         settings = Settings(home=folder / "home", model=model)
         store = RawStore(settings.path("raw_store"))
         with store.transaction() as staging:  # the simulator's tables are valid: skip GX to keep this short
-            for name, path in locate_tables(folder / "batch").items():
-                staging.stage(name, read_table(path, TABLES[name]))
+            batch = FolderSource(folder / "batch")
+            for name in batch.tables():
+                staging.stage(name, read_table(batch, name))
             staging.commit()
         if months == needed:
             frame = training_frame(settings)

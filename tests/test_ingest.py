@@ -11,15 +11,18 @@ from pathlib import Path
 
 import duckdb
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
+from core.batch import BatchError, locate_tables
 from core.errors import ScfriskError
+from core.partitioning import merchant_bucket, month_key
 from core.raw_store import RawStore
 from core.rules import DataValidationError
 from core.settings import Settings
 from pipelines.cli import run
-from pipelines.ingest import BatchError, ingest, ingest_flow, locate_tables
+from pipelines.ingest import ingest, ingest_flow
 from tests.batch_builder import valid_batch, write_batch
 
 NOW = datetime(2024, 3, 1)
@@ -53,12 +56,22 @@ def orders_rows(raw: RawStore) -> list[tuple]:
     return con.sql(f"SELECT order_id, status FROM {raw.register(con, 'orders')} ORDER BY order_id").fetchall()
 
 
-def test_batch_lands_partitioned_by_month_with_a_manifest(store):
+def test_batch_lands_partitioned_by_month_and_merchant_bucket_with_a_manifest(store):
     raw = RawStore(store.path("raw_store"))
     manifest = raw.manifest()
-    assert manifest["tables"]["orders"]["rows"] == 6
-    assert sorted(manifest["tables"]["orders"]["partitions"]) == ["2024-01", "2024-02"]
-    assert sorted(p["month"] for p in DeltaTable(raw.table_url("orders")).partitions()) == ["2024-01", "2024-02"]
+    assert manifest["tables"]["orders"]["rows"] == 6 and manifest["buckets"] == store.compute.merchant_buckets
+    orders = pq.read_table(write_batch(store.home.parent / "b", valid_batch()) / "orders.parquet")
+    expected = {
+        (month, bucket)
+        for month, bucket in zip(
+            month_key(orders.column("ordered_at")).to_pylist(),
+            merchant_bucket(orders.column("merchant_id"), raw.buckets).to_pylist(),
+            strict=True,
+        )
+    }
+    assert set(raw.partitions("orders")) == expected and len(expected) > 2
+    delta = DeltaTable(raw.table_url("orders")).partitions()
+    assert {(p["month"], int(p["bucket"])) for p in delta} == expected
     con = duckdb.connect()
     months = con.sql(f"SELECT DISTINCT strftime(ordered_at, '%Y-%m') FROM {raw.register(con, 'orders')}")
     assert len(months.fetchall()) == 2
@@ -93,7 +106,8 @@ def test_the_batch_that_made_the_snapshot_is_not_ingested_again(store, tmp_path)
     batch = valid_batch()
     batch["orders"].loc[0, "amount"] = 99.0  # one value changed: a new batch, validated and loaded
     changed = ingest(write_batch(tmp_path / "changed", batch), store, NOW)
-    assert not changed.already_loaded and changed.partitions_written["orders"] == ["2024-01"]
+    assert not changed.already_loaded and len(changed.partitions_written["orders"]) == 1
+    assert changed.partitions_written["orders"][0].startswith("month=2024-01/bucket=")
 
 
 def test_failed_batch_leaves_the_store_byte_identical(store, tmp_path):
@@ -195,7 +209,7 @@ def test_new_month_appends_and_redelivered_rows_replace(store, tmp_path):
     )
 
     after = store_files(store)
-    assert result.partitions_written["orders"] == ["2024-01", "2024-03"]
+    assert {key.split("/")[0] for key in result.partitions_written["orders"]} == {"month=2024-01", "month=2024-03"}
     untouched = ("orders/month=2024-02/", "merchants/")
     assert {k: v for k, v in after.items() if k.startswith(untouched) and "_delta_log" not in k} == {
         k: v for k, v in before.items() if k.startswith(untouched) and "_delta_log" not in k
@@ -219,10 +233,14 @@ def test_csv_and_parquet_parts_load_the_same_snapshot(loaded, tmp_path):
     assert result.snapshot_id == parquet_snapshot
 
 
-def test_a_store_in_the_layout_before_delta_is_named_not_misread(tmp_path):
+@pytest.mark.parametrize("manifest", [
+    '{"snapshot_id": "0123456789abcdef", "tables": {}}',  # before Delta Lake
+    '{"snapshot_id": "0123456789abcdef", "sequence": 1, "tables": {"orders": {}}}',  # months only
+])
+def test_a_store_in_an_older_layout_is_named_not_misread(tmp_path, manifest):
     (tmp_path / "raw").mkdir()
-    (tmp_path / "raw" / "_manifest.json").write_text('{"snapshot_id": "0123456789abcdef", "tables": {}}')
-    with pytest.raises(ScfriskError, match="layout before Delta Lake; ingest its batches again"):
+    (tmp_path / "raw" / "_manifest.json").write_text(manifest)
+    with pytest.raises(ScfriskError, match="older layout .* ingest its batches again into an empty raw store"):
         RawStore(tmp_path / "raw").manifest()
 
 

@@ -1,0 +1,134 @@
+"""Where a batch comes from: the protocol ingest reads, a batch folder, and the choice by the text given.
+
+Ingest never reads files or databases itself: it asks a `Source` for the tables present, a fingerprint
+(the same data gives the same one, so a loaded batch is not ingested twice), each table as a stream of
+record batches (bounded memory whatever the table's size), and the state to commit with the batch (a
+database's watermarks: they move only when the pull commits, in the raw store's manifest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import unquote, urlsplit
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from core.batch import BatchError, locate_tables
+from core.files import file_sha256
+from core.schemas import TABLES, conform
+
+BATCH_ROWS = 256 * 1024
+"""Rows per record batch read from a file: a few tens of MB of the widest table."""
+
+
+@runtime_checkable
+class Source(Protocol):
+    """A batch of platform tables to ingest."""
+
+    description: str
+    """For messages: a folder, or a database URL without its password."""
+
+    def tables(self) -> list[str]:
+        """The tables present, in `core.schemas.TABLES` order."""
+        ...
+
+    def fingerprint(self) -> str:
+        """Same data, same fingerprint."""
+        ...
+
+    def batches(self, name: str) -> Iterator[pa.RecordBatch]:
+        """The table's rows, each batch conformed to `TABLES[name]` (`core.schemas.conform`: cast where
+        lossless, a column that will not cast left as delivered for validation to report)."""
+        ...
+
+    def state(self) -> dict[str, Any]:
+        """What to commit as the raw store's `source_state` when this pull commits ({} when nothing)."""
+        ...
+
+
+SOURCE_MODULES = {"postgresql": "core.postgres_source", "postgres": "core.postgres_source"}
+"""URL schemes read by a module of their own, which defines `from_url(text) -> Source`."""
+
+
+def open_source(text: str) -> Source:
+    """The source a `--source` names: a database URL by its scheme, else a batch folder (path or file://)."""
+    scheme = urlsplit(text).scheme if "://" in text else ""
+    if scheme in SOURCE_MODULES:
+        try:
+            module = importlib.import_module(SOURCE_MODULES[scheme])
+        except ModuleNotFoundError as exc:
+            raise BatchError(f"no {scheme} source in this installation ({exc.name} is missing)") from exc
+        return module.from_url(text)
+    if scheme not in ("", "file"):
+        raise BatchError(
+            f"unknown source '{scheme}://...': give a batch folder or one of "
+            + ", ".join(f"{s}://" for s in SOURCE_MODULES)
+        )
+    return FolderSource(Path(unquote(text.removeprefix("file://"))))
+
+
+class FolderSource:
+    """A batch folder: `<table>.parquet`, `<table>/` (Parquet parts) or `<table>.csv` per table (`core.batch`)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.description = str(folder)
+        self.paths = locate_tables(folder)
+
+    def tables(self) -> list[str]:
+        return list(self.paths)
+
+    def fingerprint(self) -> str:
+        """Content hash of the table files, named relative to the batch: the same files in another folder
+        give the same fingerprint, a changed file another one."""
+        digest = hashlib.sha256()
+        for name, path in self.paths.items():
+            for file in self._files(path):
+                digest.update(f"{name}/{file.relative_to(path.parent)}:{file_sha256(file)};".encode())
+        return digest.hexdigest()[:16]
+
+    def batches(self, name: str) -> Iterator[pa.RecordBatch]:
+        spec, path = TABLES[name], self.paths[name]
+        for file in self._files(path):
+            try:
+                if file.suffix == ".csv":
+                    options = pacsv.ConvertOptions(
+                        column_types={c.name: pa.string() for c in spec.columns}, strings_can_be_null=True
+                    )
+                    read = pacsv.ReadOptions(block_size=64 << 20)
+                    with pacsv.open_csv(file, read_options=read, convert_options=options) as reader:
+                        for batch in reader:
+                            yield _conformed(batch, name, from_text=True)
+                else:
+                    for batch in pq.ParquetFile(file).iter_batches(batch_size=BATCH_ROWS):
+                        yield _conformed(batch, name)
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise BatchError(f"cannot read table '{name}' from {file}: {exc}") from exc
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    @staticmethod
+    def _files(path: Path) -> list[Path]:
+        return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")) \
+            if path.is_dir() else [path]
+
+
+def _conformed(batch: pa.RecordBatch, name: str, from_text: bool = False) -> pa.RecordBatch:
+    table = conform(pa.Table.from_batches([batch]), TABLES[name], from_text=from_text)
+    return table.combine_chunks().to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], table.schema)
+
+
+def read_table(source: Source, name: str) -> pa.Table:
+    """A whole table of a source in memory (small tables and tests; ingest streams instead)."""
+    batches = list(source.batches(name))
+    if not batches:
+        return TABLES[name].arrow_schema.empty_table()
+    return pa.Table.from_batches(batches) if len({b.schema for b in batches}) == 1 else pa.concat_tables(
+        [pa.Table.from_batches([b]) for b in batches], promote_options="permissive")

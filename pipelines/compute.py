@@ -1,0 +1,126 @@
+"""How flows run per-partition work: the same call on a laptop and on a Dask cluster.
+
+A flow hands `run_partitions` a function and the partitions to apply it to. With `[compute] engine =
+"local"` that is a plain loop in the flow's process: no scheduler, no task runs, as fast as the code it
+calls. With `"dask"` each partition is a Prefect task on prefect-dask's `DaskTaskRunner` (recorded in the
+Prefect API like any task run), on the scheduler at `address`, or on a LocalCluster that the flow run
+starts and stops. Nothing here schedules or retries: Dask and Prefect do.
+
+A flow gets its engine when it is called: `on_engine(flow, settings)(...)` (`task_runner`); inside it,
+`run_partitions` and `dask_client` ask the running flow which engine it has. A flow called inside another
+one on the dask engine joins the parent's cluster instead of starting its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from rich.progress import Progress
+
+from core.settings import Settings
+
+if TYPE_CHECKING:
+    from distributed import Client
+    from prefect import Flow
+    from prefect.task_runners import TaskRunner
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
+F = TypeVar("F", bound="Flow[Any, Any]")
+
+_announced: set[str] = set()
+"""Dashboard links already logged (once per cluster, not once per stage)."""
+
+
+def task_runner(settings: Settings) -> TaskRunner | None:
+    """The flow's task runner for the configured engine: None (the flow's default) for `local`."""
+    compute = settings.compute
+    if compute.engine == "local":
+        return None
+    from prefect_dask import DaskTaskRunner
+
+    parent = _flow_dask_runner()
+    if parent is not None:  # a subflow: the parent's cluster, not a second one
+        return DaskTaskRunner(address=parent.client.scheduler.address)
+    if compute.address:
+        return DaskTaskRunner(address=compute.address)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={
+            "n_workers": compute.n_workers,
+            "threads_per_worker": compute.threads_per_worker,
+            "memory_limit": compute.memory_limit,
+            "processes": True,
+            "host": "127.0.0.1",  # loopback only, the dashboard too (any free port)
+            "dashboard_address": "127.0.0.1:0",
+        },
+    )
+
+
+def on_engine(flow: F, settings: Settings) -> F:
+    """The flow, set to run its partitions on the configured engine."""
+    runner = task_runner(settings)
+    return flow if runner is None else flow.with_options(task_runner=runner)
+
+
+def dask_client() -> Client | None:
+    """The Dask client of the running flow (e.g. for `lightgbm.dask`), None on the local engine."""
+    runner = _flow_dask_runner()
+    if runner is None:
+        return None
+    client = runner.client
+    link = client.dashboard_link
+    if link and link not in _announced:
+        _announced.add(link)
+        log.info("Dask dashboard: %s (%d workers)", link, len(client.scheduler_info().get("workers", {})))
+    return client
+
+
+def run_partitions(fn: Callable[[T], R], items: Iterable[T], label: str) -> list[R]:
+    """`fn` applied to every item, results in the items' order, with a progress bar; call inside a flow.
+
+    Local engine: a loop in this process. Dask engine: one Prefect task per item on the flow's cluster
+    (`fn` and the items are pickled to the workers, so they must be module-level functions, partials of
+    them, and plain data), the bar advancing as tasks complete; a failed task fails the call with its error.
+    """
+    items = list(items)
+    client = dask_client()
+    with Progress(transient=True) as progress:
+        bar = progress.add_task(label, total=len(items))
+        if client is None:
+            results = []
+            for item in items:
+                results.append(fn(item))
+                progress.advance(bar)
+            return results
+        from prefect import task
+        from prefect.cache_policies import NO_CACHE
+        from prefect.futures import as_completed
+
+        # No cache key (hashing large arguments) and no stored results: the flow takes them as they come.
+        apply = task(_apply, name=label, cache_policy=NO_CACHE, persist_result=False)
+        futures = [apply.submit(fn, item) for item in items]
+        for _ in as_completed(futures):
+            progress.advance(bar)
+        return [future.result() for future in futures]
+
+
+def _apply(fn: Callable[[T], R], item: T) -> R:
+    return fn(item)
+
+
+def _flow_dask_runner() -> Any:
+    """The running flow's DaskTaskRunner, if it has one (never imports Dask: without prefect_dask loaded,
+    no runner can be one)."""
+    module = sys.modules.get("prefect_dask")
+    if module is None:
+        return None
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    runner = context.task_runner if context is not None else None
+    return runner if isinstance(runner, module.DaskTaskRunner) else None
