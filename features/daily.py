@@ -14,7 +14,9 @@ windowed features are aggregates of those partials (`rolled_sql`):
   rolled daily values by that key, then apply their own outer aggregate unchanged.
 
 Row filters and the point-in-time masks (`cancelled_at < as_of` ...) are applied inside the partials; a
-filter on a day-level column (`week < 26`) at the roll-up. What does not decompose this way (distinct
+filter on a day-level column (`week < 26`) at the roll-up. The partials are also added up per month
+(`months_sql`): a plain window reads the days of the months it covers in part (`edge_months`) and one row
+for each month it covers whole. What does not decompose this way (distinct
 buyers or debtors, per-loan latest values, the merchant profile) stays `direct`: the ordinary point-in-time
 SQL over the raw store, limited to those features.
 

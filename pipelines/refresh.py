@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import duckdb
 import pandas as pd
@@ -30,9 +28,10 @@ from core.raw_store import RawStore
 from core.settings import Settings
 from core.sources import open_source
 from features.training_set import table_readers
+from pipelines.ingest import _Stopwatch as Stopwatch  # the ingest's wall and CPU seconds per stage
+from pipelines.ingest import ingest
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 @dataclass
@@ -65,21 +64,6 @@ def next_midnight(store: RawStore) -> pd.Timestamp:
     return pd.Timestamp(last).normalize() + pd.Timedelta(days=1)
 
 
-class _Steps:
-    """Wall and CPU seconds of each step."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self.cpu_seconds: dict[str, float] = {}
-
-    def run(self, name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        wall, cpu = time.perf_counter(), time.process_time()
-        out = fn(*args, **kwargs)
-        self.seconds[name] = round(time.perf_counter() - wall, 3)
-        self.cpu_seconds[name] = round(time.process_time() - cpu, 3)
-        return out
-
-
 def refresh(settings: Settings, source: str | Path, as_of: pd.Timestamp | None = None) -> RefreshSummary:
     """The daily refresh (see the module docstring); `as_of` defaults to the midnight after the newest order."""
     from credit.policy import load_policy
@@ -87,15 +71,14 @@ def refresh(settings: Settings, source: str | Path, as_of: pd.Timestamp | None =
     from features.daily_store import DailyStore
     from features.offline_store import OfflineStore, write_with_metadata
     from features.online_store import publish_online
-    from pipelines.ingest import ingest
     from pipelines.limits import champion, limits_path, limits_table
     from pipelines.publish import BundleParts, publish
     from pipelines.report import report_file
 
     batch = open_source(str(source))
     require_tables("refresh", RawStore(settings.path("raw_store")), batch.tables(), batch.description)
-    steps = _Steps()
-    pulled = steps.run("pull", ingest, batch, settings)
+    steps = Stopwatch()
+    pulled = steps.time("pull", ingest, batch, settings)
     log.info(pulled.describe())
     store = RawStore(settings.path("raw_store"))
     as_of = pd.Timestamp(as_of) if as_of is not None else next_midnight(store)
@@ -106,7 +89,7 @@ def refresh(settings: Settings, source: str | Path, as_of: pd.Timestamp | None =
         write_with_metadata(daily.features, offline.snapshot_path(as_of), offline.metadata(as_of.isoformat()))
         return daily, publish_online(offline, as_of)
 
-    daily, online = steps.run("features", features)
+    daily, online = steps.time("features", features)
     model, version = champion(settings)
 
     def score() -> tuple[Path, ReasonCodeIndex]:
@@ -116,7 +99,7 @@ def refresh(settings: Settings, source: str | Path, as_of: pd.Timestamp | None =
         limits.to_parquet(path, index=False)
         return path, ReasonCodeIndex.for_population(model, daily.features, version)
 
-    limits, reasons = steps.run("score", score)
+    limits, reasons = steps.time("score", score)
     report = report_file(settings, version)
 
     def switch_in() -> str:
@@ -133,7 +116,7 @@ def refresh(settings: Settings, source: str | Path, as_of: pd.Timestamp | None =
                 risk_report=report if report.is_file() else None,
             ), settings)
 
-    bundle_id = steps.run("publish", switch_in)
+    bundle_id = steps.time("publish", switch_in)
     return RefreshSummary(as_of, store.snapshot_id or "", bundle_id, len(daily.features), version,
                           daily.describe(), steps.seconds, steps.cpu_seconds)
 

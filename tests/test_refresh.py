@@ -65,7 +65,8 @@ def test_refresh_after_a_day_equals_a_full_rebuild_every_feature_every_merchant(
     assert first.full
     assert_same_features(first.features, OfflineStore(settings.path("feature_store"), store).read(DAY))
 
-    ingest(days["day"], settings)
+    pulled = ingest(days["day"], settings)
+    assert "merchants: 0 rows in batch, unchanged" in pulled.describe()  # a day with no new merchant
     store = RawStore(settings.path("raw_store"))
     after = DailyStore(settings.path("feature_store"), store).refresh(DAY + pd.Timedelta(days=1))
     assert not after.full
