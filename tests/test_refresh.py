@@ -141,3 +141,16 @@ def test_scfrisk_refresh_publishes_the_day_and_the_running_service_switches_with
     manifest = read_manifest(published / BUNDLES_DIR / second)
     assert manifest["features_as_of"] == (DAY + pd.Timedelta(days=1)).isoformat()
     assert manifest["model_version"] == version
+
+
+def test_schedule_refresh_is_a_daily_deployment_with_this_workspace(tmp_path):
+    from pipelines.refresh import daily_deployment
+
+    settings = Settings(home=tmp_path / "ws")
+    deployment = daily_deployment(settings, SAMPLE)
+    assert deployment.flow_name == "scfrisk-refresh"
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
+    assert Settings(**deployment.parameters["settings"]) == settings
+    assert deployment.parameters["source"] == str(SAMPLE.resolve())
+    with pytest.raises(ScfriskError, match="not a valid cron expression"):
+        daily_deployment(settings, SAMPLE, cron="every day")
