@@ -41,8 +41,9 @@ def split_day(source: Path, day: pd.Timestamp | str, base: Path, increment: Path
         keep = " AND merchant_id IN (SELECT merchant_id FROM kept)"
     for name, path in paths.items():
         spec = TABLES[name]
-        states = [c for c in spec.timestamp_columns
-                  if c != spec.time_column and not spec.column_index[c].scheduled]
+        present = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {_reader(path)}").fetchall()}
+        states = [c for c in spec.timestamp_columns  # optional columns (updated_at) may be absent
+                  if c != spec.time_column and not spec.column_index[c].scheduled and c in present]
 
         def known(before: pd.Timestamp, states: list[str] = states) -> str:
             if not states:
