@@ -6,6 +6,7 @@ import sys
 ALL = [
     "bench_simulate",
     "bench_ingest",
+    "bench_postgres",
     "bench_features",
     "bench_train",
     "bench_public",
@@ -15,6 +16,7 @@ ALL = [
     "bench_audit",
     "bench_pipeline",
     "bench_refresh",
+    "bench_monitor",
 ]
 
 for name in sys.argv[1:] or ALL:

@@ -77,13 +77,31 @@ def main(
 @app.command()
 def simulate(
     ctx: typer.Context,
-    out: Annotated[Path, typer.Option(help="Folder to write one Parquet dataset per table into.")],
+    out: Annotated[str, typer.Option(help="Folder to write one Parquet dataset per table into, or a PostgreSQL "
+                                          "URL (postgresql://user@host:5432/db) to load the platform into.")],
     merchants: Annotated[int, typer.Option(min=1, help="Number of merchants.")] = 2000,
     months: Annotated[int, typer.Option(min=3, max=120, help="Months of history.")] = 24,
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same data.")] = 42,
     start: Annotated[str, typer.Option(help="First day of the simulated history (YYYY-MM-DD).")] = "2024-01-01",
+    days: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Write the last N days day by day: OUT/base as of N days before the end, then one batch a day "
+            "in OUT/daily/YYYY-MM-DD with the rows written or changed that day (0: the whole history in OUT).",
+        ),
+    ] = 0,
+    files: Annotated[Path | None, typer.Option(help="With a database --out: also keep the simulated files (and "
+                                                     "the oracle) in this folder.")] = None,
 ) -> None:
-    """Simulate a platform's merchants, orders, behaviour, inventory, receivables and loans."""
+    """Simulate a platform's merchants, orders, behaviour, inventory, receivables and loans.
+
+    With --days N the same history is written as the platform's database grew: a base, then N daily
+    batches, each one ingestible in order (`scfrisk ingest --source OUT/base`, then each day's folder);
+    upserted by key they give the whole history. The oracle goes to OUT/oracle either way.
+    --out may also be the platform's PostgreSQL database (postgresql://user@host:5432/db): its tables are
+    created from the data model and the rows upserted by key, the base then each day in its own transaction.
+    """
     from simulator import HISTORY_MONTHS, SimulationConfig, months_to_train, simulate_platform
 
     model = _settings(ctx).model
@@ -94,20 +112,48 @@ def simulate(
             f"{needed} months ({HISTORY_MONTHS} of history before the first application, applications over 1 "
             f"training + {model.valid_months} validation + {model.test_months} test months, and the "
             f"{model.label_horizon_months}-month label horizon after them); use --months {needed} or more")
-    summary = simulate_platform(
-        SimulationConfig(n_merchants=merchants, months=months, seed=seed, start=start), out
-    )
-    typer.echo(summary.describe())
+    config = SimulationConfig(n_merchants=merchants, months=months, seed=seed, start=start)
+    if "://" not in out:
+        typer.echo(simulate_platform(config, Path(out), days=days).describe())
+        return
+    from tempfile import TemporaryDirectory
+
+    from core.postgres import check, load_folder, redact
+    from simulator.platform import BASE, DAILY
+
+    check(out)  # a wrong URL, host or password is refused before the simulation runs
+    with TemporaryDirectory(prefix="scfrisk-simulated-") as temporary:
+        folder = files or Path(temporary)
+        typer.echo(simulate_platform(config, folder, days=days).describe())
+        batches = [folder / BASE, *sorted((folder / DAILY).glob("*"))] if days else [folder]
+        totals: dict[str, int] = {}
+        for batch in batches:  # the base, then each day's new and changed rows: one transaction each, in order
+            for name, n in load_folder(out, batch).items():
+                totals[name] = totals.get(name, 0) + n
+    what = f"the base and {days} daily batches (upserted day by day)" if days else "the platform"
+    typer.echo(f"loaded {what} into {redact(out)}: " + ", ".join(f"{name} {n:,}" for name, n in totals.items())
+               + " rows upserted")
 
 
 @app.command()
 def ingest(
     ctx: typer.Context,
-    source: Annotated[str, typer.Option(help="Batch folder with one Parquet/CSV file or folder per table.")],
+    source: Annotated[str | None, typer.Option(
+        help="Batch folder with one Parquet/CSV file or folder per table, or the platform's database "
+             "(postgresql://user@host:5432/db; password in PGPASSWORD or ~/.pgpass). Default: [ingest].source."
+    )] = None,
 ) -> None:
-    """Validate a batch of platform tables with Great Expectations and load it into the raw store."""
+    """Validate a batch of platform tables with Great Expectations and load it into the raw store; from a
+    database, the rows new or changed since the last pull that committed."""
+    source = source or _settings(ctx).ingest.source
+    if not source:
+        raise ScfriskError("no source to ingest: give --source, or set [ingest].source in scfrisk.toml")
     if "://" not in source and not Path(source).is_dir():  # refused before pyarrow is even imported
         raise typer.BadParameter(f"batch folder {source} does not exist", param_hint="'--source'")
+    if "://" in source:
+        from core.postgres import is_postgres_url, password_to_environment
+
+        source = password_to_environment(source) if is_postgres_url(source) else source
     from core.batch import missing_tables
     from core.sources import open_source
 
@@ -201,6 +247,23 @@ def limits(
     from pipelines.limits import limits_flow
 
     typer.echo(limits_flow(settings=settings, as_of=as_of).describe())
+
+
+@app.command()
+def monitor(
+    ctx: typer.Context,
+    as_of: Annotated[
+        datetime | None,
+        typer.Option("--as-of", help="Day to monitor (default: the raw store's latest, midnight after its last "
+                                     "order)."),
+    ] = None,
+) -> None:
+    """Early warning on every live loan: the day's alerts (policy [monitoring]), a watch-list page, and a new
+    bundle that carries them, so the service applies their freezes and cuts at once."""
+    settings = _orchestrated(ctx, "monitor")
+    from pipelines.monitor import monitor_flow
+
+    typer.echo(monitor_flow(settings=settings, as_of=as_of).describe())
 
 
 @app.command()

@@ -95,6 +95,15 @@ def test_simulate_refuses_a_history_too_short_to_train_on(tmp_path, monkeypatch,
     assert code == 2 and "at least 14 months" in _one_error_line(stderr)
 
 
+def test_simulate_refuses_more_days_than_the_window_has(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "platform"
+    args = ["simulate", "--months", "20", "--merchants", "10", "--days", "700", "--out", str(out)]
+    code, stderr = _cli(args, monkeypatch, capsys, tmp_path / "home")
+    assert code == 2
+    assert "days must be between 1 and 608 (the window has 609 days), got 700" in _one_error_line(stderr)
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_months_to_train_is_the_shortest_simulation_that_splits(tmp_path):
     """At the minimum the out-of-time split has its three slices; one month less, training fails."""
@@ -135,14 +144,14 @@ def test_run_refuses_a_batch_without_loan_performance_at_once(tmp_path, monkeypa
     assert not (home / "raw").exists() and not (home / "prefect" / "server.json").exists()
 
 
-@pytest.mark.parametrize("stage", ["train", "limits", "features"])
+@pytest.mark.parametrize("stage", ["train", "limits", "features", "monitor"])
 def test_a_stage_names_the_raw_tables_the_workspace_lacks(stage, tmp_path, monkeypatch, capsys):
     home = tmp_path / "home"
     store = RawStore(home / "raw")
     with store.transaction() as staging:
         staging.stage("merchants", pq.read_table(write_batch(tmp_path / "b", valid_batch()) / "merchants.parquet"))
         staging.commit()
-    argv = {"train": ["train"], "limits": ["limits"], "features": ["features", "build"]}[stage]
+    argv = {"train": ["train"], "limits": ["limits"], "features": ["features", "build"], "monitor": ["monitor"]}[stage]
     code, stderr = _cli(argv, monkeypatch, capsys, home)
     assert code == 2
     lacking = [t for t in STAGE_TABLES[stage] if t != "merchants"]
