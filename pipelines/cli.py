@@ -19,7 +19,7 @@ import typer
 from core.errors import ScfriskError
 from core.settings import Settings, load_settings
 from pipelines.prefect_server import ensure_server, read_state, stop_server, user_api_url
-from pipelines.runtime import configure_logging, prepare_environment
+from pipelines.runtime import QuickExit, configure_logging, prepare_environment, without_heartbeats
 
 log = logging.getLogger("scfrisk")
 
@@ -38,7 +38,8 @@ def _settings(ctx: typer.Context) -> Settings:
 
 def _orchestrated(ctx: typer.Context, stage: str | None = None, source: Path | str | None = None) -> Settings:
     """Before a flow command's heavy imports: the raw tables its stage needs, then a Prefect API to record
-    its flow runs (the user's `PREFECT_API_URL`, else the workspace's server, started if needed)."""
+    its flow runs (the user's `PREFECT_API_URL`, else the workspace's server, started if needed), for
+    runs without heartbeats (`runtime.without_heartbeats`)."""
     settings = _settings(ctx)
     if stage is not None:
         from core.batch import require_tables
@@ -52,6 +53,7 @@ def _orchestrated(ctx: typer.Context, stage: str | None = None, source: Path | s
             batch = open_source(str(source))
             require_tables(stage, store, batch.tables(), batch.description)
     ensure_server(settings.home_dir)
+    ctx.with_resource(without_heartbeats())
     return settings
 
 
@@ -507,25 +509,43 @@ def server_stop(ctx: typer.Context) -> None:
     typer.echo(f"stopped the Prefect server ({stopped.describe()})" if stopped else "no Prefect server was running")
 
 
-def run() -> None:
-    """Console entry point: user errors print one line and exit 2, never a traceback."""
+def invoke() -> int:
+    """The command of `sys.argv` in this process; its exit code. User errors print one line and give 2,
+    never a traceback."""
     try:
         code = app(standalone_mode=False)  # a command's `typer.Exit(n)` comes back as n
-        if isinstance(code, int) and code:
-            sys.exit(code)
+        return code if isinstance(code, int) else 0
     except ScfriskError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        sys.exit(2)
+        return 2
     except (typer.Exit, SystemExit) as exc:
-        sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
+        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
+        if code is None or isinstance(code, int):
+            return code or 0
+        typer.echo(code, err=True)  # `sys.exit("message")`: Python prints it and exits 1
+        return 1
     except typer.TyperException as exc:  # usage errors: an unknown option, a path that does not exist
         context = getattr(exc, "ctx", None)
         hint = f" (see `{context.command_path} --help`)" if context is not None else ""
         typer.secho(f"error: {exc.format_message()}{hint}", err=True, fg=typer.colors.RED)
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except typer.Abort:
-        sys.exit(1)
+        return 1
+
+
+def run() -> None:
+    """The command of `sys.argv` inside a host process (pytest, a notebook), which goes on afterwards:
+    `sys.exit(code)` unless the command succeeded."""
+    code = invoke()
+    if code:
+        sys.exit(code)
+
+
+def entry_point() -> None:
+    """The `scfrisk` program: the command, then the end of the process without the interpreter's teardown
+    (`runtime.QuickExit`)."""
+    QuickExit().exit(invoke())
 
 
 if __name__ == "__main__":
-    run()
+    entry_point()
