@@ -15,6 +15,7 @@ ALL = [
     "bench_service",
     "bench_audit",
     "bench_pipeline",
+    "bench_refresh",
     "bench_monitor",
 ]
 

@@ -119,7 +119,7 @@ class OfflineStore:
             and read_metadata(path).get("raw_snapshot_id") == snapshot
         )
 
-    def _metadata(self, as_of: str) -> dict[str, str]:
+    def metadata(self, as_of: str) -> dict[str, str]:
         return {"feature_set_version": self.version, "as_of": as_of,
                 "raw_snapshot_id": str(self.raw_store.snapshot_id)}
 
@@ -138,7 +138,7 @@ class OfflineStore:
             return path
         features = combine(self._by_bucket(snapshot_part, f"features as of {as_of:%Y-%m-%d}", as_of), KEYS)
         log.info("materialised %d merchants as of %s", len(features), as_of)
-        return write_with_metadata(features, path, self._metadata(as_of.isoformat()))
+        return write_with_metadata(features, path, self.metadata(as_of.isoformat()))
 
     def read(self, as_of: pd.Timestamp | str) -> pd.DataFrame:
         return pd.read_parquet(self.materialize(as_of))
@@ -150,7 +150,7 @@ class OfflineStore:
             log.info("reusing training set %s", path.name)
             return path
         parts = self._by_bucket(training_part, "training set", int(horizon_months), last_observation(self.raw_store))
-        return write_with_metadata(combine(parts, TRAINING_ORDER), path, self._metadata("applied_at"))
+        return write_with_metadata(combine(parts, TRAINING_ORDER), path, self.metadata("applied_at"))
 
 
 def month_starts(raw_store: RawStore) -> list[pd.Timestamp]:

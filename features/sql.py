@@ -11,7 +11,7 @@ aggregates take the feature's `fill`; derived features are computed last from th
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from features.definitions import DERIVED, FEATURES, SOURCES, Feature, Source
 
@@ -46,31 +46,38 @@ def used_columns(source: Source, features: list[Feature]) -> list[tuple[str, str
     return used[::-1]
 
 
-def _facts_sql(source: Source, features: list[Feature], rows: Mapping[str, str]) -> str:
+def facts_sql(source: Source, features: list[Feature], rows: Mapping[str, str]) -> str:
+    """The source's facts in reach of each entity: its point-in-time columns, age and own time (`fact_time`)."""
     lookbacks = [f.lookback_days for f in features]
     time = f"t.{source.time_column}"
     bound = "" if None in lookbacks else f" AND {time} >= e.as_of - INTERVAL {max(lookbacks)} DAY"  # type: ignore[type-var]
     columns = "".join(f",\n       {expr} AS {name}" for name, expr in used_columns(source, features))
     return (
-        f"SELECT e.eid, e.as_of, (epoch_us(e.as_of) - epoch_us({time})) / 86400e6 AS age_days{columns}\n"
+        f"SELECT e.eid, e.merchant_id, e.as_of, {time} AS fact_time,\n"
+        f"       (epoch_us(e.as_of) - epoch_us({time})) / 86400e6 AS age_days{columns}\n"
         f"FROM entities e JOIN {rows[source.name]} t\n"
         f"  ON t.merchant_id = e.merchant_id AND {time} < e.as_of{bound}"
     )
 
 
-def _per_key_sql(facts: str, per: str, features: list[Feature]) -> str:
+def filtered(f: Feature) -> str:
+    """The feature's aggregate over the facts of its window and filter."""
+    return f"{f.aggregation} FILTER (WHERE {window_predicate(f)})"
+
+
+def per_key_sql(facts: str, per: str, features: list[Feature], inner: Callable[[Feature], str] = filtered) -> str:
     """Features sharing a key: one inner grouping (a column per feature), one outer aggregate each."""
-    inner = "".join(f", {f.aggregation} FILTER (WHERE {window_predicate(f)}) AS x_{f.name}" for f in features)
+    columns = "".join(f", {inner(f)} AS x_{f.name}" for f in features)
     outer = ", ".join(f"{f.outer.format(x=f'x_{f.name}', k='k')} AS {f.name}" for f in features)  # type: ignore[union-attr]
     return (
         f"(SELECT eid, {outer} FROM (\n"
-        f"   SELECT eid, {per} AS k{inner} FROM {facts} GROUP BY ALL)\n"
+        f"   SELECT eid, {per} AS k{columns} FROM {facts} GROUP BY ALL)\n"
         f" GROUP BY eid)"
     )
 
 
-def _single_sql(facts: str, features: list[Feature]) -> str:
-    aggregates = "".join(f", {f.aggregation} FILTER (WHERE {window_predicate(f)}) AS {f.name}" for f in features)
+def single_sql(facts: str, features: list[Feature], value: Callable[[Feature], str] = filtered) -> str:
+    aggregates = "".join(f", {value(f)} AS {f.name}" for f in features)
     return f"(SELECT eid{aggregates} FROM {facts} GROUP BY eid)"
 
 
@@ -93,22 +100,22 @@ def source_sql(source: Source, features: list[Feature], rows: Mapping[str, str])
     groups += list(per_key.values())
 
     def one_pass(fs: list[Feature]) -> str:
-        facts = f"(\n{_facts_sql(source, fs, rows)}\n) AS facts"
-        return _per_key_sql(facts, fs[0].per, fs) if fs[0].per else _single_sql(facts, fs)
+        facts = f"(\n{facts_sql(source, fs, rows)}\n) AS facts"
+        return per_key_sql(facts, fs[0].per, fs) if fs[0].per else single_sql(facts, fs)
 
     first, *rest = (one_pass(fs) for fs in groups)
     joins = "".join(f"\n  FULL JOIN {p} USING (eid)" for p in rest)
     return f"SELECT * FROM {first}{joins}"
 
 
-def _filled(f: Feature) -> str:
-    value = f"s_{f.source}.{f.name}"
+def _filled(f: Feature, alias: str) -> str:
+    value = f"{alias}.{f.name}"
     if f.fill is not None:
         value = f"coalesce({value}, {f.fill})"
     return value if f.kind == "categorical" else f"CAST({value} AS DOUBLE)"
 
 
-def _by_source(features: tuple[Feature, ...]) -> dict[str, list[Feature]]:
+def by_source(features: tuple[Feature, ...]) -> dict[str, list[Feature]]:
     """The non-derived features grouped by source name, in definition order."""
     grouped: dict[str, list[Feature]] = {}
     for f in features:
@@ -119,11 +126,11 @@ def _by_source(features: tuple[Feature, ...]) -> dict[str, list[Feature]]:
 
 def source_tables(features: tuple[Feature, ...]) -> set[str]:
     """Raw tables the (non-derived) features read, including those joined in a source's relation."""
-    sources = [SOURCES[name] for name in _by_source(features)]
+    sources = [SOURCES[name] for name in by_source(features)]
     return {t for s in sources for t in {s.table, *re.findall(r"\{(\w+)\}", s.relation)} - {"table"}}
 
 
-def _source_rows_sql(source: Source, features: list[Feature], tables: Mapping[str, str]) -> str:
+def source_rows_sql(source: Source, features: list[Feature], tables: Mapping[str, str]) -> str:
     """The source's rows for the merchants in `entities`, with only the columns these features use.
 
     (Copying them once per batch instead of re-reading Parquet in every pass was measured: the copy costs
@@ -139,14 +146,18 @@ def _source_rows_sql(source: Source, features: list[Feature], tables: Mapping[st
 
 def features_sql(tables: Mapping[str, str], features: tuple[Feature, ...] = FEATURES) -> str:
     """The whole point-in-time query over `entities`; `tables` maps raw table names to SQL readers."""
-    grouped = _by_source(features)
-    rows = {name: _source_rows_sql(SOURCES[name], fs, tables) for name, fs in grouped.items()}
-    joins = "".join(
-        f"\n  LEFT JOIN (\n{source_sql(SOURCES[name], fs, rows)}\n) s_{name}"
-        f" ON s_{name}.eid = e.eid"
-        for name, fs in grouped.items()
-    )
-    base = ",\n       ".join(f"{_filled(f)} AS {f.name}" for fs in grouped.values() for f in fs)
+    grouped = by_source(features)
+    rows = {name: source_rows_sql(SOURCES[name], fs, tables) for name, fs in grouped.items()}
+    return assemble_sql({f"s_{name}": (source_sql(SOURCES[name], fs, rows), fs) for name, fs in grouped.items()},
+                        features)
+
+
+def assemble_sql(relations: Mapping[str, tuple[str, list[Feature]]], features: tuple[Feature, ...]) -> str:
+    """One row per entity from relations (alias -> (SQL with `eid` and one column per feature, those
+    features)): every non-derived feature of `features` in one of them, filled, then the derived ones."""
+    joins = "".join(f"\n  LEFT JOIN (\n{sql}\n) {alias} ON {alias}.eid = e.eid"
+                    for alias, (sql, _) in relations.items())
+    base = ",\n       ".join(f"{_filled(f, alias)} AS {f.name}" for alias, (_, fs) in relations.items() for f in fs)
     derived = "".join(f",\n       CAST({f.aggregation} AS DOUBLE) AS {f.name}" for f in features if f.source == DERIVED)
     ordered = ", ".join(f.name for f in features)
     return (

@@ -419,22 +419,51 @@ def run_pipeline(
 
 
 @app.command()
+def refresh(
+    ctx: typer.Context,
+    source: Annotated[str, typer.Option(help="Batch folder of the day's pull: new rows and changed rows.")],
+    as_of: Annotated[
+        datetime | None, typer.Option(help="Midnight to refresh to (default: the one after the newest order).")
+    ] = None,
+) -> None:
+    """The daily refresh as one Prefect flow: pull -> raw store -> online features rolled forward (no full
+    rebuild) -> re-score with the champion -> publish a bundle the running service switches to."""
+    if "://" not in source and not Path(source).is_dir():  # refused before pyarrow is even imported
+        raise typer.BadParameter(f"batch folder {source} does not exist", param_hint="'--source'")
+    settings = _orchestrated(ctx, "refresh", source)
+    from pipelines.refresh import refresh_flow
+
+    summary = refresh_flow(settings=settings, source=source, as_of=as_of.isoformat() if as_of else None)
+    typer.echo(summary.describe())
+
+
+@app.command()
 def schedule(
     ctx: typer.Context,
-    source: Annotated[Path, typer.Option(help="Batch folder the platform's monthly extract lands in.")],
-    cron: Annotated[str, typer.Option(help="When to run (cron, UTC).")] = "0 3 1 * *",
+    source: Annotated[Path, typer.Option(help="Batch folder the platform's extract (monthly) or pull (daily) "
+                                              "lands in.")],
+    cron: Annotated[str | None, typer.Option(help="When to run (cron, UTC); default: 03:00 on the 1st for run, "
+                                                  "02:00 every day for refresh.")] = None,
+    flow: Annotated[str, typer.Option(help="Which flow: run (monthly pipeline) or refresh (daily).")] = "run",
 ) -> None:
-    """Serve `scfrisk run` on a monthly schedule (needs `prefect server start` and PREFECT_API_URL)."""
+    """Serve `scfrisk run` monthly or `scfrisk refresh` daily (needs `prefect server start` and PREFECT_API_URL)."""
     import os
 
-    from prefect import serve
-
-    from pipelines.run import monthly_deployment
-
+    if flow not in ("run", "refresh"):
+        raise ScfriskError(f"schedule: --flow must be run or refresh, not '{flow}'")
     if "PREFECT_API_URL" not in os.environ:
         raise ScfriskError("scheduling needs a Prefect server: run `prefect server start`, then "
                            "export PREFECT_API_URL=http://127.0.0.1:4200/api")
-    serve(monthly_deployment(_settings(ctx), source, cron))
+    from prefect import serve
+
+    if flow == "refresh":
+        from pipelines.refresh import daily_deployment
+
+        serve(daily_deployment(_settings(ctx), source, cron or "0 2 * * *"))
+    else:
+        from pipelines.run import monthly_deployment
+
+        serve(monthly_deployment(_settings(ctx), source, cron or "0 3 1 * *"))
 
 
 @app.command()

@@ -118,7 +118,7 @@ class IngestResult:
             )
         lines = [f"ingested {sum(self.rows.values()):,} rows from {self.source} into raw store {self.store}"]
         for name, rows in self.rows.items():
-            months = self.partitions_written[name]
+            months = self.partitions_written.get(name, [])  # a table delivered empty writes nothing
             written = f"{len(months)} partition(s) rewritten" if months else "unchanged"
             lines.append(
                 f"  {name}: {rows:,} rows in batch, {written}, {self.store_rows.get(name, 0):,} rows stored"

@@ -21,6 +21,7 @@ import pandas as pd
 import uvicorn
 
 from core.files import file_sha256
+from core.settings import Settings
 from credit.limits import compute_limits
 from credit.policy import load_policy
 from explanation.reason_codes import REFERENCES_KEY, ReasonCodeIndex, reference_values
@@ -51,6 +52,19 @@ def train_model(seed: int = 7, rounds: int = 40) -> PDModel:
     references = reference_values(X, calibrator.transform(margin))
     return PDModel(booster, FEATURES, calibrator, load_policy(POLICY).master_scale,
                    {"seed": seed, REFERENCES_KEY: references})
+
+
+def register_champion(settings: Settings, seed: int = 7) -> str:
+    """`train_model` logged to the workspace's MLflow registry as its champion (real MLflow); its version."""
+    import mlflow
+
+    from models.registry import CHAMPION, configure_mlflow, log_pd_model
+
+    client = configure_mlflow(settings)
+    with mlflow.start_run():
+        version = log_pd_model(train_model(seed), online_snapshot(20), settings.mlflow.registered_model)
+    client.set_registered_model_alias(settings.mlflow.registered_model, CHAMPION, version)
+    return version
 
 
 def online_snapshot(n: int = 300, seed: int = 11) -> pd.DataFrame:

@@ -1,0 +1,257 @@
+"""The daily partials of the feature store, and the online vector rolled up from them (the I/O edge of
+`features.daily`).
+
+Layout under `<feature_store>/version=<feature_set_version>/daily/`:
+    <source>/gen=<id>/month=<YYYY-MM>/*.parquet         partials per merchant and day of one month of facts
+    <source>/gen=<id>/whole/month=<YYYY-MM>/*.parquet   the same added up per merchant and month
+    state.json   the as_of and raw snapshot they hold, and the folder of every (source, month)
+A refresh recomputes only the months it must, into a new generation, then replaces `state.json` (temp file
+and rename): a refresh that fails leaves the previous state and its files; files no state names any more
+are removed after the switch.
+
+The months to recompute, from the state's (as_of, snapshot) to the new ones, for each source: the months
+of the raw store's partitions whose content changed between the two snapshots (new rows, re-delivered rows
+whose state changed, corrections), and the months of facts with any time (a refund, a delivery, a due date,
+the fact's own time) in [old as_of, new as_of), whose point-in-time masks flip. Everything else is as it
+was: a day's partials depend only on its rows and on which of their times are before as_of.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+from core.errors import ScfriskError
+from core.partitioning import parse_partition_key
+from core.raw_store import RawStore
+from core.schemas import TABLES
+from features.daily import Plan, SourcePlan, edge_months, months_sql, partials_sql, plan, rolled_sql
+from features.definitions import FEATURES, SOURCES, Feature, feature_set_version
+from features.sql import assemble_sql, by_source, source_rows_sql, source_sql, used_columns
+from features.training_set import KEYS, normalise_entities, table_readers
+
+log = logging.getLogger(__name__)
+
+STATE = "state.json"
+WHOLE = "whole"
+"""Folder of a generation holding its months' partials added up per merchant and month."""
+LAYOUT = 2
+
+
+@dataclass
+class DailyRefresh:
+    """What one refresh did: the online vector, and which months of partials it recomputed."""
+
+    features: pd.DataFrame
+    as_of: pd.Timestamp
+    recomputed: dict[str, list[str]] = field(default_factory=dict)
+    """Months recomputed per source (all of them on a first build)."""
+    full: bool = False
+    """No usable earlier state: every month was computed."""
+
+    def describe(self) -> str:
+        months = sum(len(m) for m in self.recomputed.values())
+        how = "first build of the daily partials" if self.full else f"{months} source-month(s) of partials recomputed"
+        return f"online features of {len(self.features):,} merchants as of {self.as_of:%Y-%m-%d}: {how}"
+
+
+def _plan_hash(p: Plan) -> str:
+    text = json.dumps([LAYOUT, [[s.source.name, s.partials] for s in p.sources]])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def changed_months(old: dict[str, Any], new: dict[str, Any]) -> dict[str, set[str]]:
+    """Per raw table, the months of the partitions whose content differs between two manifests."""
+    out = {}
+    for name in set(old["tables"]) | set(new["tables"]):
+        a = old["tables"].get(name, {}).get("partitions", {})
+        b = new["tables"].get(name, {}).get("partitions", {})
+        out[name] = {parse_partition_key(k)[0] for k in set(a) | set(b)
+                     if a.get(k, {}).get("sha256") != b.get(k, {}).get("sha256")}
+    return out
+
+
+def _words(*sql: str) -> set[str]:
+    return set(re.findall(r"\w+", " ".join(sql)))
+
+
+def _months_sql(months: set[str], column: str = "fact_time") -> str:
+    """A predicate keeping the times of the given months."""
+    if not months:
+        return "false"
+    ranges = []
+    for m in sorted(months):
+        start = pd.Timestamp(f"{m}-01")
+        end = start + pd.offsets.MonthBegin(1)
+        ranges.append(f"({column} >= TIMESTAMP '{start:%Y-%m-%d}' AND {column} < TIMESTAMP '{end:%Y-%m-%d}')")
+    return " OR ".join(ranges)
+
+
+class DailyStore:
+    """Daily partial aggregates of one raw store as of one midnight, for the current feature-set version."""
+
+    def __init__(self, root: Path | str, raw_store: RawStore) -> None:
+        self.dir = Path(root) / f"version={feature_set_version()}" / "daily"
+        self.raw_store = raw_store
+        self.plan = plan()
+
+    def state(self) -> dict[str, Any] | None:
+        path = self.dir / STATE
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def _usable(self, state: dict[str, Any] | None, as_of: pd.Timestamp) -> RawStore | None:
+        """The raw store as the state saw it, if the state can be rolled forward to as_of."""
+        if state is None or state["plan"] != _plan_hash(self.plan) or pd.Timestamp(state["as_of"]) > as_of:
+            return None
+        try:
+            return self.raw_store.at(state["raw_snapshot_id"])
+        except ScfriskError:
+            return None
+
+    def refresh(self, as_of: pd.Timestamp | str) -> DailyRefresh:
+        """Bring the partials to as_of (a midnight) and the current raw snapshot; the online vector of
+        every merchant onboarded before as_of, equal to the point-in-time SQL's."""
+        as_of = pd.Timestamp(as_of)
+        if as_of != as_of.normalize():
+            raise ScfriskError(f"the online features roll by whole days: as_of must be a midnight, not {as_of}")
+        before = self._usable(self.state(), as_of)
+        old = self.state() if before is not None else None
+        con = duckdb.connect()
+        tables = table_readers(self.raw_store, con)
+        changed = changed_months(before.manifest(), self.raw_store.manifest()) if before else {}
+        files: dict[str, dict[str, str]] = {s.source.name: dict(old["files"].get(s.source.name, {})) if old else {}
+                                            for s in self.plan.sources}
+        generation = uuid.uuid4().hex[:12]
+        con.execute("CREATE OR REPLACE TEMP TABLE entities AS SELECT row_number() OVER () AS eid, merchant_id, "
+                    "?::TIMESTAMP AS as_of FROM merchants", [as_of.to_pydatetime()])
+        recomputed: dict[str, list[str]] = {}
+        for source_plan in self.plan.sources:
+            name = source_plan.source.name
+            months = None if old is None else self._touched(con, before, source_plan, changed,  # type: ignore[arg-type]
+                                                             pd.Timestamp(old["as_of"]), as_of)
+            if months == set():
+                continue
+            written = self._write(con, source_plan, tables, months, generation)
+            if months is None:
+                files[name] = {}
+            for m in months or ():
+                files[name].pop(m, None)
+            files[name].update(written)
+            recomputed[name] = sorted(written if months is None else months)
+        new_state = {"as_of": as_of.isoformat(), "raw_snapshot_id": self.raw_store.snapshot_id,
+                     "plan": _plan_hash(self.plan), "files": files}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f"{STATE}.tmp"
+        tmp.write_text(json.dumps(new_state, indent=1, sort_keys=True))
+        tmp.replace(self.dir / STATE)
+        self._collect(new_state)
+        frame = self._roll_up(con, tables, files, as_of)
+        return DailyRefresh(frame, as_of, recomputed, full=old is None)
+
+    def _touched(self, con: duckdb.DuckDBPyConnection, before: RawStore, source_plan: SourcePlan,
+                 changed: dict[str, set[str]], old_as_of: pd.Timestamp, as_of: pd.Timestamp) -> set[str] | None:
+        """Months (of the source's time) whose partials may differ; None: all of them. Only the raw columns
+        the partials read count: a joined table whose columns they do not use, a time they do not compare."""
+        source = source_plan.source
+        spec = TABLES[source.table]
+        read = _words(source.time_column, *(expr for _, expr in used_columns(source, source_plan.features)))
+        joined = set(re.findall(r"\{(\w+)\}", source.relation)) - {"table", source.table}
+        if any(changed.get(t) and read & (set(TABLES[t].column_index) - set(spec.column_index)) for t in joined):
+            return None  # a joined table whose columns the partials use changed: its rows reach any month
+        time = source.time_column
+        month = f"strftime({time}, '%Y-%m')"
+        crossing = " OR ".join(f"({c} >= $old AND {c} < $new)" for c in spec.timestamp_columns if c in read)
+        params = {"old": old_as_of.to_pydatetime(), "new": as_of.to_pydatetime()}
+        months = {m for (m,) in con.execute(
+            f"SELECT DISTINCT {month} FROM {source.table} WHERE {time} < $new AND ({crossing})", params).fetchall()}
+        moved = changed.get(source.table, set())
+        if moved and time == spec.time_column:
+            months |= moved
+        elif moved:  # partitioned by another time than the source's: map its changed rows, before and after
+            where = f"{time} IS NOT NULL AND ({_months_sql(moved, spec.time_column)})"
+            old_con = duckdb.connect()
+            before.register(old_con, source.table)
+            for c in (con, old_con):
+                months |= {m for (m,) in c.execute(f"SELECT DISTINCT {month} FROM {source.table} WHERE {where}")
+                           .fetchall()}
+        return months
+
+    def _write(self, con: duckdb.DuckDBPyConnection, source_plan: SourcePlan, tables: dict[str, str],
+               months: set[str] | None, generation: str) -> dict[str, str]:
+        """Compute the partials of the given months (None: all) into a new generation, per day and per month
+        (`whole/`); month -> its folder."""
+        source = source_plan.source
+        rows = {source.name: source_rows_sql(source, source_plan.features, tables)}
+        where = "true" if months is None else _months_sql(months)
+        folder = self.dir / source.name / f"gen={generation}"
+        folder.mkdir(parents=True, exist_ok=True)
+        by_month = "(FORMAT parquet, PARTITION_BY (month), OVERWRITE_OR_IGNORE)"
+        con.execute(f"COPY (SELECT strftime(day, '%Y-%m') AS month, * FROM ({partials_sql(source_plan, rows, where)})) "
+                    f"TO '{folder}' {by_month}")
+        written = {p.name.removeprefix("month="): str(p.relative_to(self.dir)) for p in sorted(folder.glob("month=*"))}
+        if written:
+            days = f"read_parquet('{folder}/month=*/*.parquet', hive_partitioning = false)"
+            con.execute(f"COPY (SELECT strftime(day, '%Y-%m') AS month, * FROM ({months_sql(source_plan, days)})) "
+                        f"TO '{folder / WHOLE}' {by_month}")
+        return written
+
+    def _collect(self, state: dict[str, Any]) -> None:
+        """Remove the generations no month of the state names any more."""
+        kept = {Path(f).parts[1] for months in state["files"].values() for f in months.values()}
+        for folder in self.dir.glob("*/gen=*"):
+            if folder.name not in kept:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _partials(self, files: dict[str, str], source_plan: SourcePlan, tables: dict[str, str],
+                  as_of: pd.Timestamp, features: list[Feature], mixed: bool) -> str:
+        """The partials these features read as of as_of (`features.daily.rolled_sql`): the days of the months
+        they reach back to, or (mixed) the days of their edge months and the other months whole."""
+        days = [f.lookback_days for f in features]
+        first = None if None in days else f"{as_of - pd.Timedelta(days=max(days)):%Y-%m}"  # type: ignore[type-var]
+        reach = {m: f for m, f in files.items() if first is None or m >= first}
+        if not mixed:
+            return self._read([self.dir / f for f in reach.values()], source_plan, tables)
+        edges = edge_months(features, as_of)
+        day_rows = self._read([self.dir / f for m, f in reach.items() if m in edges], source_plan, tables)
+        whole = [self.dir / Path(f).parent / WHOLE / Path(f).name for f in reach.values()]
+        month_rows = self._read(whole, source_plan, tables)
+        return (f"(SELECT *, false AS is_month FROM {day_rows} UNION ALL BY NAME "
+                f"SELECT *, true AS is_month FROM {month_rows})")
+
+    def _read(self, folders: list[Path], source_plan: SourcePlan, tables: dict[str, str]) -> str:
+        """Partial files as one relation (an empty one of the same columns when there are none)."""
+        if not folders:
+            rows = {source_plan.source.name: source_rows_sql(source_plan.source, source_plan.features, tables)}
+            return f"({partials_sql(source_plan, rows, 'false')})"
+        listed = ", ".join(f"'{p}/*.parquet'" for p in sorted(folders))
+        return f"read_parquet([{listed}], hive_partitioning = false)"
+
+    def _roll_up(self, con: duckdb.DuckDBPyConnection, tables: dict[str, str], files: dict[str, dict[str, str]],
+                 as_of: pd.Timestamp) -> pd.DataFrame:
+        merchants = con.execute(
+            f"SELECT merchant_id, ?::TIMESTAMP AS as_of FROM {tables.get('merchants', 'merchants')} "
+            "WHERE onboarded_at < ?::TIMESTAMP ORDER BY merchant_id", [as_of.to_pydatetime()] * 2).df()
+        entities = normalise_entities(merchants)
+        con.register("batch", entities)
+        con.execute("CREATE OR REPLACE TEMP TABLE entities AS SELECT row_number() OVER () AS eid, * FROM batch")
+        relations = {}
+        for source_plan in self.plan.sources:
+            relation = partial(self._partials, files[source_plan.source.name], source_plan, tables, as_of)
+            relations[f"r_{source_plan.source.name}"] = (rolled_sql(source_plan, relation), source_plan.features)
+        direct = by_source(self.plan.direct)
+        rows = {name: source_rows_sql(SOURCES[name], fs, tables) for name, fs in direct.items()}
+        for name, fs in direct.items():
+            relations[f"d_{name}"] = (source_sql(SOURCES[name], fs, rows), fs)
+        features = con.execute(assemble_sql(relations, FEATURES)).df()
+        return entities.merge(features, on=KEYS, how="left", validate="one_to_one")

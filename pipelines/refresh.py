@@ -1,0 +1,143 @@
+"""`scfrisk refresh`: the daily refresh, one Prefect flow from the day's pull to a live bundle.
+
+pull the day (a batch folder) -> raw store (the ingest: validated whole, all or nothing) -> online features
+as of the next midnight, rolled forward from the daily partials (`features.daily_store`), no full rebuild
+-> every merchant re-scored by the live champion, limits recomputed -> a new bundle, switched in by the
+pointer the service polls (`serving.live`: requests in flight keep the bundle they started with).
+
+Training, monthly snapshots, the risk and strategy reports are the monthly run's (`scfrisk run`); the
+refresh reuses the champion and its report. A failure at any step publishes nothing: the live bundle stays.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+from prefect import flow
+from prefect.deployments.runner import RunnerDeployment
+
+from core.batch import require_tables
+from core.errors import ScfriskError
+from core.raw_store import RawStore
+from core.settings import Settings
+from core.sources import open_source
+from features.training_set import table_readers
+from pipelines.ingest import _Stopwatch as Stopwatch  # the ingest's wall and CPU seconds per stage
+from pipelines.ingest import ingest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RefreshSummary:
+    as_of: pd.Timestamp
+    snapshot_id: str
+    bundle_id: str
+    merchants: int
+    model_version: str
+    features: str
+    """What the feature step did (`DailyRefresh.describe`)."""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall seconds per step: pull, features, score, publish."""
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        steps = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
+        return (f"refreshed to {self.as_of:%Y-%m-%d}: bundle {self.bundle_id} live (champion v{self.model_version}, "
+                f"{self.merchants:,} merchants re-scored, raw snapshot {self.snapshot_id})\n  {self.features}\n"
+                f"  {steps}")
+
+
+def next_midnight(store: RawStore) -> pd.Timestamp:
+    """The midnight after the newest order: the as_of of the day the store now holds whole."""
+    con = duckdb.connect()
+    orders = table_readers(store, con, ["orders"])["orders"]
+    (last,) = con.execute(f"SELECT max(ordered_at) FROM {orders}").fetchone()
+    if last is None:
+        raise ScfriskError(f"raw store {store.root} has no orders; nothing to refresh")
+    return pd.Timestamp(last).normalize() + pd.Timedelta(days=1)
+
+
+def refresh(settings: Settings, source: str | Path, as_of: pd.Timestamp | None = None) -> RefreshSummary:
+    """The daily refresh (see the module docstring); `as_of` defaults to the midnight after the newest order."""
+    from credit.policy import load_policy
+    from explanation.reason_codes import ReasonCodeIndex
+    from features.daily_store import DailyStore
+    from features.offline_store import OfflineStore, write_with_metadata
+    from features.online_store import publish_online
+    from pipelines.limits import champion, limits_path, limits_table
+    from pipelines.publish import BundleParts, publish
+    from pipelines.report import report_file
+
+    batch = open_source(str(source))
+    require_tables("refresh", RawStore(settings.path("raw_store")), batch.tables(), batch.description)
+    steps = Stopwatch()
+    pulled = steps.time("pull", ingest, batch, settings)
+    log.info(pulled.describe())
+    store = RawStore(settings.path("raw_store"))
+    as_of = pd.Timestamp(as_of) if as_of is not None else next_midnight(store)
+
+    def features() -> tuple[Any, Path]:
+        daily = DailyStore(settings.path("feature_store"), store).refresh(as_of)
+        offline = OfflineStore(settings.path("feature_store"), store)
+        write_with_metadata(daily.features, offline.snapshot_path(as_of), offline.metadata(as_of.isoformat()))
+        return daily, publish_online(offline, as_of)
+
+    daily, online = steps.time("features", features)
+    model, version = champion(settings)
+
+    def score() -> tuple[Path, ReasonCodeIndex]:
+        limits = limits_table(daily.features, model, version, load_policy(settings.policy_file))
+        path = limits_path(settings, as_of.to_pydatetime())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        limits.to_parquet(path, index=False)
+        return path, ReasonCodeIndex.for_population(model, daily.features, version)
+
+    limits, reasons = steps.time("score", score)
+    report = report_file(settings, version)
+
+    def switch_in() -> str:
+        with tempfile.TemporaryDirectory() as tmp:
+            return publish(BundleParts(
+                model_dir=model.save(Path(tmp) / "model"),
+                model_version=version,
+                feature_set_version=OfflineStore(settings.path("feature_store"), store).version,
+                features_as_of=as_of.isoformat(),
+                online_features=online,
+                limits=limits,
+                reason_codes=reasons,
+                policy_file=Path(settings.policy_file),
+                risk_report=report if report.is_file() else None,
+            ), settings)
+
+    bundle_id = steps.time("publish", switch_in)
+    return RefreshSummary(as_of, store.snapshot_id or "", bundle_id, len(daily.features), version,
+                          daily.describe(), steps.seconds, steps.cpu_seconds)
+
+
+@flow(name="scfrisk-refresh", log_prints=False)
+def refresh_flow(settings: Settings, source: str, as_of: str | None = None) -> RefreshSummary:
+    """Prefect shell of `refresh`: one flow run per day."""
+    summary = refresh(settings, source, pd.Timestamp(as_of) if as_of else None)
+    log.info(summary.describe())
+    return summary
+
+
+def daily_deployment(settings: Settings, source: Path, cron: str = "0 2 * * *") -> RunnerDeployment:
+    """`scfrisk refresh` as a Prefect deployment on a daily cron schedule, reading the folder the day's
+    pull lands in (served by `scfrisk schedule --flow refresh`)."""
+    from pydantic import ValidationError
+
+    try:
+        return refresh_flow.to_deployment(
+            name="daily", cron=cron,
+            parameters={"settings": settings.model_dump(mode="json"), "source": str(Path(source).resolve())},
+        )
+    except ValidationError:
+        raise ScfriskError(f"schedule: '{cron}' is not a valid cron expression (e.g. '0 2 * * *')") from None

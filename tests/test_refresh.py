@@ -1,0 +1,156 @@
+"""The daily refresh: incremental online features equal a full rebuild, and `scfrisk refresh` end to end
+publishes a bundle the running service switches to under traffic, with no failed request."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import duckdb
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from core.errors import ScfriskError
+from core.raw_store import RawStore
+from core.settings import ServiceConfig, Settings
+from features.daily_store import DailyStore
+from features.definitions import FEATURES
+from features.offline_store import OfflineStore
+from pipelines.ingest import ingest
+from testkit.daily import split_day
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data_samples" / "platform"
+DAY = pd.Timestamp("2025-10-15")
+MERCHANTS = 600
+
+
+def assert_same_features(got: pd.DataFrame, want: pd.DataFrame) -> None:
+    """Every feature of every merchant: categories equal, numbers equal to 1e-12 (relative above 1), the
+    same ones unknown."""
+    assert list(got.columns) == list(want.columns)
+    assert got["merchant_id"].tolist() == want["merchant_id"].tolist()
+    assert (got["as_of"] == want["as_of"]).all()
+    for f in FEATURES:
+        a, b = got[f.name], want[f.name]
+        if f.kind == "categorical":
+            assert a.fillna("<none>").tolist() == b.fillna("<none>").tolist(), f.name
+            continue
+        a, b = a.to_numpy(float), b.to_numpy(float)
+        assert (np.isnan(a) == np.isnan(b)).all(), f"{f.name}: unknown for other merchants"
+        known = ~np.isnan(b)
+        gap = np.abs(a[known] - b[known]) / np.maximum(1.0, np.abs(b[known]))
+        assert gap.max(initial=0.0) <= 1e-12, f"{f.name}: off by {gap.max():.3g}"
+
+
+@pytest.fixture(scope="module")
+def days(tmp_path_factory) -> dict[str, Path]:
+    """The sample's first 600 merchants cut at DAY: the base before it, the day's pull."""
+    root = tmp_path_factory.mktemp("days")
+    counts = split_day(SAMPLE, DAY, root / "base", root / "day", merchants=MERCHANTS)
+    con = duckdb.connect()
+    older = con.execute(f"SELECT count(*) FROM '{root}/day/orders.parquet' WHERE ordered_at < ?", [DAY]).fetchone()[0]
+    assert counts["orders"]["day"] > older > 0  # new orders, and older ones whose state changed that day
+    return {"base": root / "base", "day": root / "day"}
+
+
+def test_refresh_after_a_day_equals_a_full_rebuild_every_feature_every_merchant(days, settings):
+    ingest(days["base"], settings)
+    store = RawStore(settings.path("raw_store"))
+    daily = DailyStore(settings.path("feature_store"), store)
+    first = daily.refresh(DAY)
+    assert first.full
+    assert_same_features(first.features, OfflineStore(settings.path("feature_store"), store).read(DAY))
+
+    pulled = ingest(days["day"], settings)
+    assert "merchants: 0 rows in batch, unchanged" in pulled.describe()  # a day with no new merchant
+    store = RawStore(settings.path("raw_store"))
+    after = DailyStore(settings.path("feature_store"), store).refresh(DAY + pd.Timedelta(days=1))
+    assert not after.full
+    # The day's month, and the older months whose orders were refunded, delivered... that day; not the rest.
+    months = after.recomputed["orders"]
+    assert "2025-10" in months and any(m < "2025-10" for m in months) and len(months) < 12
+    full = OfflineStore(settings.path("feature_store"), store).read(DAY + pd.Timedelta(days=1))
+    assert_same_features(after.features, full)
+
+    # Days roll with no new pull: windows move, masks flip (deliveries, due dates) on the stored rows.
+    later = DAY + pd.Timedelta(days=9)
+    rolled = DailyStore(settings.path("feature_store"), store).refresh(later)
+    assert not rolled.full
+    assert_same_features(rolled.features, OfflineStore(settings.path("feature_store"), store).read(later))
+
+
+def test_online_features_roll_by_whole_days_only(settings):
+    with pytest.raises(ScfriskError, match="must be a midnight"):
+        DailyStore(settings.path("feature_store"), RawStore(settings.path("raw_store"))).refresh(
+            DAY + pd.Timedelta(hours=6))
+
+
+KEY = "refresh-test-key-0123456789"
+
+
+@pytest.mark.slow
+def test_scfrisk_refresh_publishes_the_day_and_the_running_service_switches_with_no_failed_request(
+        days, tmp_path, prefect_server, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from pipelines.refresh import refresh_flow
+    from serving.app import create_app
+    from serving.auth import Keyring
+    from serving.bundle import BUNDLES_DIR, read_manifest
+    from testkit.service import register_champion, running_service
+
+    settings = Settings(home=tmp_path / "home", service=ServiceConfig(reload_interval_seconds=0.05))
+    version = register_champion(settings)
+    first = refresh_flow(settings=settings, source=str(days["base"]))  # the first pull: the base, as of DAY
+    assert first.as_of == DAY and first.model_version == version and "first build" in first.features
+    merchant = pd.read_parquet(settings.path("feature_store") / "online" / "features.parquet")["merchant_id"].iloc[0]
+    monkeypatch.setenv("SCFRISK_HOME", str(settings.home_dir))
+    stop = threading.Event()
+
+    with running_service(create_app(settings, Keyring.from_config([], {"SCFRISK_API_KEYS": KEY})), KEY) as client:
+        assert client.get("/readyz").json()["bundle_id"] == first.bundle_id
+
+        def hammer() -> list[tuple[int, str]]:
+            answers = []
+            with httpx.Client(base_url=str(client.base_url), headers={"X-API-Key": KEY}) as own:
+                while not stop.is_set():
+                    answer = own.post("/v1/score", json={"merchant_id": merchant})
+                    answers.append((answer.status_code, answer.json().get("bundle_id")))
+            return answers
+
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(hammer) for _ in range(3)]
+            result = CliRunner().invoke(app, ["refresh", "--source", str(days["day"])])
+            assert result.exit_code == 0, result.output
+            published = settings.path("published")
+            second = (published / "CURRENT").read_text().strip()
+            deadline = time.monotonic() + 30
+            while client.get("/readyz").json()["bundle_id"] != second and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.3)  # traffic on the new bundle too
+            stop.set()
+            answers = [a for f in futures for a in f.result()]
+    assert second != first.bundle_id and f"refreshed to {DAY + pd.Timedelta(days=1):%Y-%m-%d}" in result.output
+    assert {code for code, _ in answers} == {200}
+    assert {bundle for _, bundle in answers} == {first.bundle_id, second}  # served before and after the swap
+    manifest = read_manifest(published / BUNDLES_DIR / second)
+    assert manifest["features_as_of"] == (DAY + pd.Timedelta(days=1)).isoformat()
+    assert manifest["model_version"] == version
+
+
+def test_schedule_refresh_is_a_daily_deployment_with_this_workspace(tmp_path):
+    from pipelines.refresh import daily_deployment
+
+    settings = Settings(home=tmp_path / "ws")
+    deployment = daily_deployment(settings, SAMPLE)
+    assert deployment.flow_name == "scfrisk-refresh"
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
+    assert Settings(**deployment.parameters["settings"]) == settings
+    assert deployment.parameters["source"] == str(SAMPLE.resolve())
+    with pytest.raises(ScfriskError, match="not a valid cron expression"):
+        daily_deployment(settings, SAMPLE, cron="every day")
