@@ -212,7 +212,7 @@ def _ingest(source: Source, settings: Settings, now: datetime) -> IngestResult:
     from reporting.validation_page import write_validation_page
 
     validation = BatchValidation(settings, now, partial(write_validation_page, settings.path("validation")))
-    clock = _Stopwatch()
+    clock = Stopwatch()
     with store.transaction() as staging:
         BatchSpill.clear_leftovers(store)
         pinned = store.pinned()
@@ -394,7 +394,7 @@ def _release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-class _Stopwatch:
+class Stopwatch:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self.cpu_seconds: dict[str, float] = {}

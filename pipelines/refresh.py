@@ -6,7 +6,8 @@ as of the next midnight, rolled forward from the daily partials (`features.daily
 pointer the service polls (`serving.live`: requests in flight keep the bundle they started with).
 
 Training, monthly snapshots, the risk and strategy reports are the monthly run's (`scfrisk run`); the
-refresh reuses the champion and its report. A failure at any step publishes nothing: the live bundle stays.
+refresh reuses the champion and its report, and carries the live bundle's early-warning alerts until
+`scfrisk monitor` publishes the next day's. A failure at any step publishes nothing: the live bundle stays.
 """
 
 from __future__ import annotations
@@ -28,8 +29,7 @@ from core.raw_store import RawStore
 from core.settings import Settings
 from core.sources import open_source
 from features.training_set import table_readers
-from pipelines.ingest import _Stopwatch as Stopwatch  # the ingest's wall and CPU seconds per stage
-from pipelines.ingest import ingest
+from pipelines.ingest import Stopwatch, ingest
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def refresh(settings: Settings, source: str | Path, as_of: pd.Timestamp | None =
     from features.offline_store import OfflineStore, write_with_metadata
     from features.online_store import publish_online
     from pipelines.limits import champion, limits_path, limits_table
-    from pipelines.publish import BundleParts, publish
+    from pipelines.publish import BundleParts, live_alerts, publish
     from pipelines.report import report_file
 
     batch = open_source(str(source))
@@ -103,6 +103,7 @@ def refresh(settings: Settings, source: str | Path, as_of: pd.Timestamp | None =
     report = report_file(settings, version)
 
     def switch_in() -> str:
+        alerts, alerts_as_of = live_alerts(settings.path("published"))
         with tempfile.TemporaryDirectory() as tmp:
             return publish(BundleParts(
                 model_dir=model.save(Path(tmp) / "model"),
@@ -114,6 +115,8 @@ def refresh(settings: Settings, source: str | Path, as_of: pd.Timestamp | None =
                 reason_codes=reasons,
                 policy_file=Path(settings.policy_file),
                 risk_report=report if report.is_file() else None,
+                alerts=alerts,
+                alerts_as_of=alerts_as_of,
             ), settings)
 
     bundle_id = steps.time("publish", switch_in)

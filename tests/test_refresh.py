@@ -110,10 +110,11 @@ def test_scfrisk_refresh_publishes_the_day_and_the_running_service_switches_with
     assert first.as_of == DAY and first.model_version == version and "first build" in first.features
     merchant = pd.read_parquet(settings.path("feature_store") / "online" / "features.parquet")["merchant_id"].iloc[0]
     monkeypatch.setenv("SCFRISK_HOME", str(settings.home_dir))
+    frozen = _publish_a_freeze(settings, merchant)  # what `scfrisk monitor` publishes on a late loan
     stop = threading.Event()
 
     with running_service(create_app(settings, Keyring.from_config([], {"SCFRISK_API_KEYS": KEY})), KEY) as client:
-        assert client.get("/readyz").json()["bundle_id"] == first.bundle_id
+        assert client.get("/readyz").json()["bundle_id"] == frozen
 
         def hammer() -> list[tuple[int, str]]:
             answers = []
@@ -135,12 +136,28 @@ def test_scfrisk_refresh_publishes_the_day_and_the_running_service_switches_with
             time.sleep(0.3)  # traffic on the new bundle too
             stop.set()
             answers = [a for f in futures for a in f.result()]
+        scored = client.post("/v1/score", json={"merchant_id": merchant}).json()
     assert second != first.bundle_id and f"refreshed to {DAY + pd.Timedelta(days=1):%Y-%m-%d}" in result.output
     assert {code for code, _ in answers} == {200}
-    assert {bundle for _, bundle in answers} == {first.bundle_id, second}  # served before and after the swap
+    assert {bundle for _, bundle in answers} == {frozen, second}  # served before and after the swap
     manifest = read_manifest(published / BUNDLES_DIR / second)
     assert manifest["features_as_of"] == (DAY + pd.Timedelta(days=1)).isoformat()
     assert manifest["model_version"] == version
+    # The refresh re-scored every merchant but looked at no loan: the monitor's freeze stays in force.
+    assert manifest["alerts_as_of"] == DAY.isoformat()
+    assert scored["bundle_id"] == second
+    microloan = next(row for row in scored["limits"] if row["product"] == "microloan")
+    assert microloan["limit"] == 0.0 and microloan["monitoring_action"] == "freeze"
+
+
+def _publish_a_freeze(settings: Settings, merchant: str) -> str:
+    from pipelines.monitor import bundle_parts, live_bundle
+    from pipelines.publish import publish
+
+    alerts = pd.DataFrame({"as_of": [DAY], "loan_id": ["L-test"], "merchant_id": [merchant],
+                           "product": ["microloan"], "signal": ["dpd"], "evidence": ["{}"], "action": ["freeze"],
+                           "cut_share": [np.nan], "reason": ["a repayment is late"]})
+    return publish(bundle_parts(live_bundle(settings), Path(settings.policy_file), alerts, DAY), settings)
 
 
 def test_schedule_refresh_is_a_daily_deployment_with_this_workspace(tmp_path):
