@@ -61,7 +61,7 @@ from deltalake.transaction import AddAction, CommitProperties, RemoveAction, cre
 from deltalake.transaction import Transaction as AppTransaction
 
 from core.errors import ScfriskError
-from core.partitioning import BUCKET, MONTH, parse_partition_key, split_by_partition
+from core.partitioning import BUCKET, MONTH, parse_partition_key, partition_key, split_by_partition
 from core.schemas import TABLES
 
 DEFAULT_BUCKETS = 8
@@ -223,24 +223,24 @@ class RawStore:
 
     def moved_keys(self, name: str, batch_keys: pads.Dataset | pa.Table) -> dict[str, pa.Array]:
         """Stored rows a batch re-delivers into another partition (its time or merchant changed): their
-        keys, by the stored partition they must leave. `batch_keys`: the batch's key column and its
-        `partition` (a `partition_key`). Key columns only, in DuckDB (which spills a join larger than memory)."""
+        keys, by the stored partition (`partition_key`) they must leave. `batch_keys`: the batch's key column
+        and the `month` and `bucket` of each row. Key columns only, in DuckDB (which spills to disk a join
+        larger than memory)."""
         if not self.has_table(name):
             return {}
         key = TABLES[name].key
         con = duckdb.connect()
         con.register("batch_keys", batch_keys)
-        con.register("stored", self.dataset(name).scanner(columns=[key, MONTH, BUCKET]))
+        con.register("stored", self.dataset(name))
         moved = con.sql(
-            f"SELECT '{MONTH}=' || s.{MONTH} || '/{BUCKET}=' || s.{BUCKET} AS partition, s.{key} FROM stored s "
-            f"JOIN batch_keys b ON s.{key} = b.{key} "
-            f"WHERE b.partition <> '{MONTH}=' || s.{MONTH} || '/{BUCKET}=' || s.{BUCKET} ORDER BY 1, 2"
+            f"SELECT s.{MONTH}, s.{BUCKET}, s.{key} FROM stored s JOIN batch_keys b ON s.{key} = b.{key} "
+            f"WHERE s.{MONTH} <> b.{MONTH} OR s.{BUCKET} <> b.{BUCKET} ORDER BY 1, 2, 3"
         ).to_arrow_table()
         con.close()
-        out: dict[str, pa.Array] = {}
-        for part in pc.unique(moved.column("partition")).to_pylist():
-            out[part] = moved.filter(pc.equal(moved.column("partition"), part)).column(key).combine_chunks()
-        return out
+        out: dict[str, list[Any]] = {}
+        for month, bucket, value in zip(*(moved.column(c).to_pylist() for c in (MONTH, BUCKET, key)), strict=True):
+            out.setdefault(partition_key(month, bucket), []).append(value)
+        return {k: pa.array(v, TABLES[name].column_index[key].type) for k, v in out.items()}
 
     def stage_partition(
         self, name: str, key: str, rows: pa.Table | None, leaving: pa.Array | None = None
@@ -370,10 +370,10 @@ class Transaction:
         touches, and those its rows leave. The ingest stages partition by partition instead."""
         spec, store = TABLES[name], self.store
         parts = split_by_partition(table, spec.time_column, store.buckets)
-        keys = pa.concat_tables(
-            [pa.table({spec.key: rows.column(spec.key), "partition": pa.array([k] * rows.num_rows, pa.string())})
-             for k, rows in parts.items()]
-        ) if parts else None
+        keys = pa.concat_tables([
+            pa.table({spec.key: rows.column(spec.key), MONTH: [month] * len(rows), BUCKET: [bucket] * len(rows)})
+            for (month, bucket), rows in ((parse_partition_key(k), rows) for k, rows in parts.items())
+        ]) if parts else None
         leaving = store.moved_keys(name, keys) if keys is not None else {}
         self.add([store.stage_partition(name, key, parts.get(key), leaving.get(key))
                   for key in sorted({*parts, *leaving})])

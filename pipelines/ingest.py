@@ -22,15 +22,29 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import flow
 from rich.progress import Progress
 
-from core.raw_store import RawStore
-from core.schemas import TABLES
+from core.partitioning import parse_partition_key
+from core.raw_store import RawStore, StagedPartition
+from core.rules import Failure, show_value
+from core.schemas import TABLES, ForeignKey
 from core.settings import Settings
-from core.sources import Source, open_source, read_table
+from core.sources import Source, open_source
+from core.staging import BatchSpill, concat
+from core.validation import (
+    BatchValidation,
+    TableChecked,
+    TableValidator,
+    check_frames,
+    failed_rows_detail,
+    merge_failures,
+    to_validation_frame,
+)
+from pipelines.compute import run_partitions
 
 if TYPE_CHECKING:
     from core.rules import ReferenceKeys
@@ -90,9 +104,11 @@ class IngestResult:
     already_loaded: bool = False
     """The store's snapshot was made by this very batch: nothing was read, validated or written."""
     seconds: dict[str, float] = field(default_factory=dict)
-    """Wall seconds per stage (read, validate, write)."""
+    """Wall seconds per stage of the flow: split (read the source into partitions), keys (checks across
+    partitions), partitions (validate and stage them, on the engine), commit."""
     cpu_seconds: dict[str, float] = field(default_factory=dict)
-    """CPU seconds per stage, all threads: the stable figure on a shared machine."""
+    """CPU seconds per stage, all threads (`partitions`: summed over the processes that ran them): the
+    stable figure on a shared machine."""
 
     def describe(self) -> str:
         if self.already_loaded:
@@ -115,10 +131,12 @@ class IngestResult:
 
 
 def ingest(source: Source | Path | str, settings: Settings, now: datetime | None = None) -> IngestResult:
-    """Validate the batch and upsert it, one table at a time; nothing is swapped in unless all passed.
+    """Validate the batch and upsert it, partition by partition; nothing is swapped in unless all passed.
 
-    Tables stream in dependency order: read, validate (foreign keys against the keys of the tables
-    before it plus the store), stage its partitions, then drop it, so only one table is in memory.
+    The source is read once, streaming, and cut into the store's partitions (month x merchant bucket,
+    `core.staging`); the rules that span partitions are checked on key columns only (`_key_checks`); then
+    every partition is validated with Great Expectations and staged, in units of about `UNIT_ROWS` rows,
+    on the configured engine (`pipelines.compute.run_partitions`): memory is a unit's, whatever the batch.
     `now` bounds timestamps. The batch that made the store's current snapshot is not ingested again
     (a rerun of the pipeline after a later stage failed): it would pass and change nothing.
     """
@@ -130,6 +148,47 @@ def ingest(source: Source | Path | str, settings: Settings, now: datetime | None
         return _ingest(opened, settings, now or datetime.now(UTC).replace(tzinfo=None))
     finally:
         gc.unfreeze()
+
+
+UNIT_ROWS = 500_000
+"""Rows validated and staged by one task at most (unless one partition alone has more): large enough that
+GX's fixed cost per run (~0.13 s CPU) is small beside the rows', small enough that a unit's frames stay
+within a few hundred MB."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Partitions of one table that one task validates together and stages one by one."""
+
+    table: str
+    partitions: tuple[str, ...]
+    """Partition keys with batch rows (validated, then staged)."""
+    leaving: Mapping[str, pa.Array] = field(default_factory=dict)
+    """Stored rows the batch moves to another partition, by the partition they leave (staged, no new rows)."""
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        return tuple(sorted({parse_partition_key(k)[1] for k in (*self.partitions, *self.leaving)}))
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    table: str
+    failures: list[Failure]
+    checked: TableChecked | None
+    staged: list[StagedPartition]
+    cpu_seconds: float
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """What every unit task needs, pickled once per task: small (file lists, settings, the pinned store)."""
+
+    token: str
+    store: RawStore
+    spill: BatchSpill
+    settings: Settings
+    now: datetime
 
 
 def _ingest(source: Source, settings: Settings, now: datetime) -> IngestResult:
@@ -149,49 +208,177 @@ def _ingest(source: Source, settings: Settings, now: datetime) -> IngestResult:
             data_docs=None,
             already_loaded=True,
         )
-    from core.validation import BatchValidation, check_frames, to_validation_frame
     from reporting.validation_page import write_validation_page
 
     validation = BatchValidation(settings, now, partial(write_validation_page, settings.path("validation")))
     clock = _Stopwatch()
-    domains: dict[tuple[str, str], pa.Array] = {}
-    rows: dict[str, int] = {}
-    with store.transaction() as staging, Progress(transient=True) as progress:
-        task = progress.add_task("ingesting", total=len(names))
-        for name in names:
-            spec = TABLES[name]
-            table = clock.time("read", read_table, source, name)
-            rows[name] = table.num_rows
-            for fk in spec.foreign_keys:
-                if (fk.table, fk.ref_column) not in domains:
-                    domains[(fk.table, fk.ref_column)] = key_domain(fk.table, fk.ref_column, None, store)
-            checks = clock.time("validate", check_frames, spec, table, domains)
-            domains.update({(t, c): key_domain(t, c, table, store) for t, c in REFERENCED if t == name})
-            frame = clock.time("validate", to_validation_frame, table, name)
-            del table  # GX's pandas copy is the only one while it validates: reading again is cheaper
-            _release_memory()
-            clock.time("validate", validation.validate, spec, frame, checks, domains)
-            del frame, checks
-            _release_memory()
-            if not validation.failures:  # once the batch is rejected, staging more is wasted work
-                clock.time("write", staging.stage, name, clock.time("read", read_table, source, name))
-                _release_memory()
-            progress.advance(task)
-        data_docs = clock.time("validate", validation.finish)
-        written = clock.time("write", staging.commit, fingerprint, source.state())
+    with store.transaction() as staging:
+        BatchSpill.clear_leftovers(store)
+        pinned = store.pinned()
+        spill = BatchSpill(pinned)
+        try:
+            with Progress(transient=True) as progress:
+                bar = progress.add_task("reading the batch", total=len(names))
+                for name in names:
+                    clock.time("split", spill.add, name, source.batches(name), pinned.buckets)
+                    progress.advance(bar)
+            rows = {name: spill.tables[name].total_rows for name in names}
+            units: list[Unit] = []
+            global_failures: dict[str, list[Failure]] = {}
+            for name in names:
+                failures, leaving = clock.time("keys", _key_checks, pinned, spill, name, settings)
+                global_failures[name] = failures
+                units += _plan(name, spill.tables[name].rows, leaving)
+            batch = _Batch(spill.root.rsplit("/", 1)[1], pinned, spill, settings, now)
+            start = time.perf_counter()
+            results = run_partitions(partial(_process_unit, batch), units, "validating and staging partitions")
+            clock.seconds["partitions"] = round(time.perf_counter() - start, 3)
+            clock.cpu_seconds["partitions"] = round(sum(r.cpu_seconds for r in results), 3)
+            for result in results:
+                staging.add(result.staged)  # before any error: the transaction removes them unless committed
+            _record(validation, names, rows, results, global_failures, settings)
+            data_docs = clock.time("commit", validation.finish)
+            written = clock.time("commit", staging.commit, fingerprint, source.state())
+        finally:
+            spill.remove()
     manifest = store.manifest()
     return IngestResult(
         source=source.description,
         store=store.root,
         snapshot_id=manifest["snapshot_id"],
         rows=rows,
-        partitions_written=written,
+        partitions_written={name: written.get(name, []) for name in names},
         store_rows={name: t["rows"] for name, t in manifest["tables"].items()},
         rules_checked=validation.rules_checked,
         data_docs=data_docs,
         seconds=clock.seconds,
         cpu_seconds=clock.cpu_seconds,
     )
+
+
+def _key_checks(store: RawStore, spill: BatchSpill, name: str, settings: Settings) -> tuple[
+        list[Failure], dict[str, pa.Array]]:
+    """The rules across partitions, on the key column only (DuckDB, which spills to disk rather than run out
+    of memory): a key delivered twice in different partitions breaks uniqueness (the same partition's
+    duplicates are GX's to find, but counted here for the whole table), and a stored row the batch
+    re-delivers in another partition must leave its old one. A key column that is missing or mistyped is
+    left to its own rules."""
+    spec, staged = TABLES[name], spill.tables[name]
+    if not staged.rows or spec.key not in (staged.typed_columns or set()):
+        return [], {}
+    keys = spill.dataset(name, [spec.key])
+    con = duckdb.connect()
+    con.execute(f"SET memory_limit = '{settings.compute.memory_limit}'")
+    con.register("batch_keys", keys)
+    repeated = con.sql(
+        f"SELECT {spec.key}, count(*) AS n FROM batch_keys GROUP BY {spec.key} HAVING n > 1 ORDER BY {spec.key}"
+    ).to_arrow_table()
+    con.close()
+    failures = []
+    if repeated.num_rows:
+        count, total = pc.sum(repeated.column("n")).as_py(), staged.total_rows
+        examples = tuple(show_value(v) for v in repeated.column(spec.key)[: settings.ingest.max_failure_examples]
+                         .to_pylist())
+        failures.append(Failure(name, (spec.key,), "expect_column_values_to_be_unique",
+                                failed_rows_detail(count, total, examples), count, total, examples))
+    return failures, store.moved_keys(name, keys)
+
+
+def _plan(name: str, rows: Mapping[str, int], leaving: Mapping[str, pa.Array]) -> list[Unit]:
+    """The table's partitions packed into units of about `UNIT_ROWS` rows, bucket by bucket (a unit's
+    foreign keys to `merchants` are checked against its buckets' merchants only)."""
+    keys = sorted({*rows, *leaving}, key=lambda k: (parse_partition_key(k)[1], k))
+    units: list[Unit] = []
+    current: list[str] = []
+    size = 0
+    for key in keys:
+        if current and size + rows.get(key, 0) > UNIT_ROWS:
+            units.append(_unit(name, current, rows, leaving))
+            current, size = [], 0
+        current.append(key)
+        size += rows.get(key, 0)
+    if current:
+        units.append(_unit(name, current, rows, leaving))
+    return units
+
+
+def _unit(name: str, keys: list[str], rows: Mapping[str, int], leaving: Mapping[str, pa.Array]) -> Unit:
+    return Unit(name, tuple(k for k in keys if k in rows), {k: leaving[k] for k in keys if k in leaving})
+
+
+def _process_unit(batch: _Batch, unit: Unit) -> UnitResult:
+    """Validate a unit's rows with GX (foreign keys against its buckets' keys, in the batch and the store),
+    then stage each partition, unless it failed. Runs in any process that reaches the store."""
+    cpu = time.process_time()
+    spec = TABLES[unit.table]
+    parts = {key: batch.spill.read(unit.table, key) for key in unit.partitions}
+    failures: list[Failure] = []
+    checked = None
+    if parts:
+        table = concat(list(parts.values()))
+        domains = {(fk.table, fk.ref_column): _domain(batch, fk, unit.buckets) for fk in spec.foreign_keys}
+        checks = check_frames(spec, table, domains)
+        frame = to_validation_frame(table, unit.table)
+        failures, checked = _validator(batch).validate(spec, frame, checks, domains)
+        del table, frame, checks
+    staged = [] if failures else [
+        batch.store.stage_partition(unit.table, key, parts.get(key), unit.leaving.get(key))
+        for key in sorted({*parts, *unit.leaving})
+    ]
+    del parts
+    _release_memory()
+    return UnitResult(unit.table, failures, checked, staged, time.process_time() - cpu)
+
+
+_VALIDATORS: dict[tuple[Any, ...], TableValidator] = {}
+_DOMAINS: dict[tuple[Any, ...], pa.Array] = {}
+"""Per process (a worker validates many units of a batch): one GX context, and the foreign-key domains
+its units share (a batch's token keys them, so a next batch never sees them)."""
+
+
+def _validator(batch: _Batch) -> TableValidator:
+    key = (batch.now, batch.settings.ingest)
+    if key not in _VALIDATORS:
+        _VALIDATORS.clear()
+        _VALIDATORS[key] = TableValidator(batch.settings, batch.now)
+    return _VALIDATORS[key]
+
+
+def _domain(batch: _Batch, fk: ForeignKey, buckets: tuple[int, ...]) -> pa.Array:
+    """The keys a foreign key may use in a unit: the referenced column's in the store and in the batch. A
+    reference to a merchant stays in its bucket, so only those buckets' merchants are read."""
+    scope = buckets if (fk.table, fk.ref_column) == ("merchants", "merchant_id") else None
+    cache_key = (batch.token, fk.table, fk.ref_column, scope)
+    if cache_key not in _DOMAINS:
+        if len(_DOMAINS) > 64 or any(k[0] != batch.token for k in _DOMAINS):
+            _DOMAINS.clear()
+        parts = [batch.store.distinct_values(fk.table, fk.ref_column, scope)]
+        delivered = batch.spill.tables.get(fk.table)
+        if delivered is not None and delivered.rows and fk.ref_column in (delivered.typed_columns or set()):
+            parts.append(batch.spill.distinct(fk.table, fk.ref_column, scope))
+        _DOMAINS[cache_key] = pc.unique(pa.concat_arrays(parts))
+    return _DOMAINS[cache_key]
+
+
+def _record(
+    validation: BatchValidation,
+    names: list[str],
+    rows: Mapping[str, int],
+    results: list[UnitResult],
+    global_failures: Mapping[str, list[Failure]],
+    settings: Settings,
+) -> None:
+    """Each table's outcome as if validated whole: its units' failures merged, the key rule counted once
+    over the whole table (`_key_checks`) in place of the units' own counts."""
+    for name in names:
+        mine = [r for r in results if r.table == name and r.checked is not None]
+        parts = [r.failures for r in mine]
+        if global_failures[name]:
+            parts = [[f for f in p if f.expectation != "expect_column_values_to_be_unique"] for p in parts]
+            parts.append(global_failures[name])
+        failures = merge_failures(parts, rows[name], settings.ingest.max_failure_examples)
+        rules = max((r.checked.rules for r in mine), default=0)
+        validation.record(TableChecked(name, rows[name], rules, len(failures)), failures)
 
 
 def _release_memory() -> None:
