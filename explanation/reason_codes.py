@@ -237,6 +237,14 @@ def explain_inputs(
     return top_reasons(explanation.values, inputs, references or model_references(model), definitions, top_n)
 
 
+def population_reasons(model: PDModel, population: pd.DataFrame) -> tuple[pd.DataFrame, float]:
+    """The reason table of merchants of a feature snapshot (`merchant_id` + raw features) and the SHAP base
+    value: one partition's work of `ReasonCodeIndex.from_parts`."""
+    inputs = model.prepare(population.set_index("merchant_id"))
+    explanation = explain(model.booster, inputs)
+    return top_reasons(explanation.values, inputs, model_references(model)), explanation.base_value
+
+
 class ReasonCodeIndex:
     """Precomputed reason codes of a scored population, O(1) per merchant.
 
@@ -283,9 +291,19 @@ class ReasonCodeIndex:
     @classmethod
     def for_population(cls, model: PDModel, population: pd.DataFrame, model_version: str) -> ReasonCodeIndex:
         """Reason codes of every merchant of a feature snapshot (`merchant_id` + raw features), in batch."""
-        inputs = model.prepare(population.set_index("merchant_id"))
-        return cls.build(explain(model.booster, inputs), inputs, model_references(model),
-                         model_version=model_version)
+        return cls.from_parts([population_reasons(model, population)], model, model_version)
+
+    @classmethod
+    def from_parts(cls, parts: Sequence[tuple[pd.DataFrame, float]], model: PDModel,
+                   model_version: str) -> ReasonCodeIndex:
+        """The index of a population explained in parts (`population_reasons` of each, e.g. per merchant
+        bucket on Dask workers): the same index as of the whole, whose rows are explained one by one."""
+        tables, base_values = zip(*parts)
+        return cls(
+            pd.concat(tables, ignore_index=True),
+            {"model_version": model_version, "base_value": base_values[0], "top_n": TOP_N,
+             "references": dict(model_references(model))},
+        )
 
     def __len__(self) -> int:
         return len(self._slices)

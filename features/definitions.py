@@ -27,6 +27,14 @@ COUNT_KEYS = "count(*) FILTER (WHERE {x} > 0)"
 """Outer aggregate of a two-stage feature counting the distinct keys seen in the window (one grouping pass
 per key serves many features, where each DISTINCT aggregate would need its own)."""
 
+MONEY = "CAST({} AS DECIMAL(18, 2))"
+DAYS = "CAST({} AS DECIMAL(18, 6))"
+"""Amounts to the cent and durations to the microday, as fixed-point numbers: their sums are exact, so a
+feature does not depend on the order its facts are added in (floating-point sums do, in the last bit, with
+DuckDB's threads and with the other merchants of a batch). The local engine and every partition of the
+dask engine then compute bit-equal features. The raw amounts are cents already; a microday is 86 ms.
+(A later column reads a raw column of the same name, not the cast one: write the cast where it is used.)"""
+
 
 @dataclass(frozen=True)
 class Source:
@@ -91,18 +99,22 @@ SOURCES: dict[str, Source] = {
             "orders",
             "ordered_at",
             (
-                ("amount", "amount"),
+                ("amount", MONEY.format("amount")),
                 ("buyer_id", "buyer_id"),
                 ("order_day", "CAST(ordered_at AS DATE)"),
                 ("week", "CAST(ceil(age_days / 7) AS INTEGER) - 1"),
                 ("cancelled", "coalesce(cancelled_at < as_of, false)"),
                 ("refunded", "coalesce(refunded_at < as_of, false)"),
-                ("net_amount", "CASE WHEN cancelled OR refunded THEN 0.0 ELSE amount END"),
+                ("net_amount", f"CASE WHEN cancelled OR refunded THEN 0 ELSE {MONEY.format('amount')} END"),
                 ("settled", "coalesce(settled_at < as_of, false)"),
-                ("unsettled_amount", "CASE WHEN cancelled OR refunded OR settled THEN 0.0 ELSE amount END"),
+                (
+                    "unsettled_amount",
+                    f"CASE WHEN cancelled OR refunded OR settled THEN 0 ELSE {MONEY.format('amount')} END",
+                ),
                 (
                     "days_to_ship",
-                    "CASE WHEN shipped_at < as_of THEN (epoch_us(shipped_at) - epoch_us(ordered_at)) / 86400e6 END",
+                    "CASE WHEN shipped_at < as_of THEN "
+                    + DAYS.format("(epoch_us(shipped_at) - epoch_us(ordered_at)) / 86400e6") + " END",
                 ),
                 (
                     "late",
@@ -119,7 +131,7 @@ SOURCES: dict[str, Source] = {
             (
                 ("event_type", "event_type"),
                 ("event_day", "CAST(event_at AS DATE)"),
-                ("response_minutes", "CASE WHEN event_type = 'cs_response' THEN value END"),
+                ("response_minutes", "CASE WHEN event_type = 'cs_response' THEN " + DAYS.format("value") + " END"),
             ),
         ),
         Source(
@@ -127,27 +139,33 @@ SOURCES: dict[str, Source] = {
             "inventory_receipts",
             "received_at",
             (
-                ("appraised_value", "appraised_value"),
+                ("appraised_value", MONEY.format("appraised_value")),
                 ("in_warehouse", "NOT coalesce(released_at < as_of, false)"),
+                ("days_held", DAYS.format("age_days")),
             ),
         ),
-        Source("inventory_releases", "inventory_receipts", "released_at", (("appraised_value", "appraised_value"),)),
+        Source("inventory_releases", "inventory_receipts", "released_at",
+               (("appraised_value", MONEY.format("appraised_value")),)),
         Source(
             "receivables",
             "receivables",
             "issued_at",
             (
-                ("amount", "amount"),
+                ("amount", MONEY.format("amount")),
                 ("counterparty_id", "counterparty_id"),
                 ("paid", "coalesce(paid_at < as_of, false)"),
                 ("overdue", "NOT paid AND due_at < as_of"),
                 ("not_yet_due", "NOT paid AND due_at >= as_of"),
                 ("late_or_overdue", "CASE WHEN due_at < as_of THEN (overdue OR paid_at > due_at)::INT END"),
-                ("days_to_collect", "CASE WHEN paid THEN (epoch_us(paid_at) - epoch_us(issued_at)) / 86400e6 END"),
+                (
+                    "days_to_collect",
+                    "CASE WHEN paid THEN "
+                    + DAYS.format("(epoch_us(paid_at) - epoch_us(issued_at)) / 86400e6") + " END",
+                ),
             ),
         ),
         Source("applications", "loan_applications", "applied_at", (("requested_amount", "requested_amount"),)),
-        Source("loans", "loans", "disbursed_at", (("principal", "principal"),)),
+        Source("loans", "loans", "disbursed_at", (("principal", MONEY.format("principal")),)),
         Source(
             "repayments",
             "loan_performance",
@@ -321,7 +339,7 @@ FEATURES: tuple[Feature, ...] = (
        "Appraised value of goods deposited in the last 90 days.", 0, "CNY", fill=0.0),
     _f("inventory_released_90d", "inventory_releases", "sum(appraised_value)", 90,
        "Appraised value of goods released from warehouses in the last 90 days.", -1, "CNY", fill=0.0),
-    _f("avg_inventory_age_days", "inventory", "avg(age_days)", None,
+    _f("avg_inventory_age_days", "inventory", "avg(days_held)", None,
        "Average days the goods now in warehouses have been there.", 1, "days", filter="in_warehouse"),
     _ratio("inventory_turnover_90d", "inventory_released_90d", "inventory_value_in_warehouse",
            "Goods released in 90 days per unit of goods now in stock (higher = faster moving).", -1),

@@ -6,6 +6,9 @@ features on it gives the information the lender had when deciding.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from datetime import datetime
+
 import duckdb
 import pandas as pd
 
@@ -16,27 +19,40 @@ from features.training_set import table_readers
 DEFAULT_DPD = 90
 
 
-def application_outcomes(raw_store: RawStore, horizon_months: int = 12) -> pd.DataFrame:
+def last_observation(raw_store: RawStore) -> datetime | None:
+    """The store's last repayment observation: a loan's outcome is complete once its horizon ends by then
+    (one instant for every merchant, so it is taken over the whole store, not per bucket)."""
+    con = duckdb.connect()
+    performance = table_readers(raw_store, con, ["loan_performance"])["loan_performance"]
+    return con.execute(f"SELECT max(observed_at) FROM {performance}").fetchone()[0]
+
+
+def application_outcomes(raw_store: RawStore, horizon_months: int = 12, buckets: Sequence[int] | None = None,
+                         observed_until: datetime | None = None) -> pd.DataFrame:
     """Loans with `defaulted` (90+ dpd observed within the horizon) and `outcome_complete` (the
-    horizon has fully elapsed by the store's last observation, so a 0 is a real non-default)."""
+    horizon has fully elapsed by the store's last observation, so a 0 is a real non-default).
+
+    `buckets`: the loans of those merchant buckets only, complete as of `observed_until` (default: the
+    store's `last_observation`)."""
     if not 1 <= int(horizon_months) <= 120:
         raise ScfriskError(f"label horizon must be 1-120 months, got {horizon_months}")
+    if observed_until is None:
+        observed_until = last_observation(raw_store)
     con = duckdb.connect()
-    t = table_readers(raw_store, con, ["loan_applications", "loans", "loan_performance"])
+    t = table_readers(raw_store, con, ["loan_applications", "loans", "loan_performance"], buckets)
     horizon = f"INTERVAL {int(horizon_months)} MONTH"
     sql = f"""
         SELECT a.application_id, l.loan_id, a.merchant_id, a.applied_at AS as_of, a.product,
                a.requested_amount, l.principal, l.disbursed_at,
                coalesce(max((p.days_past_due >= {DEFAULT_DPD})::INT)
                         FILTER (WHERE p.observed_at <= l.disbursed_at + {horizon}), 0) AS defaulted,
-               l.disbursed_at + {horizon} <= (SELECT max(observed_at) FROM {t['loan_performance']})
-                   AS outcome_complete
+               l.disbursed_at + {horizon} <= ?::TIMESTAMP AS outcome_complete
         FROM {t['loan_applications']} a
         JOIN {t['loans']} l ON l.application_id = a.application_id
         LEFT JOIN {t['loan_performance']} p ON p.loan_id = l.loan_id
         GROUP BY ALL
         ORDER BY as_of, application_id
     """
-    out = con.execute(sql).df()
+    out = con.execute(sql, [observed_until]).df()
     out["outcome_complete"] = out["outcome_complete"].fillna(False).astype(bool)
     return out

@@ -5,12 +5,21 @@ Layout under `settings.path("feature_store")`:
     version=<feature_set_version>/training_set.parquet               application outcomes + features
 Each file carries `feature_set_version`, `as_of` and the raw `snapshot_id` in its Parquet metadata; a file is
 reused only when both still match, so a new ingest or a changed definition recomputes it.
+
+Each file is computed per merchant bucket of the raw store (`core.partitioning`: every fact of a merchant is
+in its bucket, and no feature reads another merchant), each part by DuckDB over that bucket's files only,
+then the parts are put in the entity order of the whole (`PART_ORDER`). `map_parts` runs the parts: a loop
+here, or a flow's engine (`pipelines.compute.run_partitions`, Dask workers). The file is bit-equal either
+way, and equal to one query over the whole store (the features' sums are exact: `features.definitions`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pandas as pd
@@ -21,12 +30,50 @@ from core.errors import ScfriskError
 from core.raw_store import RawStore
 from core.settings import Settings
 from features.definitions import feature_names, feature_set_version
-from features.labels import application_outcomes
-from features.training_set import get_training_set, table_readers
+from features.labels import application_outcomes, last_observation
+from features.training_set import KEYS, get_training_set, table_readers
 
 log = logging.getLogger(__name__)
 
 META_KEYS = ("feature_set_version", "as_of", "raw_snapshot_id")
+TRAINING_ORDER = ["as_of", "application_id"]
+"""Order of the training set's rows (the label query's): the parts of the buckets are sorted back into it."""
+
+PartitionMap = Callable[[Callable[[Any], pd.DataFrame], list[Any], str], list[pd.DataFrame]]
+"""`map_parts(fn, items, label)`: `fn` of every item, in order (`pipelines.compute.run_partitions`)."""
+
+
+def in_turn(fn: Callable[[Any], pd.DataFrame], items: list[Any], label: str) -> list[pd.DataFrame]:
+    """The parts one after the other in this process (outside a flow)."""
+    return [fn(item) for item in items]
+
+
+def combine(parts: list[pd.DataFrame], order: list[str]) -> pd.DataFrame:
+    """The buckets' parts as one frame in the order of the whole (keys unique across parts)."""
+    filled = [part for part in parts if not part.empty] or parts[:1]
+    return pd.concat(filled, ignore_index=True).sort_values(order, kind="stable", ignore_index=True)
+
+
+def merchants_as_of(raw_store: RawStore, as_of: pd.Timestamp, buckets: Sequence[int] | None = None) -> pd.DataFrame:
+    """Entity frame of every merchant (of those buckets) onboarded strictly before as_of."""
+    con = duckdb.connect()
+    merchants = table_readers(raw_store, con, ["merchants"], buckets)["merchants"]
+    return con.execute(
+        f"SELECT merchant_id, ?::TIMESTAMP AS as_of FROM {merchants} "
+        "WHERE onboarded_at < ?::TIMESTAMP ORDER BY merchant_id",
+        [pd.Timestamp(as_of).to_pydatetime()] * 2,
+    ).df()
+
+
+def snapshot_part(raw_store: RawStore, as_of: pd.Timestamp, bucket: int) -> pd.DataFrame:
+    """One bucket's merchants with their features as of `as_of`, from that bucket's files."""
+    return get_training_set(merchants_as_of(raw_store, as_of, [bucket]), raw_store, buckets=[bucket])
+
+
+def training_part(raw_store: RawStore, horizon_months: int, observed_until: Any, bucket: int) -> pd.DataFrame:
+    """One bucket's loan outcomes with their features as of each application."""
+    outcomes = application_outcomes(raw_store, horizon_months, [bucket], observed_until)
+    return get_training_set(outcomes, raw_store, buckets=[bucket])
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -48,10 +95,11 @@ def write_with_metadata(frame: pd.DataFrame, path: Path, metadata: dict[str, str
 class OfflineStore:
     """Feature snapshots of one raw store, keyed by as_of, for the current feature-set version."""
 
-    def __init__(self, root: Path | str, raw_store: RawStore) -> None:
+    def __init__(self, root: Path | str, raw_store: RawStore, map_parts: PartitionMap = in_turn) -> None:
         self.root = Path(root)
         self.raw_store = raw_store
         self.version = feature_set_version()
+        self.map_parts = map_parts
 
     @property
     def version_dir(self) -> Path:
@@ -72,15 +120,11 @@ class OfflineStore:
         return {"feature_set_version": self.version, "as_of": as_of,
                 "raw_snapshot_id": str(self.raw_store.snapshot_id)}
 
-    def merchants_as_of(self, as_of: pd.Timestamp) -> pd.DataFrame:
-        """Entity frame of every merchant onboarded strictly before as_of."""
-        con = duckdb.connect()
-        merchants = table_readers(self.raw_store, con, ["merchants"])["merchants"]
-        return con.execute(
-            f"SELECT merchant_id, ?::TIMESTAMP AS as_of FROM {merchants} "
-            "WHERE onboarded_at < ?::TIMESTAMP ORDER BY merchant_id",
-            [pd.Timestamp(as_of).to_pydatetime()] * 2,
-        ).df()
+    def _by_bucket(self, fn: Callable[..., pd.DataFrame], label: str, *args: Any) -> list[pd.DataFrame]:
+        """`fn(raw_store, *args, bucket)` of every bucket, on the store pinned to its snapshot (what a worker
+        reads while the next batch may be committing)."""
+        buckets = list(range(self.raw_store.buckets))
+        return self.map_parts(partial(fn, self.raw_store.pinned(), *args), buckets, label)
 
     def materialize(self, as_of: pd.Timestamp | str) -> Path:
         """The snapshot for as_of, computed only if missing or stale."""
@@ -89,7 +133,7 @@ class OfflineStore:
         if self._is_current(path):
             log.info("reusing feature snapshot %s", path.name)
             return path
-        features = get_training_set(self.merchants_as_of(as_of), self.raw_store)
+        features = combine(self._by_bucket(snapshot_part, f"features as of {as_of:%Y-%m-%d}", as_of), KEYS)
         log.info("materialised %d merchants as of %s", len(features), as_of)
         return write_with_metadata(features, path, self._metadata(as_of.isoformat()))
 
@@ -102,8 +146,8 @@ class OfflineStore:
         if self._is_current(path):
             log.info("reusing training set %s", path.name)
             return path
-        frame = get_training_set(application_outcomes(self.raw_store, horizon_months), self.raw_store)
-        return write_with_metadata(frame, path, self._metadata("applied_at"))
+        parts = self._by_bucket(training_part, "training set", int(horizon_months), last_observation(self.raw_store))
+        return write_with_metadata(combine(parts, TRAINING_ORDER), path, self._metadata("applied_at"))
 
 
 def month_starts(raw_store: RawStore) -> list[pd.Timestamp]:

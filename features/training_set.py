@@ -7,7 +7,7 @@ runs in DuckDB over the raw store's tables, in batches of merchants so memory st
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import duckdb
 import numpy as np
@@ -26,18 +26,20 @@ KEYS = ["merchant_id", "as_of"]
 DEFAULT_BATCH_ROWS = 200_000
 
 
-def table_readers(raw_store: RawStore, con: duckdb.DuckDBPyConnection, names: Iterable[str] = ()) -> dict[str, str]:
+def table_readers(raw_store: RawStore, con: duckdb.DuckDBPyConnection, names: Iterable[str] = (),
+                  buckets: Sequence[int] | None = None) -> dict[str, str]:
     """Make the raw tables (default: those the features use) readable in `con`; their view names.
 
-    Each is an Arrow dataset of the store's snapshot, so DuckDB pushes filters and projections into the scan
-    of its files wherever they live; a table with no data reads as empty."""
+    Each reads the store's snapshot, so DuckDB pushes filters and projections into the scan of its files
+    wherever they live; a table with no data reads as empty. `buckets`: only those merchant buckets' files
+    (a partition of the work: every fact of a merchant is in its bucket)."""
     if not any(raw_store.has_table(name) for name in TABLES):
         raise ScfriskError(f"raw store {raw_store.root} holds no data; run `scfrisk ingest` first")
     out = {}
     for name in sorted(names or source_tables(FEATURES)):
         if not raw_store.has_table(name):
             log.warning("raw table %s has no data; features from it are empty", name)
-        out[name] = raw_store.register(con, name)
+        out[name] = raw_store.register(con, name, buckets)
     return out
 
 
@@ -103,10 +105,13 @@ def get_training_set(
     entity_df: pd.DataFrame,
     raw_store: RawStore,
     batch_rows: int = DEFAULT_BATCH_ROWS,
+    buckets: Sequence[int] | None = None,
 ) -> pd.DataFrame:
-    """The entity rows, in order and with every other column unchanged, plus all features as of each row."""
+    """The entity rows, in order and with every other column unchanged, plus all features as of each row.
+
+    `buckets`: read only those merchant buckets of the raw store (the entities' merchants must be in them)."""
     entities = normalise_entities(entity_df)
     con = duckdb.connect()
-    features = compute_features(entities, table_readers(raw_store, con), batch_rows, con=con)
+    features = compute_features(entities, table_readers(raw_store, con, buckets=buckets), batch_rows, con=con)
     log.info("computed %d features for %d entity rows", len(FEATURES), len(entities))
     return entities.merge(features, on=KEYS, how="left", validate="many_to_one")

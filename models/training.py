@@ -3,6 +3,10 @@ and the logistic-regression baseline every booster has to beat on the same slice
 
 The chosen candidate is refitted on train + valid before it is used (see `train_pd_model`).
 
+Given a Dask client, every fit runs data-parallel on the cluster's workers (`lightgbm.dask`, for training
+sets larger than one machine should hold); the booster it returns is an ordinary `lgb.Booster`, so
+calibration, SHAP, the gates and the saved model do not know which way it was trained.
+
 Classes are NOT reweighted: reweighting inflates the booster's scores and the calibrator would then have to
 undo it on a small validation cohort. Early stopping and the search use validation log loss, which rewards
 both ranking and scale.
@@ -11,8 +15,9 @@ both ranking and scale.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightgbm as lgb
 import numpy as np
@@ -28,7 +33,10 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from core.errors import ScfriskError
 from models.calibration import choose_calibrator
 from models.master_scale import MasterScale
-from models.pd_model import FeatureSpec, PDModel, clean_text, prepare_features
+from models.pd_model import FeatureSpec, PDModel, clean_text, model_matrix, prepare_features
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 log = logging.getLogger(__name__)
 
@@ -152,22 +160,66 @@ def _booster_params(features: tuple[FeatureSpec, ...], params: dict[str, Any], s
             "monotone_constraints": [f.direction if f.kind == "numeric" else 0 for f in features]}
 
 
+def boost(params: dict[str, Any], X: pd.DataFrame, y: np.ndarray, rounds: int,
+          client: Client | None = None) -> lgb.Booster:
+    """`rounds` of boosting on (X, y): in this process, or data-parallel on the workers of `client`
+    (`lightgbm.dask`, one part of the rows per worker; the returned booster is a local one)."""
+    if client is None:
+        return lgb.train(params, lgb.Dataset(X, label=y), num_boost_round=rounds)
+    import dask.dataframe as dd
+    from lightgbm.dask import DaskLGBMClassifier
+
+    parts = max(1, len(client.scheduler_info()["workers"]))
+    # Every part a sample of every period (rows dealt round-robin), not a block of months: each worker
+    # bins and bags its own part, and the model comes closer to the one a single machine fits.
+    order = np.argsort(np.arange(len(X)) % parts, kind="stable")
+    X_parts = dd.from_pandas(X.iloc[order], npartitions=parts, sort=False)
+    y_parts = dd.from_pandas(pd.Series(y[order], index=X.index[order]), npartitions=parts, sort=False)
+    params = {k: v for k, v in params.items() if k != "num_threads"}  # a worker uses its own threads
+    model = DaskLGBMClassifier(client=client, n_estimators=rounds, **params)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Parameter n_jobs will be ignored", UserWarning)
+        return model.fit(X_parts, y_parts).booster_
+
+
+def stopping_round(booster: lgb.Booster, X_valid: pd.DataFrame, y_valid: np.ndarray, patience: int) -> int:
+    """The round LightGBM's early stopping keeps: the best validation log loss so far, once `patience`
+    rounds have not improved on it (or the last round). For a booster trained without early stopping:
+    `lightgbm.dask` does not support it, so its fit runs every round and stops afterwards."""
+    matrix = model_matrix(booster, X_valid)
+    margin = np.zeros(len(X_valid))
+    best_loss, best_round = np.inf, 0
+    for i in range(booster.current_iteration()):
+        margin += booster.predict(matrix, raw_score=True, start_iteration=i, num_iteration=1)
+        loss = log_loss(y_valid, 1 / (1 + np.exp(-margin)), labels=[0, 1])
+        if loss < best_loss:
+            best_loss, best_round = loss, i + 1
+        elif i + 1 - best_round >= patience:
+            break
+    return best_round
+
+
 def fit_booster(X_train: pd.DataFrame, y_train: np.ndarray, X_valid: pd.DataFrame, y_valid: np.ndarray,
                 features: tuple[FeatureSpec, ...], params: dict[str, Any], seed: int, max_rounds: int,
-                threads: int = 1) -> lgb.Booster:
-    """One LightGBM fit with monotone constraints from the feature directions, early-stopped on validation."""
+                threads: int = 1, client: Client | None = None) -> lgb.Booster:
+    """One LightGBM fit with monotone constraints from the feature directions, early-stopped on validation
+    (on the cluster of `client`, if given: every round, then stopped where early stopping would have)."""
+    params = _booster_params(features, params, seed, threads)
+    patience = max(10, max_rounds // 20)
+    if client is not None:
+        booster = boost(params, X_train, y_train, max_rounds, client)
+        booster.best_iteration = stopping_round(booster, X_valid, y_valid, patience)
+        return booster
     train = lgb.Dataset(X_train, label=y_train, free_raw_data=False)
     valid = lgb.Dataset(X_valid, label=y_valid, reference=train)
-    return lgb.train(_booster_params(features, params, seed, threads), train, num_boost_round=max_rounds,
-                     valid_sets=[valid],
-                     callbacks=[lgb.early_stopping(max(10, max_rounds // 20), verbose=False)])
+    return lgb.train(params, train, num_boost_round=max_rounds, valid_sets=[valid],
+                     callbacks=[lgb.early_stopping(patience, verbose=False)])
 
 
 def refit_booster(X: pd.DataFrame, y: np.ndarray, features: tuple[FeatureSpec, ...], params: dict[str, Any],
-                  seed: int, rounds: int, threads: int = 1) -> lgb.Booster:
+                  seed: int, rounds: int, threads: int = 1, client: Client | None = None) -> lgb.Booster:
     """The chosen candidate refitted on more rows for a fixed number of rounds (no early stopping)."""
-    return lgb.train(_booster_params(features, params, seed, threads), lgb.Dataset(X, label=y),
-                     num_boost_round=rounds)
+    return boost(_booster_params(features, params, seed, threads), X, y, rounds, client)
 
 
 def search_candidates(trials: int, seed: int) -> list[dict[str, Any]]:
@@ -195,8 +247,10 @@ class TrainingResult:
 
 def train_pd_model(frame: pd.DataFrame, y: pd.Series, slices: pd.Series, features: tuple[FeatureSpec, ...], *,
                    seed: int, max_rounds: int, search_trials: int, threads: int = 1,
-                   master_scale: MasterScale | None = None) -> TrainingResult:
-    """Search on train/valid, keep the best early-stopped booster, calibrate it on valid, fit the baseline."""
+                   master_scale: MasterScale | None = None, client: Client | None = None) -> TrainingResult:
+    """Search on train/valid, keep the best early-stopped booster, calibrate it on valid, fit the baseline.
+
+    With `client`, the boosters are fitted on its Dask cluster (`boost`); the rest runs here."""
     X = prepare_features(frame, features)
     is_train, is_valid = (slices == "train").to_numpy(), (slices == "valid").to_numpy()
     y_all = y.to_numpy()
@@ -210,7 +264,7 @@ def train_pd_model(frame: pd.DataFrame, y: pd.Series, slices: pd.Series, feature
         task = progress.add_task("hyper-parameter search", total=len(candidates))
         for candidate in candidates:
             booster = fit_booster(X[is_train], y_all[is_train], X[is_valid], y_all[is_valid], features,
-                                  candidate, seed, max_rounds, threads)
+                                  candidate, seed, max_rounds, threads, client)
             margin = booster.predict(X[is_valid], raw_score=True)
             loss = float(log_loss(y_all[is_valid], 1 / (1 + np.exp(-margin)), labels=[0, 1]))
             rows.append({**candidate, "rounds": booster.best_iteration, "valid_log_loss": loss,
@@ -228,7 +282,7 @@ def train_pd_model(frame: pd.DataFrame, y: pd.Series, slices: pd.Series, feature
     # tables"). The calibrator, fitted on held-out margins of the same candidate, carries over.
     development = is_train | is_valid
     refit_rounds = max(1, round(searched.best_iteration * development.sum() / is_train.sum()))
-    booster = refit_booster(X[development], y_all[development], features, params, seed, refit_rounds, threads)
+    booster = refit_booster(X[development], y_all[development], features, params, seed, refit_rounds, threads, client)
     log.info("best of %d candidates: %s, %d rounds (%d refitted on train + valid); calibration %s",
              len(candidates), params, searched.best_iteration, refit_rounds, calibrator.method)
     model = PDModel(booster=booster, features=features, calibrator=calibrator, master_scale=master_scale)

@@ -198,9 +198,10 @@ def limits(
 ) -> None:
     """Credit limits of every merchant and product from the champion PD model and the credit policy."""
     settings = _orchestrated(ctx, "limits")
+    from pipelines.compute import on_engine
     from pipelines.limits import limits_flow
 
-    typer.echo(limits_flow(settings=settings, as_of=as_of).describe())
+    typer.echo(on_engine(limits_flow, settings)(settings=settings, as_of=as_of).describe())
 
 
 @app.command()
@@ -233,16 +234,18 @@ def train(
     if model_name is not None and table is None:
         raise ScfriskError("--model-name names the model of your own table: use it with --table")
     settings = _orchestrated(ctx, None if table is not None else "train")
+    from pipelines.compute import on_engine
     from pipelines.train import check_table_model_name, table_model_name, train_flow, train_table_flow
 
     if table is not None:
         check_table_model_name(settings, table_model_name(table, model_name))  # one line, before the flow
-        outcome = train_table_flow(settings=settings, table=str(table), target=target, time_col=time_col,
-                                   id_col=id_col, test_table=str(test_table) if test_table else None,
-                                   metrics_out=str(metrics_out) if metrics_out else None, model_name=model_name)
+        outcome = on_engine(train_table_flow, settings)(
+            settings=settings, table=str(table), target=target, time_col=time_col, id_col=id_col,
+            test_table=str(test_table) if test_table else None,
+            metrics_out=str(metrics_out) if metrics_out else None, model_name=model_name)
     else:
-        outcome = train_flow(settings=settings, oracle=str(oracle) if oracle else None,
-                             metrics_out=str(metrics_out) if metrics_out else None)
+        outcome = on_engine(train_flow, settings)(settings=settings, oracle=str(oracle) if oracle else None,
+                                                  metrics_out=str(metrics_out) if metrics_out else None)
     typer.echo(outcome.describe())
 
 
@@ -311,10 +314,11 @@ def features_build(
 ) -> None:
     """Training set, monthly snapshots and online vectors, recomputed only where the data changed."""
     settings = _orchestrated(ctx, "features")
+    from pipelines.compute import on_engine
     from pipelines.features import build_features_flow
 
     as_of = online_as_of.isoformat() if online_as_of else None
-    result = build_features_flow(settings=settings, online_as_of=as_of)
+    result = on_engine(build_features_flow, settings)(settings=settings, online_as_of=as_of)
     typer.echo(result.describe())
 
 
@@ -340,9 +344,11 @@ def run_pipeline(
 ) -> None:
     """The whole pipeline as one Prefect flow: ingest -> features -> train -> explain -> limits -> publish."""
     settings = _orchestrated(ctx, "run", source)
+    from pipelines.compute import on_engine
     from pipelines.run import run_flow
 
-    summary = run_flow(settings=settings, source=str(source), oracle=str(oracle) if oracle else None)
+    summary = on_engine(run_flow, settings)(settings=settings, source=str(source),
+                                            oracle=str(oracle) if oracle else None)
     typer.echo(summary.describe())
 
 

@@ -1,7 +1,8 @@
 """`scfrisk features build`: after each ingest, bring the feature store up to date (Prefect shell).
 
 Training set, monthly snapshots and the online vector are each reused when the raw snapshot and the
-feature definitions are unchanged, so a rerun after no new data costs only the checks.
+feature definitions are unchanged, so a rerun after no new data costs only the checks. Each is computed per
+merchant bucket on the flow's engine (`pipelines.compute`): a loop here, or tasks on Dask workers.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from prefect import flow
 from core.errors import ScfriskError
 from core.raw_store import RawStore
 from core.settings import Settings
-from features.offline_store import OfflineStore, month_starts
+from features.offline_store import OfflineStore, PartitionMap, in_turn, month_starts
 from features.online_store import publish_online
+from pipelines.compute import run_partitions
 
 log = logging.getLogger(__name__)
 
@@ -37,26 +39,26 @@ class FeatureBuild:
         )
 
 
-def build_features(settings: Settings, online_as_of: pd.Timestamp | None = None) -> FeatureBuild:
+def build_features(settings: Settings, online_as_of: pd.Timestamp | None = None,
+                   map_parts: PartitionMap = in_turn) -> FeatureBuild:
+    """`map_parts` runs each file's merchant buckets (`OfflineStore`)."""
     store = RawStore(settings.path("raw_store"))
-    offline = OfflineStore(settings.path("feature_store"), store)
+    offline = OfflineStore(settings.path("feature_store"), store, map_parts)
     months = month_starts(store)
     if not months:
         raise ScfriskError(f"raw store {store.root} has no orders; nothing to build features from")
     online_as_of = pd.Timestamp(online_as_of) if online_as_of is not None else months[-1]
-    return FeatureBuild(
-        version=offline.version,
-        training_set=offline.training_set(settings.model.label_horizon_months),
-        snapshots=[offline.materialize(m) for m in months[-settings.features.snapshot_months:]]
-        if settings.features.snapshot_months else [],
-        online=publish_online(offline, online_as_of),
-        online_as_of=online_as_of,
-    )
+    training_set = offline.training_set(settings.model.label_horizon_months)
+    snapshots = ([offline.materialize(m) for m in months[-settings.features.snapshot_months:]]
+                 if settings.features.snapshot_months else [])
+    offline.materialize(online_as_of)  # on the engine; publishing then copies the current snapshot
+    return FeatureBuild(version=offline.version, training_set=training_set, snapshots=snapshots,
+                        online=publish_online(offline, online_as_of), online_as_of=online_as_of)
 
 
 @flow(name="features-build")
 def build_features_flow(settings: Settings, online_as_of: str | None = None) -> FeatureBuild:
-    """Prefect shell of `build_features`."""
-    result = build_features(settings, pd.Timestamp(online_as_of) if online_as_of else None)
+    """Prefect shell of `build_features`, on the flow's engine (`pipelines.compute.on_engine`)."""
+    result = build_features(settings, pd.Timestamp(online_as_of) if online_as_of else None, run_partitions)
     log.info(result.describe())
     return result

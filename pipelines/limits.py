@@ -10,8 +10,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 from prefect import flow
 
@@ -21,6 +24,10 @@ from core.settings import Settings
 from credit.limits import compute_limits
 from credit.policy import CreditPolicy, load_policy
 from models.pd_model import PDModel
+from pipelines.compute import run_partitions
+
+if TYPE_CHECKING:
+    from features.offline_store import PartitionMap
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,28 @@ def limits_table(
     limits = compute_limits(scored, policy)
     limits["model_version"] = model_version
     return limits
+
+
+def merchant_parts(frame: pd.DataFrame, buckets: int) -> list[pd.DataFrame]:
+    """The rows of each merchant bucket (`core.partitioning`, the raw store's), in the frame's order; empty
+    buckets left out. Scores, limits and reason codes are row by row, so parts give the whole's rows."""
+    import pyarrow as pa
+
+    from core.partitioning import merchant_bucket
+
+    bucket = merchant_bucket(pa.array(frame["merchant_id"].astype(str)), buckets).to_numpy()
+    return [frame[bucket == b] for b in range(buckets) if (bucket == b).any()]
+
+
+def partitioned_limits(features: pd.DataFrame, model: PDModel, model_version: str, policy: CreditPolicy,
+                       buckets: int, map_parts: PartitionMap) -> pd.DataFrame:
+    """`limits_table` of every merchant bucket (run by `map_parts`), put back in the whole's order: products
+    in policy order, merchants in the order of `features`."""
+    score = partial(limits_table, model=model, model_version=model_version, policy=policy)
+    limits = pd.concat(map_parts(score, merchant_parts(features, buckets), "limits"), ignore_index=True)
+    position = pd.Series(np.arange(len(features)), index=features["merchant_id"].to_numpy())
+    order = np.lexsort((position.loc[limits["merchant_id"].to_numpy()].to_numpy(), limits["product"].cat.codes))
+    return limits.take(order).reset_index(drop=True)
 
 
 def limits_path(settings: Settings, as_of: datetime) -> Path:
@@ -114,24 +143,28 @@ def champion(settings: Settings) -> tuple[PDModel, str]:
     return model, version
 
 
-def build_limits(settings: Settings, as_of: datetime | None = None) -> LimitsResult:
+def build_limits(settings: Settings, as_of: datetime | None = None,
+                 map_parts: PartitionMap | None = None) -> LimitsResult:
     """Policy, champion and the feature snapshot as of `as_of` in; the limits Parquet file out.
 
     Features come from the offline store (the same snapshot the online store serves, reused when the
-    raw data and definitions are unchanged); `as_of` defaults to the end of the ingested data.
+    raw data and definitions are unchanged); `as_of` defaults to the end of the ingested data. Scores and
+    limits are computed per merchant bucket by `map_parts` (default: one after the other here); the strategy
+    tables from the whole table.
     """
-    from features.offline_store import OfflineStore, month_starts
+    from features.offline_store import OfflineStore, in_turn, month_starts
 
+    map_parts = map_parts or in_turn
     store = RawStore(settings.path("raw_store"))
     if not store.has_table("merchants"):
         raise ScfriskError(f"raw store {store.root} has no merchants; run `scfrisk ingest` first")
     as_of = as_of or month_starts(store)[-1].to_pydatetime()
     policy = load_policy(settings.policy_file)
-    features = OfflineStore(settings.path("feature_store"), store).read(as_of)
+    features = OfflineStore(settings.path("feature_store"), store, map_parts).read(as_of)
     if features.empty:
         raise ScfriskError(f"no merchant was onboarded before {as_of:%Y-%m-%d}; nothing to limit")
     model, version = champion(settings)
-    limits = limits_table(features, model, version, policy)
+    limits = partitioned_limits(features, model, version, policy, store.buckets, map_parts)
     path = limits_path(settings, as_of)
     path.parent.mkdir(parents=True, exist_ok=True)
     limits.to_parquet(path, index=False)
@@ -146,6 +179,6 @@ def build_limits(settings: Settings, as_of: datetime | None = None) -> LimitsRes
 @flow(name="limits")
 def limits_flow(settings: Settings, as_of: datetime | None = None) -> LimitsResult:
     """Prefect shell of `build_limits`: one flow run per limits table."""
-    result = build_limits(settings, as_of)
+    result = build_limits(settings, as_of, run_partitions)
     log.info(result.describe())
     return result

@@ -15,6 +15,7 @@ import json
 import logging
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -25,11 +26,11 @@ from core.batch import require_tables
 from core.raw_store import RawStore
 from core.settings import Settings
 from core.sources import open_source
-from explanation.reason_codes import ReasonCodeIndex
-from pipelines.compute import on_engine
+from explanation.reason_codes import ReasonCodeIndex, population_reasons
+from pipelines.compute import on_engine, run_partitions
 from pipelines.features import build_features_flow
 from pipelines.ingest import ingest_flow
-from pipelines.limits import champion, limits_flow
+from pipelines.limits import champion, limits_flow, merchant_parts
 from pipelines.publish import BundleParts, publish
 
 log = logging.getLogger(__name__)
@@ -136,12 +137,12 @@ def run_flow(settings: Settings, source: str, oracle: str | None = None) -> RunS
     require_tables("run", RawStore(settings.path("raw_store")), batch.tables(), batch.description)
     ingested = on_engine(ingest_flow, settings)(source=source, settings=settings)
     snapshot_id = RawStore(settings.path("raw_store")).snapshot_id or ""
-    features = build_features_flow(settings=settings)
+    features = on_engine(build_features_flow, settings)(settings=settings)
 
     fingerprint = training_fingerprint(settings, snapshot_id, features.version)
     trained = None
     if trained_version_for(settings, fingerprint) is None:
-        outcome = train_flow(settings=settings, oracle=oracle)
+        outcome = on_engine(train_flow, settings)(settings=settings, oracle=oracle)
         from mlflow import MlflowClient
 
         MlflowClient(settings.tracking_uri).set_tag(outcome.run_id, FINGERPRINT_TAG, fingerprint)
@@ -153,8 +154,9 @@ def run_flow(settings: Settings, source: str, oracle: str | None = None) -> RunS
     report = report_file(settings, version)
     if not report.is_file():
         report = report_for_version(settings, version)
-    limits = limits_flow(settings=settings, as_of=features.online_as_of.to_pydatetime())
+    limits = on_engine(limits_flow, settings)(settings=settings, as_of=features.online_as_of.to_pydatetime())
     snapshot = pd.read_parquet(features.online)
+    buckets = RawStore(settings.path("raw_store")).buckets
     with tempfile.TemporaryDirectory() as tmp:
         parts = BundleParts(
             model_dir=model.save(Path(tmp) / "model"),
@@ -163,7 +165,9 @@ def run_flow(settings: Settings, source: str, oracle: str | None = None) -> RunS
             features_as_of=features.online_as_of.isoformat(),
             online_features=features.online,
             limits=limits.path,
-            reason_codes=ReasonCodeIndex.for_population(model, snapshot, version),
+            reason_codes=ReasonCodeIndex.from_parts(
+                run_partitions(partial(population_reasons, model), merchant_parts(snapshot, buckets), "reason codes"),
+                model, version),
             policy_file=Path(settings.policy_file),
             risk_report=report,
         )

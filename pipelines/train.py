@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import numpy as np
@@ -46,12 +47,18 @@ from models.registry import (
 )
 from models.splits import split_summary, stratified_split, time_split
 from models.training import TrainingResult, binary_target, infer_features, train_pd_model
+from pipelines.compute import dask_client
 from pipelines.report import write_risk_report
 from reporting.model_card import render_model_card
 from reporting.plots import calibration_plot, ks_plot, roc_plot, score_distribution_plot
 
+if TYPE_CHECKING:
+    from distributed import Client
+
 log = logging.getLogger(__name__)
 
+ENGINE_TAG, ENGINE_REASON_TAG = "training_engine", "training_engine_reason"
+"""MLflow tags of the run: where the boosters were fitted (`local` or `lightgbm.dask`), and why."""
 STRATIFIED_FRACTIONS = (0.2, 0.2)
 """(validation, test) shares of a table without a time column."""
 METRICS_OUT_KEYS = {"auc": "test_auc", "gini": "test_gini", "ks": "test_ks", "brier": "test_brier",
@@ -141,6 +148,19 @@ def assign_slices(frame: pd.DataFrame, y: pd.Series, time_col: str | None, has_t
     return pd.concat([slices, pd.Series("test", index=frame.index[len(own):], name="slice")])
 
 
+def training_engine(settings: Settings, rows: int, client: Client | None) -> tuple[str, str]:
+    """Where the boosters fit (`lightgbm.dask` on the flow's cluster, or `local` in this process), and why:
+    on the dask engine, only a training set larger than `[compute] train_in_memory_rows` is worth spreading
+    (below it, one process fits faster than workers that exchange histograms every split)."""
+    limit = settings.compute.train_in_memory_rows
+    if client is None:
+        return "local", f"engine '{settings.compute.engine}': {rows:,} rows trained in this process"
+    if rows <= limit:
+        return "local", f"{rows:,} rows <= [compute] train_in_memory_rows {limit:,}: gathered, trained in this process"
+    workers = len(client.scheduler_info()["workers"])
+    return "lightgbm.dask", f"{rows:,} rows > [compute] train_in_memory_rows {limit:,}: on {workers} Dask workers"
+
+
 def run_training(settings: Settings, frame: pd.DataFrame, target: str, *, time_col: str | None = None,
                  id_col: str | None = None, test_frame: pd.DataFrame | None = None,
                  directions: dict[str, int] | None = None, kinds: dict[str, str] | None = None,
@@ -171,9 +191,13 @@ def run_training(settings: Settings, frame: pd.DataFrame, target: str, *, time_c
     drop = {target, "__source", *(c for c in (time_col, id_col) if c), *exclude}
     features = infer_features(data[slices == "train"], drop, directions, kinds)
     scale = load_master_scale(settings.policy_file)
+    client = dask_client()
+    engine, why = training_engine(settings, int((slices != "test").sum()), client)
+    log.info("training on %s: %s", engine, why)
     result = train_pd_model(data, y, slices, features, seed=settings.seed, max_rounds=settings.model.max_rounds,
                             search_trials=settings.model.search_trials, threads=settings.model.threads,
-                            master_scale=scale)
+                            master_scale=scale, client=client if engine == "lightgbm.dask" else None)
+    result.extras.update({ENGINE_TAG: engine, ENGINE_REASON_TAG: why})
     groups = [c for c in GROUP_COLUMNS if c in data.columns and c != target]
     baseline_pd = result.baseline.predict_pd(result.model.prepare(data))
     evaluation = evaluate_model(result.model, baseline_pd, data, y, slices, groups, true_pd,
@@ -205,7 +229,7 @@ def _log_and_gate(settings: Settings, data: pd.DataFrame, y: pd.Series, slices: 
                          "data_hash": lineage.data_hash, "test_rows_hash": lineage.test_rows_hash,
                          MODEL_KIND_TAG: model.metadata[MODEL_KIND_TAG],
                          SPLIT_KIND_TAG: model.metadata[SPLIT_KIND_TAG], "git_commit": git_commit() or "none",
-                         "calibration": model.calibrator.method})
+                         "calibration": model.calibrator.method, **result.extras})
         if model.metadata["raw_snapshot_id"]:
             mlflow.set_tag("raw_snapshot_id", model.metadata["raw_snapshot_id"])
         mlflow.log_params({**{f"lgb_{k}": v for k, v in result.params.items()}, "seed": settings.seed,
