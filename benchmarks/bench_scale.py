@@ -1,0 +1,391 @@
+"""Scale-out: the pipeline's stages (ingest -> features -> train -> limits) at 1M, 10M and 100M orders, on
+the local engine and on Dask LocalClusters, with the memory of every worker process.
+
+Each stage is its own `scfrisk` command in its own process, as a user runs it, in a new workspace under
+`bench_data/ws_scale_*` with the workspace's Prefect server started beforehand (not counted). The engine is
+set by environment: `SCFRISK_COMPUTE__ENGINE`, `__N_WORKERS`, `__MEMORY_LIMIT` (4GiB per worker).
+
+Measured per stage: wall seconds; CPU seconds of the whole process tree (the command and its Dask worker
+processes: the rusage of children reaped, which includes grandchildren that their parents waited for);
+peak RSS of the command's own process (driver) and of each Dask worker process (psutil, sampled every
+0.5 s: a peak shorter than that can be missed); the 1-minute load average during the stage (mean of the
+samples). The machine is shared, so CPU seconds and ratios in one run are the figures to compare.
+
+Results are kept as one JSON file per run in `bench_data/scale_results/` and written after every stage, so
+a run that stops (or is still going) leaves what it measured; `report` writes docs/benchmarks.md's
+section from those files only.
+
+    python -m benchmarks.bench_scale run orders_100m dask 2     # one run (hours at 100M on a loaded machine)
+    python -m benchmarks.bench_scale report                    # the docs section from the results so far
+    python -m benchmarks.bench_scale                           # every run of the section, then the report
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+
+from benchmarks.common import write_section
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("SCFRISK_BENCH_DATA", "/work/bench_data"))
+RESULTS = DATA / "scale_results"
+TITLE = "Scale-out (Dask engine)"
+MEMORY_LIMIT = "4GiB"
+STAGES: list[tuple[str, list[str]]] = [
+    ("ingest", ["ingest", "--source", "{source}"]),
+    ("features", ["features", "build"]),
+    ("train", ["train"]),
+    ("limits", ["limits"]),
+]
+RUNS: list[tuple[str, str, int]] = [  # (dataset, engine, workers): the order `main` runs them in
+    ("orders_1m", "local", 0),
+    ("orders_1m", "dask", 2),
+    ("orders_10m", "local", 0),
+    ("orders_10m", "dask", 1),
+    ("orders_10m", "dask", 2),
+    ("orders_100m", "dask", 2),
+]
+
+
+@dataclass
+class StageResult:
+    stage: str
+    ok: bool
+    wall_s: float
+    cpu_s: float
+    driver_peak_mb: float
+    worker_peak_mb: list[float]
+    tree_peak_mb: float
+    workers_seen: int
+    load_mean: float
+    load_max: float
+    started_utc: str
+    note: str = ""
+    driver_cpu_s: float = 0.0
+    worker_cpu_s: float = 0.0
+
+
+@dataclass
+class RunResult:
+    dataset: str
+    engine: str
+    workers: int
+    orders: int
+    merchants: int
+    machine: str
+    stages: list[StageResult] = field(default_factory=list)
+    finished: bool = False
+    stopped: str = ""
+
+
+def label(engine: str, workers: int) -> str:
+    return "local" if engine == "local" else f"dask x{workers}"
+
+
+def result_path(dataset: str, engine: str, workers: int) -> Path:
+    return RESULTS / f"{dataset}_{engine}{workers or ''}.json"
+
+
+class TreeSampler:
+    """Peak RSS of a process and of each of its descendants, and the load average, sampled in a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.5) -> None:
+        self.root = psutil.Process(pid)
+        self.interval = interval
+        self.peaks: dict[int, float] = {}
+        self.cpu: dict[int, float] = {}
+        self.roles: dict[int, str] = {}
+        self.tree_peak = 0.0
+        self.loads: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> TreeSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def sample(self) -> None:
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            return
+        total = 0.0
+        for proc in procs:
+            try:
+                rss = proc.memory_info().rss / 2**20
+                times = proc.cpu_times()
+                self.cpu[proc.pid] = times.user + times.system
+                if proc.pid not in self.roles:
+                    self.roles[proc.pid] = self._role(proc)
+            except psutil.Error:
+                continue
+            total += rss
+            self.peaks[proc.pid] = max(self.peaks.get(proc.pid, 0.0), rss)
+        self.tree_peak = max(self.tree_peak, total)
+        self.loads.append(os.getloadavg()[0])
+
+    def _role(self, proc: psutil.Process) -> str:
+        if proc.pid == self.root.pid:
+            return "driver"
+        # LocalCluster(processes=True): each Nanny (in the driver) spawns its worker with multiprocessing.
+        return "worker" if "spawn_main" in " ".join(proc.cmdline()) else "other"
+
+    def role_cpu(self, role: str) -> float:
+        """CPU seconds of the processes of a role at their last sample (a process's last 0.5 s can be missed)."""
+        return sum(self.cpu[pid] for pid, r in self.roles.items() if r == role and pid in self.cpu)
+
+    def role_peaks(self, role: str) -> list[float]:
+        return sorted((self.peaks[pid] for pid, r in self.roles.items() if r == role), reverse=True)
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_stage(stage: str, args: list[str], env: dict[str, str], log_file: Path) -> StageResult:
+    cpu_before = children_cpu()
+    started = time.strftime("%H:%M UTC", time.gmtime())
+    start = time.perf_counter()
+    with log_file.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        with TreeSampler(proc.pid) as sampler:
+            rc = proc.wait()
+    wall = time.perf_counter() - start
+    workers = sampler.role_peaks("worker")
+    tail = log_file.read_text(errors="replace").strip().splitlines()[-12:]
+    return StageResult(
+        stage=stage, ok=rc == 0, wall_s=wall, cpu_s=children_cpu() - cpu_before,
+        driver_peak_mb=max(sampler.role_peaks("driver"), default=0.0), worker_peak_mb=workers,
+        tree_peak_mb=sampler.tree_peak, workers_seen=len(workers),
+        load_mean=statistics.fmean(sampler.loads) if sampler.loads else os.getloadavg()[0],
+        load_max=max(sampler.loads, default=0.0), started_utc=started,
+        note="" if rc == 0 else f"exit {rc}: " + " | ".join(tail),
+        driver_cpu_s=sampler.role_cpu("driver"), worker_cpu_s=sampler.role_cpu("worker"),
+    )
+
+
+def count_rows(folder: Path) -> int:
+    import pyarrow.dataset as ds
+
+    return ds.dataset(folder, format="parquet").count_rows()
+
+
+def run(dataset: str, engine: str, workers: int, keep: bool = False) -> RunResult:
+    """Every stage on one dataset and engine in a new workspace; the JSON is rewritten after each stage."""
+    from benchmarks.common import machine
+
+    source = DATA / dataset
+    home = DATA / f"ws_scale_{dataset}_{engine}{workers or ''}"
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    env = {**os.environ, "SCFRISK_HOME": str(home), "SCFRISK_CONFIG": str(ROOT / "scfrisk.toml"),
+           "SCFRISK_COMPUTE__ENGINE": engine, "PYTHONUNBUFFERED": "1"}
+    env.pop("PREFECT_API_URL", None)
+    if engine == "dask":
+        env |= {"SCFRISK_COMPUTE__N_WORKERS": str(workers), "SCFRISK_COMPUTE__MEMORY_LIMIT": MEMORY_LIMIT,
+                "SCFRISK_COMPUTE__THREADS_PER_WORKER": "1"}
+    result = RunResult(dataset, engine, workers, count_rows(source / "orders"), count_rows(source / "merchants"),
+                       machine())
+    out = result_path(dataset, engine, workers)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(asdict(result), indent=1))
+    cli = [sys.executable, "-m", "pipelines.cli"]
+    subprocess.run([*cli, "server", "start"], cwd=ROOT, env=env, capture_output=True, check=False)
+    try:
+        for stage, args in STAGES:
+            args = [a.format(source=source) for a in args]
+            print(f"[{time.strftime('%H:%M:%S')}] {dataset} {label(engine, workers)}: {stage} ...", flush=True)
+            measured = run_stage(stage, args, env, home.parent / f"{home.name}.{stage}.log")
+            result.stages.append(measured)
+            print(f"  {stage}: ok={measured.ok} wall {measured.wall_s:.0f} s, CPU {measured.cpu_s:.0f} s, "
+                  f"workers {measured.worker_peak_mb}, driver {measured.driver_peak_mb:.0f} MB, "
+                  f"load {measured.load_mean:.1f}", flush=True)
+            if not measured.ok:
+                result.stopped = f"{stage} failed: {measured.note}"
+                break
+        else:
+            result.finished = True
+    finally:
+        out.write_text(json.dumps(asdict(result), indent=1))
+        subprocess.run([*cli, "server", "stop"], cwd=ROOT, env=env, capture_output=True, check=False)
+        if not keep:
+            shutil.rmtree(home, ignore_errors=True)
+    return result
+
+
+def load_results() -> dict[tuple[str, str, int], RunResult]:
+    found = {}
+    for path in sorted(RESULTS.glob("*.json")):
+        raw = json.loads(path.read_text())
+        stages = [StageResult(**s) for s in raw.pop("stages")]
+        run_result = RunResult(**raw, stages=stages)
+        found[(run_result.dataset, run_result.engine, run_result.workers)] = run_result
+    return found
+
+
+def _stage(run_result: RunResult | None, stage: str) -> StageResult | None:
+    if run_result is None:
+        return None
+    return next((s for s in run_result.stages if s.stage == stage and s.ok), None)
+
+
+def _mb(values: list[float]) -> str:
+    return " / ".join(f"{v:,.0f}" for v in values) if values else "-"
+
+
+def stage_table(run_result: RunResult) -> str:
+    rows = ["| stage | wall s | CPU s | load (mean) | driver peak MB | worker peaks MB | tree peak MB | started |",
+            "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for s in run_result.stages:
+        status = "" if s.ok else " **(failed)**"
+        rows.append(f"| {s.stage}{status} | {s.wall_s:,.0f} | {s.cpu_s:,.0f} | {s.load_mean:.1f} | "
+                    f"{s.driver_peak_mb:,.0f} | {_mb(s.worker_peak_mb)} | {s.tree_peak_mb:,.0f} | {s.started_utc} |")
+    done = [s for s in run_result.stages if s.ok]
+    rows.append(f"| **total (stages done)** | {sum(s.wall_s for s in done):,.0f} | {sum(s.cpu_s for s in done):,.0f} "
+                f"| | {max((s.driver_peak_mb for s in done), default=0):,.0f} | "
+                f"{max((max(s.worker_peak_mb, default=0) for s in done), default=0):,.0f} | "
+                f"{max((s.tree_peak_mb for s in done), default=0):,.0f} | |")
+    return "\n".join(rows)
+
+
+def engines_table(results: dict[tuple[str, str, int], RunResult], dataset: str) -> str:
+    local = results.get((dataset, "local", 0))
+    one, two = results.get((dataset, "dask", 1)), results.get((dataset, "dask", 2))
+    rows = ["| stage | local CPU s | dask x1 CPU s | dask x2 CPU s | dask x1 / local CPU (overhead) | "
+            "local wall s | dask x1 wall s | dask x2 wall s | speed-up x2 vs x1 (wall) | x2 vs local (wall) | "
+            "loads (local / x1 / x2) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for stage, _ in STAGES:
+        a, b, c = _stage(local, stage), _stage(one, stage), _stage(two, stage)
+
+        def f(s: StageResult | None, attr: str) -> str:
+            return f"{getattr(s, attr):,.0f}" if s else "-"
+
+        def ratio(x: StageResult | None, y: StageResult | None, attr: str) -> str:
+            return f"{getattr(x, attr) / getattr(y, attr):.2f}" if x and y and getattr(y, attr) else "-"
+
+        loads = " / ".join(f"{s.load_mean:.1f}" if s else "-" for s in (a, b, c))
+        rows.append(f"| {stage} | {f(a, 'cpu_s')} | {f(b, 'cpu_s')} | {f(c, 'cpu_s')} | {ratio(b, a, 'cpu_s')} | "
+                    f"{f(a, 'wall_s')} | {f(b, 'wall_s')} | {f(c, 'wall_s')} | {ratio(b, c, 'wall_s')} | "
+                    f"{ratio(a, c, 'wall_s')} | {loads} |")
+    return "\n".join(rows)
+
+
+def growth_table(results: dict[tuple[str, str, int], RunResult]) -> tuple[str, list[str]]:
+    """CPU seconds per million orders by stage and size on dask x2 (the 100M configuration)."""
+    sizes = ["orders_1m", "orders_10m", "orders_100m"]
+    runs = {d: results.get((d, "dask", 2)) for d in sizes}
+    head = " | ".join(f"{d.removeprefix('orders_').upper()} ({r.orders / 1e6:.1f}M orders)" if r else d
+                      for d, r in runs.items())
+    rows = [f"| stage | {head} | 10M / 1M | 100M / 10M |", "|---|---:|---:|---:|---:|---:|"]
+    verdicts = []
+    for stage, _ in STAGES:
+        per = {}
+        for d, r in runs.items():
+            s = _stage(r, stage)
+            if r and s:
+                per[d] = s.cpu_s / (r.orders / 1e6)
+        cells = " | ".join(f"{per[d]:.1f}" if d in per else "-" for d in sizes)
+        r1 = per["orders_10m"] / per["orders_1m"] if {"orders_1m", "orders_10m"} <= per.keys() else None
+        r2 = per["orders_100m"] / per["orders_10m"] if {"orders_10m", "orders_100m"} <= per.keys() else None
+        rows.append(f"| {stage} | {cells} | {f'{r1:.2f}' if r1 else '-'} | {f'{r2:.2f}' if r2 else '-'} |")
+        last = r2 if r2 is not None else r1
+        if last is not None:
+            kind = "linear or better" if last <= 1.15 else "worse than linear"
+            span = "10M -> 100M" if r2 is not None else "1M -> 10M (100M not measured)"
+            verdicts.append(f"{stage}: {kind} ({span}: {last:.2f}x the CPU per million orders)")
+    return "\n".join(rows), verdicts
+
+
+def report() -> str:
+    results = load_results()
+    parts = [
+        "`python -m benchmarks.bench_scale` (one run: `python -m benchmarks.bench_scale run <dataset> <local|dask> "
+        "<workers>`; `... report` rewrites this section from `bench_data/scale_results/`). Each stage is its own "
+        "`scfrisk` command (`ingest --source`, `features build`, `train`, `limits`) in a new workspace; dask runs "
+        f"start a LocalCluster of N worker processes, 1 thread each, `memory_limit` {MEMORY_LIMIT}. CPU s = the "
+        "whole process tree (command + Dask workers); worker peaks = RSS of each worker process sampled every "
+        "0.5 s (psutil); tree peak = the sum over all processes of the stage at one sample. Datasets: "
+        "`scfrisk simulate --merchants N --months 24 --seed 42`. The machine is shared (2 cores, 24 GB, several "
+        "other jobs): the load column is the mean 1-minute load average during the stage; compare CPU seconds and "
+        "ratios, not wall times across runs.",
+    ]
+    big = results.get(("orders_100m", "dask", 2))
+    parts.append("### 100M orders, dask engine, 2 workers x 4 GiB")
+    if big is None:
+        parts.append("Not run yet.")
+    else:
+        state = "all four stages finished" if big.finished else (
+            f"**partial: {big.stopped}**" if big.stopped else
+            f"**partial: still running when these figures were written ({len(big.stages)} of {len(STAGES)} "
+            "stages measured)**")
+        parts.append(f"{big.orders:,} orders, {big.merchants:,} merchants: {state}.\n\n{stage_table(big)}")
+        done = [s for s in big.stages if s.ok]
+        if done:
+            peak = max(max(s.worker_peak_mb, default=0) for s in done)
+            parts.append(f"Peak RSS of any worker over the stages measured: {peak:,.0f} MB (goal < 4,096 MB: "
+                         f"{'met' if peak < 4096 else 'not met'}). The driver (the `scfrisk` command) is listed "
+                         "apart: on a real cluster it is the flow run's process, not a worker.")
+    ten = [k for k in results if k[0] == "orders_10m"]
+    parts.append("### 10M orders: local engine against dask with 1 and 2 workers")
+    if ten:
+        parts.append(engines_table(results, "orders_10m"))
+        for key in sorted(ten):
+            r = results[key]
+            parts.append(f"{label(r.engine, r.workers)}, {r.orders:,} orders"
+                         f"{'' if r.finished else ' (partial: ' + (r.stopped or 'unfinished') + ')'}:\n\n"
+                         f"{stage_table(r)}")
+        parts.append("Overhead of the engine = dask x1 CPU / local CPU (same work, one worker: the scheduler, "
+                     "Prefect task runs, pickling and the worker processes). Speed-up = dask x1 wall / dask x2 "
+                     "wall: on a machine with 2 cores shared by other jobs, it is bounded by the cores the "
+                     "load leaves.")
+    else:
+        parts.append("Not run yet.")
+    parts.append("### Growth: CPU seconds per million orders (dask x2)")
+    table, verdicts = growth_table(results)
+    parts.append(table)
+    if verdicts:
+        parts.append("\n".join(f"* {v}" for v in verdicts))
+    return "\n\n".join(parts)
+
+
+def main() -> None:
+    for dataset, engine, workers in RUNS:
+        run(dataset, engine, workers)
+    body = report()
+    print(body)
+    write_section(TITLE, body)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "run":
+        run(sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 0, keep="--keep" in sys.argv)
+    elif len(sys.argv) > 1 and sys.argv[1] == "report":
+        text = report()
+        print(text)
+        write_section(TITLE, text)
+    else:
+        main()
