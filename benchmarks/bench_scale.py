@@ -23,7 +23,9 @@ section from those files only.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -42,6 +44,12 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SCFRISK_BENCH_DATA", "/work/bench_data"))
 RESULTS = DATA / "scale_results"
 TITLE = "Scale-out (Dask engine)"
+SCALING_DOC = ROOT / "docs" / "scaling.md"
+TARGET_ORDERS, TARGET_MERCHANTS = 1_000_000_000, 10_000_000
+WORKER_COUNTS = (16, 64, 256)
+BY_ORDERS = {"ingest"}
+"""Stages whose cost follows the rows delivered; the others follow the merchants (their feature rows, scores
+and limits are per merchant and month), which grow faster than the orders at the target (10M merchants)."""
 MEMORY_LIMIT = "4GiB"
 STAGES: list[tuple[str, list[str]]] = [
     ("ingest", ["ingest", "--source", "{source}"]),
@@ -257,14 +265,17 @@ def _mb(values: list[float]) -> str:
 
 
 def stage_table(run_result: RunResult) -> str:
-    rows = ["| stage | wall s | CPU s | load (mean) | driver peak MB | worker peaks MB | tree peak MB | started |",
-            "|---|---:|---:|---:|---:|---:|---:|---|"]
+    rows = ["| stage | wall s | CPU s | of which driver / workers | load (mean) | driver peak MB | worker peaks MB "
+            "| tree peak MB | started |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for s in run_result.stages:
         status = "" if s.ok else " **(failed)**"
-        rows.append(f"| {s.stage}{status} | {s.wall_s:,.0f} | {s.cpu_s:,.0f} | {s.load_mean:.1f} | "
-                    f"{s.driver_peak_mb:,.0f} | {_mb(s.worker_peak_mb)} | {s.tree_peak_mb:,.0f} | {s.started_utc} |")
+        rows.append(f"| {s.stage}{status} | {s.wall_s:,.0f} | {s.cpu_s:,.0f} | {s.driver_cpu_s:,.0f} / "
+                    f"{s.worker_cpu_s:,.0f} | {s.load_mean:.1f} | {s.driver_peak_mb:,.0f} | {_mb(s.worker_peak_mb)} | "
+                    f"{s.tree_peak_mb:,.0f} | {s.started_utc} |")
     done = [s for s in run_result.stages if s.ok]
     rows.append(f"| **total (stages done)** | {sum(s.wall_s for s in done):,.0f} | {sum(s.cpu_s for s in done):,.0f} "
+                f"| {sum(s.driver_cpu_s for s in done):,.0f} / {sum(s.worker_cpu_s for s in done):,.0f} "
                 f"| | {max((s.driver_peak_mb for s in done), default=0):,.0f} | "
                 f"{max((max(s.worker_peak_mb, default=0) for s in done), default=0):,.0f} | "
                 f"{max((s.tree_peak_mb for s in done), default=0):,.0f} | |")
@@ -372,12 +383,113 @@ def report() -> str:
     return "\n\n".join(parts)
 
 
+def log_path(dataset: str, engine: str, workers: int, stage: str) -> Path:
+    return DATA / f"ws_scale_{dataset}_{engine}{workers or ''}.{stage}.log"
+
+
+def training_rows(run_result: RunResult) -> tuple[str, int] | None:
+    """Where the boosters were fitted and on how many rows, from the train stage's log."""
+    path = log_path(run_result.dataset, run_result.engine, run_result.workers, "train")
+    found = re.search(r"training on (\S+): ([\d,]+) rows", path.read_text(errors="replace")) if path.exists() else None
+    return (found.group(1), int(found.group(2).replace(",", ""))) if found else None
+
+
+def _fit(points: list[tuple[float, float]], x: float) -> float:
+    """A straight line through the measured (size, value) points, read at x (flat with one point)."""
+    if len(points) < 2:
+        return points[0][1]
+    (x0, y0), (x1, y1) = points[-2], points[-1]
+    return y1 + (y1 - y0) / (x1 - x0) * (x - x1) if x1 != x0 else y1
+
+
+def projection(results: dict[tuple[str, str, int], RunResult]) -> str:
+    """CPU, wall hours and memory at TARGET_ORDERS / TARGET_MERCHANTS, from the largest dask x2 runs."""
+    runs = sorted((r for (d, e, w), r in results.items() if e == "dask" and w == 2), key=lambda r: r.orders)
+    if not runs:
+        return "Nothing measured yet."
+    head = " | ".join(f"{w} workers" for w in WORKER_COUNTS)
+    rows = [f"| stage | basis (largest run with the stage) | scaled by | serial CPU h (flow run) | worker CPU h | "
+            f"wall h at {head} | worker peak MB (kept) | flow-run peak MB (line through the runs) |",
+            "|---|---|---|---:|---:|" + "---:|" * len(WORKER_COUNTS) + "---:|---:|"]
+    notes = []
+    for stage, _ in STAGES:
+        measured = [(r, _stage(r, stage)) for r in runs]
+        measured = [(r, s) for r, s in measured if s is not None]
+        if not measured:
+            rows.append(f"| {stage} | not measured | | | |" + " |" * len(WORKER_COUNTS) + " | |")
+            continue
+        basis, s = measured[-1]
+        by_orders = stage in BY_ORDERS
+        factor = TARGET_ORDERS / basis.orders if by_orders else TARGET_MERCHANTS / basis.merchants
+        serial = (s.cpu_s - s.worker_cpu_s) * factor / 3600
+        parallel = s.worker_cpu_s * factor / 3600
+        walls = " | ".join(f"{serial + parallel / w:,.1f}" for w in WORKER_COUNTS)
+        size = (lambda r: r.orders) if by_orders else (lambda r: r.merchants)
+        target = TARGET_ORDERS if by_orders else TARGET_MERCHANTS
+        driver = _fit([(size(r), st.driver_peak_mb) for r, st in measured], target)
+        worker = max(s.worker_peak_mb, default=0.0)
+        rows.append(f"| {stage} | {basis.dataset} ({basis.orders / 1e6:,.0f}M orders, {basis.merchants:,} merchants) | "
+                    f"{'orders' if by_orders else 'merchants'} x{factor:,.1f} | {serial:,.2f} | {parallel:,.2f} | "
+                    f"{walls} | {worker:,.0f} | {driver:,.0f} |")
+    biggest = runs[-1]
+    per_bucket = biggest.merchants / 8
+    buckets = math.ceil(TARGET_MERCHANTS / per_bucket)
+    notes.append(f"Merchant buckets: the runs used 8 buckets, {per_bucket:,.0f} merchants per bucket at "
+                 f"{biggest.dataset}. To keep a feature/score/limit partition that size at {TARGET_MERCHANTS:,} "
+                 f"merchants, a new raw store needs `merchant_buckets` >= {buckets:,} (e.g. "
+                 f"{2 ** math.ceil(math.log2(buckets)):,}); the ingest units stay ~500,000 rows whatever the "
+                 "batch, so about 2.6 rows per order gives ~5,200 ingest units at 1B orders: enough partitions "
+                 "for every worker count above.")
+    trained = training_rows(biggest) if _stage(biggest, "train") else None
+    if trained:
+        engine, rows_measured = trained
+        rows_target = rows_measured * TARGET_MERCHANTS / biggest.merchants
+        notes.append(f"Training: {rows_measured:,} training rows at {biggest.dataset} (fitted on `{engine}`); "
+                     f"~{rows_target / 1e6:,.1f}M at {TARGET_MERCHANTS:,} merchants (same loans per merchant), above "
+                     "`train_in_memory_rows` (2M), so `lightgbm.dask` on the workers: at the settings' estimate of "
+                     f"~1.3 GB per 2M rows, ~{rows_target / 2e6 * 1.3:,.0f} GB spread over the workers (e.g. "
+                     f"{rows_target / 2e6 * 1.3 / 64:,.1f} GB each on 64), on top of their partition peak. Its CPU "
+                     "above is the local fit's, scaled: lightgbm.dask's own cost was not measured here.")
+    return "\n".join(rows) + "\n\n" + "\n\n".join(f"* {n}" for n in notes)
+
+
+def write_scaling(results: dict[tuple[str, str, int], RunResult]) -> None:
+    """Rewrite the generated parts of docs/scaling.md (between its bench_scale markers) from the results."""
+    text = SCALING_DOC.read_text()
+    for name, body in (("measured", measured_summary(results)), ("projected", projection(results))):
+        pattern = re.compile(rf"(<!-- bench_scale:{name} -->\n).*?(\n<!-- /bench_scale:{name} -->)", re.S)
+        text = pattern.sub(lambda m, b=body: m.group(1) + b + m.group(2), text)
+    SCALING_DOC.write_text(text)
+
+
+def measured_summary(results: dict[tuple[str, str, int], RunResult]) -> str:
+    """Per stage and run: CPU seconds per million orders and per 1,000 merchants, worker and flow-run peaks."""
+    rows = ["| run | stage | CPU s per 1M orders | CPU s per 1k merchants | worker CPU share | worker peak MB | "
+            "flow-run peak MB | load |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for key in sorted(results, key=lambda k: (results[k].orders, k[1], k[2])):
+        r = results[key]
+        for s in r.stages:
+            if not s.ok:
+                rows.append(f"| {r.dataset}, {label(r.engine, r.workers)} | {s.stage} | failed: {s.note[:120]} "
+                            "| | | | | |")
+                continue
+            share = f"{s.worker_cpu_s / s.cpu_s:.0%}" if s.cpu_s else "-"
+            rows.append(f"| {r.dataset}, {label(r.engine, r.workers)} | {s.stage} | {s.cpu_s / (r.orders / 1e6):,.1f} "
+                        f"| {s.cpu_s / (r.merchants / 1e3):,.2f} | {share} | {max(s.worker_peak_mb, default=0):,.0f} "
+                        f"| {s.driver_peak_mb:,.0f} | {s.load_mean:.1f} |")
+        if not r.finished:
+            rows.append(f"| {r.dataset}, {label(r.engine, r.workers)} | (stopped or still running: "
+                        f"{r.stopped or 'unfinished'}) | | | | | | |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     for dataset, engine, workers in RUNS:
         run(dataset, engine, workers)
     body = report()
     print(body)
     write_section(TITLE, body)
+    write_scaling(load_results())
 
 
 if __name__ == "__main__":
@@ -387,5 +499,6 @@ if __name__ == "__main__":
         text = report()
         print(text)
         write_section(TITLE, text)
+        write_scaling(load_results())
     else:
         main()
