@@ -15,7 +15,8 @@ Results are kept as one JSON file per run in `bench_data/scale_results/` and wri
 a run that stops (or is still going) leaves what it measured; `report` writes docs/benchmarks.md's
 section from those files only.
 
-    python -m benchmarks.bench_scale run orders_100m dask 2     # one run (hours at 100M on a loaded machine)
+    python -m benchmarks.bench_scale run orders_100m dask 2 --keep   # one run (hours at 100M on a loaded machine)
+    python -m benchmarks.bench_scale run orders_100m dask 2 --resume # go on from the first stage not done
     python -m benchmarks.bench_scale report                    # the docs section from the results so far
     python -m benchmarks.bench_scale                           # every run of the section, then the report
 """
@@ -28,6 +29,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -180,7 +182,15 @@ def run_stage(stage: str, args: list[str], env: dict[str, str], log_file: Path) 
         proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], cwd=ROOT, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
         with TreeSampler(proc.pid) as sampler:
-            rc = proc.wait()
+            try:
+                rc = proc.wait()
+            except KeyboardInterrupt:  # stopped by hand: let the command stop its cluster, then go
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                raise
     wall = time.perf_counter() - start
     workers = sampler.role_peaks("worker")
     tail = log_file.read_text(errors="replace").strip().splitlines()[-12:]
@@ -201,33 +211,46 @@ def count_rows(folder: Path) -> int:
     return ds.dataset(folder, format="parquet").count_rows()
 
 
-def run(dataset: str, engine: str, workers: int, keep: bool = False) -> RunResult:
-    """Every stage on one dataset and engine in a new workspace; the JSON is rewritten after each stage."""
+def run(dataset: str, engine: str, workers: int, keep: bool = False, resume: bool = False) -> RunResult:
+    """Every stage on one dataset and engine in a new workspace; the JSON is rewritten after each stage.
+
+    `resume`: continue a run kept with `keep` (its workspace and JSON), from the first stage not yet done."""
     from benchmarks.common import machine
 
     source = DATA / dataset
     home = DATA / f"ws_scale_{dataset}_{engine}{workers or ''}"
-    shutil.rmtree(home, ignore_errors=True)
-    home.mkdir(parents=True)
+    out = result_path(dataset, engine, workers)
     env = {**os.environ, "SCFRISK_HOME": str(home), "SCFRISK_CONFIG": str(ROOT / "scfrisk.toml"),
            "SCFRISK_COMPUTE__ENGINE": engine, "PYTHONUNBUFFERED": "1"}
     env.pop("PREFECT_API_URL", None)
     if engine == "dask":
         env |= {"SCFRISK_COMPUTE__N_WORKERS": str(workers), "SCFRISK_COMPUTE__MEMORY_LIMIT": MEMORY_LIMIT,
                 "SCFRISK_COMPUTE__THREADS_PER_WORKER": "1"}
-    result = RunResult(dataset, engine, workers, count_rows(source / "orders"), count_rows(source / "merchants"),
-                       machine())
-    out = result_path(dataset, engine, workers)
+    previous = load_results().get((dataset, engine, workers)) if resume and home.is_dir() else None
+    if previous is not None:
+        result = previous
+        result.stages = [s for s in result.stages if s.ok]
+        result.stopped = ""
+    else:
+        shutil.rmtree(home, ignore_errors=True)
+        home.mkdir(parents=True)
+        result = RunResult(dataset, engine, workers, count_rows(source / "orders"), count_rows(source / "merchants"),
+                           machine())
+    done = {s.stage for s in result.stages}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(asdict(result), indent=1))
     cli = [sys.executable, "-m", "pipelines.cli"]
     subprocess.run([*cli, "server", "start"], cwd=ROOT, env=env, capture_output=True, check=False)
+    stage = ""
     try:
         for stage, args in STAGES:
+            if stage in done:
+                continue
             args = [a.format(source=source) for a in args]
             print(f"[{time.strftime('%H:%M:%S')}] {dataset} {label(engine, workers)}: {stage} ...", flush=True)
-            measured = run_stage(stage, args, env, home.parent / f"{home.name}.{stage}.log")
+            measured = run_stage(stage, args, env, log_path(dataset, engine, workers, stage))
             result.stages.append(measured)
+            out.write_text(json.dumps(asdict(result), indent=1))
             print(f"  {stage}: ok={measured.ok} wall {measured.wall_s:.0f} s, CPU {measured.cpu_s:.0f} s, "
                   f"workers {measured.worker_peak_mb}, driver {measured.driver_peak_mb:.0f} MB, "
                   f"load {measured.load_mean:.1f}", flush=True)
@@ -236,6 +259,8 @@ def run(dataset: str, engine: str, workers: int, keep: bool = False) -> RunResul
                 break
         else:
             result.finished = True
+    except KeyboardInterrupt:
+        result.stopped = f"interrupted during {stage}"
     finally:
         out.write_text(json.dumps(asdict(result), indent=1))
         subprocess.run([*cli, "server", "stop"], cwd=ROOT, env=env, capture_output=True, check=False)
@@ -494,7 +519,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "run":
-        run(sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 0, keep="--keep" in sys.argv)
+        run(sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 0,
+            keep="--keep" in sys.argv or "--resume" in sys.argv, resume="--resume" in sys.argv)
     elif len(sys.argv) > 1 and sys.argv[1] == "report":
         text = report()
         print(text)
