@@ -53,6 +53,8 @@ BY_ORDERS = {"ingest"}
 """Stages whose cost follows the rows delivered; the others follow the merchants (their feature rows, scores
 and limits are per merchant and month), which grow faster than the orders at the target (10M merchants)."""
 MEMORY_LIMIT = "4GiB"
+HUNG_AFTER_S = 600
+"""A stage whose processes use almost no CPU for this long is stopped and recorded as hung."""
 STAGES: list[tuple[str, list[str]]] = [
     ("ingest", ["ingest", "--source", "{source}"]),
     ("features", ["features", "build"]),
@@ -116,6 +118,7 @@ class TreeSampler:
         self.interval = interval
         self.peaks: dict[int, float] = {}
         self.cpu: dict[int, float] = {}
+        self.history: list[tuple[float, float]] = []
         self.roles: dict[int, str] = {}
         self.tree_peak = 0.0
         self.loads: list[float] = []
@@ -161,12 +164,34 @@ class TreeSampler:
         # LocalCluster(processes=True): each Nanny (in the driver) spawns its worker with multiprocessing.
         return "worker" if "spawn_main" in " ".join(proc.cmdline()) else "other"
 
+    def idle_for(self, seconds: float) -> bool:
+        """True when the whole tree used less than 2 CPU seconds over the last `seconds` (a hung command)."""
+        now = time.monotonic()
+        self.history.append((now, sum(self.cpu.values())))
+        past = [cpu for t, cpu in self.history if t <= now - seconds]
+        return bool(past) and self.history[-1][1] - past[-1] < 2.0
+
     def role_cpu(self, role: str) -> float:
         """CPU seconds of the processes of a role at their last sample (a process's last 0.5 s can be missed)."""
         return sum(self.cpu[pid] for pid, r in self.roles.items() if r == role and pid in self.cpu)
 
     def role_peaks(self, role: str) -> list[float]:
         return sorted((self.peaks[pid] for pid, r in self.roles.items() if r == role), reverse=True)
+
+
+def _wait(proc: subprocess.Popen, seconds: float) -> int | None:
+    try:
+        return proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGINT first (the command stops its cluster), then SIGKILL."""
+    proc.send_signal(signal.SIGINT)
+    if _wait(proc, 120) is None:
+        proc.kill()
+        proc.wait()
 
 
 def children_cpu() -> float:
@@ -181,15 +206,17 @@ def run_stage(stage: str, args: list[str], env: dict[str, str], log_file: Path) 
     with log_file.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], cwd=ROOT, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
+        hung = False
         with TreeSampler(proc.pid) as sampler:
             try:
-                rc = proc.wait()
+                while (rc := _wait(proc, 30)) is None:
+                    if sampler.idle_for(HUNG_AFTER_S):
+                        hung = True
+                        _stop(proc)
+                        rc = proc.returncode
+                        break
             except KeyboardInterrupt:  # stopped by hand: let the command stop its cluster, then go
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(timeout=120)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                _stop(proc)
                 raise
     wall = time.perf_counter() - start
     workers = sampler.role_peaks("worker")
@@ -200,7 +227,8 @@ def run_stage(stage: str, args: list[str], env: dict[str, str], log_file: Path) 
         tree_peak_mb=sampler.tree_peak, workers_seen=len(workers),
         load_mean=statistics.fmean(sampler.loads) if sampler.loads else os.getloadavg()[0],
         load_max=max(sampler.loads, default=0.0), started_utc=started,
-        note="" if rc == 0 else f"exit {rc}: " + " | ".join(tail),
+        note=(f"hung: its processes used < 2 CPU s in {HUNG_AFTER_S // 60} min, stopped; " if hung else "")
+        + ("" if rc == 0 else f"exit {rc}: " + " | ".join(tail)),
         driver_cpu_s=sampler.role_cpu("driver"), worker_cpu_s=sampler.role_cpu("worker"),
     )
 
@@ -356,6 +384,23 @@ def growth_table(results: dict[tuple[str, str, int], RunResult]) -> tuple[str, l
     return "\n".join(rows), verdicts
 
 
+def in_progress(run_result: RunResult) -> str:
+    """How far the stage still running has got, from its log: partition tasks done, the last line."""
+    done = {s.stage for s in run_result.stages}
+    stage = next((name for name, _ in STAGES if name not in done), None)
+    path = log_path(run_result.dataset, run_result.engine, run_result.workers, stage) if stage else None
+    if path is None or not path.exists():
+        return "No stage running."
+    lines = path.read_text(errors="replace").splitlines()
+    tasks = sum("Finished in state Completed()" in line for line in lines)
+    started = lines[0][:8] if lines else "?"
+    cluster = any("Creating a new Dask cluster" in line for line in lines)
+    return (f"Still running when written ({time.strftime('%H:%M UTC', time.gmtime())}, load "
+            f"{os.getloadavg()[0]:.1f}): `{stage}` since {started} UTC; "
+            f"{'its Dask cluster is up, ' if cluster else 'still in the flow run before its cluster starts (the ingest splits the batch into partition files first), '}"
+            f"{tasks} partition task(s) completed so far.")
+
+
 def report() -> str:
     results = load_results()
     parts = [
@@ -379,6 +424,8 @@ def report() -> str:
             f"**partial: still running when these figures were written ({len(big.stages)} of {len(STAGES)} "
             "stages measured)**")
         parts.append(f"{big.orders:,} orders, {big.merchants:,} merchants: {state}.\n\n{stage_table(big)}")
+        if not big.finished and not big.stopped:
+            parts.append(in_progress(big))
         done = [s for s in big.stages if s.ok]
         if done:
             peak = max(max(s.worker_peak_mb, default=0) for s in done)
