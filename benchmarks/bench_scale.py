@@ -187,11 +187,14 @@ def _wait(proc: subprocess.Popen, seconds: float) -> int | None:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """SIGINT first (the command stops its cluster), then SIGKILL."""
-    proc.send_signal(signal.SIGINT)
-    if _wait(proc, 120) is None:
-        proc.kill()
-        proc.wait()
+    """SIGINT first (the command stops its cluster), then SIGTERM (a flow waiting on lost futures ignores
+    SIGINT), then SIGKILL."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        proc.send_signal(sig)
+        if _wait(proc, 60) is not None:
+            return
+    proc.kill()
+    proc.wait()
 
 
 def children_cpu() -> float:
