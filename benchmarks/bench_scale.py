@@ -326,8 +326,8 @@ def stage_table(run_result: RunResult) -> str:
             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for s in run_result.stages:
         status = "" if s.ok else " **(failed)**"
-        rows.append(f"| {s.stage}{status} | {s.wall_s:,.0f} | {s.cpu_s:,.0f} | {s.driver_cpu_s:,.0f} / "
-                    f"{s.worker_cpu_s:,.0f} | {s.load_mean:.1f} | {s.driver_peak_mb:,.0f} | {_mb(s.worker_peak_mb)} | "
+        split = f"{s.driver_cpu_s:,.0f} / {s.worker_cpu_s:,.0f}" if s.driver_cpu_s or s.worker_cpu_s else "n/a"
+        rows.append(f"| {s.stage}{status} | {s.wall_s:,.0f} | {s.cpu_s:,.0f} | {split} | {s.load_mean:.1f} | {s.driver_peak_mb:,.0f} | {_mb(s.worker_peak_mb)} | "
                     f"{s.tree_peak_mb:,.0f} | {s.started_utc} |")
     done = [s for s in run_result.stages if s.ok]
     rows.append(f"| **total (stages done)** | {sum(s.wall_s for s in done):,.0f} | {sum(s.cpu_s for s in done):,.0f} "
@@ -489,7 +489,7 @@ def projection(results: dict[tuple[str, str, int], RunResult]) -> str:
     notes = []
     for stage, _ in STAGES:
         measured = [(r, _stage(r, stage)) for r in runs]
-        measured = [(r, s) for r, s in measured if s is not None]
+        measured = [(r, s) for r, s in measured if s is not None and (s.worker_cpu_s or s.driver_cpu_s)]
         if not measured:
             rows.append(f"| {stage} | not measured | | | |" + " |" * len(WORKER_COUNTS) + " | |")
             continue
@@ -548,7 +548,7 @@ def measured_summary(results: dict[tuple[str, str, int], RunResult]) -> str:
                 rows.append(f"| {r.dataset}, {label(r.engine, r.workers)} | {s.stage} | failed: {s.note[:120]} "
                             "| | | | | |")
                 continue
-            share = f"{s.worker_cpu_s / s.cpu_s:.0%}" if s.cpu_s else "-"
+            share = f"{s.worker_cpu_s / s.cpu_s:.0%}" if s.cpu_s and (s.worker_cpu_s or s.driver_cpu_s) else "n/a"
             rows.append(f"| {r.dataset}, {label(r.engine, r.workers)} | {s.stage} | {s.cpu_s / (r.orders / 1e6):,.1f} "
                         f"| {s.cpu_s / (r.merchants / 1e3):,.2f} | {share} | {max(s.worker_peak_mb, default=0):,.0f} "
                         f"| {s.driver_peak_mb:,.0f} | {s.load_mean:.1f} |")
