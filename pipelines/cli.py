@@ -82,8 +82,21 @@ def simulate(
     months: Annotated[int, typer.Option(min=3, max=120, help="Months of history.")] = 24,
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same data.")] = 42,
     start: Annotated[str, typer.Option(help="First day of the simulated history (YYYY-MM-DD).")] = "2024-01-01",
+    days: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Write the last N days day by day: OUT/base as of N days before the end, then one batch a day "
+            "in OUT/daily/YYYY-MM-DD with the rows written or changed that day (0: the whole history in OUT).",
+        ),
+    ] = 0,
 ) -> None:
-    """Simulate a platform's merchants, orders, behaviour, inventory, receivables and loans."""
+    """Simulate a platform's merchants, orders, behaviour, inventory, receivables and loans.
+
+    With --days N the same history is written as the platform's database grew: a base, then N daily
+    batches, each one ingestible in order (`scfrisk ingest --source OUT/base`, then each day's folder);
+    upserted by key they give the whole history. The oracle goes to OUT/oracle either way.
+    """
     from simulator import HISTORY_MONTHS, SimulationConfig, months_to_train, simulate_platform
 
     model = _settings(ctx).model
@@ -95,7 +108,7 @@ def simulate(
             f"training + {model.valid_months} validation + {model.test_months} test months, and the "
             f"{model.label_horizon_months}-month label horizon after them); use --months {needed} or more")
     summary = simulate_platform(
-        SimulationConfig(n_merchants=merchants, months=months, seed=seed, start=start), out
+        SimulationConfig(n_merchants=merchants, months=months, seed=seed, start=start), out, days=days
     )
     typer.echo(summary.describe())
 

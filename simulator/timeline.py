@@ -38,7 +38,8 @@ def as_of(name: str, lives: pa.Table, at: int) -> pa.Table:
     """
     spec = TABLES[name]
     cut = pa.scalar(at * 1_000_000, TIMESTAMP)
-    rows = lives.filter(pc.less(lives[spec.time_column], cut))
+    written = pc.less(lives[spec.time_column], cut)
+    rows = lives if pc.all(written).as_py() else lives.filter(written)  # no copy when every row stays
     if not spec.state_columns:
         return rows.select([c.name for c in spec.columns])
     columns = {column: rows[column] for column in rows.column_names}
@@ -60,15 +61,21 @@ def day_changes(name: str, history: pa.Table, first_day: int, end: int) -> list[
     """(day, rows) for each day from `first_day` to `end` (epoch seconds, midnights): the rows of `history`
     (the table as of `end`) written or changed that day, each as it stands at the day's end.
 
-    Only rows whose last change falls on or after `first_day` can be in any day: they are picked once, so a
-    day costs a pass over them, not over the whole history.
+    A row's days are read off its time and state-change columns once, so all the days together cost a pass
+    over the rows they hold, however many days there are.
     """
     spec = TABLES[name]
-    since = pc.greater_equal(history[spec.change_column], pa.scalar(first_day * 1_000_000, TIMESTAMP))
-    touched = history.filter(since)
-    days = []
-    for start in range(first_day, end, DAY):
-        state = as_of(name, touched, start + DAY)
-        changed = pc.greater_equal(state[spec.change_column], pa.scalar(start * 1_000_000, TIMESTAMP))
-        days.append((start, state.filter(changed)))
-    return days
+    n_days = (end - first_day) // DAY
+    touched = []
+    for column in (spec.time_column, *spec.state_columns):
+        values = history[column]
+        day = (pc.fill_null(values.cast(pa.int64()), 0).to_numpy() // 1_000_000 - first_day) // DAY
+        on = np.flatnonzero(values.is_valid().to_numpy(zero_copy_only=False) & (day >= 0) & (day < n_days))
+        touched.append(day[on] * len(history) + on)
+    pairs = np.unique(np.concatenate(touched))  # (day, row), by day then row; a row once a day
+    day, row = pairs // max(len(history), 1), pairs % max(len(history), 1)
+    bounds = np.searchsorted(day, np.arange(n_days + 1))
+    return [
+        (first_day + i * DAY, as_of(name, history.take(row[bounds[i]:bounds[i + 1]]), first_day + (i + 1) * DAY))
+        for i in range(n_days)
+    ]

@@ -95,6 +95,15 @@ def test_simulate_refuses_a_history_too_short_to_train_on(tmp_path, monkeypatch,
     assert code == 2 and "at least 14 months" in _one_error_line(stderr)
 
 
+def test_simulate_refuses_more_days_than_the_window_has(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "platform"
+    args = ["simulate", "--months", "20", "--merchants", "10", "--days", "700", "--out", str(out)]
+    code, stderr = _cli(args, monkeypatch, capsys, tmp_path / "home")
+    assert code == 2
+    assert "days must be between 1 and 608 (the window has 609 days), got 700" in _one_error_line(stderr)
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_months_to_train_is_the_shortest_simulation_that_splits(tmp_path):
     """At the minimum the out-of-time split has its three slices; one month less, training fails."""
