@@ -100,6 +100,8 @@ class RunResult:
     stages: list[StageResult] = field(default_factory=list)
     finished: bool = False
     stopped: str = ""
+    code: str = ""
+    """The commit measured (`git describe --always --dirty` of the checkout the commands ran from)."""
 
 
 def label(engine: str, workers: int) -> str:
@@ -265,8 +267,10 @@ def run(dataset: str, engine: str, workers: int, keep: bool = False, resume: boo
     else:
         shutil.rmtree(home, ignore_errors=True)
         home.mkdir(parents=True)
+        code = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True,
+                              check=False).stdout.strip()
         result = RunResult(dataset, engine, workers, count_rows(source / "orders"), count_rows(source / "merchants"),
-                           machine())
+                           machine(), code=code)
     done = {s.stage for s in result.stages}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(asdict(result), indent=1))
@@ -417,6 +421,8 @@ def report() -> str:
         "other jobs): the load column is the mean 1-minute load average during the stage; compare CPU seconds and "
         "ratios, not wall times across runs.",
     ]
+    codes = sorted({r.code or "not recorded" for r in results.values()})
+    parts.append(f"Code measured: {', '.join(codes)}.")
     big = results.get(("orders_100m", "dask", 2))
     parts.append("### 100M orders, dask engine, 2 workers x 4 GiB")
     if big is None:
