@@ -320,6 +320,12 @@ def _stage(run_result: RunResult | None, stage: str) -> StageResult | None:
     return next((s for s in run_result.stages if s.stage == stage and s.ok), None)
 
 
+def _cell(text: str, width: int = 160) -> str:
+    """A note fit for a Markdown table cell: no pipes or newlines, shortened."""
+    flat = " ".join(text.replace("|", "/").split())
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
 def _mb(values: list[float]) -> str:
     return " / ".join(f"{v:,.0f}" for v in values) if values else "-"
 
@@ -339,7 +345,8 @@ def stage_table(run_result: RunResult) -> str:
                 f"| | {max((s.driver_peak_mb for s in done), default=0):,.0f} | "
                 f"{max((max(s.worker_peak_mb, default=0) for s in done), default=0):,.0f} | "
                 f"{max((s.tree_peak_mb for s in done), default=0):,.0f} | |")
-    return "\n".join(rows)
+    failures = [f"* {s.stage} failed: {_cell(s.note, 400)}" for s in run_result.stages if not s.ok]
+    return "\n".join(rows) + ("\n\n" + "\n".join(failures) if failures else "")
 
 
 def engines_table(results: dict[tuple[str, str, int], RunResult], dataset: str) -> str:
@@ -429,7 +436,7 @@ def report() -> str:
         parts.append("Not run yet.")
     else:
         state = "all four stages finished" if big.finished else (
-            f"**partial: {big.stopped}**" if big.stopped else
+            f"**partial: {_cell(big.stopped, 400)}**" if big.stopped else
             f"**partial: still running when these figures were written ({len(big.stages)} of {len(STAGES)} "
             "stages measured)**")
         parts.append(f"{big.orders:,} orders, {big.merchants:,} merchants: {state}.\n\n{stage_table(big)}")
@@ -448,7 +455,7 @@ def report() -> str:
         for key in sorted(ten):
             r = results[key]
             parts.append(f"{label(r.engine, r.workers)}, {r.orders:,} orders"
-                         f"{'' if r.finished else ' (partial: ' + (r.stopped or 'unfinished') + ')'}:\n\n"
+                         f"{'' if r.finished else ' (partial: ' + _cell(r.stopped or 'unfinished', 300) + ')'}:\n\n"
                          f"{stage_table(r)}")
         parts.append("Overhead of the engine = dask x1 CPU / local CPU (same work, one worker: the scheduler, "
                      "Prefect task runs, pickling and the worker processes). Speed-up = dask x1 wall / dask x2 "
@@ -483,6 +490,13 @@ def _fit(points: list[tuple[float, float]], x: float) -> float:
     return y1 + (y1 - y0) / (x1 - x0) * (x - x1) if x1 != x0 else y1
 
 
+def _line(points: list[tuple[float, float]], x: float) -> float:
+    """The line through the last two (size, CPU s) points read at x, or proportional to one point."""
+    if len(points) < 2:
+        return points[0][1] * x / points[0][0]
+    return max(_fit(points, x), 0.0)
+
+
 def projection(results: dict[tuple[str, str, int], RunResult]) -> str:
     """CPU, wall hours and memory at TARGET_ORDERS / TARGET_MERCHANTS, from the largest dask x2 runs."""
     runs = sorted((r for (d, e, w), r in results.items() if e == "dask" and w == 2), key=lambda r: r.orders)
@@ -501,12 +515,14 @@ def projection(results: dict[tuple[str, str, int], RunResult]) -> str:
             continue
         basis, s = measured[-1]
         by_orders = stage in BY_ORDERS
-        factor = TARGET_ORDERS / basis.orders if by_orders else TARGET_MERCHANTS / basis.merchants
-        serial = (s.cpu_s - s.worker_cpu_s) * factor / 3600
-        parallel = s.worker_cpu_s * factor / 3600
-        walls = " | ".join(f"{serial + parallel / w:,.1f}" for w in WORKER_COUNTS)
         size = (lambda r: r.orders) if by_orders else (lambda r: r.merchants)
         target = TARGET_ORDERS if by_orders else TARGET_MERCHANTS
+        factor = target / size(basis)
+        # With two sizes, the line through them (its slope is the cost per order or merchant, without the fixed
+        # start-up cost of the command); with one, proportional (start-up included: an overestimate).
+        serial = _line([(size(r), st.cpu_s - st.worker_cpu_s) for r, st in measured], target) / 3600
+        parallel = _line([(size(r), st.worker_cpu_s) for r, st in measured], target) / 3600
+        walls = " | ".join(f"{serial + parallel / w:,.1f}" for w in WORKER_COUNTS)
         driver = _fit([(size(r), st.driver_peak_mb) for r, st in measured], target)
         worker = max(s.worker_peak_mb, default=0.0)
         rows.append(f"| {stage} | {basis.dataset} ({basis.orders / 1e6:,.0f}M orders, {basis.merchants:,} merchants) | "
@@ -551,7 +567,7 @@ def measured_summary(results: dict[tuple[str, str, int], RunResult]) -> str:
         r = results[key]
         for s in r.stages:
             if not s.ok:
-                rows.append(f"| {r.dataset}, {label(r.engine, r.workers)} | {s.stage} | failed: {s.note[:120]} "
+                rows.append(f"| {r.dataset}, {label(r.engine, r.workers)} | {s.stage} | failed: {_cell(s.note)} "
                             "| | | | | |")
                 continue
             share = f"{s.worker_cpu_s / s.cpu_s:.0%}" if s.cpu_s and (s.worker_cpu_s or s.driver_cpu_s) else "n/a"
@@ -560,7 +576,7 @@ def measured_summary(results: dict[tuple[str, str, int], RunResult]) -> str:
                         f"| {s.driver_peak_mb:,.0f} | {s.load_mean:.1f} |")
         if not r.finished:
             rows.append(f"| {r.dataset}, {label(r.engine, r.workers)} | (stopped or still running: "
-                        f"{r.stopped or 'unfinished'}) | | | | | | |")
+                        f"{_cell(r.stopped or 'unfinished')}) | | | | | | |")
     return "\n".join(rows)
 
 
