@@ -529,14 +529,18 @@ def projection(results: dict[tuple[str, str, int], RunResult]) -> str:
                     f"{'orders' if by_orders else 'merchants'} x{factor:,.1f} | {serial:,.2f} | {parallel:,.2f} | "
                     f"{walls} | {worker:,.0f} | {driver:,.0f} |")
     biggest = runs[-1]
-    per_bucket = biggest.merchants / 8
-    buckets = math.ceil(TARGET_MERCHANTS / per_bucket)
-    notes.append(f"Merchant buckets: the runs used 8 buckets, {per_bucket:,.0f} merchants per bucket at "
-                 f"{biggest.dataset}. To keep a feature/score/limit partition that size at {TARGET_MERCHANTS:,} "
-                 f"merchants, a new raw store needs `merchant_buckets` >= {buckets:,} (e.g. "
-                 f"{2 ** math.ceil(math.log2(buckets)):,}); the ingest units stay ~500,000 rows whatever the "
-                 "batch, so about 2.6 rows per order gives ~5,200 ingest units at 1B orders: enough partitions "
-                 "for every worker count above.")
+    with_features = [r for r in runs if _stage(r, "features")]
+    per_bucket = with_features[-1].merchants / 8 if with_features else 0
+    buckets = math.ceil(TARGET_MERCHANTS / per_bucket) if per_bucket else 0
+    if not buckets:
+        notes.append("Merchant buckets: no features stage measured on the dask engine yet, so no bucket size to keep.")
+    else:
+        notes.append(f"Merchant buckets: the runs used 8 buckets, {per_bucket:,.0f} merchants per bucket at "
+                     f"{with_features[-1].dataset}. To keep a feature/score/limit partition that size at "
+                     f"{TARGET_MERCHANTS:,} merchants, a new raw store needs `merchant_buckets` >= {buckets:,} (e.g. "
+                     f"{2 ** math.ceil(math.log2(buckets)):,}).")
+    notes.append("Ingest units stay ~500,000 rows whatever the batch: at about 2.6 rows of all tables per order, "
+                 "1B orders make ~5,200 units, enough partitions for every worker count above.")
     trained = training_rows(biggest) if _stage(biggest, "train") else None
     if trained:
         engine, rows_measured = trained
