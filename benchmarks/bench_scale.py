@@ -53,6 +53,11 @@ BY_ORDERS = {"ingest"}
 """Stages whose cost follows the rows delivered; the others follow the merchants (their feature rows, scores
 and limits are per merchant and month), which grow faster than the orders at the target (10M merchants)."""
 MEMORY_LIMIT = "4GiB"
+DASK_WORKAROUND = {"DASK_DISTRIBUTED__COMM__TIMEOUTS__TCP": "600s"}
+"""Dask calls a connection dead after 30 s without an answer (`distributed.comm.timeouts.tcp`). On this machine
+(load 25-40 on 2 cores) a worker running a `features build` task went that long without answering: the
+scheduler dropped it, the worker shut down, the LocalCluster was left with no workers and the flow waited
+forever in `run_partitions` (twice at 1M orders, dask x2). A longer timeout, for the benchmark only."""
 HUNG_AFTER_S = 600
 """A stage whose processes use almost no CPU for this long is stopped and recorded as hung."""
 STAGES: list[tuple[str, list[str]]] = [
@@ -258,7 +263,7 @@ def run(dataset: str, engine: str, workers: int, keep: bool = False, resume: boo
     env.pop("PREFECT_API_URL", None)
     if engine == "dask":
         env |= {"SCFRISK_COMPUTE__N_WORKERS": str(workers), "SCFRISK_COMPUTE__MEMORY_LIMIT": MEMORY_LIMIT,
-                "SCFRISK_COMPUTE__THREADS_PER_WORKER": "1"}
+                "SCFRISK_COMPUTE__THREADS_PER_WORKER": "1", **DASK_WORKAROUND}
     previous = load_results().get((dataset, engine, workers)) if resume and home.is_dir() else None
     if previous is not None:
         result = previous
