@@ -336,6 +336,8 @@ def _mb(values: list[float]) -> str:
 
 
 def stage_table(run_result: RunResult) -> str:
+    if not run_result.stages:
+        return "No stage finished yet."
     rows = ["| stage | wall s | CPU s | of which driver / workers | load (mean) | driver peak MB | worker peaks MB "
             "| tree peak MB | started |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
