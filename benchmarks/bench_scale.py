@@ -359,10 +359,10 @@ def stage_table(run_result: RunResult) -> str:
 def engines_table(results: dict[tuple[str, str, int], RunResult], dataset: str) -> str:
     local = results.get((dataset, "local", 0))
     one, two = results.get((dataset, "dask", 1)), results.get((dataset, "dask", 2))
-    rows = ["| stage | local CPU s | dask x1 CPU s | dask x2 CPU s | dask x1 / local CPU (overhead) | "
+    rows = ["| stage | local CPU s | dask x1 CPU s | dask x2 CPU s | dask x1 / local CPU (overhead) | x2 / local CPU | "
             "local wall s | dask x1 wall s | dask x2 wall s | speed-up x2 vs x1 (wall) | x2 vs local (wall) | "
             "loads (local / x1 / x2) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for stage, _ in STAGES:
         a, b, c = _stage(local, stage), _stage(one, stage), _stage(two, stage)
 
@@ -373,7 +373,7 @@ def engines_table(results: dict[tuple[str, str, int], RunResult], dataset: str) 
             return f"{getattr(x, attr) / getattr(y, attr):.2f}" if x and y and getattr(y, attr) else "-"
 
         loads = " / ".join(f"{s.load_mean:.1f}" if s else "-" for s in (a, b, c))
-        rows.append(f"| {stage} | {f(a, 'cpu_s')} | {f(b, 'cpu_s')} | {f(c, 'cpu_s')} | {ratio(b, a, 'cpu_s')} | "
+        rows.append(f"| {stage} | {f(a, 'cpu_s')} | {f(b, 'cpu_s')} | {f(c, 'cpu_s')} | {ratio(b, a, 'cpu_s')} | {ratio(c, a, 'cpu_s')} | "
                     f"{f(a, 'wall_s')} | {f(b, 'wall_s')} | {f(c, 'wall_s')} | {ratio(b, c, 'wall_s')} | "
                     f"{ratio(a, c, 'wall_s')} | {loads} |")
     return "\n".join(rows)
@@ -565,8 +565,8 @@ def write_scaling(results: dict[tuple[str, str, int], RunResult]) -> None:
     """Rewrite the generated parts of docs/scaling.md (between its bench_scale markers) from the results."""
     text = SCALING_DOC.read_text()
     for name, body in (("measured", measured_summary(results)), ("projected", projection(results))):
-        pattern = re.compile(rf"(<!-- bench_scale:{name} -->\n).*?(\n<!-- /bench_scale:{name} -->)", re.S)
-        text = pattern.sub(lambda m, b=body: m.group(1) + b + m.group(2), text)
+        pattern = re.compile(rf"(<!-- bench_scale:{name} -->\n).*?(<!-- /bench_scale:{name} -->)", re.S)
+        text = pattern.sub(lambda m, b=body: m.group(1) + b + "\n" + m.group(2), text)
     SCALING_DOC.write_text(text)
 
 
