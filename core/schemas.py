@@ -366,10 +366,12 @@ STAGE_TABLES: dict[str, tuple[str, ...]] = {
     "train": _LABELLED,
     "limits": _LABELLED,
     "run": _LABELLED,
+    "monitor": _LABELLED,
 }
 """The raw tables each stage cannot do without, in the raw store or in the batch it ingests first.
 
 Features need the merchants and their orders (the monthly snapshots follow the orders' months); the other
 activity tables may be missing, and the features built from them are then empty. Training labels each
 loan from `loan_applications`, `loans` and `loan_performance` (90+ days past due within the horizon);
-limits score the same labelled loans for their out-of-time backtest, and `run` does all of it."""
+limits score the same labelled loans for their out-of-time backtest, and `run` does all of it; `monitor` reads
+the live loans with their repayment records and applications (the PD at origination)."""

@@ -3,7 +3,8 @@ memory, so that each partition can then be validated and written by any worker o
 
 The source's record batches are split by partition (`core.partitioning`) and appended to Arrow IPC files
 (lz4: cheap to write and to read back, and a column can be read alone) under the raw store's
-`_staging/<token>/<table>/month=.../bucket=.../`, where every worker that reads the store reads them too.
+`_staging/<token>/<table>/<month>.<bucket>.<n>.arrow`, where every worker that reads the store reads them
+too (one folder per table: a folder per partition made removing them cost more than writing them).
 A batch's columns are kept as delivered (after `conform`), so a badly typed column still reaches
 validation; when a later record batch of a table brings other types, the partition gets another file.
 The folder is removed when the ingest ends, passed or not; one left by a killed ingest is removed by the next.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -27,7 +29,6 @@ from core.schemas import TABLES
 
 STAGING = "_staging"
 IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4")
-PARTITIONING = pads.partitioning(pa.schema([(MONTH, pa.string()), (BUCKET, pa.int16())]), flavor="hive")
 
 
 @dataclass
@@ -51,6 +52,9 @@ class BatchSpill:
         self.store = store
         self.root = store._file(STAGING, token or uuid.uuid4().hex)
         self.tables: dict[str, StagedTable] = {}
+        # Arrow's own file system on a local disk (fsspec's costs a Python call per read and write).
+        self.filesystem = pa_fs.LocalFileSystem() if isinstance(store.root, Path) else pa_fs.PyFileSystem(
+            pa_fs.FSSpecHandler(store.fs))
 
     @staticmethod
     def clear_leftovers(store: RawStore) -> None:
@@ -63,6 +67,7 @@ class BatchSpill:
         buffer per open partition."""
         spec, staged = TABLES[name], self.tables.setdefault(name, StagedTable())
         writers: dict[str, tuple[pa.Schema, Any, Any]] = {}
+        self.filesystem.create_dir(f"{self.root}/{name}", recursive=True)
         try:
             for batch in batches:
                 if batch.num_rows == 0:
@@ -78,10 +83,10 @@ class BatchSpill:
                         schema = None
                     if schema is None:
                         files = staged.files.setdefault(key, [])
-                        path = f"{self.root}/{name}/{key}/{len(files):05d}.arrow"
+                        month, bucket = parse_partition_key(key)
+                        path = f"{self.root}/{name}/{month}.{bucket}.{len(files)}.arrow"
                         files.append(path)
-                        self.store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-                        handle = self.store.fs.open(path, "wb")
+                        handle = self.filesystem.open_output_stream(path)
                         writer = pa.ipc.new_file(handle, rows.schema, options=IPC_OPTIONS)
                         writers[key] = (rows.schema, handle, writer)
                     writer.write_table(rows)
@@ -96,7 +101,7 @@ class BatchSpill:
         """One partition of a table (or some of its columns), as delivered."""
         tables = []
         for path in self.tables[name].files.get(key, []):
-            with self.store.fs.open(path, "rb") as handle:
+            with self.filesystem.open_input_file(path) as handle:
                 table = pa.ipc.open_file(handle).read_all()
             tables.append(table.select([c for c in columns if c in table.column_names]) if columns else table)
         return concat(tables)
@@ -105,13 +110,14 @@ class BatchSpill:
         """Some columns (schema-typed in every file: see `StagedTable.typed_columns`) of a table's files,
         with the partition columns `month` and `bucket`; only those buckets' files when given."""
         spec = TABLES[name]
-        files = [path for key, paths in self.tables[name].files.items() for path in paths
+        files = [(path, parse_partition_key(key)) for key, paths in self.tables[name].files.items() for path in paths
                  if buckets is None or parse_partition_key(key)[1] in buckets]
         schema = pa.schema([*(pa.field(c, spec.column_index[c].type) for c in columns),
                             pa.field(MONTH, pa.string()), pa.field(BUCKET, pa.int16())])
-        return pads.dataset(
-            files, schema=schema, format="ipc", partitioning=PARTITIONING,
-            partition_base_dir=f"{self.root}/{name}", filesystem=pa_fs.PyFileSystem(pa_fs.FSSpecHandler(self.store.fs)),
+        return pads.FileSystemDataset.from_paths(
+            [path for path, _ in files], schema=schema, format=pads.IpcFileFormat(), filesystem=self.filesystem,
+            partitions=[(pc.field(MONTH) == month) & (pc.field(BUCKET) == pa.scalar(bucket, pa.int16()))
+                        for _, (month, bucket) in files],
         )
 
     def distinct(self, name: str, column: str, buckets: Sequence[int] | None = None) -> pa.Array:
@@ -123,7 +129,7 @@ class BatchSpill:
         """Remove the batch's files, and the staging folder when no other batch's are in it."""
         fs = self.store.fs
         if fs.exists(self.root):
-            fs.rm(self.root, recursive=True)
+            self.filesystem.delete_dir(self.root)
         for folder in (self.store._file(STAGING), self.store._file()):  # nor the store's, if it made it
             if fs.exists(folder) and not fs.ls(folder):
                 fs.rmdir(folder)

@@ -144,7 +144,8 @@ def ingest(source: Source | Path | str, settings: Settings, now: datetime | None
     # `_release_memory` scan only the batch's objects (0.3 s per collection otherwise).
     gc.freeze()
     try:
-        opened = source if isinstance(source, Source) else open_source(str(source))
+        opened = source if isinstance(source, Source) else open_source(
+            str(source), settings, RawStore(settings.path("raw_store")).source_state())
         return _ingest(opened, settings, now or datetime.now(UTC).replace(tzinfo=None))
     finally:
         gc.unfreeze()
@@ -341,6 +342,9 @@ def _validator(batch: _Batch) -> TableValidator:
     if key not in _VALIDATORS:
         _VALIDATORS.clear()
         _VALIDATORS[key] = TableValidator(batch.settings, batch.now)
+        # In a worker, as `ingest` does in the flow's process: what lives now (modules, the GX context) is
+        # never garbage, so each unit's collection scans only the unit's objects.
+        gc.freeze()
     return _VALIDATORS[key]
 
 

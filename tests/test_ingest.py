@@ -11,16 +11,19 @@ from pathlib import Path
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
 from core.batch import BatchError, locate_tables
 from core.errors import ScfriskError
-from core.partitioning import merchant_bucket, month_key
+from core.partitioning import merchant_bucket, month_key, partition_key
 from core.raw_store import RawStore
 from core.rules import DataValidationError
+from core.schemas import TABLES, conform
 from core.settings import Settings
+from core.sources import FolderSource, Source, open_source
 from pipelines.cli import run
 from pipelines.ingest import ingest, ingest_flow
 from tests.batch_builder import valid_batch, write_batch
@@ -283,3 +286,69 @@ def test_ingest_flow_runs_through_prefect(prefect_server, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ScfriskError, match="no table files"):
         ingest_flow(source=str(tmp_path / "empty"), settings=settings)
+
+
+def test_a_key_repeated_across_partitions_is_rejected_counted_over_the_table(store, tmp_path, monkeypatch):
+    monkeypatch.setattr("pipelines.ingest.UNIT_ROWS", 1)  # each partition validated alone, as at scale
+    batch = valid_batch()
+    orders = batch["orders"]
+    orders.loc[3, "order_id"] = 1  # order 1 again, by another merchant in another month: another partition
+    orders.loc[4, "order_id"] = 1
+    orders["order_id"] += 100
+    before = store_files(store)
+    with pytest.raises(DataValidationError, match=r"orders\.order_id: expect_column_values_to_be_unique failed for "
+                                                  r"3 of 6 rows, e\.g\. 101(;| \()"):
+        ingest(write_batch(tmp_path / "dup", {"orders": orders}), store, NOW)
+    assert store_files(store) == before
+
+
+def test_a_row_redelivered_for_another_merchant_leaves_its_old_partition(store, tmp_path):
+    raw = RawStore(store.path("raw_store"))
+    orders = valid_batch()["orders"]
+    moved = orders.iloc[[0]].assign(merchant_id="M0000003")  # order 1 was M0000001's
+    old = (month_key(pa.array(orders["ordered_at"].iloc[[0]])).to_pylist()[0],
+           merchant_bucket(pa.array(["M0000001"]), raw.buckets)[0].as_py())
+    new_bucket = merchant_bucket(pa.array(["M0000003"]), raw.buckets)[0].as_py()
+    assert old[1] != new_bucket
+    result = ingest(write_batch(tmp_path / "moved", {"orders": moved}), store, NOW)
+    con = duckdb.connect()
+    rows = con.sql(f"SELECT order_id, merchant_id FROM {raw.register(con, 'orders')} WHERE order_id = 1").fetchall()
+    assert rows == [(1, "M0000003")] and raw.manifest()["tables"]["orders"]["rows"] == 6
+    assert partition_key(*old) in result.partitions_written["orders"]
+
+
+class _Stream:
+    """A source of the protocol (as a database would be): each table in several record batches, a state."""
+
+    description = "a test stream"
+
+    def __init__(self, tables: dict[str, pd.DataFrame]) -> None:
+        self.data = {n: conform(pa.Table.from_pandas(f, preserve_index=False), TABLES[n]) for n, f in tables.items()}
+
+    def tables(self) -> list[str]:
+        return [n for n in TABLES if n in self.data]
+
+    def fingerprint(self) -> str:
+        return "stream-1"
+
+    def batches(self, name):
+        yield from self.data[name].to_batches(max_chunksize=2)
+
+    def state(self):
+        return {"stream": {"orders": 6}}
+
+
+def test_a_source_streams_in_record_batches_and_its_state_commits_with_the_data(settings, loaded):
+    source = _Stream(valid_batch())
+    assert isinstance(source, Source) and len(list(source.batches("orders"))) == 3
+    result = ingest(source, settings, NOW)
+    raw = RawStore(settings.path("raw_store"))
+    assert result.source == "a test stream" and raw.source_state() == {"stream": {"orders": 6}}
+    assert raw.snapshot_id == RawStore(Settings(home=loaded).path("raw_store")).snapshot_id
+
+
+def test_a_source_is_chosen_by_its_text(tmp_path):
+    assert isinstance(open_source(str(write_batch(tmp_path / "b", valid_batch()))), FolderSource)
+    assert open_source((tmp_path / "b").as_uri()).tables() == list(valid_batch())
+    with pytest.raises(BatchError, match=r"unknown source 'ftp://\.\.\.': give a batch folder or one of postgresql://"):
+        open_source("ftp://host/batch")

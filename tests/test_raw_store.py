@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+import zlib
 from collections.abc import Iterator
 
 import boto3
@@ -15,7 +17,7 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
-from core.partitioning import parse_partition_key
+from core.partitioning import merchant_bucket, parse_partition_key
 from core.raw_store import RawStore
 from core.schemas import TABLES, conform
 from tests.batch_builder import valid_batch
@@ -116,3 +118,63 @@ def test_an_s3_commit_cut_between_tables_is_invisible_until_the_next_write(bucke
     assert load(store, {}) == {}  # any next write finishes the interrupted one first
     assert store.versions["merchants"] == store.versions["orders"] == 1
     assert store.snapshot_id != before and len(order_ids(store)) == 12
+
+
+def test_merchant_buckets_are_the_same_in_every_process_and_version():
+    """CRC-32 of the id: fixed values, so a store written today is read by any worker tomorrow (Python's
+    hash() differs per process, DuckDB's may change between releases)."""
+    ids = pa.chunked_array([["M0000001", "M0000042"], ["M0000001", None]])
+    assert merchant_bucket(ids, 8).to_pylist() == [zlib.crc32(b"M0000001") % 8, zlib.crc32(b"M0000042") % 8,
+                                                   zlib.crc32(b"M0000001") % 8, 0]
+    assert merchant_bucket(ids, 8).to_pylist() == [4, 2, 4, 0] and merchant_bucket(ids, 8).type == pa.int16()
+
+
+def test_a_worker_registers_only_its_buckets(tmp_path):
+    store = RawStore(tmp_path / "raw", buckets=4)
+    load(store, valid_batch())
+    buckets = merchant_bucket(pa.array(valid_batch()["orders"]["merchant_id"]), 4).to_pylist()
+    by_bucket = {b: sorted(o for o, ob in zip(valid_batch()["orders"]["order_id"], buckets, strict=True) if ob == b)
+                 for b in set(buckets)}
+    assert len(by_bucket) > 1 and set(store.partitions("orders")) == {
+        (m, b) for m, b in zip(["2024-01"] * 3 + ["2024-02"] * 3, buckets, strict=True)}
+    for bucket, orders in by_bucket.items():
+        con = duckdb.connect()
+        view = store.register(con, "orders", buckets=[bucket])
+        assert [r[0] for r in con.sql(f"SELECT order_id FROM {view} ORDER BY 1").fetchall()] == orders
+    con = duckdb.connect()
+    assert con.sql(f"SELECT count(*) FROM {store.register(con, 'orders', buckets=[])}").fetchall() == [(0,)]
+    assert sorted(store.distinct_values("merchants", "merchant_id", [buckets[0]]).to_pylist()) == sorted(
+        {m for m, b in zip(valid_batch()["orders"]["merchant_id"], buckets, strict=True) if b == buckets[0]})
+
+
+def test_source_state_moves_only_with_its_batch(tmp_path, monkeypatch):
+    store = RawStore(tmp_path / "raw")
+    with store.transaction() as batch:
+        batch.stage("merchants", conform(pa.Table.from_pandas(valid_batch()["merchants"]), TABLES["merchants"]))
+        batch.commit("b1", {"pg": {"merchants": "2024-01-31"}})
+    assert store.source_state() == {"pg": {"merchants": "2024-01-31"}}
+
+    def power_cut(self, name, entry, sequence):
+        raise OSError("power cut")
+
+    more = valid_batch()["merchants"].assign(region="south")
+    with monkeypatch.context() as patch, pytest.raises(OSError):
+        patch.setattr(RawStore, "_commit_table", power_cut)
+        with store.transaction() as batch:
+            batch.stage("merchants", conform(pa.Table.from_pandas(more), TABLES["merchants"]))
+            batch.commit("b2", {"pg": {"merchants": "2024-02-29"}})
+    assert RawStore(tmp_path / "raw").source_state() == {"pg": {"merchants": "2024-01-31"}}  # not committed
+    store.recover()  # the journal rolls the batch forward: data and watermark together
+    assert store.source_state() == {"pg": {"merchants": "2024-02-29"}} and store.loaded_batch() == "b2"
+    with store.transaction() as batch:  # a folder batch ({}) keeps what another source committed
+        batch.commit("b3", {})
+    assert store.source_state() == {"pg": {"merchants": "2024-02-29"}}
+
+
+def test_a_store_keeps_its_bucket_count_whatever_the_setting(tmp_path, caplog):
+    load(RawStore(tmp_path / "raw", buckets=4), {"merchants": valid_batch()["merchants"]})
+    store = RawStore(tmp_path / "raw", buckets=16)
+    with caplog.at_level(logging.WARNING, logger="core.raw_store"):
+        load(store, {"orders": valid_batch()["orders"]})
+    assert "keeps its 4 merchant buckets" in caplog.text and store.buckets == 4
+    assert {b for _, b in store.partitions("orders")} <= set(range(4))
