@@ -100,10 +100,13 @@ def run_partitions(fn: Callable[[T], R], items: Iterable[T], label: str) -> list
         from prefect import task
         from prefect.cache_policies import NO_CACHE
         from prefect.futures import as_completed
+        from prefect.utilities.annotations import quote
 
         # No cache key (hashing large arguments) and no stored results: the flow takes them as they come.
+        # Quoted: Prefect would otherwise walk every argument's contents (a batch's file lists, a manifest)
+        # looking for futures, on both sides, for every task.
         apply = task(_apply, name=label, cache_policy=NO_CACHE, persist_result=False)
-        futures = [apply.submit(fn, item) for item in items]
+        futures = [apply.submit(quote(fn), quote(item)) for item in items]
         for _ in as_completed(futures):
             progress.advance(bar)
         return [future.result() for future in futures]
