@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 RUN := $(UV) run --frozen --no-sync
 
-.PHONY: setup demo test lint browser bench docs clean
+.PHONY: setup demo test lint browser postgres bench docs clean
 
 .tools/bin/uv:
 	$(PYTHON) -m venv .tools
@@ -26,11 +26,17 @@ browser:  ## Debian's chromium, for the test that renders the risk report in a r
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
 	  echo "warning: chromium could not be installed; the browser rendering test will be skipped"
 
+postgres:  ## Debian's PostgreSQL server, for the tests that pull from a real database (each run starts its own cluster)
+	@{ command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 ; } || \
+	  { command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) ; } || \
+	  echo "warning: PostgreSQL could not be installed; the tests of the PostgreSQL source will be skipped"
+
 lint: setup  ## ruff (pyflakes, pycodestyle, import order, bugbear) and import-linter (the floors), rules in pyproject.toml
 	$(RUN) ruff check core features models explanation credit reporting serving pipelines simulator testkit benchmarks tests
 	$(RUN) lint-imports
 
-test: setup browser lint  ## the lint, then the whole test suite
+test: setup browser postgres lint  ## the lint, then the whole test suite
 	$(RUN) pytest
 
 bench: setup  ## benchmarks; figures go to docs/benchmarks.md

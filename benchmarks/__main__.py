@@ -6,6 +6,7 @@ import sys
 ALL = [
     "bench_simulate",
     "bench_ingest",
+    "bench_postgres",
     "bench_features",
     "bench_train",
     "bench_public",
@@ -14,6 +15,7 @@ ALL = [
     "bench_service",
     "bench_audit",
     "bench_pipeline",
+    "bench_monitor",
 ]
 
 for name in sys.argv[1:] or ALL:

@@ -16,7 +16,6 @@ from core.schemas import STAGE_TABLES, TABLES
 
 if TYPE_CHECKING:
     from core.raw_store import RawStore
-    from core.sources import Source
 
 IGNORED = {"oracle"}
 """Folders a batch may carry that are not data to load (the simulator's ground truth)."""
@@ -57,14 +56,17 @@ def missing_tables(stage: str, store: RawStore, batch: Collection[str] = ()) -> 
     return [name for name in STAGE_TABLES[stage] if name not in batch and not store.has_table(name)]
 
 
-def require_tables(stage: str, store: RawStore, source: Source | None = None) -> None:
-    """Refuse a stage whose raw tables are missing, naming them and where they were looked for."""
-    missing = missing_tables(stage, store, source.tables() if source is not None else ())
+def require_tables(
+    stage: str, store: RawStore, batch: Collection[str] | None = None, batch_description: str = ""
+) -> None:
+    """Refuse a stage whose raw tables are missing, naming them and where they were looked for (the raw
+    store, and the tables of the batch about to be ingested, described for the message)."""
+    missing = missing_tables(stage, store, batch or ())
     if not missing:
         return
     needs, lacking = ", ".join(STAGE_TABLES[stage]), ", ".join(missing)
-    if source is not None:
-        raise MissingTablesError(f"{stage} needs raw tables {needs}; neither batch {source.description} nor "
+    if batch is not None:
+        raise MissingTablesError(f"{stage} needs raw tables {needs}; neither batch {batch_description} nor "
                                  f"raw store {store.root} has {lacking}")
     raise MissingTablesError(f"{stage} needs raw tables {needs}; raw store {store.root} has no {lacking}: "
                              f"ingest a batch with {'it' if len(missing) == 1 else 'them'} first")

@@ -33,6 +33,8 @@ ORDER_STATUSES: tuple[str, ...] = ("paid", "shipped", "delivered", "completed", 
 EVENT_TYPES: tuple[str, ...] = ("login", "listing_change", "price_change", "complaint", "cs_response")
 
 TIMESTAMP = pa.timestamp("us")
+UPDATED_AT = "updated_at"
+"""When a row that changes state after it is written (`TableSpec.state_columns`) last changed."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class Column:
     max_value: float | None = None
     scheduled: bool = False
     """A planned date (due, maturity, promised delivery): may lie in the future, unlike a fact's time."""
+    optional: bool = False
+    """May be absent from a batch (one delivered before the column existed): read as all empty."""
 
 
 @dataclass(frozen=True)
@@ -79,13 +83,34 @@ class TableSpec:
     def timestamp_columns(self) -> list[str]:
         return [c.name for c in self.columns if pa.types.is_timestamp(c.type)]
 
+    @property
+    def state_columns(self) -> list[str]:
+        """When each later state change happened (shipped, refunded, paid, released...): a row's facts that
+        are empty when it is first written and set afterwards. Only tables with `updated_at` have them."""
+        if UPDATED_AT not in self.column_index:
+            return []
+        return [
+            c.name for c in self.columns
+            if pa.types.is_timestamp(c.type) and c.nullable and not c.scheduled and c.name != UPDATED_AT
+        ]
+
+    @property
+    def change_column(self) -> str:
+        """The column an incremental pull keeps its watermark on: `updated_at` where rows change after they
+        are written (empty there means never changed, i.e. the time column), else the time column."""
+        return UPDATED_AT if UPDATED_AT in self.column_index else self.time_column
+
 
 def conform(table: pa.Table, spec: TableSpec, from_text: bool = False) -> pa.Table:
     """Cast columns to their schema types where that is lossless, in schema order, extras last.
 
     Text (CSV) is parsed into any type; typed (Parquet) columns only change width or unit. A column that
-    will not cast is left as delivered so the type expectation reports it with the delivered type.
+    will not cast is left as delivered so the type expectation reports it with the delivered type. An
+    absent optional column is added empty, so batches from before it existed still load.
     """
+    for col in spec.columns:
+        if col.optional and col.name not in table.column_names:
+            table = table.append_column(pa.field(col.name, col.type), pa.nulls(table.num_rows, col.type))
     columns: dict[str, pa.ChunkedArray] = {}
     extras = [n for n in table.column_names if n not in spec.column_index]
     for name in [c.name for c in spec.columns if c.name in table.column_names] + extras:
@@ -109,6 +134,22 @@ def _same_family(actual: pa.DataType, expected: pa.DataType) -> bool:
 
 def _is_text(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _updated_at(time_column: str) -> Column:
+    return Column(
+        UPDATED_AT,
+        TIMESTAMP,
+        f"When the row last changed: `{time_column}` when written, then each later state change. Empty or "
+        f"absent (batches from before this column) reads as never changed, i.e. `{time_column}`.",
+        nullable=True,
+        optional=True,
+    )
+
+
+def _changes(time_column: str, *states: str) -> tuple[tuple[str, str], ...]:
+    """`updated_at` is not before the row's time nor any state change: a pull by watermark sees every change."""
+    return tuple((earlier, UPDATED_AT) for earlier in (time_column, *states))
 
 
 def _id(name: str, what: str) -> Column:
@@ -157,6 +198,8 @@ ORDERS = TableSpec(
         ("ordered_at", "refunded_at"),
         ("delivered_at", "rated_at"),
         ("ordered_at", "settled_at"),
+        *_changes("ordered_at", "shipped_at", "delivered_at", "cancelled_at", "refunded_at", "rated_at",
+                  "settled_at"),
     ),
     columns=(
         _id("order_id", "Order identifier."),
@@ -173,6 +216,7 @@ ORDERS = TableSpec(
         Column("rating", pa.int8(), "Buyer's rating 1-5.", nullable=True, min_value=1, max_value=5),
         _ts("rated_at", "When the buyer rated it.", nullable=True),
         _ts("settled_at", "When the platform paid the order value out to the merchant.", nullable=True),
+        _updated_at("ordered_at"),
     ),
 )
 
@@ -203,7 +247,7 @@ INVENTORY_RECEIPTS = TableSpec(
     key="receipt_id",
     time_column="received_at",
     foreign_keys=(_MERCHANT_FK,),
-    ordered=(("received_at", "released_at"),),
+    ordered=(("received_at", "released_at"), *_changes("received_at", "released_at")),
     columns=(
         _id("receipt_id", "Warehouse receipt identifier."),
         _id("merchant_id", "Merchant owning the goods."),
@@ -213,6 +257,7 @@ INVENTORY_RECEIPTS = TableSpec(
         _money("appraised_value", "Appraised value of the goods at receipt."),
         _ts("received_at", "When the goods entered the warehouse."),
         _ts("released_at", "When the goods left the warehouse (sold or withdrawn).", nullable=True),
+        _updated_at("received_at"),
     ),
 )
 
@@ -222,7 +267,7 @@ RECEIVABLES = TableSpec(
     key="receivable_id",
     time_column="issued_at",
     foreign_keys=(_MERCHANT_FK,),
-    ordered=(("issued_at", "due_at"), ("issued_at", "paid_at")),
+    ordered=(("issued_at", "due_at"), ("issued_at", "paid_at"), *_changes("issued_at", "paid_at")),
     columns=(
         _id("receivable_id", "Receivable identifier."),
         _id("merchant_id", "Merchant owed the money."),
@@ -231,6 +276,7 @@ RECEIVABLES = TableSpec(
         _ts("issued_at", "When the invoice was issued."),
         _ts("due_at", "When payment is due.", scheduled=True),
         _ts("paid_at", "When it was paid; empty while unpaid.", nullable=True),
+        _updated_at("issued_at"),
     ),
 )
 
@@ -320,10 +366,12 @@ STAGE_TABLES: dict[str, tuple[str, ...]] = {
     "train": _LABELLED,
     "limits": _LABELLED,
     "run": _LABELLED,
+    "monitor": _LABELLED,
 }
 """The raw tables each stage cannot do without, in the raw store or in the batch it ingests first.
 
 Features need the merchants and their orders (the monthly snapshots follow the orders' months); the other
 activity tables may be missing, and the features built from them are then empty. Training labels each
 loan from `loan_applications`, `loans` and `loan_performance` (90+ days past due within the horizon);
-limits score the same labelled loans for their out-of-time backtest, and `run` does all of it."""
+limits score the same labelled loans for their out-of-time backtest, and `run` does all of it; `monitor` reads
+the live loans with their repayment records and applications (the PD at origination)."""

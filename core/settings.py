@@ -14,8 +14,9 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from core.errors import ScfriskError, describe_invalid
@@ -89,6 +90,22 @@ class IngestConfig(_Section):
     data_docs_on_success: bool = False
     """Also write the validation page (`validation/index.html`) of a batch that passed; a rejected batch
     always gets it."""
+    source: str = ""
+    """What `scfrisk ingest` reads when given no `--source`: a batch folder, or the platform's database
+    (`postgresql://user@host:5432/dbname`; its password goes in PGPASSWORD or ~/.pgpass, never here)."""
+    watermark_overlap_seconds: int = Field(3600, ge=0)
+    """How far before its watermark a database pull reads again, to catch rows that committed after the last
+    pull with earlier change times: more than the platform's longest writing transaction (docs/storage.md)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_password(cls, data: Any) -> Any:
+        """Refused before the field is parsed, so the message cannot quote the password back."""
+        source = data.get("source") if isinstance(data, dict) else None
+        if isinstance(source, str) and "://" in source and urlsplit(source).password:
+            raise ValueError("source: a database password does not belong in the configuration: put it in "
+                             "PGPASSWORD or ~/.pgpass (libpq reads both), and the URL without it here")
+        return data
 
 
 MEMORY = re.compile(r"^\d+(\.\d+)?\s*(B|kB|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$")

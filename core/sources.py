@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
@@ -22,6 +22,9 @@ import pyarrow.parquet as pq
 from core.batch import BatchError, locate_tables
 from core.files import file_sha256
 from core.schemas import TABLES, conform
+
+if TYPE_CHECKING:
+    from core.settings import Settings
 
 BATCH_ROWS = 1 << 20
 """Rows per record batch read from a file: ~100 MB of the widest table (orders), fewer and larger writes."""
@@ -53,10 +56,11 @@ class Source(Protocol):
 
 
 SOURCE_MODULES = {"postgresql": "core.postgres_source", "postgres": "core.postgres_source"}
-"""URL schemes read by a module of their own, which defines `from_url(text) -> Source`."""
+"""URL schemes read by a module of their own, which defines `from_url(text, settings, state) -> Source` (`state`:
+the raw store's source state, committed with the last pull)."""
 
 
-def open_source(text: str) -> Source:
+def open_source(text: str, settings: Settings | None = None, state: Mapping[str, Any] | None = None) -> Source:
     """The source a `--source` names: a database URL by its scheme, else a batch folder (path or file://)."""
     scheme = urlsplit(text).scheme if "://" in text else ""
     if scheme in SOURCE_MODULES:
@@ -64,7 +68,7 @@ def open_source(text: str) -> Source:
             module = importlib.import_module(SOURCE_MODULES[scheme])
         except ModuleNotFoundError as exc:
             raise BatchError(f"no {scheme} source in this installation ({exc.name} is missing)") from exc
-        return module.from_url(text)
+        return module.from_url(text, settings, state)
     if scheme not in ("", "file"):
         raise BatchError(
             f"unknown source '{scheme}://...': give a batch folder or one of "

@@ -3,7 +3,8 @@
 The reasons are plain sentences built from the policy's own numbers, each with a stable code, so a
 declined or reduced merchant is told which rule applied (adverse-action notice) and an officer sees why a
 request was referred. Codes: `exclusion.<rule>` (`credit.limits.EXCLUSIONS`), `limit.<constraint>`
-(`credit.limits.CONSTRAINTS`), and `request.within_limit | above_limit | far_above_limit | no_limit`.
+(`credit.limits.CONSTRAINTS`), `request.within_limit | above_limit | far_above_limit | no_limit`, and
+`monitoring.freeze | cut | escalate` when the day's early-warning alerts changed the row (`credit.monitoring`).
 """
 
 from __future__ import annotations
@@ -131,21 +132,28 @@ def decide_row(request: CreditRequest, row: Mapping[str, Any] | None, policy: Cr
         code = row["exclusion_reason"]
         return decision(Outcome.DECLINE, 0.0, 0.0, None,
                         (f"exclusion.{code}", exclusion_reason(code, row, request.product, terms)))
+    monitoring = tuple((r["code"], r["description"]) for r in row.get("monitoring_reasons") or ())
+    action = row.get("monitoring_action")
+    if action == "freeze":
+        return decision(Outcome.DECLINE, 0.0, 0.0, None, *monitoring)
     apr = float(row["apr"])
+    if action == "escalate":
+        return decision(Outcome.REFER, 0.0, limit, apr, *monitoring)
     if asked <= limit:
         return decision(Outcome.APPROVE, asked, limit, apr,
-                        ("request.within_limit", f"requested {asked:,.0f} is within the limit of {limit:,.0f}"))
-    why = (f"limit.{row['binding_constraint']}",
-           binding_reason(row["binding_constraint"], row, request.product, terms))
+                        ("request.within_limit", f"requested {asked:,.0f} is within the limit of {limit:,.0f}"),
+                        *monitoring)
+    why = monitoring if action == "cut" else (
+        (f"limit.{row['binding_constraint']}", binding_reason(row["binding_constraint"], row, request.product, terms)),)
     if asked > policy.decision.refer_ratio * limit:
         ratio = policy.decision.refer_ratio
         return decision(
             Outcome.REFER, 0.0, limit, apr,
             ("request.far_above_limit", f"requested {asked:,.0f} is more than {ratio:g} x the limit of {limit:,.0f}"),
-            why,
+            *why,
         )
     return decision(
         Outcome.COUNTER_OFFER, limit, limit, apr,
         ("request.above_limit", f"requested {asked:,.0f} exceeds the limit of {limit:,.0f}"),
-        why,
+        *why,
     )

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from core.errors import ScfriskError, describe_invalid
 from core.files import read_toml
 from core.schemas import CATEGORIES, MERCHANT_TYPES
+from features.definitions import FEATURE_INDEX
 from models.master_scale import MasterScale
 
 Rate = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -119,6 +120,119 @@ class DecisionPolicy(_Strict):
     """Requests above this multiple of the limit go to an officer rather than getting a counter-offer."""
 
 
+Action = Literal["watch", "freeze", "cut", "call_collateral", "escalate"]
+"""What an early-warning alert does: `watch` puts the loan on the risk officers' watch list; `freeze` stops
+new drawdowns of the loan's product (its limit becomes 0); `cut` lowers that limit by `cut_share`;
+`call_collateral` asks the merchant to pledge more; `escalate` sends new requests to a credit officer."""
+Share = Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+class _Signal(_Strict):
+    """What every early-warning signal has: whether it runs and what it does when it fires."""
+
+    enabled: bool = True
+    action: Action
+    cut_share: Share | None = None
+    """Share of the limit a `cut` takes away (required with `cut`, refused otherwise)."""
+
+    @model_validator(mode="after")
+    def _cut_share_with_cut(self) -> _Signal:
+        if self.action == "cut" and self.cut_share is None:
+            raise ValueError("cut_share: required when action is 'cut' (the share of the limit taken away)")
+        if self.action != "cut" and self.cut_share is not None:
+            raise ValueError(f"cut_share: only a 'cut' takes a share, the action here is '{self.action}'")
+        return self
+
+
+class PdMigration(_Signal):
+    """PD now against PD at origination (the same model on the application's point-in-time features)."""
+
+    min_pd_ratio: Annotated[float, Field(gt=1.0)]
+    min_grade_steps: Annotated[int, Field(ge=1)]
+    min_pd_now: Rate = 0.0
+    """Fires when the PD has multiplied by `min_pd_ratio`, the grade is `min_grade_steps` worse, AND the PD
+    is now at least `min_pd_now` (a move from 0.2% to 0.5% is a migration, not a warning)."""
+
+
+class SalesDrop(_Signal):
+    """Net sales of the last 30 days against the merchant's own monthly level over the last 12 months."""
+
+    max_ratio: Share
+    min_monthly_level: Amount = 0.0
+    """Merchants whose 12-month monthly level is below this are too small to compare."""
+
+
+class Spike(_Signal):
+    """A rate of the feature catalogue now against the same rate `baseline_days` earlier (its own history)."""
+
+    feature: str
+    baseline_days: Annotated[int, Field(ge=1, le=365)]
+    multiple: Annotated[float, Field(gt=1.0)]
+    min_value: Annotated[float, Field(ge=0.0)]
+    """Fires when the rate is at least `min_value` AND at least `multiple` x its earlier level."""
+
+    @model_validator(mode="after")
+    def _known_feature(self) -> Spike:
+        spec = FEATURE_INDEX.get(self.feature)
+        if spec is None or spec.kind != "numeric":
+            raise ValueError(f"feature: '{self.feature}' is not a numeric feature of the catalogue "
+                             "(features/definitions.py, docs/features.md)")
+        return self
+
+
+class OverdueReceivables(_Signal):
+    """Receivables owed to the merchant that are past due and unpaid."""
+
+    min_share: Rate
+    min_amount: Amount = 0.0
+
+
+class DaysPastDue(_Signal):
+    """The loan's days past due at its latest month-end observation."""
+
+    min_days: Annotated[int, Field(ge=1)]
+
+
+class CollateralReleased(_Signal):
+    """Warehouse-receipt loans: goods that were in partner warehouses at disbursement and have left."""
+
+    min_released_share: Share
+
+
+class MarginCall(_Signal):
+    """Warehouse-receipt loans: outstanding balance over the goods' value after the policy's haircut."""
+
+    max_ltv: Annotated[float, Field(gt=0.0)]
+
+
+class FinancedReceivableOverdue(_Signal):
+    """Receivable financing: receivables open at disbursement (the financed pool) now past due."""
+
+    min_overdue_share: Rate
+    min_days_overdue: Annotated[int, Field(ge=1)] = 1
+
+
+class MonitoringPolicy(_Strict):
+    """Early warning on every live loan (`scfrisk monitor`): one table per signal; a signal left out does
+    not run. Thresholds and actions are the risk officers' to set, like the rest of the policy."""
+
+    pd_migration: PdMigration | None = None
+    sales_drop: SalesDrop | None = None
+    refund_spike: Spike | None = None
+    complaint_spike: Spike | None = None
+    shipping_delay: Spike | None = None
+    overdue_receivables: OverdueReceivables | None = None
+    days_past_due: DaysPastDue | None = None
+    collateral_released: CollateralReleased | None = None
+    margin_call: MarginCall | None = None
+    financed_receivable_overdue: FinancedReceivableOverdue | None = None
+
+    def signals(self) -> dict[str, _Signal]:
+        """The enabled signals by name, in the order above."""
+        configured = {name: getattr(self, name) for name in type(self).model_fields}
+        return {name: signal for name, signal in configured.items() if signal is not None and signal.enabled}
+
+
 class CreditPolicy(_Strict):
     """The whole policy; `advance_rate` tables are checked against the master scale here."""
 
@@ -126,6 +240,7 @@ class CreditPolicy(_Strict):
     master_scale: MasterScale
     decision: DecisionPolicy = DecisionPolicy()
     products: dict[str, ProductPolicy] = Field(min_length=1)
+    monitoring: MonitoringPolicy = MonitoringPolicy()
 
     @model_validator(mode="after")
     def _grades_match_master_scale(self) -> CreditPolicy:

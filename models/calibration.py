@@ -10,10 +10,6 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
-from sklearn.isotonic import IsotonicRegression
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import log_loss
-from sklearn.model_selection import StratifiedKFold
 
 Method = Literal["platt", "isotonic"]
 METHODS: tuple[Method, ...] = ("platt", "isotonic")
@@ -30,6 +26,10 @@ class Calibrator:
         self.method = method
 
     def fit(self, margin: np.ndarray, y: np.ndarray) -> Calibrator:
+        # scikit-learn (and SciPy) only where a calibrator is fitted: scoring needs neither.
+        from sklearn.isotonic import IsotonicRegression
+        from sklearn.linear_model import LogisticRegression
+
         margin, y = np.asarray(margin, float), np.asarray(y, int)
         if self.method == "platt":
             lr = LogisticRegression(C=1e6, max_iter=1000).fit(margin.reshape(-1, 1), y)
@@ -64,6 +64,9 @@ class Calibrator:
 
 def cross_fitted_log_loss(method: Method, margin: np.ndarray, y: np.ndarray, seed: int, folds: int = 5) -> float:
     """Log loss of a calibrator scored only on folds it was not fitted on."""
+    from sklearn.metrics import log_loss
+    from sklearn.model_selection import StratifiedKFold
+
     margin, y = np.asarray(margin, float), np.asarray(y, int)
     folds = max(2, min(folds, int(np.bincount(y, minlength=2).min())))
     out = np.empty_like(margin)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from core.errors import ScfriskError
 
@@ -41,6 +40,8 @@ def time_split(times: pd.Series, valid_months: int, test_months: int = 0) -> pd.
 
 def stratified_split(y: pd.Series, valid_frac: float, test_frac: float, seed: int) -> pd.Series:
     """Slice name per row, each slice with the same default rate (for tables without a time column)."""
+    from sklearn.model_selection import train_test_split  # here only: scoring commands need no scikit-learn
+
     slices = pd.Series("train", index=y.index, name="slice")
     rest = y.index
     if test_frac > 0:

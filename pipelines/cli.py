@@ -19,7 +19,7 @@ import typer
 from core.errors import ScfriskError
 from core.settings import Settings, load_settings
 from pipelines.prefect_server import ensure_server, read_state, stop_server, user_api_url
-from pipelines.runtime import configure_logging, prepare_environment
+from pipelines.runtime import QuickExit, configure_logging, prepare_environment, without_heartbeats
 
 log = logging.getLogger("scfrisk")
 
@@ -38,16 +38,22 @@ def _settings(ctx: typer.Context) -> Settings:
 
 def _orchestrated(ctx: typer.Context, stage: str | None = None, source: Path | str | None = None) -> Settings:
     """Before a flow command's heavy imports: the raw tables its stage needs, then a Prefect API to record
-    its flow runs (the user's `PREFECT_API_URL`, else the workspace's server, started if needed)."""
+    its flow runs (the user's `PREFECT_API_URL`, else the workspace's server, started if needed), for
+    runs without heartbeats (`runtime.without_heartbeats`)."""
     settings = _settings(ctx)
     if stage is not None:
         from core.batch import require_tables
         from core.raw_store import RawStore
         from core.sources import open_source
 
-        require_tables(stage, RawStore(settings.path("raw_store")),
-                       open_source(str(source)) if source is not None else None)
+        store = RawStore(settings.path("raw_store"))
+        if source is None:
+            require_tables(stage, store)
+        else:
+            batch = open_source(str(source))
+            require_tables(stage, store, batch.tables(), batch.description)
     ensure_server(settings.home_dir)
+    ctx.with_resource(without_heartbeats())
     return settings
 
 
@@ -73,13 +79,31 @@ def main(
 @app.command()
 def simulate(
     ctx: typer.Context,
-    out: Annotated[Path, typer.Option(help="Folder to write one Parquet dataset per table into.")],
+    out: Annotated[str, typer.Option(help="Folder to write one Parquet dataset per table into, or a PostgreSQL "
+                                          "URL (postgresql://user@host:5432/db) to load the platform into.")],
     merchants: Annotated[int, typer.Option(min=1, help="Number of merchants.")] = 2000,
     months: Annotated[int, typer.Option(min=3, max=120, help="Months of history.")] = 24,
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same data.")] = 42,
     start: Annotated[str, typer.Option(help="First day of the simulated history (YYYY-MM-DD).")] = "2024-01-01",
+    days: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Write the last N days day by day: OUT/base as of N days before the end, then one batch a day "
+            "in OUT/daily/YYYY-MM-DD with the rows written or changed that day (0: the whole history in OUT).",
+        ),
+    ] = 0,
+    files: Annotated[Path | None, typer.Option(help="With a database --out: also keep the simulated files (and "
+                                                     "the oracle) in this folder.")] = None,
 ) -> None:
-    """Simulate a platform's merchants, orders, behaviour, inventory, receivables and loans."""
+    """Simulate a platform's merchants, orders, behaviour, inventory, receivables and loans.
+
+    With --days N the same history is written as the platform's database grew: a base, then N daily
+    batches, each one ingestible in order (`scfrisk ingest --source OUT/base`, then each day's folder);
+    upserted by key they give the whole history. The oracle goes to OUT/oracle either way.
+    --out may also be the platform's PostgreSQL database (postgresql://user@host:5432/db): its tables are
+    created from the data model and the rows upserted by key, the base then each day in its own transaction.
+    """
     from simulator import HISTORY_MONTHS, SimulationConfig, months_to_train, simulate_platform
 
     model = _settings(ctx).model
@@ -90,20 +114,48 @@ def simulate(
             f"{needed} months ({HISTORY_MONTHS} of history before the first application, applications over 1 "
             f"training + {model.valid_months} validation + {model.test_months} test months, and the "
             f"{model.label_horizon_months}-month label horizon after them); use --months {needed} or more")
-    summary = simulate_platform(
-        SimulationConfig(n_merchants=merchants, months=months, seed=seed, start=start), out
-    )
-    typer.echo(summary.describe())
+    config = SimulationConfig(n_merchants=merchants, months=months, seed=seed, start=start)
+    if "://" not in out:
+        typer.echo(simulate_platform(config, Path(out), days=days).describe())
+        return
+    from tempfile import TemporaryDirectory
+
+    from core.postgres import check, load_folder, redact
+    from simulator.platform import BASE, DAILY
+
+    check(out)  # a wrong URL, host or password is refused before the simulation runs
+    with TemporaryDirectory(prefix="scfrisk-simulated-") as temporary:
+        folder = files or Path(temporary)
+        typer.echo(simulate_platform(config, folder, days=days).describe())
+        batches = [folder / BASE, *sorted((folder / DAILY).glob("*"))] if days else [folder]
+        totals: dict[str, int] = {}
+        for batch in batches:  # the base, then each day's new and changed rows: one transaction each, in order
+            for name, n in load_folder(out, batch).items():
+                totals[name] = totals.get(name, 0) + n
+    what = f"the base and {days} daily batches (upserted day by day)" if days else "the platform"
+    typer.echo(f"loaded {what} into {redact(out)}: " + ", ".join(f"{name} {n:,}" for name, n in totals.items())
+               + " rows upserted")
 
 
 @app.command()
 def ingest(
     ctx: typer.Context,
-    source: Annotated[str, typer.Option(help="Batch folder with one Parquet/CSV file or folder per table.")],
+    source: Annotated[str | None, typer.Option(
+        help="Batch folder with one Parquet/CSV file or folder per table, or the platform's database "
+             "(postgresql://user@host:5432/db; password in PGPASSWORD or ~/.pgpass). Default: [ingest].source."
+    )] = None,
 ) -> None:
-    """Validate a batch of platform tables with Great Expectations and load it into the raw store."""
+    """Validate a batch of platform tables with Great Expectations and load it into the raw store; from a
+    database, the rows new or changed since the last pull that committed."""
+    source = source or _settings(ctx).ingest.source
+    if not source:
+        raise ScfriskError("no source to ingest: give --source, or set [ingest].source in scfrisk.toml")
     if "://" not in source and not Path(source).is_dir():  # refused before pyarrow is even imported
         raise typer.BadParameter(f"batch folder {source} does not exist", param_hint="'--source'")
+    if "://" in source:
+        from core.postgres import is_postgres_url, password_to_environment
+
+        source = password_to_environment(source) if is_postgres_url(source) else source
     from core.batch import missing_tables
     from core.sources import open_source
 
@@ -197,6 +249,23 @@ def limits(
     from pipelines.limits import limits_flow
 
     typer.echo(limits_flow(settings=settings, as_of=as_of).describe())
+
+
+@app.command()
+def monitor(
+    ctx: typer.Context,
+    as_of: Annotated[
+        datetime | None,
+        typer.Option("--as-of", help="Day to monitor (default: the raw store's latest, midnight after its last "
+                                     "order)."),
+    ] = None,
+) -> None:
+    """Early warning on every live loan: the day's alerts (policy [monitoring]), a watch-list page, and a new
+    bundle that carries them, so the service applies their freezes and cuts at once."""
+    settings = _orchestrated(ctx, "monitor")
+    from pipelines.monitor import monitor_flow
+
+    typer.echo(monitor_flow(settings=settings, as_of=as_of).describe())
 
 
 @app.command()
@@ -411,25 +480,43 @@ def server_stop(ctx: typer.Context) -> None:
     typer.echo(f"stopped the Prefect server ({stopped.describe()})" if stopped else "no Prefect server was running")
 
 
-def run() -> None:
-    """Console entry point: user errors print one line and exit 2, never a traceback."""
+def invoke() -> int:
+    """The command of `sys.argv` in this process; its exit code. User errors print one line and give 2,
+    never a traceback."""
     try:
         code = app(standalone_mode=False)  # a command's `typer.Exit(n)` comes back as n
-        if isinstance(code, int) and code:
-            sys.exit(code)
+        return code if isinstance(code, int) else 0
     except ScfriskError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        sys.exit(2)
+        return 2
     except (typer.Exit, SystemExit) as exc:
-        sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
+        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
+        if code is None or isinstance(code, int):
+            return code or 0
+        typer.echo(code, err=True)  # `sys.exit("message")`: Python prints it and exits 1
+        return 1
     except typer.TyperException as exc:  # usage errors: an unknown option, a path that does not exist
         context = getattr(exc, "ctx", None)
         hint = f" (see `{context.command_path} --help`)" if context is not None else ""
         typer.secho(f"error: {exc.format_message()}{hint}", err=True, fg=typer.colors.RED)
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except typer.Abort:
-        sys.exit(1)
+        return 1
+
+
+def run() -> None:
+    """The command of `sys.argv` inside a host process (pytest, a notebook), which goes on afterwards:
+    `sys.exit(code)` unless the command succeeded."""
+    code = invoke()
+    if code:
+        sys.exit(code)
+
+
+def entry_point() -> None:
+    """The `scfrisk` program: the command, then the end of the process without the interpreter's teardown
+    (`runtime.QuickExit`)."""
+    QuickExit().exit(invoke())
 
 
 if __name__ == "__main__":
-    run()
+    entry_point()

@@ -46,7 +46,7 @@ def render_table(spec: TableSpec) -> str:
         if pa.types.is_timestamp(col.type):
             when = "planned date, may be in the future" if col.scheduled else "not in the future"
             rules = "; ".join(r for r in (rules, when) if r)
-        nullable = "yes" if col.nullable else "no"
+        nullable = "yes, may be absent" if col.optional else "yes" if col.nullable else "no"
         lines.append(f"| `{col.name}` | `{col.type}` | {nullable} | {rules} | {col.description} |")
     return "\n".join(lines) + "\n"
 

@@ -144,7 +144,8 @@ def ingest(source: Source | Path | str, settings: Settings, now: datetime | None
     # `_release_memory` scan only the batch's objects (0.3 s per collection otherwise).
     gc.freeze()
     try:
-        opened = source if isinstance(source, Source) else open_source(str(source))
+        opened = source if isinstance(source, Source) else open_source(
+            str(source), settings, RawStore(settings.path("raw_store")).source_state())
         return _ingest(opened, settings, now or datetime.now(UTC).replace(tzinfo=None))
     finally:
         gc.unfreeze()

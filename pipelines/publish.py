@@ -3,7 +3,8 @@
 Layout under `settings.path("published")`:
     bundles/<bundle_id>/   manifest.json (hashes of every file), manifest.sig (its HMAC when a bundle key is
                            configured, `serving.signing`) + model, features, limits, reason-code index
-                           (`explanation.reason_codes` format, as saved by `ReasonCodeIndex.save`), policy, report
+                           (`explanation.reason_codes` format, as saved by `ReasonCodeIndex.save`), policy, report,
+                           and the day's early-warning alerts when `scfrisk monitor` published it
     rejected/<bundle_id>/  bundles that failed their checks, kept for inspection, never live
     CURRENT                the live bundle id, replaced with `os.replace` so readers see the old or the new id
 The service polls CURRENT and reloads; `rollback` points it back at an older bundle. Publish, rollback and
@@ -30,6 +31,7 @@ from core.settings import Settings
 from explanation.reason_codes import ReasonCodeIndex
 from serving import signing
 from serving.bundle import (
+    ALERTS_FILE,
     BUNDLES_DIR,
     FEATURES_FILE,
     LIMITS_FILE,
@@ -62,6 +64,10 @@ class BundleParts:
     """Built in batch for the online snapshot by the same model (`ReasonCodeIndex.build`)."""
     policy_file: Path
     risk_report: Path | None = None
+    alerts: pd.DataFrame | None = None
+    """The early-warning alerts of `alerts_as_of` (`credit.monitoring.ALERT_COLUMNS`); the service applies
+    their freezes, cuts and escalations."""
+    alerts_as_of: str | None = None
 
 
 def _put(source: pd.DataFrame | Path, target: Path) -> None:
@@ -80,6 +86,8 @@ def _stage(parts: BundleParts, staging: Path) -> dict[str, str]:
     shutil.copyfile(parts.policy_file, staging / POLICY_FILE)
     if parts.risk_report is not None:
         shutil.copyfile(parts.risk_report, staging / REPORT_FILE)
+    if parts.alerts is not None:
+        _put(parts.alerts, staging / ALERTS_FILE)
     return {str(p.relative_to(staging)): file_sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
 
 
@@ -101,6 +109,7 @@ def build_bundle(parts: BundleParts, published: Path, key: signing.BundleKey | N
         "feature_set_version": parts.feature_set_version,
         "features_as_of": parts.features_as_of,
         "policy_version": load_policy(parts.policy_file).version,
+        **({"alerts_as_of": parts.alerts_as_of} if parts.alerts is not None else {}),
         "files": files,
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))

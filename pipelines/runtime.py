@@ -1,13 +1,19 @@
-"""Process set-up that must happen before Prefect, MLflow or GX are imported.
+"""Process set-up and ending of a command: what happens before Prefect, MLflow or GX are imported, and
+after the command's work is done.
 
 Keeps each workspace's orchestration state inside `SCFRISK_HOME` and turns third-party telemetry off.
-A value the user already set in the environment always wins.
+A value the user already set (in the environment, or a Prefect setting in a profile) always wins.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NoReturn
 
 from core.errors import ScfriskError
 from core.settings import Settings
@@ -33,6 +39,56 @@ def prepare_environment(settings: Settings) -> None:
     if user_api_url() is None:
         os.environ.setdefault("PREFECT_HOME", str(prefect_home(settings.home_dir)))
     settings.home_dir.mkdir(parents=True, exist_ok=True)
+
+
+@contextmanager
+def without_heartbeats() -> Iterator[None]:
+    """Flow runs inside send no heartbeats, unless the user set a heartbeat frequency.
+
+    Prefect 3.9 sends a flow run's heartbeat events from a thread that it joins when the run ends: up to 1 s
+    more per flow command (the thread sleeps in 1 s steps), plus the events client the first heartbeat
+    starts. Heartbeats only serve an automation that marks silent runs as crashed, which the workspace's
+    server does not have; the flow run and its states are recorded the same.
+    """
+    from prefect.settings import get_current_settings, temporary_settings
+
+    if "heartbeat_frequency" in get_current_settings().flows.model_fields_set:
+        yield
+        return
+    with temporary_settings(updates={"flows.heartbeat_frequency": None}):
+        yield
+
+
+class QuickExit:
+    """Ends the process as `sys.exit` does, minus the interpreter's teardown.
+
+    After a flow command, Python frees the ~4,000 modules Prefect, MLflow, LightGBM and matplotlib brought
+    before the process ends (1.7 CPU s after `scfrisk limits`, measured at load 13), state nobody reads
+    again. Python's orderly shutdown still runs: threads are joined, then the atexit handlers (Prefect
+    sends its last logs); this object's handler, registered before the libraries' and so run after them
+    (last in, first out), then flushes logging and the standard streams and ends the process. Create it
+    first thing in the process's entry point and only there: in a host process (pytest) it would end the
+    host. After an uncaught exception (no `exit` call) Python exits as usual.
+    """
+
+    def __init__(self) -> None:
+        self._code: int | None = None
+        atexit.register(self._end)
+
+    def exit(self, code: int) -> NoReturn:
+        self._code = code
+        sys.exit(code)
+
+    def _end(self) -> None:
+        if self._code is None:
+            return
+        logging.shutdown()  # its own atexit handler was registered before this one: it would not run
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe or stream: nothing more to write
+                pass
+        os._exit(self._code)
 
 
 class UserErrorsOnce(logging.Filter):

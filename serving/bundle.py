@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from core.errors import ScfriskError
 from core.files import file_sha256
 from credit import limits as limit_engine
 from credit.decision import ADVERSE, CreditRequest, decide_row, exclusion_reason
+from credit.monitoring import ALERT_COLUMNS, LimitEffect, apply_effect, limit_effects
 from credit.policy import CreditPolicy, load_policy
 from explanation.reason_codes import TABLE_FILE, ReasonCodeIndex, explain_inputs, model_references
 from features.definitions import feature_set_version
@@ -44,10 +45,13 @@ FEATURES_FILE = "online_features.parquet"
 LIMITS_FILE = "limits.parquet"
 POLICY_FILE = "policy.toml"
 REPORT_FILE = "risk_report.html"
+ALERTS_FILE = "alerts.parquet"
+"""The day's early-warning alerts (`credit.monitoring`), in bundles published by `scfrisk monitor`."""
 
 LIMIT_FIELDS = ("product", "eligible", "limit", "binding_constraint", "apr", "expected_loss", "exclusion_reason",
-                "exclusion_description")
-"""Columns of the limit table the service returns, one entry per product (the last one worded here)."""
+                "exclusion_description", "monitoring_action", "monitoring_reasons")
+"""Columns of the limit table the service returns, one entry per product (the exclusion worded here, the
+monitoring effect applied here from the bundle's alerts)."""
 MAX_REASONS = 4
 """Reason codes in an answer (the API contract's cap): the policy's reasons for an adverse decision, then
 the largest risk-raising factors."""
@@ -157,7 +161,8 @@ class Bundle:
     """One loaded bundle; immutable once built, so requests can share it across threads."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], model: PDModel, policy: CreditPolicy,
-                 features: pd.DataFrame, limits: pd.DataFrame, reasons: ReasonCodeIndex) -> None:
+                 features: pd.DataFrame, limits: pd.DataFrame, reasons: ReasonCodeIndex,
+                 alerts: pd.DataFrame | None = None) -> None:
         self.path = path
         self.manifest = manifest
         self.bundle_id: str = manifest["bundle_id"]
@@ -169,11 +174,24 @@ class Bundle:
         self._levels = {spec.name: frozenset(spec.levels) for spec in model.features if spec.kind == "categorical"}
         self.snapshot = features.set_index("merchant_id", drop=False)
         self.reasons = reasons
+        self.alerts = alerts if alerts is not None else pd.DataFrame(columns=list(ALERT_COLUMNS))
+        self.effects: dict[str, dict[str, LimitEffect]] = limit_effects(self.alerts)
         self.online = self._precompute(features, limits)
 
     @property
     def policy_version(self) -> str:
         return self.policy.version
+
+    def monitored(self, merchant_id: str | None, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
+        """A merchant's limit rows with the effect of its alerts in this bundle (a freeze, a cut, an
+        escalation), the one place answers of every kind (online, payload, records, replay) get it."""
+        effects = self.effects.get(merchant_id, {}) if merchant_id is not None else {}
+        return tuple(apply_effect(row, effects.get(row["product"]), self.policy) for row in rows)
+
+    def alerts_of(self, merchant_id: str) -> list[dict[str, Any]]:
+        """The merchant's alerts in this bundle, evidence as a dict."""
+        rows = _records(self.alerts[self.alerts["merchant_id"] == merchant_id])
+        return [{**row, "evidence": json.loads(row["evidence"])} for row in rows]
 
     def _precompute(self, features: pd.DataFrame, limits: pd.DataFrame) -> dict[str, Scored]:
         limit_rows = _limit_rows(limits, self.policy)
@@ -183,7 +201,7 @@ class Bundle:
                 merchant_id=merchant,
                 pd=rows[0]["pd"],
                 grade=rows[0]["grade"],
-                rows=tuple(rows),
+                rows=self.monitored(merchant, rows),
                 reason_codes=adverse_codes(self.reasons, merchant),
                 inputs_hash=hashes[merchant],
             )
@@ -209,23 +227,26 @@ class Bundle:
 
         return [name for name in self.model.feature_names if unknown(name, features.get(name))]
 
-    def score_frame(self, frame: pd.DataFrame) -> list[Scored]:
-        """Score explicit feature rows (one merchant each) through the model, limit engine and explainer."""
+    def score_frame(self, frame: pd.DataFrame, merchant_ids: Sequence[str | None] | None = None) -> list[Scored]:
+        """Score explicit feature rows (one merchant each) through the model, limit engine and explainer; the
+        alerts of the merchant each row is about (`merchant_ids`, default the frame's `merchant_id`) apply."""
         frame = frame.reset_index(drop=True)
         if "merchant_id" not in frame.columns:
             frame["merchant_id"] = [f"payload-{i}" for i in range(len(frame))]
+        about = list(frame["merchant_id"]) if merchant_ids is None else list(merchant_ids)
         inputs = self.model.prepare(frame.set_index("merchant_id"))
         frame["pd"] = self.model.predict_pd_prepared(inputs)
         limit_rows = _limit_rows(limit_engine.compute_limits(frame, self.policy), self.policy)
         reasons = ReasonCodeIndex(explain_inputs(self.model, inputs))
         hashes = map(inputs_hash, _records(frame[self.input_columns]))
         return [Scored(merchant_id=merchant, pd=pd_value, grade=limit_rows[merchant][0]["grade"],
-                       rows=tuple(limit_rows[merchant]), reason_codes=adverse_codes(reasons, str(merchant)),
-                       inputs_hash=digest)
-                for merchant, pd_value, digest in zip(frame["merchant_id"], frame["pd"].tolist(), hashes)]
+                       rows=self.monitored(who, limit_rows[merchant]),
+                       reason_codes=adverse_codes(reasons, str(merchant)), inputs_hash=digest)
+                for merchant, who, pd_value, digest in zip(frame["merchant_id"], about, frame["pd"].tolist(), hashes)]
 
-    def score_features(self, features: dict[str, Any]) -> Scored:
-        return self.score_frame(pd.DataFrame([features]))[0]
+    def score_features(self, features: dict[str, Any], merchant_id: str | None = None) -> Scored:
+        """Score one merchant's feature values; its alerts apply when `merchant_id` names it."""
+        return self.score_frame(pd.DataFrame([features]), [merchant_id])[0]
 
     def on_demand_problem(self) -> str | None:
         """Why features cannot be computed for this bundle's model (None when they can): the service's
@@ -297,7 +318,13 @@ def load_bundle(bundle_dir: Path) -> Bundle:
         reasons = ReasonCodeIndex.load(bundle_dir)
     except ScfriskError as exc:
         raise BundleError(f"bundle {bundle_dir.name} cannot explain its scores ({TABLE_FILE}): {exc}") from exc
-    return Bundle(bundle_dir, manifest, model, policy, features, limits, reasons)
+    alerts = None
+    if ALERTS_FILE in manifest["files"]:
+        alerts = _read_table(bundle_dir / ALERTS_FILE, ALERT_COLUMNS)
+        unknown = sorted(set(alerts["product"].astype(str)) - set(policy.products))
+        if unknown:
+            raise BundleError(f"{ALERTS_FILE} has products {unknown} that policy {policy.version} does not define")
+    return Bundle(bundle_dir, manifest, model, policy, features, limits, reasons, alerts)
 
 
 def check_bundle(bundle_dir: Path, key: BundleKey | None) -> Bundle:
@@ -388,7 +415,8 @@ def replay(record: dict[str, Any], published: Path, bundle: Bundle | None = None
     elif bundle.bundle_id != record["bundle_id"]:
         raise ValueError(f"request {record['request_id']} was decided by bundle {record['bundle_id']}, "
                          f"not {bundle.bundle_id}")
-    scored = bundle.score_features(record.get("features") or bundle.features_of(record["merchant_id"]))
+    scored = bundle.score_features(record.get("features") or bundle.features_of(record["merchant_id"]),
+                                   record.get("merchant_id"))
     if scored.inputs_hash != record["inputs_hash"]:
         raise ValueError(f"the inputs of request {record['request_id']} differ from the ones logged")
     decision = bundle.decide(scored, record.get("product"), record.get("requested_amount"))

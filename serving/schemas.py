@@ -160,6 +160,11 @@ class BatchRequest(_Body):
     requests: list[SkipValidation[ScoreRequest]] = Field(min_length=1)
 
 
+class MonitoringReason(BaseModel):
+    code: Literal["monitoring.freeze", "monitoring.cut", "monitoring.escalate"]
+    description: str
+
+
 class ProductLimit(BaseModel):
     product: str
     eligible: bool
@@ -171,6 +176,12 @@ class ProductLimit(BaseModel):
     exclusion_reason: str | None = Field(description="First eligibility rule failed; null when eligible.")
     exclusion_description: str | None = Field(
         None, description="That rule in plain language, with the policy's numbers; null when eligible.")
+    monitoring_action: Literal["freeze", "cut", "escalate"] | None = Field(
+        None, description="What the early-warning alerts of the live bundle do to this limit: `freeze` (limit 0, "
+                          "new drawdowns declined), `cut` (limit lowered), `escalate` (requests referred to an "
+                          "officer); null when none applies (GET /v1/merchants/{id}/alerts lists the alerts).")
+    monitoring_reasons: list[MonitoringReason] = Field(
+        [], description="Why, one entry per alert that acts on this product.")
 
 
 class ReasonCode(BaseModel):
@@ -257,6 +268,29 @@ class MerchantLimits(BaseModel):
     limits: list[ProductLimit]
     features_as_of: str
     policy_version: str
+
+
+class Alert(BaseModel):
+    loan_id: int
+    product: str
+    signal: Literal["pd_migration", "sales_drop", "refund_spike", "complaint_spike", "shipping_delay",
+                    "overdue_receivables", "days_past_due", "collateral_released", "margin_call",
+                    "financed_receivable_overdue"] = Field(description="The early-warning signal that fired "
+                                                                   "(a table of the policy's `[monitoring]`).")
+    evidence: dict[str, float | int | str | None] = Field(
+        description="The figures that fired it, by name: a feature of the catalogue (docs/features.md) or a "
+                    "loan figure such as `pd_now`, `days_past_due`, `ltv`.")
+    action: Literal["watch", "freeze", "cut", "call_collateral", "escalate"]
+    cut_share: float | None = Field(description="Share of the limit a `cut` takes away; null otherwise.")
+    reason: str = Field(description="Why, in plain language, with the figures.")
+
+
+class MerchantAlerts(BaseModel):
+    merchant_id: str
+    as_of: str | None = Field(description="Day the alerts were computed for; null when the live bundle carries "
+                                          "no alerts (no `scfrisk monitor` run published it).")
+    bundle_id: str
+    alerts: list[Alert] = Field(description="One per live loan and signal that fired; empty when none did.")
 
 
 class ModelInfo(BaseModel):

@@ -20,6 +20,7 @@ AMORTISING = np.array([False, False, False, True])
 """Microloans repay monthly; the secured products repay in one bullet at maturity (from settlements)."""
 PD_INTERCEPT = -3.85
 WRITE_OFF_DPD = 180
+DEFAULT_DPD = 90
 
 
 def inventory_receipts(w: World) -> pa.Table:
@@ -38,8 +39,7 @@ def inventory_receipts(w: World) -> pa.Table:
     category = np.where(rng.random(n) < 0.9, w.category[merchant], rng.integers(0, len(CATEGORIES), n))
     warehouse = w.region[merchant] * WAREHOUSES_PER_REGION + rng.integers(0, WAREHOUSES_PER_REGION, n)
     labels = [f"WH-{r}-{k + 1}" for r in REGIONS for k in range(WAREHOUSES_PER_REGION)]
-    return table(
-        TABLES["inventory_receipts"].arrow_schema,
+    return pa.table(  # the receipt's whole life, release included: `timeline.as_of` cuts it at an instant
         {
             "receipt_id": ids(n),
             "merchant_id": strings(merchant, w.merchant_ids),
@@ -48,8 +48,8 @@ def inventory_receipts(w: World) -> pa.Table:
             "quantity": quantity,
             "appraised_value": value,
             "received_at": ts(received),
-            "released_at": ts(released, released < w.end),
-        },
+            "released_at": ts(released),
+        }
     )
 
 
@@ -79,8 +79,7 @@ def receivables(w: World) -> pa.Table:
     delay_days += bad * rng.uniform(60, 180, n)
     paid = np.maximum(issued + DAY, due + (delay_days * DAY).astype(np.int64))
     order = np.lexsort((issued, merchant))
-    return table(
-        TABLES["receivables"].arrow_schema,
+    return pa.table(  # payment included, even after the window: `timeline.as_of` cuts it at an instant
         {
             "receivable_id": ids(n),
             "merchant_id": strings(merchant[order], w.merchant_ids),
@@ -88,8 +87,8 @@ def receivables(w: World) -> pa.Table:
             "amount": amount[order],
             "issued_at": ts(issued[order]),
             "due_at": ts(due[order]),
-            "paid_at": ts(paid[order], paid[order] < w.end),
-        },
+            "paid_at": ts(paid[order]),
+        }
     )
 
 
@@ -143,7 +142,7 @@ def loans(w: World) -> tuple[pa.Table, pa.Table, pa.Table, pa.Table]:
     defaulted = rng.random(m) < true_pd
     outcome_complete = month_l + OUTCOME_MONTHS < w.months
 
-    performance = _performance(w, merchant_l, product_l, h_l, principal, disbursed, maturity, defaulted)
+    performance, missed = _performance(w, merchant_l, product_l, h_l, principal, disbursed, maturity, defaulted)
     loan_ids = ids(m)
     applications = table(
         TABLES["loan_applications"].arrow_schema,
@@ -168,7 +167,10 @@ def loans(w: World) -> tuple[pa.Table, pa.Table, pa.Table, pa.Table]:
             "maturity_at": ts(maturity),
         },
     )
-    truth = loan_truth(w, loan_ids, loan_app + 1, merchant_l, product_l, true_pd, h_l, defaulted, outcome_complete)
+    truth = loan_truth(
+        w, loan_ids, loan_app + 1, merchant_l, product_l, true_pd, h_l, defaulted, outcome_complete,
+        dpd90=ts(missed + DEFAULT_DPD * DAY, defaulted),
+    )
     return applications, loan_table, performance, truth
 
 
@@ -189,11 +191,12 @@ def _performance(
     disbursed: np.ndarray,
     maturity: np.ndarray,
     defaulted: np.ndarray,
-) -> pa.Table:
+) -> tuple[pa.Table, np.ndarray]:
     """Month-end rows of each loan from disbursement until repaid, written off or the window end.
 
     A defaulter misses a payment (the bullet at maturity, or an instalment within 8 months) and is
     90+ days past due at a month end within 12 months of disbursement; a few others slip 5-60 days and cure.
+    Also returns when each loan first misses a payment (a defaulter stays late from then on).
     """
     rng, m = w.rng, len(merchant)
     amortising = AMORTISING[product]
@@ -235,4 +238,4 @@ def _performance(
             "days_past_due": dpd.astype(np.int32),
             "outstanding": outstanding,
         },
-    )
+    ), missed

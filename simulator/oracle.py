@@ -21,6 +21,7 @@ ORACLE_SCHEMAS: dict[str, pa.Schema] = {
             pa.field("health_at_application", pa.float64(), nullable=False),
             pa.field("defaulted", pa.bool_(), nullable=False),
             pa.field("outcome_complete", pa.bool_(), nullable=False),
+            pa.field("dpd90_at", TIMESTAMP, nullable=True),
         ]
     ),
     "merchant_health": pa.schema(
@@ -32,7 +33,9 @@ ORACLE_SCHEMAS: dict[str, pa.Schema] = {
     ),
 }
 """`oracle/loans`: the truth behind each loan; `outcome_complete` when its 12-month window lies inside
-the simulated window (only then is `defaulted` observable in `loan_performance`)."""
+the simulated window (only then is `defaulted` observable in `loan_performance`); `dpd90_at`, the instant a
+defaulter reaches 90 days past due (empty for the others; it may lie after the window end), from which
+monitoring measures how many days ahead an alert came."""
 
 
 def merchant_health(w: World) -> pa.Table:
@@ -58,6 +61,7 @@ def loan_truth(
     health: np.ndarray,
     defaulted: np.ndarray,
     outcome_complete: np.ndarray,
+    dpd90: pa.Array,
 ) -> pa.Table:
     return table(
         ORACLE_SCHEMAS["loans"],
@@ -70,5 +74,6 @@ def loan_truth(
             "health_at_application": health,
             "defaulted": defaulted,
             "outcome_complete": outcome_complete,
+            "dpd90_at": dpd90,
         },
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from core.schemas import EVENT_TYPES, ORDER_STATUSES, TABLES
+from core.schemas import EVENT_TYPES, TABLES
 from simulator.arrays import DAY, day, ids, lognormal, sigmoid, strings, table, ts
 from simulator.merchants import World
 
@@ -14,6 +14,7 @@ FESTIVAL_SHARE = 0.35
 
 
 def orders(w: World) -> pa.Table:
+    """Every order of the window through its whole life (its later events may lie after the window end)."""
     rng = w.rng
     cells = w.rows_per_cell(w.order_rate)
     n = len(cells)
@@ -38,36 +39,25 @@ def orders(w: World) -> pa.Table:
     rated = delivered + ((0.1 + rng.exponential(2.0, n)) * DAY).astype(np.int64)
     stars = np.clip(np.round(4.3 + 0.4 * h - 0.8 * late - 2.0 * will_refund + rng.normal(0, 0.7, n)), 1, 5)
 
-    # Snapshot at the window end: an event that has not happened yet is not there.
-    is_cancelled = will_cancel & (cancelled < w.end)
-    is_shipped = ~will_cancel & (shipped < w.end)
-    is_delivered = is_shipped & (delivered < w.end)
-    is_refunded = is_delivered & will_refund & (refunded < w.end)
-    is_settled = is_delivered & ~will_refund & (settled < w.end)
-    is_rated = is_delivered & (rng.random(n) < 0.55) & (rated < w.end)
-    status = np.select(
-        [is_cancelled, is_refunded, is_settled, is_delivered, is_shipped],
-        [ORDER_STATUSES.index(s) for s in ("cancelled", "refunded", "completed", "delivered", "shipped")],
-        default=ORDER_STATUSES.index("paid"),
-    )
-    return table(
-        TABLES["orders"].arrow_schema,
+    # The order's whole life; what has happened by an instant is `timeline.as_of`'s to say.
+    delivers = ~will_cancel
+    rates = delivers & (rng.random(n) < 0.55)
+    return pa.table(
         {
             "order_id": ids(n),
             "merchant_id": strings(merchant, w.merchant_ids),
             "buyer_id": buyer,
             "ordered_at": ts(ordered),
             "amount": amount,
-            "status": strings(status, ORDER_STATUSES),
             "promised_delivery_at": ts(promised),
-            "shipped_at": ts(shipped, is_shipped),
-            "delivered_at": ts(delivered, is_delivered),
-            "cancelled_at": ts(cancelled, is_cancelled),
-            "refunded_at": ts(refunded, is_refunded),
-            "rating": pa.array(stars.astype(np.int8), pa.int8(), mask=~is_rated),
-            "rated_at": ts(rated, is_rated),
-            "settled_at": ts(settled, is_settled),
-        },
+            "shipped_at": ts(shipped, delivers),
+            "delivered_at": ts(delivered, delivers),
+            "cancelled_at": ts(cancelled, will_cancel),
+            "refunded_at": ts(refunded, delivers & will_refund),
+            "rating": pa.array(stars.astype(np.int8), pa.int8(), mask=~rates),
+            "rated_at": ts(rated, rates),
+            "settled_at": ts(settled, delivers & ~will_refund),
+        }
     )
 
 

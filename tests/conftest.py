@@ -48,3 +48,26 @@ def trained():
     from testkit.explain import train
 
     return train()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One throwaway PostgreSQL cluster for the session (`testkit.postgres`), removed at the end even when
+    tests fail; skipped, saying why, only where no server binaries are installed."""
+    from testkit.postgres import PostgresUnavailable, cluster, cluster_owner, server_bin
+
+    try:
+        server_bin(), cluster_owner()
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))
+    with cluster() as running:
+        yield running
+
+
+@pytest.fixture
+def database(postgres, request: pytest.FixtureRequest) -> str:
+    """The URL (password included) of a new empty database of the session's cluster, for one test."""
+    import secrets
+
+    name = "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:40]
+    return postgres.create_database(f"t_{secrets.token_hex(3)}_{name}")

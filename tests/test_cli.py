@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from core.errors import ScfriskError
 from core.raw_store import RawStore
-from core.schemas import STAGE_TABLES, TABLES
+from core.schemas import STAGE_TABLES
 from core.settings import ModelConfig, Settings
 from pipelines.cli import app, run
 from simulator import SimulationConfig, months_to_train, simulate_platform
@@ -95,13 +95,21 @@ def test_simulate_refuses_a_history_too_short_to_train_on(tmp_path, monkeypatch,
     assert code == 2 and "at least 14 months" in _one_error_line(stderr)
 
 
+def test_simulate_refuses_more_days_than_the_window_has(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "platform"
+    args = ["simulate", "--months", "20", "--merchants", "10", "--days", "700", "--out", str(out)]
+    code, stderr = _cli(args, monkeypatch, capsys, tmp_path / "home")
+    assert code == 2
+    assert "days must be between 1 and 608 (the window has 609 days), got 700" in _one_error_line(stderr)
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_months_to_train_is_the_shortest_simulation_that_splits(tmp_path):
     """At the minimum the out-of-time split has its three slices; one month less, training fails."""
-    from core.batch import locate_tables
+    from core.sources import FolderSource, read_table
     from features.offline_store import training_frame
     from models.splits import time_split
-    from pipelines.ingest import read_table
 
     model = ModelConfig(label_horizon_months=2, valid_months=1, test_months=1)
     needed = months_to_train(model)
@@ -111,8 +119,9 @@ def test_months_to_train_is_the_shortest_simulation_that_splits(tmp_path):
         settings = Settings(home=folder / "home", model=model)
         store = RawStore(settings.path("raw_store"))
         with store.transaction() as staging:  # the simulator's tables are valid: skip GX to keep this short
-            for name, path in locate_tables(folder / "batch").items():
-                staging.stage(name, read_table(path, TABLES[name]))
+            batch = FolderSource(folder / "batch")
+            for name in batch.tables():
+                staging.stage(name, read_table(batch, name))
             staging.commit()
         if months == needed:
             frame = training_frame(settings)
@@ -135,14 +144,14 @@ def test_run_refuses_a_batch_without_loan_performance_at_once(tmp_path, monkeypa
     assert not (home / "raw").exists() and not (home / "prefect" / "server.json").exists()
 
 
-@pytest.mark.parametrize("stage", ["train", "limits", "features"])
+@pytest.mark.parametrize("stage", ["train", "limits", "features", "monitor"])
 def test_a_stage_names_the_raw_tables_the_workspace_lacks(stage, tmp_path, monkeypatch, capsys):
     home = tmp_path / "home"
     store = RawStore(home / "raw")
     with store.transaction() as staging:
         staging.stage("merchants", pq.read_table(write_batch(tmp_path / "b", valid_batch()) / "merchants.parquet"))
         staging.commit()
-    argv = {"train": ["train"], "limits": ["limits"], "features": ["features", "build"]}[stage]
+    argv = {"train": ["train"], "limits": ["limits"], "features": ["features", "build"], "monitor": ["monitor"]}[stage]
     code, stderr = _cli(argv, monkeypatch, capsys, home)
     assert code == 2
     lacking = [t for t in STAGE_TABLES[stage] if t != "merchants"]
@@ -163,3 +172,66 @@ def test_a_wrong_target_is_one_line_without_traceback(prefect_server, tmp_path):
     assert proc.returncode == 2
     assert "target column 'nope' is not in" in _one_error_line(proc.stderr)
     assert sum("target column 'nope'" in line for line in proc.stderr.splitlines()) == 1, proc.stderr
+
+
+def test_scoring_a_saved_model_imports_no_scikit_learn(tmp_path, trained):
+    """`scfrisk limits` only scores: scikit-learn and SciPy's statistics (LightGBM's estimators, fitting
+    calibrators, stratified splits) would add ~0.5 s of imports to the command."""
+    model = trained.model.save(tmp_path / "model")
+    rows = tmp_path / "rows.parquet"
+    trained.frame.to_parquet(rows)
+    code = f"""
+import sys
+import pandas as pd
+import credit.strategy, features.offline_store, models.registry, pipelines.limits, reporting.strategy_report
+from models.pd_model import PDModel
+from models.splits import time_split
+frame = pd.read_parquet({str(rows)!r})
+PDModel.load({str(model)!r}).predict_pd(frame)
+time_split(frame["applied_at"], 1, 1)
+print(sorted({{name.split(".")[0] for name in sys.modules}} & {{"sklearn", "shap"}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
+
+
+def test_the_entry_point_ends_after_the_atexit_handlers_with_the_commands_code(tmp_path):
+    """`QuickExit` skips only the interpreter's teardown: handlers registered later (Prefect's last logs)
+    run, buffered output and logging are flushed, and the exit code is the command's."""
+    code = f"""
+import atexit, logging, sys
+from pipelines.runtime import QuickExit
+quick = QuickExit()
+logging.basicConfig(filename={str(tmp_path / "log.txt")!r}, level=logging.INFO)
+atexit.register(lambda: print("a library's handler ran"))
+print("the command's output")
+logging.getLogger("x").info("logged")
+quick.exit(3)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"})
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout.splitlines() == ["the command's output", "a library's handler ran"]
+    assert "logged" in (tmp_path / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("user_setting, seen", [(None, "None"), ("60", "60")])
+def test_flow_runs_of_a_command_send_no_heartbeats_unless_the_user_set_them(user_setting, seen):
+    code = """
+from prefect.settings import get_current_settings
+from pipelines.runtime import without_heartbeats
+with without_heartbeats():
+    print(get_current_settings().flows.heartbeat_frequency)
+"""
+    env = {k: v for k, v in os.environ.items() if "HEARTBEAT" not in k}
+    if user_setting is not None:
+        env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = user_setting
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
+    assert proc.stdout.strip() == seen, proc.stderr[-2000:]
+
+
+def test_the_scfrisk_program_ends_through_the_quick_exit():
+    from importlib.metadata import entry_points
+
+    assert entry_points(group="console_scripts")["scfrisk"].value == "pipelines.cli:entry_point"

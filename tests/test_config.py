@@ -86,3 +86,14 @@ def test_the_shipped_config_is_the_code_defaults(monkeypatch):
     shipped = dict(flat(tomllib.loads((Path(__file__).resolve().parents[1] / "scfrisk.toml").read_text())))
     defaults = dict(flat(Settings().model_dump(mode="json")))
     assert {key: (value, defaults[key]) for key, value in shipped.items() if defaults[key] != value} == {}
+
+
+def test_a_database_password_in_the_configuration_is_refused(tmp_path):
+    path = tmp_path / "scfrisk.toml"
+    path.write_text('[ingest]\nsource = "postgresql://risk:s3cret@db:5432/platform"\n')
+    with pytest.raises(ConfigError, match=r"'ingest.source': a database password does not belong in the "
+                                          r"configuration: put it in PGPASSWORD or ~/.pgpass") as error:
+        load_settings(path)
+    assert "s3cret" not in str(error.value)
+    path.write_text('[ingest]\nsource = "postgresql://risk@db:5432/platform"\n')
+    assert load_settings(path).ingest.source == "postgresql://risk@db:5432/platform"

@@ -155,6 +155,18 @@ def test_sample_default_rate_is_in_band_and_matches_loan_performance(sample: Pat
     assert cured.max() <= 60 and 0.03 < (cured > 0).mean() < 0.3
 
 
+def test_the_oracle_says_when_a_loan_reaches_90_days_past_due(small: Path) -> None:
+    """`dpd90_at` is set for defaulters only, and each month end's days past due is 90+ exactly from then on."""
+    con = _db(small)
+    assert con.execute("select count(*) from oracle_loans where defaulted <> (dpd90_at is not null)").fetchone()[0] == 0
+    wrong, late = con.execute(
+        """select count(*) filter (where (p.days_past_due >= 90) <> coalesce(p.observed_at >= o.dpd90_at, false)),
+                  count(*) filter (where p.days_past_due >= 90)
+           from loan_performance p join oracle_loans o using (loan_id)"""
+    ).fetchone()
+    assert wrong == 0 and late > 0
+
+
 def test_sample_true_pd_and_health_predict_default(sample: Path) -> None:
     oracle = _db(sample).execute("select * from oracle_loans where outcome_complete").df()
     defaulted = oracle["defaulted"]

@@ -72,6 +72,14 @@ def _unordered(b):
     )
 
 
+def _change_after_updated_at(b):  # paid, but `updated_at` not moved: a pull by watermark would miss it
+    b["receivables"]["updated_at"] = [pd.Timestamp("2024-01-10"), None]
+    return "receivables", (
+        "receivables.updated_at >= receivables.paid_at: expect_column_pair_values_a_to_be_greater_than_b"
+        "(or_equal=True) failed for 1 of 2 rows, e.g. (2024-01-10T00:00:00, 2024-02-08T00:00:00)"
+    )
+
+
 def _future(b):
     b["behaviour_events"].loc[2, "event_at"] = pd.Timestamp("2024-06-01")
     return "behaviour_events", (
@@ -95,6 +103,7 @@ CORRUPTIONS = [
     _bad_status,
     _negative_amount,
     _unordered,
+    _change_after_updated_at,
     _future,
     _orphan,
 ]
@@ -117,6 +126,17 @@ def test_each_rule_rejects_bad_input_with_an_actionable_message(corrupt, setting
     assert "1 expectation(s) failed" in message  # one defect, one failure: no noise from knock-on checks
     assert str(settings.path("validation") / "index.html") in message
     assert (settings.path("validation") / "index.html").is_file()
+
+
+def test_a_batch_from_before_updated_at_still_passes(settings, tmp_path):
+    """`updated_at` is optional: a batch without it reads as never changed (empty) and passes the rules."""
+    good = {name: to_arrow(name, frame) for name, frame in valid_batch().items()}
+    changing = [name for name, spec in TABLES.items() if spec.change_column == "updated_at"]
+    assert changing == ["orders", "inventory_receipts", "receivables"]
+    assert all("updated_at" not in valid_batch()[name] for name in changing)
+    assert all(good[name]["updated_at"].null_count == good[name].num_rows for name in changing)
+    assert TABLES["loans"].change_column == "disbursed_at"
+    validate_tables(good, TABLES, reference_keys(good, RawStore(tmp_path / "empty")), settings, NOW)
 
 
 def test_examples_are_capped_and_every_failure_is_listed(settings, tmp_path):

@@ -12,7 +12,7 @@ from serving.auth import ApiKey
 from serving.bundle import BUNDLES_DIR, MANIFEST, REPORT_FILE, Bundle, read_manifest
 from serving.live import LiveBundle
 from serving.problems import ERRORS, NOT_FOUND
-from serving.schemas import MerchantLimits, ModelInfo
+from serving.schemas import MerchantAlerts, MerchantLimits, ModelInfo
 
 router = APIRouter(tags=["lookup"])
 HTML = {200: {"description": "The report as a self-contained HTML page.",
@@ -28,6 +28,18 @@ async def merchant_limits(merchant_id: str, caller: ApiKey = Depends(deps.scope(
         raise HTTPException(404, f"merchant '{merchant_id}' is not in the online store of bundle {bundle.bundle_id}")
     return {"merchant_id": merchant_id, "pd": scored.pd, "grade": scored.grade, "limits": scored.limits,
             "features_as_of": bundle.features_as_of, "policy_version": bundle.policy_version}
+
+
+@router.get("/v1/merchants/{merchant_id}/alerts", response_model=MerchantAlerts, responses={**ERRORS, **NOT_FOUND})
+async def merchant_alerts(merchant_id: str, caller: ApiKey = Depends(deps.scope("read")),
+                          bundle: Bundle = Depends(deps.bundle)) -> dict[str, Any]:
+    """The early-warning alerts on a merchant's live loans in the live bundle (`scfrisk monitor`): each with
+    its signal, evidence, action and reason. Empty when none fired."""
+    alerts = bundle.alerts_of(merchant_id)
+    if not alerts and merchant_id not in bundle.online:
+        raise HTTPException(404, f"merchant '{merchant_id}' is not in the online store of bundle {bundle.bundle_id}")
+    as_of = bundle.manifest.get("alerts_as_of")
+    return {"merchant_id": merchant_id, "as_of": as_of, "bundle_id": bundle.bundle_id, "alerts": alerts}
 
 
 @router.get("/v1/model", response_model=ModelInfo, responses=ERRORS)

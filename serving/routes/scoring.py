@@ -56,7 +56,8 @@ async def score(req: ScoreRequest, caller: ApiKey = Depends(deps.scope("score"))
     except Refused as exc:
         raise exc.http() from None
     if inputs is not None:
-        scored = await run_in_threadpool(bundle.score_features, inputs)
+        about = computed.merchant_id if computed else req.merchant_id  # its alerts apply, as on replay
+        scored = await run_in_threadpool(bundle.score_features, inputs, about)
     else:
         scored = bundle.online[req.merchant_id]
     return answer(audit, bundle, scored, req, inputs, caller, uuid.uuid4().hex, computed)
@@ -97,7 +98,8 @@ async def score_batch(batch: BatchRequest, caller: ApiKey = Depends(deps.scope("
     if payloads:
         import pandas as pd
 
-        fresh = iter(await run_in_threadpool(bundle.score_frame, pd.DataFrame(payloads)))
+        about = [req.merchant_id for _, req, inputs in accepted if inputs is not None]
+        fresh = iter(await run_in_threadpool(bundle.score_frame, pd.DataFrame(payloads), about))
     for i, req, inputs in accepted:
         scored = next(fresh) if inputs is not None else bundle.online[req.merchant_id]
         results[i] = answer(audit, bundle, scored, req, inputs, caller, uuid.uuid4().hex)
