@@ -102,15 +102,26 @@ def run_partitions(fn: Callable[[T], R], items: Iterable[T], label: str) -> list
         from prefect.futures import as_completed
 
         # No cache key (hashing large arguments) and no stored results: the flow takes them as they come.
+        # One opaque argument: Prefect walks the contents of dataclasses, lists and dicts passed to a task
+        # (a batch's file lists, a manifest) looking for futures, for every task, on both sides.
         apply = task(_apply, name=label, cache_policy=NO_CACHE, persist_result=False)
-        futures = [apply.submit(fn, item) for item in items]
+        futures = [apply.submit(_Work(fn, item)) for item in items]
         for _ in as_completed(futures):
             progress.advance(bar)
         return [future.result() for future in futures]
 
 
-def _apply(fn: Callable[[T], R], item: T) -> R:
-    return fn(item)
+class _Work:
+    """A function and its item, in a plain object that Prefect does not look into."""
+
+    __slots__ = ("fn", "item")
+
+    def __init__(self, fn: Callable[[Any], Any], item: Any) -> None:
+        self.fn, self.item = fn, item
+
+
+def _apply(work: _Work) -> Any:
+    return work.fn(work.item)
 
 
 def _flow_dask_runner() -> Any:

@@ -31,12 +31,15 @@ def ingested(prefect_server, tmp_path_factory) -> dict[str, tuple[Settings, Inge
     out = {}
     for engine in ("local", "dask"):
         settings = engine_settings(tmp_path_factory.mktemp(engine) / "home", engine)
-        handler = _Capture()
-        logging.getLogger("pipelines.compute").addHandler(handler)
+        handler, logger = _Capture(), logging.getLogger("pipelines.compute")
+        level = logger.level
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
         try:
             result = on_engine(ingest_flow, settings)(source=str(SAMPLE), settings=settings)
         finally:
-            logging.getLogger("pipelines.compute").removeHandler(handler)
+            logger.removeHandler(handler)
+            logger.setLevel(level)
         out[engine] = (settings, result, "\n".join(handler.lines))
     return out
 
