@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from rich.progress import Progress
 
+from core.errors import ScfriskError
 from core.settings import Settings
 
 if TYPE_CHECKING:
@@ -99,16 +101,46 @@ def run_partitions(fn: Callable[[T], R], items: Iterable[T], label: str) -> list
             return results
         from prefect import task
         from prefect.cache_policies import NO_CACHE
-        from prefect.futures import as_completed
+        from prefect.futures import wait
 
         # No cache key (hashing large arguments) and no stored results: the flow takes them as they come.
         # One opaque argument: Prefect walks the contents of dataclasses, lists and dicts passed to a task
         # (a batch's file lists, a manifest) looking for futures, for every task, on both sides.
         apply = task(_apply, name=label, cache_policy=NO_CACHE, persist_result=False)
         futures = [apply.submit(_Work(fn, item)) for item in items]
-        for _ in as_completed(futures):
-            progress.advance(bar)
+        pending, workerless_since = set(futures), None
+        while pending:
+            done, pending = wait(list(pending), timeout=WATCH_SECONDS)
+            progress.advance(bar, len(done))
+            if pending and not client.scheduler_info().get("workers"):
+                workerless_since = workerless_since or time.monotonic()
+                if _started_here() or time.monotonic() - workerless_since > LOST_WORKERS_SECONDS:
+                    raise EngineError(
+                        f"the Dask cluster at {client.scheduler.address} has no workers left, so {label} cannot "
+                        f"finish ({len(pending)} of {len(items)} partitions not done); its workers were lost "
+                        "(out of memory, or dropped by a scheduler that did not hear from them: see "
+                        "docs/scaling.md). Nothing was published; run the command again"
+                    )
+            else:
+                workerless_since = None
         return [future.result() for future in futures]
+
+
+WATCH_SECONDS = 5.0
+"""How often a flow waiting on its partitions checks that the cluster still has workers."""
+LOST_WORKERS_SECONDS = 120.0
+"""How long a flow waits on a cluster at `address` with no workers (one scaling up from zero gets them
+back) before it fails. A LocalCluster the flow started never gets them back: it fails at once."""
+
+
+class EngineError(ScfriskError):
+    """The cluster cannot run the flow's work: the flow fails with the reason instead of waiting forever."""
+
+
+def _started_here() -> bool:
+    """Whether the running flow's cluster is one it started itself (a LocalCluster), not one at `address`."""
+    runner = _flow_dask_runner()
+    return runner is not None and runner.address is None
 
 
 class _Work:

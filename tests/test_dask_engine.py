@@ -10,6 +10,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from prefect import flow
 from sklearn.metrics import roc_auc_score
 
 from core.raw_store import RawStore
@@ -203,3 +204,22 @@ def test_reason_codes_per_merchant_bucket_equal_those_of_the_whole(engines):
     split = ReasonCodeIndex.from_parts([population_reasons(model, part) for part in parts], model, "1")
     pd.testing.assert_frame_equal(split.table, whole.table, check_exact=True)
     assert split.metadata == whole.metadata
+
+
+@flow(name="workers-lost")
+def _workers_lost(settings: Settings) -> list[int]:
+    """Partitions submitted to a cluster whose only worker is gone, as when a loaded scheduler drops it."""
+    from pipelines.compute import dask_client, run_partitions
+
+    client = dask_client()
+    client.retire_workers(list(client.scheduler_info()["workers"]), close_workers=True, remove=True)
+    return run_partitions(abs, [-1, -2], "lost partitions")
+
+
+def test_a_flow_whose_cluster_lost_its_workers_fails_with_the_reason_instead_of_waiting(tmp_path, prefect_server):
+    from pipelines.compute import EngineError
+
+    settings = Settings(home=tmp_path / "home",
+                        compute=ComputeConfig(engine="dask", n_workers=1, memory_limit="1GiB"))
+    with pytest.raises(EngineError, match=r"has no workers left, so lost partitions cannot finish \(2 of 2"):
+        on_engine(_workers_lost, settings)(settings=settings)
