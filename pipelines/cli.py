@@ -36,9 +36,14 @@ def _settings(ctx: typer.Context) -> Settings:
     return ctx.obj
 
 
+POLICY_STAGES = ("limits", "run", "refresh", "monitor")
+"""Stages that decide with the credit policy: a missing or invalid policy file is refused before they start,
+not after the ingest and features of a `run` (minutes) with a traceback."""
+
+
 def _orchestrated(ctx: typer.Context, stage: str | None = None, source: Path | str | None = None) -> Settings:
-    """Before a flow command's heavy imports: the raw tables its stage needs, then a Prefect API to record
-    its flow runs (the user's `PREFECT_API_URL`, else the workspace's server, started if needed), for
+    """Before a flow command's heavy imports: the raw tables its stage needs, its credit policy, then a Prefect
+    API to record its flow runs (the user's `PREFECT_API_URL`, else the workspace's server, started if needed), for
     runs without heartbeats (`runtime.without_heartbeats`)."""
     settings = _settings(ctx)
     if stage is not None:
@@ -52,6 +57,10 @@ def _orchestrated(ctx: typer.Context, stage: str | None = None, source: Path | s
         else:
             batch = open_source(str(source))
             require_tables(stage, store, batch.tables(), batch.description)
+    if stage in POLICY_STAGES:
+        from credit.policy import load_policy
+
+        load_policy(settings.policy_file)
     ensure_server(settings.home_dir)
     ctx.with_resource(without_heartbeats())
     return settings

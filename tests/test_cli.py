@@ -235,3 +235,12 @@ def test_the_scfrisk_program_ends_through_the_quick_exit():
     from importlib.metadata import entry_points
 
     assert entry_points(group="console_scripts")["scfrisk"].value == "pipelines.cli:entry_point"
+
+
+def test_run_without_a_policy_file_is_refused_before_it_ingests(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no policy.toml here, and the default policy_file is relative
+    home = tmp_path / "home"
+    code, stderr = _cli(["run", "--source", str(REPO / "data_samples" / "platform")], monkeypatch, capsys, home)
+    assert code != 0
+    assert "policy file policy.toml does not exist" in _one_error_line(stderr)
+    assert not (home / "raw").exists()
