@@ -30,6 +30,7 @@ from core.settings import Settings
 from core.sources import open_source
 from features.training_set import table_readers
 from pipelines.ingest import Stopwatch, ingest
+from pipelines.runtime import scheduled
 
 log = logging.getLogger(__name__)
 
@@ -135,12 +136,4 @@ def refresh_flow(settings: Settings, source: str, as_of: str | None = None) -> R
 def daily_deployment(settings: Settings, source: Path, cron: str = "0 2 * * *") -> RunnerDeployment:
     """`scfrisk refresh` as a Prefect deployment on a daily cron schedule, reading the folder the day's
     pull lands in (served by `scfrisk schedule --flow refresh`)."""
-    from pydantic import ValidationError
-
-    try:
-        return refresh_flow.to_deployment(
-            name="daily", cron=cron,
-            parameters={"settings": settings.model_dump(mode="json"), "source": str(Path(source).resolve())},
-        )
-    except ValidationError:
-        raise ScfriskError(f"schedule: '{cron}' is not a valid cron expression (e.g. '0 2 * * *')") from None
+    return scheduled(refresh_flow, "daily", settings, source, cron, "0 2 * * *")

@@ -32,6 +32,7 @@ from pipelines.features import build_features_flow
 from pipelines.ingest import ingest_flow
 from pipelines.limits import champion, limits_flow, merchant_parts
 from pipelines.publish import BundleParts, publish
+from pipelines.runtime import scheduled
 
 log = logging.getLogger(__name__)
 
@@ -178,16 +179,6 @@ def run_flow(settings: Settings, source: str, oracle: str | None = None) -> RunS
 
 
 def monthly_deployment(settings: Settings, source: Path, cron: str = "0 3 1 * *") -> RunnerDeployment:
-    """`scfrisk run` as a Prefect deployment on a cron schedule, with this workspace's settings baked in
-    (served by `scfrisk schedule`; runs then show in the Prefect UI of the configured server)."""
-    from pydantic import ValidationError
-
-    from core.errors import ScfriskError
-
-    try:
-        return run_flow.to_deployment(
-            name="monthly", cron=cron,
-            parameters={"settings": settings.model_dump(mode="json"), "source": str(Path(source).resolve())},
-        )
-    except ValidationError:
-        raise ScfriskError(f"schedule: '{cron}' is not a valid cron expression (e.g. '0 3 1 * *')") from None
+    """`scfrisk run` as a Prefect deployment on a cron schedule (served by `scfrisk schedule`; runs then
+    show in the Prefect UI of the configured server)."""
+    return scheduled(run_flow, "monthly", settings, source, cron, "0 3 1 * *")

@@ -13,10 +13,15 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NoReturn
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from core.errors import ScfriskError
 from core.settings import Settings
+
+if TYPE_CHECKING:
+    from prefect import Flow
+    from prefect.deployments.runner import RunnerDeployment
 from pipelines.prefect_server import prefect_home, user_api_url
 
 QUIET_DEFAULTS = {
@@ -122,3 +127,18 @@ def configure_logging(verbose: bool = False) -> None:
         root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("alembic", "httpx", "urllib3", "great_expectations", "mlflow", "numexpr"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def scheduled(flow: Flow[Any, Any], name: str, settings: Settings, source: Path, cron: str,
+              example: str) -> RunnerDeployment:
+    """A flow reading `source` as a Prefect deployment on a cron schedule, with this workspace's settings
+    baked in (served by `scfrisk schedule`); a bad cron expression is one line, with `example`."""
+    from pydantic import ValidationError
+
+    try:
+        return flow.to_deployment(
+            name=name, cron=cron,
+            parameters={"settings": settings.model_dump(mode="json"), "source": str(Path(source).resolve())},
+        )
+    except ValidationError:
+        raise ScfriskError(f"schedule: '{cron}' is not a valid cron expression (e.g. '{example}')") from None
