@@ -213,41 +213,47 @@ class RawStore:
         con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT {columns} FROM {source}")
         return name
 
-    def distinct_values(self, name: str, column: str, buckets: Sequence[int] | None = None) -> pa.Array:
-        """Every stored value of a column (the domain of foreign keys pointing at it), of those buckets."""
-        con = duckdb.connect()
-        view = self.register(con, name, buckets)
-        values = con.sql(f"SELECT DISTINCT {column} FROM {view}").to_arrow_table().column(0).combine_chunks()
-        con.close()
+    def distinct_values(
+        self, name: str, column: str, buckets: Sequence[int] | None = None,
+        con: duckdb.DuckDBPyConnection | None = None,
+    ) -> pa.Array:
+        """Every stored value of a column (the domain of foreign keys pointing at it), of those buckets.
+        `con`: the DuckDB connection to run it in (one with the caller's memory and thread limits)."""
+        with _connection(con) as con:
+            view = self.register(con, name, buckets)
+            values = con.sql(f"SELECT DISTINCT {column} FROM {view}").to_arrow_table().column(0).combine_chunks()
         return values.cast(TABLES[name].column_index[column].type)
 
-    def moved_keys(self, name: str, batch_keys: pads.Dataset | pa.Table) -> dict[str, pa.Array]:
+    def moved_keys(
+        self, name: str, batch_keys: pads.Dataset | pa.Table, con: duckdb.DuckDBPyConnection | None = None
+    ) -> dict[str, pa.Array]:
         """Stored rows a batch re-delivers into another partition (its time or merchant changed): their
         keys, by the stored partition (`partition_key`) they must leave. `batch_keys`: the batch's key column
         and the `month` and `bucket` of each row. Key columns only, in DuckDB (which spills to disk a join
-        larger than memory)."""
+        larger than memory; `con` as for `distinct_values`)."""
         if not self.has_table(name):
             return {}
         key = TABLES[name].key
-        con = duckdb.connect()
-        con.register("batch_keys", batch_keys)
-        con.register("stored", self.dataset(name))
-        moved = con.sql(
-            f"SELECT s.{MONTH}, s.{BUCKET}, s.{key} FROM stored s JOIN batch_keys b ON s.{key} = b.{key} "
-            f"WHERE s.{MONTH} <> b.{MONTH} OR s.{BUCKET} <> b.{BUCKET} ORDER BY 1, 2, 3"
-        ).to_arrow_table()
-        con.close()
+        with _connection(con) as con:
+            con.register("batch_keys", batch_keys)
+            con.register("stored", self.dataset(name))
+            moved = con.sql(
+                f"SELECT s.{MONTH}, s.{BUCKET}, s.{key} FROM stored s JOIN batch_keys b ON s.{key} = b.{key} "
+                f"WHERE s.{MONTH} <> b.{MONTH} OR s.{BUCKET} <> b.{BUCKET} ORDER BY 1, 2, 3"
+            ).to_arrow_table()
         out: dict[str, list[Any]] = {}
         for month, bucket, value in zip(*(moved.column(c).to_pylist() for c in (MONTH, BUCKET, key)), strict=True):
             out.setdefault(partition_key(month, bucket), []).append(value)
         return {k: pa.array(v, TABLES[name].column_index[key].type) for k, v in out.items()}
 
     def stage_partition(
-        self, name: str, key: str, rows: pa.Table | None, leaving: pa.Array | None = None
+        self, name: str, key: str, rows: pa.Table | None, leaving: pa.Array | None = None, ledger: str | None = None
     ) -> StagedPartition:
         """Rebuild one partition for a batch: the stored rows, minus those whose key the batch delivers
         (`rows`, validated, keys unique) or moves elsewhere (`leaving`), plus `rows`; sorted by key, written
-        deterministically and named by its content. Safe in any process: it reads only this partition."""
+        deterministically and named by its content. Safe in any process: it reads only this partition.
+        `ledger`: a folder where a note of a new file is written before the file, so that the file of a
+        process killed before its batch could remove it is found again (`remove_unreferenced`)."""
         spec = TABLES[name]
         parts = [rows.select([c.name for c in spec.columns]).cast(spec.arrow_schema)] if rows is not None else []
         old = self.manifest()["tables"].get(name, {}).get("partitions", {}).get(key)
@@ -274,6 +280,9 @@ class RawStore:
         path = self._file(name, _file_name(key, digest))
         written = None
         if not self.fs.exists(path):  # else the same bytes, kept by an older version
+            if ledger is not None:
+                self.fs.makedirs(ledger, exist_ok=True)
+                self.fs.pipe_file(f"{ledger}/{name}.{key.replace('/', '.')}.{digest}", b"")
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             self.fs.pipe_file(path, data)
             written = path
@@ -285,6 +294,19 @@ class RawStore:
             "stats": json.dumps({"numRecords": merged.num_rows}),
         }
         return StagedPartition(name, key, entry, add, written)
+
+    def remove_unreferenced(self, ledger: str) -> None:
+        """Remove the partition files a ledger notes (`stage_partition`) that the current snapshot does not
+        hold: written for a batch that never committed (the caller removes the ledger). Left alone while a
+        commit cut short waits for `recover` (it needs them; once finished, its snapshot holds them)."""
+        if not self.fs.exists(ledger) or self.fs.isfile(self._file(JOURNAL)):
+            return
+        manifest = RawStore(self.url, self.storage_options).manifest()  # the live one, whatever this is pinned to
+        for note in self.fs.ls(ledger, detail=False):
+            name, month, bucket, digest = note.rsplit("/", 1)[1].split(".")
+            key, path = f"{month}/{bucket}", self._file(name, _file_name(f"{month}/{bucket}", digest))
+            if _entry(manifest, name, key) != digest and self.fs.exists(path):  # killed before it wrote it
+                self.fs.rm_file(path)
 
     def recover(self) -> bool:
         """Roll an interrupted commit forward from its journal; True if there was one to finish."""
@@ -310,7 +332,8 @@ class RawStore:
         finally:
             if not batch.committed and not self.fs.isfile(self._file(JOURNAL)):  # a journal needs its files
                 for path in batch.written:
-                    self.fs.rm_file(path)
+                    if self.fs.exists(path):  # else removed already, from a ledger (`remove_unreferenced`)
+                        self.fs.rm_file(path)
 
     def _apply_journal(self) -> None:
         """Commit each table of the journal (skipping any that already has it), then the manifest."""
@@ -413,6 +436,19 @@ class Transaction:
             _write_json(self.store.fs, self.store._file(MANIFEST), {**old, "batch": batch, "source_state": state})
         self.committed = True
         return changed
+
+
+@contextmanager
+def _connection(con: duckdb.DuckDBPyConnection | None) -> Iterator[duckdb.DuckDBPyConnection]:
+    """The caller's connection, or one of our own closed after use."""
+    if con is not None:
+        yield con
+        return
+    own = duckdb.connect()
+    try:
+        yield own
+    finally:
+        own.close()
 
 
 def _write_json(fs: fsspec.AbstractFileSystem, path: str, content: dict[str, Any]) -> None:

@@ -4,6 +4,11 @@ Ingest never reads files or databases itself: it asks a `Source` for the tables 
 (the same data gives the same one, so a loaded batch is not ingested twice), each table as a stream of
 record batches (bounded memory whatever the table's size), and the state to commit with the batch (a
 database's watermarks: they move only when the pull commits, in the raw store's manifest).
+
+A source whose tables are files also cuts each table into `Piece`s (`pieces`): a file, or a range of a
+Parquet file's row groups, that any process reaching the files reads alone, so the ingest splits a batch
+with one task per piece on the engine instead of in one pass in the flow's process. A database pull is one
+snapshot in one transaction, so it has no pieces: the flow's process streams it.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
@@ -28,6 +34,8 @@ if TYPE_CHECKING:
 
 BATCH_ROWS = 1 << 20
 """Rows per record batch read from a file: ~100 MB of the widest table (orders), fewer and larger writes."""
+PIECE_ROWS = 2 << 20
+"""Rows of a Parquet file that one piece reads at most (whole row groups; a larger row group is a piece)."""
 
 
 @runtime_checkable
@@ -98,22 +106,32 @@ class FolderSource:
         return digest.hexdigest()[:16]
 
     def batches(self, name: str) -> Iterator[pa.RecordBatch]:
-        spec, path = TABLES[name], self.paths[name]
-        for file in self._files(path):
+        for piece in self.pieces(name):
+            yield from piece.batches()
+
+    def pieces(self, name: str) -> list[Piece]:
+        """The table's files, a Parquet file cut into ranges of whole row groups of about `PIECE_ROWS` rows
+        (its footer only is read here)."""
+        out = []
+        for file in self._files(self.paths[name]):
+            if file.suffix == ".csv":
+                out.append(Piece(name, str(file)))
+                continue
             try:
-                if file.suffix == ".csv":
-                    options = pacsv.ConvertOptions(
-                        column_types={c.name: pa.string() for c in spec.columns}, strings_can_be_null=True
-                    )
-                    read = pacsv.ReadOptions(block_size=64 << 20)
-                    with pacsv.open_csv(file, read_options=read, convert_options=options) as reader:
-                        for batch in reader:
-                            yield _conformed(batch, name, from_text=True)
-                else:
-                    for batch in pq.ParquetFile(file).iter_batches(batch_size=BATCH_ROWS):
-                        yield _conformed(batch, name)
+                metadata = pq.read_metadata(file)
             except (pa.ArrowInvalid, OSError) as exc:
                 raise BatchError(f"cannot read table '{name}' from {file}: {exc}") from exc
+            groups: list[int] = []
+            rows = 0
+            for i in range(metadata.num_row_groups):
+                if groups and rows + metadata.row_group(i).num_rows > PIECE_ROWS:
+                    out.append(Piece(name, str(file), tuple(groups)))
+                    groups, rows = [], 0
+                groups.append(i)
+                rows += metadata.row_group(i).num_rows
+            whole = len(groups) == metadata.num_row_groups  # the file in one piece (or an empty file)
+            out.append(Piece(name, str(file), None if whole else tuple(groups)))
+        return out
 
     def state(self) -> dict[str, Any]:
         return {}
@@ -122,6 +140,41 @@ class FolderSource:
     def _files(path: Path) -> list[Path]:
         return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")) \
             if path.is_dir() else [path]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A part of one table's files that a task reads alone: a whole file, or some row groups of a Parquet
+    file. Plain data, pickled to the engine's workers (which must reach the same path)."""
+
+    table: str
+    path: str
+    row_groups: tuple[int, ...] | None = None
+    """None: the whole file."""
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        """The piece's rows, conformed as `Source.batches` says."""
+        spec, file = TABLES[self.table], Path(self.path)
+        try:
+            if file.suffix == ".csv":
+                options = pacsv.ConvertOptions(
+                    column_types={c.name: pa.string() for c in spec.columns}, strings_can_be_null=True
+                )
+                read = pacsv.ReadOptions(block_size=64 << 20)
+                with pacsv.open_csv(file, read_options=read, convert_options=options) as reader:
+                    for batch in reader:
+                        yield _conformed(batch, self.table, from_text=True)
+            else:
+                for batch in pq.ParquetFile(file).iter_batches(batch_size=BATCH_ROWS, row_groups=self.row_groups):
+                    yield _conformed(batch, self.table)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise BatchError(f"cannot read table '{self.table}' from {file}: {exc}") from exc
+
+
+def pieces(source: Source, name: str) -> list[Piece] | None:
+    """The table in pieces that tasks read alone, or None when the source streams it only from here."""
+    cut = getattr(source, "pieces", None)
+    return cut(name) if callable(cut) else None
 
 
 def _conformed(batch: pa.RecordBatch, name: str, from_text: bool = False) -> pa.RecordBatch:

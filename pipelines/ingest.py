@@ -15,26 +15,24 @@ import importlib.util
 import logging
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import flow
-from rich.progress import Progress
 
 from core.partitioning import parse_partition_key
 from core.raw_store import RawStore, StagedPartition
 from core.rules import Failure, show_value
 from core.schemas import TABLES, ForeignKey
 from core.settings import Settings
-from core.sources import Source, open_source
-from core.staging import BatchSpill, concat
+from core.sources import Piece, Source, open_source, pieces
+from core.staging import BatchSpill, Located, SplitPart, StagedTable, concat
 from core.validation import (
     BatchValidation,
     TableChecked,
@@ -44,13 +42,14 @@ from core.validation import (
     merge_failures,
     to_validation_frame,
 )
-from pipelines.compute import run_partitions
+from pipelines.compute import dask_client, duckdb_connect, run_partitions
 
 if TYPE_CHECKING:
     from core.rules import ReferenceKeys
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+R = TypeVar("R")
 
 RULE_MODULES = ("core.schemas", "core.rules", "core.validation")
 """The code that decides whether a batch passes: a change to it makes a loaded batch new again."""
@@ -133,12 +132,14 @@ class IngestResult:
 def ingest(source: Source | Path | str, settings: Settings, now: datetime | None = None) -> IngestResult:
     """Validate the batch and upsert it, partition by partition; nothing is swapped in unless all passed.
 
-    The source is read once, streaming, and cut into the store's partitions (month x merchant bucket,
-    `core.staging`); the rules that span partitions are checked on key columns only (`_key_checks`); then
-    every partition is validated with Great Expectations and staged, in units of about `UNIT_ROWS` rows,
-    on the configured engine (`pipelines.compute.run_partitions`): memory is a unit's, whatever the batch.
-    `now` bounds timestamps. The batch that made the store's current snapshot is not ingested again
-    (a rerun of the pipeline after a later stage failed): it would pass and change nothing.
+    Every stage that reads rows runs on the configured engine (`pipelines.compute.run_partitions`), so the
+    flow's process holds an index of files and the keys that fail, never a table: the source is cut into the
+    store's partitions (month x merchant bucket, `core.staging`) by one task per piece of the source; the
+    rules that span partitions are checked on key columns only, by one task per table (`_key_checks`);
+    then every partition is validated with Great Expectations and staged, in units of about `UNIT_ROWS`
+    rows: memory is a unit's, whatever the batch. `now` bounds timestamps. The batch that made the store's
+    current snapshot is not ingested again (a rerun of the pipeline after a later stage failed): it would
+    pass and change nothing.
     """
     # Objects alive before the batch never become garbage here: freezing them makes each collection in
     # `_release_memory` scan only the batch's objects (0.3 s per collection otherwise).
@@ -151,10 +152,11 @@ def ingest(source: Source | Path | str, settings: Settings, now: datetime | None
         gc.unfreeze()
 
 
-UNIT_ROWS = 500_000
+UNIT_ROWS = 2_000_000
 """Rows validated and staged by one task at most (unless one partition alone has more): large enough that
-GX's fixed cost per run (~0.13 s CPU) is small beside the rows', small enough that a unit's frames stay
-within a few hundred MB."""
+GX's fixed cost per run (0.1-0.3 s CPU a table, with its frames for keys and time gaps) stays small beside
+the rows' (measured at 500,000 rows it was a fifth of the ingest's CPU), small enough that a unit's frames
+stay within a few hundred MB (~0.5 GB of the widest table, orders)."""
 
 
 @dataclass(frozen=True)
@@ -162,8 +164,8 @@ class Unit:
     """Partitions of one table that one task validates together and stages one by one."""
 
     table: str
-    partitions: tuple[str, ...]
-    """Partition keys with batch rows (validated, then staged)."""
+    partitions: Mapping[str, Sequence[Located]]
+    """Partition keys with batch rows (validated, then staged), and where their rows are in the spill."""
     leaving: Mapping[str, pa.Array] = field(default_factory=dict)
     """Stored rows the batch moves to another partition, by the partition they leave (staged, no new rows)."""
 
@@ -178,14 +180,30 @@ class UnitResult:
     failures: list[Failure]
     checked: TableChecked | None
     staged: list[StagedPartition]
-    cpu_seconds: float
+
+
+@dataclass(frozen=True)
+class KeyResult:
+    table: str
+    repeated: int
+    """Rows whose key another row of the batch has too."""
+    examples: tuple[Any, ...]
+    leaving: dict[str, pa.Array]
+
+    def failures(self, total: int) -> list[Failure]:
+        """The uniqueness rule's failure over the whole table (`total` rows), if any."""
+        if not self.repeated:
+            return []
+        key, shown = TABLES[self.table].key, tuple(show_value(v) for v in self.examples)
+        return [Failure(self.table, (key,), "expect_column_values_to_be_unique",
+                        failed_rows_detail(self.repeated, total, shown), self.repeated, total, shown)]
 
 
 @dataclass(frozen=True)
 class _Batch:
-    """What every unit task needs, pickled once per task: small (file lists, settings, the pinned store)."""
+    """What every task needs, pickled once per task: small (settings, the pinned store, the spill's folder
+    and the key files of the tables that foreign keys point at; no partition index)."""
 
-    token: str
     store: RawStore
     spill: BatchSpill
     settings: Settings
@@ -218,26 +236,20 @@ def _ingest(source: Source, settings: Settings, now: datetime) -> IngestResult:
         pinned = store.pinned()
         spill = BatchSpill(pinned)
         try:
-            with Progress(transient=True) as progress:
-                bar = progress.add_task("reading the batch", total=len(names))
-                for name in names:
-                    clock.time("split", spill.add, name, source.batches(name), pinned.buckets)
-                    progress.advance(bar)
-            rows = {name: spill.tables[name].total_rows for name in names}
-            units: list[Unit] = []
-            global_failures: dict[str, list[Failure]] = {}
-            for name in names:
-                failures, leaving = clock.time("keys", _key_checks, pinned, spill, name, settings)
-                global_failures[name] = failures
-                units += _plan(name, spill.tables[name].rows, leaving)
-            batch = _Batch(spill.root.rsplit("/", 1)[1], pinned, spill, settings, now)
-            start = time.perf_counter()
-            results = run_partitions(partial(_process_unit, batch), units, "validating and staging partitions")
-            clock.seconds["partitions"] = round(time.perf_counter() - start, 3)
-            clock.cpu_seconds["partitions"] = round(sum(r.cpu_seconds for r in results), 3)
+            batch = _Batch(pinned, spill, settings, now)
+            _split(source, names, batch, clock)
+            rows = {name: spill.tables[name].total_rows if name in spill.tables else 0 for name in names}
+            batch = _Batch(pinned, spill.for_tasks(names), settings, now)
+            keys = clock.engine("keys", partial(_key_checks, batch), names, "checking keys across partitions")
+            units = [unit for name, checked in zip(names, keys, strict=True)
+                     for unit in _plan(name, spill.tables.get(name), checked.leaving)]
+            batch = _Batch(pinned, spill.for_tasks(sorted({fk.table for n in names for fk in TABLES[n].foreign_keys})),
+                           settings, now)
+            results = clock.engine("partitions", partial(_process_unit, batch), units,
+                                   "validating and staging partitions")
             for result in results:
                 staging.add(result.staged)  # before any error: the transaction removes them unless committed
-            _record(validation, names, rows, results, global_failures, settings)
+            _record(validation, names, rows, results, {k.table: k.failures(rows[k.table]) for k in keys}, settings)
             data_docs = clock.time("commit", validation.finish)
             written = clock.time("commit", staging.commit, fingerprint, source.state())
         finally:
@@ -257,62 +269,78 @@ def _ingest(source: Source, settings: Settings, now: datetime) -> IngestResult:
     )
 
 
-def _key_checks(store: RawStore, spill: BatchSpill, name: str, settings: Settings) -> tuple[
-        list[Failure], dict[str, pa.Array]]:
-    """The rules across partitions, on the key column only (DuckDB, which spills to disk rather than run out
-    of memory): a key delivered twice in different partitions breaks uniqueness (the same partition's
-    duplicates are GX's to find, but counted here for the whole table), and a stored row the batch
-    re-delivers in another partition must leave its old one. A key column that is missing or mistyped is
-    left to its own rules."""
-    spec, staged = TABLES[name], spill.tables[name]
-    if not staged.rows or spec.key not in (staged.typed_columns or set()):
-        return [], {}
-    keys = spill.dataset(name, [spec.key])
-    con = duckdb.connect()
-    con.execute(f"SET memory_limit = '{settings.compute.memory_limit}'")
-    con.register("batch_keys", keys)
-    repeated = con.sql(
-        f"SELECT {spec.key}, count(*) AS n FROM batch_keys GROUP BY {spec.key} HAVING n > 1 ORDER BY {spec.key}"
-    ).to_arrow_table()
-    con.close()
-    failures = []
-    if repeated.num_rows:
-        count, total = pc.sum(repeated.column("n")).as_py(), staged.total_rows
-        examples = tuple(show_value(v) for v in repeated.column(spec.key)[: settings.ingest.max_failure_examples]
-                         .to_pylist())
-        failures.append(Failure(name, (spec.key,), "expect_column_values_to_be_unique",
-                                failed_rows_detail(count, total, examples), count, total, examples))
-    return failures, store.moved_keys(name, keys)
+def _split(source: Source, names: Sequence[str], batch: _Batch, clock: Stopwatch) -> None:
+    """Cut the source into partition files: one task per piece on the engine, or, for a source that has
+    no pieces (a database pull: one snapshot, one connection), a stream read here."""
+    spill = batch.spill
+    cut = {name: pieces(source, name) for name in names}
+    work = [(name, f"{i:05d}", piece) for name in names for i, piece in enumerate(cut[name] or [])]
+    for part in clock.engine("split", partial(_split_piece, batch), work, "splitting the batch into partitions"):
+        spill.take(part)
+    for name in names:
+        if cut[name] is None:
+            spill.take(clock.time("split", spill.split, name, "stream", source.batches(name),
+                                  batch.store.buckets))
 
 
-def _plan(name: str, rows: Mapping[str, int], leaving: Mapping[str, pa.Array]) -> list[Unit]:
+def _split_piece(batch: _Batch, work: tuple[str, str, Piece]) -> SplitPart:
+    name, part, piece = work
+    return batch.spill.split(name, part, piece.batches(), batch.store.buckets)
+
+
+def _key_checks(batch: _Batch, name: str) -> KeyResult:
+    """The rules across partitions, on the key column only (DuckDB, bounded by `duckdb_connect`, which
+    spills to disk rather than run out of memory): a key delivered twice in different partitions breaks
+    uniqueness (the same partition's duplicates are GX's to find, but counted here for the whole table),
+    and a stored row the batch re-delivers in another partition must leave its old one. A key column that
+    is missing or mistyped is left to its own rules."""
+    spec, spill, settings = TABLES[name], batch.spill, batch.settings
+    if not spill.has_keys(name, spec.key):
+        return KeyResult(name, 0, (), {})
+    keys = spill.key_dataset(name)
+    examples_wanted = settings.ingest.max_failure_examples
+    con = duckdb_connect(settings)
+    try:
+        con.register("spill_keys", keys)
+        ((count, examples),) = con.execute(
+            f"WITH repeated AS (SELECT {spec.key} AS key, count(*) AS n FROM spill_keys GROUP BY {spec.key} "
+            f"HAVING n > 1) SELECT sum(n), list(key ORDER BY key)[1:{examples_wanted}] FROM repeated"
+        ).fetchall()
+        leaving = batch.store.moved_keys(name, keys, con)
+    finally:
+        con.close()
+    return KeyResult(name, int(count or 0), tuple(examples or ()), leaving)
+
+
+def _plan(name: str, staged: StagedTable | None, leaving: Mapping[str, pa.Array]) -> list[Unit]:
     """The table's partitions packed into units of about `UNIT_ROWS` rows, bucket by bucket (a unit's
     foreign keys to `merchants` are checked against its buckets' merchants only)."""
+    rows = staged.rows if staged is not None else {}
     keys = sorted({*rows, *leaving}, key=lambda k: (parse_partition_key(k)[1], k))
     units: list[Unit] = []
     current: list[str] = []
     size = 0
     for key in keys:
         if current and size + rows.get(key, 0) > UNIT_ROWS:
-            units.append(_unit(name, current, rows, leaving))
+            units.append(_unit(name, current, staged, leaving))
             current, size = [], 0
         current.append(key)
         size += rows.get(key, 0)
     if current:
-        units.append(_unit(name, current, rows, leaving))
+        units.append(_unit(name, current, staged, leaving))
     return units
 
 
-def _unit(name: str, keys: list[str], rows: Mapping[str, int], leaving: Mapping[str, pa.Array]) -> Unit:
-    return Unit(name, tuple(k for k in keys if k in rows), {k: leaving[k] for k in keys if k in leaving})
+def _unit(name: str, keys: list[str], staged: StagedTable | None, leaving: Mapping[str, pa.Array]) -> Unit:
+    files = staged.files if staged is not None else {}
+    return Unit(name, {k: files[k] for k in keys if k in files}, {k: leaving[k] for k in keys if k in leaving})
 
 
 def _process_unit(batch: _Batch, unit: Unit) -> UnitResult:
     """Validate a unit's rows with GX (foreign keys against its buckets' keys, in the batch and the store),
     then stage each partition, unless it failed. Runs in any process that reaches the store."""
-    cpu = time.process_time()
     spec = TABLES[unit.table]
-    parts = {key: batch.spill.read(unit.table, key) for key in unit.partitions}
+    parts = batch.spill.read(unit.table, unit.partitions)
     failures: list[Failure] = []
     checked = None
     if parts:
@@ -323,12 +351,12 @@ def _process_unit(batch: _Batch, unit: Unit) -> UnitResult:
         failures, checked = _validator(batch).validate(spec, frame, checks, domains)
         del table, frame, checks
     staged = [] if failures else [
-        batch.store.stage_partition(unit.table, key, parts.get(key), unit.leaving.get(key))
+        batch.store.stage_partition(unit.table, key, parts.get(key), unit.leaving.get(key), batch.spill.ledger)
         for key in sorted({*parts, *unit.leaving})
     ]
     del parts
     _release_memory()
-    return UnitResult(unit.table, failures, checked, staged, time.process_time() - cpu)
+    return UnitResult(unit.table, failures, checked, staged)
 
 
 _VALIDATORS: dict[tuple[Any, ...], TableValidator] = {}
@@ -352,13 +380,17 @@ def _domain(batch: _Batch, fk: ForeignKey, buckets: tuple[int, ...]) -> pa.Array
     """The keys a foreign key may use in a unit: the referenced column's in the store and in the batch. A
     reference to a merchant stays in its bucket, so only those buckets' merchants are read."""
     scope = buckets if (fk.table, fk.ref_column) == ("merchants", "merchant_id") else None
-    cache_key = (batch.token, fk.table, fk.ref_column, scope)
+    token = batch.spill.token
+    cache_key = (token, fk.table, fk.ref_column, scope)
     if cache_key not in _DOMAINS:
-        if len(_DOMAINS) > 64 or any(k[0] != batch.token for k in _DOMAINS):
+        if len(_DOMAINS) > 64 or any(k[0] != token for k in _DOMAINS):
             _DOMAINS.clear()
-        parts = [batch.store.distinct_values(fk.table, fk.ref_column, scope)]
-        delivered = batch.spill.tables.get(fk.table)
-        if delivered is not None and delivered.rows and fk.ref_column in (delivered.typed_columns or set()):
+        con = duckdb_connect(batch.settings)
+        try:
+            parts = [batch.store.distinct_values(fk.table, fk.ref_column, scope, con)]
+        finally:
+            con.close()
+        if batch.spill.has_keys(fk.table, fk.ref_column):
             parts.append(batch.spill.distinct(fk.table, fk.ref_column, scope))
         _DOMAINS[cache_key] = pc.unique(pa.concat_arrays(parts))
     return _DOMAINS[cache_key]
@@ -406,6 +438,25 @@ class Stopwatch:
         self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - start, 3)
         self.cpu_seconds[stage] = round(self.cpu_seconds.get(stage, 0.0) + time.process_time() - cpu, 3)
         return out
+
+    def engine(self, stage: str, fn: Callable[[Any], R], items: Sequence[Any], label: str) -> list[R]:
+        """`run_partitions(fn, items)`, adding its wall time and the CPU time of this process and, on Dask,
+        of the workers' tasks (measured in the task: `fn(item)` is timed where it runs) to the stage's."""
+        start, cpu = time.perf_counter(), time.process_time()
+        timed = run_partitions(partial(_timed, fn), items, label)
+        mine = time.process_time() - cpu
+        tasks = sum(seconds for _, seconds in timed)
+        # On the local engine the tasks ran in this process: their CPU is already in `mine`.
+        total = mine + (tasks if dask_client() is not None else 0.0)
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - start, 3)
+        self.cpu_seconds[stage] = round(self.cpu_seconds.get(stage, 0.0) + total, 3)
+        return [out for out, _ in timed]
+
+
+def _timed(fn: Callable[[Any], R], item: Any) -> tuple[R, float]:
+    cpu = time.process_time()
+    out = fn(item)
+    return out, time.process_time() - cpu
 
 
 @flow(name="ingest")
