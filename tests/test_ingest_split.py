@@ -1,0 +1,119 @@
+"""The ingest's split in pieces (one task each), its leftovers after a killed run, and DuckDB's budget in a task."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from datetime import datetime
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+
+from core.raw_store import RawStore
+from core.settings import ComputeConfig, Settings
+from core.sources import FolderSource, Piece
+from pipelines.ingest import ingest
+from tests.batch_builder import to_arrow, valid_batch, write_batch
+from tests.conftest import REPO
+
+NOW = datetime(2024, 3, 1)
+
+
+def table_files(root: Path) -> dict[str, str]:
+    """Every file of the raw store's tables (not its manifests), by path: what a reader could ever find."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*.parquet"))
+    }
+
+
+def test_a_parquet_file_is_cut_into_pieces_of_whole_row_groups_and_loads_the_same_snapshot(tmp_path, monkeypatch):
+    one = write_batch(tmp_path / "one", valid_batch())
+    reference = ingest(one, Settings(home=tmp_path / "a"), NOW)
+
+    cut = tmp_path / "cut"
+    shutil.copytree(one, cut)
+    pq.write_table(to_arrow("orders", valid_batch()["orders"]), cut / "orders.parquet", row_group_size=2)
+    monkeypatch.setattr("core.sources.PIECE_ROWS", 3)  # at most one row group of two rows per piece
+    pieces = FolderSource(cut).pieces("orders")
+    assert pieces == [Piece("orders", str(cut / "orders.parquet"), (i,)) for i in range(3)]
+    assert [sum(b.num_rows for b in p.batches()) for p in pieces] == [2, 2, 2]
+    assert FolderSource(cut).pieces("merchants") == [Piece("merchants", str(cut / "merchants.parquet"))]
+
+    result = ingest(cut, Settings(home=tmp_path / "b"), NOW)
+    assert result.snapshot_id == reference.snapshot_id
+    assert not (tmp_path / "b" / "raw" / "_staging").exists()
+
+
+KILLED_RUN = textwrap.dedent("""
+    import os, signal, sys
+    from datetime import datetime
+    from pathlib import Path
+    from core.raw_store import RawStore
+    from core.settings import Settings
+    from pipelines.ingest import ingest
+
+    stage, staged = RawStore.stage_partition, []
+
+    def killed_after_two(self, *args, **kwargs):  # as a worker lost in the middle of its unit
+        out = stage(self, *args, **kwargs)
+        staged.append(out)
+        if len(staged) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+    RawStore.stage_partition = killed_after_two
+    ingest(Path(sys.argv[1]), Settings(home=Path(sys.argv[2])), datetime(2024, 3, 1))
+""")
+
+
+def test_a_killed_ingest_leaves_files_that_the_next_ingest_removes(tmp_path):
+    """A run killed after its tasks wrote partition files into the tables, before any commit: the files are
+    invisible (no snapshot names them) but would stay for ever; the next ingest removes them and its spill."""
+    home = tmp_path / "home"
+    batch = write_batch(tmp_path / "batch", valid_batch())
+    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, str(batch), str(home)], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    raw = home / "raw"
+    orphans = table_files(raw)
+    assert len(orphans) == 2 and RawStore(raw).snapshot_id is None  # written, never committed
+    assert (raw / "_staging").is_dir()
+
+    clean = tmp_path / "clean"
+    ingest(batch, Settings(home=clean), NOW)
+    ingest(batch, Settings(home=home), NOW)
+    assert not (raw / "_staging").exists()
+    assert table_files(raw) == table_files(clean / "raw")  # nothing left over but what the snapshot holds
+    assert RawStore(raw).snapshot_id == RawStore(clean / "raw").snapshot_id
+
+
+def test_duckdb_in_a_task_keeps_to_a_share_of_the_worker_memory_and_its_threads(tmp_path):
+    from distributed import Client, LocalCluster
+
+    from pipelines.compute import DUCKDB_SHARE, duckdb_connect
+
+    settings = Settings(home=tmp_path / "home", compute=ComputeConfig(memory_limit="8GiB"))
+
+    def budget() -> list[tuple[str, str]]:
+        con = duckdb_connect(settings)
+        return con.execute("SELECT current_setting('memory_limit'), current_setting('threads')").fetchall()
+
+    here = budget()[0]
+    assert here == (_shown(8 * 2**30 * DUCKDB_SHARE), str(os.cpu_count()))  # the setting, on the local engine
+    with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit="1GiB", processes=False,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        in_worker = client.submit(budget).result()[0]
+    assert in_worker == (_shown(2**30 * DUCKDB_SHARE), "1")  # the worker's own limit and threads
+
+
+def _shown(size: float) -> str:
+    """A size as DuckDB shows its memory limit."""
+    return duckdb.connect(config={"memory_limit": f"{int(size)}B"}).execute(
+        "SELECT current_setting('memory_limit')").fetchall()[0][0]
