@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-import fsspec
-import pyarrow.fs as pa_fs
+if TYPE_CHECKING:  # the settings import this module: a CLI error must not wait for pyarrow (tests/test_cli.py)
+    import fsspec
+    import pyarrow.fs as pa_fs
 
 OBJECT_STORES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
                  "abfss": "adlfs"}
@@ -56,6 +57,8 @@ def check_location(location: str) -> str:
     if kind not in OBJECT_STORES:
         known = ", ".join(f"{s}://" for s in ("file", *OBJECT_STORES))
         raise ValueError(f"'{location}': a store is a local path or a URL of {known}, not {kind}://")
+    import fsspec
+
     package = OBJECT_STORES[kind]
     try:
         fsspec.get_filesystem_class(kind)
@@ -83,12 +86,16 @@ def fsspec_options(location: str, options: Mapping[str, str]) -> dict[str, Any]:
 
 def filesystem(location: str, options: Mapping[str, str] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec file system of a store and the store's root path in it."""
+    import fsspec
+
     return fsspec.core.url_to_fs(location, **fsspec_options(location, options or {}))
 
 
 def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pa_fs.FileSystem:
     """The same file system for pyarrow: Arrow's own on a local disk (fsspec's costs a Python call per read),
     else fsspec's behind Arrow's interface, so it has the store's options whatever the environment says."""
+    import pyarrow.fs as pa_fs
+
     if "file" in fs.protocol:
         return pa_fs.LocalFileSystem()
     return pa_fs.PyFileSystem(pa_fs.FSSpecHandler(fs))
