@@ -47,16 +47,16 @@ def local_path(location: str | Path) -> Path:
 
 
 def check_location(location: str) -> str:
-    """The address if a store can live there; else `ValueError` in one line: an unknown scheme, or one whose
-    fsspec package is not installed."""
+    """The address if a store can live there; else `ValueError` in one line (the caller names the address):
+    an unknown scheme, or one whose fsspec package is not installed."""
     kind = scheme(location)
     if kind in ("", "file"):
         if kind == "file" and urlsplit(location).netloc not in ("", "localhost"):
-            raise ValueError(f"'{location}' names a host; a local folder is file:///absolute/path")
+            raise ValueError("a file:// URL names no host: a local folder is file:///absolute/path")
         return location
     if kind not in OBJECT_STORES:
         known = ", ".join(f"{s}://" for s in ("file", *OBJECT_STORES))
-        raise ValueError(f"'{location}': a store is a local path or a URL of {known}, not {kind}://")
+        raise ValueError(f"a store is a local path or a URL of {known}, not {kind}://")
     import fsspec
 
     package = OBJECT_STORES[kind]
@@ -64,7 +64,7 @@ def check_location(location: str) -> str:
         fsspec.get_filesystem_class(kind)
     except ImportError:
         hint = EXTRAS.get(package, f"pip install {package}")
-        raise ValueError(f"'{location}' needs the {package} package, which is not installed ({hint})") from None
+        raise ValueError(f"{kind}:// needs the {package} package, which is not installed ({hint})") from None
     return location
 
 
