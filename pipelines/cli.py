@@ -225,6 +225,7 @@ def replay(
     """Re-score logged decisions with the bundles that made them; exits 1 when any answer differs."""
     from serving.audit import read_audit
     from serving.bundle import replay_decisions
+    from serving.signing import bundle_key
 
     settings = _settings(ctx)
     path = audit_log or settings.audit_log
@@ -236,7 +237,7 @@ def replay(
             raise ScfriskError(f"no decision {', '.join(unknown)} in {path}")
         records = [r for r in records if r["request_id"] in wanted]
     differ = 0
-    for record, again in replay_decisions(records, settings.path("published")):
+    for record, again in replay_decisions(records, settings.path("published"), bundle_key(settings)):
         logged = {"pd": record["pd"], "grade": record["grade"], "decision": record["decision"]}
         if again != logged:
             differ += 1
