@@ -418,7 +418,7 @@ def in_progress(run_result: RunResult) -> str:
     cluster = any("Creating a new Dask cluster" in line for line in lines)
     return (f"Still running when written ({time.strftime('%H:%M UTC', time.gmtime())}, load "
             f"{os.getloadavg()[0]:.1f}): `{stage}` since {started} UTC; "
-            f"{'its Dask cluster is up, ' if cluster else 'still in the flow run before its cluster starts (the ingest splits the batch into partition files first), '}"
+            f"{'its Dask cluster is up, ' if cluster else 'its Dask cluster not up yet, '}"
             f"{tasks} partition task(s) completed so far.")
 
 
@@ -546,8 +546,14 @@ def projection(results: dict[tuple[str, str, int], RunResult]) -> str:
                      f"{with_features[-1].dataset}. To keep a feature/score/limit partition that size at "
                      f"{TARGET_MERCHANTS:,} merchants, a new raw store needs `merchant_buckets` >= {buckets:,} (e.g. "
                      f"{2 ** math.ceil(math.log2(buckets)):,}).")
-    notes.append("Ingest units stay ~500,000 rows whatever the batch: at about 2.6 rows of all tables per order, "
-                 "1B orders make ~5,200 units, enough partitions for every worker count above.")
+    from core.sources import PIECE_ROWS
+    from pipelines.ingest import UNIT_ROWS
+
+    units = TARGET_ORDERS * 2.6 / UNIT_ROWS
+    notes.append(f"Ingest units stay ~{UNIT_ROWS:,} rows whatever the batch: at about 2.6 rows of all tables per "
+                 f"order, 1B orders make ~{units:,.0f} units, and the split one task per source piece of "
+                 f"~{PIECE_ROWS:,} rows (~{TARGET_ORDERS * 2.6 / PIECE_ROWS:,.0f} pieces): enough tasks for every "
+                 "worker count above.")
     trained = training_rows(biggest) if _stage(biggest, "train") else None
     if trained:
         engine, rows_measured = trained

@@ -35,6 +35,7 @@ import pyarrow.fs as pa_fs
 from core.partitioning import BUCKET, MONTH, parse_partition_key, split_by_partition
 from core.raw_store import RawStore
 from core.schemas import TABLES
+from core.storage import arrow_filesystem
 
 STAGING = "_staging"
 LEDGER = "_written"
@@ -100,8 +101,7 @@ class BatchSpill:
 
     @property
     def filesystem(self) -> pa_fs.FileSystem:
-        """Arrow's own file system on a local disk (fsspec's costs a Python call per read and write)."""
-        return pa_fs.LocalFileSystem() if self.local else pa_fs.PyFileSystem(pa_fs.FSSpecHandler(self.store.fs))
+        return arrow_filesystem(self.store.fs)
 
     @property
     def ledger(self) -> str:
