@@ -78,7 +78,10 @@ def test_a_killed_ingest_leaves_files_that_the_next_ingest_removes(tmp_path):
     invisible (no snapshot names them) but would stay for ever; the next ingest removes them and its spill."""
     home = tmp_path / "home"
     batch = write_batch(tmp_path / "batch", valid_batch())
-    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, str(batch), str(home)], cwd=REPO,
+    other = valid_batch()
+    other["merchants"]["region"] = "south"  # other content: the killed run's files are not the next run's
+    killed = write_batch(tmp_path / "killed", other)
+    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, str(killed), str(home)], cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     raw = home / "raw"
@@ -106,11 +109,11 @@ def test_duckdb_in_a_task_keeps_to_a_share_of_the_worker_memory_and_its_threads(
         return con.execute("SELECT current_setting('memory_limit'), current_setting('threads')").fetchall()
 
     here = budget()[0]
-    assert here == (_shown(8 * 2**30 * DUCKDB_SHARE), str(os.cpu_count()))  # the setting, on the local engine
+    assert here == (_shown(8 * 2**30 * DUCKDB_SHARE), os.cpu_count())  # the setting, on the local engine
     with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit="1GiB", processes=False,
                       dashboard_address=None) as cluster, Client(cluster) as client:
         in_worker = client.submit(budget).result()[0]
-    assert in_worker == (_shown(2**30 * DUCKDB_SHARE), "1")  # the worker's own limit and threads
+    assert in_worker == (_shown(2**30 * DUCKDB_SHARE), 1)  # the worker's own limit and threads
 
 
 def _shown(size: float) -> str:
