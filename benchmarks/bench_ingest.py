@@ -285,10 +285,11 @@ def write_engines_section(measured: list[list[dict]]) -> None:
                 f"{'same' if run['snapshot'] == local['snapshot'] else '**differs**'} | {run['load']:.1f} |"
             )
     body = "\n".join([
-        "`python -m benchmarks.bench_ingest engines`: the ingest flow (read and split into month x merchant-bucket",
-        "partitions, key checks across partitions, then Great Expectations validation and staging of each",
-        "unit of partitions, commit) into an empty raw store, through Prefect, on the local engine and on a",
-        "Dask LocalCluster of 1 and 2 worker processes (started inside the flow run, so its start-up counts).",
+        "`python -m benchmarks.bench_ingest engines`: the ingest flow (the batch split into month x merchant-bucket",
+        "partition files by one task per source piece, key checks across partitions by one task per table,",
+        "then Great Expectations validation and staging of each unit of partitions, commit) into an empty raw",
+        "store, through Prefect, on the local engine and on a Dask LocalCluster of 1 and 2 worker processes",
+        "(started inside the flow run, so its start-up counts).",
         "CPU seconds are the flow's process plus every worker's; peak MB is resident memory, sampled every",
         "0.2 s, of the flow's process and of the largest worker. The machine has 2 cores shared with other",
         "jobs: the load (1-minute average at the end) says how much of the wall time was ours.",
