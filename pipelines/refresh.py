@@ -91,7 +91,8 @@ def refresh(settings: Settings, source: str | Path, as_of: pd.Timestamp | None =
         return daily, publish_online(offline, as_of)
 
     daily, online = steps.time("features", features)
-    model, version = champion(settings)
+    found = champion(settings)
+    model, version = found.model, found.version
 
     def score() -> tuple[Path, ReasonCodeIndex]:
         limits = limits_table(daily.features, model, version, load_policy(settings.policy_file))

@@ -151,7 +151,8 @@ def run_flow(settings: Settings, source: str, oracle: str | None = None) -> RunS
     else:
         log.info("training inputs unchanged (fingerprint %s): reusing the registered model", fingerprint)
 
-    model, version = champion(settings)
+    found = champion(settings)
+    model, version = found.model, found.version
     report = report_file(settings, version)
     if not report.is_file():
         report = report_for_version(settings, version)
