@@ -31,6 +31,9 @@ QUIET_DEFAULTS = {
     # server per command would cost 13-35 s and outlive a killed command.
     "PREFECT_SERVER_EPHEMERAL_ENABLED": "false",
     "DO_NOT_TRACK": "1",
+    # MLflow 3 reads DO_NOT_TRACK only when it is "true"; otherwise each command that imports it starts a
+    # telemetry client (threads, a config fetch, a record per API call) sending usage events.
+    "MLFLOW_DISABLE_TELEMETRY": "true",
     "GX_ANALYTICS_ENABLED": "false",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "GIT_PYTHON_REFRESH": "quiet",

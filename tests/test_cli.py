@@ -231,6 +231,22 @@ with without_heartbeats():
     assert proc.stdout.strip() == seen, proc.stderr[-2000:]
 
 
+def test_a_command_starts_no_mlflow_telemetry(tmp_path):
+    """MLflow 3 takes DO_NOT_TRACK only when it is "true": without its own switch, each command importing it
+    started a telemetry client (threads, a config fetch, a record per call) to send usage events. The child
+    gets a bare environment: MLflow also stays quiet under pytest or CI, which would hide the defect."""
+    code = f"""
+from core.settings import Settings
+from pipelines.runtime import prepare_environment
+prepare_environment(Settings(home={str(tmp_path / "home")!r}))
+from mlflow.telemetry.client import get_telemetry_client
+print(get_telemetry_client())
+"""
+    env = {key: os.environ[key] for key in ("PATH", "HOME", "PYTHONDONTWRITEBYTECODE") if key in os.environ}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
+    assert proc.stdout.strip() == "None", proc.stderr[-2000:]
+
+
 def test_the_scfrisk_program_ends_through_the_quick_exit():
     from importlib.metadata import entry_points
 
