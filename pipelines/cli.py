@@ -19,7 +19,13 @@ import typer
 from core.errors import ScfriskError
 from core.settings import Settings, load_settings
 from pipelines.prefect_server import ensure_server, read_state, stop_server, user_api_url
-from pipelines.runtime import QuickExit, configure_logging, prepare_environment, without_heartbeats
+from pipelines.runtime import (
+    configure_logging,
+    loading,
+    prepare_environment,
+    start_program,
+    without_heartbeats,
+)
 
 log = logging.getLogger("scfrisk")
 
@@ -61,8 +67,9 @@ def _orchestrated(ctx: typer.Context, stage: str | None = None, source: Path | s
         from credit.policy import load_policy
 
         load_policy(settings.policy_file)
-    ensure_server(settings.home_dir)
-    ctx.with_resource(without_heartbeats())
+    with loading():
+        ensure_server(settings.home_dir)
+        ctx.with_resource(without_heartbeats())
     return settings
 
 
@@ -172,7 +179,8 @@ def ingest(
     settings = _orchestrated(ctx)
     from core.raw_store import RawStore
     from pipelines.compute import on_engine
-    from pipelines.ingest import ingest_flow
+    with loading():
+        from pipelines.ingest import ingest_flow
 
     result = on_engine(ingest_flow, settings)(source=source, settings=settings)
     typer.echo(result.describe())
@@ -257,7 +265,8 @@ def limits(
     """Credit limits of every merchant and product from the champion PD model and the credit policy."""
     settings = _orchestrated(ctx, "limits")
     from pipelines.compute import on_engine
-    from pipelines.limits import limits_flow
+    with loading():
+        from pipelines.limits import limits_flow
 
     typer.echo(on_engine(limits_flow, settings)(settings=settings, as_of=as_of).describe())
 
@@ -403,7 +412,8 @@ def report(
     model_version: Annotated[str, typer.Option("--model-version", help="Registered version of the PD model.")],
 ) -> None:
     """Risk report of a model version: one self-contained HTML file in the workspace, also logged to MLflow."""
-    from pipelines.report import report_for_version
+    with loading():
+        from pipelines.report import report_for_version
 
     typer.echo(f"risk report: {report_for_version(_settings(ctx), model_version)}")
 
@@ -559,8 +569,8 @@ def run() -> None:
 
 def entry_point() -> None:
     """The `scfrisk` program: the command, then the end of the process without the interpreter's teardown
-    (`runtime.QuickExit`)."""
-    QuickExit().exit(invoke())
+    (`runtime.start_program`)."""
+    start_program().exit(invoke())
 
 
 if __name__ == "__main__":

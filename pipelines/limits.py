@@ -23,12 +23,17 @@ from core.raw_store import RawStore
 from core.settings import Settings
 from credit.limits import compute_limits
 from credit.policy import CreditPolicy, load_policy
+from credit.strategy import backtest_limits, strategy_tables
+from features.definitions import feature_names, feature_set_version
+from features.offline_store import OfflineStore, in_turn, month_starts, training_frame
 from models.pd_model import PDModel
+from models.registry import CHAMPION, RegisteredPD, load_registered
+from models.splits import time_split
 from pipelines.compute import run_partitions
+from reporting.strategy_report import write_strategy_report
 
 if TYPE_CHECKING:
     from features.offline_store import PartitionMap
-    from models.registry import RegisteredPD
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +97,6 @@ def limits_path(settings: Settings, as_of: datetime) -> Path:
 
 def backtest_population(settings: Settings, model: PDModel) -> pd.DataFrame:
     """The out-of-time test applications of the training set (same windows as training), scored now."""
-    from features.offline_store import training_frame
-    from models.splits import time_split
-
     frame = training_frame(settings)
     test = frame[(time_split(frame["as_of"], settings.model.valid_months, settings.model.test_months)
                   == "test").to_numpy()]
@@ -105,9 +107,6 @@ def write_strategy(settings: Settings, limits: pd.DataFrame, backtest: pd.DataFr
                    run_id: str, out_dir: Path) -> tuple[Path, Path]:
     """Strategy report of the current book (expected) and of the out-of-time backtest (realised), both
     also logged to the champion's MLflow run `run_id`."""
-    from credit.strategy import backtest_limits, strategy_tables
-    from reporting.strategy_report import write_strategy_report
-
     book = write_strategy_report(strategy_tables(limits), out_dir / "strategy", policy.version, run_id,
                                  settings.tracking_uri)
     realised = write_strategy_report(strategy_tables(backtest_limits(backtest, policy)), out_dir / "backtest",
@@ -118,9 +117,6 @@ def write_strategy(settings: Settings, limits: pd.DataFrame, backtest: pd.DataFr
 def champion(settings: Settings) -> RegisteredPD:
     """The champion PD model with its registry version and run, refused unless the feature store has every
     input it reads (a model of another table promoted by hand, or one of retired feature definitions)."""
-    from features.definitions import feature_names, feature_set_version
-    from models.registry import CHAMPION, load_registered
-
     name = settings.mlflow.registered_model
     found = load_registered(settings, CHAMPION)
     if found is None:
@@ -146,8 +142,6 @@ def build_limits(settings: Settings, as_of: datetime | None = None,
     limits are computed per merchant bucket by `map_parts` (default: one after the other here); the strategy
     tables from the whole table.
     """
-    from features.offline_store import OfflineStore, in_turn, month_starts
-
     map_parts = map_parts or in_turn
     store = RawStore(settings.path("raw_store"))
     if not store.has_table("merchants"):
