@@ -47,7 +47,7 @@ from models.registry import (
 )
 from models.splits import split_summary, stratified_split, time_split
 from models.training import TrainingResult, binary_target, infer_features, train_pd_model
-from pipelines.compute import dask_client
+from pipelines.compute import dask_client, worker_count
 from pipelines.report import write_risk_report
 from reporting.model_card import render_model_card
 from reporting.plots import calibration_plot, ks_plot, roc_plot, score_distribution_plot
@@ -157,7 +157,7 @@ def training_engine(settings: Settings, rows: int, client: Client | None) -> tup
         return "local", f"engine '{settings.compute.engine}': {rows:,} rows trained in this process"
     if rows <= limit:
         return "local", f"{rows:,} rows <= [compute] train_in_memory_rows {limit:,}: gathered, trained in this process"
-    workers = len(client.scheduler_info()["workers"])
+    workers = worker_count(client)
     return "lightgbm.dask", f"{rows:,} rows > [compute] train_in_memory_rows {limit:,}: on {workers} Dask workers"
 
 
@@ -327,8 +327,8 @@ def train_flow(settings: Settings, oracle: str | None = None, metrics_out: str |
         exclude=(*(c for c in ENTITY_COLUMNS if c not in ("defaulted", "as_of", "application_id")),
                  *PROTECTED_PROXIES),  # a possible proxy of a protected attribute is never a model input
         true_pd=oracle_pd(oracle, frame["loan_id"]) if oracle else None,
-        source=f"feature store {settings.path('raw_store')}", feature_set_version=feature_set_version(),
-        raw_snapshot_id=RawStore(settings.path("raw_store")).snapshot_id,
+        source=f"feature store {settings.store_url('raw_store')}", feature_set_version=feature_set_version(),
+        raw_snapshot_id=RawStore.from_settings(settings).snapshot_id,
     )
     if metrics_out:
         write_metrics(outcome, metrics_out)
