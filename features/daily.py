@@ -247,6 +247,9 @@ def prefix_sql(plan: SourcePlan, as_of: pd.Timestamp, days: str, types: Mapping[
         values = ", ".join(f"{sign}coalesce(r.{c}, 0) AS {c}" for c in columns)
         return f"SELECT r.merchant_id, o.a, {values} FROM {relation} r JOIN {offsets} o ON {condition}"
 
+    if old_as_of is not None:
+        listed = ", ".join(f"DATE '{d:%Y-%m-%d}'" for d in crossed_days(plan, old_as_of, as_of)) or "NULL"
+        days = f"(SELECT * FROM {days} WHERE day IN ({listed}))"
     parts = [spread(days, f"r.day < {new}" + (f" AND r.day >= {before}" if before else ""))]
     if old is not None:
         parts.append(f"SELECT merchant_id, a, {', '.join(columns)} FROM {old}")
@@ -255,6 +258,12 @@ def prefix_sql(plan: SourcePlan, as_of: pd.Timestamp, days: str, types: Mapping[
     sums = ", ".join(f"CAST(sum({c}) AS {types[c]}) AS {c}" for c in columns)
     union = "\n  UNION ALL BY NAME ".join(parts)
     return f"SELECT merchant_id, a, {sums} FROM (\n  {union}) GROUP BY merchant_id, a"
+
+
+def crossed_days(plan: SourcePlan, old_as_of: pd.Timestamp, as_of: pd.Timestamp) -> list[pd.Timestamp]:
+    """The days a roll from old_as_of to as_of moves past the prefix sums' boundaries: [old_as_of - a,
+    as_of - a) for each offset a."""
+    return sorted({old_as_of + pd.Timedelta(days=i - a) for a in plan.offsets for i in range((as_of - old_as_of).days)})
 
 
 def delta_sql(plan: SourcePlan, new: str, old: str | None) -> str:

@@ -46,6 +46,7 @@ from core.schemas import TABLES
 from features.daily import (
     Plan,
     SourcePlan,
+    crossed_days,
     delta_sql,
     edge_months,
     months_sql,
@@ -265,8 +266,8 @@ class DailyStore:
             sql = prefix_sql(source_plan, as_of, current, types)
         else:
             old_as_of = pd.Timestamp(old["as_of"])
-            first = f"{old_as_of - pd.Timedelta(days=max(source_plan.offsets)):%Y-%m}"
-            days = read([self.dir / f for m, f in files.items() if m >= first])
+            crossed = {f"{d:%Y-%m}" for d in crossed_days(source_plan, old_as_of, as_of)}
+            days = read([self.dir / f for m, f in files.items() if m in crossed])
             delta = delta_sql(source_plan, read([self.dir / files[m] for m in sorted(months) if m in files]),
                               read([self.dir / previous[m] for m in sorted(months) if m in previous]))
             sql = prefix_sql(source_plan, as_of, days, types, f"read_parquet('{self.dir / old['prefix'][name]}')",
