@@ -169,7 +169,7 @@ def boost(params: dict[str, Any], X: pd.DataFrame, y: np.ndarray, rounds: int,
     import dask.dataframe as dd
     from lightgbm.dask import DaskLGBMClassifier
 
-    parts = max(1, len(client.scheduler_info()["workers"]))
+    parts = max(1, client.scheduler_info(n_workers=0)["n_workers"])  # the count: the listing can be a stale cache
     # Every part a sample of every period (rows dealt round-robin), not a block of months: each worker
     # bins and bags its own part, and the model comes closer to the one a single machine fits.
     order = np.argsort(np.arange(len(X)) % parts, kind="stable")
