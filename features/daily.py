@@ -13,6 +13,10 @@ windowed features are aggregates of those partials (`rolled_sql`):
 - two-stage features whose key is a function of the day (`week`, `order_day`, `event_day`) group the
   rolled daily values by that key, then apply their own outer aggregate unchanged.
 
+The windows of sums, counts and averages read neither: per merchant and window boundary a (an offset in
+days), the prefix sum S_a of each partial over the days before T - a (`prefix_sql`), rolled forward from
+day to day; the window (l, l + w] is S_l - S_(l+w) (`Rolled.prefix_value`).
+
 Row filters and the point-in-time masks (`cancelled_at < as_of` ...) are applied inside the partials; a
 filter on a day-level column (`week < 26`) at the roll-up. The partials are also added up per month
 (`months_sql`): a plain window reads the days of the months it covers in part (`edge_months`) and one row
