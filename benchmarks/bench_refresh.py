@@ -1,12 +1,13 @@
 """One simulated day of `scfrisk refresh`, end to end, against the full rebuild of the online features.
 
-For each platform (the 3,300-merchant sample; `bench_data/orders_10m` when it exists): cut at its last day
-D (`testkit.daily.split_day`: base = what was known before D, the day's pull = D's rows and the older rows
-whose state changed during D), ingest the base into a new workspace, register a champion (the service
-tests' small model, `testkit.service`), build the daily partials once as of D (the one full build), then
-time the refresh of day D: pull (validate + raw store), incremental features as of D + 1, re-score and
-limits, the early warning on every live loan, publish. The full rebuild of the same online vector (`OfflineStore.materialize`, the monthly path)
-runs in the same process right after, and the two vectors are compared feature by feature.
+For each platform (the 3,300-merchant sample; `bench_data/orders_10m` when it exists, under
+`$SCFRISK_BENCH_DATA` if set): cut at its last day D (`testkit.daily.split_day`: base = what was known before
+D, the day's pull = D's rows and the older rows whose state changed during D), ingest the base into a new
+workspace, register a champion (the service tests' small model, `testkit.service`), build the daily partials
+once as of D (the one full build), then time the refresh of day D: pull (validate + raw store), incremental
+features as of D + 1, re-score and limits, the early warning on every live loan, publish. The full rebuild of
+the same online vector (`OfflineStore.materialize`, the monthly path) runs in the same process right after,
+and the two vectors are compared feature by feature.
 Goals: the day end to end < 30 s on the sample, < 120 s on 10M orders.
 """
 
@@ -26,8 +27,10 @@ from benchmarks.bench_simulate import BENCH_DATA
 from benchmarks.common import self_peak_mb, write_section
 
 REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("SCFRISK_BENCH_DATA", BENCH_DATA))
+"""The simulator's batches (`bench_simulate`): `$SCFRISK_BENCH_DATA`, default `bench_data/` in the repository."""
 PLATFORMS = {"data_samples/platform": (REPO / "data_samples" / "platform", 30.0),
-             "bench_data/orders_10m": (BENCH_DATA / "orders_10m", 120.0)}
+             "bench_data/orders_10m": (DATA / "orders_10m", 120.0)}
 
 
 def _last_day(source: Path) -> pd.Timestamp:
@@ -62,7 +65,7 @@ def measure(name: str, source: Path) -> dict:
     from testkit.service import register_champion
 
     day = _last_day(source)
-    with tempfile.TemporaryDirectory(dir=BENCH_DATA if BENCH_DATA.is_dir() else None) as tmp:
+    with tempfile.TemporaryDirectory(dir=DATA if DATA.is_dir() else None) as tmp:
         work = Path(tmp)
         counts = split_day(source, day, work / "base", work / "day")
         settings = Settings(home=work / "home")
