@@ -241,7 +241,7 @@ def run_monitor(settings: Settings, as_of: datetime | None = None) -> MonitorRes
     policy = load_policy(settings.policy_file)
     bundle = live_bundle(settings)
     check_same_terms(policy, bundle)
-    store = RawStore(settings.path("raw_store"))
+    store = RawStore.from_settings(settings)
     day = watch(settings, store, bundle.model, policy, as_of or default_as_of(store))
     return day.published(settings, publish(bundle_parts(bundle, Path(settings.policy_file), day.alerts, day.as_of),
                                            settings))

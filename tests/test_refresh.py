@@ -217,3 +217,28 @@ def test_schedule_refresh_is_a_daily_deployment_with_this_workspace(tmp_path):
     assert deployment.parameters["source"] == str(SAMPLE.resolve())
     with pytest.raises(ScfriskError, match="not a valid cron expression"):
         daily_deployment(settings, SAMPLE, cron="every day")
+
+
+@pytest.mark.slow
+def test_a_refresh_from_the_database_pulls_only_what_changed_since_the_last_pull(database, tmp_path):
+    import pyarrow.compute as pc
+
+    from core.postgres import load
+    from pipelines.refresh import refresh
+    from testkit.service import register_champion
+    from tests.sample_slice import changed_at, sample_slice
+
+    last = pd.Timestamp("2025-12-31").to_pydatetime()
+    platform = sample_slice(20)
+    base = {n: t.filter(pc.less(changed_at(t, n), last)) for n, t in platform.items()}
+    day = {n: t.filter(pc.greater_equal(changed_at(t, n), last)) for n, t in platform.items()}
+    load(database, {n: t.to_batches() for n, t in base.items()})
+    settings = Settings(home=tmp_path / "home")
+    register_champion(settings)
+    first = refresh(settings, database)
+    assert first.pulled["orders"] == base["orders"].num_rows
+    load(database, {n: t.to_batches() for n, t in day.items()})
+    second = refresh(settings, database)
+    assert second.as_of == pd.Timestamp(last) + pd.Timedelta(days=1)
+    # The day's rows and the last hour re-read before the watermark (`watermark_overlap_seconds`), not the history.
+    assert day["orders"].num_rows <= second.pulled["orders"] < day["orders"].num_rows + 100
