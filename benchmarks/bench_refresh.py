@@ -93,7 +93,8 @@ def measure(name: str, source: Path) -> dict:
             "seconds": summary.seconds, "cpu": summary.cpu_seconds, "day_s": day_s, "day_cpu": day_cpu,
             "phases": summary.feature_cpu_seconds, "full_s": full_s,
             "full_cpu": full_cpu, "gap": _max_gap(incremental, full), "load": load,
-            "load_after": os.getloadavg()[0], "features": summary.features, "monitor": summary.monitor,
+            "load_after": os.getloadavg()[0], "features": summary.features,
+            "monitor": summary.monitor.splitlines()[0],
         }
 
 
