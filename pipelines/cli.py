@@ -77,6 +77,18 @@ _BATCH_FOLDER = {"exists": True, "file_okay": False, "dir_okay": True}
 """A batch folder option: a path that is not a folder is refused before anything is imported."""
 
 
+def _source_option(source: str) -> str:
+    """A `--source` as the flow gets it: a batch folder (refused here when it does not exist, before pyarrow is
+    even imported) or a database URL, its password moved to the environment (`core.postgres`)."""
+    if "://" not in source:
+        if not Path(source).is_dir():
+            raise typer.BadParameter(f"batch folder {source} does not exist", param_hint="'--source'")
+        return source
+    from core.postgres import is_postgres_url, password_to_environment
+
+    return password_to_environment(source) if is_postgres_url(source) else source
+
+
 @app.callback()
 def main(
     ctx: typer.Context,
@@ -166,12 +178,7 @@ def ingest(
     source = source or _settings(ctx).ingest.source
     if not source:
         raise ScfriskError("no source to ingest: give --source, or set [ingest].source in scfrisk.toml")
-    if "://" not in source and not Path(source).is_dir():  # refused before pyarrow is even imported
-        raise typer.BadParameter(f"batch folder {source} does not exist", param_hint="'--source'")
-    if "://" in source:
-        from core.postgres import is_postgres_url, password_to_environment
-
-        source = password_to_environment(source) if is_postgres_url(source) else source
+    source = _source_option(source)
     from core.batch import missing_tables
     from core.sources import open_source
 
@@ -420,18 +427,21 @@ def report(
 @app.command("run")
 def run_pipeline(
     ctx: typer.Context,
-    source: Annotated[Path, typer.Option(help="Batch folder of platform tables to ingest first.", **_BATCH_FOLDER)],
+    source: Annotated[str, typer.Option(
+        help="Batch folder of platform tables to ingest first, or the platform's database "
+             "(postgresql://user@host:5432/db; password in PGPASSWORD or ~/.pgpass).")],
     oracle: Annotated[
         Path | None, typer.Option(help="Simulator output folder: also measure the gap to its true PD.",
                                   **_BATCH_FOLDER)
     ] = None,
 ) -> None:
     """The whole pipeline as one Prefect flow: ingest -> features -> train -> explain -> limits -> publish."""
+    source = _source_option(source)
     settings = _orchestrated(ctx, "run", source)
     from pipelines.compute import on_engine
     from pipelines.run import run_flow
 
-    summary = on_engine(run_flow, settings)(settings=settings, source=str(source),
+    summary = on_engine(run_flow, settings)(settings=settings, source=source,
                                             oracle=str(oracle) if oracle else None)
     typer.echo(summary.describe())
 
@@ -446,8 +456,7 @@ def refresh(
 ) -> None:
     """The daily refresh as one Prefect flow: pull -> raw store -> online features rolled forward (no full
     rebuild) -> re-score with the champion -> publish a bundle the running service switches to."""
-    if "://" not in source and not Path(source).is_dir():  # refused before pyarrow is even imported
-        raise typer.BadParameter(f"batch folder {source} does not exist", param_hint="'--source'")
+    source = _source_option(source)
     settings = _orchestrated(ctx, "refresh", source)
     from pipelines.refresh import refresh_flow
 

@@ -135,7 +135,7 @@ def run_flow(settings: Settings, source: str, oracle: str | None = None) -> RunS
     from pipelines.train import train_flow
 
     # The CLI checks this before it starts; a scheduled run (`monthly_deployment`) is checked here.
-    batch = open_source(source)
+    batch = open_source(source, settings)
     require_tables("run", RawStore.from_settings(settings), batch.tables(), batch.description)
     ingested = on_engine(ingest_flow, settings)(source=source, settings=settings)
     snapshot_id = RawStore.from_settings(settings).snapshot_id or ""
