@@ -28,6 +28,8 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
+from core.errors import ScfriskError
+
 if TYPE_CHECKING:
     from distributed import Client
 
@@ -73,10 +75,11 @@ def fit_on_cluster(client: Client, params: dict[str, Any], X: pd.DataFrame, y: n
                    valid: tuple[pd.DataFrame, np.ndarray] | None = None, patience: int = 0) -> lgb.Booster:
     """`lgb.train(params, (X, y), rounds)`, early-stopped on `valid` after `patience` rounds if given, with
     the rows spread over the workers of `client`; the booster comes back to this process."""
-    workers = sorted(client.scheduler_info()["workers"])
-    ranges = slices(len(X), len(workers))
-    workers = workers[: len(ranges)]
-    ports = client.run(_free_port, workers=workers)
+    ports = client.run(_free_port)  # every worker's address (not `scheduler_info()`: a stale cache under load)
+    if not ports:
+        raise ScfriskError(f"the Dask cluster at {client.scheduler.address} has no workers to fit the model on")
+    ranges = slices(len(X), len(ports))
+    workers = sorted(ports)[: len(ranges)]
     machines = ",".join(f"{urlparse(w).hostname}:{ports[w]}" for w in workers)
     cores = client.ncores(workers)
     bins = binning_rows(X, params["seed"])

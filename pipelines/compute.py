@@ -78,7 +78,7 @@ def dask_client() -> Client | None:
     link = client.dashboard_link
     if link and link not in _announced:
         _announced.add(link)
-        log.info("Dask dashboard: %s (%d workers)", link, len(client.scheduler_info().get("workers", {})))
+        log.info("Dask dashboard: %s (%d workers)", link, worker_count(client))
     return client
 
 
@@ -112,7 +112,7 @@ def run_partitions(fn: Callable[[T], R], items: Iterable[T], label: str) -> list
         while pending:
             done, pending = wait(list(pending), timeout=WATCH_SECONDS)
             progress.advance(bar, len(done))
-            if pending and not client.scheduler_info().get("workers"):
+            if pending and not worker_count(client):
                 workerless_since = workerless_since or time.monotonic()
                 if _started_here() or time.monotonic() - workerless_since > LOST_WORKERS_SECONDS:
                     raise EngineError(
@@ -135,6 +135,14 @@ back) before it fails. A LocalCluster the flow started never gets them back: it 
 
 class EngineError(ScfriskError):
     """The cluster cannot run the flow's work: the flow fails with the reason instead of waiting forever."""
+
+
+def worker_count(client: Client) -> int:
+    """Workers the scheduler has. Its cluster-wide count, not the length of the per-worker listing: the
+    client's periodic refresh caches the identity without that listing, and when a fresh query times out
+    (a scheduler busy on a loaded machine) `scheduler_info()` returns the cache, which read as "no workers"
+    and failed a healthy run."""
+    return int(client.scheduler_info(n_workers=0).get("n_workers", 0))
 
 
 def _started_here() -> bool:

@@ -47,7 +47,7 @@ from models.registry import (
 )
 from models.splits import split_summary, stratified_split, time_split
 from models.training import TrainingResult, binary_target, infer_features, train_pd_model
-from pipelines.compute import dask_client
+from pipelines.compute import dask_client, worker_count
 from pipelines.report import write_risk_report
 from reporting.model_card import render_model_card
 from reporting.plots import calibration_plot, ks_plot, roc_plot, score_distribution_plot
@@ -158,7 +158,7 @@ def training_engine(settings: Settings, rows: int, client: Client | None) -> tup
         return "local", f"engine '{settings.compute.engine}': {rows:,} rows trained in this process"
     if rows <= limit:
         return "local", f"{rows:,} rows <= [compute] train_in_memory_rows {limit:,}: gathered, trained in this process"
-    workers = len(client.scheduler_info()["workers"])
+    workers = worker_count(client)
     return "dask", (f"{rows:,} rows > [compute] train_in_memory_rows {limit:,}: LightGBM data-parallel on "
                     f"{workers} Dask workers")
 
