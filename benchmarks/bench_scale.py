@@ -567,10 +567,10 @@ def projection(results: dict[tuple[str, str, int], RunResult]) -> str:
         rows_target = rows_measured * TARGET_MERCHANTS / biggest.merchants
         notes.append(f"Training: {rows_measured:,} training rows at {biggest.dataset} (fitted on `{engine}`); "
                      f"~{rows_target / 1e6:,.1f}M at {TARGET_MERCHANTS:,} merchants (same loans per merchant), above "
-                     "`train_in_memory_rows` (2M), so `lightgbm.dask` on the workers: at the settings' estimate of "
+                     "`train_in_memory_rows` (2M), so data-parallel on the workers: at the settings' estimate of "
                      f"~1.3 GB per 2M rows, ~{rows_target / 2e6 * 1.3:,.0f} GB spread over the workers (e.g. "
-                     f"{rows_target / 2e6 * 1.3 / 64:,.1f} GB each on 64), on top of their partition peak. Its CPU "
-                     "above is the local fit's, scaled: lightgbm.dask's own cost was not measured here.")
+                     f"{rows_target / 2e6 * 1.3 / 64:,.1f} GB each on 64), on top of their partition peak, plus the "
+                     "binning rows (at most 200,000) and the validation cohort, which every worker holds.")
     return "\n".join(rows) + "\n\n" + "\n\n".join(f"* {n}" for n in notes)
 
 
