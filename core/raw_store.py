@@ -45,8 +45,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from urllib.parse import unquote
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import fsspec
@@ -60,9 +59,14 @@ from deltalake import Schema as DeltaSchema
 from deltalake.transaction import AddAction, CommitProperties, RemoveAction, create_table_with_add_actions
 from deltalake.transaction import Transaction as AppTransaction
 
+from core import storage
 from core.errors import ScfriskError
 from core.partitioning import BUCKET, MONTH, parse_partition_key, partition_key, split_by_partition
 from core.schemas import TABLES
+from core.storage import is_local, local_path
+
+if TYPE_CHECKING:
+    from core.settings import Settings
 
 DEFAULT_BUCKETS = 8
 """Merchant buckets of a new store when the writer does not say (`[compute] merchant_buckets`)."""
@@ -103,18 +107,25 @@ class RawStore:
         snapshot: Mapping[str, Any] | None = None,
         buckets: int | None = None,
     ) -> None:
-        """`root`: a folder or a URL; `storage_options` go to both fsspec and delta-rs (credentials are
-        usually better left to the `AWS_*` environment); `snapshot` pins reads to a past manifest;
-        `buckets`: the merchant buckets a writer would create the store with (an existing store keeps its own)."""
+        """`root`: a folder or a URL; `storage_options`: delta-rs's (the `AWS_*` names; fsspec gets them as it
+        names them, `core.storage`), credentials usually better left to the environment; `snapshot` pins
+        reads to a past manifest; `buckets`: the merchant buckets a writer would create the store with (an
+        existing store keeps its own)."""
         text = str(root)
-        local = "://" not in text or text.startswith("file://")
-        self.root: Path | str = Path(unquote(text.removeprefix("file://"))) if local else text
+        local = is_local(text)
+        self.root: Path | str = local_path(text) if local else text
         self.url = str(Path(self.root).absolute()) if local else text
         """Where fsspec and delta-rs find the store: an absolute path on a local disk, else the URL."""
         self.storage_options = dict(storage_options or {})
-        self.fs, self._path = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        self.fs, self._path = storage.filesystem(self.url, self.storage_options)
         self._pinned = dict(snapshot) if snapshot is not None else None
         self._configured_buckets = buckets
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RawStore:
+        """The workspace's raw store (`[paths] raw_store`, a folder or a URL, with `[storage]`'s options)."""
+        return cls(settings.store_url("raw_store"), settings.storage_options("raw_store"),
+                   buckets=settings.compute.merchant_buckets)
 
     def _file(self, *parts: str) -> str:
         return "/".join([self._path.rstrip("/"), *parts])
@@ -189,10 +200,8 @@ class RawStore:
         no data. `buckets`: only those buckets' files."""
         if not self.has_table(name):
             return pads.dataset(pa.schema([*TABLES[name].arrow_schema, *PARTITION_FIELDS]).empty_table())
-        filesystem, path = pa_fs.FileSystem.from_uri(self.table_url(name))
-        return self._delta(name).to_pyarrow_dataset(
-            partitions=_bucket_filter(buckets), filesystem=pa_fs.SubTreeFileSystem(path, filesystem)
-        )
+        filesystem = pa_fs.SubTreeFileSystem(self._file(name), storage.arrow_filesystem(self.fs))
+        return self._delta(name).to_pyarrow_dataset(partitions=_bucket_filter(buckets), filesystem=filesystem)
 
     def register(self, con: duckdb.DuckDBPyConnection, name: str, buckets: Sequence[int] | None = None) -> str:
         """Make the table at the snapshot's version readable in `con` as a view of the same name (its

@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -29,6 +30,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from core.errors import ScfriskError, describe_invalid
 from core.files import read_toml
+from core.storage import S3_SCHEMES, check_location, is_local, local_path, scheme
 
 CONFIG_ENV = "SCFRISK_CONFIG"
 DEFAULT_CONFIG_FILE = "scfrisk.toml"
@@ -42,15 +44,107 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class PathsConfig(_Section):
-    """Where each layer keeps its files, relative to the workspace unless absolute."""
+STORES = ("raw_store", "feature_store")
+"""The `[paths]` entries that may be object storage (`core.storage`): the data every worker reads."""
 
-    raw_store: Path = Path("raw")
-    feature_store: Path = Path("features")
+LOCAL_ONLY = {
+    "home": "MLflow's SQLite file, Prefect's database and the limits tables are files on this machine",
+    "policy_file": "the credit policy is read from this machine",
+    "bundle_key_file": "the signing key is read from this machine",
+    "reports": "reports are written with their files beside them and logged to MLflow from this machine",
+    "published": "the service reads its bundles and their live pointer from a local folder (copy them to "
+                 "the service's hosts)",
+    "validation": "Great Expectations writes the validation page into a local folder",
+    "mlflow_artifacts": "for artifacts on object storage run an MLflow server with --artifacts-destination "
+                        "(docs/scaling.md) and set [mlflow].tracking_uri",
+    "audit_log": "the service appends to its decision log with fsync on a local disk",
+}
+"""What stays a local path, and why: named in the error a URL there gets."""
+
+
+def _local(key: str, value: Any) -> Any:
+    """A local path; a URL is refused naming the entries that take one."""
+    if isinstance(value, str) and "://" in value:
+        raise ValueError(f"must be a local path, not a URL: {LOCAL_ONLY[key]}; only [paths] "
+                         f"{' and '.join(STORES)} may be object storage")
+    return value
+
+
+class PathsConfig(_Section):
+    """Where each layer keeps its files, relative to the workspace unless absolute. The raw and feature
+    stores may also be URLs (`s3://lake/raw`, `file:///srv/raw`, `gs://...`): see docs/storage.md."""
+
+    raw_store: str = "raw"
+    feature_store: str = "features"
     reports: Path = Path("reports")
     published: Path = Path("published")
     validation: Path = Path("validation")
     mlflow_artifacts: Path = Path("mlartifacts")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_password(cls, data: Any) -> Any:
+        """Refused before the fields are parsed, so the message cannot quote the secret back."""
+        for key in STORES:
+            value = data.get(key) if isinstance(data, dict) else None
+            if isinstance(value, str) and "://" in value and urlsplit(value).password:
+                raise ValueError(f"{key}: credentials do not belong in a store's URL: set them in the environment "
+                                 "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, ...)")
+        return data
+
+    @field_validator(*STORES, mode="before")
+    @classmethod
+    def _store(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, os.PathLike) else value
+
+    @field_validator(*STORES)
+    @classmethod
+    def _reachable(cls, value: str) -> str:
+        return check_location(value)
+
+    @field_validator("reports", "published", "validation", "mlflow_artifacts", mode="before")
+    @classmethod
+    def _local_path(cls, value: Any, info: ValidationInfo) -> Any:
+        return _local(info.field_name, value)
+
+
+class StorageConfig(_Section):
+    """Where an `s3://` store's service is: what is not a secret. Credentials come from the environment
+    (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, an IAM role, a web identity), as boto and
+    delta-rs read them, never from this file. Empty values leave the `AWS_*` variables in charge."""
+
+    endpoint_url: str = ""
+    """An S3-compatible service (MinIO, Ceph, R2: `https://minio.internal:9000`); empty: AWS S3."""
+    region: str = ""
+    allow_http: bool = False
+    """Allow a plain-http `endpoint_url` (a test server on loopback); delta-rs refuses http without it."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_secret(cls, data: Any) -> Any:
+        """Refused before parsing, so the message cannot quote the secret back."""
+        for key in data if isinstance(data, dict) else ():
+            if any(word in str(key).lower() for word in ("secret", "password", "token", "key")):
+                raise ValueError(f"{key}: credentials do not belong in the configuration: set AWS_ACCESS_KEY_ID "
+                                 "and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or an IAM role) in the environment")
+        endpoint = data.get("endpoint_url") if isinstance(data, dict) else None
+        if isinstance(endpoint, str) and urlsplit(endpoint).password:
+            raise ValueError("endpoint_url: credentials do not belong in the configuration: set them in the "
+                             "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
+        return data
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if value and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError(f"'{value}' is not an http(s) endpoint such as https://minio.internal:9000")
+        return value
+
+    def options(self) -> dict[str, str]:
+        """delta-rs's storage options of an S3 store (`core.storage` gives fsspec its own names of them)."""
+        options = {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_REGION": self.region,
+                   "AWS_ALLOW_HTTP": "true" if self.allow_http else ""}
+        return {key: value for key, value in options.items() if value}
 
 
 class MlflowConfig(_Section):
@@ -174,6 +268,11 @@ class ServiceConfig(_Section):
     audit_log: Path = Path("audit/decisions.jsonl")
     reload_interval_seconds: float = Field(2.0, gt=0.0)
 
+    @field_validator("audit_log", mode="before")
+    @classmethod
+    def _local_log(cls, value: Any) -> Any:
+        return _local("audit_log", value)
+
 
 class Settings(BaseSettings):
     """The validated configuration of one workspace."""
@@ -193,6 +292,7 @@ class Settings(BaseSettings):
     """Absolute path, outside the workspace, of the key that signs bundle manifests (`serving.signing`);
     `SCFRISK_BUNDLE_KEY` takes precedence. Neither set: bundles are not signed."""
     paths: PathsConfig = PathsConfig()
+    storage: StorageConfig = StorageConfig()
     mlflow: MlflowConfig = MlflowConfig()
     model: ModelConfig = ModelConfig()
     features: FeaturesConfig = FeaturesConfig()
@@ -213,10 +313,30 @@ class Settings(BaseSettings):
         # The TOML file arrives as init kwargs; the environment must win over it.
         return env_settings, init_settings
 
+    @field_validator("home", "policy_file", "bundle_key_file", mode="before")
+    @classmethod
+    def _local_file(cls, value: Any, info: ValidationInfo) -> Any:
+        return _local(info.field_name, value)
+
     def path(self, key: str) -> Path:
-        """Absolute path of a `[paths]` entry, resolved against the workspace."""
+        """Absolute local path of a `[paths]` entry, resolved against the workspace. A store on object
+        storage has none: open it with `store_url` (`RawStore.from_settings`, `OfflineStore.from_settings`)."""
         value = getattr(self.paths, key)
+        if not is_local(value):
+            raise ConfigError(f"[paths] {key} is {value}, not a local folder; this step needs one")
+        value = local_path(value)
         return value if value.is_absolute() else self.home_dir / value
+
+    def store_url(self, key: str) -> str:
+        """Where a store of `STORES` is: its URL on object storage, else its absolute local path."""
+        if key not in STORES:
+            raise ValueError(f"{key} is not one of the stores {STORES}")
+        value = getattr(self.paths, key)
+        return value if not is_local(value) else str(self.path(key))
+
+    def storage_options(self, key: str) -> dict[str, str]:
+        """delta-rs's options for a store of `STORES`: the `[storage]` table's for an S3 store, else none."""
+        return self.storage.options() if scheme(self.store_url(key)) in S3_SCHEMES else {}
 
     @property
     def audit_log(self) -> Path:
@@ -240,8 +360,9 @@ def _anchored(data: dict[str, Any], folder: Path) -> dict[str, Any]:
     command runs: `scfrisk -c /srv/ws/scfrisk.toml` works from any directory."""
     anchored = dict(data)
     for key in ("home", "policy_file"):
-        if isinstance(data.get(key), str) and not Path(data[key]).expanduser().is_absolute():
-            anchored[key] = str(folder / data[key])
+        value = data.get(key)
+        if isinstance(value, str) and "://" not in value and not Path(value).expanduser().is_absolute():
+            anchored[key] = str(folder / value)
     return anchored
 
 

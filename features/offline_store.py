@@ -1,6 +1,6 @@
 """Offline store: materialised feature snapshots as Parquet, reused while the data and definitions hold.
 
-Layout under `settings.path("feature_store")`:
+Layout under `[paths] feature_store` (a folder, or a URL on object storage: `OfflineStore.from_settings`):
     version=<feature_set_version>/as_of=<YYYY-MM-DDTHHMMSS>.parquet   one row per merchant onboarded before as_of
     version=<feature_set_version>/training_set.parquet               application outcomes + features
 Each file carries `feature_set_version`, `as_of` and the raw `snapshot_id` in its Parquet metadata; a file is
@@ -19,22 +19,26 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from functools import partial
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import duckdb
+import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pa_fs
 import pyarrow.parquet as pq
 
+from core import storage
 from core.errors import ScfriskError
 from core.raw_store import RawStore
 from core.settings import Settings
+from core.storage import is_local, local_path
 from features.definitions import feature_names, feature_set_version
 from features.labels import application_outcomes, last_observation
 from features.training_set import KEYS, get_training_set, table_readers
@@ -60,22 +64,26 @@ WRITE_ROWS = 262_144
 """Rows of the whole file the merge holds (and writes as one row group) at a time: the flow's memory bound."""
 
 
-def stored_part(fn: Callable[[int], pd.DataFrame], order: list[str], directory: Path, bucket: int) -> Path:
-    """`fn(bucket)` in the whole's order, written to its own file by the process that computed it (a Dask
-    worker: only the path goes back to the flow)."""
-    path = directory / f"bucket={bucket:05d}.parquet"
+def stored_part(fn: Callable[[int], pd.DataFrame], order: list[str], directory: str,
+                filesystem: pa_fs.FileSystem, bucket: int) -> str:
+    """`fn(bucket)` in the whole's order, written to its own file (in `directory` of the store's file system)
+    by the process that computed it (a Dask worker: only the path goes back to the flow)."""
+    path = f"{directory}/bucket={bucket:05d}.parquet"
     frame = fn(bucket).sort_values(order, kind="stable", ignore_index=True)
-    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path, row_group_size=PART_ROWS)
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path, row_group_size=PART_ROWS,
+                   filesystem=filesystem)
     return path
 
 
-def write_in_order(parts: list[Path], order: list[str], path: Path, metadata: dict[str, str]) -> Path:
+def write_in_order(parts: list[str], order: list[str], path: str, metadata: dict[str, str],
+                   filesystem: pa_fs.FileSystem | None = None) -> str:
     """The buckets' part files (each in `order`, keys unique across them) as one Parquet file in the order of
-    the whole, atomically; memory: the key columns of every row, and `WRITE_ROWS` rows of the others.
+    the whole, whole or not at all (a temporary file renamed on a local disk; on object storage one object,
+    which appears when its upload ends); memory: the key columns of every row, and `WRITE_ROWS` rows.
 
     The same rows and types as sorting the concatenated parts (a type that differs between parts, such as
     integers in one bucket and floats where another has a missing value, is promoted as pandas would)."""
-    files = [pq.ParquetFile(part) for part in parts]
+    files = [pq.ParquetFile(part, filesystem=filesystem) for part in parts]
     files = [f for f in files if f.metadata.num_rows] or files[:1]  # an empty bucket's types are guesses
     schema = pa.unify_schemas([f.schema_arrow for f in files], promote_options="permissive")
     keys = pa.concat_tables([f.read(columns=order).cast(pa.schema([schema.field(c) for c in order]))
@@ -87,9 +95,9 @@ def write_in_order(parts: list[Path], order: list[str], path: Path, metadata: di
     largest = max(files, key=lambda f: f.metadata.num_rows)  # its pandas metadata, not an empty bucket's
     schema = schema.with_metadata({**(largest.schema_arrow.metadata or {}),
                                    **{k.encode(): v.encode() for k, v in metadata.items()}})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with pq.ParquetWriter(tmp, schema) as writer:
+    local = filesystem is None or isinstance(filesystem, pa_fs.LocalFileSystem)
+    tmp = f"{path}.tmp" if local else path
+    with pq.ParquetWriter(tmp, schema, filesystem=filesystem) as writer:
         for start in range(0, len(source), WRITE_ROWS):
             chunk = source[start:start + WRITE_ROWS]
             rows = pa.concat_tables([reader.take(n) for reader, n in
@@ -99,7 +107,8 @@ def write_in_order(parts: list[Path], order: list[str], path: Path, metadata: di
             picks = np.empty_like(grouped)
             picks[grouped] = np.arange(len(chunk))
             writer.write_table(rows.take(picks).replace_schema_metadata(schema.metadata), row_group_size=WRITE_ROWS)
-    tmp.replace(path)
+    if local:
+        Path(tmp).replace(path)
     return path
 
 
@@ -143,85 +152,149 @@ def training_part(raw_store: RawStore, horizon_months: int, observed_until: date
     return get_training_set(outcomes, raw_store, buckets=[bucket])
 
 
-def read_metadata(path: Path) -> dict[str, str]:
-    meta = pq.read_schema(path).metadata or {}
+def read_metadata(path: Path | str, filesystem: pa_fs.FileSystem | None = None) -> dict[str, str]:
+    meta = pq.read_schema(path, filesystem=filesystem).metadata or {}
     return {k.decode(): v.decode() for k, v in meta.items() if k.decode() in META_KEYS}
 
 
-def write_with_metadata(frame: pd.DataFrame, path: Path, metadata: dict[str, str]) -> Path:
-    """Write atomically (temp file + rename) so a reader never sees half a snapshot."""
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
-    return path
-
-
 class OfflineStore:
-    """Feature snapshots of one raw store, keyed by as_of, for the current feature-set version."""
+    """Feature snapshots of one raw store, keyed by as_of, for the current feature-set version.
 
-    def __init__(self, root: Path | str, raw_store: RawStore, map_parts: PartitionMap = in_turn) -> None:
-        self.root = Path(root)
+    The store is a folder or a URL (`core.storage`): files are read and written through pyarrow on the
+    store's file system (Arrow's own on a local disk, fsspec's on object storage), so no DuckDB extension
+    is needed. Locations are `Path`s in a local store and URLs on object storage."""
+
+    def __init__(self, root: Path | str, raw_store: RawStore, map_parts: PartitionMap = in_turn,
+                 storage_options: Mapping[str, str] | None = None) -> None:
+        """`storage_options`: delta-rs's names, as for `RawStore`."""
+        text = str(root)
+        self.root: Path | str = local_path(text) if is_local(text) else text
+        self.fs, _ = storage.filesystem(str(self.root), storage_options)
+        self.arrow_fs = storage.arrow_filesystem(self.fs)
         self.raw_store = raw_store
         self.version = feature_set_version()
         self.map_parts = map_parts
 
+    @classmethod
+    def from_settings(cls, settings: Settings, raw_store: RawStore | None = None,
+                      map_parts: PartitionMap = in_turn) -> OfflineStore:
+        """The workspace's feature store (`[paths] feature_store`) over its raw store (by default the
+        workspace's own)."""
+        return cls(settings.store_url("feature_store"), raw_store or RawStore.from_settings(settings), map_parts,
+                   settings.storage_options("feature_store"))
+
+    def location(self, *parts: str) -> Path | str:
+        """A file or folder of the store: a path in a local store, a URL on object storage."""
+        if isinstance(self.root, Path):
+            return self.root.joinpath(*parts)
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def _path(self, location: Path | str) -> str:
+        """The location as the store's file systems name it."""
+        return fsspec.core.strip_protocol(str(location))
+
     @property
-    def version_dir(self) -> Path:
-        return self.root / f"version={self.version}"
+    def version_dir(self) -> Path | str:
+        return self.location(f"version={self.version}")
 
-    def snapshot_path(self, as_of: pd.Timestamp) -> Path:
-        return self.version_dir / f"as_of={pd.Timestamp(as_of):%Y-%m-%dT%H%M%S}.parquet"
+    def snapshot_path(self, as_of: pd.Timestamp) -> Path | str:
+        return self.location(f"version={self.version}", f"as_of={pd.Timestamp(as_of):%Y-%m-%dT%H%M%S}.parquet")
 
-    def _is_current(self, path: Path) -> bool:
+    def snapshot_files(self, version: str) -> list[Path | str]:
+        """The monthly snapshots kept for a feature-set version, oldest first."""
+        folder = self._path(self.location(f"version={version}"))
+        names = sorted(PurePosixPath(p).name for p in self.fs.glob(f"{folder}/as_of=*.parquet"))
+        return [self.location(f"version={version}", name) for name in names]
+
+    def read_file(self, location: Path | str, columns: list[str] | None = None) -> pd.DataFrame:
+        return pd.read_parquet(self._path(location), columns=columns, filesystem=self.arrow_fs)
+
+    def write(self, frame: pd.DataFrame, location: Path | str, metadata: dict[str, str]) -> Path | str:
+        """Write the frame with its metadata so that a reader never sees half a file: a temporary file
+        renamed on a local disk; on object storage one object, which appears whole when its upload ends."""
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+        path = self._path(location)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        if not isinstance(self.root, Path):
+            pq.write_table(table, path, filesystem=self.arrow_fs)
+            return location
+        pq.write_table(table, path + ".tmp", filesystem=self.arrow_fs)
+        Path(path + ".tmp").replace(path)
+        return location
+
+    def copy(self, source: Path | str, target: Path | str) -> Path | str:
+        """Replace `target` by a copy of `source`, whole or not at all (a rename, or one object copy)."""
+        src, dst = self._path(source), self._path(target)
+        self.fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
+        if not isinstance(self.root, Path):
+            self.fs.copy(src, dst)
+            return target
+        shutil.copyfile(src, dst + ".tmp")
+        Path(dst + ".tmp").replace(dst)
+        return target
+
+    def local_copy(self, location: Path | str, folder: Path) -> Path:
+        """A file of the store on this machine's disk: itself in a local store, else downloaded into `folder`."""
+        if isinstance(location, Path):
+            return location
+        target = folder / PurePosixPath(self._path(location)).name
+        self.fs.get_file(self._path(location), str(target))
+        return target
+
+    def _is_current(self, location: Path | str) -> bool:
         snapshot = self.raw_store.snapshot_id
         return (
             snapshot is not None
-            and path.is_file()
-            and read_metadata(path).get("raw_snapshot_id") == snapshot
+            and self.fs.isfile(self._path(location))
+            and read_metadata(self._path(location), self.arrow_fs).get("raw_snapshot_id") == snapshot
         )
 
     def metadata(self, as_of: str) -> dict[str, str]:
         return {"feature_set_version": self.version, "as_of": as_of,
                 "raw_snapshot_id": str(self.raw_store.snapshot_id)}
 
-    def _by_bucket(self, path: Path, order: list[str], as_of: str, label: str, fn: Callable[..., pd.DataFrame],
-                   *args: Any) -> Path:
-        """The file at `path` from `fn(raw_store, *args, bucket)` of every bucket, on the store pinned to its
-        snapshot (what a worker reads while the next batch may be committing): each bucket's rows written to a
-        part file where they are computed, then merged in `order` (`write_in_order`)."""
-        parts_dir = path.parent / f".{path.stem}.parts"
-        shutil.rmtree(parts_dir, ignore_errors=True)
-        parts_dir.mkdir(parents=True)
+    def _by_bucket(self, location: Path | str, order: list[str], as_of: str, label: str,
+                   fn: Callable[..., pd.DataFrame], *args: Any) -> Path | str:
+        """The file at `location` from `fn(raw_store, *args, bucket)` of every bucket, on the store pinned to
+        its snapshot (what a worker reads while the next batch may be committing): each bucket's rows written to
+        a part file where they are computed, then merged in `order` (`write_in_order`)."""
+        path = self._path(location)
+        folder, name = path.rsplit("/", 1)
+        parts_dir = f"{folder}/.{name.removesuffix('.parquet')}.parts"
+        if self.fs.exists(parts_dir):  # left by a run that stopped
+            self.fs.rm(parts_dir, recursive=True)
+        self.fs.makedirs(parts_dir, exist_ok=True)
         try:
             compute = partial(fn, self.raw_store.pinned(), *args)
-            parts = self.map_parts(partial(stored_part, compute, order, parts_dir),
+            parts = self.map_parts(partial(stored_part, compute, order, parts_dir, self.arrow_fs),
                                    list(range(self.raw_store.buckets)), label)
-            return write_in_order(parts, order, path, self.metadata(as_of))
+            write_in_order(parts, order, path, self.metadata(as_of), self.arrow_fs)
+            return location
         finally:
-            shutil.rmtree(parts_dir, ignore_errors=True)
+            if self.fs.exists(parts_dir):
+                self.fs.rm(parts_dir, recursive=True)
 
-    def materialize(self, as_of: pd.Timestamp | str) -> Path:
+    def materialize(self, as_of: pd.Timestamp | str) -> Path | str:
         """The snapshot for as_of, computed only if missing or stale."""
         as_of = pd.Timestamp(as_of)
         path = self.snapshot_path(as_of)
         if self._is_current(path):
-            log.info("reusing feature snapshot %s", path.name)
+            log.info("reusing feature snapshot %s", path)
             return path
         self._by_bucket(path, KEYS, as_of.isoformat(), f"features as of {as_of:%Y-%m-%d}", snapshot_part, as_of)
-        log.info("materialised %d merchants as of %s", pq.ParquetFile(path).metadata.num_rows, as_of)
+        rows = pq.ParquetFile(self._path(path), filesystem=self.arrow_fs).metadata.num_rows
+        log.info("materialised %d merchants as of %s", rows, as_of)
         return path
 
     def read(self, as_of: pd.Timestamp | str) -> pd.DataFrame:
-        return pd.read_parquet(self.materialize(as_of))
+        return self.read_file(self.materialize(as_of))
 
-    def training_set(self, horizon_months: int) -> Path:
+    def training_set(self, horizon_months: int) -> Path | str:
         """Every loan's outcome with its features as of the application, computed only when stale."""
-        path = self.version_dir / f"training_set_h{int(horizon_months)}.parquet"
+        path = self.location(f"version={self.version}", f"training_set_h{int(horizon_months)}.parquet")
         if self._is_current(path):
-            log.info("reusing training set %s", path.name)
+            log.info("reusing training set %s", path)
             return path
         return self._by_bucket(path, TRAINING_ORDER, "applied_at", "training set", training_part, int(horizon_months),
                                last_observation(self.raw_store))
@@ -246,9 +319,9 @@ ENTITY_COLUMNS = ["application_id", "loan_id", "merchant_id", "as_of", "product"
 def training_frame(settings: Settings) -> pd.DataFrame:
     """Completed loan outcomes with point-in-time features as of each application (the offline store's
     training set, reused while the raw snapshot and the feature definitions are unchanged)."""
-    store = RawStore(settings.path("raw_store"))
-    horizon = settings.model.label_horizon_months
-    frame = pd.read_parquet(OfflineStore(settings.path("feature_store"), store).training_set(horizon))
+    offline = OfflineStore.from_settings(settings)
+    store, horizon = offline.raw_store, settings.model.label_horizon_months
+    frame = offline.read_file(offline.training_set(horizon))
     complete = frame.loc[frame["outcome_complete"], [*ENTITY_COLUMNS, *feature_names()]]
     if complete.empty:
         raise ScfriskError(f"none of the {len(frame)} loans in {store.root} has a complete {horizon}-month "

@@ -7,7 +7,6 @@ service reads it once and precomputes every merchant's answer (`serving.bundle`)
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -17,12 +16,6 @@ from features.offline_store import OfflineStore
 ONLINE_FILE = Path("online") / "features.parquet"
 
 
-def publish_online(offline: OfflineStore, as_of: pd.Timestamp | str) -> Path:
+def publish_online(offline: OfflineStore, as_of: pd.Timestamp | str) -> Path | str:
     """Materialise (or reuse) the offline snapshot for as_of and make it the served one, atomically."""
-    source = offline.materialize(as_of)
-    target = offline.root / ONLINE_FILE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    shutil.copyfile(source, tmp)
-    tmp.replace(target)
-    return target
+    return offline.copy(offline.materialize(as_of), offline.location(*ONLINE_FILE.parts))

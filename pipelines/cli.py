@@ -51,7 +51,7 @@ def _orchestrated(ctx: typer.Context, stage: str | None = None, source: Path | s
         from core.raw_store import RawStore
         from core.sources import open_source
 
-        store = RawStore(settings.path("raw_store"))
+        store = RawStore.from_settings(settings)
         if source is None:
             require_tables(stage, store)
         else:
@@ -176,7 +176,7 @@ def ingest(
 
     result = on_engine(ingest_flow, settings)(source=source, settings=settings)
     typer.echo(result.describe())
-    missing = missing_tables("train", RawStore(settings.path("raw_store")))
+    missing = missing_tables("train", RawStore.from_settings(settings))
     if missing:
         typer.echo(f"note: the raw store has no {', '.join(missing)} yet; `scfrisk train`, `limits` and `run` "
                    f"need {'it' if len(missing) == 1 else 'them'}")
@@ -225,6 +225,7 @@ def replay(
     """Re-score logged decisions with the bundles that made them; exits 1 when any answer differs."""
     from serving.audit import read_audit
     from serving.bundle import replay_decisions
+    from serving.signing import bundle_key
 
     settings = _settings(ctx)
     path = audit_log or settings.audit_log
@@ -236,7 +237,7 @@ def replay(
             raise ScfriskError(f"no decision {', '.join(unknown)} in {path}")
         records = [r for r in records if r["request_id"] in wanted]
     differ = 0
-    for record, again in replay_decisions(records, settings.path("published")):
+    for record, again in replay_decisions(records, settings.path("published"), bundle_key(settings)):
         logged = {"pd": record["pd"], "grade": record["grade"], "decision": record["decision"]}
         if again != logged:
             differ += 1
@@ -356,7 +357,7 @@ def features_training_set(
 
     if out.suffix.lower() not in (".csv", ".parquet"):
         raise ScfriskError(f"{out}: use a .parquet or .csv file")
-    frame = get_training_set(read_frame(entities, "entity file"), RawStore(_settings(ctx).path("raw_store")))
+    frame = get_training_set(read_frame(entities, "entity file"), RawStore.from_settings(_settings(ctx)))
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".csv":
         frame.to_csv(out, index=False)
@@ -371,12 +372,10 @@ def features_materialize(
     as_of: Annotated[datetime, typer.Option("--as-of", help="Point in time of the served feature vectors.")],
 ) -> None:
     """Write the offline snapshot for as_of (or reuse it) and publish it as the online store."""
-    from core.raw_store import RawStore
     from features.offline_store import OfflineStore
     from features.online_store import publish_online
 
-    settings = _settings(ctx)
-    offline = OfflineStore(settings.path("feature_store"), RawStore(settings.path("raw_store")))
+    offline = OfflineStore.from_settings(_settings(ctx))
     typer.echo(f"online features as of {as_of:%Y-%m-%d %H:%M:%S} -> {publish_online(offline, as_of)}")
 
 

@@ -15,7 +15,6 @@ import pandas as pd
 from prefect import flow
 
 from core.errors import ScfriskError
-from core.raw_store import RawStore
 from core.settings import Settings
 from features.offline_store import OfflineStore, PartitionMap, in_turn, month_starts
 from features.online_store import publish_online
@@ -27,10 +26,11 @@ log = logging.getLogger(__name__)
 @dataclass
 class FeatureBuild:
     version: str
-    training_set: Path
-    online: Path
+    training_set: Path | str
+    online: Path | str
+    """A path in a local feature store, a URL on object storage (`OfflineStore.local_copy` fetches it)."""
     online_as_of: pd.Timestamp
-    snapshots: list[Path] = field(default_factory=list)
+    snapshots: list[Path | str] = field(default_factory=list)
 
     def describe(self) -> str:
         return (
@@ -42,8 +42,8 @@ class FeatureBuild:
 def build_features(settings: Settings, online_as_of: pd.Timestamp | None = None,
                    map_parts: PartitionMap = in_turn) -> FeatureBuild:
     """`map_parts` runs each file's merchant buckets (`OfflineStore`)."""
-    store = RawStore(settings.path("raw_store"))
-    offline = OfflineStore(settings.path("feature_store"), store, map_parts)
+    offline = OfflineStore.from_settings(settings, map_parts=map_parts)
+    store = offline.raw_store
     months = month_starts(store)
     if not months:
         raise ScfriskError(f"raw store {store.root} has no orders; nothing to build features from")

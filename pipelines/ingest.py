@@ -145,7 +145,7 @@ def ingest(source: Source | Path | str, settings: Settings, now: datetime | None
     gc.freeze()
     try:
         opened = source if isinstance(source, Source) else open_source(
-            str(source), settings, RawStore(settings.path("raw_store")).source_state())
+            str(source), settings, RawStore.from_settings(settings).source_state())
         return _ingest(opened, settings, now or datetime.now(UTC).replace(tzinfo=None))
     finally:
         gc.unfreeze()
@@ -193,7 +193,7 @@ class _Batch:
 
 
 def _ingest(source: Source, settings: Settings, now: datetime) -> IngestResult:
-    store = RawStore(settings.path("raw_store"), buckets=settings.compute.merchant_buckets)
+    store = RawStore.from_settings(settings)
     names = source.tables()
     fingerprint = batch_fingerprint(source)
     if store.loaded_batch() == fingerprint:

@@ -155,12 +155,12 @@ def build_limits(settings: Settings, as_of: datetime | None = None,
     from features.offline_store import OfflineStore, in_turn, month_starts
 
     map_parts = map_parts or in_turn
-    store = RawStore(settings.path("raw_store"))
+    store = RawStore.from_settings(settings)
     if not store.has_table("merchants"):
         raise ScfriskError(f"raw store {store.root} has no merchants; run `scfrisk ingest` first")
     as_of = as_of or month_starts(store)[-1].to_pydatetime()
     policy = load_policy(settings.policy_file)
-    features = OfflineStore(settings.path("feature_store"), store, map_parts).read(as_of)
+    features = OfflineStore.from_settings(settings, store, map_parts).read(as_of)
     if features.empty:
         raise ScfriskError(f"no merchant was onboarded before {as_of:%Y-%m-%d}; nothing to limit")
     model, version = champion(settings)

@@ -207,7 +207,7 @@ def run_monitor(settings: Settings, as_of: datetime | None = None) -> MonitorRes
     policy = load_policy(settings.policy_file)
     bundle = live_bundle(settings)
     check_same_terms(policy, bundle)
-    store = RawStore(settings.path("raw_store"))
+    store = RawStore.from_settings(settings)
     for name in ("merchants", "orders", "loans", "loan_applications"):
         if not store.has_table(name):
             raise ScfriskError(f"raw store {store.root} has no {name}; run `scfrisk ingest` first")

@@ -67,27 +67,33 @@ def next_midnight(store: RawStore) -> pd.Timestamp:
 
 def refresh(settings: Settings, source: str | Path, as_of: pd.Timestamp | None = None) -> RefreshSummary:
     """The daily refresh (see the module docstring); `as_of` defaults to the midnight after the newest order."""
+    from core.storage import is_local
     from credit.policy import load_policy
     from explanation.reason_codes import ReasonCodeIndex
     from features.daily_store import DailyStore
-    from features.offline_store import OfflineStore, write_with_metadata
+    from features.offline_store import OfflineStore
     from features.online_store import publish_online
     from pipelines.limits import champion, limits_path, limits_table
     from pipelines.publish import BundleParts, live_alerts, publish
     from pipelines.report import report_file
 
     batch = open_source(str(source))
-    require_tables("refresh", RawStore(settings.path("raw_store")), batch.tables(), batch.description)
+    require_tables("refresh", RawStore.from_settings(settings), batch.tables(), batch.description)
     steps = Stopwatch()
     pulled = steps.time("pull", ingest, batch, settings)
     log.info(pulled.describe())
-    store = RawStore(settings.path("raw_store"))
+    store = RawStore.from_settings(settings)
     as_of = pd.Timestamp(as_of) if as_of is not None else next_midnight(store)
 
-    def features() -> tuple[Any, Path]:
-        daily = DailyStore(settings.path("feature_store"), store).refresh(as_of)
-        offline = OfflineStore(settings.path("feature_store"), store)
-        write_with_metadata(daily.features, offline.snapshot_path(as_of), offline.metadata(as_of.isoformat()))
+    offline = OfflineStore.from_settings(settings, store)
+    # The daily partials are a cache a refresh rebuilds whole when it is missing, written by DuckDB into
+    # partitioned folders: on this machine's disk, under the workspace, when the feature store is not.
+    partials = (settings.path("feature_store") if is_local(settings.store_url("feature_store"))
+                else settings.home_dir / "features")
+
+    def features() -> tuple[Any, Path | str]:
+        daily = DailyStore(partials, store).refresh(as_of)
+        offline.write(daily.features, offline.snapshot_path(as_of), offline.metadata(as_of.isoformat()))
         return daily, publish_online(offline, as_of)
 
     daily, online = steps.time("features", features)
@@ -109,9 +115,9 @@ def refresh(settings: Settings, source: str | Path, as_of: pd.Timestamp | None =
             return publish(BundleParts(
                 model_dir=model.save(Path(tmp) / "model"),
                 model_version=version,
-                feature_set_version=OfflineStore(settings.path("feature_store"), store).version,
+                feature_set_version=offline.version,
                 features_as_of=as_of.isoformat(),
-                online_features=online,
+                online_features=offline.local_copy(online, Path(tmp)),
                 limits=limits,
                 reason_codes=reasons,
                 policy_file=Path(settings.policy_file),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
@@ -20,6 +20,7 @@ from core.errors import ScfriskError
 from core.settings import Settings
 from credit.policy import load_policy
 from explanation.reason_codes import table_definitions
+from features.offline_store import OfflineStore
 from models.evaluation import GROUP_COLUMNS
 from models.gates import MODEL_KIND_TAG, GateDecision
 from models.pd_model import PDModel
@@ -75,10 +76,11 @@ def feature_snapshots(settings: Settings, model: PDModel) -> dict[str, pd.DataFr
     version = metadata.get("feature_set_version")
     if metadata.get(MODEL_KIND_TAG, "platform") != "platform" or not version or version == "table":
         return {}
-    files = sorted((settings.path("feature_store") / f"version={version}").glob("as_of=*.parquet"))
+    offline = OfflineStore.from_settings(settings)
+    files = offline.snapshot_files(version)
     files = files[-settings.features.snapshot_months :] if settings.features.snapshot_months else []
     return {
-        path.stem.removeprefix("as_of=")[:7]: pd.read_parquet(path, columns=model.feature_names)
+        PurePosixPath(str(path)).stem.removeprefix("as_of=")[:7]: offline.read_file(path, model.feature_names)
         for path in files
     }
 

@@ -27,6 +27,7 @@ from core.raw_store import RawStore
 from core.settings import Settings
 from core.sources import open_source
 from explanation.reason_codes import ReasonCodeIndex, population_reasons
+from features.offline_store import OfflineStore
 from pipelines.compute import on_engine, run_partitions
 from pipelines.features import build_features_flow
 from pipelines.ingest import ingest_flow
@@ -135,9 +136,9 @@ def run_flow(settings: Settings, source: str, oracle: str | None = None) -> RunS
 
     # The CLI checks this before it starts; a scheduled run (`monthly_deployment`) is checked here.
     batch = open_source(source)
-    require_tables("run", RawStore(settings.path("raw_store")), batch.tables(), batch.description)
+    require_tables("run", RawStore.from_settings(settings), batch.tables(), batch.description)
     ingested = on_engine(ingest_flow, settings)(source=source, settings=settings)
-    snapshot_id = RawStore(settings.path("raw_store")).snapshot_id or ""
+    snapshot_id = RawStore.from_settings(settings).snapshot_id or ""
     features = on_engine(build_features_flow, settings)(settings=settings)
 
     fingerprint = training_fingerprint(settings, snapshot_id, features.version)
@@ -156,15 +157,16 @@ def run_flow(settings: Settings, source: str, oracle: str | None = None) -> RunS
     if not report.is_file():
         report = report_for_version(settings, version)
     limits = on_engine(limits_flow, settings)(settings=settings, as_of=features.online_as_of.to_pydatetime())
-    snapshot = pd.read_parquet(features.online)
-    buckets = RawStore(settings.path("raw_store")).buckets
+    buckets = RawStore.from_settings(settings).buckets
     with tempfile.TemporaryDirectory() as tmp:
+        online = OfflineStore.from_settings(settings).local_copy(features.online, Path(tmp))
+        snapshot = pd.read_parquet(online)
         parts = BundleParts(
             model_dir=model.save(Path(tmp) / "model"),
             model_version=version,
             feature_set_version=features.version,
             features_as_of=features.online_as_of.isoformat(),
-            online_features=features.online,
+            online_features=online,
             limits=limits.path,
             reason_codes=ReasonCodeIndex.from_parts(
                 run_partitions(partial(population_reasons, model), merchant_parts(snapshot, buckets), "reason codes"),

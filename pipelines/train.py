@@ -329,8 +329,8 @@ def train_flow(settings: Settings, oracle: str | None = None, metrics_out: str |
         exclude=(*(c for c in ENTITY_COLUMNS if c not in ("defaulted", "as_of", "application_id")),
                  *PROTECTED_PROXIES),  # a possible proxy of a protected attribute is never a model input
         true_pd=oracle_pd(oracle, frame["loan_id"]) if oracle else None,
-        source=f"feature store {settings.path('raw_store')}", feature_set_version=feature_set_version(),
-        raw_snapshot_id=RawStore(settings.path("raw_store")).snapshot_id,
+        source=f"feature store {settings.store_url('raw_store')}", feature_set_version=feature_set_version(),
+        raw_snapshot_id=RawStore.from_settings(settings).snapshot_id,
     )
     if metrics_out:
         write_metrics(outcome, metrics_out)

@@ -327,11 +327,9 @@ def load_bundle(bundle_dir: Path) -> Bundle:
     return Bundle(bundle_dir, manifest, model, policy, features, limits, reasons, alerts)
 
 
-def check_bundle(bundle_dir: Path, key: BundleKey | None) -> Bundle:
-    """Everything a bundle must pass before it goes live (publish, rollback and the service all call this):
-    its manifest signature when a key is configured, its file hashes and parts (`load_bundle`), and that
-    it scores as it recorded: part of its snapshot re-scored through the model, the limit engine and the
-    explainer gives its stored PDs, limits and reason codes, and every stored limit row can be decided."""
+def open_bundle(bundle_dir: Path, key: BundleKey | None) -> Bundle:
+    """A bundle read to decide with (or to replay decisions): its manifest signature verified when a key is
+    configured, then its file hashes and parts (`load_bundle`)."""
     bundle_dir = Path(bundle_dir)
     if key is not None:
         signing.verify(bundle_dir, MANIFEST, key)
@@ -339,7 +337,16 @@ def check_bundle(bundle_dir: Path, key: BundleKey | None) -> Bundle:
         log.warning("no bundle key is configured (%s or bundle_key_file): the signature of bundle %s is not "
                     "checked, so anyone who can write the published folder can change decisions",
                     signing.KEY_ENV, bundle_dir.name)
-    bundle = load_bundle(bundle_dir)
+    return load_bundle(bundle_dir)
+
+
+def check_bundle(bundle_dir: Path, key: BundleKey | None) -> Bundle:
+    """Everything a bundle must pass before it goes live (publish, rollback and the service all call this):
+    `open_bundle`, and that it scores as it recorded: part of its snapshot re-scored through the model, the
+    limit engine and the explainer gives its stored PDs, limits and reason codes, and every stored limit row
+    can be decided."""
+    bundle_dir = Path(bundle_dir)
+    bundle = open_bundle(bundle_dir, key)
     sample = bundle.snapshot.head(CHECK_ROWS)
     missing = sorted(set(sample["merchant_id"]) - set(bundle.online))
     if missing:
@@ -403,15 +410,17 @@ def _decide_every_row(bundle: Bundle) -> None:
                                        f"decided ({type(exc).__name__}: {exc})") from exc
 
 
-def replay(record: dict[str, Any], published: Path, bundle: Bundle | None = None) -> dict[str, Any]:
+def replay(record: dict[str, Any], published: Path, *, key: BundleKey | None,
+           bundle: Bundle | None = None) -> dict[str, Any]:
     """Re-score a logged decision with the bundle that made it: returns `pd`, `grade` and `decision`.
 
     The line's bundle id goes through the same check as the pointer's (`bundle_path`), so an edited line
-    cannot lead the replay out of the workspace's bundles. Pass that bundle already loaded to replay many
-    lines of it without loading it once per line.
+    cannot lead the replay out of the workspace's bundles, and the bundle's signature is verified with `key`
+    (`open_bundle`): an auditor replays with what was signed, not with files changed since. Pass that bundle
+    already opened to replay many lines of it without opening it once per line.
     """
     if bundle is None:
-        bundle = load_bundle(bundle_path(published, record["bundle_id"]))
+        bundle = open_bundle(bundle_path(published, record["bundle_id"]), key)
     elif bundle.bundle_id != record["bundle_id"]:
         raise ValueError(f"request {record['request_id']} was decided by bundle {record['bundle_id']}, "
                          f"not {bundle.bundle_id}")
@@ -423,12 +432,12 @@ def replay(record: dict[str, Any], published: Path, bundle: Bundle | None = None
     return {"pd": scored.pd, "grade": scored.grade, "decision": decision and decision["outcome"]}
 
 
-def replay_decisions(records: Iterable[dict[str, Any]],
-                     published: Path) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-    """Each audit line with its replay (`replay`), every bundle loaded once."""
+def replay_decisions(records: Iterable[dict[str, Any]], published: Path,
+                     key: BundleKey | None) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """Each audit line with its replay (`replay`), every bundle opened once."""
     bundles: dict[str, Bundle] = {}
     for record in records:
         bundle_id = record["bundle_id"]
         if bundle_id not in bundles:
-            bundles[bundle_id] = load_bundle(bundle_path(published, bundle_id))
-        yield record, replay(record, published, bundles[bundle_id])
+            bundles[bundle_id] = open_bundle(bundle_path(published, bundle_id), key)
+        yield record, replay(record, published, key=key, bundle=bundles[bundle_id])

@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated workspace per test and one real Prefect server per test session."""
+"""Shared fixtures: an isolated workspace per test, one real Prefect server, PostgreSQL cluster and S3-compatible
+server (moto's) per test session."""
 
 from __future__ import annotations
 
@@ -71,3 +72,28 @@ def database(postgres, request: pytest.FixtureRequest) -> str:
 
     name = "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:40]
     return postgres.create_database(f"t_{secrets.token_hex(3)}_{name}")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """One local S3-compatible server for the session (`testkit.s3`): its endpoint URL."""
+    from testkit.s3 import s3_server
+
+    with s3_server() as server:
+        yield server
+
+
+@pytest.fixture
+def bucket(s3_endpoint, monkeypatch, request: pytest.FixtureRequest) -> str:
+    """A new empty bucket of the session's server; credentials and endpoint through the usual AWS variables,
+    as on real S3."""
+    import re
+    import secrets
+
+    import boto3
+
+    for key, value in s3_endpoint.environment().items():
+        monkeypatch.setenv(key, value)
+    name = re.sub("[^a-z0-9]+", "-", f"{secrets.token_hex(3)}-{request.node.name.lower()}")[:60].strip("-")
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name

@@ -203,6 +203,7 @@ def test_bucket_parts_merge_into_the_order_of_the_whole(tmp_path, monkeypatch):
     of the concatenated, sorted parts, whatever the chunks the merge holds (an empty bucket, a column that is
     integer in one bucket and float with a missing value in another, one all missing in a bucket)."""
     import pyarrow as pa
+    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
     import features.offline_store as offline
@@ -219,8 +220,10 @@ def test_bucket_parts_merge_into_the_order_of_the_whole(tmp_path, monkeypatch):
         if bucket == 2:
             frame.loc[0, "x"] = np.nan
         frames.append(frame)
-    parts = [offline.stored_part(frames.__getitem__, offline.TRAINING_ORDER, tmp_path, b) for b in range(4)]
-    merged = offline.write_in_order(parts, offline.TRAINING_ORDER, tmp_path / "merged.parquet", {"as_of": "x"})
+    disk = pafs.LocalFileSystem()
+    parts = [offline.stored_part(frames.__getitem__, offline.TRAINING_ORDER, str(tmp_path), disk, b) for b in range(4)]
+    merged = offline.write_in_order(parts, offline.TRAINING_ORDER, str(tmp_path / "merged.parquet"), {"as_of": "x"},
+                                    disk)
     whole = pd.concat(frames[1:], ignore_index=True).sort_values(offline.TRAINING_ORDER, ignore_index=True)
     pq.write_table(pa.Table.from_pandas(whole, preserve_index=False), tmp_path / "whole.parquet")
     pd.testing.assert_frame_equal(pd.read_parquet(merged), pd.read_parquet(tmp_path / "whole.parquet"),

@@ -21,6 +21,7 @@ from serving.app import create_app
 from serving.audit import read_audit
 from serving.auth import Keyring
 from serving.bundle import replay
+from serving.signing import bundle_key
 from testkit.service import POLICY, make_parts, online_snapshot, running_service, train_model
 from tests.batch_builder import valid_batch, write_batch
 
@@ -97,7 +98,7 @@ def test_a_published_freeze_sets_the_limit_to_zero_and_declines_with_the_reason(
     settings = service["settings"]
     line = next(r for r in read_audit(settings.audit_log) if r["request_id"] == body["request_id"])
     assert line["decision"] == "decline" and "monitoring.freeze" in line["policy_reasons"]
-    again = replay(line, settings.path("published"))
+    again = replay(line, settings.path("published"), key=bundle_key(settings))
     assert again == {"pd": line["pd"], "grade": line["grade"], "decision": "decline"}
 
 
@@ -109,7 +110,8 @@ def test_a_features_payload_naming_the_frozen_merchant_is_frozen_too(service, mo
                                           "requested_amount": 100}).json()
     assert body["scoring_mode"] == "features" and body["decision"]["outcome"] == "decline"
     line = next(r for r in read_audit(service["settings"].audit_log) if r["request_id"] == body["request_id"])
-    assert replay(line, service["settings"].path("published"))["decision"] == "decline"
+    settings = service["settings"]
+    assert replay(line, settings.path("published"), key=bundle_key(settings))["decision"] == "decline"
 
 
 def test_the_alerts_endpoint_contract(service, monitored):

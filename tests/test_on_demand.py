@@ -34,6 +34,7 @@ from serving.app import create_app
 from serving.audit import inputs_hash, read_audit
 from serving.auth import Keyring
 from serving.bundle import replay
+from serving.signing import bundle_key
 from testkit.service import make_parts, online_snapshot, running_service, train_model
 from tests.batch_builder import to_arrow, valid_batch
 from tests.conftest import SAMPLE
@@ -215,7 +216,7 @@ def test_records_are_scored_as_their_features_would_be_and_replayed_from_the_aud
     inputs = client.get("/v1/model").json()["inputs"]
     assert line["features"] == {name: features[name] for name in inputs} and line["merchant_id"] == "M0000042"
     assert "buyer_id" not in orjson.dumps(line).decode(), "the records themselves stay out of the audit log"
-    again = replay(line, settings.path("published"))
+    again = replay(line, settings.path("published"), key=bundle_key(settings))
     assert again == {"pd": body["pd"], "grade": body["grade"], "decision": body["decision"]["outcome"]}
 
 

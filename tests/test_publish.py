@@ -20,6 +20,7 @@ from serving.bundle import (
     bundle_path,
     check_bundle,
     current_bundle_id,
+    replay_decisions,
 )
 from serving.signing import KEY_ENV, SIGNATURE, SignatureError, bundle_key
 from testkit.service import (
@@ -175,6 +176,10 @@ def test_signed_manifests_cannot_be_changed_without_the_key(tmp_path, models, sn
     with pytest.raises(SignatureError, match="manifest was changed after it was signed"):
         rollback(signed)
     assert current_bundle_id(published) == second
+    # An auditor's replay opens the bundle a line names the same way: what was changed after signing is refused.
+    line = {"bundle_id": first, "request_id": "r1", "merchant_id": snapshot["merchant_id"].iloc[0]}
+    with pytest.raises(SignatureError, match="manifest was changed after it was signed"):
+        next(replay_decisions([line], published, bundle_key(signed)))
 
 
 def test_the_bundle_key_comes_from_outside_the_workspace(tmp_path, monkeypatch):

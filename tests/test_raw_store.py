@@ -3,15 +3,8 @@
 from __future__ import annotations
 
 import logging
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import zlib
-from collections.abc import Iterator
 
-import boto3
 import duckdb
 import pyarrow as pa
 import pytest
@@ -21,50 +14,6 @@ from core.partitioning import merchant_bucket, parse_partition_key
 from core.raw_store import RawStore
 from core.schemas import TABLES, conform
 from tests.batch_builder import valid_batch
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    """moto's S3 server in a child process (delta-rs holds the GIL while it waits on a request, so a server
-    thread in this process would never answer)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        server.terminate()
-        pytest.fail("moto's S3 server did not start")
-    yield url
-    server.terminate()
-    server.wait()
-
-
-@pytest.fixture
-def bucket(s3_endpoint, monkeypatch, request) -> str:
-    """An empty bucket; credentials and endpoint through the usual AWS variables, as on real S3."""
-    for key, value in {
-        "AWS_ENDPOINT_URL": s3_endpoint,
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_REGION": "us-east-1",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ALLOW_HTTP": "true",
-    }.items():
-        monkeypatch.setenv(key, value)
-    name = request.node.name.replace("_", "-")[:40]
-    boto3.client("s3").create_bucket(Bucket=name)
-    return name
 
 
 def load(store: RawStore, tables: dict) -> dict[str, list[str]]:

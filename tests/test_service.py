@@ -24,6 +24,7 @@ from serving.app import create_app
 from serving.audit import read_audit
 from serving.auth import Keyring
 from serving.bundle import BUNDLES_DIR, LIMITS_FILE, POINTER, BundleError, replay
+from serving.signing import bundle_key
 from testkit.service import (
     POLICY,
     drop_last_merchants_limit,
@@ -180,7 +181,7 @@ def test_audit_log_reproduces_decisions(service):
     for request_id in ids:
         record = records[request_id]
         assert KEY not in str(record) and record["caller"].startswith("key-")
-        again = replay(record, settings.path("published"))
+        again = replay(record, settings.path("published"), key=bundle_key(settings))
         assert again == {"pd": record["pd"], "grade": record["grade"], "decision": record["decision"]}
     # The auditor's command: the same lines replayed from the workspace's log; an edited outcome is caught.
     runner, env = CliRunner(), {"SCFRISK_HOME": str(settings.home_dir)}
@@ -362,4 +363,4 @@ def test_api_docs_render_in_chromium_without_network(service, tmp_path, page):
 def test_replay_refuses_an_audit_line_whose_bundle_leads_out_of_the_bundles(tmp_path, bundle_id):
     (tmp_path / BUNDLES_DIR).mkdir()
     with pytest.raises(BundleError, match="no published bundle"):
-        replay({"bundle_id": bundle_id, "request_id": "r1", "merchant_id": "M1"}, tmp_path)
+        replay({"bundle_id": bundle_id, "request_id": "r1", "merchant_id": "M1"}, tmp_path, key=None)

@@ -298,7 +298,7 @@ def test_a_thousand_random_decisions_replay_from_their_audit_lines(svc):
     outcomes = set()
     for request_id in ids:
         record = records[request_id]
-        again = replay(record, published, svc["bundle"])
+        again = replay(record, published, key=None, bundle=svc["bundle"])
         assert again == {"pd": record["pd"], "grade": record["grade"], "decision": record["decision"]}, record
         outcomes.add(record["decision"])
     assert {"approve", "decline", None} <= outcomes  # the corpus exercises the policy, not one branch
