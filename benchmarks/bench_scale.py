@@ -365,7 +365,8 @@ def stage_table(run_result: RunResult) -> str:
                 f"| | {max((s.driver_peak_mb for s in done), default=0):,.0f} | "
                 f"{max((max(s.worker_peak_mb, default=0) for s in done), default=0):,.0f} | "
                 f"{max((s.tree_peak_mb for s in done), default=0):,.0f} | |")
-    failures = [f"* {s.stage} failed: {_cell(s.note, 400)}" for s in run_result.stages if not s.ok]
+    failures = [f"* {s.stage} failed: {_cell(s.note, 400)}" if not s.ok else f"* {s.stage}: {_cell(s.note, 400)}"
+                for s in run_result.stages if not s.ok or s.note]
     return "\n".join(rows) + ("\n\n" + "\n".join(failures) if failures else "")
 
 
