@@ -99,7 +99,7 @@ def measure(settings: Settings) -> dict:
     books, alerts, cpu = [], [], []
     for day in days:
         started = time.process_time()
-        book = loan_book(store, bundle, policy, day)
+        book = loan_book(store, bundle.model, policy, day)
         alerts.append(early_warnings(book, policy, day))
         cpu.append(time.process_time() - started)
         books.append(book[["loan_id", "merchant_id", "days_past_due"]].assign(as_of=pd.Timestamp(day)))

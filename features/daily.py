@@ -13,6 +13,10 @@ windowed features are aggregates of those partials (`rolled_sql`):
 - two-stage features whose key is a function of the day (`week`, `order_day`, `event_day`) group the
   rolled daily values by that key, then apply their own outer aggregate unchanged.
 
+The windows of sums, counts and averages read neither: per merchant and window boundary a (an offset in
+days), the prefix sum S_a of each partial over the days before T - a (`prefix_sql`), rolled forward from
+day to day; the window (l, l + w] is S_l - S_(l+w) (`Rolled.prefix_value`).
+
 Row filters and the point-in-time masks (`cancelled_at < as_of` ...) are applied inside the partials; a
 filter on a day-level column (`week < 26`) at the roll-up. The partials are also added up per month
 (`months_sql`): a plain window reads the days of the months it covers in part (`edge_months`) and one row
@@ -62,6 +66,32 @@ class Rolled:
         where = f"{inside('n_lo', 'n_hi')} AND (is_month OR NOT ({inside('m_lo', 'm_hi')}))"
         return self.template.replace("{where}", where)
 
+    @property
+    def offsets(self) -> tuple[int, ...] | None:
+        """The day offsets a of the prefix sums this feature reads (`prefix_value`), or None when it does not
+        decompose into them: a plain window of sums and counts only (`max`, the latest fact, keys and
+        day-level filters read the day rows), whose empty window reads as its sums' 0 (a fill of 0, a count,
+        or an average: its sum is unknown exactly when its count is 0)."""
+        f = self.feature
+        rest = re.sub(SUM, "", self.template)
+        if f.per is not None or self.day_filter is not None or re.search(r"\bp\d+\b|\w\(", rest.replace(
+                "coalesce(", "").replace("CAST(", "").replace("nullif(", "")):
+            return None
+        if not (f.fill == 0 or self.template.startswith("coalesce(") or f.aggregation.startswith("avg(")):
+            return None
+        return (f.lag_days,) if f.window_days is None else (f.lag_days, f.lag_days + f.window_days)
+
+    def prefix_value(self) -> str:
+        """Over one row per entity of prefix sums `s<a>_<p>` (`prefix_sql`: the partial p summed over the days
+        before as_of - a days): the window (l, l + w] is S_l - S_(l + w), all history S_l."""
+        low, *high = self.offsets or ()
+        return re.sub(SUM, lambda m: f"(s{low}_{m[1]}" + "".join(f" - s{a}_{m[1]}" for a in high) + ")",
+                      self.template)
+
+
+SUM = r"sum\((p\d+)\) FILTER \(WHERE \{where\}\)"
+"""A rolled template's sum of one partial over the feature's window."""
+
 
 @dataclass(frozen=True)
 class SourcePlan:
@@ -75,6 +105,21 @@ class SourcePlan:
     @property
     def features(self) -> list[Feature]:
         return [r.feature for r in self.rolled]
+
+    @property
+    def prefixed(self) -> list[Rolled]:
+        """The features read from prefix sums (`Rolled.offsets`)."""
+        return [r for r in self.rolled if r.offsets is not None]
+
+    @property
+    def offsets(self) -> list[int]:
+        return sorted({a for r in self.prefixed for a in r.offsets or ()})
+
+    @property
+    def prefix_columns(self) -> list[str]:
+        """The partials the prefixed features sum."""
+        used = {c for r in self.prefixed for c in re.findall(SUM, r.template)}
+        return [c for c, _ in self.partials if c in used]
 
 
 @dataclass(frozen=True)
@@ -187,6 +232,54 @@ def partials_sql(plan: SourcePlan, rows: Mapping[str, str], where: str) -> str:
     )
 
 
+def prefix_sql(plan: SourcePlan, as_of: pd.Timestamp, days: str, types: Mapping[str, str],
+               old: str | None = None, old_as_of: pd.Timestamp | None = None, delta: str | None = None) -> str:
+    """The prefix sums as of the midnight as_of: per merchant and offset a (`SourcePlan.offsets`), each of
+    `prefix_columns` summed over the days before as_of - a; a window is then two of them (`Rolled.prefix_value`).
+
+    Rolled forward from `old` (the same as of old_as_of): S_a = old S_a, plus `delta` (rows of new minus old
+    partials, `partials_sql`'s shape) on the days before old_as_of - a (a refund months ago shifts every
+    prefix sum past its day), plus the current partials `days` in [old_as_of - a, as_of - a) (the days the
+    roll moved past each boundary). Without `old`, the sums of `days` before as_of - a (the first build).
+    Sums and counts of exact numbers (integers, fixed-point decimals), so rolled forward or summed anew
+    they are equal; `types` casts each back to its partial's type."""
+    columns = plan.prefix_columns
+    offsets = f"(SELECT unnest({plan.offsets}) AS a)"
+    new, before = f"DATE '{as_of:%Y-%m-%d}' - o.a", f"DATE '{old_as_of:%Y-%m-%d}' - o.a" if old_as_of else None
+
+    def spread(relation: str, condition: str, sign: str = "") -> str:
+        values = ", ".join(f"{sign}coalesce(r.{c}, 0) AS {c}" for c in columns)
+        return f"SELECT r.merchant_id, o.a, {values} FROM {relation} r JOIN {offsets} o ON {condition}"
+
+    if old_as_of is not None:
+        listed = ", ".join(f"DATE '{d:%Y-%m-%d}'" for d in crossed_days(plan, old_as_of, as_of)) or "NULL"
+        days = f"(SELECT * FROM {days} WHERE day IN ({listed}))"
+    parts = [spread(days, f"r.day < {new}" + (f" AND r.day >= {before}" if before else ""))]
+    if old is not None:
+        parts.append(f"SELECT merchant_id, a, {', '.join(columns)} FROM {old}")
+    if delta is not None:
+        parts.append(spread(delta, f"r.day < {before}"))
+    sums = ", ".join(f"CAST(sum({c}) AS {types[c]}) AS {c}" for c in columns)
+    union = "\n  UNION ALL BY NAME ".join(parts)
+    return f"SELECT merchant_id, a, {sums} FROM (\n  {union}) GROUP BY merchant_id, a"
+
+
+def crossed_days(plan: SourcePlan, old_as_of: pd.Timestamp, as_of: pd.Timestamp) -> list[pd.Timestamp]:
+    """The days a roll from old_as_of to as_of moves past the prefix sums' boundaries: [old_as_of - a,
+    as_of - a) for each offset a."""
+    return sorted({old_as_of + pd.Timedelta(days=i - a) for a in plan.offsets for i in range((as_of - old_as_of).days)})
+
+
+def delta_sql(plan: SourcePlan, new: str, old: str | None) -> str:
+    """The change of the partials (`prefix_columns`) of recomputed days: new rows minus old ones."""
+    columns = plan.prefix_columns
+    minus = "" if old is None else (
+        f" UNION ALL SELECT merchant_id, day, {', '.join(f'-coalesce({c}, 0) AS {c}' for c in columns)} FROM {old}")
+    return (f"(SELECT merchant_id, day, {', '.join(f'sum({c}) AS {c}' for c in columns)} FROM ("
+            f"SELECT merchant_id, day, {', '.join(f'coalesce({c}, 0) AS {c}' for c in columns)} FROM {new}{minus}) "
+            "GROUP BY ALL)")
+
+
 def _lookback(features: list[Feature]) -> int | None:
     lookbacks = [f.lookback_days for f in features]
     return None if None in lookbacks else max(lookbacks)  # type: ignore[type-var]
@@ -210,7 +303,7 @@ def edge_months(features: list[Feature], as_of: pd.Timestamp) -> set[str]:
     return out
 
 
-def rolled_sql(plan: SourcePlan, partials: Callable[[list[Feature], bool], str]) -> str:
+def rolled_sql(plan: SourcePlan, partials: Callable[[list[Feature], bool], str], prefix: str | None = None) -> str:
     """One row per entity with partials in reach, one column per rolled feature: the windows as of the
     entity's midnight `as_of` over the partials. `partials(features, mixed)` is a relation of
     `partials_sql`'s shape holding at least the days these features reach back to; with `mixed`, the
@@ -240,14 +333,22 @@ def rolled_sql(plan: SourcePlan, partials: Callable[[list[Feature], bool], str])
             f"FROM entities e JOIN {partials(fs, mixed)} p ON p.merchant_id = e.merchant_id{bound})) AS facts"
         )
 
-    plain = [f for f in plan.features if f.per is None and by_name[f.name].day_filter is None]
+    prefixed = {r.feature.name for r in plan.prefixed} if prefix is not None else set()
+    plain = [f for f in plan.features if f.per is None and by_name[f.name].day_filter is None
+             and f.name not in prefixed]
     recent = [f for f in plain if f.lookback_days is not None and f.lookback_days <= RECENT_DAYS]
     forever = [f for f in plain if f.lookback_days is None]
     groups = [fs for fs in (recent, [f for f in plain if f not in recent + forever], forever) if fs]
     passes = [single_sql(facts(fs, True), fs, lambda f: by_name[f.name].mixed_value()) for fs in groups]
+    if prefixed:
+        sums = ", ".join(f"coalesce(any_value({c}) FILTER (WHERE a = {a}), 0) AS s{a}_{c}"
+                         for a in plan.offsets for c in plan.prefix_columns)
+        values = "".join(f", {r.prefix_value()} AS {r.feature.name}" for r in plan.prefixed)
+        passes.insert(0, f"(SELECT e.eid{values} FROM entities e JOIN (SELECT merchant_id, {sums} FROM {prefix} "
+                         "GROUP BY merchant_id) s ON s.merchant_id = e.merchant_id)")
     keys: dict[str | None, list[Feature]] = {}
     for f in plan.features:
-        if f not in plain:
+        if f not in plain and f.name not in prefixed:
             keys.setdefault(f.per, []).append(f)
     passes += [per_key_sql(facts(fs, False), per, fs, lambda f: by_name[f.name].value()) if per
                else single_sql(facts(fs, False), fs, lambda f: by_name[f.name].value()) for per, fs in keys.items()]

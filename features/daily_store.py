@@ -4,6 +4,7 @@
 Layout under `<feature_store>/version=<feature_set_version>/daily/`:
     <source>/gen=<id>/month=<YYYY-MM>/*.parquet         partials per merchant and day of one month of facts
     <source>/gen=<id>/whole/month=<YYYY-MM>/*.parquet   the same added up per merchant and month
+    <source>/gen=<id>/prefix.parquet                     the prefix sums per merchant and offset (`prefix_sql`)
     state.json   the as_of and raw snapshot they hold, and the folder of every (source, month)
 A refresh recomputes only the months it must, into a new generation, then replaces `state.json` (temp file
 and rename): a refresh that fails leaves the previous state and its files; files no state names any more
@@ -14,6 +15,10 @@ of the raw store's partitions whose content changed between the two snapshots (n
 whose state changed, corrections), and the months of facts with any time (a refund, a delivery, a due date,
 the fact's own time) in [old as_of, new as_of), whose point-in-time masks flip. Everything else is as it
 was: a day's partials depend only on its rows and on which of their times are before as_of.
+
+The prefix sums are rolled forward, not recomputed: from the previous ones, the change of the recomputed
+months' partials (new minus old) and the few days each window boundary moved past; a first build, or a
+change reaching every month (a joined table), sums them anew.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ import json
 import logging
 import re
 import shutil
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import pandas as pd
@@ -36,7 +43,18 @@ from core.errors import ScfriskError
 from core.partitioning import parse_partition_key
 from core.raw_store import RawStore
 from core.schemas import TABLES
-from features.daily import Plan, SourcePlan, edge_months, months_sql, partials_sql, plan, rolled_sql
+from features.daily import (
+    Plan,
+    SourcePlan,
+    crossed_days,
+    delta_sql,
+    edge_months,
+    months_sql,
+    partials_sql,
+    plan,
+    prefix_sql,
+    rolled_sql,
+)
 from features.definitions import FEATURES, SOURCES, Feature, feature_set_version
 from features.sql import assemble_sql, by_source, source_rows_sql, source_sql, used_columns
 from features.training_set import KEYS, normalise_entities, table_readers
@@ -46,7 +64,8 @@ log = logging.getLogger(__name__)
 STATE = "state.json"
 WHOLE = "whole"
 """Folder of a generation holding its months' partials added up per merchant and month."""
-LAYOUT = 2
+LAYOUT = 3
+T = TypeVar("T")
 
 
 @dataclass
@@ -59,6 +78,9 @@ class DailyRefresh:
     """Months recomputed per source (all of them on a first build)."""
     full: bool = False
     """No usable earlier state: every month was computed."""
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+    """CPU seconds (this process, all threads) per phase: changes (the months to recompute), partials (their
+    recomputation), prefix (the prefix sums rolled forward), roll-up (the online vector)."""
 
     def describe(self) -> str:
         months = sum(len(m) for m in self.recomputed.values())
@@ -84,6 +106,14 @@ def changed_months(old: dict[str, Any], new: dict[str, Any]) -> dict[str, set[st
 
 def _words(*sql: str) -> set[str]:
     return set(re.findall(r"\w+", " ".join(sql)))
+
+
+def _sum_type(partial_type: str) -> str:
+    """The type a prefix sum of a partial is kept in: the decimals' scale, integers as BIGINT."""
+    match = re.fullmatch(r"DECIMAL\(\d+,(\d+)\)", partial_type.replace(" ", ""))
+    if match:
+        return f"DECIMAL(38,{match[1]})"
+    return "BIGINT" if partial_type.endswith("INT") or partial_type == "INTEGER" else partial_type
 
 
 def _months_sql(months: set[str], column: str = "fact_time") -> str:
@@ -127,6 +157,15 @@ class DailyStore:
             raise ScfriskError(f"the online features roll by whole days: as_of must be a midnight, not {as_of}")
         before = self._usable(self.state(), as_of)
         old = self.state() if before is not None else None
+        cpu: dict[str, float] = {}
+
+        def timed(phase: str, fn: Callable[..., T], *args: Any) -> T:
+            start = time.process_time()
+            try:
+                return fn(*args)
+            finally:
+                cpu[phase] = cpu.get(phase, 0.0) + time.process_time() - start
+
         con = duckdb.connect()
         tables = table_readers(self.raw_store, con)
         changed = changed_months(before.manifest(), self.raw_store.manifest()) if before else {}
@@ -136,28 +175,34 @@ class DailyStore:
         con.execute("CREATE OR REPLACE TEMP TABLE entities AS SELECT row_number() OVER () AS eid, merchant_id, "
                     "?::TIMESTAMP AS as_of FROM merchants", [as_of.to_pydatetime()])
         recomputed: dict[str, list[str]] = {}
+        prefix: dict[str, str] = dict(old.get("prefix", {})) if old else {}
         for source_plan in self.plan.sources:
             name = source_plan.source.name
-            months = None if old is None else self._touched(con, before, source_plan, changed,  # type: ignore[arg-type]
-                                                             pd.Timestamp(old["as_of"]), as_of)
-            if months == set():
-                continue
-            written = self._write(con, source_plan, tables, months, generation)
+            months = None if old is None else timed("changes", self._touched, con, before, source_plan, changed,
+                                                     pd.Timestamp(old["as_of"]), as_of)
+            previous = dict(files[name])
+            written = {} if months == set() else timed("partials", self._write, con, source_plan, tables, months,
+                                                       generation)
             if months is None:
                 files[name] = {}
             for m in months or ():
                 files[name].pop(m, None)
             files[name].update(written)
-            recomputed[name] = sorted(written if months is None else months)
+            if months != set():
+                recomputed[name] = sorted(written if months is None else months)
+            if source_plan.prefixed:
+                prefix[name] = timed("prefix", self._prefix, con, source_plan, tables,
+                                     old if months is not None else None, previous, files[name], months or set(),
+                                     as_of, generation)
         new_state = {"as_of": as_of.isoformat(), "raw_snapshot_id": self.raw_store.snapshot_id,
-                     "plan": _plan_hash(self.plan), "files": files}
+                     "plan": _plan_hash(self.plan), "files": files, "prefix": prefix}
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.dir / f"{STATE}.tmp"
         tmp.write_text(json.dumps(new_state, indent=1, sort_keys=True))
         tmp.replace(self.dir / STATE)
         self._collect(new_state)
-        frame = self._roll_up(con, tables, files, as_of)
-        return DailyRefresh(frame, as_of, recomputed, full=old is None)
+        frame = timed("roll-up", self._roll_up, con, tables, files, prefix, as_of)
+        return DailyRefresh(frame, as_of, recomputed, full=old is None, cpu_seconds=cpu)
 
     def _touched(self, con: duckdb.DuckDBPyConnection, before: RawStore, source_plan: SourcePlan,
                  changed: dict[str, set[str]], old_as_of: pd.Timestamp, as_of: pd.Timestamp) -> set[str] | None:
@@ -206,9 +251,34 @@ class DailyStore:
                         f"TO '{folder / WHOLE}' {by_month}")
         return written
 
+    def _prefix(self, con: duckdb.DuckDBPyConnection, source_plan: SourcePlan, tables: dict[str, str],
+                old: dict[str, Any] | None, previous: dict[str, str], files: dict[str, str], months: set[str],
+                as_of: pd.Timestamp, generation: str) -> str:
+        """Write the source's prefix sums as of as_of (`features.daily.prefix_sql`): rolled forward from the old
+        state's, whose partials were `previous` before the `months` recomputed into `files`; anew without it."""
+        name = source_plan.source.name
+        folder = self.dir / name / f"gen={generation}"
+        folder.mkdir(parents=True, exist_ok=True)
+        read = partial(self._read, source_plan=source_plan, tables=tables)
+        current = read([self.dir / f for f in files.values()])
+        types = {c: _sum_type(t) for c, t, *_ in con.execute(f"DESCRIBE SELECT * FROM {current}").fetchall()}
+        if old is None or name not in old.get("prefix", {}):
+            sql = prefix_sql(source_plan, as_of, current, types)
+        else:
+            old_as_of = pd.Timestamp(old["as_of"])
+            crossed = {f"{d:%Y-%m}" for d in crossed_days(source_plan, old_as_of, as_of)}
+            days = read([self.dir / f for m, f in files.items() if m in crossed])
+            delta = delta_sql(source_plan, read([self.dir / files[m] for m in sorted(months) if m in files]),
+                              read([self.dir / previous[m] for m in sorted(months) if m in previous]))
+            sql = prefix_sql(source_plan, as_of, days, types, f"read_parquet('{self.dir / old['prefix'][name]}')",
+                             old_as_of, delta)
+        con.execute(f"COPY ({sql}) TO '{folder / 'prefix.parquet'}' (FORMAT parquet)")
+        return str((folder / "prefix.parquet").relative_to(self.dir))
+
     def _collect(self, state: dict[str, Any]) -> None:
         """Remove the generations no month of the state names any more."""
         kept = {Path(f).parts[1] for months in state["files"].values() for f in months.values()}
+        kept |= {Path(f).parts[1] for f in state["prefix"].values()}
         for folder in self.dir.glob("*/gen=*"):
             if folder.name not in kept:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -238,7 +308,7 @@ class DailyStore:
         return f"read_parquet([{listed}], hive_partitioning = false)"
 
     def _roll_up(self, con: duckdb.DuckDBPyConnection, tables: dict[str, str], files: dict[str, dict[str, str]],
-                 as_of: pd.Timestamp) -> pd.DataFrame:
+                 prefix: dict[str, str], as_of: pd.Timestamp) -> pd.DataFrame:
         merchants = con.execute(
             f"SELECT merchant_id, ?::TIMESTAMP AS as_of FROM {tables.get('merchants', 'merchants')} "
             "WHERE onboarded_at < ?::TIMESTAMP ORDER BY merchant_id", [as_of.to_pydatetime()] * 2).df()
@@ -248,7 +318,10 @@ class DailyStore:
         relations = {}
         for source_plan in self.plan.sources:
             relation = partial(self._partials, files[source_plan.source.name], source_plan, tables, as_of)
-            relations[f"r_{source_plan.source.name}"] = (rolled_sql(source_plan, relation), source_plan.features)
+            sums = prefix.get(source_plan.source.name)
+            relations[f"r_{source_plan.source.name}"] = (
+                rolled_sql(source_plan, relation, f"read_parquet('{self.dir / sums}')" if sums else None),
+                source_plan.features)
         direct = by_source(self.plan.direct)
         rows = {name: source_rows_sql(SOURCES[name], fs, tables) for name, fs in direct.items()}
         for name, fs in direct.items():

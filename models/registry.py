@@ -9,6 +9,7 @@ from __future__ import annotations
 import getpass
 import logging
 import tempfile
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -84,15 +85,46 @@ def _requirements() -> list[str]:
                                                      "pydantic", "pyarrow")]
 
 
-def load_pd_model(settings: Settings, alias: str = CHAMPION) -> PDModel | None:
-    """The registered PDModel behind an alias, or None when no version carries it."""
-    client = configure_mlflow(settings)
+@dataclass(frozen=True)
+class RegisteredPD:
+    """A registered PD model and the version it is: both from one read of the alias."""
+
+    model: PDModel
+    version: str
+    run_id: str
+
+
+def load_registered(settings: Settings, alias: str = CHAMPION) -> RegisteredPD | None:
+    """The version an alias points to, with its PDModel and training run; None when no version carries it.
+
+    One read of the alias: read twice (once for the model, once for its number), a promotion or a rollback
+    in between would label one version's scores with another's number. Read-only: unlike
+    `configure_mlflow`, nothing is created and MLflow's process-wide tracking URI is left alone.
+    """
+    from mlflow.artifacts import download_artifacts
+
+    client, name = MlflowClient(settings.tracking_uri), settings.mlflow.registered_model
     try:
-        client.get_model_version_by_alias(settings.mlflow.registered_model, alias)
+        found = client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
-    local = mlflow.artifacts.download_artifacts(f"models:/{settings.mlflow.registered_model}@{alias}")
-    return PDModel.load(Path(local) / "artifacts" / ARTIFACT_KEY)
+    uri = f"{client.get_model_version_download_uri(name, found.version)}/artifacts/{ARTIFACT_KEY}"
+    try:
+        with tempfile.TemporaryDirectory(prefix="scfrisk-model-") as tmp:
+            model = PDModel.load(download_artifacts(artifact_uri=uri, dst_path=tmp))
+    except (MlflowException, OSError, ScfriskError) as error:
+        raise ScfriskError(
+            f"registered model '{name}' v{found.version} ({alias}): its files at {uri} cannot be read "
+            f"({str(error).splitlines()[0]}); restore the workspace's artifact store "
+            f"({settings.path('mlflow_artifacts')}) or make another version the {alias}"
+        ) from None
+    return RegisteredPD(model, str(found.version), found.run_id)
+
+
+def load_pd_model(settings: Settings, alias: str = CHAMPION) -> PDModel | None:
+    """The registered PDModel behind an alias, or None when no version carries it."""
+    found = load_registered(settings, alias)
+    return None if found is None else found.model
 
 
 def model_settings(settings: Settings, registered_model: str) -> Settings:
@@ -108,19 +140,17 @@ def compare_with_champion(settings: Settings, challenger: Lineage, frame: pd.Dat
     (`models.gates.comparison_basis`); None without a champion."""
     from sklearn.metrics import roc_auc_score
 
-    client, name = configure_mlflow(settings), settings.mlflow.registered_model
-    try:
-        version = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
+    champion = load_registered(settings, CHAMPION)
+    if champion is None:
         return None
-    run = client.get_run(version.run_id)
-    champion = load_pd_model(settings, CHAMPION)
-    missing = [f for f in champion.feature_names if f not in frame.columns]
+    run = MlflowClient(settings.tracking_uri).get_run(champion.run_id)
+    missing = [f for f in champion.model.feature_names if f not in frame.columns]
     comparable, basis = comparison_basis(Lineage.from_run(run.data.tags, run.data.params), challenger, missing)
-    auc = float(roc_auc_score(y, champion.predict_pd(frame))) if comparable else None
+    auc = float(roc_auc_score(y, champion.model.predict_pd(frame))) if comparable else None
     if not comparable:
-        log.warning("%s v%s not compared with the new version: %s", name, version.version, basis)
-    return ChampionComparison(str(version.version), auc, basis)
+        log.warning("%s v%s not compared with the new version: %s", settings.mlflow.registered_model,
+                    champion.version, basis)
+    return ChampionComparison(champion.version, auc, basis)
 
 
 def apply_decision(settings: Settings, version: str, decision: GateDecision) -> None:

@@ -19,7 +19,13 @@ import typer
 from core.errors import ScfriskError
 from core.settings import Settings, load_settings
 from pipelines.prefect_server import ensure_server, read_state, stop_server, user_api_url
-from pipelines.runtime import QuickExit, configure_logging, prepare_environment, without_heartbeats
+from pipelines.runtime import (
+    configure_logging,
+    loading,
+    prepare_environment,
+    start_program,
+    without_heartbeats,
+)
 
 log = logging.getLogger("scfrisk")
 
@@ -61,13 +67,26 @@ def _orchestrated(ctx: typer.Context, stage: str | None = None, source: Path | s
         from credit.policy import load_policy
 
         load_policy(settings.policy_file)
-    ensure_server(settings.home_dir)
-    ctx.with_resource(without_heartbeats())
+    with loading():
+        ensure_server(settings.home_dir)
+        ctx.with_resource(without_heartbeats())
     return settings
 
 
 _BATCH_FOLDER = {"exists": True, "file_okay": False, "dir_okay": True}
 """A batch folder option: a path that is not a folder is refused before anything is imported."""
+
+
+def _source_option(source: str) -> str:
+    """A `--source` as the flow gets it: a batch folder (refused here when it does not exist, before pyarrow is
+    even imported) or a database URL, its password moved to the environment (`core.postgres`)."""
+    if "://" not in source:
+        if not Path(source).is_dir():
+            raise typer.BadParameter(f"batch folder {source} does not exist", param_hint="'--source'")
+        return source
+    from core.postgres import is_postgres_url, password_to_environment
+
+    return password_to_environment(source) if is_postgres_url(source) else source
 
 
 @app.callback()
@@ -159,12 +178,7 @@ def ingest(
     source = source or _settings(ctx).ingest.source
     if not source:
         raise ScfriskError("no source to ingest: give --source, or set [ingest].source in scfrisk.toml")
-    if "://" not in source and not Path(source).is_dir():  # refused before pyarrow is even imported
-        raise typer.BadParameter(f"batch folder {source} does not exist", param_hint="'--source'")
-    if "://" in source:
-        from core.postgres import is_postgres_url, password_to_environment
-
-        source = password_to_environment(source) if is_postgres_url(source) else source
+    source = _source_option(source)
     from core.batch import missing_tables
     from core.sources import open_source
 
@@ -172,7 +186,8 @@ def ingest(
     settings = _orchestrated(ctx)
     from core.raw_store import RawStore
     from pipelines.compute import on_engine
-    from pipelines.ingest import ingest_flow
+    with loading():
+        from pipelines.ingest import ingest_flow
 
     result = on_engine(ingest_flow, settings)(source=source, settings=settings)
     typer.echo(result.describe())
@@ -258,7 +273,8 @@ def limits(
     """Credit limits of every merchant and product from the champion PD model and the credit policy."""
     settings = _orchestrated(ctx, "limits")
     from pipelines.compute import on_engine
-    from pipelines.limits import limits_flow
+    with loading():
+        from pipelines.limits import limits_flow
 
     typer.echo(on_engine(limits_flow, settings)(settings=settings, as_of=as_of).describe())
 
@@ -402,7 +418,8 @@ def report(
     model_version: Annotated[str, typer.Option("--model-version", help="Registered version of the PD model.")],
 ) -> None:
     """Risk report of a model version: one self-contained HTML file in the workspace, also logged to MLflow."""
-    from pipelines.report import report_for_version
+    with loading():
+        from pipelines.report import report_for_version
 
     typer.echo(f"risk report: {report_for_version(_settings(ctx), model_version)}")
 
@@ -410,18 +427,21 @@ def report(
 @app.command("run")
 def run_pipeline(
     ctx: typer.Context,
-    source: Annotated[Path, typer.Option(help="Batch folder of platform tables to ingest first.", **_BATCH_FOLDER)],
+    source: Annotated[str, typer.Option(
+        help="Batch folder of platform tables to ingest first, or the platform's database "
+             "(postgresql://user@host:5432/db; password in PGPASSWORD or ~/.pgpass).")],
     oracle: Annotated[
         Path | None, typer.Option(help="Simulator output folder: also measure the gap to its true PD.",
                                   **_BATCH_FOLDER)
     ] = None,
 ) -> None:
     """The whole pipeline as one Prefect flow: ingest -> features -> train -> explain -> limits -> publish."""
+    source = _source_option(source)
     settings = _orchestrated(ctx, "run", source)
     from pipelines.compute import on_engine
     from pipelines.run import run_flow
 
-    summary = on_engine(run_flow, settings)(settings=settings, source=str(source),
+    summary = on_engine(run_flow, settings)(settings=settings, source=source,
                                             oracle=str(oracle) if oracle else None)
     typer.echo(summary.describe())
 
@@ -436,8 +456,7 @@ def refresh(
 ) -> None:
     """The daily refresh as one Prefect flow: pull -> raw store -> online features rolled forward (no full
     rebuild) -> re-score with the champion -> publish a bundle the running service switches to."""
-    if "://" not in source and not Path(source).is_dir():  # refused before pyarrow is even imported
-        raise typer.BadParameter(f"batch folder {source} does not exist", param_hint="'--source'")
+    source = _source_option(source)
     settings = _orchestrated(ctx, "refresh", source)
     from pipelines.refresh import refresh_flow
 
@@ -558,8 +577,8 @@ def run() -> None:
 
 def entry_point() -> None:
     """The `scfrisk` program: the command, then the end of the process without the interpreter's teardown
-    (`runtime.QuickExit`)."""
-    QuickExit().exit(invoke())
+    (`runtime.start_program`)."""
+    start_program().exit(invoke())
 
 
 if __name__ == "__main__":

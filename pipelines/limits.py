@@ -23,8 +23,14 @@ from core.raw_store import RawStore
 from core.settings import Settings
 from credit.limits import compute_limits
 from credit.policy import CreditPolicy, load_policy
+from credit.strategy import backtest_limits, strategy_tables
+from features.definitions import feature_names, feature_set_version
+from features.offline_store import OfflineStore, in_turn, month_starts, training_frame
 from models.pd_model import PDModel
+from models.registry import CHAMPION, RegisteredPD, load_registered
+from models.splits import time_split
 from pipelines.compute import run_partitions
+from reporting.strategy_report import write_strategy_report
 
 if TYPE_CHECKING:
     from features.offline_store import PartitionMap
@@ -91,9 +97,6 @@ def limits_path(settings: Settings, as_of: datetime) -> Path:
 
 def backtest_population(settings: Settings, model: PDModel) -> pd.DataFrame:
     """The out-of-time test applications of the training set (same windows as training), scored now."""
-    from features.offline_store import training_frame
-    from models.splits import time_split
-
     frame = training_frame(settings)
     test = frame[(time_split(frame["as_of"], settings.model.valid_months, settings.model.test_months)
                   == "test").to_numpy()]
@@ -101,16 +104,9 @@ def backtest_population(settings: Settings, model: PDModel) -> pd.DataFrame:
 
 
 def write_strategy(settings: Settings, limits: pd.DataFrame, backtest: pd.DataFrame, policy: CreditPolicy,
-                   model_version: str, out_dir: Path) -> tuple[Path, Path]:
+                   run_id: str, out_dir: Path) -> tuple[Path, Path]:
     """Strategy report of the current book (expected) and of the out-of-time backtest (realised), both
-    also logged to the champion's MLflow run."""
-    from mlflow import MlflowClient
-
-    from credit.strategy import backtest_limits, strategy_tables
-    from reporting.strategy_report import write_strategy_report
-
-    run_id = MlflowClient(settings.tracking_uri).get_model_version(settings.mlflow.registered_model,
-                                                                   model_version).run_id
+    also logged to the champion's MLflow run `run_id`."""
     book = write_strategy_report(strategy_tables(limits), out_dir / "strategy", policy.version, run_id,
                                  settings.tracking_uri)
     realised = write_strategy_report(strategy_tables(backtest_limits(backtest, policy)), out_dir / "backtest",
@@ -118,29 +114,23 @@ def write_strategy(settings: Settings, limits: pd.DataFrame, backtest: pd.DataFr
     return book, realised
 
 
-def champion(settings: Settings) -> tuple[PDModel, str]:
-    """The champion PD model and its registry version, refused unless the feature store has every input it
-    reads (a model of another table promoted by hand, or one of retired feature definitions)."""
-    from mlflow import MlflowClient
-
-    from features.definitions import feature_names, feature_set_version
-    from models.registry import CHAMPION, load_pd_model
-
+def champion(settings: Settings) -> RegisteredPD:
+    """The champion PD model with its registry version and run, refused unless the feature store has every
+    input it reads (a model of another table promoted by hand, or one of retired feature definitions)."""
     name = settings.mlflow.registered_model
-    model = load_pd_model(settings, CHAMPION)
-    if model is None:
+    found = load_registered(settings, CHAMPION)
+    if found is None:
         raise ScfriskError(f"registered model '{name}' has no champion; run `scfrisk train` first")
-    version = str(MlflowClient(settings.tracking_uri).get_model_version_by_alias(name, CHAMPION).version)
     available = set(feature_names())
-    missing = [f for f in model.feature_names if f not in available]
+    missing = [f for f in found.model.feature_names if f not in available]
     if missing:
         raise ScfriskError(
-            f"champion {name} v{version} (trained on {model.metadata.get('source', '?')}) reads {len(missing)} "
-            f"input(s) that feature set {feature_set_version()} does not have: {', '.join(missing)}; nothing was "
-            f"scored or published: make a model of the feature store champion "
+            f"champion {name} v{found.version} (trained on {found.model.metadata.get('source', '?')}) reads "
+            f"{len(missing)} input(s) that feature set {feature_set_version()} does not have: {', '.join(missing)}; "
+            f"nothing was scored or published: make a model of the feature store champion "
             f"(`scfrisk promote --version N --reason ...`) or train one (`scfrisk train`)"
         )
-    return model, version
+    return found
 
 
 def build_limits(settings: Settings, as_of: datetime | None = None,
@@ -152,8 +142,6 @@ def build_limits(settings: Settings, as_of: datetime | None = None,
     limits are computed per merchant bucket by `map_parts` (default: one after the other here); the strategy
     tables from the whole table.
     """
-    from features.offline_store import OfflineStore, in_turn, month_starts
-
     map_parts = map_parts or in_turn
     store = RawStore.from_settings(settings)
     if not store.has_table("merchants"):
@@ -163,16 +151,16 @@ def build_limits(settings: Settings, as_of: datetime | None = None,
     features = OfflineStore.from_settings(settings, store, map_parts).read(as_of)
     if features.empty:
         raise ScfriskError(f"no merchant was onboarded before {as_of:%Y-%m-%d}; nothing to limit")
-    model, version = champion(settings)
-    limits = partitioned_limits(features, model, version, policy, store.buckets, map_parts)
+    model = champion(settings)
+    limits = partitioned_limits(features, model.model, model.version, policy, store.buckets, map_parts)
     path = limits_path(settings, as_of)
     path.parent.mkdir(parents=True, exist_ok=True)
     limits.to_parquet(path, index=False)
-    strategy, backtest = write_strategy(settings, limits, backtest_population(settings, model), policy, version,
-                                        path.parent)
+    strategy, backtest = write_strategy(settings, limits, backtest_population(settings, model.model), policy,
+                                        model.run_id, path.parent)
     return LimitsResult(
-        path, strategy, backtest, as_of, len(limits), len(features), int(limits["eligible"].sum()), version,
-        policy.version,
+        path, strategy, backtest, as_of, len(limits), len(features), int(limits["eligible"].sum()),
+        model.version, policy.version,
     )
 
 

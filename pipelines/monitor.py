@@ -6,6 +6,10 @@ each spike's baseline and at each loan's application (point in time), and the li
 now and at origination. The alerts go to `$SCFRISK_HOME/monitor/as_of=<day>/` (table and watch-list page)
 and into a new bundle (the live one's parts plus the alerts), so the service applies the day's freezes and
 cuts as soon as it is live. A failed run publishes nothing; the live bundle stays live.
+
+`scfrisk refresh` runs the same watch (`watch`) as a step of the day, on the day's raw store with the
+champion it re-scores with, and publishes the alerts in the day's bundle: the alerts follow the fresh
+features and limits, and no bundle carries the previous day's.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from credit.monitoring import baseline_column, baselines, early_warnings
 from credit.policy import CreditPolicy, load_policy
 from features.definitions import feature_set_version
 from features.training_set import get_training_set, table_readers
+from models.pd_model import PDModel
 from pipelines.publish import BundleParts, publish
 from reporting.watch_list import write_watch_list
 from serving.bundle import (
@@ -131,9 +136,9 @@ def live_loans(store: RawStore, as_of: datetime) -> pd.DataFrame:
     return book
 
 
-def loan_book(store: RawStore, bundle: Bundle, policy: CreditPolicy, as_of: datetime) -> pd.DataFrame:
+def loan_book(store: RawStore, model: PDModel, policy: CreditPolicy, as_of: datetime) -> pd.DataFrame:
     """The book `credit.monitoring.early_warnings` reads: live loans, features now and at each baseline,
-    and the bundle's PD now and at origination (the same model on the application's features)."""
+    and the model's PD now and at origination (the same model on the application's features)."""
     loans = live_loans(store, as_of)
     lags = baselines(policy.monitoring)
     merchants = loans["merchant_id"].drop_duplicates()
@@ -152,12 +157,12 @@ def loan_book(store: RawStore, bundle: Bundle, policy: CreditPolicy, as_of: date
 
     spike_features = sorted({f for names in lags.values() for f in names})
     now = rows(pd.Timestamp(as_of), list(dict.fromkeys([*MERCHANT_FEATURES, *spike_features,
-                                                         *bundle.model.feature_names])))
+                                                         *model.feature_names])))
     book = pd.concat([loans.reset_index(drop=True), now[list(dict.fromkeys([*MERCHANT_FEATURES, *spike_features]))]],
                      axis=1)
-    book["pd_now"] = bundle.model.predict_pd(now) if len(now) else []
-    origination = rows(loans["applied_at"], bundle.model.feature_names)
-    book["pd_origination"] = bundle.model.predict_pd(origination) if len(origination) else []
+    book["pd_now"] = model.predict_pd(now) if len(now) else []
+    origination = rows(loans["applied_at"], model.feature_names)
+    book["pd_origination"] = model.predict_pd(origination) if len(origination) else []
     for days, names in lags.items():
         before = rows(pd.Timestamp(as_of - timedelta(days=days)), names)
         for name in names:
@@ -202,25 +207,44 @@ def bundle_parts(bundle: Bundle, policy_file: Path, alerts: pd.DataFrame, as_of:
                        alerts_as_of=pd.Timestamp(as_of).isoformat())
 
 
+@dataclass(frozen=True)
+class Watch:
+    """The day's alerts, before they are published."""
+
+    as_of: datetime
+    loans: int
+    alerts: pd.DataFrame
+    table: Path
+
+    def published(self, settings: Settings, bundle_id: str) -> MonitorResult:
+        """The result, with the watch-list page of the bundle the alerts went live in."""
+        page = write_watch_list(self.table.parent / "watch_list.html", self.alerts, self.as_of, self.loans, bundle_id)
+        return MonitorResult(self.as_of, self.loans, self.alerts, self.table, page, bundle_id)
+
+
+def watch(settings: Settings, store: RawStore, model: PDModel, policy: CreditPolicy, as_of: datetime) -> Watch:
+    """Every live loan checked as of `as_of` with `model`'s PD; the alerts written to the workspace."""
+    for name in ("merchants", "orders", "loans", "loan_applications"):
+        if not store.has_table(name):
+            raise ScfriskError(f"raw store {store.root} has no {name}; run `scfrisk ingest` first")
+    book = loan_book(store, model, policy, as_of)
+    alerts = early_warnings(book, policy, as_of)
+    folder = settings.home_dir / "monitor" / f"as_of={as_of:%Y-%m-%d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    table = folder / "alerts.parquet"
+    alerts.to_parquet(table, index=False)
+    return Watch(as_of, len(book), alerts, table)
+
+
 def run_monitor(settings: Settings, as_of: datetime | None = None) -> MonitorResult:
     """The day's alerts on every live loan, written and published (see the module docstring)."""
     policy = load_policy(settings.policy_file)
     bundle = live_bundle(settings)
     check_same_terms(policy, bundle)
     store = RawStore.from_settings(settings)
-    for name in ("merchants", "orders", "loans", "loan_applications"):
-        if not store.has_table(name):
-            raise ScfriskError(f"raw store {store.root} has no {name}; run `scfrisk ingest` first")
-    as_of = as_of or default_as_of(store)
-    book = loan_book(store, bundle, policy, as_of)
-    alerts = early_warnings(book, policy, as_of)
-    folder = settings.home_dir / "monitor" / f"as_of={as_of:%Y-%m-%d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    table = folder / "alerts.parquet"
-    alerts.to_parquet(table, index=False)
-    bundle_id = publish(bundle_parts(bundle, Path(settings.policy_file), alerts, as_of), settings)
-    page = write_watch_list(folder / "watch_list.html", alerts, as_of, len(book), bundle_id)
-    return MonitorResult(as_of, len(book), alerts, table, page, bundle_id)
+    day = watch(settings, store, bundle.model, policy, as_of or default_as_of(store))
+    return day.published(settings, publish(bundle_parts(bundle, Path(settings.policy_file), day.alerts, day.as_of),
+                                           settings))
 
 
 @flow(name="monitor")

@@ -70,20 +70,6 @@ class BundleParts:
     alerts_as_of: str | None = None
 
 
-def live_alerts(published: Path) -> tuple[pd.DataFrame | None, str | None]:
-    """The live bundle's early-warning alerts and their day, if it has any. A bundle that only re-scores
-    (`scfrisk refresh`) carries them: the freezes and cuts stay in force until the monitor publishes the
-    next day's, instead of being lifted by a bundle that never looked at the loans."""
-    live = current_bundle_id(published)
-    if live is None:
-        return None, None
-    folder = bundle_path(published, live)
-    manifest = read_manifest(folder)
-    if ALERTS_FILE not in manifest["files"]:
-        return None, None
-    return pd.read_parquet(folder / ALERTS_FILE), manifest.get("alerts_as_of")
-
-
 def _put(source: pd.DataFrame | Path, target: Path) -> None:
     if isinstance(source, pd.DataFrame):
         source.to_parquet(target, index=False)

@@ -1,13 +1,19 @@
 """`scfrisk refresh`: the daily refresh, one Prefect flow from the day's pull to a live bundle.
 
-pull the day (a batch folder) -> raw store (the ingest: validated whole, all or nothing) -> online features
-as of the next midnight, rolled forward from the daily partials (`features.daily_store`), no full rebuild
--> every merchant re-scored by the live champion, limits recomputed -> a new bundle, switched in by the
-pointer the service polls (`serving.live`: requests in flight keep the bundle they started with).
+pull the day (a batch folder or the platform's database) -> raw store (the ingest: validated whole, all or
+nothing) -> online features as of the next midnight, rolled forward from the daily partials and prefix sums
+(`features.daily_store`), no full rebuild -> every merchant re-scored by the champion, limits recomputed ->
+the early warning on every live loan (`pipelines.monitor.watch`, the `scfrisk monitor` check) -> one new
+bundle with the day's features, limits and alerts, switched in by the pointer the service polls
+(`serving.live`: requests in flight keep the bundle they started with).
+
+The monitor is a step of the refresh rather than a deployment of its own: its alerts then always belong
+to the bundle's features and limits (a separate daily run would publish a second bundle, and between the
+two the service would apply the previous day's freezes to the new limits, or none). A failed check fails
+the day: the previous bundle, with its alerts, stays live.
 
 Training, monthly snapshots, the risk and strategy reports are the monthly run's (`scfrisk run`); the
-refresh reuses the champion and its report, and carries the live bundle's early-warning alerts until
-`scfrisk monitor` publishes the next day's. A failure at any step publishes nothing: the live bundle stays.
+refresh reuses the champion and its report. A failure at any step publishes nothing: the live bundle stays.
 """
 
 from __future__ import annotations
@@ -44,15 +50,21 @@ class RefreshSummary:
     model_version: str
     features: str
     """What the feature step did (`DailyRefresh.describe`)."""
+    monitor: str
+    """What the early warning found (`MonitorResult.describe`)."""
     seconds: dict[str, float] = field(default_factory=dict)
-    """Wall seconds per step: pull, features, score, publish."""
+    """Wall seconds per step: pull, features, score, monitor, publish."""
     cpu_seconds: dict[str, float] = field(default_factory=dict)
+    feature_cpu_seconds: dict[str, float] = field(default_factory=dict)
+    pulled: dict[str, int] = field(default_factory=dict)
+    """Rows the pull read per table (`IngestResult.rows`)."""
+    """CPU seconds of the feature step's phases (`DailyRefresh.cpu_seconds`)."""
 
     def describe(self) -> str:
         steps = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
         return (f"refreshed to {self.as_of:%Y-%m-%d}: bundle {self.bundle_id} live (champion v{self.model_version}, "
                 f"{self.merchants:,} merchants re-scored, raw snapshot {self.snapshot_id})\n  {self.features}\n"
-                f"  {steps}")
+                f"  {self.monitor}\n  {steps}")
 
 
 def next_midnight(store: RawStore) -> pd.Timestamp:
@@ -74,11 +86,14 @@ def refresh(settings: Settings, source: str | Path, as_of: pd.Timestamp | None =
     from features.offline_store import OfflineStore
     from features.online_store import publish_online
     from pipelines.limits import champion, limits_path, limits_table
-    from pipelines.publish import BundleParts, live_alerts, publish
+    from pipelines.monitor import watch
+    from pipelines.publish import BundleParts, publish
     from pipelines.report import report_file
 
-    batch = open_source(str(source))
-    require_tables("refresh", RawStore.from_settings(settings), batch.tables(), batch.description)
+    # The pull that follows the last one the raw store committed (a database's watermarks), as `ingest` opens it.
+    before = RawStore.from_settings(settings)
+    batch = open_source(str(source), settings, before.source_state())
+    require_tables("refresh", before, batch.tables(), batch.description)
     steps = Stopwatch()
     pulled = steps.time("pull", ingest, batch, settings)
     log.info(pulled.describe())
@@ -97,20 +112,22 @@ def refresh(settings: Settings, source: str | Path, as_of: pd.Timestamp | None =
         return daily, publish_online(offline, as_of)
 
     daily, online = steps.time("features", features)
-    model, version = champion(settings)
+    found = champion(settings)
+    model, version = found.model, found.version
+    policy = load_policy(settings.policy_file)
 
     def score() -> tuple[Path, ReasonCodeIndex]:
-        limits = limits_table(daily.features, model, version, load_policy(settings.policy_file))
+        limits = limits_table(daily.features, model, version, policy)
         path = limits_path(settings, as_of.to_pydatetime())
         path.parent.mkdir(parents=True, exist_ok=True)
         limits.to_parquet(path, index=False)
         return path, ReasonCodeIndex.for_population(model, daily.features, version)
 
     limits, reasons = steps.time("score", score)
+    day = steps.time("monitor", watch, settings, store, model, policy, as_of.to_pydatetime())
     report = report_file(settings, version)
 
     def switch_in() -> str:
-        alerts, alerts_as_of = live_alerts(settings.path("published"))
         with tempfile.TemporaryDirectory() as tmp:
             return publish(BundleParts(
                 model_dir=model.save(Path(tmp) / "model"),
@@ -122,13 +139,15 @@ def refresh(settings: Settings, source: str | Path, as_of: pd.Timestamp | None =
                 reason_codes=reasons,
                 policy_file=Path(settings.policy_file),
                 risk_report=report if report.is_file() else None,
-                alerts=alerts,
-                alerts_as_of=alerts_as_of,
+                alerts=day.alerts,
+                alerts_as_of=as_of.isoformat(),
             ), settings)
 
     bundle_id = steps.time("publish", switch_in)
+    watched = day.published(settings, bundle_id)
     return RefreshSummary(as_of, store.snapshot_id or "", bundle_id, len(daily.features), version,
-                          daily.describe(), steps.seconds, steps.cpu_seconds)
+                          daily.describe(), watched.describe().replace("\n", "\n  "), steps.seconds,
+                          steps.cpu_seconds, daily.cpu_seconds, dict(pulled.rows))
 
 
 @flow(name="scfrisk-refresh", log_prints=False)

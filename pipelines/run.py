@@ -23,6 +23,7 @@ from prefect import flow, task
 from prefect.deployments.runner import RunnerDeployment
 
 from core.batch import require_tables
+from core.errors import ScfriskError
 from core.raw_store import RawStore
 from core.settings import Settings
 from core.sources import open_source
@@ -135,7 +136,7 @@ def run_flow(settings: Settings, source: str, oracle: str | None = None) -> RunS
     from pipelines.train import train_flow
 
     # The CLI checks this before it starts; a scheduled run (`monthly_deployment`) is checked here.
-    batch = open_source(source)
+    batch = open_source(source, settings)
     require_tables("run", RawStore.from_settings(settings), batch.tables(), batch.description)
     ingested = on_engine(ingest_flow, settings)(source=source, settings=settings)
     snapshot_id = RawStore.from_settings(settings).snapshot_id or ""
@@ -152,11 +153,15 @@ def run_flow(settings: Settings, source: str, oracle: str | None = None) -> RunS
     else:
         log.info("training inputs unchanged (fingerprint %s): reusing the registered model", fingerprint)
 
-    model, version = champion(settings)
+    found = champion(settings)
+    model, version = found.model, found.version
     report = report_file(settings, version)
     if not report.is_file():
         report = report_for_version(settings, version)
     limits = on_engine(limits_flow, settings)(settings=settings, as_of=features.online_as_of.to_pydatetime())
+    if limits.model_version != version:  # the limits flow reads the champion again: a promotion came between
+        raise ScfriskError(f"the champion of {settings.mlflow.registered_model} changed during the run (v{version}, "
+                           f"then v{limits.model_version}); nothing was published: run again")
     buckets = RawStore.from_settings(settings).buckets
     with tempfile.TemporaryDirectory() as tmp:
         online = OfflineStore.from_settings(settings).local_copy(features.online, Path(tmp))

@@ -5,6 +5,7 @@ officer reads, with the approval rate explained in sentences; optionally logged 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -171,7 +172,9 @@ def write_strategy_report(
     run_id: str | None = None,
     tracking_uri: str | None = None,
 ) -> Path:
-    """Parquet per table and `strategy.html` into `out_dir`; also logged to the MLflow run when given."""
+    """Parquet per table and `strategy.html` into `out_dir`; also logged to the MLflow run when given, under
+    `strategy/book` or `strategy/backtest` (expected or realised figures) with metrics named the same way,
+    so the two reports of one limits run sit side by side on the model's run."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, frame in tables.items():
         frame.to_parquet(out_dir / f"{name}.parquet", index=False)
@@ -182,13 +185,18 @@ def write_strategy_report(
         subtitle=f"policy {policy_version}",
     )
     if run_id is not None:
+        from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
+        realised = "realised_profit" in tables.best_cutoffs.columns
+        kind, profit = ("backtest", "realised_profit") if realised else ("book", "expected_profit")
         client = MlflowClient(tracking_uri)
-        client.log_artifacts(run_id, str(out_dir), artifact_path="strategy")
-        profit = "realised_profit" if "realised_profit" in tables.best_cutoffs.columns else "expected_profit"
-        for row in tables.best_cutoffs.itertuples():
-            client.log_metric(run_id, f"strategy.{row.product}.best_cutoff_pd", float(row.cutoff_pd))
-            client.log_metric(run_id, f"strategy.{row.product}.best_{profit}", float(getattr(row, profit)))
+        client.log_artifacts(run_id, str(out_dir), artifact_path=f"strategy/{kind}")
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[
+            Metric(f"strategy.{kind}.{row.product}.{name}", float(value), now, 0)
+            for row in tables.best_cutoffs.itertuples()
+            for name, value in (("best_cutoff_pd", row.cutoff_pd), (f"best_{profit}", getattr(row, profit)))
+        ])
     log.info("strategy report written to %s", page)
     return page

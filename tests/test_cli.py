@@ -216,6 +216,27 @@ quick.exit(3)
     assert "logged" in (tmp_path / "log.txt").read_text()
 
 
+def test_the_program_loads_libraries_without_collections_then_freezes_them():
+    """`runtime.loading`: no garbage collection while a command imports, the loaded objects frozen out of
+    later ones; in a host process (pytest) it changes nothing, or the host's objects would never be freed."""
+    code = """
+import gc
+from pipelines.runtime import loading, start_program
+collections = []
+gc.callbacks.append(lambda phase, info: phase == "stop" and collections.append(info["generation"]))
+with loading():
+    pass
+print("host", gc.isenabled(), gc.get_freeze_count())
+start_program()
+with loading():
+    loaded = [[[] for _ in range(100)] for _ in range(10_000)]  # a million containers: ~1,400 collections
+    print("loading", gc.isenabled(), len(collections))
+print("loaded", gc.isenabled(), gc.get_freeze_count() > 1_000_000)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.stdout.splitlines() == ["host True 0", "loading False 0", "loaded True True"], proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("user_setting, seen", [(None, "None"), ("60", "60")])
 def test_flow_runs_of_a_command_send_no_heartbeats_unless_the_user_set_them(user_setting, seen):
     code = """
@@ -229,6 +250,22 @@ with without_heartbeats():
         env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = user_setting
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
     assert proc.stdout.strip() == seen, proc.stderr[-2000:]
+
+
+def test_a_command_starts_no_mlflow_telemetry(tmp_path):
+    """MLflow 3 takes DO_NOT_TRACK only when it is "true": without its own switch, each command importing it
+    started a telemetry client (threads, a config fetch, a record per call) to send usage events. The child
+    gets a bare environment: MLflow also stays quiet under pytest or CI, which would hide the defect."""
+    code = f"""
+from core.settings import Settings
+from pipelines.runtime import prepare_environment
+prepare_environment(Settings(home={str(tmp_path / "home")!r}))
+from mlflow.telemetry.client import get_telemetry_client
+print(get_telemetry_client())
+"""
+    env = {key: os.environ[key] for key in ("PATH", "HOME", "PYTHONDONTWRITEBYTECODE") if key in os.environ}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
+    assert proc.stdout.strip() == "None", proc.stderr[-2000:]
 
 
 def test_the_scfrisk_program_ends_through_the_quick_exit():

@@ -303,25 +303,37 @@ def test_strategy_report_says_which_rule_turns_away_how_many_rows():
 
 
 @pytest.mark.slow
-def test_strategy_report_is_one_self_contained_page_and_parquet_logged_to_mlflow(tmp_path, settings):
+def test_strategy_reports_of_book_and_backtest_are_self_contained_pages_logged_side_by_side(tmp_path, settings):
+    """`limits` logs both reports to the champion's run: each keeps its own files and metrics (the backtest's
+    used to overwrite the book's `strategy/` files and its `best_cutoff_pd` metrics)."""
     import mlflow
 
     from models.registry import configure_mlflow
 
-    tables = strategy_tables(backtest_limits(_backtest_set(1500), POLICY))
+    book = strategy_tables(compute_limits(merchants(1500), POLICY))
+    backtest = strategy_tables(backtest_limits(_backtest_set(1500), POLICY))
     configure_mlflow(settings)  # the workspace's experiment: artifacts under SCFRISK_HOME, not ./mlruns
     with mlflow.start_run() as run:
-        page = write_strategy_report(
-            tables, tmp_path / "strategy", POLICY.version, run.info.run_id, settings.tracking_uri
-        )
-    text = page.read_text()
-    assert text.count("data:image/png;base64,") == 2 and "@media print" in text
-    assert 'src="http' not in text and "<script" not in text  # nothing fetched: it works offline and on paper
-    assert pd.read_parquet(tmp_path / "strategy" / "best_cutoffs.parquet").shape[0] == len(POLICY.products)
+        for tables, folder in ((book, "strategy"), (backtest, "backtest")):
+            page = write_strategy_report(
+                tables, tmp_path / folder, POLICY.version, run.info.run_id, settings.tracking_uri
+            )
+            text = page.read_text()
+            assert text.count("data:image/png;base64,") == 2 and "@media print" in text
+            assert 'src="http' not in text and "<script" not in text  # nothing fetched: works offline, on paper
+    assert pd.read_parquet(tmp_path / "backtest" / "best_cutoffs.parquet").shape[0] == len(POLICY.products)
     client = mlflow.tracking.MlflowClient(settings.tracking_uri)
-    logged = {f.path for f in client.list_artifacts(run.info.run_id, "strategy")}
-    assert {"strategy/strategy.html", "strategy/cutoff_curve.parquet"} <= logged
-    assert "strategy.microloan.best_cutoff_pd" in client.get_run(run.info.run_id).data.metrics
+    for kind, folder in (("book", "strategy"), ("backtest", "backtest")):
+        logged = {f.path for f in client.list_artifacts(run.info.run_id, f"strategy/{kind}")}
+        assert {f"strategy/{kind}/strategy.html", f"strategy/{kind}/cutoff_curve.parquet"} <= logged
+        local = client.download_artifacts(run.info.run_id, f"strategy/{kind}/strategy.html", str(tmp_path / kind))
+        assert Path(local).read_text() == (tmp_path / folder / "strategy.html").read_text()
+    metrics = client.get_run(run.info.run_id).data.metrics
+    for name, tables, profit in (("book", book, "expected_profit"), ("backtest", backtest, "realised_profit")):
+        for row in tables.best_cutoffs.itertuples():
+            assert metrics[f"strategy.{name}.{row.product}.best_cutoff_pd"] == pytest.approx(row.cutoff_pd)
+            assert metrics[f"strategy.{name}.{row.product}.best_{profit}"] == pytest.approx(getattr(row, profit))
+    assert not any(key.startswith("strategy.microloan") for key in metrics)
 
 
 def test_html_page_escapes_data_and_formats_tables():

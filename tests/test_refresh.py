@@ -3,6 +3,7 @@ publishes a bundle the running service switches to under traffic, with no failed
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -101,7 +102,7 @@ def test_scfrisk_refresh_publishes_the_day_and_the_running_service_switches_with
     from pipelines.refresh import refresh_flow
     from serving.app import create_app
     from serving.auth import Keyring
-    from serving.bundle import BUNDLES_DIR, read_manifest
+    from serving.bundle import ALERTS_FILE, BUNDLES_DIR, read_manifest
     from testkit.service import register_champion, running_service
 
     settings = Settings(home=tmp_path / "home", service=ServiceConfig(reload_interval_seconds=0.05))
@@ -143,11 +144,56 @@ def test_scfrisk_refresh_publishes_the_day_and_the_running_service_switches_with
     manifest = read_manifest(published / BUNDLES_DIR / second)
     assert manifest["features_as_of"] == (DAY + pd.Timedelta(days=1)).isoformat()
     assert manifest["model_version"] == version
-    # The refresh re-scored every merchant but looked at no loan: the monitor's freeze stays in force.
-    assert manifest["alerts_as_of"] == DAY.isoformat()
+    # The refresh checked the live loans as of its day: the freeze of a loan that does not exist is gone.
+    assert manifest["alerts_as_of"] == (DAY + pd.Timedelta(days=1)).isoformat()
+    assert "L-test" not in set(pd.read_parquet(published / BUNDLES_DIR / second / ALERTS_FILE)["loan_id"])
     assert scored["bundle_id"] == second
-    microloan = next(row for row in scored["limits"] if row["product"] == "microloan")
-    assert microloan["limit"] == 0.0 and microloan["monitoring_action"] == "freeze"
+
+
+@pytest.mark.slow
+def test_the_days_refresh_publishes_the_alerts_of_that_day(days, tmp_path):
+    """The goods a live warehouse-receipt loan leans on all leave the warehouse during the day: the day's
+    bundle carries the collateral alert (the monitor is a step of the refresh); the day before's did not."""
+    from pipelines.monitor import live_loans
+    from pipelines.refresh import refresh
+    from serving.bundle import BUNDLES_DIR, read_manifest
+    from testkit.service import register_champion
+
+    settings = Settings(home=tmp_path / "home")
+    register_champion(settings)
+    before = refresh(settings, days["base"])
+    assert before.as_of == DAY
+    loans = live_loans(RawStore(settings.path("raw_store")), DAY.to_pydatetime())
+    alerted = set(bundle_alerts(settings, before.bundle_id)[["loan_id", "signal"]].itertuples(index=False))
+    loan = next(row for row in loans.itertuples() if row.product == "warehouse_receipt_financing"
+                and row.warehouse_value_now > 0 and (row.loan_id, "collateral_released") not in alerted)
+
+    day = tmp_path / "day"
+    shutil.copytree(days["day"], day)
+    con = duckdb.connect()
+    released = DAY + pd.Timedelta(hours=12)
+    con.execute(f"""COPY (
+        SELECT * REPLACE (TIMESTAMP '{released}' AS released_at, TIMESTAMP '{released}' AS updated_at)
+        FROM '{SAMPLE}/inventory_receipts/**/*.parquet'
+        WHERE merchant_id = '{loan.merchant_id}' AND received_at < TIMESTAMP '{DAY}'
+          AND coalesce(released_at >= TIMESTAMP '{DAY}', true)
+        UNION ALL BY NAME
+        SELECT * FROM '{days["day"]}/inventory_receipts.parquet' WHERE merchant_id <> '{loan.merchant_id}'
+    ) TO '{day}/inventory_receipts.parquet' (FORMAT parquet)""")
+
+    after = refresh(settings, day)
+    manifest = read_manifest(settings.path("published") / BUNDLES_DIR / after.bundle_id)
+    assert manifest["alerts_as_of"] == (DAY + pd.Timedelta(days=1)).isoformat()
+    alerts = bundle_alerts(settings, after.bundle_id)
+    fired = alerts[(alerts["loan_id"] == loan.loan_id) & (alerts["signal"] == "collateral_released")]
+    assert len(fired) == 1 and fired["action"].iloc[0] == "call_collateral"
+    assert "have been released" in fired["reason"].iloc[0]
+
+
+def bundle_alerts(settings: Settings, bundle_id: str) -> pd.DataFrame:
+    from serving.bundle import ALERTS_FILE, BUNDLES_DIR
+
+    return pd.read_parquet(settings.path("published") / BUNDLES_DIR / bundle_id / ALERTS_FILE)
 
 
 def _publish_a_freeze(settings: Settings, merchant: str) -> str:
@@ -171,3 +217,28 @@ def test_schedule_refresh_is_a_daily_deployment_with_this_workspace(tmp_path):
     assert deployment.parameters["source"] == str(SAMPLE.resolve())
     with pytest.raises(ScfriskError, match="not a valid cron expression"):
         daily_deployment(settings, SAMPLE, cron="every day")
+
+
+@pytest.mark.slow
+def test_a_refresh_from_the_database_pulls_only_what_changed_since_the_last_pull(database, tmp_path):
+    import pyarrow.compute as pc
+
+    from core.postgres import load
+    from pipelines.refresh import refresh
+    from testkit.service import register_champion
+    from tests.sample_slice import changed_at, sample_slice
+
+    last = pd.Timestamp("2025-12-31").to_pydatetime()
+    platform = sample_slice(20)
+    base = {n: t.filter(pc.less(changed_at(t, n), last)) for n, t in platform.items()}
+    day = {n: t.filter(pc.greater_equal(changed_at(t, n), last)) for n, t in platform.items()}
+    load(database, {n: t.to_batches() for n, t in base.items()})
+    settings = Settings(home=tmp_path / "home")
+    register_champion(settings)
+    first = refresh(settings, database)
+    assert first.pulled["orders"] == base["orders"].num_rows
+    load(database, {n: t.to_batches() for n, t in day.items()})
+    second = refresh(settings, database)
+    assert second.as_of == pd.Timestamp(last) + pd.Timedelta(days=1)
+    # The day's rows and the last hour re-read before the watermark (`watermark_overlap_seconds`), not the history.
+    assert day["orders"].num_rows <= second.pulled["orders"] < day["orders"].num_rows + 100

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from urllib.parse import urlparse
 
 import mlflow
 import numpy as np
@@ -18,7 +19,7 @@ from core.errors import ScfriskError
 from core.settings import GatesConfig, Settings
 from models.gates import ChampionComparison, Lineage, comparison_basis, decide_promotion
 from models.pd_model import PDModel
-from models.registry import CHALLENGER, CHAMPION, load_pd_model, model_settings, promote
+from models.registry import CHALLENGER, CHAMPION, load_pd_model, load_registered, model_settings, promote
 from pipelines.cli import app
 from pipelines.train import assign_slices, run_training
 from testkit.synthetic import DIRECTIONS, synthetic_applications
@@ -115,6 +116,36 @@ def test_manual_promotion_is_recorded_on_the_version(history):
     assert tags["promotion_reason"] == "regulator asked for the simpler model" and tags["promoted_at"]
     with pytest.raises(ScfriskError, match="has no version 99"):
         promote(settings, "99", "typo")
+
+
+def test_champion_is_read_once_as_the_version_the_alias_names_after_promotion_and_rollback(history):
+    """Model, version number and run come from one read of the alias, whichever version it names now."""
+    settings, frame, (_, strong, weak_again) = history
+    name, sample = settings.mlflow.registered_model, frame.head(50)
+    for trained in (strong, weak_again):  # roll back to the better model, then promote the weak one again
+        promote(settings, trained.version, "rollback drill", user="risk-officer")
+        found = load_registered(settings, CHAMPION)
+        assert (found.version, found.run_id) == (trained.version, trained.run_id)
+        pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/{trained.version}")
+        np.testing.assert_allclose(found.model.predict_pd(sample), np.asarray(pyfunc.predict(sample)))
+    assert load_registered(settings, "no-such-alias") is None
+
+
+def test_champion_whose_files_are_gone_is_refused_in_one_line(history):
+    settings, _, _ = history
+    found = load_registered(settings, CHAMPION)
+    uri = MlflowClient(settings.tracking_uri).get_model_version_download_uri(settings.mlflow.registered_model,
+                                                                             found.version)
+    files = Path(urlparse(uri).path)
+    aside = files.with_name("moved-away")
+    files.rename(aside)
+    try:
+        with pytest.raises(ScfriskError, match=rf"^registered model 'loans' v{found.version} \(champion\): its "
+                                               rf"files at {uri}/artifacts/pd_model cannot be read \(.+\); restore "
+                                               "the workspace's artifact store"):
+            load_registered(settings, CHAMPION)
+    finally:
+        aside.rename(files)
 
 
 def test_gates_need_every_check():
