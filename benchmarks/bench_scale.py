@@ -17,6 +17,8 @@ section from those files only.
 
     python -m benchmarks.bench_scale run orders_100m dask 2 --keep   # one run (hours at 100M on a loaded machine)
     python -m benchmarks.bench_scale run orders_100m dask 2 --resume # go on from the first stage not done
+    python -m benchmarks.bench_scale run orders_10m dask 2 --raw <raw store>   # features on: an ingested store
+    python -m benchmarks.bench_scale engines orders_10m        # one ingest, then local, dask x1, x2 side by side
     python -m benchmarks.bench_scale report                    # the docs section from the results so far
     python -m benchmarks.bench_scale                           # every run of the section, then the report
 """
@@ -35,7 +37,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import psutil
@@ -249,10 +251,14 @@ def count_rows(folder: Path) -> int:
     return ds.dataset(folder, format="parquet").count_rows()
 
 
-def run(dataset: str, engine: str, workers: int, keep: bool = False, resume: bool = False) -> RunResult:
-    """Every stage on one dataset and engine in a new workspace; the JSON is rewritten after each stage.
+def run(dataset: str, engine: str, workers: int, keep: bool = False, resume: bool = False,
+        stages: tuple[str, ...] | None = None, raw: Path | None = None) -> RunResult:
+    """Every stage (or those of `stages`) on one dataset and engine in a new workspace; the JSON is rewritten
+    after each stage.
 
-    `resume`: continue a run kept with `keep` (its workspace and JSON), from the first stage not yet done."""
+    `resume`: continue a run kept with `keep` (its workspace and JSON), from the first stage not yet done.
+    `raw`: read that raw store (another run's ingest: the snapshot is the same on every engine) instead of
+    ingesting; the run's JSON keeps the ingest stage an earlier run of this engine measured, noted as such."""
     from benchmarks.common import machine
 
     source = DATA / dataset
@@ -263,8 +269,12 @@ def run(dataset: str, engine: str, workers: int, keep: bool = False, resume: boo
     env.pop("PREFECT_API_URL", None)
     if engine == "dask":
         env |= {"SCFRISK_COMPUTE__N_WORKERS": str(workers), "SCFRISK_COMPUTE__MEMORY_LIMIT": MEMORY_LIMIT,
-                "SCFRISK_COMPUTE__THREADS_PER_WORKER": "1", **DASK_WORKAROUND}
-    previous = load_results().get((dataset, engine, workers)) if resume and home.is_dir() else None
+                "SCFRISK_COMPUTE__THREADS_PER_WORKER": "1", **DASK_WORKAROUND,
+                "SCFRISK_COMPUTE__TRAIN_IN_MEMORY_ROWS": "1"}  # measure the data-parallel fit, not a local one
+    if raw is not None:
+        env["SCFRISK_PATHS__RAW_STORE"] = str(raw)
+    earlier = load_results().get((dataset, engine, workers))
+    previous = earlier if resume and home.is_dir() else None
     if previous is not None:
         result = previous
         result.stages = [s for s in result.stages if s.ok]
@@ -276,7 +286,10 @@ def run(dataset: str, engine: str, workers: int, keep: bool = False, resume: boo
                               check=False).stdout.strip()
         result = RunResult(dataset, engine, workers, count_rows(source / "orders"), count_rows(source / "merchants"),
                            machine(), code=code)
-    done = {s.stage for s in result.stages}
+        if raw is not None:
+            result.stages = [replace(s, note=f"{s.note}from an earlier run ({earlier.code}); this run read {raw}")
+                             for s in (earlier.stages if earlier else []) if s.stage == "ingest" and s.ok]
+    done = {s.stage for s in result.stages} | ({"ingest"} if raw is not None else set())
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(asdict(result), indent=1))
     cli = [sys.executable, "-m", "pipelines.cli"]
@@ -284,7 +297,7 @@ def run(dataset: str, engine: str, workers: int, keep: bool = False, resume: boo
     stage = ""
     try:
         for stage, args in STAGES:
-            if stage in done:
+            if stage in done or (stages is not None and stage not in stages):
                 continue
             args = [a.format(source=source) for a in args]
             print(f"[{time.strftime('%H:%M:%S')}] {dataset} {label(engine, workers)}: {stage} ...", flush=True)
@@ -298,7 +311,7 @@ def run(dataset: str, engine: str, workers: int, keep: bool = False, resume: boo
                 result.stopped = f"{stage} failed: {measured.note}"
                 break
         else:
-            result.finished = True
+            result.finished = stages is None
     except KeyboardInterrupt:
         result.stopped = f"interrupted during {stage}"
     finally:
@@ -352,7 +365,8 @@ def stage_table(run_result: RunResult) -> str:
                 f"| | {max((s.driver_peak_mb for s in done), default=0):,.0f} | "
                 f"{max((max(s.worker_peak_mb, default=0) for s in done), default=0):,.0f} | "
                 f"{max((s.tree_peak_mb for s in done), default=0):,.0f} | |")
-    failures = [f"* {s.stage} failed: {_cell(s.note, 400)}" for s in run_result.stages if not s.ok]
+    failures = [f"* {s.stage} failed: {_cell(s.note, 400)}" if not s.ok else f"* {s.stage}: {_cell(s.note, 400)}"
+                for s in run_result.stages if not s.ok or s.note]
     return "\n".join(rows) + ("\n\n" + "\n".join(failures) if failures else "")
 
 
@@ -560,10 +574,10 @@ def projection(results: dict[tuple[str, str, int], RunResult]) -> str:
         rows_target = rows_measured * TARGET_MERCHANTS / biggest.merchants
         notes.append(f"Training: {rows_measured:,} training rows at {biggest.dataset} (fitted on `{engine}`); "
                      f"~{rows_target / 1e6:,.1f}M at {TARGET_MERCHANTS:,} merchants (same loans per merchant), above "
-                     "`train_in_memory_rows` (2M), so `lightgbm.dask` on the workers: at the settings' estimate of "
+                     "`train_in_memory_rows` (2M), so data-parallel on the workers: at the settings' estimate of "
                      f"~1.3 GB per 2M rows, ~{rows_target / 2e6 * 1.3:,.0f} GB spread over the workers (e.g. "
-                     f"{rows_target / 2e6 * 1.3 / 64:,.1f} GB each on 64), on top of their partition peak. Its CPU "
-                     "above is the local fit's, scaled: lightgbm.dask's own cost was not measured here.")
+                     f"{rows_target / 2e6 * 1.3 / 64:,.1f} GB each on 64), on top of their partition peak, plus the "
+                     "binning rows (at most 200,000) and the validation cohort, which every worker holds.")
     return "\n".join(rows) + "\n\n" + "\n\n".join(f"* {n}" for n in notes)
 
 
@@ -597,6 +611,24 @@ def measured_summary(results: dict[tuple[str, str, int], RunResult]) -> str:
     return "\n".join(rows)
 
 
+def engines(dataset: str) -> None:
+    """The local engine's ingest, then features, train and limits on the local engine and on dask x1 and x2 at
+    once (each its own process, so that each counts its own CPU), the dask runs reading the local run's raw
+    store (the same snapshot), then the report. Side by side because one after the other does not fit in a
+    morning on this shared machine; the load column says what that costs in wall time."""
+    bench = [sys.executable, "-m", "benchmarks.bench_scale", "run", dataset]
+    subprocess.run([*bench, "local", "0", "--keep", "--stages", "ingest"], cwd=ROOT, check=True)
+    raw = str(DATA / f"ws_scale_{dataset}_local" / "raw")
+    runs = [subprocess.Popen([*bench, "local", "0", "--resume"], cwd=ROOT)]
+    runs += [subprocess.Popen([*bench, "dask", str(n), "--raw", raw], cwd=ROOT) for n in (2, 1)]
+    for proc in runs:
+        proc.wait()
+    shutil.rmtree(DATA / f"ws_scale_{dataset}_local", ignore_errors=True)
+    text = report()
+    write_section(TITLE, text)
+    write_scaling(load_results())
+
+
 def main() -> None:
     for dataset, engine, workers in RUNS:
         run(dataset, engine, workers)
@@ -608,8 +640,15 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "run":
+        def option(name: str) -> str | None:
+            return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else None
+
+        only, raw = option("--stages"), option("--raw")
         run(sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 0,
-            keep="--keep" in sys.argv or "--resume" in sys.argv, resume="--resume" in sys.argv)
+            keep="--keep" in sys.argv or "--resume" in sys.argv, resume="--resume" in sys.argv,
+            stages=tuple(only.split(",")) if only else None, raw=Path(raw) if raw else None)
+    elif len(sys.argv) > 1 and sys.argv[1] == "engines":
+        engines(sys.argv[2])
     elif len(sys.argv) > 1 and sys.argv[1] == "report":
         text = report()
         print(text)

@@ -5,7 +5,7 @@ workspace first). Each step runs in its own process; on Dask it starts a LocalCl
 thread per worker process) and maps the per-bucket work with the client directly, so the figures are the
 engine's, without Prefect's task records (the flows add those). Features: the training set and the
 snapshot of the last month, per merchant bucket. Training: `train_pd_model` on that training set, in the
-process (local) or with `lightgbm.dask` (every round, then the early-stopping round replayed), 2
+process (local) or data-parallel on the workers (`models.distributed`, early-stopped on every worker), 2
 candidates of at most 300 rounds on every engine. Figures per process: CPU seconds (user + system), peak
 RSS; a worker's are read from the worker itself at the end of the step.
 

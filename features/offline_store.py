@@ -8,9 +8,11 @@ reused only when both still match, so a new ingest or a changed definition recom
 
 Each file is computed per merchant bucket of the raw store (`core.partitioning`: every fact of a merchant is
 in its bucket, and no feature reads another merchant), each part by DuckDB over that bucket's files only,
-then the parts are put in the entity order of the whole (`PART_ORDER`). `map_parts` runs the parts: a loop
-here, or a flow's engine (`pipelines.compute.run_partitions`, Dask workers). The file is bit-equal either
-way, and equal to one query over the whole store (the features' sums are exact: `features.definitions`).
+written to a part file by the process that computed it, then the parts are merged into the entity order of
+the whole (`write_in_order`: the flow's process holds the keys and a bounded number of rows, not the table).
+`map_parts` runs the parts: a loop here, or a flow's engine (`pipelines.compute.run_partitions`, Dask
+workers). The file is bit-equal either way, and equal to one query over the whole store (the features' sums
+are exact: `features.definitions`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from typing import Any
 
 import duckdb
 import fsspec
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pa_fs
 import pyarrow.parquet as pq
 
@@ -45,19 +49,83 @@ META_KEYS = ("feature_set_version", "as_of", "raw_snapshot_id")
 TRAINING_ORDER = ["as_of", "application_id"]
 """Order of the training set's rows (the label query's): the parts of the buckets are sorted back into it."""
 
-PartitionMap = Callable[[Callable[[Any], pd.DataFrame], list[Any], str], list[pd.DataFrame]]
+PartitionMap = Callable[[Callable[[Any], Any], list[Any], str], list[Any]]
 """`map_parts(fn, items, label)`: `fn` of every item, in order (`pipelines.compute.run_partitions`)."""
 
 
-def in_turn(fn: Callable[[Any], pd.DataFrame], items: list[Any], label: str) -> list[pd.DataFrame]:
+def in_turn(fn: Callable[[Any], Any], items: list[Any], label: str) -> list[Any]:
     """The parts one after the other in this process (outside a flow)."""
     return [fn(item) for item in items]
 
 
-def combine(parts: list[pd.DataFrame], order: list[str]) -> pd.DataFrame:
-    """The buckets' parts as one frame in the order of the whole (keys unique across parts)."""
-    filled = [part for part in parts if not part.empty] or parts[:1]
-    return pd.concat(filled, ignore_index=True).sort_values(order, kind="stable", ignore_index=True)
+PART_ROWS = 65_536
+"""Rows per row group of a bucket's part file, and per batch read back from it while merging."""
+WRITE_ROWS = 262_144
+"""Rows of the whole file the merge holds (and writes as one row group) at a time: the flow's memory bound."""
+
+
+def stored_part(fn: Callable[[int], pd.DataFrame], order: list[str], directory: str,
+                filesystem: pa_fs.FileSystem, bucket: int) -> str:
+    """`fn(bucket)` in the whole's order, written to its own file (in `directory` of the store's file system)
+    by the process that computed it (a Dask worker: only the path goes back to the flow)."""
+    path = f"{directory}/bucket={bucket:05d}.parquet"
+    frame = fn(bucket).sort_values(order, kind="stable", ignore_index=True)
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path, row_group_size=PART_ROWS,
+                   filesystem=filesystem)
+    return path
+
+
+def write_in_order(parts: list[str], order: list[str], path: str, metadata: dict[str, str],
+                   filesystem: pa_fs.FileSystem | None = None) -> str:
+    """The buckets' part files (each in `order`, keys unique across them) as one Parquet file in the order of
+    the whole, whole or not at all (a temporary file renamed on a local disk; on object storage one object,
+    which appears when its upload ends); memory: the key columns of every row, and `WRITE_ROWS` rows.
+
+    The same rows and types as sorting the concatenated parts (a type that differs between parts, such as
+    integers in one bucket and floats where another has a missing value, is promoted as pandas would)."""
+    files = [pq.ParquetFile(part, filesystem=filesystem) for part in parts]
+    files = [f for f in files if f.metadata.num_rows] or files[:1]  # an empty bucket's types are guesses
+    schema = pa.unify_schemas([f.schema_arrow for f in files], promote_options="permissive")
+    keys = pa.concat_tables([f.read(columns=order).cast(pa.schema([schema.field(c) for c in order]))
+                             for f in files])
+    source = np.repeat(np.arange(len(files)), [f.metadata.num_rows for f in files])
+    source = source[pc.sort_indices(keys, [(c, "ascending") for c in order]).to_numpy()]
+    del keys
+    readers = [_Rows(f, schema) for f in files]
+    largest = max(files, key=lambda f: f.metadata.num_rows)  # its pandas metadata, not an empty bucket's
+    schema = schema.with_metadata({**(largest.schema_arrow.metadata or {}),
+                                   **{k.encode(): v.encode() for k, v in metadata.items()}})
+    local = filesystem is None or isinstance(filesystem, pa_fs.LocalFileSystem)
+    tmp = f"{path}.tmp" if local else path
+    with pq.ParquetWriter(tmp, schema, filesystem=filesystem) as writer:
+        for start in range(0, len(source), WRITE_ROWS):
+            chunk = source[start:start + WRITE_ROWS]
+            rows = pa.concat_tables([reader.take(n) for reader, n in
+                                     zip(readers, np.bincount(chunk, minlength=len(files)), strict=True)])
+            # rows holds each part's next rows, part after part; the whole's order interleaves them
+            grouped = np.argsort(chunk, kind="stable")
+            picks = np.empty_like(grouped)
+            picks[grouped] = np.arange(len(chunk))
+            writer.write_table(rows.take(picks).replace_schema_metadata(schema.metadata), row_group_size=WRITE_ROWS)
+    if local:
+        Path(tmp).replace(path)
+    return path
+
+
+class _Rows:
+    """A part file read front to back, a given number of rows at a time."""
+
+    def __init__(self, file: pq.ParquetFile, schema: pa.Schema) -> None:
+        self.batches = file.iter_batches(batch_size=PART_ROWS)
+        self.schema = schema
+        self.buffer = pa.Table.from_batches([], schema=file.schema_arrow).cast(schema)
+
+    def take(self, n: int) -> pa.Table:
+        while self.buffer.num_rows < n:
+            batch = pa.Table.from_batches([next(self.batches)]).cast(self.schema)
+            self.buffer = pa.concat_tables([self.buffer, batch])
+        out, self.buffer = self.buffer.slice(0, n), self.buffer.slice(n)
+        return out
 
 
 def merchants_as_of(raw_store: RawStore, as_of: pd.Timestamp, buckets: Sequence[int] | None = None) -> pd.DataFrame:
@@ -186,11 +254,26 @@ class OfflineStore:
         return {"feature_set_version": self.version, "as_of": as_of,
                 "raw_snapshot_id": str(self.raw_store.snapshot_id)}
 
-    def _by_bucket(self, fn: Callable[..., pd.DataFrame], label: str, *args: Any) -> list[pd.DataFrame]:
-        """`fn(raw_store, *args, bucket)` of every bucket, on the store pinned to its snapshot (what a worker
-        reads while the next batch may be committing)."""
-        buckets = list(range(self.raw_store.buckets))
-        return self.map_parts(partial(fn, self.raw_store.pinned(), *args), buckets, label)
+    def _by_bucket(self, location: Path | str, order: list[str], as_of: str, label: str,
+                   fn: Callable[..., pd.DataFrame], *args: Any) -> Path | str:
+        """The file at `location` from `fn(raw_store, *args, bucket)` of every bucket, on the store pinned to
+        its snapshot (what a worker reads while the next batch may be committing): each bucket's rows written to
+        a part file where they are computed, then merged in `order` (`write_in_order`)."""
+        path = self._path(location)
+        folder, name = path.rsplit("/", 1)
+        parts_dir = f"{folder}/.{name.removesuffix('.parquet')}.parts"
+        if self.fs.exists(parts_dir):  # left by a run that stopped
+            self.fs.rm(parts_dir, recursive=True)
+        self.fs.makedirs(parts_dir, exist_ok=True)
+        try:
+            compute = partial(fn, self.raw_store.pinned(), *args)
+            parts = self.map_parts(partial(stored_part, compute, order, parts_dir, self.arrow_fs),
+                                   list(range(self.raw_store.buckets)), label)
+            write_in_order(parts, order, path, self.metadata(as_of), self.arrow_fs)
+            return location
+        finally:
+            if self.fs.exists(parts_dir):
+                self.fs.rm(parts_dir, recursive=True)
 
     def materialize(self, as_of: pd.Timestamp | str) -> Path | str:
         """The snapshot for as_of, computed only if missing or stale."""
@@ -199,9 +282,10 @@ class OfflineStore:
         if self._is_current(path):
             log.info("reusing feature snapshot %s", path)
             return path
-        features = combine(self._by_bucket(snapshot_part, f"features as of {as_of:%Y-%m-%d}", as_of), KEYS)
-        log.info("materialised %d merchants as of %s", len(features), as_of)
-        return self.write(features, path, self.metadata(as_of.isoformat()))
+        self._by_bucket(path, KEYS, as_of.isoformat(), f"features as of {as_of:%Y-%m-%d}", snapshot_part, as_of)
+        rows = pq.ParquetFile(self._path(path), filesystem=self.arrow_fs).metadata.num_rows
+        log.info("materialised %d merchants as of %s", rows, as_of)
+        return path
 
     def read(self, as_of: pd.Timestamp | str) -> pd.DataFrame:
         return self.read_file(self.materialize(as_of))
@@ -212,8 +296,8 @@ class OfflineStore:
         if self._is_current(path):
             log.info("reusing training set %s", path)
             return path
-        parts = self._by_bucket(training_part, "training set", int(horizon_months), last_observation(self.raw_store))
-        return self.write(combine(parts, TRAINING_ORDER), path, self.metadata("applied_at"))
+        return self._by_bucket(path, TRAINING_ORDER, "applied_at", "training set", training_part, int(horizon_months),
+                               last_observation(self.raw_store))
 
 
 def month_starts(raw_store: RawStore) -> list[pd.Timestamp]:

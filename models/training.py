@@ -3,9 +3,10 @@ and the logistic-regression baseline every booster has to beat on the same slice
 
 The chosen candidate is refitted on train + valid before it is used (see `train_pd_model`).
 
-Given a Dask client, every fit runs data-parallel on the cluster's workers (`lightgbm.dask`, for training
-sets larger than one machine should hold); the booster it returns is an ordinary `lgb.Booster`, so
-calibration, SHAP, the gates and the saved model do not know which way it was trained.
+Given a Dask client, every fit runs data-parallel on the cluster's workers (`models.distributed`, for
+training sets larger than one machine should hold), fitting the booster this process would; it returns an
+ordinary `lgb.Booster`, so calibration, SHAP, the gates and the saved model do not know which way it was
+trained.
 
 Classes are NOT reweighted: reweighting inflates the booster's scores and the calibrator would then have to
 undo it on a small validation cohort. Early stopping and the search use validation log loss, which rewards
@@ -15,7 +16,6 @@ both ranking and scale.
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,8 +32,9 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from core.errors import ScfriskError
 from models.calibration import choose_calibrator
+from models.distributed import binned, binning_rows, fit_on_cluster
 from models.master_scale import MasterScale
-from models.pd_model import FeatureSpec, PDModel, clean_text, model_matrix, prepare_features
+from models.pd_model import FeatureSpec, PDModel, clean_text, prepare_features
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -163,54 +164,22 @@ def _booster_params(features: tuple[FeatureSpec, ...], params: dict[str, Any], s
 def boost(params: dict[str, Any], X: pd.DataFrame, y: np.ndarray, rounds: int,
           client: Client | None = None) -> lgb.Booster:
     """`rounds` of boosting on (X, y): in this process, or data-parallel on the workers of `client`
-    (`lightgbm.dask`, one part of the rows per worker; the returned booster is a local one)."""
-    if client is None:
-        return lgb.train(params, lgb.Dataset(X, label=y), num_boost_round=rounds)
-    import dask.dataframe as dd
-    from lightgbm.dask import DaskLGBMClassifier
-
-    parts = max(1, client.scheduler_info(n_workers=0)["n_workers"])  # the count: the listing can be a stale cache
-    # Every part a sample of every period (rows dealt round-robin), not a block of months: each worker
-    # bins and bags its own part, and the model comes closer to the one a single machine fits.
-    order = np.argsort(np.arange(len(X)) % parts, kind="stable")
-    X_parts = dd.from_pandas(X.iloc[order], npartitions=parts, sort=False)
-    y_parts = dd.from_pandas(pd.Series(y[order], index=X.index[order]), npartitions=parts, sort=False)
-    params = {k: v for k, v in params.items() if k != "num_threads"}  # a worker uses its own threads
-    model = DaskLGBMClassifier(client=client, n_estimators=rounds, **params)
-    with client.as_current(), warnings.catch_warnings():  # lightgbm.dask waits on the default client
-        warnings.filterwarnings("ignore", "Parameter n_jobs will be ignored", UserWarning)
-        return model.fit(X_parts, y_parts).booster_
-
-
-def stopping_round(booster: lgb.Booster, X_valid: pd.DataFrame, y_valid: np.ndarray, patience: int) -> int:
-    """The round LightGBM's early stopping keeps: the best validation log loss so far, once `patience`
-    rounds have not improved on it (or the last round). For a booster trained without early stopping:
-    `lightgbm.dask` does not support it, so its fit runs every round and stops afterwards."""
-    matrix = model_matrix(booster, X_valid)
-    margin = np.zeros(len(X_valid))
-    best_loss, best_round = np.inf, 0
-    for i in range(booster.current_iteration()):
-        margin += booster.predict(matrix, raw_score=True, start_iteration=i, num_iteration=1)
-        loss = log_loss(y_valid, 1 / (1 + np.exp(-margin)), labels=[0, 1])
-        if loss < best_loss:
-            best_loss, best_round = loss, i + 1
-        elif i + 1 - best_round >= patience:
-            break
-    return best_round
+    (`models.distributed`: the same booster, the returned one a local one)."""
+    if client is not None:
+        return fit_on_cluster(client, params, X, y, rounds)
+    return lgb.train(params, binned(X, y, params, binning_rows(X, params["seed"])), num_boost_round=rounds)
 
 
 def fit_booster(X_train: pd.DataFrame, y_train: np.ndarray, X_valid: pd.DataFrame, y_valid: np.ndarray,
                 features: tuple[FeatureSpec, ...], params: dict[str, Any], seed: int, max_rounds: int,
                 threads: int = 1, client: Client | None = None) -> lgb.Booster:
     """One LightGBM fit with monotone constraints from the feature directions, early-stopped on validation
-    (on the cluster of `client`, if given: every round, then stopped where early stopping would have)."""
+    (on the cluster of `client`, if given)."""
     params = _booster_params(features, params, seed, threads)
     patience = max(10, max_rounds // 20)
     if client is not None:
-        booster = boost(params, X_train, y_train, max_rounds, client)
-        booster.best_iteration = stopping_round(booster, X_valid, y_valid, patience)
-        return booster
-    train = lgb.Dataset(X_train, label=y_train, free_raw_data=False)
+        return fit_on_cluster(client, params, X_train, y_train, max_rounds, (X_valid, y_valid), patience)
+    train = binned(X_train, y_train, params, binning_rows(X_train, seed))
     valid = lgb.Dataset(X_valid, label=y_valid, reference=train)
     return lgb.train(params, train, num_boost_round=max_rounds, valid_sets=[valid],
                      callbacks=[lgb.early_stopping(patience, verbose=False)])

@@ -58,7 +58,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENGINE_TAG, ENGINE_REASON_TAG = "training_engine", "training_engine_reason"
-"""MLflow tags of the run: where the boosters were fitted (`local` or `lightgbm.dask`), and why."""
+"""MLflow tags of the run: where the boosters were fitted (`local`, or `dask`: LightGBM's data-parallel learner on the
+flow's Dask workers), and why."""
 STRATIFIED_FRACTIONS = (0.2, 0.2)
 """(validation, test) shares of a table without a time column."""
 METRICS_OUT_KEYS = {"auc": "test_auc", "gini": "test_gini", "ks": "test_ks", "brier": "test_brier",
@@ -149,7 +150,7 @@ def assign_slices(frame: pd.DataFrame, y: pd.Series, time_col: str | None, has_t
 
 
 def training_engine(settings: Settings, rows: int, client: Client | None) -> tuple[str, str]:
-    """Where the boosters fit (`lightgbm.dask` on the flow's cluster, or `local` in this process), and why:
+    """Where the boosters fit (`dask`: data-parallel on the flow's cluster, or `local` in this process), and why:
     on the dask engine, only a training set larger than `[compute] train_in_memory_rows` is worth spreading
     (below it, one process fits faster than workers that exchange histograms every split)."""
     limit = settings.compute.train_in_memory_rows
@@ -158,7 +159,8 @@ def training_engine(settings: Settings, rows: int, client: Client | None) -> tup
     if rows <= limit:
         return "local", f"{rows:,} rows <= [compute] train_in_memory_rows {limit:,}: gathered, trained in this process"
     workers = worker_count(client)
-    return "lightgbm.dask", f"{rows:,} rows > [compute] train_in_memory_rows {limit:,}: on {workers} Dask workers"
+    return "dask", (f"{rows:,} rows > [compute] train_in_memory_rows {limit:,}: LightGBM data-parallel on "
+                    f"{workers} Dask workers")
 
 
 def run_training(settings: Settings, frame: pd.DataFrame, target: str, *, time_col: str | None = None,
@@ -196,7 +198,7 @@ def run_training(settings: Settings, frame: pd.DataFrame, target: str, *, time_c
     log.info("training on %s: %s", engine, why)
     result = train_pd_model(data, y, slices, features, seed=settings.seed, max_rounds=settings.model.max_rounds,
                             search_trials=settings.model.search_trials, threads=settings.model.threads,
-                            master_scale=scale, client=client if engine == "lightgbm.dask" else None)
+                            master_scale=scale, client=client if engine == "dask" else None)
     result.extras.update({ENGINE_TAG: engine, ENGINE_REASON_TAG: why})
     groups = [c for c in GROUP_COLUMNS if c in data.columns and c != target]
     baseline_pd = result.baseline.predict_pd(result.model.prepare(data))

@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from prefect import flow
-from sklearn.metrics import roc_auc_score
 
 from core.raw_store import RawStore
 from core.settings import ComputeConfig, FeaturesConfig, ModelConfig, PathsConfig, Settings
@@ -85,7 +84,7 @@ def sample_raw(ingested) -> Path:
 
 @pytest.fixture(scope="module")
 def engines(sample_raw, tmp_path_factory, prefect_server) -> dict[str, tuple[Settings, object]]:
-    """Features built and a model trained on each engine (the dask one forced onto `lightgbm.dask`)."""
+    """Features built and a model trained on each engine (the dask one forced onto data-parallel LightGBM)."""
     from pipelines.compute import on_engine
     from pipelines.features import build_features_flow
     from pipelines.train import train_flow
@@ -133,48 +132,103 @@ def test_feature_files_are_bit_equal_on_both_engines_and_to_one_whole_query(engi
 
 
 @pytest.mark.slow
-def test_lightgbm_dask_model_is_recorded_and_scores_like_the_local_one(engines):
+def test_data_parallel_model_is_recorded_and_scores_like_the_local_one(engines):
     aucs = {}
     for engine, (settings, _, outcome) in engines.items():
         run = mlflow.MlflowClient(settings.tracking_uri).get_run(outcome.run_id)
-        assert run.data.tags["training_engine"] == ("lightgbm.dask" if engine == "dask" else "local")
+        assert run.data.tags["training_engine"] == engine
         reason = run.data.tags["training_engine_reason"]
         assert ("> [compute] train_in_memory_rows 1:" if engine == "dask" else "engine 'local'") in reason
         aucs[engine] = outcome.metrics["test_auc"]
-    # Both calibrate, explain and go through the same gates (the dask model's verdict may differ: on one run
-    # of `make test` it failed the grade monotonicity on the test rows). Their AUCs differ: each worker bags
-    # its own rows and bins its features on its own rows. On the sample that moves the OOT AUC by
-    # 0.002-0.008 (the spread of the local engine over seeds 42-44 is 0.007); issue 15 asks for 0.002, not met.
+    # Both calibrate, explain and go through the same gates (the dask model's verdict may differ). Bins, bags
+    # and the first tree are the local ones (test below); from the second tree on, LightGBM's data-parallel
+    # learner splits a leaf whose row count it estimates from its hessian sum (the counts are not summed
+    # across workers) where one process counts the rows, so `min_child_samples` lets one split and not the
+    # other, and the intermediate monotone constraints are re-searched per worker. Measured on the sample:
+    # OOT AUC 0.7619 local, 0.7660 on 2 workers (0.0041; 0.005-0.0075 with lightgbm.dask's estimator); a
+    # seed of 43 instead of 42 moves the local one by 0.0045. Issue 15 asks for 0.002: not met.
     local_checks, dask_checks = (engines[e][2].decision.reasons for e in ("local", "dask"))
     assert len(dask_checks) == len(local_checks) and all(r.startswith(("pass:", "fail:")) for r in dask_checks)
-    assert abs(aucs["dask"] - aucs["local"]) <= 0.01, aucs
+    assert abs(aucs["dask"] - aucs["local"]) <= 0.006, aucs
+
+
+def test_lightgbm_seeds_are_the_ones_lightgbm_derives_from_seed():
+    """A worker's bagging seed is shifted from the one LightGBM derives from `seed`: the derivation must be
+    LightGBM's, or every worker's bags move."""
+    import lightgbm as lgb
+
+    from models.distributed import lightgbm_seeds
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(3000, 4)), rng.integers(0, 2, 3000)
+    params = {"objective": "binary", "bagging_fraction": 0.5, "bagging_freq": 1, "verbosity": -1, "seed": 7}
+    trees = [lgb.train(p, lgb.Dataset(X, y), 5).dump_model()["tree_info"]
+             for p in (params, {**params, "bagging_seed": lightgbm_seeds(7)["bagging_seed"]},
+                       {**params, "bagging_seed": lightgbm_seeds(7)["bagging_seed"] + 1})]
+    assert trees[0] == trees[1] and trees[0] != trees[2]
 
 
 @pytest.mark.slow
-def test_dask_boosters_without_bagging_come_close_to_the_local_oot_auc(engines):
-    """Without bagging only the bins differ (each worker finds those of some features on its own rows):
-    measured 0.0000 and 0.0023 on two runs of the sample."""
+def test_a_data_parallel_round_bins_and_bags_every_row_as_one_process_does():
+    """The first tree, on 2 workers, with bagging and a leaf of one row allowed: the same tree as in one
+    process. Before: `lightgbm.dask`, whose workers bin on their own rows and repeat each other's bags."""
+    import lightgbm as lgb
     from distributed import Client, LocalCluster
 
-    from features.offline_store import training_frame
-    from models.pd_model import prepare_features
-    from models.registry import CHAMPION, load_pd_model
-    from models.splits import time_split
-    from models.training import DEFAULT_CANDIDATE, refit_booster
+    from models.distributed import binned, fit_on_cluster
 
-    settings, _, _ = engines["local"]
-    frame = training_frame(settings)
-    model = load_pd_model(settings, CHAMPION)
-    X = prepare_features(frame, model.features)
-    y = frame["defaulted"].to_numpy()
-    test = (time_split(frame["as_of"], 2, 2) == "test").to_numpy()
-    params = {**DEFAULT_CANDIDATE, "bagging_fraction": 1.0}
-    local = refit_booster(X[~test], y[~test], model.features, params, 42, 40)
+    rng = np.random.default_rng(3)
+    X = pd.DataFrame(rng.normal(size=(5000, 6)), columns=list("abcdef")).round(2)
+    X.loc[rng.random(5000) < 0.2, "c"] = np.nan
+    y = (rng.random(5000) < 1 / (1 + np.exp(2 - X["a"].fillna(0)))).to_numpy().astype(int)
+    params = {"objective": "binary", "bagging_fraction": 0.5, "bagging_freq": 1, "feature_fraction": 0.7,
+              "min_data_in_leaf": 1, "num_leaves": 15, "deterministic": True, "force_col_wise": True,
+              "verbosity": -1, "seed": 42, "num_threads": 1}
+    local = lgb.train(params, binned(X, y, params, None), 1)
     with LocalCluster(processes=True, host="127.0.0.1", dashboard_address=None, **TWO_WORKERS) as cluster, \
             Client(cluster) as client:
-        dask = refit_booster(X[~test], y[~test], model.features, params, 42, 40, client=client)
-    auc = [roc_auc_score(y[test], b.predict(X[test], raw_score=True)) for b in (local, dask)]
-    assert abs(auc[1] - auc[0]) <= 0.004, auc
+        client.wait_for_workers(2)
+        spread = fit_on_cluster(client, params, X, y, 1)
+
+    def tree(booster: lgb.Booster) -> dict:  # the counts a data-parallel learner estimates are left out
+        text = booster.model_to_string().split("Tree=0")[1].split("end of trees")[0]
+        return {k: v for k, v in (line.split("=", 1) for line in text.splitlines() if "=" in line)
+                if not k.endswith("count")}
+
+    assert tree(spread) == tree(local)
+
+
+def test_bucket_parts_merge_into_the_order_of_the_whole(tmp_path, monkeypatch):
+    """The feature store's files from part files written where the buckets are computed: the rows and types
+    of the concatenated, sorted parts, whatever the chunks the merge holds (an empty bucket, a column that is
+    integer in one bucket and float with a missing value in another, one all missing in a bucket)."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    import features.offline_store as offline
+
+    monkeypatch.setattr(offline, "WRITE_ROWS", 7)
+    monkeypatch.setattr(offline, "PART_ROWS", 3)
+    rng = np.random.default_rng(1)
+    frames = []
+    for bucket, rows in enumerate((0, 5, 13, 9)):
+        frame = pd.DataFrame({"as_of": pd.Timestamp("2024-01-01") + pd.to_timedelta(rng.integers(0, 5, rows), "D"),
+                              "application_id": [f"a{bucket}-{i}" for i in range(rows)],
+                              "x": rng.integers(0, 9, rows),
+                              "t": [None if bucket == 1 else f"s{i}" for i in range(rows)]})
+        if bucket == 2:
+            frame.loc[0, "x"] = np.nan
+        frames.append(frame)
+    disk = pafs.LocalFileSystem()
+    parts = [offline.stored_part(frames.__getitem__, offline.TRAINING_ORDER, str(tmp_path), disk, b) for b in range(4)]
+    merged = offline.write_in_order(parts, offline.TRAINING_ORDER, str(tmp_path / "merged.parquet"), {"as_of": "x"},
+                                    disk)
+    whole = pd.concat(frames[1:], ignore_index=True).sort_values(offline.TRAINING_ORDER, ignore_index=True)
+    pq.write_table(pa.Table.from_pandas(whole, preserve_index=False), tmp_path / "whole.parquet")
+    pd.testing.assert_frame_equal(pd.read_parquet(merged), pd.read_parquet(tmp_path / "whole.parquet"),
+                                  check_exact=True)
+    assert pq.ParquetFile(merged).metadata.num_row_groups == 4 and offline.read_metadata(merged) == {"as_of": "x"}
 
 
 @pytest.mark.slow
