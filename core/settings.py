@@ -229,8 +229,9 @@ class ComputeConfig(_Section):
     merchant_buckets: int = Field(8, ge=1, le=4096)
     """Merchant hash buckets of a new raw store's layout (`core.partitioning`); an existing store keeps its own."""
     train_in_memory_rows: int = Field(2_000_000, ge=1)
-    """Training sets with more rows train with `lightgbm.dask` on the cluster: 2M rows of ~80 float64 features
-    are ~1.3 GB as a frame plus LightGBM's binned copy, well inside one 4 GiB worker or the flow's process."""
+    """Training sets with more rows train data-parallel on the cluster (`models.distributed`): 2M rows of ~80
+    float64 features are ~1.3 GB as a frame plus LightGBM's binned copy, well inside one 4 GiB worker or the
+    flow's process."""
 
     @field_validator("address")
     @classmethod
