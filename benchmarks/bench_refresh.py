@@ -13,6 +13,7 @@ Goals: the day end to end < 30 s on the sample, < 120 s on 10M orders.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tempfile
@@ -148,7 +149,14 @@ def render(results: list[dict], goals: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def main(names: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="One simulated day through scfrisk refresh, against a full rebuild.")
+    parser.add_argument("platforms", nargs="*", metavar="PLATFORM",
+                        help=f"platforms to measure (default: every one whose data exists): {', '.join(PLATFORMS)}")
+    names = parser.parse_args(argv).platforms
+    unknown = [n for n in names if n not in PLATFORMS]
+    if unknown:
+        parser.error(f"unknown platform(s) {', '.join(unknown)}; choose from {', '.join(PLATFORMS)}")
     results = [measure(n, PLATFORMS[n][0]) for n in names or PLATFORMS if (PLATFORMS[n][0] / "orders").is_dir()]
     for r in results:
         print(r, flush=True)
