@@ -203,10 +203,11 @@ class RawStore:
         filesystem = pa_fs.SubTreeFileSystem(self._file(name), storage.arrow_filesystem(self.fs))
         return self._delta(name).to_pyarrow_dataset(partitions=_bucket_filter(buckets), filesystem=filesystem)
 
-    def register(self, con: duckdb.DuckDBPyConnection, name: str, buckets: Sequence[int] | None = None) -> str:
-        """Make the table at the snapshot's version readable in `con` as a view of the same name (its
-        schema's columns, no partition column); return the name. `buckets`: only those merchant buckets'
-        files (a worker's share), all when None.
+    def register(self, con: duckdb.DuckDBPyConnection, name: str, buckets: Sequence[int] | None = None,
+                 view: str | None = None) -> str:
+        """Make the table at the snapshot's version readable in `con` as a view of the same name, or `view`
+        (its schema's columns, no partition column); return the view's name. `buckets`: only those merchant
+        buckets' files (a worker's share), all when None.
 
         On a local disk DuckDB reads the version's Parquet files itself (measured: half the CPU of an Arrow
         dataset scan for the features); elsewhere it scans the Arrow dataset, so no DuckDB extension is
@@ -217,10 +218,10 @@ class RawStore:
             listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
             source = f"read_parquet([{listed}], hive_partitioning = false)"
         else:
-            con.register(f"{name}__delta", self.dataset(name, buckets))
-            source = f"{name}__delta"
-        con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT {columns} FROM {source}")
-        return name
+            con.register(f"{view or name}__delta", self.dataset(name, buckets))
+            source = f"{view or name}__delta"
+        con.execute(f"CREATE OR REPLACE TEMP VIEW {view or name} AS SELECT {columns} FROM {source}")
+        return view or name
 
     def distinct_values(
         self, name: str, column: str, buckets: Sequence[int] | None = None,
