@@ -204,21 +204,22 @@ class RawStore:
         return self._delta(name).to_pyarrow_dataset(partitions=_bucket_filter(buckets), filesystem=filesystem)
 
     def register(self, con: duckdb.DuckDBPyConnection, name: str, buckets: Sequence[int] | None = None,
-                 view: str | None = None) -> str:
+                 view: str | None = None, months: Sequence[str] | None = None) -> str:
         """Make the table at the snapshot's version readable in `con` as a view of the same name, or `view`
         (its schema's columns, no partition column); return the view's name. `buckets`: only those merchant
-        buckets' files (a worker's share), all when None.
+        buckets' files (a worker's share), all when None; `months`: only those months' files.
 
         On a local disk DuckDB reads the version's Parquet files itself (measured: half the CPU of an Arrow
         dataset scan for the features); elsewhere it scans the Arrow dataset, so no DuckDB extension is
         needed for object storage. Either way filters and projections are pushed down."""
         columns = ", ".join(c.name for c in TABLES[name].columns)
-        files = self._delta(name).file_uris(_bucket_filter(buckets)) if self.has_table(name) else []
+        chosen = [*(_bucket_filter(buckets) or []), *([(MONTH, "in", list(months))] if months is not None else [])]
+        files = self._delta(name).file_uris(chosen or None) if self.has_table(name) else []
         if files and isinstance(self.root, Path):
             listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
             source = f"read_parquet([{listed}], hive_partitioning = false)"
         else:
-            con.register(f"{view or name}__delta", self.dataset(name, buckets))
+            con.register(f"{view or name}__delta", self.dataset(name, buckets))  # `months`: the caller's filter
             source = f"{view or name}__delta"
         con.execute(f"CREATE OR REPLACE TEMP VIEW {view or name} AS SELECT {columns} FROM {source}")
         return view or name

@@ -240,13 +240,17 @@ class DailyStore:
                  for c in spec.timestamp_columns if c in read]
         moved = changed.get(source.table, set())
         if moved:  # the rows of the changed partitions that differ in a column read, before or after
-            buckets = sorted({b for _, b in moved})
-            views = [store.register(con, source.table, buckets, view=f"{source.table}__{side}")
+            buckets, months = sorted({b for _, b in moved}), sorted({m for m, _ in moved})
+            views = [store.register(con, source.table, buckets, view=f"{source.table}__{side}", months=months)
                      for side, store in zip(("now", "before"), stores, strict=True)]
-            columns = ", ".join(sorted(read & set(spec.column_index) | {"merchant_id"}))
-            where = _months_sql({m for m, _ in moved}, spec.time_column)
-            now, then = (f"SELECT {columns} FROM {view} WHERE {where}" for view in views)
-            pairs += [f"{pair} ({a} EXCEPT ALL {b}) WHERE {time} IS NOT NULL" for a, b in ((now, then), (then, now))]
+            # A row counted +1 now and -1 before, by its merchant, time and a hash of the columns read: what
+            # does not add up to 0 changed (one group-by, a sixth of the CPU of EXCEPT ALL both ways on 10M
+            # orders; a changed row whose 64-bit hash collides with its old one's would be missed).
+            row = f"merchant_id, {time}, hash({', '.join(sorted(read & set(spec.column_index)))}) AS h"
+            where = f"{time} IS NOT NULL AND ({_months_sql(set(months), spec.time_column)})"
+            rows = " UNION ALL ".join(f"SELECT {row}, {sign} AS s FROM {view} WHERE {where}"
+                                      for sign, view in zip((1, -1), views, strict=True))
+            pairs.append(f"{pair} ({rows}) GROUP BY merchant_id, {time}, h HAVING sum(s) <> 0")
         params = {"old": old_as_of.to_pydatetime(), "new": as_of.to_pydatetime()}
         con.execute(f"CREATE OR REPLACE TEMP TABLE touched AS SELECT DISTINCT * FROM ({' UNION ALL '.join(pairs)})",
                     params)
