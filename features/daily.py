@@ -26,7 +26,7 @@ SQL over the raw store, limited to those features.
 
 A day's partials change only when one of its rows changes or a time of one of its rows (a refund, a due
 date, a delivery) falls between the old and the new as_of; `features.daily_store` recomputes exactly those
-months. Pure functions: SQL text from the definitions.
+(merchant, day) pairs. Pure functions: SQL text from the definitions.
 """
 
 from __future__ import annotations
