@@ -45,6 +45,7 @@ from core.errors import ScfriskError
 from core.partitioning import parse_partition_key
 from core.raw_store import RawStore
 from core.schemas import TABLES
+from core.sql import duckdb_connect
 from features.daily import (
     Plan,
     SourcePlan,
@@ -178,7 +179,7 @@ class DailyStore:
                 cpu[phase] = cpu.get(phase, 0.0) + time.process_time() - start
 
         store = self.raw_store.pinned()  # one snapshot throughout, its manifest read once
-        con = duckdb.connect()
+        con = duckdb_connect()
         tables = table_readers(store, con)
         changed = changed_partitions(before.manifest(), store.manifest()) if before else {}
         files: dict[str, dict[str, str]] = {s.source.name: dict(old["files"].get(s.source.name, {})) if old else {}
