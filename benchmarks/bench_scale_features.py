@@ -98,20 +98,20 @@ def train(feature_store: Path, client: Any, figures: dict[str, Any]) -> None:
     figures |= {"rows": int((~test).sum()), "oot_auc": float(auc)}
 
 
-def measure(step: str, raw: Path, out: Path, workers: int) -> dict[str, Any]:
+def measure(step: str, raw: Path | str, out: Path, workers: int) -> dict[str, Any]:
     wall, peak_mb, stdout = run_measured(
         [sys.executable, "-m", "benchmarks.bench_scale_features", step, str(raw), str(out), str(workers)])
     figures = json.loads(stdout.strip().splitlines()[-1])
     return {**figures, "wall": wall, "peak_mb": peak_mb}
 
 
-def ingested(tmp: Path, dataset: str) -> Path:
+def ingested(tmp: Path, dataset: str) -> str:
     from core.settings import Settings
     from pipelines.ingest import ingest
 
     settings = Settings(home=tmp / "home", policy_file=Path(__file__).resolve().parents[1] / "policy.toml")
     ingest(Path(dataset) if Path(dataset).is_dir() else BENCH_DATA / dataset, settings)
-    return settings.path("raw_store")
+    return settings.store_url("raw_store")
 
 
 def row(step: str, engine: str, m: dict[str, Any], local: dict[str, Any]) -> str:
@@ -123,7 +123,7 @@ def row(step: str, engine: str, m: dict[str, Any], local: dict[str, Any]) -> str
             f"| {m['driver_cpu']:.0f} | {m['peak_mb']:,.0f} | {per_worker}{auc} |")
 
 
-def main(dataset: str = DATASET, raw: Path | None = None) -> None:
+def main(dataset: str = DATASET, raw: Path | str | None = None) -> None:
     load_before = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
