@@ -250,13 +250,14 @@ def _outputs(config: Path) -> dict[str, object]:
 
 
 def _stages(config: Path, days: dict[str, Path]) -> tuple[dict[str, str], dict[str, object]]:
-    """`scfrisk run` on the base, then `limits`, `train`, `refresh` with the day's pull and `monitor`: each
+    """`scfrisk run` on the base, then `limits`, `train`, `refresh` with the day's pull and `monitor` the day
+    after (the refresh already published its own day's alerts, so a monitor of that day changes nothing): each
     command's output and the features `run` built (`_built`); the bundles published in turn are listed in
     `bundles_in_order` beside the configuration."""
     published = load_settings(config).path("published") / "CURRENT"
     order, said = [], {}
     for argv in (["run", "--source", str(days["base"])], ["limits"], ["train"],
-                 ["refresh", "--source", str(days["day"])], ["monitor"]):
+                 ["refresh", "--source", str(days["day"])], ["monitor", "--as-of", "2025-10-17"]):
         with contextlib.redirect_stdout(io.StringIO()) as out:
             _cli("-c", str(config), *argv)
         said[argv[0]] = out.getvalue()
@@ -286,6 +287,7 @@ def _same(got: dict[str, object], want: dict[str, object]) -> None:
     assert got["snapshot"] == want["snapshot"] is not None
     assert got["metrics"] == want["metrics"] and len(want["metrics"]) == 2
     assert len(got["bundles"]) == len(want["bundles"]) == 3  # run, refresh, monitor
+    assert [b["alerts_as_of"] for b in want["bundles"]][1:] == ["2025-10-16T00:00:00", "2025-10-17T00:00:00"]
     for mine, theirs in zip(got["bundles"], want["bundles"], strict=True):
         assert {k: v for k, v in mine.items() if k != "tables"} == {k: v for k, v in theirs.items() if k != "tables"}
         assert mine["tables"].keys() == theirs["tables"].keys()
