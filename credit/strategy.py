@@ -64,9 +64,6 @@ class StrategySums:
     cutoffs: pd.DataFrame
     """Eligible rows per product and PD bin (`PD_GRID`): count, PD sum and maximum, profit sums."""
 
-    def frames(self) -> list[tuple[str, pd.DataFrame]]:
-        return list(vars(self).items())
-
 
 def _sums(limits: pd.DataFrame, by: str) -> pd.DataFrame:
     """`summarise`'s sums and counts per value of `by`."""
@@ -129,10 +126,10 @@ KEYS = {"by_grade": ["grade"], "by_product": ["product"], "by_segment": ["segmen
 def merge_sums(parts: Sequence[StrategySums]) -> StrategySums:
     """The sums of the parts' rows taken together (parts of one table: same columns and categories)."""
     merged = {}
-    for name, frame in parts[0].frames():
+    for name, keys in KEYS.items():
         frames = [getattr(part, name) for part in parts]
         filled = [f for f in frames if len(f)] or frames[:1]
-        merged[name] = _group(pd.concat(filled, ignore_index=True), KEYS[name])
+        merged[name] = _group(pd.concat(filled, ignore_index=True), keys)
     return StrategySums(**merged)
 
 
