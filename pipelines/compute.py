@@ -14,8 +14,6 @@ one on the dask engine joins the parent's cluster instead of starting its own.
 from __future__ import annotations
 
 import logging
-import os
-import re
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -27,7 +25,6 @@ from core.errors import ScfriskError
 from core.settings import Settings
 
 if TYPE_CHECKING:
-    import duckdb
     from distributed import Client
     from prefect import Flow
     from prefect.task_runners import TaskRunner
@@ -127,49 +124,6 @@ def run_partitions(fn: Callable[[T], R], items: Iterable[T], label: str) -> list
             else:
                 workerless_since = None
         return [future.result() for future in futures]
-
-
-DUCKDB_SHARE = 0.5
-"""The part of its process's memory a DuckDB connection of a task may take: the rest is the task's own
-Arrow and pandas data, and Dask's."""
-
-
-def duckdb_connect(settings: Settings) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection for work inside a task, held to `DUCKDB_SHARE` of its process's memory and to
-    its threads, so that a query spills to disk instead of taking its worker past the limit Dask kills it
-    at (DuckDB's own default is 80% of the machine's memory and every core, per connection). On a Dask
-    worker: the worker's memory limit and threads as the worker knows them; elsewhere `[compute]
-    memory_limit` and the machine's cores."""
-    import duckdb
-
-    limit, threads = _worker_budget()
-    if limit is None:
-        limit = _bytes(settings.compute.memory_limit)
-    config = {"memory_limit": f"{int(limit * DUCKDB_SHARE)}B", "threads": threads or os.cpu_count() or 1}
-    return duckdb.connect(config=config)  # type: ignore[arg-type]
-
-
-def _worker_budget() -> tuple[int | None, int | None]:
-    """(memory limit in bytes, threads) of the Dask worker running this task; (None, None) elsewhere."""
-    if "distributed" not in sys.modules:
-        return None, None
-    from distributed import get_worker
-
-    try:
-        worker = get_worker()
-    except ValueError:
-        return None, None
-    return worker.memory_manager.memory_limit, worker.state.nthreads
-
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def _bytes(size: str) -> int:
-    """Bytes of a size as `[compute] memory_limit` takes it (`4GiB`, `512MB`)."""
-    number, unit = re.fullmatch(r"([\d.]+)\s*([A-Za-z]*)", size.strip()).groups()  # type: ignore[union-attr]
-    return int(float(number) * _UNITS[unit.lower()])
 
 
 WATCH_SECONDS = 5.0
