@@ -95,20 +95,22 @@ def write_in_order(parts: list[str], order: list[str], path: str, metadata: dict
 
 
 def write_merged(parts: list[str], source: Iterable[np.ndarray], path: str, metadata: dict[str, str],
-                 filesystem: pa_fs.FileSystem | None = None) -> str:
-    """Part files as one Parquet file whose rows come, in turn, from the parts `source` names (chunks of at most
-    `WRITE_ROWS` part indices, each part's rows taken front to back), whole or not at all (a temporary file
-    renamed on a local disk; on object storage one object, which appears when its upload ends); memory: one
-    chunk's rows. Each chunk is one row group; types differing between parts are promoted as pandas would."""
+                 filesystem: pa_fs.FileSystem | None = None, out_filesystem: pa_fs.FileSystem | None = None) -> str:
+    """Part files (on `filesystem`) as one Parquet file (on `out_filesystem`, by default the same) whose rows
+    come, in turn, from the parts `source` names (chunks of at most `WRITE_ROWS` part indices, each part's rows
+    taken front to back), whole or not at all (a temporary file renamed on a local disk; on object storage one
+    object, which appears when its upload ends); memory: one chunk's rows. Each chunk is one row group; types
+    differing between parts are promoted as pandas would."""
+    out_filesystem = out_filesystem or filesystem
     files = [pq.ParquetFile(part, filesystem=filesystem) for part in parts]
     schema = _schema(files)
     readers = [_Rows(f, schema) for f in files]
     largest = max(files, key=lambda f: f.metadata.num_rows)  # its pandas metadata, not an empty bucket's
     schema = schema.with_metadata({**(largest.schema_arrow.metadata or {}),
                                    **{k.encode(): v.encode() for k, v in metadata.items()}})
-    local = filesystem is None or isinstance(filesystem, pa_fs.LocalFileSystem)
+    local = out_filesystem is None or isinstance(out_filesystem, pa_fs.LocalFileSystem)
     tmp = f"{path}.tmp" if local else path
-    with pq.ParquetWriter(tmp, schema, filesystem=filesystem) as writer:
+    with pq.ParquetWriter(tmp, schema, filesystem=out_filesystem) as writer:
         for chunk in source:
             rows = pa.concat_tables([reader.take(n) for reader, n in
                                      zip(readers, np.bincount(chunk, minlength=len(files)), strict=True)])

@@ -10,7 +10,6 @@ memory does not grow with the book.
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.fs as pa_fs
 import pyarrow.parquet as pq
 from prefect import flow
 
@@ -48,8 +48,6 @@ from pipelines.compute import run_partitions
 from reporting.strategy_report import write_strategy_report
 
 if TYPE_CHECKING:
-    import pyarrow.fs as pa_fs
-
     from features.offline_store import PartitionMap
 
 log = logging.getLogger(__name__)
@@ -116,13 +114,15 @@ class LimitsPart:
 
 
 def limits_part(snapshot: str, filesystem: pa_fs.FileSystem, model: PDModel, model_version: str,
-                policy: CreditPolicy, parts_dir: Path, rows: tuple[int, int]) -> LimitsPart:
-    """`limits_table` of rows [start, stop) of the snapshot, written to a part file where it is computed (a
-    Dask worker: only the path and the sums go back to the flow)."""
+                policy: CreditPolicy, parts_dir: str, rows: tuple[int, int]) -> LimitsPart:
+    """`limits_table` of rows [start, stop) of the snapshot, written to a part file beside it (on the feature
+    store, which every worker reads) where it is computed (a Dask worker: only the path and the sums go back
+    to the flow)."""
     limits = limits_table(read_rows(snapshot, *rows, filesystem), model, model_version, policy)
-    path = parts_dir / f"rows={rows[0]:012d}.parquet"
-    pq.write_table(pa.Table.from_pandas(limits, preserve_index=False), path, row_group_size=PART_ROWS)
-    return LimitsPart(str(path), rows[1] - rows[0], strategy_sums(limits))
+    path = f"{parts_dir}/rows={rows[0]:012d}.parquet"
+    pq.write_table(pa.Table.from_pandas(limits, preserve_index=False), path, row_group_size=PART_ROWS,
+                   filesystem=filesystem)
+    return LimitsPart(path, rows[1] - rows[0], strategy_sums(limits))
 
 
 def product_major(merchants: list[int], products: int) -> Iterator[np.ndarray]:
@@ -146,21 +146,24 @@ def product_major(merchants: list[int], products: int) -> Iterator[np.ndarray]:
 def partitioned_limits(snapshot: str, filesystem: pa_fs.FileSystem, model: PDModel, model_version: str,
                        policy: CreditPolicy, parts: int, path: Path, map_parts: PartitionMap) -> StrategySums:
     """The limits of every merchant of the snapshot file, computed per slice of it (run by `map_parts`), merged
-    into `path` in the whole's order (products in policy order, merchants in the snapshot's) holding
-    `WRITE_ROWS` rows at a time; the strategy sums of the whole, merged from the slices'."""
+    into `path` (on this machine's disk) in the whole's order (products in policy order, merchants in the
+    snapshot's) holding `WRITE_ROWS` rows at a time; the strategy sums of the whole, merged from the slices'."""
     rows = pq.ParquetFile(snapshot, filesystem=filesystem).metadata.num_rows
-    parts_dir = path.parent / f".{path.stem}.parts"
-    if parts_dir.exists():  # left by a run that stopped
-        shutil.rmtree(parts_dir)
-    parts_dir.mkdir(parents=True)
+    folder, name = snapshot.rsplit("/", 1)
+    parts_dir = f"{folder}/.{name.removesuffix('.parquet')}.limits.parts"
+    filesystem.delete_dir_contents(parts_dir, missing_dir_ok=True)  # left by a run that stopped
+    filesystem.create_dir(parts_dir)
     try:
         score = partial(limits_part, snapshot, filesystem, model, model_version, policy, parts_dir)
         done = map_parts(score, row_ranges(rows, parts), "limits")
         write_merged([part.path for part in done], product_major([part.merchants for part in done],
-                                                                  len(policy.products)), str(path), {})
+                                                                  len(policy.products)), str(path), {}, filesystem,
+                     pa_fs.LocalFileSystem())
         return merge_sums([part.sums for part in done])
     finally:
-        shutil.rmtree(parts_dir, ignore_errors=True)
+        filesystem.delete_dir_contents(parts_dir, missing_dir_ok=True)
+        if filesystem.get_file_info(parts_dir).type != pa_fs.FileType.NotFound:
+            filesystem.delete_dir(parts_dir)
 
 
 def limits_path(settings: Settings, as_of: datetime) -> Path:

@@ -39,7 +39,8 @@ def small_chunks(monkeypatch):
 def test_limits_merged_from_slices_of_the_snapshot_equal_the_table_of_the_whole(trained, tmp_path, small_chunks):
     """Each slice's limits written where it is computed, merged product after product in the snapshot's merchant
     order: the frame `limits_table` gives for the whole snapshot, value for value and type for type; the
-    strategy sums sent back give the whole's strategy tables; no part file is left behind."""
+    strategy sums sent back give the whole's strategy tables; no part file is left behind (they are written
+    beside the snapshot, on the store every worker reads)."""
     extra = limit_inputs(len(trained.frame))
     snapshot = trained.frame.drop(columns="pd").merge(
         extra[["merchant_id", *extra.columns.difference(trained.frame.columns)]], on="merchant_id")
@@ -54,6 +55,7 @@ def test_limits_merged_from_slices_of_the_snapshot_equal_the_table_of_the_whole(
     assert pq.ParquetFile(out).metadata.num_rows == len(snapshot) * len(POLICY.products)
     _assert_tables_equal(tables_of(sums), strategy_tables(whole))
     assert [p.name for p in out.parent.iterdir()] == ["limits.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["as_of.parquet", "limits"]  # no part file left
 
 
 def test_row_ranges_cover_the_rows_in_slices_a_task_reads_alone(tmp_path):
