@@ -42,13 +42,10 @@ def backtest_limits(test: pd.DataFrame, policy: CreditPolicy) -> pd.DataFrame:
     return pd.concat(frames).sort_index()
 
 
-SUMS = ("count", "eligible", "approved_pd", "total_limit", "expected_loss", "expected_profit")
-REALISED_SUMS = ("approved_bad", "realised_loss", "realised_profit")
-CURVE_SUMS = ("approved", "pd_sum", "expected_profit")
-REALISED_CURVE_SUMS = ("defaulted", "realised_profit")
 PD_GRID = np.concatenate([[0.0], np.geomspace(1e-6, 1.0, 2048)])
-"""Upper edges of the PD bins the cut-off curve sums eligible rows over: 0.7% of a PD wide, so a cut-off lies
-within one bin of the PD quantile it stands for; every figure at a cut-off is exact (see `cutoff_curve`)."""
+"""Upper edges of the PD bins the cut-off curve sums eligible rows over: log-spaced, each 0.7% of its PD
+wide (PDs below 1e-6 share the first), so a cut-off lies within one bin of the PD quantile it stands for;
+every figure at a cut-off is exact (see `cutoff_curve`)."""
 
 
 @dataclass(frozen=True)
@@ -119,14 +116,15 @@ def strategy_sums(limits: pd.DataFrame) -> StrategySums:
     )
 
 
-KEYS = {"by_grade": ["grade"], "by_product": ["product"], "by_segment": ["segment"],
+SUM_KEYS = {"by_grade": ["grade"], "by_product": ["product"], "by_segment": ["segment"],
         "exclusions": ["product", "rule"], "cutoffs": ["product", "bin"]}
+"""The groups of each frame of `StrategySums`."""
 
 
 def merge_sums(parts: Sequence[StrategySums]) -> StrategySums:
     """The sums of the parts' rows taken together (parts of one table: same columns and categories)."""
     merged = {}
-    for name, keys in KEYS.items():
+    for name, keys in SUM_KEYS.items():
         frames = [getattr(part, name) for part in parts]
         filled = [f for f in frames if len(f)] or frames[:1]
         merged[name] = _group(pd.concat(filled, ignore_index=True), keys)
@@ -184,8 +182,8 @@ def _curve(sums: StrategySums, points: int) -> pd.DataFrame:
         approved = np.cumsum(bins["approved"].to_numpy())
         wanted = np.maximum(1, np.ceil(np.linspace(0.0, 1.0, points) * approved[-1]))
         taken = np.unique(np.searchsorted(approved, wanted, side="left"))
-        cumulative = {c: np.cumsum(bins[c].to_numpy())[taken] for c in bins.columns if c in
-                      (*CURVE_SUMS, *REALISED_CURVE_SUMS)}
+        cumulative = {c: np.cumsum(bins[c].to_numpy())[taken] for c in bins.columns
+                      if c not in ("product", "bin", "pd_max")}
         curve = {
             "product": product,
             "cutoff_pd": bins["pd_max"].to_numpy()[taken],

@@ -36,26 +36,45 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(limits_module, "WRITE_ROWS", 37)
 
 
+def _snapshot(trained) -> pd.DataFrame:
+    """The explanation tests' merchants with the limit engine's features: a feature snapshot of the model."""
+    extra = limit_inputs(len(trained.frame))
+    return trained.frame.drop(columns="pd").merge(
+        extra[["merchant_id", *extra.columns.difference(trained.frame.columns)]], on="merchant_id")
+
+
 def test_limits_merged_from_slices_of_the_snapshot_equal_the_table_of_the_whole(trained, tmp_path, small_chunks):
     """Each slice's limits written where it is computed, merged product after product in the snapshot's merchant
     order: the frame `limits_table` gives for the whole snapshot, value for value and type for type; the
-    strategy sums sent back give the whole's strategy tables; no part file is left behind (they are written
-    beside the snapshot, on the store every worker reads)."""
-    extra = limit_inputs(len(trained.frame))
-    snapshot = trained.frame.drop(columns="pd").merge(
-        extra[["merchant_id", *extra.columns.difference(trained.frame.columns)]], on="merchant_id")
+    strategy sums sent back give the whole's strategy tables; no part file is left behind."""
     snapshot_path = tmp_path / "as_of.parquet"
-    pq.write_table(pa.Table.from_pandas(snapshot, preserve_index=False), snapshot_path, row_group_size=500)
+    pq.write_table(pa.Table.from_pandas(_snapshot(trained), preserve_index=False), snapshot_path, row_group_size=500)
     out = tmp_path / "limits" / "limits.parquet"
     out.parent.mkdir()
     sums = partitioned_limits(str(snapshot_path), pafs.LocalFileSystem(), trained.model, "7", POLICY, 5, out, in_turn)
 
     whole = limits_table(pd.read_parquet(snapshot_path), trained.model, "7", POLICY)
     pd.testing.assert_frame_equal(pd.read_parquet(out), whole, check_exact=True)
-    assert pq.ParquetFile(out).metadata.num_rows == len(snapshot) * len(POLICY.products)
+    assert pq.ParquetFile(out).metadata.num_rows == len(whole)
     _assert_tables_equal(tables_of(sums), strategy_tables(whole))
-    assert [p.name for p in out.parent.iterdir()] == ["limits.parquet"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["as_of.parquet", "limits"]  # no part file left
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["as_of.parquet", "limits", "limits.parquet"]
+
+
+def test_limits_of_a_snapshot_on_object_storage_are_merged_onto_the_flows_disk(trained, bucket, tmp_path):
+    """The parts are written beside the snapshot, on the store every worker reads (not on the flow's disk,
+    which a worker of a remote cluster does not see), and removed once merged."""
+    from core import storage
+
+    fs, _ = storage.filesystem(f"s3://{bucket}/features")
+    arrow = storage.arrow_filesystem(fs)
+    snapshot = f"{bucket}/features/as_of.parquet"
+    pq.write_table(pa.Table.from_pandas(_snapshot(trained), preserve_index=False), snapshot, filesystem=arrow)
+    out = tmp_path / "limits.parquet"
+    partitioned_limits(snapshot, arrow, trained.model, "7", POLICY, 3, out, in_turn)
+    whole = limits_table(pd.read_parquet(snapshot, filesystem=arrow), trained.model, "7", POLICY)
+    pd.testing.assert_frame_equal(pd.read_parquet(out), whole, check_exact=True)
+    fs.invalidate_cache()
+    assert fs.find(bucket) == [snapshot]
 
 
 def test_row_ranges_cover_the_rows_in_slices_a_task_reads_alone(tmp_path):
