@@ -153,6 +153,7 @@ def partitioned_limits(snapshot: str, filesystem: pa_fs.FileSystem, model: PDMod
     parts_dir = f"{folder}/.{name.removesuffix('.parquet')}.limits.parts"
     filesystem.delete_dir_contents(parts_dir, missing_dir_ok=True)  # left by a run that stopped
     filesystem.create_dir(parts_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         score = partial(limits_part, snapshot, filesystem, model, model_version, policy, parts_dir)
         done = map_parts(score, row_ranges(rows, parts), "limits")

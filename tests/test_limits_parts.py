@@ -49,8 +49,7 @@ def test_limits_merged_from_slices_of_the_snapshot_equal_the_table_of_the_whole(
     strategy sums sent back give the whole's strategy tables; no part file is left behind."""
     snapshot_path = tmp_path / "as_of.parquet"
     pq.write_table(pa.Table.from_pandas(_snapshot(trained), preserve_index=False), snapshot_path, row_group_size=500)
-    out = tmp_path / "limits" / "limits.parquet"
-    out.parent.mkdir()
+    out = tmp_path / "limits" / "limits.parquet"  # a folder the flow makes
     sums = partitioned_limits(str(snapshot_path), pafs.LocalFileSystem(), trained.model, "7", POLICY, 5, out, in_turn)
 
     whole = limits_table(pd.read_parquet(snapshot_path), trained.model, "7", POLICY)
@@ -69,7 +68,7 @@ def test_limits_of_a_snapshot_on_object_storage_are_merged_onto_the_flows_disk(t
     arrow = storage.arrow_filesystem(fs)
     snapshot = f"{bucket}/features/as_of.parquet"
     pq.write_table(pa.Table.from_pandas(_snapshot(trained), preserve_index=False), snapshot, filesystem=arrow)
-    out = tmp_path / "limits.parquet"
+    out = tmp_path / "limits" / "limits.parquet"
     partitioned_limits(snapshot, arrow, trained.model, "7", POLICY, 3, out, in_turn)
     whole = limits_table(pd.read_parquet(snapshot, filesystem=arrow), trained.model, "7", POLICY)
     pd.testing.assert_frame_equal(pd.read_parquet(out), whole, check_exact=True)
