@@ -101,33 +101,39 @@ def run_partitions(fn: Callable[[T], R], items: Iterable[T], label: str) -> list
             return results
         from prefect import task
         from prefect.cache_policies import NO_CACHE
-        from prefect.futures import wait
 
         # No cache key (hashing large arguments) and no stored results: the flow takes them as they come.
         # One opaque argument: Prefect walks the contents of dataclasses, lists and dicts passed to a task
         # (a batch's file lists, a manifest) looking for futures, for every task, on both sides.
         apply = task(_apply, name=label, cache_policy=NO_CACHE, persist_result=False)
         futures = [apply.submit(_Work(fn, item)) for item in items]
-        pending, workerless_since = set(futures), None
+        # Polled, not `prefect.futures.wait(timeout=...)`: that arms SIGALRM in the flow's main thread on every
+        # call, and an alarm landing while `threading.Event.wait` re-takes its lock raised "release unlocked
+        # lock" and failed a 100M-order ingest after 45 minutes.
+        pending, workerless_since, watched = set(futures), None, time.monotonic()
         while pending:
-            done, pending = wait(list(pending), timeout=WATCH_SECONDS)
+            done = {future for future in pending if future.wrapped_future.done()}
+            pending -= done
             progress.advance(bar, len(done))
-            if pending and not worker_count(client):
-                workerless_since = workerless_since or time.monotonic()
-                if _started_here() or time.monotonic() - workerless_since > LOST_WORKERS_SECONDS:
+            if pending and time.monotonic() - watched >= WATCH_SECONDS:
+                watched = time.monotonic()
+                workerless_since = None if worker_count(client) else workerless_since or watched
+                if workerless_since and (_started_here() or watched - workerless_since > LOST_WORKERS_SECONDS):
                     raise EngineError(
                         f"the Dask cluster at {client.scheduler.address} has no workers left, so {label} cannot "
                         f"finish ({len(pending)} of {len(items)} partitions not done); its workers were lost "
                         "(out of memory, or dropped by a scheduler that did not hear from them: see "
                         "docs/scaling.md). Nothing was published; run the command again"
                     )
-            else:
-                workerless_since = None
+            if pending:
+                time.sleep(POLL_SECONDS)
         return [future.result() for future in futures]
 
 
 WATCH_SECONDS = 5.0
 """How often a flow waiting on its partitions checks that the cluster still has workers."""
+POLL_SECONDS = 0.1
+"""How often it looks for finished partitions (a look is a flag read per pending future)."""
 LOST_WORKERS_SECONDS = 120.0
 """How long a flow waits on a cluster at `address` with no workers (one scaling up from zero gets them
 back) before it fails. A LocalCluster the flow started never gets them back: it fails at once."""

@@ -252,8 +252,8 @@ def _outputs(config: Path) -> dict[str, object]:
 def _stages(config: Path, days: dict[str, Path]) -> tuple[dict[str, str], dict[str, object]]:
     """`scfrisk run` on the base, then `limits`, `train`, `refresh` with the day's pull and `monitor` the day
     after (the refresh already published its own day's alerts, so a monitor of that day changes nothing): each
-    command's output, the features `run` built (`_built`) and the metrics of its model; the bundles published in turn are listed in
-    `bundles_in_order` beside the configuration."""
+    command's output, the features `run` built (`_built`) and the metrics of its model; the bundles published
+    in turn are listed in `bundles_in_order` beside the configuration."""
     published = load_settings(config).path("published") / "CURRENT"
     order, said = [], {}
     for argv in (["run", "--source", str(days["base"])], ["limits"], ["train"],
