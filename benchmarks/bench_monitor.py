@@ -87,7 +87,7 @@ def rule_figures(pairs: pd.DataFrame, flagged: pd.Series, day90: pd.Series, days
 
 
 def measure(settings: Settings) -> dict:
-    store = RawStore(settings.path("raw_store"))
+    store = RawStore.from_settings(settings)
     policy = load_policy(settings.policy_file)
     bundle = live_bundle(settings)
     oracle = pd.read_parquet(SOURCE / "oracle" / "loans", columns=["loan_id", "dpd90_at"]).dropna()

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import fsspec
 import numpy as np
 import pandas as pd
 
@@ -60,8 +61,9 @@ def measure(name: str, source: Path) -> dict:
     from core.settings import Settings
     from features.daily_store import DailyStore
     from features.offline_store import OfflineStore
+    from features.online_store import ONLINE_FILE
     from pipelines.ingest import ingest
-    from pipelines.refresh import refresh
+    from pipelines.refresh import partials_folder, refresh
     from testkit.daily import split_day
     from testkit.service import register_champion
 
@@ -75,19 +77,19 @@ def measure(name: str, source: Path) -> dict:
         base_s = time.perf_counter() - wall
         register_champion(settings)
         wall, cpu = time.perf_counter(), time.process_time()
-        first = DailyStore(settings.path("feature_store"), RawStore(settings.path("raw_store"))).refresh(day)
+        first = DailyStore(partials_folder(settings), RawStore.from_settings(settings)).refresh(day)
         first_s, first_cpu = time.perf_counter() - wall, time.process_time() - cpu
         load = os.getloadavg()[0]
         wall, cpu = time.perf_counter(), time.process_time()
         summary = refresh(settings, work / "day")
         day_s, day_cpu = time.perf_counter() - wall, time.process_time() - cpu
         wall, cpu = time.perf_counter(), time.process_time()
-        store = RawStore(settings.path("raw_store"))
-        offline = OfflineStore(settings.path("feature_store"), store)
-        offline.snapshot_path(summary.as_of).unlink()  # the refresh wrote it: recompute it from the raw store
+        offline = OfflineStore.from_settings(settings)
+        # the refresh wrote it: recompute it from the raw store
+        offline.fs.rm(fsspec.core.strip_protocol(str(offline.snapshot_path(summary.as_of))))
         full = offline.read(summary.as_of)
         full_s, full_cpu = time.perf_counter() - wall, time.process_time() - cpu
-        incremental = pd.read_parquet(settings.path("feature_store") / "online" / "features.parquet")
+        incremental = offline.read_file(offline.location(*ONLINE_FILE.parts))
         return {
             "name": name, "day": day, "counts": counts, "merchants": summary.merchants, "base_s": base_s,
             "first_s": first_s, "first_cpu": first_cpu, "first_rows": len(first.features),

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from functools import partial
 from pathlib import Path, PurePosixPath
@@ -78,28 +78,40 @@ def stored_part(fn: Callable[[int], pd.DataFrame], order: list[str], directory: 
 def write_in_order(parts: list[str], order: list[str], path: str, metadata: dict[str, str],
                    filesystem: pa_fs.FileSystem | None = None) -> str:
     """The buckets' part files (each in `order`, keys unique across them) as one Parquet file in the order of
-    the whole, whole or not at all (a temporary file renamed on a local disk; on object storage one object,
-    which appears when its upload ends); memory: the key columns of every row, and `WRITE_ROWS` rows.
+    the whole (`write_merged`); memory: the key columns of every row, and `WRITE_ROWS` rows.
 
     The same rows and types as sorting the concatenated parts (a type that differs between parts, such as
     integers in one bucket and floats where another has a missing value, is promoted as pandas would)."""
     files = [pq.ParquetFile(part, filesystem=filesystem) for part in parts]
-    files = [f for f in files if f.metadata.num_rows] or files[:1]  # an empty bucket's types are guesses
-    schema = pa.unify_schemas([f.schema_arrow for f in files], promote_options="permissive")
-    keys = pa.concat_tables([f.read(columns=order).cast(pa.schema([schema.field(c) for c in order]))
-                             for f in files])
-    source = np.repeat(np.arange(len(files)), [f.metadata.num_rows for f in files])
+    filled = [i for i, f in enumerate(files) if f.metadata.num_rows]
+    schema = _schema(files)
+    keys = pa.concat_tables([files[i].read(columns=order).cast(pa.schema([schema.field(c) for c in order]))
+                             for i in filled] or [pa.table({c: pa.array([], schema.field(c).type) for c in order})])
+    source = np.repeat(np.array(filled, dtype=np.int64), [files[i].metadata.num_rows for i in filled])
     source = source[pc.sort_indices(keys, [(c, "ascending") for c in order]).to_numpy()]
     del keys
+    return write_merged(parts, (source[s:s + WRITE_ROWS] for s in range(0, len(source), WRITE_ROWS)), path,
+                        metadata, filesystem)
+
+
+def write_merged(parts: list[str], source: Iterable[np.ndarray], path: str, metadata: dict[str, str],
+                 filesystem: pa_fs.FileSystem | None = None, out_filesystem: pa_fs.FileSystem | None = None) -> str:
+    """Part files (on `filesystem`) as one Parquet file (on `out_filesystem`, by default the same) whose rows
+    come, in turn, from the parts `source` names (chunks of at most `WRITE_ROWS` part indices, each part's rows
+    taken front to back), whole or not at all (a temporary file renamed on a local disk; on object storage one
+    object, which appears when its upload ends); memory: one chunk's rows. Each chunk is one row group; types
+    differing between parts are promoted as pandas would."""
+    out_filesystem = out_filesystem or filesystem
+    files = [pq.ParquetFile(part, filesystem=filesystem) for part in parts]
+    schema = _schema(files)
     readers = [_Rows(f, schema) for f in files]
     largest = max(files, key=lambda f: f.metadata.num_rows)  # its pandas metadata, not an empty bucket's
     schema = schema.with_metadata({**(largest.schema_arrow.metadata or {}),
                                    **{k.encode(): v.encode() for k, v in metadata.items()}})
-    local = filesystem is None or isinstance(filesystem, pa_fs.LocalFileSystem)
+    local = out_filesystem is None or isinstance(out_filesystem, pa_fs.LocalFileSystem)
     tmp = f"{path}.tmp" if local else path
-    with pq.ParquetWriter(tmp, schema, filesystem=filesystem) as writer:
-        for start in range(0, len(source), WRITE_ROWS):
-            chunk = source[start:start + WRITE_ROWS]
+    with pq.ParquetWriter(tmp, schema, filesystem=out_filesystem) as writer:
+        for chunk in source:
             rows = pa.concat_tables([reader.take(n) for reader, n in
                                      zip(readers, np.bincount(chunk, minlength=len(files)), strict=True)])
             # rows holds each part's next rows, part after part; the whole's order interleaves them
@@ -110,6 +122,25 @@ def write_in_order(parts: list[str], order: list[str], path: str, metadata: dict
     if local:
         Path(tmp).replace(path)
     return path
+
+
+def _schema(files: list[pq.ParquetFile]) -> pa.Schema:
+    """The parts' common schema; an empty bucket's types are guesses, so only filled parts count."""
+    filled = [f for f in files if f.metadata.num_rows] or files[:1]
+    return pa.unify_schemas([f.schema_arrow for f in filled], promote_options="permissive")
+
+
+def read_rows(path: str, start: int, stop: int, filesystem: pa_fs.FileSystem | None = None) -> pd.DataFrame:
+    """Rows [start, stop) of a Parquet file, as pandas reads them from the whole file, reading only the row
+    groups that hold them: a task's share of a store file, named by offsets so the flow never holds the rows."""
+    file = pq.ParquetFile(path, filesystem=filesystem)
+    sizes = np.array([file.metadata.row_group(i).num_rows for i in range(file.num_row_groups)], dtype=np.int64)
+    ends = np.cumsum(sizes)
+    groups = np.flatnonzero((ends - sizes < stop) & (ends > start))
+    if not len(groups):
+        return file.schema_arrow.empty_table().to_pandas()
+    table = file.read_row_groups(groups.tolist())
+    return table.slice(start - int(ends[groups[0]] - sizes[groups[0]]), stop - start).to_pandas()
 
 
 class _Rows:
@@ -189,7 +220,7 @@ class OfflineStore:
             return self.root.joinpath(*parts)
         return "/".join([self.root.rstrip("/"), *parts])
 
-    def _path(self, location: Path | str) -> str:
+    def arrow_path(self, location: Path | str) -> str:
         """The location as the store's file systems name it."""
         return fsspec.core.strip_protocol(str(location))
 
@@ -202,19 +233,19 @@ class OfflineStore:
 
     def snapshot_files(self, version: str) -> list[Path | str]:
         """The monthly snapshots kept for a feature-set version, oldest first."""
-        folder = self._path(self.location(f"version={version}"))
+        folder = self.arrow_path(self.location(f"version={version}"))
         names = sorted(PurePosixPath(p).name for p in self.fs.glob(f"{folder}/as_of=*.parquet"))
         return [self.location(f"version={version}", name) for name in names]
 
     def read_file(self, location: Path | str, columns: list[str] | None = None) -> pd.DataFrame:
-        return pd.read_parquet(self._path(location), columns=columns, filesystem=self.arrow_fs)
+        return pd.read_parquet(self.arrow_path(location), columns=columns, filesystem=self.arrow_fs)
 
     def write(self, frame: pd.DataFrame, location: Path | str, metadata: dict[str, str]) -> Path | str:
         """Write the frame with its metadata so that a reader never sees half a file: a temporary file
         renamed on a local disk; on object storage one object, which appears whole when its upload ends."""
         table = pa.Table.from_pandas(frame, preserve_index=False)
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-        path = self._path(location)
+        path = self.arrow_path(location)
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         if not isinstance(self.root, Path):
             pq.write_table(table, path, filesystem=self.arrow_fs)
@@ -225,7 +256,7 @@ class OfflineStore:
 
     def copy(self, source: Path | str, target: Path | str) -> Path | str:
         """Replace `target` by a copy of `source`, whole or not at all (a rename, or one object copy)."""
-        src, dst = self._path(source), self._path(target)
+        src, dst = self.arrow_path(source), self.arrow_path(target)
         self.fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
         if not isinstance(self.root, Path):
             self.fs.copy(src, dst)
@@ -238,16 +269,16 @@ class OfflineStore:
         """A file of the store on this machine's disk: itself in a local store, else downloaded into `folder`."""
         if isinstance(location, Path):
             return location
-        target = folder / PurePosixPath(self._path(location)).name
-        self.fs.get_file(self._path(location), str(target))
+        target = folder / PurePosixPath(self.arrow_path(location)).name
+        self.fs.get_file(self.arrow_path(location), str(target))
         return target
 
     def _is_current(self, location: Path | str) -> bool:
         snapshot = self.raw_store.snapshot_id
         return (
             snapshot is not None
-            and self.fs.isfile(self._path(location))
-            and read_metadata(self._path(location), self.arrow_fs).get("raw_snapshot_id") == snapshot
+            and self.fs.isfile(self.arrow_path(location))
+            and read_metadata(self.arrow_path(location), self.arrow_fs).get("raw_snapshot_id") == snapshot
         )
 
     def metadata(self, as_of: str) -> dict[str, str]:
@@ -259,7 +290,7 @@ class OfflineStore:
         """The file at `location` from `fn(raw_store, *args, bucket)` of every bucket, on the store pinned to
         its snapshot (what a worker reads while the next batch may be committing): each bucket's rows written to
         a part file where they are computed, then merged in `order` (`write_in_order`)."""
-        path = self._path(location)
+        path = self.arrow_path(location)
         folder, name = path.rsplit("/", 1)
         parts_dir = f"{folder}/.{name.removesuffix('.parquet')}.parts"
         if self.fs.exists(parts_dir):  # left by a run that stopped
@@ -283,7 +314,7 @@ class OfflineStore:
             log.info("reusing feature snapshot %s", path)
             return path
         self._by_bucket(path, KEYS, as_of.isoformat(), f"features as of {as_of:%Y-%m-%d}", snapshot_part, as_of)
-        rows = pq.ParquetFile(self._path(path), filesystem=self.arrow_fs).metadata.num_rows
+        rows = pq.ParquetFile(self.arrow_path(path), filesystem=self.arrow_fs).metadata.num_rows
         log.info("materialised %d merchants as of %s", rows, as_of)
         return path
 

@@ -253,8 +253,10 @@ def _ingest(source: Source, settings: Settings, now: datetime) -> IngestResult:
             _record(validation, names, rows, results, {k.table: k.failures(rows[k.table]) for k in keys}, settings)
             data_docs = clock.time("commit", validation.finish)
             written = clock.time("commit", staging.commit, fingerprint, source.state())
-        finally:
-            spill.remove()
+        except BaseException:
+            _remove_after_failure(spill)
+            raise
+        spill.remove()
     manifest = store.manifest()
     return IngestResult(
         source=source.description,
@@ -268,6 +270,16 @@ def _ingest(source: Source, settings: Settings, now: datetime) -> IngestResult:
         seconds=clock.seconds,
         cpu_seconds=clock.cpu_seconds,
     )
+
+
+def _remove_after_failure(spill: BatchSpill) -> None:
+    """Remove a failed batch's files without hiding why it failed: on a cluster, tasks of the batch may still
+    be writing into the spill while the flow gives up, and an error of that clean-up used to replace the
+    batch's own in the user's terminal (the next ingest removes what is left: `BatchSpill.clear_leftovers`)."""
+    try:
+        spill.remove()
+    except OSError as error:
+        log.warning("the failed batch's staged files are not all removed (%s); the next ingest removes them", error)
 
 
 def _split(source: Source, names: Sequence[str], batch: _Batch, clock: Stopwatch) -> None:

@@ -28,7 +28,7 @@ from core.settings import Settings
 from core.sql import duckdb_connect
 from credit.monitoring import baseline_column, baselines, early_warnings
 from credit.policy import CreditPolicy, load_policy
-from features.definitions import feature_set_version
+from features.definitions import MONEY, feature_set_version
 from features.training_set import get_training_set, table_readers
 from models.pd_model import PDModel
 from pipelines.publish import BundleParts, publish
@@ -69,11 +69,15 @@ ORDER BY l.loan_id
 month end; a loan whose rows stopped was repaid or written off) shows a balance, or they were paid out
 since the last month end."""
 
-WAREHOUSE = """
+VALUE, AMOUNT = MONEY.format("r.appraised_value"), MONEY.format("r.amount")
+"""Money summed as exact decimals, as the features sum it: a sum of floats depends on the order the rows come in
+(the raw store's files read by DuckDB from a disk, or as an Arrow dataset from object storage), in its last bit."""
+
+WAREHOUSE = f"""
 SELECT b.loan_id,
-       coalesce(sum(r.appraised_value) FILTER (WHERE r.received_at < b.disbursed_at
-                AND coalesce(r.released_at >= b.disbursed_at, true)), 0) AS warehouse_value_at_disbursement,
-       coalesce(sum(r.appraised_value) FILTER (WHERE coalesce(r.released_at >= $as_of, true)), 0)
+       CAST(coalesce(sum({VALUE}) FILTER (WHERE r.received_at < b.disbursed_at
+                AND coalesce(r.released_at >= b.disbursed_at, true)), 0) AS DOUBLE) AS warehouse_value_at_disbursement,
+       CAST(coalesce(sum({VALUE}) FILTER (WHERE coalesce(r.released_at >= $as_of, true)), 0) AS DOUBLE)
            AS warehouse_value_now
 FROM book b LEFT JOIN inventory_receipts r ON r.merchant_id = b.merchant_id AND r.received_at < $as_of
 GROUP BY b.loan_id
@@ -81,10 +85,10 @@ GROUP BY b.loan_id
 """The merchant's goods in partner warehouses at disbursement and now, at their appraisal (no loan names
 its pledged receipts: the goods are the pool the limit engine lends against)."""
 
-RECEIVABLES = """
-SELECT b.loan_id, coalesce(sum(r.amount), 0) AS financed_receivables,
-       coalesce(sum(r.amount) FILTER (WHERE r.due_at < $as_of AND coalesce(r.paid_at >= $as_of, true)), 0)
-           AS financed_overdue,
+RECEIVABLES = f"""
+SELECT b.loan_id, CAST(coalesce(sum({AMOUNT}), 0) AS DOUBLE) AS financed_receivables,
+       CAST(coalesce(sum({AMOUNT}) FILTER (WHERE r.due_at < $as_of AND coalesce(r.paid_at >= $as_of, true)), 0)
+            AS DOUBLE) AS financed_overdue,
        coalesce(max(date_diff('day', r.due_at, $as_of)) FILTER (WHERE r.due_at < $as_of
                 AND coalesce(r.paid_at >= $as_of, true)), 0) AS financed_oldest_overdue_days
 FROM book b LEFT JOIN receivables r ON r.merchant_id = b.merchant_id AND r.issued_at < b.disbursed_at

@@ -34,6 +34,7 @@ from core.raw_store import RawStore
 from core.settings import Settings
 from core.sources import open_source
 from core.sql import duckdb_connect
+from core.storage import is_local
 from features.training_set import table_readers
 from pipelines.ingest import Stopwatch, ingest
 from pipelines.runtime import scheduled
@@ -67,6 +68,14 @@ class RefreshSummary:
                 f"  {self.monitor}\n  {steps}")
 
 
+def partials_folder(settings: Settings) -> Path:
+    """Where the daily partials live. They are a cache a refresh rebuilds whole when it is missing, written by
+    DuckDB into partitioned folders: on this machine's disk, under the workspace, when the feature store is not."""
+    if is_local(settings.store_url("feature_store")):
+        return settings.path("feature_store")
+    return settings.home_dir / "features"
+
+
 def next_midnight(store: RawStore) -> pd.Timestamp:
     """The midnight after the newest order: the as_of of the day the store now holds whole."""
     con = duckdb_connect()
@@ -79,7 +88,6 @@ def next_midnight(store: RawStore) -> pd.Timestamp:
 
 def refresh(settings: Settings, source: str | Path, as_of: pd.Timestamp | None = None) -> RefreshSummary:
     """The daily refresh (see the module docstring); `as_of` defaults to the midnight after the newest order."""
-    from core.storage import is_local
     from credit.policy import load_policy
     from explanation.reason_codes import ReasonCodeIndex
     from features.daily_store import DailyStore
@@ -101,13 +109,9 @@ def refresh(settings: Settings, source: str | Path, as_of: pd.Timestamp | None =
     as_of = pd.Timestamp(as_of) if as_of is not None else next_midnight(store)
 
     offline = OfflineStore.from_settings(settings, store)
-    # The daily partials are a cache a refresh rebuilds whole when it is missing, written by DuckDB into
-    # partitioned folders: on this machine's disk, under the workspace, when the feature store is not.
-    partials = (settings.path("feature_store") if is_local(settings.store_url("feature_store"))
-                else settings.home_dir / "features")
 
     def features() -> tuple[Any, Path | str]:
-        daily = DailyStore(partials, store).refresh(as_of)
+        daily = DailyStore(partials_folder(settings), store).refresh(as_of)
         offline.write(daily.features, offline.snapshot_path(as_of), offline.metadata(as_of.isoformat()))
         return daily, publish_online(offline, as_of)
 

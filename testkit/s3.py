@@ -20,6 +20,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class S3Server:
     endpoint: str
+    pid: int
+    """The server's process (for its CPU time in a benchmark)."""
 
     def environment(self) -> dict[str, str]:
         """What a client needs besides the bucket (moto accepts any key)."""
@@ -54,7 +56,7 @@ def s3_server() -> Iterator[S3Server]:
                 time.sleep(0.1)
         else:
             raise RuntimeError("moto's S3 server did not start within 30 s")
-        yield S3Server(url)
+        yield S3Server(url, server.pid)
     finally:
         server.terminate()
         server.wait()

@@ -188,3 +188,32 @@ def test_monitor_refuses_a_policy_whose_credit_terms_changed(service, tmp_path):
     settings = service["settings"].model_copy(update={"policy_file": policy})
     with pytest.raises(ScfriskError, match=r"credit terms of the policy file .* differ from the live bundle's"):
         run_monitor(settings, AS_OF)
+
+
+def test_the_collateral_sums_do_not_depend_on_the_order_the_rows_are_read_in():
+    """Money summed as floats gave 5696.130000000001 from a local raw store and 5696.129999999999 from the same
+    store on S3 (tests/test_object_storage.py): its files come in another order. Summed as exact decimals."""
+    import duckdb
+
+    from pipelines.monitor import RECEIVABLES, WAREHOUSE
+
+    book = pd.DataFrame({"loan_id": ["L1"], "merchant_id": ["M1"], "disbursed_at": [pd.Timestamp("2025-01-10")]})
+    values = [0.1, 0.2, 0.3] * 7
+    sums = set()
+    for order in (values, values[::-1]):
+        n = len(order)
+        receivables = pd.DataFrame({"merchant_id": ["M1"] * n, "amount": order, "paid_at": [pd.NaT] * n,
+                                    "issued_at": [pd.Timestamp("2025-01-01")] * n,
+                                    "due_at": [pd.Timestamp("2025-02-01")] * n})
+        inventory_receipts = pd.DataFrame({"merchant_id": ["M1"] * n, "appraised_value": order,
+                                           "received_at": [pd.Timestamp("2025-01-01")] * n,
+                                           "released_at": [pd.NaT] * n})
+        con = duckdb.connect(config={"threads": 1})
+        for name, frame in (("book", book), ("receivables", receivables), ("inventory_receipts", inventory_receipts)):
+            con.register(name, frame)
+        as_of = {"as_of": datetime(2025, 3, 1)}
+        warehouse = con.execute(WAREHOUSE, as_of).df()
+        financed = con.execute(RECEIVABLES, as_of).df()
+        sums.add((warehouse["warehouse_value_now"].item(), financed["financed_receivables"].item(),
+                  financed["financed_overdue"].item()))
+    assert sums == {(4.2, 4.2, 4.2)}

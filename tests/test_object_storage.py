@@ -3,7 +3,10 @@ server (moto's, `testkit.s3`) and as `file://` URLs give what local folders give
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
+import logging
 import sys
 from pathlib import Path
 
@@ -16,7 +19,7 @@ from core.settings import ConfigError, Settings, load_settings
 from features.offline_store import OfflineStore, read_metadata
 from features.online_store import ONLINE_FILE, publish_online
 from pipelines.cli import run
-from tests.conftest import SAMPLE
+from tests.conftest import REPO, SAMPLE
 from tests.rawdata import write_raw_store
 from tests.sample_slice import sample_slice, write_folder
 from tests.test_features import TABLES, T
@@ -106,6 +109,21 @@ def test_the_offline_and_online_stores_on_s3_write_what_a_local_folder_holds(buc
     assert remote.materialize(T) == remote.snapshot_path(T) and remote.fs.info(path)["LastModified"] == written
 
 
+def _built(config: Path) -> dict[str, object]:
+    """A workspace's raw snapshot id and its feature files' bytes, as `scfrisk features build` left them."""
+    settings = load_settings(config)
+    offline = OfflineStore.from_settings(settings)
+    training = offline.location(f"version={offline.version}",
+                                f"training_set_h{settings.model.label_horizon_months}.parquet")
+    return {
+        "snapshot": offline.raw_store.snapshot_id,
+        "training": offline.fs.cat_file(fsspec.core.strip_protocol(str(training))),
+        "online": offline.fs.cat_file(fsspec.core.strip_protocol(str(offline.location(*ONLINE_FILE.parts)))),
+        "files": sorted(Path(p).name for p in offline.snapshot_files(offline.version)),
+        "rows": len(offline.read_file(training)),
+    }
+
+
 def _cli(*argv: str) -> None:
     sys.argv = ["scfrisk", *argv]
     run()
@@ -140,20 +158,175 @@ def test_ingest_and_features_build_on_s3_and_file_urls_give_the_local_stores_bit
         config.write_text(text)
         _cli("-c", str(config), "ingest", "--source", str(batch))
         _cli("-c", str(config), "features", "build")
-        settings = load_settings(config)
-        offline = OfflineStore.from_settings(settings)
-        training = offline.location(f"version={offline.version}",
-                                    f"training_set_h{settings.model.label_horizon_months}.parquet")
-        out[name] = {
-            "snapshot": offline.raw_store.snapshot_id,
-            "training": offline.fs.cat_file(fsspec.core.strip_protocol(str(training))),
-            "online": offline.fs.cat_file(fsspec.core.strip_protocol(str(offline.location(*ONLINE_FILE.parts)))),
-            "files": sorted(Path(p).name for p in offline.snapshot_files(offline.version)),
-            "rows": len(offline.read_file(training)),
-        }
+        out[name] = _built(config)
     capsys.readouterr()
     assert out["local"]["snapshot"] is not None and out["local"]["rows"] > 0 and out["local"]["files"]
     assert out["s3"] == out["local"] and out["file"] == out["local"]
     assert RawStore.from_settings(load_settings(tmp_path / "s3" / "scfrisk.toml")).url == f"s3://{bucket}/raw"
     assert not (tmp_path / "s3" / "raw").exists() and not (tmp_path / "s3" / "features").exists()
     assert not (tmp_path / "file" / "raw").exists() and (tmp_path / "lake" / "raw" / "_manifest.json").is_file()
+
+
+# --- every later stage on S3, through the CLI: run, limits, train, refresh (one day), monitor ---
+
+DAY = pd.Timestamp("2025-10-15")
+RUN_MERCHANTS = 300
+"""Enough merchants of the sample for a model to train and a loan to monitor, few enough for a quick run."""
+STAGES = ('[features]\nsnapshot_months = 1\n[compute]\nmerchant_buckets = 2\n'
+          '[model]\nmax_rounds = 60\nsearch_trials = 1\n'
+          '[gates]\nmax_ece = 0.5\nmax_score_psi = 5.0\nrequire_monotone_grades = false\n')
+"""Two merchant buckets (two partitions per month for the dask workers to share); a small model search whose
+models the gates let through, so each workspace has a champion to decide with."""
+
+
+def _workspace(home: Path, stores: str = "") -> Path:
+    """A workspace's `scfrisk.toml`: its home, the repository's credit policy, `stores` (`[paths]`, `[storage]`)."""
+    home.mkdir(parents=True)
+    config = home / "scfrisk.toml"
+    config.write_text(f'home = "{home}"\npolicy_file = "{REPO / "policy.toml"}"\n{STAGES}{stores}')
+    return config
+
+
+def _s3_stores(bucket: str, prefix: str) -> str:
+    return f'[paths]\nraw_store = "s3://{bucket}/{prefix}/raw"\nfeature_store = "s3://{bucket}/{prefix}/features"\n'
+
+
+@pytest.fixture(scope="module")
+def s3_bucket(s3_endpoint):
+    """One bucket for this module's workspaces; endpoint and keys in the `AWS_*` variables (so in every Dask
+    worker's environment too), as on real S3."""
+    import boto3
+
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in s3_endpoint.environment().items():
+            patch.setenv(key, value)
+        boto3.client("s3").create_bucket(Bucket="stages")
+        yield "stages"
+
+
+@pytest.fixture(scope="module")
+def days(tmp_path_factory) -> dict[str, Path]:
+    """The sample's first merchants cut at DAY: the base known before it, and the day's pull."""
+    from testkit.daily import split_day
+
+    if not (SAMPLE / "orders").is_dir():
+        pytest.skip("data_samples/platform is not there")
+    root = tmp_path_factory.mktemp("days")
+    split_day(SAMPLE, DAY, root / "base", root / "day", merchants=RUN_MERCHANTS)
+    return {"base": root / "base", "day": root / "day"}
+
+
+def _frame(path: Path | str) -> pd.DataFrame:
+    return pd.read_parquet(path)
+
+
+def _metrics(config: Path) -> dict[str, dict[str, float]]:
+    """Each registered version's MLflow metrics (but durations)."""
+    from mlflow import MlflowClient
+
+    settings = load_settings(config)
+    client = MlflowClient(settings.tracking_uri)
+    versions = client.search_model_versions(f"name = '{settings.mlflow.registered_model}'")
+    return {v.version: {k: m for k, m in client.get_run(v.run_id).data.metrics.items() if "seconds" not in k}
+            for v in versions}
+
+
+def _outputs(config: Path) -> dict[str, object]:
+    """What a workspace's stages produced, comparable across workspaces (no paths, ids of runs or times):
+    every bundle's tables and manifest facts in publishing order, the models' metrics, the raw snapshot."""
+    from serving.bundle import ALERTS_FILE, BUNDLES_DIR, FEATURES_FILE, LIMITS_FILE, read_manifest
+
+    settings = load_settings(config)
+    out: dict[str, object] = {"snapshot": RawStore.from_settings(settings).snapshot_id, "metrics": _metrics(config)}
+    out["bundles"] = []
+    for bundle in config.parent.joinpath("bundles_in_order").read_text().split():
+        folder = settings.path("published") / BUNDLES_DIR / bundle
+        manifest = read_manifest(folder)
+        tables = {name: _frame(folder / name) for name in (FEATURES_FILE, LIMITS_FILE, ALERTS_FILE)
+                  if (folder / name).is_file()}
+        out["bundles"].append({"tables": tables, **{k: manifest.get(k) for k in (
+            "model_version", "feature_set_version", "features_as_of", "alerts_as_of")}})
+    return out
+
+
+def _stages(config: Path, days: dict[str, Path]) -> tuple[dict[str, str], dict[str, object]]:
+    """`scfrisk run` on the base, then `limits`, `train`, `refresh` with the day's pull and `monitor` the day
+    after (the refresh already published its own day's alerts, so a monitor of that day changes nothing): each
+    command's output, the features `run` built (`_built`) and the metrics of its model; the bundles published
+    in turn are listed in `bundles_in_order` beside the configuration."""
+    published = load_settings(config).path("published") / "CURRENT"
+    order, said = [], {}
+    for argv in (["run", "--source", str(days["base"])], ["limits"], ["train"],
+                 ["refresh", "--source", str(days["day"])], ["monitor", "--as-of", "2025-10-17"]):
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            _cli("-c", str(config), *argv)
+        said[argv[0]] = out.getvalue()
+        if argv[0] == "run":  # kept in memory: another pytest session may remove this one's old folders
+            built = {**_built(config), "metrics": _metrics(config)}
+        live = published.read_text().strip()
+        if not order or order[-1] != live:
+            order.append(live)
+    config.parent.joinpath("bundles_in_order").write_text("\n".join(order))
+    return said, built
+
+
+@pytest.fixture(scope="module")
+def stages(prefect_server, s3_bucket, days, tmp_path_factory) -> dict[str, tuple[Path, dict, dict]]:
+    """The same stages in a local workspace and in one whose stores are both on S3: (configuration, what each
+    command said, the features `run` built)."""
+    root = tmp_path_factory.mktemp("stages")
+    configs = {"local": _workspace(root / "local"), "s3": _workspace(root / "s3", _s3_stores(s3_bucket, "ws"))}
+    argv = sys.argv
+    try:
+        return {name: (config, *_stages(config, days)) for name, config in configs.items()}
+    finally:
+        sys.argv = argv
+
+
+def _same(got: dict[str, object], want: dict[str, object]) -> None:
+    assert got["snapshot"] == want["snapshot"] is not None
+    assert got["metrics"] == want["metrics"] and len(want["metrics"]) == 2
+    assert len(got["bundles"]) == len(want["bundles"]) == 3  # run, refresh, monitor
+    assert [b["alerts_as_of"] for b in want["bundles"]][1:] == ["2025-10-16T00:00:00", "2025-10-17T00:00:00"]
+    for mine, theirs in zip(got["bundles"], want["bundles"], strict=True):
+        assert {k: v for k, v in mine.items() if k != "tables"} == {k: v for k, v in theirs.items() if k != "tables"}
+        assert mine["tables"].keys() == theirs["tables"].keys()
+        for name, table in theirs["tables"].items():
+            pd.testing.assert_frame_equal(mine["tables"][name], table, check_exact=True, obj=name)
+
+
+@pytest.mark.slow
+def test_run_limits_train_refresh_and_monitor_on_s3_give_the_local_workspace_results(stages):
+    (local, local_said, local_built), (s3, s3_said, s3_built) = stages["local"], stages["s3"]
+    assert s3_built == local_built and local_built["rows"] > 0
+    _same(_outputs(s3), _outputs(local))
+    assert "published bundle" in s3_said["run"] and "refreshed to 2025-10-16" in s3_said["refresh"]
+    for command in ("limits", "monitor"):
+        first = [said[command].splitlines()[0].split(" -> ")[0] for said in (s3_said, local_said)]
+        assert first[0] == first[1]
+    settings = load_settings(s3)
+    assert not (settings.home_dir / "raw").exists()
+    offline = OfflineStore.from_settings(settings)
+    assert offline.fs.exists(fsspec.core.strip_protocol(str(offline.location(*ONLINE_FILE.parts))))
+
+
+@pytest.mark.slow
+def test_the_dask_engine_on_two_workers_with_the_stores_on_s3_gives_the_local_engine_on_disk(
+        stages, s3_bucket, days, tmp_path, monkeypatch, caplog):
+    """Ingest, features and training on a LocalCluster of 2 worker processes, which open the S3 stores
+    themselves from the settings and the `AWS_*` variables of their environment (no [storage] here)."""
+    config = _workspace(tmp_path / "dask", _s3_stores(s3_bucket, "dask"))
+    monkeypatch.setenv("SCFRISK_COMPUTE__ENGINE", "dask")
+    monkeypatch.setenv("SCFRISK_COMPUTE__N_WORKERS", "2")
+    monkeypatch.setenv("SCFRISK_COMPUTE__MEMORY_LIMIT", "2GiB")
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    caplog.set_level(logging.INFO, logger="pipelines.compute")
+    said = {}
+    for argv in (["ingest", "--source", str(days["base"])], ["features", "build"], ["train"]):
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            _cli("-c", str(config), *argv)
+        said[argv[0]] = out.getvalue()
+    _, _, local_built = stages["local"]
+    assert {**_built(config), "metrics": _metrics(config)} == local_built  # the model's metrics too
+    assert "version 1" in said["train"]
+    assert caplog.text.count("(2 workers)") == 3  # each command's flow run had its cluster
