@@ -26,7 +26,7 @@ SQL over the raw store, limited to those features.
 
 A day's partials change only when one of its rows changes or a time of one of its rows (a refund, a due
 date, a delivery) falls between the old and the new as_of; `features.daily_store` recomputes exactly those
-months. Pure functions: SQL text from the definitions.
+(merchant, day) pairs. Pure functions: SQL text from the definitions.
 """
 
 from __future__ import annotations
@@ -271,13 +271,15 @@ def crossed_days(plan: SourcePlan, old_as_of: pd.Timestamp, as_of: pd.Timestamp)
 
 
 def delta_sql(plan: SourcePlan, new: str, old: str | None) -> str:
-    """The change of the partials (`prefix_columns`) of recomputed days: new rows minus old ones."""
+    """The change of the partials (`prefix_columns`) of recomputed days: new rows minus old ones, the days
+    whose partials did not change left out (most of a recomputed month's: they would only spread zeros)."""
     columns = plan.prefix_columns
     minus = "" if old is None else (
         f" UNION ALL SELECT merchant_id, day, {', '.join(f'-coalesce({c}, 0) AS {c}' for c in columns)} FROM {old}")
+    changed = " OR ".join(f"sum({c}) <> 0" for c in columns)
     return (f"(SELECT merchant_id, day, {', '.join(f'sum({c}) AS {c}' for c in columns)} FROM ("
             f"SELECT merchant_id, day, {', '.join(f'coalesce({c}, 0) AS {c}' for c in columns)} FROM {new}{minus}) "
-            "GROUP BY ALL)")
+            f"GROUP BY ALL HAVING {changed})")
 
 
 def _lookback(features: list[Feature]) -> int | None:

@@ -140,13 +140,18 @@ def live_loans(store: RawStore, as_of: datetime) -> pd.DataFrame:
     return book
 
 
-def loan_book(store: RawStore, model: PDModel, policy: CreditPolicy, as_of: datetime) -> pd.DataFrame:
+def loan_book(store: RawStore, model: PDModel, policy: CreditPolicy, as_of: datetime,
+              current: pd.DataFrame | None = None) -> pd.DataFrame:
     """The book `credit.monitoring.early_warnings` reads: live loans, features now and at each baseline,
-    and the model's PD now and at origination (the same model on the application's features)."""
+    and the model's PD now and at origination (the same model on the application's features).
+    `current`: the features of every merchant as of `as_of` when the caller has them (the refresh's online
+    vector, equal to the point-in-time SQL's), so they are not computed a second time."""
     loans = live_loans(store, as_of)
     lags = baselines(policy.monitoring)
     merchants = loans["merchant_id"].drop_duplicates()
-    times = {0: as_of, **{days: as_of - timedelta(days=days) for days in lags}}
+    times = {days: as_of - timedelta(days=days) for days in lags}
+    if current is None:
+        times[0] = as_of
     entities = pd.concat(
         [pd.DataFrame({"merchant_id": merchants, "as_of": at}) for at in times.values()]
         + [loans[["merchant_id", "applied_at"]].rename(columns={"applied_at": "as_of"})], ignore_index=True)
@@ -160,8 +165,11 @@ def loan_book(store: RawStore, model: PDModel, policy: CreditPolicy, as_of: date
         return at.reindex(keys)[columns].reset_index(drop=True)
 
     spike_features = sorted({f for names in lags.values() for f in names})
-    now = rows(pd.Timestamp(as_of), list(dict.fromkeys([*MERCHANT_FEATURES, *spike_features,
-                                                         *model.feature_names])))
+    columns = list(dict.fromkeys([*MERCHANT_FEATURES, *spike_features, *model.feature_names]))
+    if current is None:
+        now = rows(pd.Timestamp(as_of), columns)
+    else:
+        now = current.set_index("merchant_id").reindex(loans["merchant_id"])[columns].reset_index(drop=True)
     book = pd.concat([loans.reset_index(drop=True), now[list(dict.fromkeys([*MERCHANT_FEATURES, *spike_features]))]],
                      axis=1)
     book["pd_now"] = model.predict_pd(now) if len(now) else []
@@ -226,12 +234,14 @@ class Watch:
         return MonitorResult(self.as_of, self.loans, self.alerts, self.table, page, bundle_id)
 
 
-def watch(settings: Settings, store: RawStore, model: PDModel, policy: CreditPolicy, as_of: datetime) -> Watch:
-    """Every live loan checked as of `as_of` with `model`'s PD; the alerts written to the workspace."""
+def watch(settings: Settings, store: RawStore, model: PDModel, policy: CreditPolicy, as_of: datetime,
+          current: pd.DataFrame | None = None) -> Watch:
+    """Every live loan checked as of `as_of` with `model`'s PD; the alerts written to the workspace.
+    `current`: every merchant's features as of `as_of`, if known (`loan_book`)."""
     for name in ("merchants", "orders", "loans", "loan_applications"):
         if not store.has_table(name):
             raise ScfriskError(f"raw store {store.root} has no {name}; run `scfrisk ingest` first")
-    book = loan_book(store, model, policy, as_of)
+    book = loan_book(store, model, policy, as_of, current)
     alerts = early_warnings(book, policy, as_of)
     folder = settings.home_dir / "monitor" / f"as_of={as_of:%Y-%m-%d}"
     folder.mkdir(parents=True, exist_ok=True)

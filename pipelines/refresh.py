@@ -128,7 +128,7 @@ def refresh(settings: Settings, source: str | Path, as_of: pd.Timestamp | None =
         return path, ReasonCodeIndex.for_population(model, daily.features, version)
 
     limits, reasons = steps.time("score", score)
-    day = steps.time("monitor", watch, settings, store, model, policy, as_of.to_pydatetime())
+    day = steps.time("monitor", watch, settings, store, model, policy, as_of.to_pydatetime(), daily.features)
     report = report_file(settings, version)
 
     def switch_in() -> str:

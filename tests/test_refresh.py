@@ -58,7 +58,7 @@ def days(tmp_path_factory) -> dict[str, Path]:
     return {"base": root / "base", "day": root / "day"}
 
 
-def test_refresh_after_a_day_equals_a_full_rebuild_every_feature_every_merchant(days, settings):
+def test_refresh_after_a_day_equals_a_full_rebuild_every_feature_every_merchant(days, settings, tmp_path):
     ingest(days["base"], settings)
     store = RawStore(settings.path("raw_store"))
     daily = DailyStore(settings.path("feature_store"), store)
@@ -74,14 +74,48 @@ def test_refresh_after_a_day_equals_a_full_rebuild_every_feature_every_merchant(
     # The day's month, and the older months whose orders were refunded, delivered... that day; not the rest.
     months = after.recomputed["orders"]
     assert "2025-10" in months and any(m < "2025-10" for m in months) and len(months) < 12
+    assert 0 < after.days["orders"] < len(after.features) * len(months)  # the day's pairs, not whole months
     full = OfflineStore(settings.path("feature_store"), store).read(DAY + pd.Timedelta(days=1))
     assert_same_features(after.features, full)
+    _the_monitor_takes_the_online_vector_for_the_features_now(store, after.features, DAY + pd.Timedelta(days=1))
 
     # Days roll with no new pull: windows move, masks flip (deliveries, due dates) on the stored rows.
     later = DAY + pd.Timedelta(days=9)
     rolled = DailyStore(settings.path("feature_store"), store).refresh(later)
     assert not rolled.full
     assert_same_features(rolled.features, OfflineStore(settings.path("feature_store"), store).read(later))
+
+    # A correction: an old order re-delivered with another amount, none of its times in the day. Only a
+    # row-by-row comparison of the changed partitions finds it: its (merchant, day) alone is recomputed.
+    fix = tmp_path / "correction"
+    fix.mkdir()
+    duckdb.connect().execute(f"""COPY (
+        SELECT * REPLACE (amount * 3 + 1 AS amount) FROM '{days["base"]}/orders.parquet'
+        WHERE ordered_at BETWEEN TIMESTAMP '{DAY - pd.Timedelta(days=60)}' AND TIMESTAMP '{DAY - pd.Timedelta(days=40)}'
+        ORDER BY order_id LIMIT 1) TO '{fix / "orders.parquet"}' (FORMAT parquet)""")
+    ingest(fix, settings)
+    store = RawStore(settings.path("raw_store"))
+    corrected = DailyStore(settings.path("feature_store"), store).refresh(later)
+    assert corrected.days == {"orders": 1}
+    assert_same_features(corrected.features, OfflineStore(settings.path("feature_store"), store).read(later))
+    assert not corrected.features.equals(rolled.features)
+
+
+def _the_monitor_takes_the_online_vector_for_the_features_now(store: RawStore, online: pd.DataFrame,
+                                                              as_of: pd.Timestamp) -> None:
+    """The early warning's book from the refresh's online vector equals the one from the point-in-time SQL;
+    and it is the vector it reads (a changed feature there changes the book)."""
+    from credit.policy import load_policy
+    from pipelines.monitor import loan_book
+    from testkit.service import POLICY, train_model
+
+    model, policy = train_model(seed=7), load_policy(POLICY)
+    book = loan_book(store, model, policy, as_of.to_pydatetime())
+    assert len(book) > 0
+    pd.testing.assert_frame_equal(loan_book(store, model, policy, as_of.to_pydatetime(), online), book)
+    changed = online.assign(net_sales_30d=online["net_sales_30d"] + 1)
+    moved = loan_book(store, model, policy, as_of.to_pydatetime(), changed)
+    assert (moved["net_sales_30d"] == book["net_sales_30d"] + 1).all()
 
 
 def test_online_features_roll_by_whole_days_only(settings):
