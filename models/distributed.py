@@ -14,7 +14,10 @@ this module removes:
 - early stopping (which `lightgbm.dask` cannot do): every worker evaluates the whole validation cohort, so
   all stop on the round the local fit stops on.
 
-What is left is the order in which the workers' histograms are added (the last bits of some sums).
+The monotone constraints are "basic" on both engines (`models.training`): LightGBM runs no other method
+data-parallel. What is left is LightGBM's: its serial learner stops searching, below a leaf, a feature that
+had no valid split there, the data-parallel one does not and estimates leaf row counts from hessian sums
+(docs/scaling.md, "Training on the workers"); and the order in which the workers' histograms are added.
 """
 
 from __future__ import annotations

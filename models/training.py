@@ -8,6 +8,12 @@ training sets larger than one machine should hold), fitting the booster this pro
 ordinary `lgb.Booster`, so calibration, SHAP, the gates and the saved model do not know which way it was
 trained.
 
+Monotone constraints use LightGBM's "basic" method: its data-parallel learner has no other (LightGBM's
+`Config` switches "intermediate" and "advanced" to "basic" when `num_machines` > 1, as a worker holds the summed
+histograms of only some features, and the other methods re-search other leaves' splits), so with any other
+method here the two engines would fit different models (issue 15). On the sample "basic" also scores as well
+as "intermediate" locally (docs/scaling.md, "Training on the workers").
+
 Classes are NOT reweighted: reweighting inflates the booster's scores and the calibrator would then have to
 undo it on a small validation cohort. Early stopping and the search use validation log loss, which rewards
 both ranking and scale.
@@ -52,7 +58,7 @@ BASE_PARAMS: dict[str, Any] = {
     "metric": "binary_logloss",
     "learning_rate": 0.05,
     "bagging_freq": 1,
-    "monotone_constraints_method": "intermediate",
+    "monotone_constraints_method": "basic",  # the only one LightGBM's data-parallel learner runs (above)
     "deterministic": True,
     "force_col_wise": True,
     "verbosity": -1,
@@ -257,5 +263,6 @@ def train_pd_model(frame: pd.DataFrame, y: pd.Series, slices: pd.Series, feature
     model = PDModel(booster=booster, features=features, calibrator=calibrator, master_scale=master_scale)
     baseline = LogisticBaseline(features, seed).fit(X[development], y_all[development])  # the model's rows
     return TrainingResult(model, baseline,
-                          {**params, "rounds": searched.best_iteration, "refit_rounds": refit_rounds},
+                          {**params, "monotone_constraints_method": BASE_PARAMS["monotone_constraints_method"],
+                           "rounds": searched.best_iteration, "refit_rounds": refit_rounds},
                           pd.DataFrame(rows), calibration_scores)
