@@ -41,6 +41,18 @@ def prefect_server():
             os.environ["PREFECT_API_URL"] = before
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """For pytest-xdist's `--dist loadgroup` (`make test` on 4 or more cores): a module's tests run on one
+    worker, so its module fixtures are built once, and the modules of the session's sample run (`sample_run`)
+    share one, so it is built once."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    shared = {item.module.__name__ for item in items if "sample_run" in getattr(item, "fixturenames", ())}
+    for item in items:
+        module = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group("sample_run" if module in shared else module))
+
+
 @contextmanager
 def captured_log(name: str) -> Iterator[list[str]]:
     """The messages logger `name` logs at INFO and above inside the block, as they come."""
