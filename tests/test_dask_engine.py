@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
@@ -65,29 +64,24 @@ def sample_raw(sample_run) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[str]:
-    """The scheduler address of one LocalCluster of 2 worker processes for the module's features, training
-    and first-tree runs, instead of one started per flow run (their start and imports cost more CPU than the
-    sample's work on them); the ingest, limits and lost-workers tests still have their flow runs start one."""
+def engines(sample_raw, tmp_path_factory, prefect_server) -> dict[str, tuple[Settings, object]]:
+    """Features built and a model trained on each engine (the dask one forced onto data-parallel LightGBM).
+    The dask engine's two flow runs share one LocalCluster of 2 worker processes, closed after them: a cluster
+    per flow run costs more to start than the sample's work on it, and an idle one ~0.1 CPU s per second."""
     from distributed import LocalCluster
 
-    with LocalCluster(processes=True, host="127.0.0.1", dashboard_address=None, **TWO_WORKERS) as running:
-        yield running.scheduler_address
-
-
-@pytest.fixture(scope="module")
-def engines(sample_raw, cluster, tmp_path_factory, prefect_server) -> dict[str, tuple[Settings, object]]:
-    """Features built and a model trained on each engine (the dask one forced onto data-parallel LightGBM)."""
     from pipelines.compute import on_engine
     from pipelines.features import build_features_flow
     from pipelines.train import train_flow
 
-    out = {}
-    for engine, compute in (("local", {}), ("dask", {"train_in_memory_rows": 1, "address": cluster})):
-        settings = workspace(tmp_path_factory.mktemp(engine) / "home", sample_raw, engine, **compute)
+    def build_and_train(settings: Settings) -> tuple[Settings, object, object]:
         build = on_engine(build_features_flow, settings)(settings=settings)
-        outcome = on_engine(train_flow, settings)(settings=settings)
-        out[engine] = (settings, build, outcome)
+        return settings, build, on_engine(train_flow, settings)(settings=settings)
+
+    out = {"local": build_and_train(workspace(tmp_path_factory.mktemp("local") / "home", sample_raw, "local"))}
+    with LocalCluster(processes=True, host="127.0.0.1", dashboard_address=None, **TWO_WORKERS) as cluster:
+        out["dask"] = build_and_train(workspace(tmp_path_factory.mktemp("dask") / "home", sample_raw, "dask",
+                                                train_in_memory_rows=1, address=cluster.scheduler_address))
     return out
 
 
@@ -166,11 +160,11 @@ def test_lightgbm_seeds_are_the_ones_lightgbm_derives_from_seed():
 
 
 @pytest.mark.slow
-def test_a_data_parallel_round_bins_and_bags_every_row_as_one_process_does(cluster):
+def test_a_data_parallel_round_bins_and_bags_every_row_as_one_process_does():
     """The first tree, on 2 workers, with bagging and a leaf of one row allowed: the same tree as in one
     process. Before: `lightgbm.dask`, whose workers bin on their own rows and repeat each other's bags."""
     import lightgbm as lgb
-    from distributed import Client
+    from distributed import Client, LocalCluster
 
     from models.distributed import binned, fit_on_cluster
 
@@ -182,7 +176,8 @@ def test_a_data_parallel_round_bins_and_bags_every_row_as_one_process_does(clust
               "min_data_in_leaf": 1, "num_leaves": 15, "deterministic": True, "force_col_wise": True,
               "verbosity": -1, "seed": 42, "num_threads": 1}
     local = lgb.train(params, binned(X, y, params, None), 1)
-    with Client(cluster) as client:
+    with LocalCluster(processes=True, host="127.0.0.1", dashboard_address=None, **TWO_WORKERS) as cluster, \
+            Client(cluster) as client:
         client.wait_for_workers(2)
         spread = fit_on_cluster(client, params, X, y, 1)
 
