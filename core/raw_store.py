@@ -63,6 +63,7 @@ from core import storage
 from core.errors import ScfriskError
 from core.partitioning import BUCKET, MONTH, parse_partition_key, partition_key, split_by_partition
 from core.schemas import TABLES
+from core.sql import duckdb_connect
 from core.storage import is_local, local_path
 
 if TYPE_CHECKING:
@@ -453,7 +454,7 @@ def _connection(con: duckdb.DuckDBPyConnection | None) -> Iterator[duckdb.DuckDB
     if con is not None:
         yield con
         return
-    own = duckdb.connect()
+    own = duckdb_connect()
     try:
         yield own
     finally:

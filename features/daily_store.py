@@ -43,6 +43,7 @@ from core.errors import ScfriskError
 from core.partitioning import parse_partition_key
 from core.raw_store import RawStore
 from core.schemas import TABLES
+from core.sql import duckdb_connect
 from features.daily import (
     Plan,
     SourcePlan,
@@ -166,7 +167,7 @@ class DailyStore:
             finally:
                 cpu[phase] = cpu.get(phase, 0.0) + time.process_time() - start
 
-        con = duckdb.connect()
+        con = duckdb_connect()
         tables = table_readers(self.raw_store, con)
         changed = changed_months(before.manifest(), self.raw_store.manifest()) if before else {}
         files: dict[str, dict[str, str]] = {s.source.name: dict(old["files"].get(s.source.name, {})) if old else {}
@@ -225,7 +226,7 @@ class DailyStore:
             months |= moved
         elif moved:  # partitioned by another time than the source's: map its changed rows, before and after
             where = f"{time} IS NOT NULL AND ({_months_sql(moved, spec.time_column)})"
-            old_con = duckdb.connect()
+            old_con = duckdb_connect()
             before.register(old_con, source.table)
             for c in (con, old_con):
                 months |= {m for (m,) in c.execute(f"SELECT DISTINCT {month} FROM {source.table} WHERE {where}")

@@ -25,7 +25,6 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import duckdb
 import fsspec
 import numpy as np
 import pandas as pd
@@ -38,6 +37,7 @@ from core import storage
 from core.errors import ScfriskError
 from core.raw_store import RawStore
 from core.settings import Settings
+from core.sql import duckdb_connect
 from core.storage import is_local, local_path
 from features.definitions import feature_names, feature_set_version
 from features.labels import application_outcomes, last_observation
@@ -130,7 +130,7 @@ class _Rows:
 
 def merchants_as_of(raw_store: RawStore, as_of: pd.Timestamp, buckets: Sequence[int] | None = None) -> pd.DataFrame:
     """Entity frame of every merchant (of those buckets) onboarded strictly before as_of."""
-    con = duckdb.connect()
+    con = duckdb_connect()
     merchants = table_readers(raw_store, con, ["merchants"], buckets)["merchants"]
     return con.execute(
         f"SELECT merchant_id, ?::TIMESTAMP AS as_of FROM {merchants} "
@@ -302,7 +302,7 @@ class OfflineStore:
 
 def month_starts(raw_store: RawStore) -> list[pd.Timestamp]:
     """First instant of every month after the first order, up to the month after the last one."""
-    con = duckdb.connect()
+    con = duckdb_connect()
     orders = table_readers(raw_store, con, ["orders"])["orders"]
     first, last = con.execute(f"SELECT min(ordered_at), max(ordered_at) FROM {orders}").fetchone()
     if first is None:

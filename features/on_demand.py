@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import duckdb
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -25,6 +24,7 @@ import pyarrow.compute as pc
 from core.errors import ScfriskError
 from core.rules import DataValidationError, Failure, check_records, spec_rules
 from core.schemas import MERCHANTS, TABLES, TableSpec, conform
+from core.sql import duckdb_connect
 from features.definitions import FEATURES, feature_names
 from features.sql import source_tables
 from features.training_set import compute_features, normalise_entities
@@ -115,7 +115,7 @@ def merchant_features(tables: Mapping[str, pa.Table], as_of: datetime) -> Mercha
     if onboarded >= as_of:
         raise RecordsError(f"merchant {merchant} was onboarded at {onboarded.isoformat()}, not before as_of "
                            f"{as_of.isoformat()}: it has no features then")
-    con = duckdb.connect()
+    con = duckdb_connect()
     try:
         for name, table in tables.items():
             con.register(f"records_{name}", table)

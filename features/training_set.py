@@ -17,6 +17,7 @@ from rich.progress import track
 from core.errors import ScfriskError
 from core.raw_store import RawStore
 from core.schemas import TABLES
+from core.sql import duckdb_connect
 from features.definitions import FEATURES, Feature
 from features.sql import features_sql, source_tables
 
@@ -87,7 +88,7 @@ def compute_features(
 
     `features` may be a subset, as long as it includes what its derived features use. `con` is the
     connection `tables` can be read in (one where in-memory tables are registered), else a new one."""
-    con = con or duckdb.connect()
+    con = con or duckdb_connect()
     sql = features_sql(tables, features)
     batches = _merchant_batches(entities[KEYS].drop_duplicates(), batch_rows)
     parts = []
@@ -111,7 +112,7 @@ def get_training_set(
 
     `buckets`: read only those merchant buckets of the raw store (the entities' merchants must be in them)."""
     entities = normalise_entities(entity_df)
-    con = duckdb.connect()
+    con = duckdb_connect()
     features = compute_features(entities, table_readers(raw_store, con, buckets=buckets), batch_rows, con=con)
     log.info("computed %d features for %d entity rows", len(FEATURES), len(entities))
     return entities.merge(features, on=KEYS, how="left", validate="many_to_one")

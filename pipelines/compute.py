@@ -14,8 +14,6 @@ one on the dask engine joins the parent's cluster instead of starting its own.
 from __future__ import annotations
 
 import logging
-import os
-import re
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -27,7 +25,6 @@ from core.errors import ScfriskError
 from core.settings import Settings
 
 if TYPE_CHECKING:
-    import duckdb
     from distributed import Client
     from prefect import Flow
     from prefect.task_runners import TaskRunner
@@ -104,76 +101,39 @@ def run_partitions(fn: Callable[[T], R], items: Iterable[T], label: str) -> list
             return results
         from prefect import task
         from prefect.cache_policies import NO_CACHE
-        from prefect.futures import wait
 
         # No cache key (hashing large arguments) and no stored results: the flow takes them as they come.
         # One opaque argument: Prefect walks the contents of dataclasses, lists and dicts passed to a task
         # (a batch's file lists, a manifest) looking for futures, for every task, on both sides.
         apply = task(_apply, name=label, cache_policy=NO_CACHE, persist_result=False)
         futures = [apply.submit(_Work(fn, item)) for item in items]
-        pending, workerless_since = set(futures), None
+        # Polled, not `prefect.futures.wait(timeout=...)`: that arms SIGALRM in the flow's main thread on every
+        # call, and an alarm landing while `threading.Event.wait` re-takes its lock raised "release unlocked
+        # lock" and failed a 100M-order ingest after 45 minutes.
+        pending, workerless_since, watched = set(futures), None, time.monotonic()
         while pending:
-            done, pending = wait(list(pending), timeout=WATCH_SECONDS)
+            done = {future for future in pending if future.wrapped_future.done()}
+            pending -= done
             progress.advance(bar, len(done))
-            if pending and not worker_count(client):
-                workerless_since = workerless_since or time.monotonic()
-                if _started_here() or time.monotonic() - workerless_since > LOST_WORKERS_SECONDS:
+            if pending and time.monotonic() - watched >= WATCH_SECONDS:
+                watched = time.monotonic()
+                workerless_since = None if worker_count(client) else workerless_since or watched
+                if workerless_since and (_started_here() or watched - workerless_since > LOST_WORKERS_SECONDS):
                     raise EngineError(
                         f"the Dask cluster at {client.scheduler.address} has no workers left, so {label} cannot "
                         f"finish ({len(pending)} of {len(items)} partitions not done); its workers were lost "
                         "(out of memory, or dropped by a scheduler that did not hear from them: see "
                         "docs/scaling.md). Nothing was published; run the command again"
                     )
-            else:
-                workerless_since = None
+            if pending:
+                time.sleep(POLL_SECONDS)
         return [future.result() for future in futures]
-
-
-DUCKDB_SHARE = 0.5
-"""The part of its process's memory a DuckDB connection of a task may take: the rest is the task's own
-Arrow and pandas data, and Dask's."""
-
-
-def duckdb_connect(settings: Settings) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection for work inside a task, held to `DUCKDB_SHARE` of its process's memory and to
-    its threads, so that a query spills to disk instead of taking its worker past the limit Dask kills it
-    at (DuckDB's own default is 80% of the machine's memory and every core, per connection). On a Dask
-    worker: the worker's memory limit and threads as the worker knows them; elsewhere `[compute]
-    memory_limit` and the machine's cores."""
-    import duckdb
-
-    limit, threads = _worker_budget()
-    if limit is None:
-        limit = _bytes(settings.compute.memory_limit)
-    config = {"memory_limit": f"{int(limit * DUCKDB_SHARE)}B", "threads": threads or os.cpu_count() or 1}
-    return duckdb.connect(config=config)  # type: ignore[arg-type]
-
-
-def _worker_budget() -> tuple[int | None, int | None]:
-    """(memory limit in bytes, threads) of the Dask worker running this task; (None, None) elsewhere."""
-    if "distributed" not in sys.modules:
-        return None, None
-    from distributed import get_worker
-
-    try:
-        worker = get_worker()
-    except ValueError:
-        return None, None
-    return worker.memory_manager.memory_limit, worker.state.nthreads
-
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def _bytes(size: str) -> int:
-    """Bytes of a size as `[compute] memory_limit` takes it (`4GiB`, `512MB`)."""
-    number, unit = re.fullmatch(r"([\d.]+)\s*([A-Za-z]*)", size.strip()).groups()  # type: ignore[union-attr]
-    return int(float(number) * _UNITS[unit.lower()])
 
 
 WATCH_SECONDS = 5.0
 """How often a flow waiting on its partitions checks that the cluster still has workers."""
+POLL_SECONDS = 0.1
+"""How often it looks for finished partitions (a look is a flag read per pending future)."""
 LOST_WORKERS_SECONDS = 120.0
 """How long a flow waits on a cluster at `address` with no workers (one scaling up from zero gets them
 back) before it fails. A LocalCluster the flow started never gets them back: it fails at once."""

@@ -32,6 +32,7 @@ from core.rules import Failure, show_value
 from core.schemas import TABLES, ForeignKey
 from core.settings import Settings
 from core.sources import Piece, Source, open_source, pieces
+from core.sql import duckdb_connect
 from core.staging import BatchSpill, Located, SplitPart, StagedTable, concat
 from core.validation import (
     BatchValidation,
@@ -42,7 +43,7 @@ from core.validation import (
     merge_failures,
     to_validation_frame,
 )
-from pipelines.compute import dask_client, duckdb_connect, run_partitions
+from pipelines.compute import dask_client, run_partitions
 
 if TYPE_CHECKING:
     from core.rules import ReferenceKeys
@@ -289,7 +290,7 @@ def _split_piece(batch: _Batch, work: tuple[str, str, Piece]) -> SplitPart:
 
 
 def _key_checks(batch: _Batch, name: str) -> KeyResult:
-    """The rules across partitions, on the key column only (DuckDB, bounded by `duckdb_connect`, which
+    """The rules across partitions, on the key column only (DuckDB, bounded by `core.sql.duckdb_connect`, which
     spills to disk rather than run out of memory): a key delivered twice in different partitions breaks
     uniqueness (the same partition's duplicates are GX's to find, but counted here for the whole table),
     and a stored row the batch re-delivers in another partition must leave its old one. A key column that

@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import duckdb
 import pandas as pd
 from prefect import flow
 
 from core.errors import ScfriskError
 from core.raw_store import RawStore
 from core.settings import Settings
+from core.sql import duckdb_connect
 from credit.monitoring import baseline_column, baselines, early_warnings
 from credit.policy import CreditPolicy, load_policy
 from features.definitions import feature_set_version
@@ -114,7 +114,7 @@ class MonitorResult:
 
 def default_as_of(store: RawStore) -> datetime:
     """The raw store's latest day: midnight after its last order (the day's facts are all in)."""
-    con = duckdb.connect()
+    con = duckdb_connect()
     orders = table_readers(store, con, ["orders"])["orders"]
     last = con.execute(f"SELECT max(ordered_at) FROM {orders}").fetchone()[0]
     if last is None:
@@ -124,7 +124,7 @@ def default_as_of(store: RawStore) -> datetime:
 
 def live_loans(store: RawStore, as_of: datetime) -> pd.DataFrame:
     """Every loan open at `as_of` with its latest month-end status and its collateral figures."""
-    con = duckdb.connect()
+    con = duckdb_connect()
     table_readers(store, con, ["loans", "loan_applications", "loan_performance", "inventory_receipts",
                                "receivables"])
     last_month_end = pd.Timestamp(as_of).to_period("M").to_timestamp() - pd.Timedelta(microseconds=1)

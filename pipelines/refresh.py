@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import pandas as pd
 from prefect import flow
 from prefect.deployments.runner import RunnerDeployment
@@ -34,6 +33,7 @@ from core.errors import ScfriskError
 from core.raw_store import RawStore
 from core.settings import Settings
 from core.sources import open_source
+from core.sql import duckdb_connect
 from features.training_set import table_readers
 from pipelines.ingest import Stopwatch, ingest
 from pipelines.runtime import scheduled
@@ -69,7 +69,7 @@ class RefreshSummary:
 
 def next_midnight(store: RawStore) -> pd.Timestamp:
     """The midnight after the newest order: the as_of of the day the store now holds whole."""
-    con = duckdb.connect()
+    con = duckdb_connect()
     orders = table_readers(store, con, ["orders"])["orders"]
     (last,) = con.execute(f"SELECT max(ordered_at) FROM {orders}").fetchone()
     if last is None:

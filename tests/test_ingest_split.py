@@ -97,23 +97,26 @@ def test_a_killed_ingest_leaves_files_that_the_next_ingest_removes(tmp_path):
     assert RawStore(raw).snapshot_id == RawStore(clean / "raw").snapshot_id
 
 
-def test_duckdb_in_a_task_keeps_to_a_share_of_the_worker_memory_and_its_threads(tmp_path):
+def test_duckdb_keeps_to_a_share_of_the_worker_memory_its_threads_and_spills_in_its_scratch(tmp_path):
     from distributed import Client, LocalCluster
 
-    from pipelines.compute import DUCKDB_SHARE, duckdb_connect
+    from core.sql import SHARE, duckdb_connect
 
     settings = Settings(home=tmp_path / "home", compute=ComputeConfig(memory_limit="8GiB"))
 
-    def budget() -> list[tuple[str, str]]:
+    def budget(settings: Settings | None) -> tuple[str, int, str]:
         con = duckdb_connect(settings)
-        return con.execute("SELECT current_setting('memory_limit'), current_setting('threads')").fetchall()
+        return con.execute("SELECT current_setting('memory_limit'), current_setting('threads'), "
+                           "current_setting('temp_directory')").fetchone()
 
-    here = budget()[0]
-    assert here == (_shown(8 * 2**30 * DUCKDB_SHARE), os.cpu_count())  # the setting, on the local engine
+    here = budget(settings)  # the setting, on the local engine; spill files under SCFRISK_HOME
+    assert here == (_shown(8 * 2**30 * SHARE), os.cpu_count(), str(tmp_path / "home" / "tmp" / "duckdb"))
     with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit="1GiB", processes=False,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
-        in_worker = client.submit(budget).result()[0]
-    assert in_worker == (_shown(2**30 * DUCKDB_SHARE), 1)  # the worker's own limit and threads
+                      dashboard_address=None, local_directory=tmp_path / "dask") as cluster, Client(cluster) as client:
+        for given in (settings, None):  # a feature query has no settings: the worker's budget holds all the same
+            limit, threads, spill = client.submit(budget, given, pure=False).result()
+            assert (limit, threads) == (_shown(2**30 * SHARE), 1)  # the worker's own limit and threads
+            assert spill.startswith(str(tmp_path / "dask")) and spill.endswith("duckdb")
 
 
 def _shown(size: float) -> str:

@@ -1,0 +1,69 @@
+"""DuckDB connections held to the budget of the process that opens them.
+
+DuckDB's own defaults are 80% of the machine's memory and every core, per connection, and spill files in
+`.tmp` under the working directory. On a Dask worker that takes the worker past the memory limit Dask kills
+it at, and two workers fight for every core. Every connection of scfrisk is opened here, so that a query
+spills to disk instead of growing without bound.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import duckdb
+
+    from core.settings import Settings
+
+SHARE = 0.5
+"""The part of its process's memory a connection may take: the rest is the caller's own Arrow and pandas
+data, and Dask's."""
+
+
+def duckdb_connect(settings: Settings | None = None) -> duckdb.DuckDBPyConnection:
+    """A connection with a memory limit, threads and a spill folder fit for where it runs.
+
+    - On a Dask worker: `SHARE` of the worker's memory limit, the worker's threads, spill in the worker's
+      own scratch folder (what the worker knows wins over the settings: it is what Dask enforces).
+    - Elsewhere, with `settings`: `SHARE` of `[compute] memory_limit`, the machine's cores, spill under
+      `SCFRISK_HOME` (so that all state stays there).
+    - Elsewhere, without settings (a pure transformation called in a flow's own process): DuckDB's defaults."""
+    import duckdb
+
+    limit, threads, scratch = _worker_budget()
+    if limit is None and settings is not None:
+        limit, scratch = size_bytes(settings.compute.memory_limit), settings.home / "tmp" / "duckdb"
+    config: dict[str, str | int] = {}
+    if limit is not None:
+        config |= {"memory_limit": f"{int(limit * SHARE)}B", "threads": threads or os.cpu_count() or 1}
+    if scratch is not None:
+        config["temp_directory"] = str(scratch)
+    return duckdb.connect(config=config)  # type: ignore[arg-type]
+
+
+def _worker_budget() -> tuple[int | None, int | None, Path | None]:
+    """(memory limit in bytes, threads, scratch folder) of the Dask worker running this code; Nones
+    elsewhere."""
+    if "distributed" not in sys.modules:
+        return None, None, None
+    from distributed import get_worker
+
+    try:
+        worker = get_worker()
+    except ValueError:
+        return None, None, None
+    return worker.memory_manager.memory_limit, worker.state.nthreads, Path(worker.local_directory) / "duckdb"
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def size_bytes(size: str) -> int:
+    """Bytes of a size as `[compute] memory_limit` takes it (`4GiB`, `512MB`)."""
+    number, unit = re.fullmatch(r"([\d.]+)\s*([A-Za-z]*)", size.strip()).groups()  # type: ignore[union-attr]
+    return int(float(number) * _UNITS[unit.lower()])
