@@ -36,8 +36,13 @@ lint: setup  ## ruff (pyflakes, pycodestyle, import order, bugbear) and import-l
 	$(RUN) ruff check core features models explanation credit reporting serving pipelines simulator testkit benchmarks tests
 	$(RUN) lint-imports
 
+# pytest-xdist on 4 or more cores: half as many workers (a test starts servers, clusters and processes of its
+# own), a module per worker at a time (tests/conftest.py); on fewer cores one process, as workers only add
+# their own servers. `make test TEST_WORKERS=0` turns it off.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ "$$n" -ge 4 ] && echo $$((n / 2)) || echo 0)
+
 test: setup browser postgres lint  ## the lint, then the whole test suite
-	$(RUN) pytest
+	$(RUN) pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
 
 bench: setup  ## benchmarks; figures go to docs/benchmarks.md
 	$(RUN) python -m benchmarks

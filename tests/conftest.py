@@ -1,9 +1,13 @@
 """Shared fixtures: an isolated workspace per test, one real Prefect server, PostgreSQL cluster and S3-compatible
-server (moto's) per test session."""
+server (moto's) per test session, and one `scfrisk run` on the sample that the end-to-end and dask engine tests
+both read."""
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from pipelines.runtime import QUIET_DEFAULTS
 
@@ -35,6 +39,59 @@ def prefect_server():
             os.environ.pop("PREFECT_API_URL", None)
         else:
             os.environ["PREFECT_API_URL"] = before
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """For pytest-xdist's `--dist loadgroup` (`make test` on 4 or more cores): a module's tests run on one
+    worker, so its module fixtures are built once, and the modules of the session's sample run (`sample_run`)
+    share one, so it is built once."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    shared = {item.module.__name__ for item in items if "sample_run" in getattr(item, "fixturenames", ())}
+    for item in items:
+        module = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group("sample_run" if module in shared else module))
+
+
+@contextmanager
+def captured_log(name: str) -> Iterator[list[str]]:
+    """The messages logger `name` logs at INFO and above inside the block, as they come."""
+    handler, logger = _Capture(), logging.getLogger(name)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler.lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="session")
+def sample_run(tmp_path_factory, prefect_server):
+    """`scfrisk run` on data_samples/ with the repository's own configuration and policy, as a real Prefect
+    flow (ingest, features, training, limits, publish), once per session: (settings, summary, what
+    `pipelines.compute` logged). The end-to-end tests check it and run it again; the dask engine tests compare
+    their cluster's work with its raw store, which nothing after the run changes (the reruns load nothing new
+    and the failing one commits nothing)."""
+    from core.settings import load_settings
+    from pipelines.run import run_flow
+
+    repository = load_settings(REPO / "scfrisk.toml")
+    settings = repository.model_copy(update={"home": tmp_path_factory.mktemp("sample_run") / "home",
+                                             "policy_file": REPO / "policy.toml"})
+    with captured_log("pipelines.compute") as log:
+        summary = run_flow(settings=settings, source=str(SAMPLE), oracle=str(SAMPLE))
+    return settings, summary, "\n".join(log)
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ import pandas as pd
 import pytest
 
 from core.rules import DataValidationError
-from core.settings import load_settings
 from credit.policy import load_policy
 from features.catalogue import PROTECTED_PROXIES
 from pipelines.demo import _call, sample_requests, start_service
@@ -32,13 +31,9 @@ def platform():
 
 
 @pytest.fixture(scope="module")
-def pipeline(platform, tmp_path_factory, prefect_server):
-    from pipelines.run import run_flow
-
-    repository = load_settings(REPO / "scfrisk.toml")
-    settings = repository.model_copy(update={"home": tmp_path_factory.mktemp("ws") / "home",
-                                             "policy_file": REPO / "policy.toml"})
-    first = run_flow(settings=settings, source=str(platform), oracle=str(platform))
+def pipeline(sample_run):
+    """The session's `scfrisk run` on the sample (`sample_run`, with the repository's scfrisk.toml and policy)."""
+    settings, first, _ = sample_run
     return settings, first
 
 
