@@ -187,8 +187,9 @@ def backtest_sums(settings: Settings, model: PDModel, policy: CreditPolicy, part
     training), scored now, per slice of the test rows (run by `map_parts`); the flow reads the split's
     columns only."""
     offline = OfflineStore.from_settings(settings)
-    training = offline.arrow_path(offline.training_set(settings.model.label_horizon_months))
-    keys = offline.read_file(training, ["as_of", "outcome_complete"])
+    location = offline.training_set(settings.model.label_horizon_months)
+    keys = offline.read_file(location, ["as_of", "outcome_complete"])  # a location: `arrow_path` is not idempotent
+    training = offline.arrow_path(location)
     complete = np.flatnonzero(keys["outcome_complete"].to_numpy())
     if not len(complete):
         raise ScfriskError(f"none of the {len(keys)} loans in {offline.raw_store.root} has a complete "
