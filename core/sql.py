@@ -37,6 +37,7 @@ def duckdb_connect(settings: Settings | None = None) -> duckdb.DuckDBPyConnectio
     limit, threads, scratch = _worker_budget()
     if limit is None and settings is not None:
         limit, scratch = size_bytes(settings.compute.memory_limit), settings.home / "tmp" / "duckdb"
+        scratch.parent.mkdir(parents=True, exist_ok=True)  # DuckDB makes the last folder only, when it spills
     config: dict[str, str | int] = {}
     if limit is not None:
         config |= {"memory_limit": f"{int(limit * SHARE)}B", "threads": threads or os.cpu_count() or 1}

@@ -13,6 +13,7 @@ import gc
 import hashlib
 import importlib.util
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,7 +33,7 @@ from core.rules import Failure, show_value
 from core.schemas import TABLES, ForeignKey
 from core.settings import Settings
 from core.sources import Piece, Source, open_source, pieces
-from core.sql import duckdb_connect
+from core.sql import duckdb_connect, size_bytes
 from core.staging import BatchSpill, Located, SplitPart, StagedTable, concat
 from core.validation import (
     BatchValidation,
@@ -46,6 +47,8 @@ from core.validation import (
 from pipelines.compute import dask_client, run_partitions
 
 if TYPE_CHECKING:
+    import duckdb
+
     from core.rules import ReferenceKeys
 
 log = logging.getLogger(__name__)
@@ -316,8 +319,7 @@ def _key_checks(batch: _Batch, name: str) -> KeyResult:
     try:
         con.register("spill_keys", keys)
         # A distinct count first (2/3 of the CPU of a grouping, measured): the repeated keys only if any.
-        ((count, examples),) = [(0, ())] if con.execute(
-            f"SELECT count(*) = count(DISTINCT {spec.key}) FROM spill_keys").fetchall()[0][0] else con.execute(
+        ((count, examples),) = [(0, ())] if _all_distinct(con, spec.key, keys.count_rows()) else con.execute(
             f"WITH repeated AS (SELECT {spec.key} AS key, count(*) AS n FROM spill_keys GROUP BY {spec.key} "
             f"HAVING n > 1) SELECT sum(n), list(key ORDER BY key)[1:{examples_wanted}] FROM repeated"
         ).fetchall()
@@ -325,6 +327,21 @@ def _key_checks(batch: _Batch, name: str) -> KeyResult:
     finally:
         con.close()
     return KeyResult(name, int(count or 0), tuple(examples or ()), leaving)
+
+
+KEY_BYTES = 64
+"""About what one key takes in DuckDB's hash table of a distinct count (a string key, its hash, its slot)."""
+
+
+def _all_distinct(con: duckdb.DuckDBPyConnection, key: str, rows: int) -> bool:
+    """Whether every key is distinct, in as many slices of the keys' hash as keep each slice's hash table
+    within half the connection's memory: a distinct count cannot spill to disk, and one over the 100M orders'
+    keys asked for 1 GiB at once of a worker's 2 GiB and failed the ingest. One slice, one scan, below that."""
+    limit = size_bytes(con.execute("SELECT current_setting('memory_limit')").fetchone()[0])
+    slices = max(1, math.ceil(rows * KEY_BYTES / (limit / 2)))
+    where = [""] if slices == 1 else [f"WHERE hash({key}) % {slices} = {i}" for i in range(slices)]
+    return all(con.execute(f"SELECT count(*) = count(DISTINCT {key}) FROM spill_keys {w}").fetchone()[0]
+               for w in where)
 
 
 def _plan(name: str, staged: StagedTable | None, leaving: Mapping[str, pa.Array]) -> list[Unit]:

@@ -123,3 +123,12 @@ def _shown(size: float) -> str:
     """A size as DuckDB shows its memory limit."""
     return duckdb.connect(config={"memory_limit": f"{int(size)}B"}).execute(
         "SELECT current_setting('memory_limit')").fetchall()[0][0]
+
+
+def test_keys_are_checked_within_a_duckdb_budget_too_small_for_one_distinct_count(tmp_path, sample_run):
+    """A distinct count cannot spill: over the 100M orders' keys it asked a 2 GiB worker for 1 GiB at once and
+    failed the ingest. With 20 MiB for DuckDB (64 MiB failed before) the sample loads, and the same snapshot."""
+    tight = Settings(home=tmp_path / "home", compute=ComputeConfig(memory_limit="40MiB"))
+    result = ingest(str(REPO / "data_samples" / "platform"), tight)
+    assert result.snapshot_id == RawStore.from_settings(sample_run[0]).snapshot_id
+    assert (tmp_path / "home" / "tmp").is_dir()  # where DuckDB spills: made for it, DuckDB makes one level only
