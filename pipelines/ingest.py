@@ -337,10 +337,10 @@ def _all_distinct(con: duckdb.DuckDBPyConnection, key: str, rows: int) -> bool:
     """Whether every key is distinct, in as many slices of the keys' hash as keep each slice's hash table
     within half the connection's memory: a distinct count cannot spill to disk, and one over the 100M orders'
     keys asked for 1 GiB at once of a worker's 2 GiB and failed the ingest. One slice, one scan, below that."""
-    limit = size_bytes(con.execute("SELECT current_setting('memory_limit')").fetchone()[0])
+    limit = size_bytes(con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0])
     slices = max(1, math.ceil(rows * KEY_BYTES / (limit / 2)))
     where = [""] if slices == 1 else [f"WHERE hash({key}) % {slices} = {i}" for i in range(slices)]
-    return all(con.execute(f"SELECT count(*) = count(DISTINCT {key}) FROM spill_keys {w}").fetchone()[0]
+    return all(con.execute(f"SELECT count(*) = count(DISTINCT {key}) FROM spill_keys {w}").fetchall()[0][0]
                for w in where)
 
 
