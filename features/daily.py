@@ -10,8 +10,10 @@ windowed features are aggregates of those partials (`rolled_sql`):
 - `min(age_days ...)` is the age of the day's latest fact (`max(epoch_us(time))`), the same arithmetic as
   the row-level SQL, so bit-equal; `avg(age_days)` is count x T minus the sum of the times (exact integers);
 - `count(DISTINCT f(time))` of a day-level f (months) counts the distinct f(day) over days with a fact;
-- two-stage features whose key is a function of the day (`week`, `order_day`, `event_day`) group the
-  rolled daily values by that key, then apply their own outer aggregate unchanged.
+- the days with a fact (a two-stage feature keyed by the fact's own day, `order_day`, counting its keys)
+  sum a per-day indicator, like any count;
+- other two-stage features whose key is a function of the day (`week`) group the rolled daily values by
+  that key, then apply their own outer aggregate unchanged.
 
 The windows of sums, counts and averages read neither: per merchant and window boundary a (an offset in
 days), the prefix sum S_a of each partial over the days before T - a (`prefix_sql`), rolled forward from
