@@ -281,3 +281,20 @@ def test_run_without_a_policy_file_is_refused_before_it_ingests(tmp_path, monkey
     assert code != 0
     assert "policy file policy.toml does not exist" in _one_error_line(stderr)
     assert not (home / "raw").exists()
+
+
+@pytest.mark.slow
+def test_duckdb_out_of_memory_is_one_line_with_its_budget(prefect_server, tmp_path):
+    """A memory limit too small for DuckDB: the CLI's one line names the stage, the table, the budget and where
+    it came from, and the console has no traceback (Prefect's is kept off it as for bad input)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "ingest", "--source", str(REPO / "data_samples" / "platform")],
+        capture_output=True, text=True, cwd=tmp_path,
+        env={**os.environ, "SCFRISK_HOME": str(tmp_path / "home"), "PREFECT_API_URL": prefect_server,
+             "SCFRISK_COMPUTE__MEMORY_LIMIT": "2MB"},
+    )
+    assert proc.returncode == 2
+    error = _one_error_line(proc.stderr)
+    assert "DuckDB ran out of memory in checking keys across partitions (" in error, error
+    assert "its budget was 1.0 MiB, 50% of [compute] memory_limit = 2MB (SCFRISK_COMPUTE__MEMORY_LIMIT)" in error
+    assert "OutOfMemoryException" not in proc.stderr and not (tmp_path / ".tmp").exists()
