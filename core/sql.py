@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from core.errors import ScfriskError
 
@@ -97,6 +98,13 @@ def out_of_memory(where: str | None = None) -> OutOfMemoryError:
         f"DuckDB ran out of memory{at}: its budget was {budget}, {SHARE:.0%} of [compute] memory_limit = "
         f"{_budget.source} (SCFRISK_COMPUTE__MEMORY_LIMIT); raise it, {more}")
 
+
+
+def fetch_one(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | None = None) -> tuple[Any, ...]:
+    """The one row of a query (an aggregate), its result read to the end: `fetchone()` leaves it unfinished,
+    and DuckDB 2 then refuses other work on the connection (a `register`: "unfinished result")."""
+    (row,) = con.execute(sql, params).fetchall()
+    return row
 
 def _worker_budget() -> tuple[int | None, int | None, Path | None]:
     """(memory limit in bytes, threads, scratch folder) of the Dask worker running this code; Nones

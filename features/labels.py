@@ -13,7 +13,7 @@ import pandas as pd
 
 from core.errors import ScfriskError
 from core.raw_store import RawStore
-from core.sql import duckdb_connect
+from core.sql import duckdb_connect, fetch_one
 from features.training_set import table_readers
 
 DEFAULT_DPD = 90
@@ -24,7 +24,7 @@ def last_observation(raw_store: RawStore) -> datetime | None:
     (one instant for every merchant, so it is taken over the whole store, not per bucket)."""
     con = duckdb_connect()
     performance = table_readers(raw_store, con, ["loan_performance"])["loan_performance"]
-    return con.execute(f"SELECT max(observed_at) FROM {performance}").fetchone()[0]
+    return fetch_one(con, f"SELECT max(observed_at) FROM {performance}")[0]
 
 
 def application_outcomes(raw_store: RawStore, horizon_months: int = 12, buckets: Sequence[int] | None = None,

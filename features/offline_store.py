@@ -37,7 +37,7 @@ from core import storage
 from core.errors import ScfriskError
 from core.raw_store import RawStore
 from core.settings import Settings
-from core.sql import duckdb_connect
+from core.sql import duckdb_connect, fetch_one
 from core.storage import is_local, local_path
 from features.definitions import feature_names, feature_set_version
 from features.labels import application_outcomes, last_observation
@@ -335,7 +335,7 @@ def month_starts(raw_store: RawStore) -> list[pd.Timestamp]:
     """First instant of every month after the first order, up to the month after the last one."""
     con = duckdb_connect()
     orders = table_readers(raw_store, con, ["orders"])["orders"]
-    first, last = con.execute(f"SELECT min(ordered_at), max(ordered_at) FROM {orders}").fetchone()
+    first, last = fetch_one(con, f"SELECT min(ordered_at), max(ordered_at) FROM {orders}")
     if first is None:
         return []
     return list(pd.date_range(pd.Timestamp(first).to_period("M").to_timestamp() + pd.offsets.MonthBegin(1),

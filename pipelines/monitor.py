@@ -25,7 +25,7 @@ from prefect import flow
 from core.errors import ScfriskError
 from core.raw_store import RawStore
 from core.settings import Settings
-from core.sql import duckdb_connect
+from core.sql import duckdb_connect, fetch_one
 from credit.monitoring import baseline_column, baselines, early_warnings
 from credit.policy import CreditPolicy, load_policy
 from features.definitions import MONEY, feature_set_version
@@ -120,7 +120,7 @@ def default_as_of(store: RawStore) -> datetime:
     """The raw store's latest day: midnight after its last order (the day's facts are all in)."""
     con = duckdb_connect()
     orders = table_readers(store, con, ["orders"])["orders"]
-    last = con.execute(f"SELECT max(ordered_at) FROM {orders}").fetchone()[0]
+    (last,) = fetch_one(con, f"SELECT max(ordered_at) FROM {orders}")
     if last is None:
         raise ScfriskError(f"raw store {store.root} has no orders; run `scfrisk ingest` first")
     return (pd.Timestamp(last).floor("D") + pd.Timedelta(days=1)).to_pydatetime()
