@@ -25,7 +25,6 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -221,8 +220,9 @@ class OfflineStore:
         return "/".join([self.root.rstrip("/"), *parts])
 
     def arrow_path(self, location: Path | str) -> str:
-        """The location as the store's file systems name it."""
-        return fsspec.core.strip_protocol(str(location))
+        """The location as the store's file systems name it; a name already stripped stays as it is (fsspec's
+        module-level `strip_protocol` took `bucket/key` for a path in the working directory)."""
+        return type(self.fs)._strip_protocol(str(location))
 
     @property
     def version_dir(self) -> Path | str:

@@ -188,8 +188,8 @@ def backtest_sums(settings: Settings, model: PDModel, policy: CreditPolicy, part
     columns only."""
     offline = OfflineStore.from_settings(settings)
     location = offline.training_set(settings.model.label_horizon_months)
-    keys = offline.read_file(location, ["as_of", "outcome_complete"])  # a location: `arrow_path` is not idempotent
     training = offline.arrow_path(location)
+    keys = offline.read_file(training, ["as_of", "outcome_complete"])
     complete = np.flatnonzero(keys["outcome_complete"].to_numpy())
     if not len(complete):
         raise ScfriskError(f"none of the {len(keys)} loans in {offline.raw_store.root} has a complete "
