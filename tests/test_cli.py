@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import typer
@@ -298,3 +299,27 @@ def test_duckdb_out_of_memory_is_one_line_with_its_budget(prefect_server, tmp_pa
     assert "DuckDB ran out of memory in checking keys across partitions (" in error, error
     assert "its budget was 1.0 MiB, 50% of [compute] memory_limit = 2MB (SCFRISK_COMPUTE__MEMORY_LIMIT)" in error
     assert "OutOfMemoryException" not in proc.stderr and not (tmp_path / ".tmp").exists()
+
+
+def test_a_commands_duckdb_keeps_to_its_budget_and_spills_under_scfrisk_home(tmp_path, monkeypatch, capsys):
+    """`features training-set` reads the raw store with the workspace's budget (2MB: DuckDB runs out, one line
+    naming it) and spill folder, not DuckDB's defaults (80% of the machine, `.tmp` in the working directory)."""
+    from tests.rawdata import write_raw_store
+    from tests.test_features import TABLES, T
+
+    home = tmp_path / "home"
+    settings = Settings(home=home)
+    store = RawStore.from_settings(settings)
+    write_raw_store(Path(store.root), TABLES)
+    for reader in (store, store.pinned(), store.at(store.snapshot_id)):  # what flows hand their workers too
+        spill = reader.connect().execute("SELECT current_setting('temp_directory')").fetchall()
+        assert spill == [(str(home / "tmp" / "duckdb"),)]
+    entities = tmp_path / "entities.parquet"
+    pq.write_table(pa.table({"merchant_id": ["M1", "M2"], "as_of": [T, T]}), entities)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SCFRISK_COMPUTE__MEMORY_LIMIT", "2MB")
+    code, stderr = _cli(["features", "training-set", "--entities", str(entities), "--out", str(tmp_path / "out.csv")],
+                        monkeypatch, capsys, home)
+    assert code == 2
+    assert "its budget was 1.0 MiB, 50% of [compute] memory_limit = 2MB" in _one_error_line(stderr)
+    assert not (tmp_path / ".tmp").exists()
