@@ -34,7 +34,8 @@ def duckdb_connect(settings: Settings | None = None) -> duckdb.DuckDBPyConnectio
       own scratch folder (what the worker knows wins over the settings: it is what Dask enforces).
     - Elsewhere, with `settings`: `SHARE` of `[compute] memory_limit`, the machine's cores, spill under
       `SCFRISK_HOME` (so that all state stays there).
-    - Elsewhere, without settings (a pure transformation called in a flow's own process): DuckDB's defaults.
+    - Elsewhere, without settings: DuckDB's defaults. A command has settings and passes them (a raw store's
+      readers through `RawStore.connect`), so that its spill files stay under `SCFRISK_HOME`.
 
     The budget is kept as this process's `Budget`, for the one line an out-of-memory error becomes
     (`out_of_memory`)."""

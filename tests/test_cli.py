@@ -323,3 +323,27 @@ def test_a_commands_duckdb_keeps_to_its_budget_and_spills_under_scfrisk_home(tmp
     assert code == 2
     assert "its budget was 1.0 MiB, 50% of [compute] memory_limit = 2MB" in _one_error_line(stderr)
     assert not (tmp_path / ".tmp").exists()
+
+
+def test_prefects_traceback_of_duckdb_out_of_memory_stays_off_the_console():
+    """Raised in a flow's own process (outside its partitions), the CLI prints it as one line (`invoke`): Prefect's
+    traceback of it and its 'Finished in state Failed' are dropped as for a `ScfriskError`."""
+    import logging
+
+    import duckdb
+
+    from pipelines.runtime import UserErrorsOnce
+
+    keep = UserErrorsOnce()
+    try:
+        duckdb.connect(config={"memory_limit": "1MB"}).execute("SELECT list(range) FROM range(1_000_000)")
+    except duckdb.OutOfMemoryException as exc:
+        error = (type(exc), exc, exc.__traceback__)
+    failed = logging.LogRecord("prefect.flow_runs", logging.ERROR, "", 0, "Encountered exception", None, error)
+    finished = logging.LogRecord("prefect.flow_runs", logging.ERROR, "", 0, "Finished in state Failed()", None, None)
+    other = logging.LogRecord("prefect.flow_runs", logging.ERROR, "", 0, "Encountered exception", None,
+                              (ValueError, ValueError("a bug"), None))
+    for record in (failed, finished, other):
+        record.flow_run_id = "run-1"
+    assert [keep.filter(record) for record in (failed, finished)] == [False, False]
+    assert keep.filter(other)
