@@ -28,6 +28,7 @@ import pandas as pd
 
 from benchmarks.bench_simulate import BENCH_DATA
 from benchmarks.common import self_peak_mb, write_section
+from core.sql import fetch_one
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SCFRISK_BENCH_DATA", BENCH_DATA))
@@ -37,7 +38,7 @@ PLATFORMS = {"data_samples/platform": (REPO / "data_samples" / "platform", 30.0)
 
 
 def _last_day(source: Path) -> pd.Timestamp:
-    (last,) = duckdb.connect().execute(f"SELECT max(ordered_at) FROM read_parquet('{source}/orders/*.parquet')").fetchone()
+    (last,) = fetch_one(duckdb.connect(), f"SELECT max(ordered_at) FROM read_parquet('{source}/orders/*.parquet')")
     return pd.Timestamp(last).normalize()
 
 
