@@ -347,7 +347,8 @@ ENTITY_COLUMNS = ["application_id", "loan_id", "merchant_id", "as_of", "product"
 """Label-table columns the feature-store training run keeps besides the features themselves."""
 
 
-def complete_rows(path: str, columns: list[str], filesystem: pa_fs.FileSystem | None = None) -> tuple[pd.DataFrame, int]:
+def complete_rows(path: str, columns: list[str],
+                  filesystem: pa_fs.FileSystem | None = None) -> tuple[pd.DataFrame, int]:
     """The rows of a training-set file whose outcome is complete, with `columns`, and the file's row count.
 
     Read a row group at a time and filtered before pandas sees them: memory is the complete rows and one row
