@@ -1,14 +1,13 @@
 """What the flow process (the `scfrisk` command, the driver of a Dask cluster) holds while training: the rows it
 reads and the text it hashes are bounded by what it keeps, not by the whole file or frame.
 
-Memory is measured as the peak of Arrow's allocations (a proxy of its memory pool, set as the default) plus
-the peak of Python's and NumPy's (tracemalloc): the process's own allocations, not its resident size, which
-the allocators keep after a free."""
+Memory is measured as the peak of Arrow's allocations (a proxy of its memory pool, set as the default), where
+Parquet reads and pandas' text columns live: the process's own allocations, not its resident size, which the
+allocator keeps after a free. (tracemalloc would add NumPy's, but slows pandas' text and hashing tenfold.)"""
 
 from __future__ import annotations
 
 import hashlib
-import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -31,20 +30,17 @@ POOLS: list[pa.MemoryPool] = []
 
 @contextmanager
 def allocation_peak() -> Iterator[Peak]:
-    """The peak, above the start, of this process's Arrow plus traced (Python, NumPy) allocations."""
+    """The peak, above the start, of this process's Arrow allocations."""
     default = pa.default_memory_pool()
     proxy = pa.proxy_memory_pool(default)
     POOLS.append(proxy)
     pa.set_memory_pool(proxy)
-    tracemalloc.start()
     out = Peak()
     try:
         yield out
     finally:
-        _, traced = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
         pa.set_memory_pool(default)
-        out.bytes = traced + proxy.max_memory()
+        out.bytes = proxy.max_memory()
 
 
 def measured(fn: Callable[[], object]) -> tuple[object, int]:
