@@ -28,6 +28,7 @@ import pandas as pd
 from benchmarks.bench_simulate import BENCH_DATA, SIZES, command
 from benchmarks.common import run_measured, write_section
 from core.raw_store import RawStore
+from core.sql import fetch_one
 
 DATASET = "orders_10m"
 N_APPLICATIONS = 100_000
@@ -173,7 +174,7 @@ def main(data: Path | None = None) -> None:
     data = data or BENCH_DATA / DATASET
     if not (data / "orders").is_dir():
         subprocess.run(command(DATASET, SIZES[DATASET]), check=True)
-    orders = duckdb.connect().execute(f"SELECT count(*) FROM read_parquet('{data}/orders/*.parquet')").fetchone()[0]
+    (orders,) = fetch_one(duckdb.connect(), f"SELECT count(*) FROM read_parquet('{data}/orders/*.parquet')")
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)

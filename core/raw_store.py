@@ -107,11 +107,13 @@ class RawStore:
         storage_options: Mapping[str, str] | None = None,
         snapshot: Mapping[str, Any] | None = None,
         buckets: int | None = None,
+        settings: Settings | None = None,
     ) -> None:
         """`root`: a folder or a URL; `storage_options`: delta-rs's (the `AWS_*` names; fsspec gets them as it
         names them, `core.storage`), credentials usually better left to the environment; `snapshot` pins
         reads to a past manifest; `buckets`: the merchant buckets a writer would create the store with (an
-        existing store keeps its own)."""
+        existing store keeps its own); `settings`: the workspace whose DuckDB budget and spill folder the
+        store's readers get (`connect`)."""
         text = str(root)
         local = is_local(text)
         self.root: Path | str = local_path(text) if local else text
@@ -121,12 +123,18 @@ class RawStore:
         self.fs, self._path = storage.filesystem(self.url, self.storage_options)
         self._pinned = dict(snapshot) if snapshot is not None else None
         self._configured_buckets = buckets
+        self.settings = settings
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RawStore:
         """The workspace's raw store (`[paths] raw_store`, a folder or a URL, with `[storage]`'s options)."""
         return cls(settings.store_url("raw_store"), settings.storage_options("raw_store"),
-                   buckets=settings.compute.merchant_buckets)
+                   buckets=settings.compute.merchant_buckets, settings=settings)
+
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        """A DuckDB connection to read the store in, held to its workspace's budget with spill files under its
+        `SCFRISK_HOME` (`core.sql.duckdb_connect`; a Dask worker's own budget on a worker)."""
+        return duckdb_connect(self.settings)
 
     def _file(self, *parts: str) -> str:
         return "/".join([self._path.rstrip("/"), *parts])
@@ -152,7 +160,7 @@ class RawStore:
 
     def pinned(self) -> RawStore:
         """This store fixed at its current snapshot: what a worker reads while a batch is being staged."""
-        return RawStore(self.url, self.storage_options, self.manifest(), self._configured_buckets)
+        return RawStore(self.url, self.storage_options, self.manifest(), self._configured_buckets, self.settings)
 
     @property
     def snapshot_id(self) -> str | None:
@@ -181,7 +189,7 @@ class RawStore:
         path = self._file(SNAPSHOTS, f"{snapshot_id}.json")
         if not self.fs.isfile(path):
             raise ScfriskError(f"raw store {self.root} has no snapshot {snapshot_id}")
-        return RawStore(self.url, self.storage_options, json.loads(self.fs.cat_file(path)))
+        return RawStore(self.url, self.storage_options, json.loads(self.fs.cat_file(path)), settings=self.settings)
 
     def has_table(self, name: str) -> bool:
         return self.manifest()["tables"].get(name, {}).get("rows", 0) > 0
@@ -232,7 +240,7 @@ class RawStore:
     ) -> pa.Array:
         """Every stored value of a column (the domain of foreign keys pointing at it), of those buckets.
         `con`: the DuckDB connection to run it in (one with the caller's memory and thread limits)."""
-        with _connection(con) as con:
+        with _connection(self, con) as con:
             view = self.register(con, name, buckets)
             values = con.sql(f"SELECT DISTINCT {column} FROM {view}").to_arrow_table().column(0).combine_chunks()
         return values.cast(TABLES[name].column_index[column].type)
@@ -247,7 +255,7 @@ class RawStore:
         if not self.has_table(name):
             return {}
         key = TABLES[name].key
-        with _connection(con) as con:
+        with _connection(self, con) as con:
             con.register("batch_keys", batch_keys)
             con.register("stored", self.dataset(name))
             moved = con.sql(
@@ -452,12 +460,12 @@ class Transaction:
 
 
 @contextmanager
-def _connection(con: duckdb.DuckDBPyConnection | None) -> Iterator[duckdb.DuckDBPyConnection]:
-    """The caller's connection, or one of our own closed after use."""
+def _connection(store: RawStore, con: duckdb.DuckDBPyConnection | None) -> Iterator[duckdb.DuckDBPyConnection]:
+    """The caller's connection, or one of the store's own (`RawStore.connect`) closed after use."""
     if con is not None:
         yield con
         return
-    own = duckdb_connect()
+    own = store.connect()
     try:
         yield own
     finally:

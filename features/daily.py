@@ -10,8 +10,10 @@ windowed features are aggregates of those partials (`rolled_sql`):
 - `min(age_days ...)` is the age of the day's latest fact (`max(epoch_us(time))`), the same arithmetic as
   the row-level SQL, so bit-equal; `avg(age_days)` is count x T minus the sum of the times (exact integers);
 - `count(DISTINCT f(time))` of a day-level f (months) counts the distinct f(day) over days with a fact;
-- two-stage features whose key is a function of the day (`week`, `order_day`, `event_day`) group the
-  rolled daily values by that key, then apply their own outer aggregate unchanged.
+- the days with a fact (a two-stage feature keyed by the fact's own day, `order_day`, counting its keys)
+  sum a per-day indicator, like any count;
+- other two-stage features whose key is a function of the day (`week`) group the rolled daily values by
+  that key, then apply their own outer aggregate unchanged.
 
 The windows of sums, counts and averages read neither: per merchant and window boundary a (an offset in
 days), the prefix sum S_a of each partial over the days before T - a (`prefix_sql`), rolled forward from
@@ -38,7 +40,7 @@ from dataclasses import dataclass, replace
 import pandas as pd
 
 from core.schemas import TABLES
-from features.definitions import DERIVED, FEATURES, SOURCES, Feature, Source
+from features.definitions import COUNT_KEYS, DERIVED, FEATURES, SOURCES, Feature, Source
 from features.sql import RECENT_DAYS, facts_sql, per_key_sql, single_sql, window_predicate
 
 
@@ -159,6 +161,10 @@ def _decompose(f: Feature, source: Source, day_level: set[str],
     row_filter = f.filter if f.filter and not filters & day_level else None
     if f.per is not None and f.per not in day_level:
         return None
+    if _counts_days(f, source):
+        # The days with a fact (in the window, under the filter): a sum of one indicator per merchant-day.
+        indicator = f"CAST(count(*){f' FILTER (WHERE {row_filter})' if row_filter else ''} > 0 AS INTEGER)"
+        return [indicator], "coalesce(sum(p0) FILTER (WHERE {where}), 0)", None if row_filter else f.filter
     if f.source == "merchants" or (f.fill is None and f.aggregation == "count(*)"):
         return None
     where = " FILTER (WHERE {where})"
@@ -195,6 +201,12 @@ def _decompose(f: Feature, source: Source, day_level: set[str],
     return parts, template, None if row_filter else f.filter
 
 
+def _counts_days(f: Feature, source: Source) -> bool:
+    """The feature counts the days with a fact: keyed by the fact's own day, keys with a fact counted."""
+    return (f.per is not None and f.outer == COUNT_KEYS and f.aggregation == "count(*)"
+            and dict(source.columns).get(f.per) == f"CAST({source.time_column} AS DATE)")
+
+
 def plan(features: tuple[Feature, ...] = FEATURES) -> Plan:
     """Which features roll up from daily partials (per source) and which stay direct."""
     rolled: dict[str, list[tuple[Feature, list[str], str, str | None]]] = {}
@@ -216,7 +228,8 @@ def plan(features: tuple[Feature, ...] = FEATURES) -> Plan:
             for i, part in enumerate(parts):
                 column = columns.setdefault(part, f"p{len(columns)}")
                 template = re.sub(rf"\bp{i}\b", f"__{column}", template)
-            out.append(Rolled(f, template.replace("__p", "p"), day_filter))
+            plain = replace(f, per=None, outer=None) if _counts_days(f, SOURCES[name]) else f
+            out.append(Rolled(plain, template.replace("__p", "p"), day_filter))
         sources.append(SourcePlan(SOURCES[name], tuple(out), tuple((c, sql) for sql, c in columns.items())))
     return Plan(tuple(sources), tuple(direct))
 

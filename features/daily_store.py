@@ -45,7 +45,7 @@ from core.errors import ScfriskError
 from core.partitioning import parse_partition_key
 from core.raw_store import RawStore
 from core.schemas import TABLES
-from core.sql import duckdb_connect
+from core.sql import fetch_one
 from features.daily import (
     Plan,
     SourcePlan,
@@ -179,7 +179,7 @@ class DailyStore:
                 cpu[phase] = cpu.get(phase, 0.0) + time.process_time() - start
 
         store = self.raw_store.pinned()  # one snapshot throughout, its manifest read once
-        con = duckdb_connect()
+        con = store.connect()
         tables = table_readers(store, con)
         changed = changed_partitions(before.manifest(), store.manifest()) if before else {}
         files: dict[str, dict[str, str]] = {s.source.name: dict(old["files"].get(s.source.name, {})) if old else {}
@@ -205,7 +205,7 @@ class DailyStore:
                     files[name].pop(m, None)
                 files[name].update(written)
                 recomputed[name] = sorted(months)
-                days[name] = con.execute("SELECT count(*) FROM touched").fetchone()[0]
+                (days[name],) = fetch_one(con, "SELECT count(*) FROM touched")
                 kept = self._read([self.dir / previous[m] for m in sorted(months) if m in previous], source_plan,
                                   tables)
                 delta = delta_sql(source_plan, "touched_partials", f"(SELECT * FROM {kept} o WHERE {_touched_sql()})")

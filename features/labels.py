@@ -13,7 +13,7 @@ import pandas as pd
 
 from core.errors import ScfriskError
 from core.raw_store import RawStore
-from core.sql import duckdb_connect
+from core.sql import fetch_one
 from features.training_set import table_readers
 
 DEFAULT_DPD = 90
@@ -22,9 +22,9 @@ DEFAULT_DPD = 90
 def last_observation(raw_store: RawStore) -> datetime | None:
     """The store's last repayment observation: a loan's outcome is complete once its horizon ends by then
     (one instant for every merchant, so it is taken over the whole store, not per bucket)."""
-    con = duckdb_connect()
+    con = raw_store.connect()
     performance = table_readers(raw_store, con, ["loan_performance"])["loan_performance"]
-    return con.execute(f"SELECT max(observed_at) FROM {performance}").fetchone()[0]
+    return fetch_one(con, f"SELECT max(observed_at) FROM {performance}")[0]
 
 
 def application_outcomes(raw_store: RawStore, horizon_months: int = 12, buckets: Sequence[int] | None = None,
@@ -38,7 +38,7 @@ def application_outcomes(raw_store: RawStore, horizon_months: int = 12, buckets:
         raise ScfriskError(f"label horizon must be 1-120 months, got {horizon_months}")
     if observed_until is None:
         observed_until = last_observation(raw_store)
-    con = duckdb_connect()
+    con = raw_store.connect()
     t = table_readers(raw_store, con, ["loan_applications", "loans", "loan_performance"], buckets)
     horizon = f"INTERVAL {int(horizon_months)} MONTH"
     sql = f"""

@@ -25,7 +25,6 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -37,7 +36,7 @@ from core import storage
 from core.errors import ScfriskError
 from core.raw_store import RawStore
 from core.settings import Settings
-from core.sql import duckdb_connect
+from core.sql import fetch_one
 from core.storage import is_local, local_path
 from features.definitions import feature_names, feature_set_version
 from features.labels import application_outcomes, last_observation
@@ -161,7 +160,7 @@ class _Rows:
 
 def merchants_as_of(raw_store: RawStore, as_of: pd.Timestamp, buckets: Sequence[int] | None = None) -> pd.DataFrame:
     """Entity frame of every merchant (of those buckets) onboarded strictly before as_of."""
-    con = duckdb_connect()
+    con = raw_store.connect()
     merchants = table_readers(raw_store, con, ["merchants"], buckets)["merchants"]
     return con.execute(
         f"SELECT merchant_id, ?::TIMESTAMP AS as_of FROM {merchants} "
@@ -221,8 +220,9 @@ class OfflineStore:
         return "/".join([self.root.rstrip("/"), *parts])
 
     def arrow_path(self, location: Path | str) -> str:
-        """The location as the store's file systems name it."""
-        return fsspec.core.strip_protocol(str(location))
+        """The location as the store's file systems name it; a name already stripped stays as it is (fsspec's
+        module-level `strip_protocol` took `bucket/key` for a path in the working directory)."""
+        return type(self.fs)._strip_protocol(str(location))
 
     @property
     def version_dir(self) -> Path | str:
@@ -333,9 +333,9 @@ class OfflineStore:
 
 def month_starts(raw_store: RawStore) -> list[pd.Timestamp]:
     """First instant of every month after the first order, up to the month after the last one."""
-    con = duckdb_connect()
+    con = raw_store.connect()
     orders = table_readers(raw_store, con, ["orders"])["orders"]
-    first, last = con.execute(f"SELECT min(ordered_at), max(ordered_at) FROM {orders}").fetchone()
+    first, last = fetch_one(con, f"SELECT min(ordered_at), max(ordered_at) FROM {orders}")
     if first is None:
         return []
     return list(pd.date_range(pd.Timestamp(first).to_period("M").to_timestamp() + pd.offsets.MonthBegin(1),

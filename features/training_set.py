@@ -17,7 +17,6 @@ from rich.progress import track
 from core.errors import ScfriskError
 from core.raw_store import RawStore
 from core.schemas import TABLES
-from core.sql import duckdb_connect
 from features.definitions import FEATURES, Feature
 from features.sql import features_sql, source_tables
 
@@ -82,13 +81,14 @@ def compute_features(
     tables: Mapping[str, str],
     batch_rows: int = DEFAULT_BATCH_ROWS,
     features: tuple[Feature, ...] = FEATURES,
-    con: duckdb.DuckDBPyConnection | None = None,
+    *,
+    con: duckdb.DuckDBPyConnection,
 ) -> pd.DataFrame:
     """Features for distinct (merchant_id, as_of) pairs, one row each, columns in definition order.
 
     `features` may be a subset, as long as it includes what its derived features use. `con` is the
-    connection `tables` can be read in (one where in-memory tables are registered), else a new one."""
-    con = con or duckdb_connect()
+    connection `tables` can be read in (one where in-memory tables are registered): the caller's, with its
+    budget and spill folder (`RawStore.connect`)."""
     sql = features_sql(tables, features)
     batches = _merchant_batches(entities[KEYS].drop_duplicates(), batch_rows)
     parts = []
@@ -112,7 +112,7 @@ def get_training_set(
 
     `buckets`: read only those merchant buckets of the raw store (the entities' merchants must be in them)."""
     entities = normalise_entities(entity_df)
-    con = duckdb_connect()
+    con = raw_store.connect()
     features = compute_features(entities, table_readers(raw_store, con, buckets=buckets), batch_rows, con=con)
     log.info("computed %d features for %d entity rows", len(FEATURES), len(entities))
     return entities.merge(features, on=KEYS, how="left", validate="many_to_one")

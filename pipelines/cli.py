@@ -18,6 +18,7 @@ import typer
 
 from core.errors import ScfriskError
 from core.settings import Settings, load_settings
+from core.sql import is_out_of_memory, out_of_memory
 from pipelines.prefect_server import ensure_server, read_state, stop_server, user_api_url
 from pipelines.runtime import (
     configure_logging,
@@ -545,12 +546,17 @@ def server_stop(ctx: typer.Context) -> None:
 
 def invoke() -> int:
     """The command of `sys.argv` in this process; its exit code. User errors print one line and give 2,
-    never a traceback."""
+    never a traceback; so does DuckDB running out of its memory budget (`core.sql.out_of_memory`)."""
     try:
         code = app(standalone_mode=False)  # a command's `typer.Exit(n)` comes back as n
         return code if isinstance(code, int) else 0
     except ScfriskError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        return 2
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        typer.secho(f"error: {out_of_memory()}", err=True, fg=typer.colors.RED)  # outside any stage's partitions
         return 2
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))

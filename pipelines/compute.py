@@ -23,6 +23,7 @@ from rich.progress import Progress
 
 from core.errors import ScfriskError
 from core.settings import Settings
+from core.sql import is_out_of_memory, out_of_memory
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -88,6 +89,7 @@ def run_partitions(fn: Callable[[T], R], items: Iterable[T], label: str) -> list
     Local engine: a loop in this process. Dask engine: one Prefect task per item on the flow's cluster
     (`fn` and the items are pickled to the workers, so they must be module-level functions, partials of
     them, and plain data), the bar advancing as tasks complete; a failed task fails the call with its error.
+    DuckDB running out of memory is translated where it happens (`_apply`: on the worker, whose budget it was).
     """
     items = list(items)
     client = dask_client()
@@ -96,7 +98,7 @@ def run_partitions(fn: Callable[[T], R], items: Iterable[T], label: str) -> list
         if client is None:
             results = []
             for item in items:
-                results.append(fn(item))
+                results.append(_apply(_Work(fn, item, label)))
                 progress.advance(bar)
             return results
         from prefect import task
@@ -106,7 +108,7 @@ def run_partitions(fn: Callable[[T], R], items: Iterable[T], label: str) -> list
         # One opaque argument: Prefect walks the contents of dataclasses, lists and dicts passed to a task
         # (a batch's file lists, a manifest) looking for futures, for every task, on both sides.
         apply = task(_apply, name=label, cache_policy=NO_CACHE, persist_result=False)
-        futures = [apply.submit(_Work(fn, item)) for item in items]
+        futures = [apply.submit(_Work(fn, item, label)) for item in items]
         # Polled, not `prefect.futures.wait(timeout=...)`: that arms SIGALRM in the flow's main thread on every
         # call, and an alarm landing while `threading.Event.wait` re-takes its lock raised "release unlocked
         # lock" and failed a 100M-order ingest after 45 minutes.
@@ -158,16 +160,23 @@ def _started_here() -> bool:
 
 
 class _Work:
-    """A function and its item, in a plain object that Prefect does not look into."""
+    """A function, its item and the work's label, in a plain object that Prefect does not look into."""
 
-    __slots__ = ("fn", "item")
+    __slots__ = ("fn", "item", "label")
 
-    def __init__(self, fn: Callable[[Any], Any], item: Any) -> None:
-        self.fn, self.item = fn, item
+    def __init__(self, fn: Callable[[Any], Any], item: Any, label: str) -> None:
+        self.fn, self.item, self.label = fn, item, label
 
 
 def _apply(work: _Work) -> Any:
-    return work.fn(work.item)
+    """The work, with DuckDB's out-of-memory error as the one line naming the budget of the process that ran
+    it (`core.sql.out_of_memory`), the label and the item when it is a name (a table)."""
+    try:
+        return work.fn(work.item)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise out_of_memory(f"{work.label} ({work.item})" if isinstance(work.item, str) else work.label) from exc
 
 
 def _flow_dask_runner() -> Any:

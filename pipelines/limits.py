@@ -188,8 +188,8 @@ def backtest_sums(settings: Settings, model: PDModel, policy: CreditPolicy, part
     columns only."""
     offline = OfflineStore.from_settings(settings)
     location = offline.training_set(settings.model.label_horizon_months)
-    keys = offline.read_file(location, ["as_of", "outcome_complete"])  # a location: `arrow_path` is not idempotent
     training = offline.arrow_path(location)
+    keys = offline.read_file(training, ["as_of", "outcome_complete"])
     complete = np.flatnonzero(keys["outcome_complete"].to_numpy())
     if not len(complete):
         raise ScfriskError(f"none of the {len(keys)} loans in {offline.raw_store.root} has a complete "
@@ -234,14 +234,15 @@ def champion(settings: Settings) -> RegisteredPD:
 
 
 def build_limits(settings: Settings, as_of: datetime | None = None,
-                 map_parts: PartitionMap | None = None) -> LimitsResult:
+                 map_parts: PartitionMap | None = None, found: RegisteredPD | None = None) -> LimitsResult:
     """Policy, champion and the feature snapshot as of `as_of` in; the limits Parquet file out.
 
     Features come from the offline store (the same snapshot the online store serves, reused when the
     raw data and definitions are unchanged); `as_of` defaults to the end of the ingested data. Scores, limits
     and the backtest are computed per slice of their file by `map_parts` (default: one after the other here),
     each slice's limits written to a part file and its strategy sums sent back; the flow merges the parts
-    (`WRITE_ROWS` rows at a time) and the sums, never the book.
+    (`WRITE_ROWS` rows at a time) and the sums, never the book. `found`: the champion the caller already read
+    (`scfrisk run`: one read of the alias, so its limits and its bundle are of one version), else read here.
     """
     map_parts = map_parts or in_turn
     store = RawStore.from_settings(settings)
@@ -254,7 +255,7 @@ def build_limits(settings: Settings, as_of: datetime | None = None,
     merchants = pq.ParquetFile(snapshot, filesystem=offline.arrow_fs).metadata.num_rows
     if not merchants:
         raise ScfriskError(f"no merchant was onboarded before {as_of:%Y-%m-%d}; nothing to limit")
-    model = champion(settings)
+    model = found or champion(settings)
     path = limits_path(settings, as_of)
     book = partitioned_limits(snapshot, offline.arrow_fs, model.model, model.version, policy, store.buckets, path,
                               map_parts)
@@ -268,8 +269,9 @@ def build_limits(settings: Settings, as_of: datetime | None = None,
 
 
 @flow(name="limits")
-def limits_flow(settings: Settings, as_of: datetime | None = None) -> LimitsResult:
+def limits_flow(settings: Settings, as_of: datetime | None = None,
+                champion: RegisteredPD | None = None) -> LimitsResult:
     """Prefect shell of `build_limits`: one flow run per limits table."""
-    result = build_limits(settings, as_of, run_partitions)
+    result = build_limits(settings, as_of, run_partitions, champion)
     log.info(result.describe())
     return result

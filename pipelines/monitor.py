@@ -25,7 +25,7 @@ from prefect import flow
 from core.errors import ScfriskError
 from core.raw_store import RawStore
 from core.settings import Settings
-from core.sql import duckdb_connect
+from core.sql import fetch_one
 from credit.monitoring import baseline_column, baselines, early_warnings
 from credit.policy import CreditPolicy, load_policy
 from features.definitions import MONEY, feature_set_version
@@ -118,9 +118,9 @@ class MonitorResult:
 
 def default_as_of(store: RawStore) -> datetime:
     """The raw store's latest day: midnight after its last order (the day's facts are all in)."""
-    con = duckdb_connect()
+    con = store.connect()
     orders = table_readers(store, con, ["orders"])["orders"]
-    last = con.execute(f"SELECT max(ordered_at) FROM {orders}").fetchone()[0]
+    (last,) = fetch_one(con, f"SELECT max(ordered_at) FROM {orders}")
     if last is None:
         raise ScfriskError(f"raw store {store.root} has no orders; run `scfrisk ingest` first")
     return (pd.Timestamp(last).floor("D") + pd.Timedelta(days=1)).to_pydatetime()
@@ -128,7 +128,7 @@ def default_as_of(store: RawStore) -> datetime:
 
 def live_loans(store: RawStore, as_of: datetime) -> pd.DataFrame:
     """Every loan open at `as_of` with its latest month-end status and its collateral figures."""
-    con = duckdb_connect()
+    con = store.connect()
     table_readers(store, con, ["loans", "loan_applications", "loan_performance", "inventory_receipts",
                                "receivables"])
     last_month_end = pd.Timestamp(as_of).to_period("M").to_timestamp() - pd.Timedelta(microseconds=1)

@@ -33,7 +33,7 @@ from core.errors import ScfriskError
 from core.raw_store import RawStore
 from core.settings import Settings
 from core.sources import open_source
-from core.sql import duckdb_connect
+from core.sql import fetch_one
 from core.storage import is_local
 from features.training_set import table_readers
 from pipelines.ingest import Stopwatch, ingest
@@ -78,9 +78,9 @@ def partials_folder(settings: Settings) -> Path:
 
 def next_midnight(store: RawStore) -> pd.Timestamp:
     """The midnight after the newest order: the as_of of the day the store now holds whole."""
-    con = duckdb_connect()
+    con = store.connect()
     orders = table_readers(store, con, ["orders"])["orders"]
-    (last,) = con.execute(f"SELECT max(ordered_at) FROM {orders}").fetchone()
+    (last,) = fetch_one(con, f"SELECT max(ordered_at) FROM {orders}")
     if last is None:
         raise ScfriskError(f"raw store {store.root} has no orders; nothing to refresh")
     return pd.Timestamp(last).normalize() + pd.Timedelta(days=1)

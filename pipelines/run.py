@@ -23,7 +23,6 @@ from prefect import flow, task
 from prefect.deployments.runner import RunnerDeployment
 
 from core.batch import require_tables
-from core.errors import ScfriskError
 from core.raw_store import RawStore
 from core.settings import Settings
 from core.sources import open_source
@@ -158,10 +157,8 @@ def run_flow(settings: Settings, source: str, oracle: str | None = None) -> RunS
     report = report_file(settings, version)
     if not report.is_file():
         report = report_for_version(settings, version)
-    limits = on_engine(limits_flow, settings)(settings=settings, as_of=features.online_as_of.to_pydatetime())
-    if limits.model_version != version:  # the limits flow reads the champion again: a promotion came between
-        raise ScfriskError(f"the champion of {settings.mlflow.registered_model} changed during the run (v{version}, "
-                           f"then v{limits.model_version}); nothing was published: run again")
+    limits = on_engine(limits_flow, settings)(settings=settings, as_of=features.online_as_of.to_pydatetime(),
+                                              champion=found)  # one read of the alias: limits and bundle agree
     buckets = RawStore.from_settings(settings).buckets
     with tempfile.TemporaryDirectory() as tmp:
         online = OfflineStore.from_settings(settings).local_copy(features.online, Path(tmp))

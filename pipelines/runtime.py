@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from core.errors import ScfriskError
 from core.settings import Settings
+from core.sql import is_out_of_memory
 
 if TYPE_CHECKING:
     from prefect import Flow
@@ -139,7 +140,8 @@ class UserErrorsOnce(logging.Filter):
 
     Prefect logs a failing flow's exception with its traceback, then "Finished in state Failed(...)"
     repeating the message, for the flow and each parent flow. For a `ScfriskError` both are noise on the
-    console (the Prefect API still records them): drop them there, keep every other failure as it is.
+    console (the Prefect API still records them): drop them there, keep every other failure as it is. DuckDB
+    running out of memory outside a stage's partitions is one line too (the CLI's `core.sql.out_of_memory`).
     """
 
     def __init__(self) -> None:
@@ -148,7 +150,7 @@ class UserErrorsOnce(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         run = str(getattr(record, "flow_run_id", None) or getattr(record, "task_run_id", ""))
-        if record.exc_info and isinstance(record.exc_info[1], ScfriskError):
+        if record.exc_info and (isinstance(record.exc_info[1], ScfriskError) or is_out_of_memory(record.exc_info[1])):
             self._runs.add(run)
             return False
         return not (run in self._runs and str(record.msg).startswith("Finished in state Failed"))

@@ -49,7 +49,7 @@ from models.stability import (
     monthly_stability,
     stability_table,
 )
-from reporting.html import Columns, Image, KeyFigures, Paragraph, Section, Status, Table, render_page
+from reporting.html import Block, Columns, Image, KeyFigures, Paragraph, Section, Status, Table, render_page
 from reporting.model_card import LIMITATIONS, PLATFORM_LIMITATIONS
 from reporting.plots import (
     beeswarm_figure,
@@ -580,7 +580,6 @@ def summary_section(data: ReportData, health: pd.DataFrame, decision: GateDecisi
     """The first screen: what the policy does with this model, and whether the model is healthy."""
     test, metrics = data.scope.test, data.metrics
     gate = "no decision" if decision is None else "champion" if decision.promote else "challenger only"
-    health_table = Table(health, caption="Model health; red fails a gate of scfrisk.toml [gates]")
     if data.limits is None:
         grades = data.model.master_scale.grade_table(data.pd_test, data.y_test).dropna(subset=["mean_pd"])
         reason = (
@@ -592,45 +591,20 @@ def summary_section(data: ReportData, health: pd.DataFrame, decision: GateDecisi
             f"{test} rows": len(data.test),
             "default rate": f"{metrics['default_rate']:.2%}",
             "mean PD": f"{metrics['mean_pd']:.2%}",
-            f"AUC ({gate})": f"{metrics['auc']:.3f}",
         }
-        return Section(
-            "Summary",
-            [
-                KeyFigures(figures),
-                Columns(
-                    [
-                        health_table,
-                        Table(_plain(grades), caption=f"Grades on the {test}", formats=SUMMARY_FORMATS),
-                    ]
-                ),
-                _drivers(data),
-                Paragraph(f"Approvals, limits and expected loss are not shown: {reason}."),
-            ],
-        )
-    limits, policy = data.limits, data.policy
-    approved = limits[limits["eligible"]]
-    figures = {
-        f"approved of {len(limits):,} applications": f"{len(approved) / len(limits):.0%}",
-        "limits granted": _money(approved["limit"].sum()),
-        "expected loss": _money(approved["expected_loss"].sum()),
-        "bad rate of approved": f"{approved['defaulted'].mean():.1%}" if len(approved) else "–",
-        f"AUC ({gate})": f"{metrics['auc']:.3f}",
-    }
-    return Section(
-        "Summary",
-        [
-            KeyFigures(figures),
-            Columns(
-                [
-                    health_table,
-                    Table(
-                        decline_reasons(limits, policy),
-                        caption="Top reasons for declining",
-                        formats=SUMMARY_FORMATS,
-                    ),
-                ]
-            ),
+        beside = Table(_plain(grades), caption=f"Grades on the {test}", formats=SUMMARY_FORMATS)
+        rest: list[Block] = [_drivers(data), Paragraph(f"Approvals, limits and expected loss are not shown: {reason}.")]
+    else:
+        limits, policy = data.limits, data.policy
+        approved = limits[limits["eligible"]]
+        figures = {
+            f"approved of {len(limits):,} applications": f"{len(approved) / len(limits):.0%}",
+            "limits granted": _money(approved["limit"].sum()),
+            "expected loss": _money(approved["expected_loss"].sum()),
+            "bad rate of approved": f"{approved['defaulted'].mean():.1%}" if len(approved) else "–",
+        }
+        beside = Table(decline_reasons(limits, policy), caption="Top reasons for declining", formats=SUMMARY_FORMATS)
+        rest = [
             Columns(
                 [
                     Table(_by(limits, "grade"), caption="By grade", formats=SUMMARY_FORMATS),
@@ -642,8 +616,10 @@ def summary_section(data: ReportData, health: pd.DataFrame, decision: GateDecisi
                 f"the product it asked for; the bad rate is what the approved merchants then did. "
                 + _drivers(data).text
             ),
-        ],
-    )
+        ]
+    health_table = Table(health, caption="Model health; red fails a gate of scfrisk.toml [gates]")
+    figures[f"AUC ({gate})"] = f"{metrics['auc']:.3f}"
+    return Section("Summary", [KeyFigures(figures), Columns([health_table, beside]), *rest])
 
 
 def card_section(data: ReportData) -> Section:

@@ -32,7 +32,7 @@ from credit.monitoring import ALERT_COLUMNS, LimitEffect, apply_effect, limit_ef
 from credit.policy import CreditPolicy, load_policy
 from explanation.reason_codes import TABLE_FILE, ReasonCodeIndex, explain_inputs, model_references
 from features.definitions import feature_set_version
-from models.pd_model import NUMERIC_SENTINELS, PDModel
+from models.pd_model import PDModel
 from serving import signing
 from serving.audit import inputs_hash
 from serving.signing import BundleKey
@@ -171,7 +171,6 @@ class Bundle:
         self.model = model
         self.policy = policy
         self.input_columns = list(dict.fromkeys([*model.feature_names, *limit_engine.FEATURES]))
-        self._levels = {spec.name: frozenset(spec.levels) for spec in model.features if spec.kind == "categorical"}
         self.snapshot = features.set_index("merchant_id", drop=False)
         self.reasons = reasons
         self.alerts = alerts if alerts is not None else pd.DataFrame(columns=list(ALERT_COLUMNS))
@@ -216,16 +215,11 @@ class Bundle:
         return [name for name in self.input_columns if name not in features]
 
     def unknown_inputs(self, features: dict[str, Any]) -> list[str]:
-        """The model inputs of a payload that the model will see as missing: null, a missing-value code
-        (-999) or a category level it never saw. Counted before scoring, so a PD built on next to nothing
-        can be refused; plain dict work, as `PDModel.prepare` would find them only after a pandas pass."""
-        def unknown(name: str, value: Any) -> bool:
-            if value is None:
-                return True
-            levels = self._levels.get(name)
-            return str(value).strip() not in levels if levels is not None else value in NUMERIC_SENTINELS
-
-        return [name for name in self.model.feature_names if unknown(name, features.get(name))]
+        """The model inputs of a payload that the model will see as missing: what `PDModel.prepare` makes NaN
+        (null, a missing-value token or code, text that is no number, a category level it never saw). Counted
+        before scoring, so a PD built on next to nothing can be refused."""
+        inputs = self.model.prepare(pd.DataFrame([features]).reindex(columns=self.model.feature_names)).iloc[0]
+        return list(inputs.index[inputs.isna()])
 
     def score_frame(self, frame: pd.DataFrame, merchant_ids: Sequence[str | None] | None = None) -> list[Scored]:
         """Score explicit feature rows (one merchant each) through the model, limit engine and explainer; the

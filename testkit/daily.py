@@ -18,6 +18,7 @@ import pandas as pd
 
 from core.batch import locate_tables
 from core.schemas import TABLES
+from core.sql import fetch_one
 
 
 def _reader(path: Path) -> str:
@@ -62,5 +63,5 @@ def split_day(source: Path, day: pd.Timestamp | str, base: Path, increment: Path
         for folder, sql in parts.items():
             folder.mkdir(parents=True, exist_ok=True)
             con.execute(f"COPY ({sql}) TO '{folder / name}.parquet' (FORMAT parquet)")
-            counts[name][folder.name] = con.execute(f"SELECT count(*) FROM '{folder / name}.parquet'").fetchone()[0]
+            (counts[name][folder.name],) = fetch_one(con, f"SELECT count(*) FROM '{folder / name}.parquet'")
     return counts

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import typer
@@ -281,3 +282,68 @@ def test_run_without_a_policy_file_is_refused_before_it_ingests(tmp_path, monkey
     assert code != 0
     assert "policy file policy.toml does not exist" in _one_error_line(stderr)
     assert not (home / "raw").exists()
+
+
+@pytest.mark.slow
+def test_duckdb_out_of_memory_is_one_line_with_its_budget(prefect_server, tmp_path):
+    """A memory limit too small for DuckDB: the CLI's one line names the stage, the table, the budget and where
+    it came from, and the console has no traceback (Prefect's is kept off it as for bad input)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "ingest", "--source", str(REPO / "data_samples" / "platform")],
+        capture_output=True, text=True, cwd=tmp_path,
+        env={**os.environ, "SCFRISK_HOME": str(tmp_path / "home"), "PREFECT_API_URL": prefect_server,
+             "SCFRISK_COMPUTE__MEMORY_LIMIT": "2MB"},
+    )
+    assert proc.returncode == 2
+    error = _one_error_line(proc.stderr)
+    assert "DuckDB ran out of memory in checking keys across partitions (" in error, error
+    assert "its budget was 1.0 MiB, 50% of [compute] memory_limit = 2MB (SCFRISK_COMPUTE__MEMORY_LIMIT)" in error
+    assert "OutOfMemoryException" not in proc.stderr and not (tmp_path / ".tmp").exists()
+
+
+def test_a_commands_duckdb_keeps_to_its_budget_and_spills_under_scfrisk_home(tmp_path, monkeypatch, capsys):
+    """`features training-set` reads the raw store with the workspace's budget (2MB: DuckDB runs out, one line
+    naming it) and spill folder, not DuckDB's defaults (80% of the machine, `.tmp` in the working directory)."""
+    from tests.rawdata import write_raw_store
+    from tests.test_features import TABLES, T
+
+    home = tmp_path / "home"
+    settings = Settings(home=home)
+    store = RawStore.from_settings(settings)
+    write_raw_store(Path(store.root), TABLES)
+    for reader in (store, store.pinned(), store.at(store.snapshot_id)):  # what flows hand their workers too
+        spill = reader.connect().execute("SELECT current_setting('temp_directory')").fetchall()
+        assert spill == [(str(home / "tmp" / "duckdb"),)]
+    entities = tmp_path / "entities.parquet"
+    pq.write_table(pa.table({"merchant_id": ["M1", "M2"], "as_of": [T, T]}), entities)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SCFRISK_COMPUTE__MEMORY_LIMIT", "2MB")
+    code, stderr = _cli(["features", "training-set", "--entities", str(entities), "--out", str(tmp_path / "out.csv")],
+                        monkeypatch, capsys, home)
+    assert code == 2
+    assert "its budget was 1.0 MiB, 50% of [compute] memory_limit = 2MB" in _one_error_line(stderr)
+    assert not (tmp_path / ".tmp").exists()
+
+
+def test_prefects_traceback_of_duckdb_out_of_memory_stays_off_the_console():
+    """Raised in a flow's own process (outside its partitions), the CLI prints it as one line (`invoke`): Prefect's
+    traceback of it and its 'Finished in state Failed' are dropped as for a `ScfriskError`."""
+    import logging
+
+    import duckdb
+
+    from pipelines.runtime import UserErrorsOnce
+
+    keep = UserErrorsOnce()
+    try:
+        duckdb.connect(config={"memory_limit": "1MB"}).execute("SELECT list(range) FROM range(1_000_000)")
+    except duckdb.OutOfMemoryException as exc:
+        error = (type(exc), exc, exc.__traceback__)
+    failed = logging.LogRecord("prefect.flow_runs", logging.ERROR, "", 0, "Encountered exception", None, error)
+    finished = logging.LogRecord("prefect.flow_runs", logging.ERROR, "", 0, "Finished in state Failed()", None, None)
+    other = logging.LogRecord("prefect.flow_runs", logging.ERROR, "", 0, "Encountered exception", None,
+                              (ValueError, ValueError("a bug"), None))
+    for record in (failed, finished, other):
+        record.flow_run_id = "run-1"
+    assert [keep.filter(record) for record in (failed, finished)] == [False, False]
+    assert keep.filter(other)

@@ -334,3 +334,21 @@ def test_the_dask_engine_on_two_workers_with_the_stores_on_s3_gives_the_local_en
     assert 0.5 < trained["test_auc"] <= 1
     assert "version 1" in said["train"]
     assert caplog.text.count("(2 workers)") == 3  # each command's flow run had its cluster
+
+
+def test_a_location_already_named_for_the_file_system_stays_on_s3(bucket, settings, tmp_path, monkeypatch):
+    """`arrow_path` of its own result is the same name: `bucket/key` was taken for a path in the working
+    directory, so a file meant for S3 was written there."""
+    monkeypatch.chdir(tmp_path)
+    remote = OfflineStore(f"s3://{bucket}/features", RawStore(f"s3://{bucket}/raw"))
+    local = OfflineStore(settings.path("feature_store"), RawStore(settings.path("raw_store")))
+    for store in (remote, local):
+        named = store.arrow_path(store.snapshot_path(T))
+        assert store.arrow_path(named) == named
+    assert named == str(local.snapshot_path(T))
+    named = remote.arrow_path(remote.snapshot_path(T))
+    assert named.startswith(f"{bucket}/features/version=")
+    frame = pd.DataFrame({"merchant_id": ["m1"], "x": [1.0]})
+    remote.write(frame, named, {})
+    pd.testing.assert_frame_equal(remote.read_file(named), frame)
+    assert remote.fs.isfile(named) and not (tmp_path / bucket).exists()

@@ -85,6 +85,19 @@ def test_rerun_on_unchanged_inputs_reuses_training(pipeline, platform):
     assert again.bundle_id == first.bundle_id, "the same content is not published twice"
 
 
+def test_a_run_reads_the_champion_once(pipeline, platform, monkeypatch):
+    """`run` hands the champion it read to its limits step: one read of the alias, so its limits and its bundle
+    are of one version (the limits flow read it again, and a promotion in between failed the run)."""
+    import pipelines.limits
+    from pipelines.run import run_flow
+
+    settings, first = pipeline
+    reads, read = [], pipelines.limits.load_registered
+    monkeypatch.setattr(pipelines.limits, "load_registered", lambda *args: reads.append(args[1:]) or read(*args))
+    again = run_flow(settings=settings, source=str(platform))
+    assert reads == [("champion",)] and again.champion_version == first.champion_version
+
+
 def test_a_failing_stage_publishes_nothing(pipeline, platform, tmp_path):
     from pipelines.run import run_flow
 

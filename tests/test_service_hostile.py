@@ -371,3 +371,12 @@ def test_the_http_contract_under_fuzzing(svc):
             orjson.loads(response.content)  # strict JSON, whatever was sent
 
         hostile()
+
+
+def test_the_unknown_inputs_counted_are_what_the_model_sees_as_missing(svc):
+    """The count before scoring is `PDModel.prepare`'s own: a NaN or a missing-value word was counted known."""
+    bundle = svc["bundle"]
+    numeric = [f.name for f in bundle.model.features if f.kind == "numeric"]
+    odd = {**_features(svc), numeric[0]: float("nan"), numeric[1]: "n/a", numeric[2]: -9999, "category": " NA "}
+    assert bundle.unknown_inputs(odd) == [name for name in bundle.model.feature_names
+                                          if name in (*numeric[:3], "category")]
