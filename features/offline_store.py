@@ -347,14 +347,33 @@ ENTITY_COLUMNS = ["application_id", "loan_id", "merchant_id", "as_of", "product"
 """Label-table columns the feature-store training run keeps besides the features themselves."""
 
 
+def complete_rows(path: str, columns: list[str],
+                  filesystem: pa_fs.FileSystem | None = None) -> tuple[pd.DataFrame, int]:
+    """The rows of a training-set file whose outcome is complete, with `columns`, and the file's row count.
+
+    Read a row group at a time and filtered before pandas sees them: memory is the complete rows and one row
+    group, not the whole file (at 100M orders, 2.7M loans of which 1.0M complete, a 0.7 GB frame: the process
+    peaked at 4.4 GB reading the file whole and filtering in pandas, at 1.7 GB this way)."""
+    file = pq.ParquetFile(path, filesystem=filesystem)
+    kept = [table.filter(table.column("outcome_complete")).drop_columns(["outcome_complete"])
+            for table in (file.read_row_group(i, columns=[*columns, "outcome_complete"])
+                          for i in range(file.num_row_groups))]
+    schema = file.schema_arrow
+    empty = pa.schema([schema.field(c) for c in columns]).with_metadata(schema.metadata).empty_table()
+    table = pa.concat_tables(kept) if kept else empty
+    table = table.replace_schema_metadata(schema.metadata)  # pandas metadata: the frame pandas reads whole
+    del kept
+    return table.to_pandas(self_destruct=True, split_blocks=True), file.metadata.num_rows
+
+
 def training_frame(settings: Settings) -> pd.DataFrame:
     """Completed loan outcomes with point-in-time features as of each application (the offline store's
     training set, reused while the raw snapshot and the feature definitions are unchanged)."""
     offline = OfflineStore.from_settings(settings)
     store, horizon = offline.raw_store, settings.model.label_horizon_months
-    frame = offline.read_file(offline.training_set(horizon))
-    complete = frame.loc[frame["outcome_complete"], [*ENTITY_COLUMNS, *feature_names()]]
+    path = offline.arrow_path(offline.training_set(horizon))
+    complete, loans = complete_rows(path, [*ENTITY_COLUMNS, *feature_names()], offline.arrow_fs)
     if complete.empty:
-        raise ScfriskError(f"none of the {len(frame)} loans in {store.root} has a complete {horizon}-month "
+        raise ScfriskError(f"none of the {loans} loans in {store.root} has a complete {horizon}-month "
                            "outcome yet; ingest a longer history")
-    return complete.reset_index(drop=True)
+    return complete

@@ -107,9 +107,12 @@ class Evaluation:
 
 def evaluate_model(model: PDModel, baseline_pd: np.ndarray, frame: pd.DataFrame, y: pd.Series, slices: pd.Series,
                    group_cols: list[str], true_pd: pd.Series | None = None, min_grade_count: int = 1,
-                   grade_tolerance_z: float = 0.0) -> Evaluation:
-    """Test metrics of the model and the baseline, by segment/product, by grade, with stability and oracle gap."""
-    scored = pd.DataFrame({"slice": slices.to_numpy(), "y": y.to_numpy(), "pd": model.predict_pd(frame),
+                   grade_tolerance_z: float = 0.0, inputs: pd.DataFrame | None = None) -> Evaluation:
+    """Test metrics of the model and the baseline, by segment/product, by grade, with stability and oracle gap.
+
+    `inputs`: `model.prepare(frame)`, when the caller has it (a training run: preparing is a copy of the rows)."""
+    pd_values = model.predict_pd(frame) if inputs is None else model.predict_pd_prepared(inputs)
+    scored = pd.DataFrame({"slice": slices.to_numpy(), "y": y.to_numpy(), "pd": pd_values,
                            "baseline_pd": baseline_pd}, index=frame.index)
     for col in group_cols:
         scored[col] = frame[col].astype(object).fillna("missing").to_numpy()

@@ -139,7 +139,7 @@ class LogisticBaseline:
         self.seed = seed
 
     def _design(self, X: pd.DataFrame) -> pd.DataFrame:
-        design = X.copy()
+        design = X.copy(deep=False)  # only the categoricals change: the numeric columns are not copied
         for spec in self.features:
             if spec.kind == "categorical":
                 design[spec.name] = design[spec.name].astype(object).where(design[spec.name].notna(), "__missing__")
@@ -210,6 +210,15 @@ def search_candidates(trials: int, seed: int) -> list[dict[str, Any]]:
     return candidates
 
 
+def rows_of(X: pd.DataFrame, mask: np.ndarray) -> pd.DataFrame:
+    """`X[mask]`; a view when the rows are one run (a time split of rows in time order: every slice), so the
+    process does not hold the slices' features twice."""
+    picked = np.flatnonzero(mask)
+    if len(picked) and picked[-1] - picked[0] + 1 == len(picked):
+        return X.iloc[picked[0]:picked[-1] + 1]
+    return X[mask]
+
+
 @dataclass
 class TrainingResult:
     model: PDModel
@@ -229,6 +238,7 @@ def train_pd_model(frame: pd.DataFrame, y: pd.Series, slices: pd.Series, feature
     X = prepare_features(frame, features)
     is_train, is_valid = (slices == "train").to_numpy(), (slices == "valid").to_numpy()
     y_all = y.to_numpy()
+    X_train, X_valid = rows_of(X, is_train), rows_of(X, is_valid)
     for name, mask in (("training", is_train), ("validation", is_valid)):
         if len(np.unique(y_all[mask])) < 2:
             raise ScfriskError(f"the {name} slice ({int(mask.sum())} rows) needs both defaults and non-defaults")
@@ -238,9 +248,9 @@ def train_pd_model(frame: pd.DataFrame, y: pd.Series, slices: pd.Series, feature
     with Progress(transient=True) as progress:
         task = progress.add_task("hyper-parameter search", total=len(candidates))
         for candidate in candidates:
-            booster = fit_booster(X[is_train], y_all[is_train], X[is_valid], y_all[is_valid], features,
+            booster = fit_booster(X_train, y_all[is_train], X_valid, y_all[is_valid], features,
                                   candidate, seed, max_rounds, threads, client)
-            margin = booster.predict(X[is_valid], raw_score=True)
+            margin = booster.predict(X_valid, raw_score=True)
             loss = float(log_loss(y_all[is_valid], 1 / (1 + np.exp(-margin)), labels=[0, 1]))
             rows.append({**candidate, "rounds": booster.best_iteration, "valid_log_loss": loss,
                          "valid_auc": float(roc_auc_score(y_all[is_valid], margin))})
@@ -248,8 +258,9 @@ def train_pd_model(frame: pd.DataFrame, y: pd.Series, slices: pd.Series, feature
                 best = (loss, booster, candidate)
             progress.advance(task)
     _, searched, params = best
-    calibrator, calibration_scores = choose_calibrator(searched.predict(X[is_valid], raw_score=True),
+    calibrator, calibration_scores = choose_calibrator(searched.predict(X_valid, raw_score=True),
                                                        y_all[is_valid], seed)
+    del X_train, X_valid
     # The validation slice has picked the candidate, its rounds and the calibrator; the final booster also
     # learns from it (the newest cohort, with a time split), for rounds scaled to the rows so that each row
     # weighs as in the searched fit. Without this the model learns from 60% of a table where a plain
@@ -257,11 +268,13 @@ def train_pd_model(frame: pd.DataFrame, y: pd.Series, slices: pd.Series, feature
     # tables"). The calibrator, fitted on held-out margins of the same candidate, carries over.
     development = is_train | is_valid
     refit_rounds = max(1, round(searched.best_iteration * development.sum() / is_train.sum()))
-    booster = refit_booster(X[development], y_all[development], features, params, seed, refit_rounds, threads, client)
+    X_development = rows_of(X, development)
+    booster = refit_booster(X_development, y_all[development], features, params, seed, refit_rounds, threads,
+                            client)
     log.info("best of %d candidates: %s, %d rounds (%d refitted on train + valid); calibration %s",
              len(candidates), params, searched.best_iteration, refit_rounds, calibrator.method)
     model = PDModel(booster=booster, features=features, calibrator=calibrator, master_scale=master_scale)
-    baseline = LogisticBaseline(features, seed).fit(X[development], y_all[development])  # the model's rows
+    baseline = LogisticBaseline(features, seed).fit(X_development, y_all[development])  # the model's rows
     return TrainingResult(model, baseline,
                           {**params, "monotone_constraints_method": BASE_PARAMS["monotone_constraints_method"],
                            "rounds": searched.best_iteration, "refit_rounds": refit_rounds},
