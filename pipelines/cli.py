@@ -553,11 +553,6 @@ def invoke() -> int:
     except ScfriskError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         return 2
-    except Exception as exc:
-        if not is_out_of_memory(exc):
-            raise
-        typer.secho(f"error: {out_of_memory()}", err=True, fg=typer.colors.RED)  # outside any stage's partitions
-        return 2
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         if code is None or isinstance(code, int):
@@ -571,6 +566,11 @@ def invoke() -> int:
         return exc.exit_code
     except typer.Abort:
         return 1
+    except Exception as exc:  # last: usage errors and exits are exceptions too
+        if not is_out_of_memory(exc):
+            raise
+        typer.secho(f"error: {out_of_memory()}", err=True, fg=typer.colors.RED)  # outside any stage's partitions
+        return 2
 
 
 def run() -> None:
