@@ -44,7 +44,7 @@ from credit.policy import (
     Spike,
     WarehouseInventory,
 )
-from features.definitions import FEATURE_INDEX, format_value
+from features.definitions import FEATURE_INDEX, format_pair, format_value
 from models.master_scale import MasterScale
 
 BOOK_COLUMNS: tuple[str, ...] = (
@@ -204,7 +204,7 @@ def _spike(book: pd.DataFrame, signal: str, config: Spike) -> pd.DataFrame:
     evidence = [{config.feature: v, "baseline": None if math.isnan(b) else b, "baseline_days": config.baseline_days}
                 for v, b in zip(now[mask], before[mask])]
     words = SPIKE_WORDS.get(signal, signal.replace("_", " "))
-    reasons = [f"{words}: {label.lower()} is {format_value(v, unit)}, against {format_value(b, unit)} "
+    reasons = [f"{words}: {label.lower()} is {', against '.join(format_pair(v, b, unit))} "
                f"{config.baseline_days} days earlier (the policy's threshold: {config.multiple:g}x and at least "
                f"{format_value(config.min_value, unit)})" for v, b in zip(now[mask], before[mask])]
     return _fired(book, mask, signal, config, evidence, reasons)

@@ -32,7 +32,7 @@ import pandas as pd
 from core.errors import ScfriskError
 from explanation.contributions import Explanation, explain
 from features.catalogue import PROTECTED_PROXIES
-from features.definitions import FEATURE_INDEX, Feature, format_value
+from features.definitions import FEATURE_INDEX, Feature, format_pair
 from models.pd_model import FeatureSpec, PDModel
 
 TOP_N = 4
@@ -105,15 +105,15 @@ def _label(feature: Feature) -> str:
 def describe(feature: Feature, value: Any, reference: Any) -> tuple[str, str, str]:
     """(value text, reference text, sentence) for one feature of one merchant: the sentence says which
     side of the typical approved merchant's value the merchant's lies on."""
-    value_text, reference_text = format_value(value, feature.unit), format_value(reference, feature.unit)
+    value_text, reference_text = format_pair(value, reference, feature.unit)
     if _missing(value) or _missing(reference):
         comparison = f"; the typical approved merchant's: {reference_text}"
     elif feature.kind == "categorical" or feature.unit == "category":
         comparison = (", like the typical approved merchant" if str(value) == str(reference)
                       else f", unlike the typical approved merchant's {reference_text}")
     else:
-        side = "higher than" if float(value) > float(reference) else (
-            "lower than" if float(value) < float(reference) else "the same as")
+        side = "the same as" if value_text == reference_text else (
+            "higher than" if float(value) > float(reference) else "lower than")
         comparison = f", {side} the typical approved merchant's {reference_text}"
     return value_text, reference_text, f"{_label(feature)}: {value_text}{comparison}"
 

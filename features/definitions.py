@@ -435,14 +435,26 @@ UNIT_FORMATS: dict[str, str] = {
 """How a number of each unit reads in a reason code; other units print as a whole number."""
 
 
-def format_value(value: object, unit: str) -> str:
-    """A value as a risk officer reads it in a reason code: 0.18 ratio -> '18%', 1234.5 CNY -> 'CNY 1,235'."""
+def format_value(value: object, unit: str, decimals: int = 0) -> str:
+    """A value as a risk officer reads it in a reason code: 0.18 ratio -> '18%', 1234.5 CNY -> 'CNY 1,235';
+    `decimals` more than the unit's usual precision."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "unknown"
     if unit == "category":
         return str(value)
-    text = UNIT_FORMATS.get(unit, "{:,.0f}").format(float(value))  # type: ignore[arg-type]
+    spec = re.sub(r"\.(\d+)([f%])", lambda m: f".{int(m[1]) + decimals}{m[2]}", UNIT_FORMATS.get(unit, "{:,.0f}"))
+    text = spec.format(float(value))  # type: ignore[arg-type]
     return text.removesuffix("s") if unit in ("days", "months") and text.startswith("1 ") else text
+
+
+def format_pair(value: object, reference: object, unit: str) -> tuple[str, str]:
+    """Two values compared in one sentence, with as many decimals (up to 3 more) as it takes to tell different
+    numbers apart: '1.4 days, higher than 1 day' would read '1 day, higher than 1 day'."""
+    for decimals in range(4):
+        texts = format_value(value, unit, decimals), format_value(reference, unit, decimals)
+        if texts[0] != texts[1] or value == reference or "unknown" in texts or unit == "category":
+            return texts
+    return format_value(value, unit), format_value(reference, unit)  # equal as far as anyone reads them
 
 
 def _validate() -> None:

@@ -211,3 +211,17 @@ def test_a_model_saved_without_references_says_how_to_fix_it(trained: Trained) -
     bare = type(trained.model)(trained.model.booster, trained.model.features, trained.model.calibrator)
     with pytest.raises(ScfriskError, match=REFERENCES_KEY):
         explain_payloads(bare, trained.frame.head(1))
+
+
+def test_a_reason_shows_the_decimals_that_tell_the_merchant_from_the_reference() -> None:
+    """Rounded to whole days, 1.4 against 0.9 read '1 day, higher than ... 1 day' (seen in `make demo`)."""
+    contributions = pd.DataFrame({"avg_days_to_ship_90d": [0.1], "refund_rate_90d": [0.2]}, index=["M1"])
+    inputs = pd.DataFrame({"avg_days_to_ship_90d": [1.4], "refund_rate_90d": [0.0503]}, index=["M1"])
+    references = {"avg_days_to_ship_90d": 0.9, "refund_rate_90d": 0.0501}
+    table = top_reasons(contributions, inputs, references)
+    assert table["description"].tolist() == [
+        "Share of orders placed in the last 90 days that were refunded: 5.03%, higher than the typical approved "
+        "merchant's 5.01%",
+        "Average days between an order and its shipment, orders of the last 90 days: 1.4 days, higher than the "
+        "typical approved merchant's 0.9 days",
+    ]
