@@ -109,7 +109,8 @@ def measure(name: str, source: Path) -> dict:
             "load_after": os.getloadavg()[0], "features": summary.features,
             "monitor": summary.monitor.splitlines()[0],
             "quiet_cpu": quiet_cpu, "quiet_full_cpu": quiet_full_cpu, "quiet_phases": quiet.cpu_seconds,
-            "quiet_gap": _max_gap(quiet.features.reset_index(drop=True), quiet_full.reset_index(drop=True)), "quiet": quiet.describe(),
+            "quiet_gap": _max_gap(quiet.features.reset_index(drop=True), quiet_full.reset_index(drop=True)),
+            "quiet": quiet.describe(),
         }
 
 

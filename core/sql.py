@@ -107,6 +107,7 @@ def fetch_one(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | 
     (row,) = con.execute(sql, params).fetchall()
     return row
 
+
 def _worker_budget() -> tuple[int | None, int | None, Path | None]:
     """(memory limit in bytes, threads, scratch folder) of the Dask worker running this code; Nones
     elsewhere."""

@@ -452,7 +452,7 @@ def format_pair(value: object, reference: object, unit: str) -> tuple[str, str]:
     numbers apart: '1.4 days, higher than 1 day' would read '1 day, higher than 1 day'."""
     for decimals in range(4):
         texts = format_value(value, unit, decimals), format_value(reference, unit, decimals)
-        if texts[0] != texts[1] or value == reference or "unknown" in texts or unit == "category":
+        if texts[0] != texts[1] or value == reference:
             return texts
     return format_value(value, unit), format_value(reference, unit)  # equal as far as anyone reads them
 

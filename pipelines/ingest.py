@@ -33,7 +33,7 @@ from core.rules import Failure, show_value
 from core.schemas import TABLES, ForeignKey
 from core.settings import Settings
 from core.sources import Piece, Source, open_source, pieces
-from core.sql import duckdb_connect, size_bytes
+from core.sql import duckdb_connect, fetch_one, size_bytes
 from core.staging import BatchSpill, Located, SplitPart, StagedTable, concat
 from core.validation import (
     BatchValidation,
@@ -337,11 +337,10 @@ def _all_distinct(con: duckdb.DuckDBPyConnection, key: str, rows: int) -> bool:
     """Whether every key is distinct, in as many slices of the keys' hash as keep each slice's hash table
     within half the connection's memory: a distinct count cannot spill to disk, and one over the 100M orders'
     keys asked for 1 GiB at once of a worker's 2 GiB and failed the ingest. One slice, one scan, below that."""
-    limit = size_bytes(con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0])
+    limit = size_bytes(fetch_one(con, "SELECT current_setting('memory_limit')")[0])
     slices = max(1, math.ceil(rows * KEY_BYTES / (limit / 2)))
     where = [""] if slices == 1 else [f"WHERE hash({key}) % {slices} = {i}" for i in range(slices)]
-    return all(con.execute(f"SELECT count(*) = count(DISTINCT {key}) FROM spill_keys {w}").fetchall()[0][0]
-               for w in where)
+    return all(fetch_one(con, f"SELECT count(*) = count(DISTINCT {key}) FROM spill_keys {w}")[0] for w in where)
 
 
 def _plan(name: str, staged: StagedTable | None, leaving: Mapping[str, pa.Array]) -> list[Unit]:

@@ -29,13 +29,10 @@ from prefect import flow
 from prefect.deployments.runner import RunnerDeployment
 
 from core.batch import require_tables
-from core.errors import ScfriskError
 from core.raw_store import RawStore
 from core.settings import Settings
 from core.sources import open_source
-from core.sql import fetch_one
 from core.storage import is_local
-from features.training_set import table_readers
 from pipelines.ingest import Stopwatch, ingest
 from pipelines.runtime import scheduled
 
@@ -76,16 +73,6 @@ def partials_folder(settings: Settings) -> Path:
     return settings.home_dir / "features"
 
 
-def next_midnight(store: RawStore) -> pd.Timestamp:
-    """The midnight after the newest order: the as_of of the day the store now holds whole."""
-    con = store.connect()
-    orders = table_readers(store, con, ["orders"])["orders"]
-    (last,) = fetch_one(con, f"SELECT max(ordered_at) FROM {orders}")
-    if last is None:
-        raise ScfriskError(f"raw store {store.root} has no orders; nothing to refresh")
-    return pd.Timestamp(last).normalize() + pd.Timedelta(days=1)
-
-
 def refresh(settings: Settings, source: str | Path, as_of: pd.Timestamp | None = None) -> RefreshSummary:
     """The daily refresh (see the module docstring); `as_of` defaults to the midnight after the newest order."""
     from credit.policy import load_policy
@@ -94,7 +81,7 @@ def refresh(settings: Settings, source: str | Path, as_of: pd.Timestamp | None =
     from features.offline_store import OfflineStore
     from features.online_store import publish_online
     from pipelines.limits import champion, limits_path, limits_table
-    from pipelines.monitor import watch
+    from pipelines.monitor import default_as_of, watch
     from pipelines.publish import BundleParts, publish
     from pipelines.report import report_file
 
@@ -106,7 +93,7 @@ def refresh(settings: Settings, source: str | Path, as_of: pd.Timestamp | None =
     pulled = steps.time("pull", ingest, batch, settings)
     log.info(pulled.describe())
     store = RawStore.from_settings(settings)
-    as_of = pd.Timestamp(as_of) if as_of is not None else next_midnight(store)
+    as_of = pd.Timestamp(as_of if as_of is not None else default_as_of(store))  # the midnight after the newest order
 
     offline = OfflineStore.from_settings(settings, store)
 
