@@ -62,7 +62,7 @@ from deltalake.transaction import Transaction as AppTransaction
 from core import storage
 from core.errors import ScfriskError
 from core.partitioning import BUCKET, MONTH, parse_partition_key, partition_key, split_by_partition
-from core.schemas import TABLES
+from core.schemas import CHANGED_AT, TABLES, UPDATED_AT
 from core.sql import duckdb_connect
 from core.storage import is_local, local_path
 
@@ -96,6 +96,19 @@ class StagedPartition:
     add: dict[str, Any] | None = None
     written: str | None = None
     """The file this staging created (not there before): removed again unless the batch commits."""
+    stale: int = 0
+    """Delivered rows kept out: older than the stored rows of their keys (`RawStore.key_moves`)."""
+
+
+@dataclass(frozen=True)
+class KeyMoves:
+    """Stored rows a batch moves, and delivered rows it must keep out (`RawStore.key_moves`), each by
+    partition (`partition_key`)."""
+
+    leaving: dict[str, pa.Array]
+    """Keys of stored rows re-delivered into another partition, by the stored partition they leave."""
+    stale: dict[str, pa.Array]
+    """Keys of delivered rows older than the stored ones, by the partition they were delivered to."""
 
 
 class RawStore:
@@ -245,41 +258,72 @@ class RawStore:
             values = con.sql(f"SELECT DISTINCT {column} FROM {view}").to_arrow_table().column(0).combine_chunks()
         return values.cast(TABLES[name].column_index[column].type)
 
-    def moved_keys(
+    def key_moves(
         self, name: str, batch_keys: pads.Dataset | pa.Table, con: duckdb.DuckDBPyConnection | None = None
-    ) -> dict[str, pa.Array]:
-        """Stored rows a batch re-delivers into another partition (its time or merchant changed): their
-        keys, by the stored partition (`partition_key`) they must leave. `batch_keys`: the batch's key column
-        and the `month` and `bucket` of each row. Key columns only, in DuckDB (which spills to disk a join
-        larger than memory; `con` as for `distinct_values`)."""
+    ) -> KeyMoves:
+        """Stored rows a batch re-delivers into another partition (its time or merchant changed): they leave
+        their old one, unless the delivered row is the older (`TableSpec.changed_at`): then it is stale and
+        kept out (a stale row of the same partition is found at staging, `stage_partition`). `batch_keys`: the
+        batch's key column and each row's `month`, `bucket` and `changed_at`. Key columns only, in DuckDB
+        (which spills to disk a join larger than memory; `con` as for `distinct_values`)."""
         if not self.has_table(name):
-            return {}
-        key = TABLES[name].key
+            return KeyMoves({}, {})
+        spec = TABLES[name]
+        key = spec.key
         with _connection(self, con) as con:
             con.register("batch_keys", batch_keys)
             con.register("stored", self.dataset(name))
             moved = con.sql(
-                f"SELECT s.{MONTH}, s.{BUCKET}, s.{key} FROM stored s JOIN batch_keys b ON s.{key} = b.{key} "
-                f"WHERE s.{MONTH} <> b.{MONTH} OR s.{BUCKET} <> b.{BUCKET} ORDER BY 1, 2, 3"
+                f"SELECT s.{MONTH}, s.{BUCKET}, b.{MONTH} AS b_month, b.{BUCKET} AS b_bucket, s.{key} AS key, "
+                f"b.{CHANGED_AT} AS changed FROM stored s JOIN batch_keys b ON s.{key} = b.{key} "
+                f"WHERE s.{MONTH} <> b.{MONTH} OR s.{BUCKET} <> b.{BUCKET} ORDER BY key"
             ).to_arrow_table()
-        out: dict[str, list[Any]] = {}
-        for month, bucket, value in zip(*(moved.column(c).to_pylist() for c in (MONTH, BUCKET, key)), strict=True):
-            out.setdefault(partition_key(month, bucket), []).append(value)
-        return {k: pa.array(v, TABLES[name].column_index[key].type) for k, v in out.items()}
+        newer: set[Any] = set()
+        if moved.num_rows and moved.column("changed").null_count < moved.num_rows:
+            stored = self.dataset(name, sorted(set(moved.column(BUCKET).to_pylist())),
+                                  sorted(set(moved.column(MONTH).to_pylist()))).to_table(
+                filter=pc.field(key).isin(moved.column("key")))
+            stored = pa.table({"key": stored.column(key), "stored": spec.changed_at(stored)})
+            both = moved.join(stored, "key")
+            newer = set(both.filter(pc.greater(both.column("stored"), both.column("changed")))["key"].to_pylist())
+        leaving: dict[str, list[Any]] = {}
+        stale: dict[str, list[Any]] = {}
+        for row in moved.to_pylist():
+            if row["key"] in newer:
+                stale.setdefault(partition_key(row["b_month"], row["b_bucket"]), []).append(row["key"])
+            else:
+                leaving.setdefault(partition_key(row[MONTH], row[BUCKET]), []).append(row["key"])
+        key_type = spec.column_index[key].type
+        return KeyMoves(*({k: pa.array(v, key_type) for k, v in sorted(keys.items())} for keys in (leaving, stale)))
 
     def stage_partition(
-        self, name: str, key: str, rows: pa.Table | None, leaving: pa.Array | None = None, ledger: str | None = None
+        self, name: str, key: str, rows: pa.Table | None, leaving: pa.Array | None = None, ledger: str | None = None,
+        stale: pa.Array | None = None,
     ) -> StagedPartition:
         """Rebuild one partition for a batch: the stored rows, minus those whose key the batch delivers
-        (`rows`, validated, keys unique) or moves elsewhere (`leaving`), plus `rows`; sorted by key, written
-        deterministically and named by its content. Safe in any process: it reads only this partition.
+        (`rows`, validated, keys unique, less the `stale` keys: older than the stored rows) or moves elsewhere
+        (`leaving`), plus `rows`; sorted by key, written deterministically and named by its content. Safe in
+        any process: it reads only this partition.
         `ledger`: a folder where a note of a new file is written before the file, so that the file of a
         process killed before its batch could remove it is found again (`remove_unreferenced`)."""
         spec = TABLES[name]
-        parts = [rows.select([c.name for c in spec.columns]).cast(spec.arrow_schema)] if rows is not None else []
+        rows = rows.select([c.name for c in spec.columns]).cast(spec.arrow_schema) if rows is not None else None
         old = self.manifest()["tables"].get(name, {}).get("partitions", {}).get(key)
-        if old:
-            stored = pq.read_table(self._file(name, _file_name(key, old["sha256"])), filesystem=self.fs)
+        stored = pq.read_table(self._file(name, _file_name(key, old["sha256"])), filesystem=self.fs) if old else None
+        kept_out = 0
+        if rows is not None:
+            older = [stale] if stale is not None else []
+            if stored is not None and UPDATED_AT in spec.column_index:  # delivered rows older than the stored
+                both = pa.table({"k": rows.column(spec.key), "new": spec.changed_at(rows)}).join(
+                    pa.table({"k": stored.column(spec.key), "old": spec.changed_at(stored)}), "k")
+                older.append(both.filter(pc.greater(both.column("old"), both.column("new"))).column("k")
+                             .combine_chunks())
+            if older:
+                drop = pc.is_in(rows.column(spec.key), value_set=pa.concat_arrays(older))
+                kept_out = pc.sum(drop).as_py() or 0
+                rows = rows.filter(pc.invert(drop))
+        parts = [rows] if rows is not None else []
+        if stored is not None:
             gone = [a for a in (rows.column(spec.key).combine_chunks() if rows is not None else None, leaving)
                     if a is not None]
             if gone:
@@ -289,7 +333,7 @@ class RawStore:
             parts.insert(0, stored.select([c.name for c in spec.columns]).cast(spec.arrow_schema))
         merged = pa.concat_tables(parts).sort_by(spec.key) if parts else spec.arrow_schema.empty_table()
         if merged.num_rows == 0:
-            return StagedPartition(name, key, {})
+            return StagedPartition(name, key, {}, stale=kept_out)
         # One chunk per column, so the bytes depend on the rows only, not on how they were read.
         sink = pa.BufferOutputStream()
         pq.write_table(merged.combine_chunks(), sink, compression="zstd", row_group_size=1 << 20)
@@ -297,7 +341,7 @@ class RawStore:
         digest = hashlib.sha256(data).hexdigest()
         entry = {"rows": merged.num_rows, "sha256": digest}
         if old and old["sha256"] == digest:
-            return StagedPartition(name, key, entry)
+            return StagedPartition(name, key, entry, stale=kept_out)
         path = self._file(name, _file_name(key, digest))
         written = None
         if not self.fs.exists(path):  # else the same bytes, kept by an older version
@@ -314,7 +358,7 @@ class RawStore:
             "modification_time": int(time.time() * 1000), "data_change": True,
             "stats": json.dumps({"numRecords": merged.num_rows}),
         }
-        return StagedPartition(name, key, entry, add, written)
+        return StagedPartition(name, key, entry, add, written, kept_out)
 
     def remove_unreferenced(self, ledger: str) -> None:
         """Remove the partition files a ledger notes (`stage_partition`) that the current snapshot does not
@@ -415,12 +459,14 @@ class Transaction:
         spec, store = TABLES[name], self.store
         parts = split_by_partition(table, spec.time_column, store.buckets)
         keys = pa.concat_tables([
-            pa.table({spec.key: rows.column(spec.key), MONTH: [month] * len(rows), BUCKET: [bucket] * len(rows)})
+            pa.table({spec.key: rows.column(spec.key), MONTH: [month] * len(rows), BUCKET: [bucket] * len(rows),
+                      CHANGED_AT: spec.changed_at(rows)})
             for (month, bucket), rows in ((parse_partition_key(k), rows) for k, rows in parts.items())
         ]) if parts else None
-        leaving = store.moved_keys(name, keys) if keys is not None else {}
-        self.add([store.stage_partition(name, key, parts.get(key), leaving.get(key))
-                  for key in sorted({*parts, *leaving})])
+        moves = store.key_moves(name, keys) if keys is not None else KeyMoves({}, {})
+        self.add([store.stage_partition(name, key, parts.get(key), moves.leaving.get(key), None,
+                                        moves.stale.get(key))
+                  for key in sorted({*parts, *moves.leaving})])
 
     def commit(
         self, batch: str | None = None, source_state: Mapping[str, Any] | None = None
