@@ -86,6 +86,8 @@ log = logging.getLogger(__name__)
 MANIFEST = "_manifest.json"
 SNAPSHOTS = "_snapshots"
 JOURNAL = "_commit.json"
+STAGING = "_staging"
+"""The folder of the batches being staged (`core.staging`): while it exists, a batch may be writing files."""
 APP_ID = "scfrisk-raw-store"
 """Delta transaction id of the store's batches: a table's commit records the batch's sequence number."""
 
@@ -397,8 +399,6 @@ class RawStore:
         that can no longer be read stops the vacuum before anything is removed.
 
         One writer at a time: refused while an ingest is staging or a commit waits to be finished."""
-        from core.staging import STAGING
-
         if self._pinned is not None:
             raise ScfriskError(f"raw store {self.root} is pinned to snapshot {self.snapshot_id}: read only")
         if self.fs.isfile(self._file(JOURNAL)) or self.fs.exists(self._file(STAGING)):
