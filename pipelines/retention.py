@@ -11,7 +11,9 @@ What is kept however old, and why:
 - the live bundle, the one `scfrisk rollback` would go back to, and every bundle a line of the audit log
   names (`scfrisk replay` re-scores each logged decision with the bundle that made it; a bundle is
   self-contained, so replaying a decision needs nothing else);
-- the audit log, the MLflow store and its artifacts, the risk reports (one per model version): never touched.
+- never touched: the audit log, the MLflow store and its artifacts, the risk reports (one per model
+  version), the feature store's training sets (one per feature-set version, rewritten in place), and
+  Prefect's database (its own retention settings).
 
 What goes, once older than the window:
 - raw store: the data files no kept snapshot reads, and the records of the snapshots no longer kept
@@ -20,9 +22,13 @@ What goes, once older than the window:
   demand), but the newest of each feature-set version and the monthly ones the risk report compares
   (`[features] snapshot_months`); the daily partials of feature-set versions the code no longer computes
   (the current version's are collected by each refresh itself, `features.daily_store`);
-- published bundles that are not kept above, and rejected ones (kept for inspection);
-- the day folders of limits (`limits/as_of=...`) and early-warning alerts (`monitor/as_of=...`) but the
-  newest: each day's are also inside the bundle published with them.
+- published bundles that are not kept above, rejected ones (kept for inspection), and the staging folders
+  of publishes that stopped half-way;
+- the day folders of the refresh's limits (`limits/as_of=...` holding only the limits table) and of the
+  early-warning alerts and watch list (`monitor/as_of=...`), but the newest: each day's limits and alerts
+  are also in the bundle published with them (kept above while a logged decision names it). The monthly
+  run's limits folders, with its strategy report and backtest, stay: one a month, the record of a
+  champion's strategy.
 
 "Older than the window" is by when a thing was written (a snapshot: when it became current), so that a
 run in progress (younger than the window's at least one day) is never touched. A snapshot that was current
@@ -181,7 +187,7 @@ def decision_bundles(audit_log: Path) -> set[str]:
 
 def old_bundles(settings: Settings, cutoff: datetime) -> list[Removal]:
     """Published bundles created before the cutoff that are not live, not the rollback's default target, and
-    that no logged decision was made with; rejected bundles older than the cutoff."""
+    that no logged decision was made with; rejected and unfinished bundles older than the cutoff."""
     from pipelines.publish import list_bundles
     from serving.bundle import BUNDLES_DIR, current_bundle_id, read_manifest
 
@@ -196,25 +202,33 @@ def old_bundles(settings: Settings, cutoff: datetime) -> list[Removal]:
     if rejected.is_dir():
         out += [Removal("rejected bundles", str(p), _tree_bytes(p)) for p in sorted(rejected.iterdir())
                 if _newest(p) < cutoff]
+    # A publish that stopped before its bundle was checked and moved in leaves its staging folder.
+    out += [Removal("unfinished bundles", str(p), _tree_bytes(p)) for p in sorted(published.glob(".staging-*"))
+            if _newest(p) < cutoff]
     return out
 
 
-def old_days(folder: Path, kind: str, cutoff: datetime) -> list[Removal]:
-    """A folder's `as_of=` day folders untouched since the cutoff, but the newest."""
+def old_days(folder: Path, kind: str, cutoff: datetime, only: str | None = None) -> list[Removal]:
+    """A folder's `as_of=` day folders untouched since the cutoff, but the newest; with `only`, just those
+    that hold that one file."""
     days = sorted(folder.glob("as_of=*")) if folder.is_dir() else []
-    return [Removal(kind, str(day), _tree_bytes(day)) for day in days[:-1] if _newest(day) < cutoff]
+    return [Removal(kind, str(day), _tree_bytes(day)) for day in days[:-1]
+            if _newest(day) < cutoff and (only is None or [p.name for p in day.iterdir()] == [only])]
 
 
 def vacuum(settings: Settings, dry_run: bool = False, now: datetime | None = None) -> VacuumResult:
     """Remove what the workspace no longer needs (module doc); `now`: the clock (the time of the run)."""
     cutoff = (now or datetime.now(UTC)) - timedelta(days=settings.retention.days)
+    from pipelines.limits import limits_path
+
     store = RawStore.from_settings(settings)
     protected = protected_snapshots(settings, store)
     raw = store.vacuum(protected, cutoff, dry_run)
     removed = [Removal("raw store", path, size) for path, size in sorted(raw.files.items())]
     removed += feature_snapshots(settings, cutoff) + old_daily_partials(settings, cutoff)
     removed += old_bundles(settings, cutoff)
-    removed += old_days(settings.home_dir / "limits", "limits", cutoff)
+    daily_limits = limits_path(settings, cutoff)
+    removed += old_days(daily_limits.parents[1], "limits", cutoff, daily_limits.name)
     removed += old_days(settings.home_dir / "monitor", "early-warning alerts", cutoff)
     if not dry_run:
         from features.offline_store import OfflineStore
