@@ -391,12 +391,12 @@ class RawStore:
         table's latest Delta version holds. A data file goes only if none of the kept snapshots' Delta versions
         lists it and it was written before `cutoff` (a file younger than that may be a batch's being staged).
 
-        Why not Delta's own `vacuum`: its time threshold is on the removal, so a model's snapshot older than
-        the window would lose its files; its `keep_versions` keeps them, but in its default mode it only sees
-        the removals still in the log since the last checkpoint (older ones would stay on disk for ever), and
-        its full mode also deletes files of no version younger than the threshold. Here the files of each kept
-        version are Delta's own list (`DeltaTable.files`): every kept version is loaded first, so a version
-        that can no longer be read stops the vacuum before anything is removed.
+        Why not Delta's own `vacuum(retention_hours, keep_versions=...)`: its threshold is on when a file was
+        removed, not on which snapshot a reader may ask for (the window is the manifest's, which spans several
+        tables' versions), and its default mode only sees the removals logged since the last checkpoint, so
+        files removed before one would stay for ever. Here the files of each kept version are Delta's own
+        list (its add actions): every kept version is loaded first, so a version that can no longer be read
+        stops the vacuum before anything is removed (the store keeps its log whole: `KEEP_LOG`).
 
         One writer at a time: refused while an ingest is staging or a commit waits to be finished."""
         if self._pinned is not None:
@@ -640,4 +640,3 @@ def _next_manifest(old: dict[str, Any], staged: Mapping[str, Mapping[str, dict[s
 def _snapshot_id(tables: Mapping[str, Any]) -> str:
     """Hash of every table's version and every partition's content hash."""
     return hashlib.sha256(json.dumps(tables, sort_keys=True).encode()).hexdigest()[:16]
-
