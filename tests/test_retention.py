@@ -223,3 +223,23 @@ def test_scfrisk_vacuum_dry_run_lists_and_removes_nothing(workspace, tmp_path, p
     assert result.exit_code == 0, result.output
     assert "would remove" in result.output and f"{home}/raw/orders/" in result.output
     assert _files(home) == files
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_feature_snapshots_keep_the_newest_and_the_reports_months_on_any_store(where, tmp_path, request):
+    from core.settings import FeaturesConfig, PathsConfig
+    from features.offline_store import OfflineStore
+    from pipelines.retention import feature_snapshots
+
+    store = "features" if where == "local" else f"s3://{request.getfixturevalue('bucket')}/features"
+    settings = Settings(home=tmp_path / "home", paths=PathsConfig(feature_store=store),
+                        features=FeaturesConfig(snapshot_months=1))
+    offline = OfflineStore.from_settings(settings)
+    days = ["2025-09-01", "2025-10-01", "2025-10-14", "2025-10-15"]
+    for day in days:
+        offline.write(pd.DataFrame({"merchant_id": ["M1"]}), offline.snapshot_path(pd.Timestamp(day)), {})
+    old = feature_snapshots(settings, datetime.now(UTC) + timedelta(days=1))
+    assert [r.path.rsplit("/", 1)[1] for r in old] == ["as_of=2025-09-01T000000.parquet",
+                                                       "as_of=2025-10-14T000000.parquet"]
+    assert all(r.bytes > 0 for r in old)
+    assert feature_snapshots(settings, datetime.now(UTC) - timedelta(days=1)) == []  # all within the window
