@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 AS_OF = re.compile(r"as_of=(\d{4}-\d{2}-\d{2})T(\d{6})\.parquet$")
 BUNDLE_ID = re.compile(rb'"bundle_id"\s*:\s*"([^"]+)"')
+AUDIT_BLOCK = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -176,13 +177,17 @@ def decision_bundles(audit_log: Path) -> set[str]:
     """Every bundle a line of the audit log names, rotated files (`decisions.jsonl.1`, `.gz`) included."""
     import gzip
 
-    used: set[str] = set()
+    used: set[bytes] = set()
     if not audit_log.parent.is_dir():
-        return used
+        return set()
     for path in audit_log.parent.glob(f"{audit_log.name}*"):
-        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-        used.update(match.decode() for match in BUNDLE_ID.findall(data))
-    return used
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as stream:
+            rest = b""
+            while block := stream.read(AUDIT_BLOCK):  # whole lines at a time: a year's log need not fit in memory
+                lines, _, rest = (rest + block).rpartition(b"\n")
+                used.update(BUNDLE_ID.findall(lines))
+            used.update(BUNDLE_ID.findall(rest))
+    return {bundle.decode() for bundle in used}
 
 
 def old_bundles(settings: Settings, cutoff: datetime) -> list[Removal]:

@@ -243,3 +243,19 @@ def test_feature_snapshots_keep_the_newest_and_the_reports_months_on_any_store(w
                                                        "as_of=2025-10-14T000000.parquet"]
     assert all(r.bytes > 0 for r in old)
     assert feature_snapshots(settings, datetime.now(UTC) - timedelta(days=1)) == []  # all within the window
+
+
+def test_the_bundles_of_logged_decisions_are_read_from_rotated_logs_too(tmp_path, monkeypatch):
+    import gzip
+
+    import pipelines.retention
+    from pipelines.retention import decision_bundles
+
+    log = tmp_path / "audit" / "decisions.jsonl"
+    log.parent.mkdir()
+    log.write_text('{"bundle_id":"b-3","pd":0.1}\n{"bundle_id": "b-4"}\n')
+    (tmp_path / "audit" / "decisions.jsonl.1").write_text('{"bundle_id":"b-2"}\n')
+    (tmp_path / "audit" / "decisions.jsonl.2.gz").write_bytes(gzip.compress(b'{"bundle_id":"b-1"}\n'))
+    monkeypatch.setattr(pipelines.retention, "AUDIT_BLOCK", 8)  # lines cut across blocks
+    assert decision_bundles(log) == {"b-1", "b-2", "b-3", "b-4"}
+    assert decision_bundles(tmp_path / "none" / "decisions.jsonl") == set()
