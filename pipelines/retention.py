@@ -60,6 +60,8 @@ AUDIT_BLOCK = 1 << 24
 
 @dataclass(frozen=True)
 class Removal:
+    """One file or folder a vacuum removes: which kind of state, where, and its bytes (a folder's files)."""
+
     kind: str
     path: str
     bytes: int
@@ -223,9 +225,9 @@ def old_days(folder: Path, kind: str, cutoff: datetime, only: str | None = None)
 
 def vacuum(settings: Settings, dry_run: bool = False, now: datetime | None = None) -> VacuumResult:
     """Remove what the workspace no longer needs (module doc); `now`: the clock (the time of the run)."""
-    cutoff = (now or datetime.now(UTC)) - timedelta(days=settings.retention.days)
     from pipelines.limits import limits_path
 
+    cutoff = (now or datetime.now(UTC)) - timedelta(days=settings.retention.days)
     store = RawStore.from_settings(settings)
     protected = protected_snapshots(settings, store)
     raw = store.vacuum(protected, cutoff, dry_run)
@@ -244,8 +246,8 @@ def vacuum(settings: Settings, dry_run: bool = False, now: datetime | None = Non
                 offline.fs.rm_file(removal.path)
             elif removal.kind != "raw store":  # the store removed its own
                 shutil.rmtree(removal.path)
-    kept = {s: why for s, why in protected.items() if s in raw.kept}
-    return VacuumResult(dry_run, cutoff, removed, raw.kept, raw.dropped, kept)
+    still = {snapshot: why for snapshot, why in protected.items() if snapshot in raw.kept}
+    return VacuumResult(dry_run, cutoff, removed, raw.kept, raw.dropped, still)
 
 
 @flow(name="vacuum")
