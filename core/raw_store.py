@@ -41,11 +41,13 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import duckdb
 import fsspec
@@ -56,7 +58,14 @@ import pyarrow.fs as pa_fs
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 from deltalake import Schema as DeltaSchema
-from deltalake.transaction import AddAction, CommitProperties, RemoveAction, create_table_with_add_actions
+from deltalake.exceptions import DeltaError
+from deltalake.transaction import (
+    AddAction,
+    CommitProperties,
+    PostCommitHookProperties,
+    RemoveAction,
+    create_table_with_add_actions,
+)
 from deltalake.transaction import Transaction as AppTransaction
 
 from core import storage
@@ -64,7 +73,7 @@ from core.errors import ScfriskError
 from core.partitioning import BUCKET, MONTH, parse_partition_key, partition_key, split_by_partition
 from core.schemas import CHANGED_AT, TABLES, UPDATED_AT
 from core.sql import duckdb_connect
-from core.storage import is_local, local_path
+from core.storage import is_local, local_path, modified_time
 
 if TYPE_CHECKING:
     from core.settings import Settings
@@ -77,8 +86,18 @@ log = logging.getLogger(__name__)
 MANIFEST = "_manifest.json"
 SNAPSHOTS = "_snapshots"
 JOURNAL = "_commit.json"
+STAGING = "_staging"
+"""The folder of the batches being staged (`core.staging`): while it exists, a batch may be writing files."""
 APP_ID = "scfrisk-raw-store"
 """Delta transaction id of the store's batches: a table's commit records the batch's sequence number."""
+
+KEEP_LOG = PostCommitHookProperties(cleanup_expired_logs=False)
+"""Every commit of the store keeps the whole Delta log. Delta's default removes commit files older than
+`delta.logRetentionDuration` (30 days) whenever a commit writes a checkpoint (every 100 commits): after
+about 100 daily batches the versions before that checkpoint could no longer be loaded, and with them the
+snapshot a model was trained on (`at`). A commit file is a few kB; `vacuum` removes data files only."""
+TABLE_CONFIGURATION = {"delta.enableExpiredLogCleanup": "false"}
+"""The same, recorded in each new table, for any other Delta writer of it (an OPTIMIZE from Spark)."""
 
 EMPTY_MANIFEST: dict[str, Any] = {"snapshot_id": None, "sequence": 0, "tables": {}}
 
@@ -109,6 +128,19 @@ class KeyMoves:
     """Keys of stored rows re-delivered into another partition, by the stored partition they leave."""
     stale: dict[str, pa.Array]
     """Keys of delivered rows older than the stored ones, by the partition they were delivered to."""
+
+
+@dataclass
+class Vacuum:
+    """What `RawStore.vacuum` removed, or would remove (a dry run)."""
+
+    kept: list[str]
+    """Snapshots still re-readable with `at`, oldest first."""
+    dropped: list[str]
+    """Snapshots whose record was removed: `at` refuses them by name, rather than failing on a missing file."""
+    files: dict[str, int] = field(default_factory=dict)
+    """Files removed, data files and the dropped snapshots' records (their path in the store's file system),
+    and their bytes."""
 
 
 class RawStore:
@@ -381,6 +413,89 @@ class RawStore:
         self._apply_journal()
         return True
 
+    def snapshots(self) -> dict[str, dict[str, Any]]:
+        """Every snapshot `at` can return, by id, oldest first (by sequence): its manifest, with `committed_at`,
+        the time its record was written (the moment it became the store's current snapshot), and the bytes of
+        that record (`record_bytes`)."""
+        folder = self._file(SNAPSHOTS)
+        if not self.fs.exists(folder):
+            return {}
+        found = []
+        for info in self.fs.ls(folder, detail=True):
+            if info["name"].endswith(".json"):
+                manifest = json.loads(self.fs.cat_file(info["name"]))
+                found.append({**manifest, "committed_at": modified_time(info), "record_bytes": int(info["size"])})
+        return {m["snapshot_id"]: m for m in sorted(found, key=lambda m: m["sequence"])}
+
+    def vacuum(self, protected: Collection[str], cutoff: datetime, dry_run: bool = False) -> Vacuum:
+        """Remove the data files that no snapshot kept needs; the records of the snapshots not kept.
+
+        Kept: the current snapshot, the `protected` ones (a model's training data), every snapshot that was
+        current at some time after `cutoff` (those committed after it, and the one current at it), and what the
+        table's latest Delta version holds. A data file goes only if none of the kept snapshots' Delta versions
+        lists it and it was written before `cutoff` (a file younger than that may be a batch's being staged).
+
+        Why not Delta's own `vacuum(retention_hours, keep_versions=...)`: its threshold is on when a file was
+        removed, not on which snapshot a reader may ask for (the window is the manifest's, which spans several
+        tables' versions), and its default mode only sees the removals logged since the last checkpoint, so
+        files removed before one would stay for ever. Here the files of each kept version are Delta's own
+        list (its add actions): every kept version is loaded first, so a version that can no longer be read
+        stops the vacuum before anything is removed (the store keeps its log whole: `KEEP_LOG`).
+
+        One writer at a time: refused while an ingest is staging or a commit waits to be finished."""
+        if self._pinned is not None:
+            raise ScfriskError(f"raw store {self.root} is pinned to snapshot {self.snapshot_id}: read only")
+        if self.fs.isfile(self._file(JOURNAL)) or self.fs.exists(self._file(STAGING)):
+            raise ScfriskError(f"raw store {self.root}: an ingest is running, or was cut short (the next ingest "
+                               "finishes or clears it); vacuum once no ingest runs")
+        snapshots = self.snapshots()
+        current = self.snapshot_id
+        gone = sorted(set(protected) - set(snapshots))
+        if gone:
+            log.warning("raw store %s no longer has snapshot(s) %s: they cannot be re-read", self.root, ", ".join(gone))
+        kept = {s for s in protected if s in snapshots} | ({current} if current else set())
+        settled = [s for s, m in snapshots.items() if m["committed_at"] <= cutoff]
+        kept |= {s for s, m in snapshots.items() if m["committed_at"] > cutoff} | set(settled[-1:])
+        tables = sorted({name for m in snapshots.values() for name in m["tables"]} | set(self.manifest()["tables"]))
+        doomed: dict[str, int] = {}
+        for name in tables:
+            doomed |= self._unreferenced(name, {snapshots[s]["tables"][name]["version"] for s in kept
+                                                if s in snapshots and name in snapshots[s]["tables"]}, cutoff)
+        dropped = [s for s in snapshots if s not in kept]
+        records = {self._file(SNAPSHOTS, f"{s}.json"): snapshots[s]["record_bytes"] for s in dropped}
+        if not dry_run:
+            # Records first: a vacuum cut short leaves files no record names, which the next one removes.
+            for record in records:
+                self.fs.rm_file(record)
+            if doomed:
+                self.fs.rm(sorted(doomed))
+        return Vacuum([s for s in snapshots if s in kept], dropped, {**records, **doomed})
+
+    def _unreferenced(self, name: str, versions: set[int], cutoff: datetime) -> dict[str, int]:
+        """The data files of a table older than `cutoff` that none of `versions` nor its latest version lists."""
+        url, options = self.table_url(name), self.storage_options or None
+        if not DeltaTable.is_deltatable(url, options):
+            return {}
+        versions = versions | {DeltaTable(url, storage_options=options).version()}
+        listed: set[str] = set()
+        for version in sorted(versions):
+            try:
+                adds = DeltaTable(url, version=version, storage_options=options).get_add_actions().column("path")
+            except (DeltaError, OSError) as exc:
+                raise ScfriskError(f"raw store {self.root}: table {name} version {version}, which a snapshot kept "
+                                   f"needs, cannot be loaded ({str(exc).splitlines()[0]}); nothing was removed"
+                                   ) from exc
+            listed.update(unquote(path) for path in adds.to_pylist())  # the log's paths are URL-encoded
+        folder = self._file(name)
+        out = {}
+        for path, info in self.fs.find(folder, detail=True).items():
+            relative = path[len(folder.rstrip("/")) + 1:]
+            if any(part.startswith(("_", ".")) for part in relative.split("/")):
+                continue  # the Delta log, and anything that is not a data file
+            if relative not in listed and modified_time(info) < cutoff:
+                out[path] = int(info["size"])
+        return out
+
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
         """A batch write: stage partitions, then `commit`; uncommitted files never outlive it."""
@@ -421,7 +536,7 @@ class RawStore:
         if not DeltaTable.is_deltatable(url, options):
             create_table_with_add_actions(
                 url, schema, adds, mode="error", partition_by=[MONTH, BUCKET], storage_options=options,
-                commit_properties=props,
+                configuration=TABLE_CONFIGURATION, commit_properties=props, post_commithook_properties=KEEP_LOG,
             )
         else:
             table = DeltaTable(url, storage_options=options)
@@ -432,6 +547,7 @@ class RawStore:
                        for path in entry["removes"]]
             table.create_write_transaction(
                 [*removes, *adds], "append", schema, partition_by=[MONTH, BUCKET], commit_properties=props,
+                post_commithook_properties=KEEP_LOG,
             )
         return DeltaTable(url, storage_options=options).version()
 

@@ -33,11 +33,10 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pa_fs
 
 from core.partitioning import BUCKET, MONTH, parse_partition_key, split_by_partition
-from core.raw_store import RawStore
+from core.raw_store import STAGING, RawStore
 from core.schemas import CHANGED_AT, TABLES, TIMESTAMP
 from core.storage import arrow_filesystem
 
-STAGING = "_staging"
 LEDGER = "_written"
 """Below a batch's folder: a note per partition file its tasks wrote into the raw store (see module doc)."""
 

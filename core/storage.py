@@ -14,6 +14,7 @@ workload identity: then nothing secret is in a file or a process's arguments.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -99,3 +100,11 @@ def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pa_fs.FileSystem:
     if "file" in fs.protocol:
         return pa_fs.LocalFileSystem()
     return pa_fs.PyFileSystem(pa_fs.FSSpecHandler(fs))
+
+
+def modified_time(info: Mapping[str, Any]) -> datetime:
+    """When a file was last written, from its fsspec listing: `mtime` on a local disk, `LastModified` on S3."""
+    if "mtime" in info:
+        return datetime.fromtimestamp(info["mtime"], UTC)
+    stamp = info["LastModified"]
+    return stamp if isinstance(stamp, datetime) else datetime.fromisoformat(str(stamp))
