@@ -143,7 +143,7 @@ def protected_snapshots(settings: Settings, store: RawStore) -> dict[str, str]:
 def feature_snapshots(settings: Settings, cutoff: datetime) -> list[Removal]:
     """The feature store's `as_of=` files older than the cutoff, but the newest of each feature-set version
     and its last `[features] snapshot_months` month-start ones (what the risk report compares)."""
-    from features.offline_store import OfflineStore
+    from features.offline_store import OfflineStore, is_monthly
 
     offline = OfflineStore.from_settings(settings)
     root = offline.arrow_path(offline.location()).rstrip("/")
@@ -156,7 +156,7 @@ def feature_snapshots(settings: Settings, cutoff: datetime) -> list[Removal]:
                  if AS_OF.search(path)}
         stamps = {path: AS_OF.search(path).groups() for path in files}  # type: ignore[union-attr]
         ordered = sorted(files, key=stamps.__getitem__)
-        monthly = [p for p in ordered if stamps[p][0].endswith("-01") and stamps[p][1] == "000000"]
+        monthly = [p for p in ordered if is_monthly(p)]
         kept = set(ordered[-1:]) | set(monthly[-months:] if months else [])
         out += [Removal("feature snapshots", path, int(files[path]["size"])) for path in ordered
                 if path not in kept and modified_time(files[path]) < cutoff]
