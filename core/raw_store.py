@@ -344,14 +344,13 @@ class RawStore:
         stored = pq.read_table(self._file(name, _file_name(key, old["sha256"])), filesystem=self.fs) if old else None
         kept_out = 0
         if rows is not None:
-            older = [stale] if stale is not None else []
+            drop = pc.is_in(rows.column(spec.key), value_set=stale) if stale is not None else None
             if stored is not None and UPDATED_AT in spec.column_index:  # delivered rows older than the stored
-                both = pa.table({"k": rows.column(spec.key), "new": spec.changed_at(rows)}).join(
-                    pa.table({"k": stored.column(spec.key), "old": spec.changed_at(stored)}), "k")
-                older.append(both.filter(pc.greater(both.column("old"), both.column("new"))).column("k")
-                             .combine_chunks())
-            if older:
-                drop = pc.is_in(rows.column(spec.key), value_set=pa.concat_arrays(older))
+                same = stored.take(pc.index_in(rows.column(spec.key), value_set=stored.column(spec.key)
+                                               .combine_chunks()))
+                older = pc.fill_null(pc.greater(spec.changed_at(same), spec.changed_at(rows)), False)
+                drop = older if drop is None else pc.or_(drop, older)
+            if drop is not None:
                 kept_out = pc.sum(drop).as_py() or 0
                 rows = rows.filter(pc.invert(drop))
         parts = [rows] if rows is not None else []
