@@ -41,11 +41,13 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import duckdb
 import fsspec
@@ -56,15 +58,22 @@ import pyarrow.fs as pa_fs
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 from deltalake import Schema as DeltaSchema
-from deltalake.transaction import AddAction, CommitProperties, RemoveAction, create_table_with_add_actions
+from deltalake.exceptions import DeltaError
+from deltalake.transaction import (
+    AddAction,
+    CommitProperties,
+    PostCommitHookProperties,
+    RemoveAction,
+    create_table_with_add_actions,
+)
 from deltalake.transaction import Transaction as AppTransaction
 
 from core import storage
 from core.errors import ScfriskError
 from core.partitioning import BUCKET, MONTH, parse_partition_key, partition_key, split_by_partition
-from core.schemas import TABLES
+from core.schemas import CHANGED_AT, TABLES, UPDATED_AT
 from core.sql import duckdb_connect
-from core.storage import is_local, local_path
+from core.storage import is_local, local_path, modified_time
 
 if TYPE_CHECKING:
     from core.settings import Settings
@@ -77,8 +86,18 @@ log = logging.getLogger(__name__)
 MANIFEST = "_manifest.json"
 SNAPSHOTS = "_snapshots"
 JOURNAL = "_commit.json"
+STAGING = "_staging"
+"""The folder of the batches being staged (`core.staging`): while it exists, a batch may be writing files."""
 APP_ID = "scfrisk-raw-store"
 """Delta transaction id of the store's batches: a table's commit records the batch's sequence number."""
+
+KEEP_LOG = PostCommitHookProperties(cleanup_expired_logs=False)
+"""Every commit of the store keeps the whole Delta log. Delta's default removes commit files older than
+`delta.logRetentionDuration` (30 days) whenever a commit writes a checkpoint (every 100 commits): after
+about 100 daily batches the versions before that checkpoint could no longer be loaded, and with them the
+snapshot a model was trained on (`at`). A commit file is a few kB; `vacuum` removes data files only."""
+TABLE_CONFIGURATION = {"delta.enableExpiredLogCleanup": "false"}
+"""The same, recorded in each new table, for any other Delta writer of it (an OPTIMIZE from Spark)."""
 
 EMPTY_MANIFEST: dict[str, Any] = {"snapshot_id": None, "sequence": 0, "tables": {}}
 
@@ -96,6 +115,32 @@ class StagedPartition:
     add: dict[str, Any] | None = None
     written: str | None = None
     """The file this staging created (not there before): removed again unless the batch commits."""
+    stale: int = 0
+    """Delivered rows kept out: older than the stored rows of their keys (`RawStore.key_moves`)."""
+
+
+@dataclass(frozen=True)
+class KeyMoves:
+    """Stored rows a batch moves, and delivered rows it must keep out (`RawStore.key_moves`), each by
+    partition (`partition_key`)."""
+
+    leaving: dict[str, pa.Array]
+    """Keys of stored rows re-delivered into another partition, by the stored partition they leave."""
+    stale: dict[str, pa.Array]
+    """Keys of delivered rows older than the stored ones, by the partition they were delivered to."""
+
+
+@dataclass
+class Vacuum:
+    """What `RawStore.vacuum` removed, or would remove (a dry run)."""
+
+    kept: list[str]
+    """Snapshots still re-readable with `at`, oldest first."""
+    dropped: list[str]
+    """Snapshots whose record was removed: `at` refuses them by name, rather than failing on a missing file."""
+    files: dict[str, int] = field(default_factory=dict)
+    """Files removed, data files and the dropped snapshots' records (their path in the store's file system),
+    and their bytes."""
 
 
 class RawStore:
@@ -245,41 +290,72 @@ class RawStore:
             values = con.sql(f"SELECT DISTINCT {column} FROM {view}").to_arrow_table().column(0).combine_chunks()
         return values.cast(TABLES[name].column_index[column].type)
 
-    def moved_keys(
+    def key_moves(
         self, name: str, batch_keys: pads.Dataset | pa.Table, con: duckdb.DuckDBPyConnection | None = None
-    ) -> dict[str, pa.Array]:
-        """Stored rows a batch re-delivers into another partition (its time or merchant changed): their
-        keys, by the stored partition (`partition_key`) they must leave. `batch_keys`: the batch's key column
-        and the `month` and `bucket` of each row. Key columns only, in DuckDB (which spills to disk a join
-        larger than memory; `con` as for `distinct_values`)."""
+    ) -> KeyMoves:
+        """Stored rows a batch re-delivers into another partition (its time or merchant changed): they leave
+        their old one, unless the delivered row is the older (`TableSpec.changed_at`): then it is stale and
+        kept out (a stale row of the same partition is found at staging, `stage_partition`). `batch_keys`: the
+        batch's key column and each row's `month`, `bucket` and `changed_at`. Key columns only, in DuckDB
+        (which spills to disk a join larger than memory; `con` as for `distinct_values`)."""
         if not self.has_table(name):
-            return {}
-        key = TABLES[name].key
+            return KeyMoves({}, {})
+        spec = TABLES[name]
+        key = spec.key
         with _connection(self, con) as con:
             con.register("batch_keys", batch_keys)
             con.register("stored", self.dataset(name))
             moved = con.sql(
-                f"SELECT s.{MONTH}, s.{BUCKET}, s.{key} FROM stored s JOIN batch_keys b ON s.{key} = b.{key} "
-                f"WHERE s.{MONTH} <> b.{MONTH} OR s.{BUCKET} <> b.{BUCKET} ORDER BY 1, 2, 3"
+                f"SELECT s.{MONTH}, s.{BUCKET}, b.{MONTH} AS b_month, b.{BUCKET} AS b_bucket, s.{key} AS key, "
+                f"b.{CHANGED_AT} AS changed FROM stored s JOIN batch_keys b ON s.{key} = b.{key} "
+                f"WHERE s.{MONTH} <> b.{MONTH} OR s.{BUCKET} <> b.{BUCKET} ORDER BY key"
             ).to_arrow_table()
-        out: dict[str, list[Any]] = {}
-        for month, bucket, value in zip(*(moved.column(c).to_pylist() for c in (MONTH, BUCKET, key)), strict=True):
-            out.setdefault(partition_key(month, bucket), []).append(value)
-        return {k: pa.array(v, TABLES[name].column_index[key].type) for k, v in out.items()}
+        newer: set[Any] = set()
+        if moved.num_rows and moved.column("changed").null_count < moved.num_rows:
+            stored = self.dataset(name, sorted(set(moved.column(BUCKET).to_pylist())),
+                                  sorted(set(moved.column(MONTH).to_pylist()))).to_table(
+                filter=pc.field(key).isin(moved.column("key")))
+            stored = pa.table({"key": stored.column(key), "stored": spec.changed_at(stored)})
+            both = moved.join(stored, "key")
+            newer = set(both.filter(pc.greater(both.column("stored"), both.column("changed")))["key"].to_pylist())
+        leaving: dict[str, list[Any]] = {}
+        stale: dict[str, list[Any]] = {}
+        for row in moved.to_pylist():
+            if row["key"] in newer:
+                stale.setdefault(partition_key(row["b_month"], row["b_bucket"]), []).append(row["key"])
+            else:
+                leaving.setdefault(partition_key(row[MONTH], row[BUCKET]), []).append(row["key"])
+        key_type = spec.column_index[key].type
+        return KeyMoves(*({k: pa.array(v, key_type) for k, v in sorted(keys.items())} for keys in (leaving, stale)))
 
     def stage_partition(
-        self, name: str, key: str, rows: pa.Table | None, leaving: pa.Array | None = None, ledger: str | None = None
+        self, name: str, key: str, rows: pa.Table | None, leaving: pa.Array | None = None, ledger: str | None = None,
+        stale: pa.Array | None = None,
     ) -> StagedPartition:
         """Rebuild one partition for a batch: the stored rows, minus those whose key the batch delivers
-        (`rows`, validated, keys unique) or moves elsewhere (`leaving`), plus `rows`; sorted by key, written
-        deterministically and named by its content. Safe in any process: it reads only this partition.
+        (`rows`, validated, keys unique, less the `stale` keys: older than the stored rows) or moves elsewhere
+        (`leaving`), plus `rows`; sorted by key, written deterministically and named by its content. Safe in
+        any process: it reads only this partition.
         `ledger`: a folder where a note of a new file is written before the file, so that the file of a
         process killed before its batch could remove it is found again (`remove_unreferenced`)."""
         spec = TABLES[name]
-        parts = [rows.select([c.name for c in spec.columns]).cast(spec.arrow_schema)] if rows is not None else []
+        rows = rows.select([c.name for c in spec.columns]).cast(spec.arrow_schema) if rows is not None else None
         old = self.manifest()["tables"].get(name, {}).get("partitions", {}).get(key)
-        if old:
-            stored = pq.read_table(self._file(name, _file_name(key, old["sha256"])), filesystem=self.fs)
+        stored = pq.read_table(self._file(name, _file_name(key, old["sha256"])), filesystem=self.fs) if old else None
+        kept_out = 0
+        if rows is not None:
+            older = [stale] if stale is not None else []
+            if stored is not None and UPDATED_AT in spec.column_index:  # delivered rows older than the stored
+                both = pa.table({"k": rows.column(spec.key), "new": spec.changed_at(rows)}).join(
+                    pa.table({"k": stored.column(spec.key), "old": spec.changed_at(stored)}), "k")
+                older.append(both.filter(pc.greater(both.column("old"), both.column("new"))).column("k")
+                             .combine_chunks())
+            if older:
+                drop = pc.is_in(rows.column(spec.key), value_set=pa.concat_arrays(older))
+                kept_out = pc.sum(drop).as_py() or 0
+                rows = rows.filter(pc.invert(drop))
+        parts = [rows] if rows is not None else []
+        if stored is not None:
             gone = [a for a in (rows.column(spec.key).combine_chunks() if rows is not None else None, leaving)
                     if a is not None]
             if gone:
@@ -289,7 +365,7 @@ class RawStore:
             parts.insert(0, stored.select([c.name for c in spec.columns]).cast(spec.arrow_schema))
         merged = pa.concat_tables(parts).sort_by(spec.key) if parts else spec.arrow_schema.empty_table()
         if merged.num_rows == 0:
-            return StagedPartition(name, key, {})
+            return StagedPartition(name, key, {}, stale=kept_out)
         # One chunk per column, so the bytes depend on the rows only, not on how they were read.
         sink = pa.BufferOutputStream()
         pq.write_table(merged.combine_chunks(), sink, compression="zstd", row_group_size=1 << 20)
@@ -297,7 +373,7 @@ class RawStore:
         digest = hashlib.sha256(data).hexdigest()
         entry = {"rows": merged.num_rows, "sha256": digest}
         if old and old["sha256"] == digest:
-            return StagedPartition(name, key, entry)
+            return StagedPartition(name, key, entry, stale=kept_out)
         path = self._file(name, _file_name(key, digest))
         written = None
         if not self.fs.exists(path):  # else the same bytes, kept by an older version
@@ -314,7 +390,7 @@ class RawStore:
             "modification_time": int(time.time() * 1000), "data_change": True,
             "stats": json.dumps({"numRecords": merged.num_rows}),
         }
-        return StagedPartition(name, key, entry, add, written)
+        return StagedPartition(name, key, entry, add, written, kept_out)
 
     def remove_unreferenced(self, ledger: str) -> None:
         """Remove the partition files a ledger notes (`stage_partition`) that the current snapshot does not
@@ -336,6 +412,89 @@ class RawStore:
         log.warning("raw store %s: finishing a commit that was interrupted", self.root)
         self._apply_journal()
         return True
+
+    def snapshots(self) -> dict[str, dict[str, Any]]:
+        """Every snapshot `at` can return, by id, oldest first (by sequence): its manifest, with `committed_at`,
+        the time its record was written (the moment it became the store's current snapshot), and the bytes of
+        that record (`record_bytes`)."""
+        folder = self._file(SNAPSHOTS)
+        if not self.fs.exists(folder):
+            return {}
+        found = []
+        for info in self.fs.ls(folder, detail=True):
+            if info["name"].endswith(".json"):
+                manifest = json.loads(self.fs.cat_file(info["name"]))
+                found.append({**manifest, "committed_at": modified_time(info), "record_bytes": int(info["size"])})
+        return {m["snapshot_id"]: m for m in sorted(found, key=lambda m: m["sequence"])}
+
+    def vacuum(self, protected: Collection[str], cutoff: datetime, dry_run: bool = False) -> Vacuum:
+        """Remove the data files that no snapshot kept needs; the records of the snapshots not kept.
+
+        Kept: the current snapshot, the `protected` ones (a model's training data), every snapshot that was
+        current at some time after `cutoff` (those committed after it, and the one current at it), and what the
+        table's latest Delta version holds. A data file goes only if none of the kept snapshots' Delta versions
+        lists it and it was written before `cutoff` (a file younger than that may be a batch's being staged).
+
+        Why not Delta's own `vacuum(retention_hours, keep_versions=...)`: its threshold is on when a file was
+        removed, not on which snapshot a reader may ask for (the window is the manifest's, which spans several
+        tables' versions), and its default mode only sees the removals logged since the last checkpoint, so
+        files removed before one would stay for ever. Here the files of each kept version are Delta's own
+        list (its add actions): every kept version is loaded first, so a version that can no longer be read
+        stops the vacuum before anything is removed (the store keeps its log whole: `KEEP_LOG`).
+
+        One writer at a time: refused while an ingest is staging or a commit waits to be finished."""
+        if self._pinned is not None:
+            raise ScfriskError(f"raw store {self.root} is pinned to snapshot {self.snapshot_id}: read only")
+        if self.fs.isfile(self._file(JOURNAL)) or self.fs.exists(self._file(STAGING)):
+            raise ScfriskError(f"raw store {self.root}: an ingest is running, or was cut short (the next ingest "
+                               "finishes or clears it); vacuum once no ingest runs")
+        snapshots = self.snapshots()
+        current = self.snapshot_id
+        gone = sorted(set(protected) - set(snapshots))
+        if gone:
+            log.warning("raw store %s no longer has snapshot(s) %s: they cannot be re-read", self.root, ", ".join(gone))
+        kept = {s for s in protected if s in snapshots} | ({current} if current else set())
+        settled = [s for s, m in snapshots.items() if m["committed_at"] <= cutoff]
+        kept |= {s for s, m in snapshots.items() if m["committed_at"] > cutoff} | set(settled[-1:])
+        tables = sorted({name for m in snapshots.values() for name in m["tables"]} | set(self.manifest()["tables"]))
+        doomed: dict[str, int] = {}
+        for name in tables:
+            doomed |= self._unreferenced(name, {snapshots[s]["tables"][name]["version"] for s in kept
+                                                if s in snapshots and name in snapshots[s]["tables"]}, cutoff)
+        dropped = [s for s in snapshots if s not in kept]
+        records = {self._file(SNAPSHOTS, f"{s}.json"): snapshots[s]["record_bytes"] for s in dropped}
+        if not dry_run:
+            # Records first: a vacuum cut short leaves files no record names, which the next one removes.
+            for record in records:
+                self.fs.rm_file(record)
+            if doomed:
+                self.fs.rm(sorted(doomed))
+        return Vacuum([s for s in snapshots if s in kept], dropped, {**records, **doomed})
+
+    def _unreferenced(self, name: str, versions: set[int], cutoff: datetime) -> dict[str, int]:
+        """The data files of a table older than `cutoff` that none of `versions` nor its latest version lists."""
+        url, options = self.table_url(name), self.storage_options or None
+        if not DeltaTable.is_deltatable(url, options):
+            return {}
+        versions = versions | {DeltaTable(url, storage_options=options).version()}
+        listed: set[str] = set()
+        for version in sorted(versions):
+            try:
+                adds = DeltaTable(url, version=version, storage_options=options).get_add_actions().column("path")
+            except (DeltaError, OSError) as exc:
+                raise ScfriskError(f"raw store {self.root}: table {name} version {version}, which a snapshot kept "
+                                   f"needs, cannot be loaded ({str(exc).splitlines()[0]}); nothing was removed"
+                                   ) from exc
+            listed.update(unquote(path) for path in adds.to_pylist())  # the log's paths are URL-encoded
+        folder = self._file(name)
+        out = {}
+        for path, info in self.fs.find(folder, detail=True).items():
+            relative = path[len(folder.rstrip("/")) + 1:]
+            if any(part.startswith(("_", ".")) for part in relative.split("/")):
+                continue  # the Delta log, and anything that is not a data file
+            if relative not in listed and modified_time(info) < cutoff:
+                out[path] = int(info["size"])
+        return out
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
@@ -377,7 +536,7 @@ class RawStore:
         if not DeltaTable.is_deltatable(url, options):
             create_table_with_add_actions(
                 url, schema, adds, mode="error", partition_by=[MONTH, BUCKET], storage_options=options,
-                commit_properties=props,
+                configuration=TABLE_CONFIGURATION, commit_properties=props, post_commithook_properties=KEEP_LOG,
             )
         else:
             table = DeltaTable(url, storage_options=options)
@@ -388,6 +547,7 @@ class RawStore:
                        for path in entry["removes"]]
             table.create_write_transaction(
                 [*removes, *adds], "append", schema, partition_by=[MONTH, BUCKET], commit_properties=props,
+                post_commithook_properties=KEEP_LOG,
             )
         return DeltaTable(url, storage_options=options).version()
 
@@ -415,12 +575,14 @@ class Transaction:
         spec, store = TABLES[name], self.store
         parts = split_by_partition(table, spec.time_column, store.buckets)
         keys = pa.concat_tables([
-            pa.table({spec.key: rows.column(spec.key), MONTH: [month] * len(rows), BUCKET: [bucket] * len(rows)})
+            pa.table({spec.key: rows.column(spec.key), MONTH: [month] * len(rows), BUCKET: [bucket] * len(rows),
+                      CHANGED_AT: spec.changed_at(rows)})
             for (month, bucket), rows in ((parse_partition_key(k), rows) for k, rows in parts.items())
         ]) if parts else None
-        leaving = store.moved_keys(name, keys) if keys is not None else {}
-        self.add([store.stage_partition(name, key, parts.get(key), leaving.get(key))
-                  for key in sorted({*parts, *leaving})])
+        moves = store.key_moves(name, keys) if keys is not None else KeyMoves({}, {})
+        self.add([store.stage_partition(name, key, parts.get(key), moves.leaving.get(key), None,
+                                        moves.stale.get(key))
+                  for key in sorted({*parts, *moves.leaving})])
 
     def commit(
         self, batch: str | None = None, source_state: Mapping[str, Any] | None = None

@@ -34,6 +34,8 @@ EVENT_TYPES: tuple[str, ...] = ("login", "listing_change", "price_change", "comp
 
 TIMESTAMP = pa.timestamp("us")
 UPDATED_AT = "updated_at"
+CHANGED_AT = "changed_at"
+"""A batch's key index: when each delivered row last changed (`TableSpec.changed_at`)."""
 """When a row that changes state after it is written (`TableSpec.state_columns`) last changed."""
 
 
@@ -99,6 +101,29 @@ class TableSpec:
         """The column an incremental pull keeps its watermark on: `updated_at` where rows change after they
         are written (empty there means never changed, i.e. the time column), else the time column."""
         return UPDATED_AT if UPDATED_AT in self.column_index else self.time_column
+
+    def changed_at(self, rows: pa.Table | pa.RecordBatch) -> pa.Array | pa.ChunkedArray:
+        """When each row last changed: the latest of its time, its state changes and `updated_at` (which a
+        pull sets, and a file may leave out). Of two deliveries of one key, the later is the row's state.
+        Empty for a table whose rows do not change state (no `updated_at`: a re-delivery is a correction) and
+        where the batch's time is not a timestamp (its rules reject it)."""
+        names = rows.schema.names
+        if UPDATED_AT not in self.column_index or not _typed(rows, self.time_column):
+            return pa.nulls(rows.num_rows, TIMESTAMP)
+        times = [rows.column(c) for c in (self.time_column, *self.state_columns, UPDATED_AT)
+                 if c in names and _typed(rows, c)]
+        return pc.max_element_wise(*times, skip_nulls=True) if len(times) > 1 else times[0]
+
+    @property
+    def changed_at_sql(self) -> str:
+        """`changed_at` of a stored row, in SQL (NULL for a table whose rows do not change state)."""
+        if UPDATED_AT not in self.column_index:
+            return "NULL::TIMESTAMP"
+        return f"greatest({', '.join((self.time_column, *self.state_columns, UPDATED_AT))})"
+
+
+def _typed(rows: pa.Table | pa.RecordBatch, column: str) -> bool:
+    return column in rows.schema.names and rows.schema.field(column).type == TIMESTAMP
 
 
 def conform(table: pa.Table, spec: TableSpec, from_text: bool = False) -> pa.Table:

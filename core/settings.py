@@ -248,6 +248,16 @@ class ComputeConfig(_Section):
         return value.strip()
 
 
+class RetentionConfig(_Section):
+    """What `scfrisk vacuum` keeps (`pipelines.retention`): everything of the last `days` days, and whatever
+    is still needed however old (the latest snapshot, a registered model's training data, the live bundle,
+    the bundles logged decisions were made with, the audit log)."""
+
+    days: int = Field(30, ge=1, le=36_500)
+    """Days of history kept whole. At least one: a file younger than that may belong to a run in progress
+    (an ingest staging its partitions, a refresh writing its features), which a vacuum must not take."""
+
+
 class ServiceConfig(_Section):
     """The scoring service. API keys are `key` (every scope) or `key:scope+scope` (scopes: score, read);
     keys from the comma-separated `SCFRISK_API_KEYS` variable are added to these."""
@@ -300,6 +310,7 @@ class Settings(BaseSettings):
     gates: GatesConfig = GatesConfig()
     ingest: IngestConfig = IngestConfig()
     compute: ComputeConfig = ComputeConfig()
+    retention: RetentionConfig = RetentionConfig()
     service: ServiceConfig = ServiceConfig()
 
     @classmethod

@@ -33,11 +33,10 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pa_fs
 
 from core.partitioning import BUCKET, MONTH, parse_partition_key, split_by_partition
-from core.raw_store import RawStore
-from core.schemas import TABLES
+from core.raw_store import STAGING, RawStore
+from core.schemas import CHANGED_AT, TABLES, TIMESTAMP
 from core.storage import arrow_filesystem
 
-STAGING = "_staging"
 LEDGER = "_written"
 """Below a batch's folder: a note per partition file its tasks wrote into the raw store (see module doc)."""
 
@@ -135,8 +134,7 @@ class BatchSpill:
         key_ok = True
         filesystem = self.filesystem
         options = pa.ipc.IpcWriteOptions(compression=None if self.local else "lz4")
-        key_schema = pa.schema([spec.arrow_schema.field(spec.key), pa.field(MONTH, pa.string()),
-                                pa.field(BUCKET, pa.int16())])
+        key_schema = _key_schema(spec.arrow_schema.field(spec.key))
         filesystem.create_dir(f"{self.root}/{name}", recursive=True)
         key_path = f"{self.root}/{name}/{part}.keys.arrow"
         open_: list[Any] = []  # (schema, handle, writer, path, batches written) of the current data file
@@ -168,7 +166,8 @@ class BatchSpill:
                             n = record_batch.num_rows
                             key_writer.write_batch(pa.record_batch([
                                 record_batch.column(spec.key), pa.repeat(month, n),
-                                pa.repeat(pa.scalar(bucket, pa.int16()), n)], schema=key_schema))
+                                pa.repeat(pa.scalar(bucket, pa.int16()), n), spec.changed_at(record_batch)],
+                                schema=key_schema))
                     files.setdefault(key, []).append((open_[3], tuple(indices)))
                     rows[key] = rows.get(key, 0) + chunk.num_rows
         finally:
@@ -199,12 +198,12 @@ class BatchSpill:
         return {key: concat(_tables(batches)) for key, batches in chunks.items()}
 
     def key_dataset(self, name: str) -> pads.Dataset:
-        """The table's key, `month` and `bucket` of every row (the key typed in every record batch)."""
+        """The table's key, `month`, `bucket` and `changed_at` of every row (the key typed in every record
+        batch)."""
         spec = TABLES[name]
-        schema = pa.schema([spec.arrow_schema.field(spec.key), pa.field(MONTH, pa.string()),
-                            pa.field(BUCKET, pa.int16())])
         return pads.FileSystemDataset.from_paths(
-            self.tables[name].key_files or [], schema=schema, format=pads.IpcFileFormat(), filesystem=self.filesystem)
+            self.tables[name].key_files or [], schema=_key_schema(spec.arrow_schema.field(spec.key)),
+            format=pads.IpcFileFormat(), filesystem=self.filesystem)
 
     def has_keys(self, name: str, column: str) -> bool:
         """Whether the batch delivers the table with `column` as its key, typed and indexed (`key_dataset`)."""
@@ -231,6 +230,10 @@ class BatchSpill:
         for folder in (self.store._file(STAGING), self.store._file()):  # nor the store's, if it made it
             if fs.exists(folder) and not fs.ls(folder):
                 fs.rmdir(folder)
+
+
+def _key_schema(key: pa.Field) -> pa.Schema:
+    return pa.schema([key, pa.field(MONTH, pa.string()), pa.field(BUCKET, pa.int16()), pa.field(CHANGED_AT, TIMESTAMP)])
 
 
 def _close(open_: list[Any]) -> None:

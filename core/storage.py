@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -125,3 +126,11 @@ def _one_lookup_handler() -> type[pa_fs.FSSpecHandler]:
             return opened(self.fs, path)
 
     return OneLookupHandler
+
+
+def modified_time(info: Mapping[str, Any]) -> datetime:
+    """When a file was last written, from its fsspec listing: `mtime` on a local disk, `LastModified` on S3."""
+    if "mtime" in info:
+        return datetime.fromtimestamp(info["mtime"], UTC)
+    stamp = info["LastModified"]
+    return stamp if isinstance(stamp, datetime) else datetime.fromisoformat(str(stamp))

@@ -187,6 +187,12 @@ def read_metadata(path: Path | str, filesystem: pa_fs.FileSystem | None = None) 
     return {k.decode(): v.decode() for k, v in meta.items() if k.decode() in META_KEYS}
 
 
+
+def is_monthly(snapshot: Path | str) -> bool:
+    """A snapshot as of a month's first midnight: the one `features build` writes for that month (a daily
+    refresh on the 1st writes the same features). The risk report compares these, not the days between."""
+    return PurePosixPath(str(snapshot)).name.endswith("-01T000000.parquet")
+
 class OfflineStore:
     """Feature snapshots of one raw store, keyed by as_of, for the current feature-set version.
 
@@ -232,7 +238,7 @@ class OfflineStore:
         return self.location(f"version={self.version}", f"as_of={pd.Timestamp(as_of):%Y-%m-%dT%H%M%S}.parquet")
 
     def snapshot_files(self, version: str) -> list[Path | str]:
-        """The monthly snapshots kept for a feature-set version, oldest first."""
+        """The snapshots kept for a feature-set version (monthly and the refresh's daily ones), oldest first."""
         folder = self.arrow_path(self.location(f"version={version}"))
         names = sorted(PurePosixPath(p).name for p in self.fs.glob(f"{folder}/as_of=*.parquet"))
         return [self.location(f"version={version}", name) for name in names]

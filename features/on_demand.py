@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow as pa
@@ -28,6 +28,9 @@ from core.sql import duckdb_connect
 from features.definitions import FEATURES, feature_names
 from features.sql import source_tables
 from features.training_set import compute_features, normalise_entities
+
+if TYPE_CHECKING:
+    from core.settings import Settings
 
 RECORD_TABLES: tuple[str, ...] = tuple(name for name in TABLES if name in source_tables(FEATURES))
 """The raw tables the features read, in dependency order: what a request's records may hold."""
@@ -105,8 +108,10 @@ def _keys(table: pa.Table, spec: TableSpec, column: str) -> pa.Array:
     return pc.unique(values.drop_null().combine_chunks()) if values.type == wanted else pa.array([], wanted)
 
 
-def merchant_features(tables: Mapping[str, pa.Table], as_of: datetime) -> MerchantFeatures:
-    """The features of the one merchant of validated record tables, as of `as_of` (naive UTC)."""
+def merchant_features(tables: Mapping[str, pa.Table], as_of: datetime,
+                      settings: Settings | None = None) -> MerchantFeatures:
+    """The features of the one merchant of validated record tables, as of `as_of` (naive UTC). `settings`: the
+    service's, whose memory budget and spill folder under `SCFRISK_HOME` the query gets (`duckdb_connect`)."""
     profile = tables[PROFILE]
     if profile.num_rows != 1:
         raise RecordsError(f"records must hold exactly one {PROFILE} row (the merchant's profile), "
@@ -115,7 +120,7 @@ def merchant_features(tables: Mapping[str, pa.Table], as_of: datetime) -> Mercha
     if onboarded >= as_of:
         raise RecordsError(f"merchant {merchant} was onboarded at {onboarded.isoformat()}, not before as_of "
                            f"{as_of.isoformat()}: it has no features then")
-    con = duckdb_connect()
+    con = duckdb_connect(settings)
     try:
         for name, table in tables.items():
             con.register(f"records_{name}", table)
@@ -135,9 +140,10 @@ def _python(value: Any) -> Any:
 
 
 def features_from_records(
-    records: Records, as_of: datetime, *, now: datetime, allow_future_seconds: int = 0, max_examples: int = 5
+    records: Records, as_of: datetime, *, now: datetime, allow_future_seconds: int = 0, max_examples: int = 5,
+    settings: Settings | None = None,
 ) -> MerchantFeatures:
     """`validated_tables`, then `merchant_features`: the on-demand path from a request's records."""
     tables = validated_tables(records, now=now, allow_future_seconds=allow_future_seconds,
                               max_examples=max_examples)
-    return merchant_features(tables, as_of)
+    return merchant_features(tables, as_of, settings)

@@ -466,6 +466,22 @@ def refresh(
 
 
 @app.command()
+def vacuum(
+    ctx: typer.Context,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be removed, with its bytes; remove "
+                                                            "nothing.")] = False,
+) -> None:
+    """Remove what the workspace keeps from before [retention] days that nothing needs any more: old raw data
+    files and snapshots, daily feature files, bundles, limits and alerts. Kept however old: the latest
+    snapshot, every registered model's training snapshot, the live bundle, the bundles logged decisions were
+    made with, and the audit log."""
+    settings = _orchestrated(ctx)
+    from pipelines.retention import vacuum_flow
+
+    typer.echo(vacuum_flow(settings=settings, dry_run=dry_run).describe())
+
+
+@app.command()
 def schedule(
     ctx: typer.Context,
     source: Annotated[Path, typer.Option(help="Batch folder the platform's extract (monthly) or pull (daily) "

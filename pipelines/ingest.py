@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from prefect import flow
 
 from core.partitioning import parse_partition_key
-from core.raw_store import RawStore, StagedPartition
+from core.raw_store import KeyMoves, RawStore, StagedPartition
 from core.rules import Failure, show_value
 from core.schemas import TABLES, ForeignKey
 from core.settings import Settings
@@ -112,6 +112,8 @@ class IngestResult:
     cpu_seconds: dict[str, float] = field(default_factory=dict)
     """CPU seconds per stage, all threads (`partitions`: summed over the processes that ran them): the
     stable figure on a shared machine."""
+    stale: dict[str, int] = field(default_factory=dict)
+    """Delivered rows kept out per table: older than the stored row of the same key (`RawStore.key_moves`)."""
 
     def describe(self) -> str:
         if self.already_loaded:
@@ -123,8 +125,10 @@ class IngestResult:
         for name, rows in self.rows.items():
             months = self.partitions_written.get(name, [])  # a table delivered empty writes nothing
             written = f"{len(months)} partition(s) rewritten" if months else "unchanged"
+            stale = self.stale.get(name, 0)
+            kept_out = f"{stale:,} older than the stored rows of their keys kept out (updated_at), " if stale else ""
             lines.append(
-                f"  {name}: {rows:,} rows in batch, {written}, {self.store_rows.get(name, 0):,} rows stored"
+                f"  {name}: {rows:,} rows in batch, {kept_out}{written}, {self.store_rows.get(name, 0):,} rows stored"
             )
         report = (
             f"validation report: {self.data_docs}" if self.data_docs else "no validation page for a passed batch"
@@ -172,6 +176,8 @@ class Unit:
     """Partition keys with batch rows (validated, then staged), and where their rows are in the spill."""
     leaving: Mapping[str, pa.Array] = field(default_factory=dict)
     """Stored rows the batch moves to another partition, by the partition they leave (staged, no new rows)."""
+    stale: Mapping[str, pa.Array] = field(default_factory=dict)
+    """Delivered rows older than the stored ones, by partition: validated, then kept out."""
 
     @property
     def buckets(self) -> tuple[int, ...]:
@@ -192,7 +198,7 @@ class KeyResult:
     repeated: int
     """Rows whose key another row of the batch has too."""
     examples: tuple[Any, ...]
-    leaving: dict[str, pa.Array]
+    moves: KeyMoves
 
     def failures(self, total: int) -> list[Failure]:
         """The uniqueness rule's failure over the whole table (`total` rows), if any."""
@@ -246,7 +252,7 @@ def _ingest(source: Source, settings: Settings, now: datetime) -> IngestResult:
             batch = _Batch(pinned, spill.for_tasks(names), settings, now)
             keys = clock.engine("keys", partial(_key_checks, batch), names, "checking keys across partitions")
             units = [unit for name, checked in zip(names, keys, strict=True)
-                     for unit in _plan(name, spill.tables.get(name), checked.leaving)]
+                     for unit in _plan(name, spill.tables.get(name), checked.moves)]
             batch = _Batch(pinned, spill.for_tasks(sorted({fk.table for n in names for fk in TABLES[n].foreign_keys})),
                            settings, now)
             results = clock.engine("partitions", partial(_process_unit, batch), units,
@@ -272,6 +278,7 @@ def _ingest(source: Source, settings: Settings, now: datetime) -> IngestResult:
         data_docs=data_docs,
         seconds=clock.seconds,
         cpu_seconds=clock.cpu_seconds,
+        stale={name: n for name in names if (n := sum(p.stale for p in staging.staged.get(name, {}).values()))},
     )
 
 
@@ -312,7 +319,7 @@ def _key_checks(batch: _Batch, name: str) -> KeyResult:
     is missing or mistyped is left to its own rules."""
     spec, spill, settings = TABLES[name], batch.spill, batch.settings
     if not spill.has_keys(name, spec.key):
-        return KeyResult(name, 0, (), {})
+        return KeyResult(name, 0, (), KeyMoves({}, {}))
     keys = spill.key_dataset(name)
     examples_wanted = settings.ingest.max_failure_examples
     con = duckdb_connect(settings)
@@ -323,10 +330,10 @@ def _key_checks(batch: _Batch, name: str) -> KeyResult:
             f"WITH repeated AS (SELECT {spec.key} AS key, count(*) AS n FROM spill_keys GROUP BY {spec.key} "
             f"HAVING n > 1) SELECT sum(n), list(key ORDER BY key)[1:{examples_wanted}] FROM repeated"
         ).fetchall()
-        leaving = batch.store.moved_keys(name, keys, con)
+        moves = batch.store.key_moves(name, keys, con)
     finally:
         con.close()
-    return KeyResult(name, int(count or 0), tuple(examples or ()), leaving)
+    return KeyResult(name, int(count or 0), tuple(examples or ()), moves)
 
 
 KEY_BYTES = 64
@@ -343,28 +350,30 @@ def _all_distinct(con: duckdb.DuckDBPyConnection, key: str, rows: int) -> bool:
     return all(fetch_one(con, f"SELECT count(*) = count(DISTINCT {key}) FROM spill_keys {w}")[0] for w in where)
 
 
-def _plan(name: str, staged: StagedTable | None, leaving: Mapping[str, pa.Array]) -> list[Unit]:
+def _plan(name: str, staged: StagedTable | None, moves: KeyMoves) -> list[Unit]:
     """The table's partitions packed into units of about `UNIT_ROWS` rows, bucket by bucket (a unit's
     foreign keys to `merchants` are checked against its buckets' merchants only)."""
     rows = staged.rows if staged is not None else {}
-    keys = sorted({*rows, *leaving}, key=lambda k: (parse_partition_key(k)[1], k))
+    keys = sorted({*rows, *moves.leaving}, key=lambda k: (parse_partition_key(k)[1], k))
     units: list[Unit] = []
     current: list[str] = []
     size = 0
     for key in keys:
         if current and size + rows.get(key, 0) > UNIT_ROWS:
-            units.append(_unit(name, current, staged, leaving))
+            units.append(_unit(name, current, staged, moves))
             current, size = [], 0
         current.append(key)
         size += rows.get(key, 0)
     if current:
-        units.append(_unit(name, current, staged, leaving))
+        units.append(_unit(name, current, staged, moves))
     return units
 
 
-def _unit(name: str, keys: list[str], staged: StagedTable | None, leaving: Mapping[str, pa.Array]) -> Unit:
+def _unit(name: str, keys: list[str], staged: StagedTable | None, moves: KeyMoves) -> Unit:
     files = staged.files if staged is not None else {}
-    return Unit(name, {k: files[k] for k in keys if k in files}, {k: leaving[k] for k in keys if k in leaving})
+    return Unit(name, {k: files[k] for k in keys if k in files},
+                {k: moves.leaving[k] for k in keys if k in moves.leaving},
+                {k: moves.stale[k] for k in keys if k in moves.stale})
 
 
 def _process_unit(batch: _Batch, unit: Unit) -> UnitResult:
@@ -382,7 +391,8 @@ def _process_unit(batch: _Batch, unit: Unit) -> UnitResult:
         failures, checked = _validator(batch).validate(spec, frame, checks, domains)
         del table, frame, checks
     staged = [] if failures else [
-        batch.store.stage_partition(unit.table, key, parts.get(key), unit.leaving.get(key), batch.spill.ledger)
+        batch.store.stage_partition(unit.table, key, parts.get(key), unit.leaving.get(key), batch.spill.ledger,
+                                    unit.stale.get(key))
         for key in sorted({*parts, *unit.leaving})
     ]
     del parts

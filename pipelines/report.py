@@ -20,7 +20,7 @@ from core.errors import ScfriskError
 from core.settings import Settings
 from credit.policy import load_policy
 from explanation.reason_codes import table_definitions
-from features.offline_store import OfflineStore
+from features.offline_store import OfflineStore, is_monthly
 from models.evaluation import GROUP_COLUMNS
 from models.gates import MODEL_KIND_TAG, GateDecision
 from models.pd_model import PDModel
@@ -77,7 +77,7 @@ def feature_snapshots(settings: Settings, model: PDModel) -> dict[str, pd.DataFr
     if metadata.get(MODEL_KIND_TAG, "platform") != "platform" or not version or version == "table":
         return {}
     offline = OfflineStore.from_settings(settings)
-    files = offline.snapshot_files(version)
+    files = [path for path in offline.snapshot_files(version) if is_monthly(path)]
     files = files[-settings.features.snapshot_months :] if settings.features.snapshot_months else []
     return {
         PurePosixPath(str(path)).stem.removeprefix("as_of=")[:7]: offline.read_file(path, model.feature_names)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import shutil
 import time
 from datetime import datetime
 from pathlib import Path
@@ -218,6 +219,20 @@ def test_records_are_scored_as_their_features_would_be_and_replayed_from_the_aud
     assert "buyer_id" not in orjson.dumps(line).decode(), "the records themselves stay out of the audit log"
     again = replay(line, settings.path("published"), key=bundle_key(settings))
     assert again == {"pd": body["pd"], "grade": body["grade"], "decision": body["decision"]["outcome"]}
+
+
+def test_the_records_query_runs_on_the_services_duckdb_budget_and_spill_folder(service):
+    """Not DuckDB's defaults (80% of the machine's memory per connection, spill files in the working
+    directory): the service's `[compute] memory_limit`, spill under its SCFRISK_HOME (`core.sql`)."""
+    from core.sql import out_of_memory
+
+    settings = service["settings"]
+    spill = settings.home / "tmp"
+    shutil.rmtree(spill, ignore_errors=True)
+    body = service["client"].post("/v1/score", json={"records": _records("M0000042")}).json()
+    assert body["scoring_mode"] == "records"
+    assert spill.is_dir()
+    assert f"[compute] memory_limit = {settings.compute.memory_limit}" in str(out_of_memory())
 
 
 def test_without_as_of_the_features_are_as_of_the_request(service):

@@ -353,6 +353,8 @@ def test_snapshots_are_the_last_months_of_the_models_feature_set(
     folder.mkdir(parents=True)
     for month in ("2025-01", "2025-02", "2025-03"):
         trained.frame.head(50).to_parquet(folder / f"as_of={month}-01T000000.parquet")
+    for day in ("2025-03-14", "2025-03-15"):  # the daily refresh's snapshots, in the same folder
+        trained.frame.head(50).to_parquet(folder / f"as_of={day}T000000.parquet")
     two = settings.model_copy(
         update={"features": settings.features.model_copy(update={"snapshot_months": 2})}
     )

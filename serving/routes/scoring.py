@@ -210,7 +210,8 @@ async def records_inputs(bundle: Bundle, req: ScoreRequest,
     try:
         computed = await run_in_threadpool(
             features_from_records, records, req.as_of or at, now=at,  # type: ignore[arg-type]
-            allow_future_seconds=ingest.allow_future_seconds, max_examples=ingest.max_failure_examples)
+            allow_future_seconds=ingest.allow_future_seconds, max_examples=ingest.max_failure_examples,
+            settings=settings)
     except InvalidRecords as exc:
         raise records_rejected(exc) from None
     except RecordsError as exc:
