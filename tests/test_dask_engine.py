@@ -64,12 +64,20 @@ def sample_raw(sample_run) -> Path:
 
 
 @pytest.fixture(scope="module")
-def engines(sample_raw, tmp_path_factory, prefect_server) -> dict[str, tuple[Settings, object]]:
-    """Features built and a model trained on each engine (the dask one forced onto data-parallel LightGBM).
-    The dask engine's two flow runs share one LocalCluster of 2 worker processes, closed after them: a cluster
-    per flow run costs more to start than the sample's work on it, and an idle one ~0.1 CPU s per second."""
+def cluster():
+    """One LocalCluster of 2 worker processes that the dask flow runs below reach at its address (`[compute]
+    address`, as on a user's own cluster): a cluster per flow run costs more to start than the sample's work on
+    it. The ingest above starts its own, to check the LocalCluster a flow run starts itself."""
     from distributed import LocalCluster
 
+    with LocalCluster(processes=True, host="127.0.0.1", dashboard_address=None, **TWO_WORKERS) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def engines(sample_raw, tmp_path_factory, prefect_server, cluster) -> dict[str, tuple[Settings, object]]:
+    """Features built and a model trained on each engine (the dask one forced onto data-parallel LightGBM, on
+    the module's cluster)."""
     from pipelines.compute import on_engine
     from pipelines.features import build_features_flow
     from pipelines.train import train_flow
@@ -79,9 +87,8 @@ def engines(sample_raw, tmp_path_factory, prefect_server) -> dict[str, tuple[Set
         return settings, build, on_engine(train_flow, settings)(settings=settings)
 
     out = {"local": build_and_train(workspace(tmp_path_factory.mktemp("local") / "home", sample_raw, "local"))}
-    with LocalCluster(processes=True, host="127.0.0.1", dashboard_address=None, **TWO_WORKERS) as cluster:
-        out["dask"] = build_and_train(workspace(tmp_path_factory.mktemp("dask") / "home", sample_raw, "dask",
-                                                train_in_memory_rows=1, address=cluster.scheduler_address))
+    out["dask"] = build_and_train(workspace(tmp_path_factory.mktemp("dask") / "home", sample_raw, "dask",
+                                            train_in_memory_rows=1, address=cluster.scheduler_address))
     return out
 
 
@@ -159,11 +166,11 @@ def test_lightgbm_seeds_are_the_ones_lightgbm_derives_from_seed():
 
 
 @pytest.mark.slow
-def test_a_data_parallel_round_bins_and_bags_every_row_as_one_process_does():
+def test_a_data_parallel_round_bins_and_bags_every_row_as_one_process_does(cluster):
     """The first tree, on 2 workers, with bagging and a leaf of one row allowed: the same tree as in one
     process. Before: `lightgbm.dask`, whose workers bin on their own rows and repeat each other's bags."""
     import lightgbm as lgb
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     from models.distributed import binned, fit_on_cluster
 
@@ -175,8 +182,7 @@ def test_a_data_parallel_round_bins_and_bags_every_row_as_one_process_does():
               "min_data_in_leaf": 1, "num_leaves": 15, "deterministic": True, "force_col_wise": True,
               "verbosity": -1, "seed": 42, "num_threads": 1}
     local = lgb.train(params, binned(X, y, params, None), 1)
-    with LocalCluster(processes=True, host="127.0.0.1", dashboard_address=None, **TWO_WORKERS) as cluster, \
-            Client(cluster) as client:
+    with Client(cluster.scheduler_address) as client:
         client.wait_for_workers(2)
         spread = fit_on_cluster(client, params, X, y, 1)
 
@@ -222,14 +228,15 @@ def test_bucket_parts_merge_into_the_order_of_the_whole(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_limits_per_partition_on_dask_equal_the_local_engine(engines):
+def test_limits_per_partition_on_dask_equal_the_local_engine(engines, cluster):
     from pipelines.compute import on_engine
     from pipelines.limits import limits_flow
 
     settings, _, _ = engines["local"]
     local = on_engine(limits_flow, settings)(settings=settings)
     local_bytes = local.path.read_bytes()
-    on_dask = settings.model_copy(update={"compute": ComputeConfig(engine="dask", **TWO_WORKERS)})
+    on_dask = settings.model_copy(update={"compute": ComputeConfig(engine="dask", address=cluster.scheduler_address,
+                                                                   **TWO_WORKERS)})
     dask = on_engine(limits_flow, on_dask)(settings=on_dask)
     assert dask.path == local.path and dask.path.read_bytes() == local_bytes
     assert np.isclose(pd.read_parquet(local.path)["pd"], pd.read_parquet(dask.path)["pd"]).all()

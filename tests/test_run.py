@@ -69,6 +69,9 @@ def test_run_from_the_platform_database_publishes_a_bundle_and_records_no_passwo
     monkeypatch.chdir(REPO)  # the repository's policy.toml
     monkeypatch.setenv("SCFRISK_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("PGPASSWORD", "")  # the CLI moves the URL's password there; restored after the test
+    # The source is what is tested here: one model candidate and one monthly snapshot, not the repository's 8 and 6.
+    monkeypatch.setenv("SCFRISK_MODEL__SEARCH_TRIALS", "1")
+    monkeypatch.setenv("SCFRISK_FEATURES__SNAPSHOT_MONTHS", "1")
     monkeypatch.setattr(sys, "argv", ["scfrisk", "run", "--source", database])
     run()
     assert "published bundle" in capsys.readouterr().out
