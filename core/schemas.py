@@ -34,9 +34,9 @@ EVENT_TYPES: tuple[str, ...] = ("login", "listing_change", "price_change", "comp
 
 TIMESTAMP = pa.timestamp("us")
 UPDATED_AT = "updated_at"
+"""When a row that changes state after it is written (`TableSpec.state_columns`) last changed."""
 CHANGED_AT = "changed_at"
 """A batch's key index: when each delivered row last changed (`TableSpec.changed_at`)."""
-"""When a row that changes state after it is written (`TableSpec.state_columns`) last changed."""
 
 
 @dataclass(frozen=True)
@@ -113,13 +113,6 @@ class TableSpec:
         times = [rows.column(c) for c in (self.time_column, *self.state_columns, UPDATED_AT)
                  if c in names and _typed(rows, c)]
         return pc.max_element_wise(*times, skip_nulls=True) if len(times) > 1 else times[0]
-
-    @property
-    def changed_at_sql(self) -> str:
-        """`changed_at` of a stored row, in SQL (NULL for a table whose rows do not change state)."""
-        if UPDATED_AT not in self.column_index:
-            return "NULL::TIMESTAMP"
-        return f"greatest({', '.join((self.time_column, *self.state_columns, UPDATED_AT))})"
 
 
 def _typed(rows: pa.Table | pa.RecordBatch, column: str) -> bool:

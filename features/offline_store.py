@@ -187,11 +187,11 @@ def read_metadata(path: Path | str, filesystem: pa_fs.FileSystem | None = None) 
     return {k.decode(): v.decode() for k, v in meta.items() if k.decode() in META_KEYS}
 
 
-
 def is_monthly(snapshot: Path | str) -> bool:
     """A snapshot as of a month's first midnight: the one `features build` writes for that month (a daily
     refresh on the 1st writes the same features). The risk report compares these, not the days between."""
     return PurePosixPath(str(snapshot)).name.endswith("-01T000000.parquet")
+
 
 class OfflineStore:
     """Feature snapshots of one raw store, keyed by as_of, for the current feature-set version.
