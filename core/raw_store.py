@@ -169,6 +169,8 @@ class RawStore:
         self._pinned = dict(snapshot) if snapshot is not None else None
         self._configured_buckets = buckets
         self.settings = settings
+        self._add_actions: dict[tuple[str, int], pa.Table] = {}
+        """The Delta log's add actions per (table, version) read so far (`_files_during`): a version never changes."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RawStore:
@@ -260,24 +262,59 @@ class RawStore:
                                                     filesystem=filesystem)
 
     def register(self, con: duckdb.DuckDBPyConnection, name: str, buckets: Sequence[int] | None = None,
-                 view: str | None = None, months: Sequence[str] | None = None) -> str:
+                 view: str | None = None, months: Sequence[str] | None = None,
+                 during: tuple[str, datetime, datetime] | None = None) -> str:
         """Make the table at the snapshot's version readable in `con` as a view of the same name, or `view`
         (its schema's columns, no partition column); return the view's name. `buckets`: only those merchant
-        buckets' files (a worker's share), all when None; `months`: only those months' files.
+        buckets' files (a worker's share), all when None; `months`: only those months' files; `during`
+        (column, start, end): only the files that may hold a time of that column in [start, end), by the
+        minima and maxima of its Delta log (`_time_stats`; a file written without them is kept).
 
         On a local disk DuckDB reads the version's Parquet files itself (measured: half the CPU of an Arrow
         dataset scan for the features); elsewhere it scans the Arrow dataset, so no DuckDB extension is
         needed for object storage. Either way filters and projections are pushed down."""
         columns = ", ".join(c.name for c in TABLES[name].columns)
-        files = self._delta(name).file_uris(_partition_filter(buckets, months)) if self.has_table(name) else []
+        if during is not None and self.has_table(name):
+            paths = self._files_during(name, buckets, months, *during)
+            filesystem = pa_fs.SubTreeFileSystem(self._file(name), storage.arrow_filesystem(self.fs))
+            dataset = pads.dataset(paths, schema=TABLES[name].arrow_schema, format="parquet", filesystem=filesystem)
+            files = [self._file(name, p) for p in paths]
+        else:
+            dataset = None
+            files = self._delta(name).file_uris(_partition_filter(buckets, months)) if self.has_table(name) else []
         if files and isinstance(self.root, Path):
             listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
             source = f"read_parquet([{listed}], hive_partitioning = false)"
         else:
-            con.register(f"{view or name}__delta", self.dataset(name, buckets, months))
+            con.register(f"{view or name}__delta", dataset or self.dataset(name, buckets, months))
             source = f"{view or name}__delta"
         con.execute(f"CREATE OR REPLACE TEMP VIEW {view or name} AS SELECT {columns} FROM {source}")
         return view or name
+
+    def _files_during(self, name: str, buckets: Sequence[int] | None, months: Sequence[str] | None, column: str,
+                      start: datetime, end: datetime) -> list[str]:
+        """The version's files (relative paths) of those buckets and months whose `column` may hold a time in
+        [start, end): its minimum before end and its maximum at or after start, or no minimum and maximum
+        recorded but for a column of nulls only (a file written before they were: kept, the scan decides)."""
+        version = self.manifest()["tables"][name]["version"]
+        if (name, version) not in self._add_actions:  # one read of the log per table version, not per column
+            self._add_actions[(name, version)] = pa.table(self._delta(name).get_add_actions(flatten=True))
+        actions = self._add_actions[(name, version)]
+        low, high = f"min.{column}", f"max.{column}"
+        if low not in actions.column_names:
+            mask = pa.array([True] * actions.num_rows)
+        else:
+            lo, hi = actions.column(low), actions.column(high)
+            nulls_only = pc.equal(actions.column(f"null_count.{column}"), actions.column("num_records"))
+            unknown = pc.and_(pc.or_(pc.is_null(lo), pc.is_null(hi)), pc.invert(pc.fill_null(nulls_only, False)))
+            mask = pc.or_kleene(pc.and_kleene(pc.less(lo, pa.scalar(end, lo.type)),
+                                              pc.greater_equal(hi, pa.scalar(start, hi.type))), unknown)
+        chosen = []
+        for path, keep in zip(actions.column("path").to_pylist(), mask.to_pylist(), strict=True):
+            month, bucket = parse_partition_key(path.rsplit("/", 1)[0])
+            if keep and (buckets is None or bucket in buckets) and (months is None or month in months):
+                chosen.append(unquote(path))
+        return chosen
 
     def distinct_values(
         self, name: str, column: str, buckets: Sequence[int] | None = None,
@@ -387,7 +424,7 @@ class RawStore:
             "path": _file_name(key, digest), "size": len(data),
             "partition_values": {MONTH: month, BUCKET: str(bucket)},
             "modification_time": int(time.time() * 1000), "data_change": True,
-            "stats": json.dumps({"numRecords": merged.num_rows}),
+            "stats": json.dumps(_time_stats(merged, spec.timestamp_columns)),
         }
         return StagedPartition(name, key, entry, add, written, kept_out)
 
@@ -642,6 +679,21 @@ def _write_json(fs: fsspec.AbstractFileSystem, path: str, content: dict[str, Any
         return
     fs.pipe_file(path + ".tmp", data)
     fs.mv(path + ".tmp", path)
+
+
+def _time_stats(table: pa.Table, columns: Sequence[str]) -> dict[str, Any]:
+    """A partition file's Delta statistics: its rows, and the minimum, maximum and nulls of each time column,
+    so that a reader of the rows of a time range opens only the files that may hold it (`RawStore.register`)
+    and so can any Delta reader."""
+    low: dict[str, str] = {}
+    high: dict[str, str] = {}
+    for name in columns:
+        bounds = pc.min_max(table.column(name))
+        if bounds["min"].is_valid:
+            low[name] = bounds["min"].as_py().isoformat()
+            high[name] = bounds["max"].as_py().isoformat()
+    return {"numRecords": table.num_rows, "minValues": low, "maxValues": high,
+            "nullCount": {name: table.column(name).null_count for name in columns}}
 
 
 def _file_name(key: str, digest: str) -> str:
