@@ -169,8 +169,6 @@ class RawStore:
         self._pinned = dict(snapshot) if snapshot is not None else None
         self._configured_buckets = buckets
         self.settings = settings
-        self._add_actions: dict[tuple[str, int], pa.Table] = {}
-        """The Delta log's add actions per (table, version) read so far (`_files_during`): a version never changes."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RawStore:
@@ -268,7 +266,7 @@ class RawStore:
         (its schema's columns, no partition column); return the view's name. `buckets`: only those merchant
         buckets' files (a worker's share), all when None; `months`: only those months' files; `during`
         (column, start, end): only the files that may hold a time of that column in [start, end), by the
-        minima and maxima of its Delta log (`_time_stats`; a file written without them is kept).
+        first and last times the manifest records of each partition (`_time_ranges`).
 
         On a local disk DuckDB reads the version's Parquet files itself (measured: half the CPU of an Arrow
         dataset scan for the features); elsewhere it scans the Arrow dataset, so no DuckDB extension is
@@ -293,27 +291,19 @@ class RawStore:
 
     def _files_during(self, name: str, buckets: Sequence[int] | None, months: Sequence[str] | None, column: str,
                       start: datetime, end: datetime) -> list[str]:
-        """The version's files (relative paths) of those buckets and months whose `column` may hold a time in
-        [start, end): its minimum before end and its maximum at or after start, or no minimum and maximum
-        recorded but for a column of nulls only (a file written before they were: kept, the scan decides)."""
-        version = self.manifest()["tables"][name]["version"]
-        if (name, version) not in self._add_actions:  # one read of the log per table version, not per column
-            self._add_actions[(name, version)] = pa.table(self._delta(name).get_add_actions(flatten=True))
-        actions = self._add_actions[(name, version)]
-        low, high = f"min.{column}", f"max.{column}"
-        if low not in actions.column_names:
-            mask = pa.array([True] * actions.num_rows)
-        else:
-            lo, hi = actions.column(low), actions.column(high)
-            nulls_only = pc.equal(actions.column(f"null_count.{column}"), actions.column("num_records"))
-            unknown = pc.and_(pc.or_(pc.is_null(lo), pc.is_null(hi)), pc.invert(pc.fill_null(nulls_only, False)))
-            mask = pc.or_kleene(pc.and_kleene(pc.less(lo, pa.scalar(end, lo.type)),
-                                              pc.greater_equal(hi, pa.scalar(start, hi.type))), unknown)
+        """The snapshot's files (paths in the table) of those buckets and months whose `column` may hold a time
+        in [start, end): the partition's first time of it before end and its last at or after start (none:
+        only nulls), or no times recorded (a partition written before they were: kept, the scan decides)."""
         chosen = []
-        for path, keep in zip(actions.column("path").to_pylist(), mask.to_pylist(), strict=True):
-            month, bucket = parse_partition_key(path.rsplit("/", 1)[0])
-            if keep and (buckets is None or bucket in buckets) and (months is None or month in months):
-                chosen.append(unquote(path))
+        for key, part in self.manifest()["tables"][name]["partitions"].items():
+            month, bucket = parse_partition_key(key)
+            if (buckets is not None and bucket not in buckets) or (months is not None and month not in months):
+                continue
+            times = part.get("times")
+            span = None if times is None else times.get(column)
+            if times is None or span is not None and (datetime.fromisoformat(span[0]) < end
+                                                      and datetime.fromisoformat(span[1]) >= start):
+                chosen.append(_file_name(key, part["sha256"]))
         return chosen
 
     def distinct_values(
@@ -407,7 +397,7 @@ class RawStore:
         pq.write_table(merged.combine_chunks(), sink, compression="zstd", row_group_size=1 << 20)
         data = sink.getvalue().to_pybytes()
         digest = hashlib.sha256(data).hexdigest()
-        entry = {"rows": merged.num_rows, "sha256": digest}
+        entry = {"rows": merged.num_rows, "sha256": digest, **_time_ranges(merged, spec.timestamp_columns)}
         if old and old["sha256"] == digest:
             return StagedPartition(name, key, entry, stale=kept_out)
         path = self._file(name, _file_name(key, digest))
@@ -424,7 +414,7 @@ class RawStore:
             "path": _file_name(key, digest), "size": len(data),
             "partition_values": {MONTH: month, BUCKET: str(bucket)},
             "modification_time": int(time.time() * 1000), "data_change": True,
-            "stats": json.dumps(_time_stats(merged, spec.timestamp_columns)),
+            "stats": json.dumps({"numRecords": merged.num_rows}),
         }
         return StagedPartition(name, key, entry, add, written, kept_out)
 
@@ -681,19 +671,17 @@ def _write_json(fs: fsspec.AbstractFileSystem, path: str, content: dict[str, Any
     fs.mv(path + ".tmp", path)
 
 
-def _time_stats(table: pa.Table, columns: Sequence[str]) -> dict[str, Any]:
-    """A partition file's Delta statistics: its rows, and the minimum, maximum and nulls of each time column,
-    so that a reader of the rows of a time range opens only the files that may hold it (`RawStore.register`)
-    and so can any Delta reader."""
-    low: dict[str, str] = {}
-    high: dict[str, str] = {}
+def _time_ranges(table: pa.Table, columns: Sequence[str]) -> dict[str, Any]:
+    """A partition's first and last time of each time column that holds one (`RawStore.register`'s `during`:
+    a reader of the rows of a time range opens only the files that may hold it). In the manifest, not in the
+    Delta log's statistics: delta-rs turns statistics of some columns only into a guarantee that no row of
+    the file matches a filter on any other column."""
+    times = {}
     for name in columns:
         bounds = pc.min_max(table.column(name))
         if bounds["min"].is_valid:
-            low[name] = bounds["min"].as_py().isoformat()
-            high[name] = bounds["max"].as_py().isoformat()
-    return {"numRecords": table.num_rows, "minValues": low, "maxValues": high,
-            "nullCount": {name: table.column(name).null_count for name in columns}}
+            times[name] = [bounds["min"].as_py().isoformat(), bounds["max"].as_py().isoformat()]
+    return {"times": times} if columns else {}
 
 
 def _file_name(key: str, digest: str) -> str:
