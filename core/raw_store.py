@@ -44,7 +44,7 @@ import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -292,7 +292,7 @@ class RawStore:
     def _files_during(self, name: str, buckets: Sequence[int] | None, months: Sequence[str] | None, column: str,
                       start: datetime, end: datetime) -> list[str]:
         """The snapshot's files (paths in the table) of those buckets and months whose `column` may hold a time
-        in [start, end): the partition's first time of it before end and its last at or after start (none:
+        in [start, end): the partition's first day of it before end and its last day's end after start (none:
         only nulls), or no times recorded (a partition written before they were: kept, the scan decides)."""
         chosen = []
         for key, part in self.manifest()["tables"][name]["partitions"].items():
@@ -301,8 +301,8 @@ class RawStore:
                 continue
             times = part.get("times")
             span = None if times is None else times.get(column)
-            if times is None or span is not None and (datetime.fromisoformat(span[0]) < end
-                                                      and datetime.fromisoformat(span[1]) >= start):
+            first, last = map(datetime.fromisoformat, span.split("/")) if span else (None, None)
+            if times is None or span is not None and first < end and last + timedelta(days=1) > start:
                 chosen.append(_file_name(key, part["sha256"]))
         return chosen
 
@@ -672,15 +672,16 @@ def _write_json(fs: fsspec.AbstractFileSystem, path: str, content: dict[str, Any
 
 
 def _time_ranges(table: pa.Table, columns: Sequence[str]) -> dict[str, Any]:
-    """A partition's first and last time of each time column that holds one (`RawStore.register`'s `during`:
-    a reader of the rows of a time range opens only the files that may hold it). In the manifest, not in the
-    Delta log's statistics: delta-rs turns statistics of some columns only into a guarantee that no row of
-    the file matches a filter on any other column."""
+    """A partition's first and last day of each time column that holds one, as an ISO 8601 interval
+    "first/last" (one short line of the manifest: days, since a refresh reads whole days), so that a reader
+    of the rows of a time range opens only the files that may hold it (`RawStore.register`'s `during`). In
+    the manifest, not in the Delta log's statistics: delta-rs turns statistics of some columns only into a
+    guarantee that no row of the file matches a filter on any other column."""
     times = {}
     for name in columns:
         bounds = pc.min_max(table.column(name))
         if bounds["min"].is_valid:
-            times[name] = [bounds["min"].as_py().isoformat(), bounds["max"].as_py().isoformat()]
+            times[name] = f"{bounds['min'].as_py():%Y-%m-%d}/{bounds['max'].as_py():%Y-%m-%d}"
     return {"times": times} if columns else {}
 
 

@@ -110,8 +110,8 @@ def test_a_time_range_reads_only_the_files_that_may_hold_it_and_every_row_of_it(
     monkeypatch.undo()
     load(store, {"orders": orders[orders["ordered_at"] >= "2024-02-01"]})
     (february,) = [p for k, p in store.manifest()["tables"]["orders"]["partitions"].items() if "2024-02" in k]
-    assert february["times"]["ordered_at"] == ["2024-02-02T12:00:00", "2024-02-15T20:00:00"]
-    assert february["times"]["delivered_at"] == ["2024-02-06T00:00:00", "2024-02-06T00:00:00"]
+    assert february["times"]["ordered_at"] == "2024-02-02/2024-02-15"
+    assert february["times"]["delivered_at"] == "2024-02-06/2024-02-06"
     assert "refunded_at" not in february["times"]  # nulls only
 
     def read(column: str, start: datetime, end: datetime) -> tuple[list[int], int]:
@@ -126,6 +126,8 @@ def test_a_time_range_reads_only_the_files_that_may_hold_it_and_every_row_of_it(
     assert read("ordered_at", datetime(2024, 2, 10), datetime(2024, 2, 11)) == ([5], 2)  # January kept: no stats
     assert read("delivered_at", datetime(2024, 1, 7), datetime(2024, 1, 8)) == ([1], 1)  # February's: 2024-02-06
     assert read("delivered_at", datetime(2024, 2, 6), datetime(2024, 2, 7)) == ([4], 2)
+    assert read("ordered_at", datetime(2024, 2, 15, 21), datetime(2024, 2, 16)) == ([], 2)  # its last day, by day
+    assert read("ordered_at", datetime(2024, 2, 16), datetime(2024, 2, 17)) == ([], 1)
     assert read("refunded_at", datetime(2024, 2, 1), datetime(2024, 3, 1)) == ([], 1)  # February's are all null
     january = orders[orders["ordered_at"] < "2024-02-01"].assign(amount=lambda o: o["amount"] + 1)
     load(store, {"orders": january})  # a correction: the file rewritten, with its statistics
