@@ -7,9 +7,9 @@ changes, or a correction of the raw store reaches the merchant's facts before th
 them for the 64k live loans of the 10M-order platform was the largest part of the monitor's day. So each PD is
 kept with what it depends on: the loan's merchant and application time, the model (`PDModel.fingerprint`),
 the feature set version, the raw store and the snapshot it was computed at. A later run reuses it unless a
-partition changed since that snapshot reaches the merchant before the application (`features.staleness`),
-and computes the rest. The file is replaced whole (temp file and rename) and holds only the day's live
-loans, of one model: it does not grow.
+row of the merchant that those features read changed since that snapshot with a time before the application
+(`features.staleness`), and computes the rest. The file is replaced whole (temp file and rename) and holds
+only the day's live loans, of one model: it does not grow.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from core.errors import ScfriskError
 from core.raw_store import RawStore
 from features.daily_store import changed_partitions
 from features.definitions import feature_set_version, with_inputs
-from features.staleness import stale
+from features.staleness import changed_rows, stale
 from features.training_set import get_training_set
 from models.pd_model import PDModel
 
@@ -74,12 +74,14 @@ def _kept(path: Path, store: RawStore, tag: dict[str, str | None], model: PDMode
     kept = table.to_pandas()
     if found["snapshot_id"] != tag["snapshot_id"]:
         try:
-            before = store.at(found["snapshot_id"]).manifest()
+            before = store.at(found["snapshot_id"])
         except ScfriskError:  # that snapshot was vacuumed: what changed since cannot be told
             return None
-        changed = changed_partitions(before, store.manifest())
+        features = with_inputs(model.feature_names)
+        changed = changed_partitions(before.manifest(), store.manifest())
+        changes = changed_rows(store, before, changed, features, store.connect())
         entities = kept[["merchant_id", "applied_at"]].rename(columns={"applied_at": "as_of"})
-        kept = kept[~stale(entities, changed, with_inputs(model.feature_names), store.buckets)]
+        kept = kept[~stale(entities, changes, features)]
     return kept
 
 

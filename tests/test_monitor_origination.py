@@ -1,7 +1,7 @@
 """The monitor keeps each live loan's PD at origination from one day to the next (`pipelines.origination`):
 a warm run gives the book and alerts of a cold one, a correction of the raw store that reaches a loan's past
 (a re-delivered order of its merchant dated before the application) has that PD computed again, and another
-model reuses none of the kept PDs. The staleness rule itself (`features.staleness`) on crafted changes."""
+model reuses none of the kept PDs. The staleness rule itself (`features.staleness`) on crafted changed rows."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.partitioning import merchant_bucket
 from core.raw_store import RawStore
 from core.settings import Settings
 from credit.monitoring import early_warnings
@@ -30,32 +29,21 @@ DAY = pd.Timestamp("2025-10-15")
 MERCHANTS = 300
 
 
-def _bucket(merchant: str, buckets: int = 8) -> int:
-    import pyarrow as pa
-
-    return int(merchant_bucket(pa.array([merchant]), buckets)[0].as_py())
-
-
-def test_a_changed_partition_reaches_its_buckets_merchants_from_its_month_on():
-    merchants = [f"M{i:07d}" for i in range(40)]
-    by_bucket: dict[int, list[str]] = {}
-    for m in merchants:
-        by_bucket.setdefault(_bucket(m), []).append(m)
-    b, other = sorted(by_bucket)[:2]
-    m, n = by_bucket[b][0], by_bucket[other][0]
-    entities = pd.DataFrame({"merchant_id": [m, m, m, n], "as_of": pd.to_datetime(
-        ["2025-02-28 23:00", "2025-03-01 00:00", "2025-09-10 00:00", "2025-09-10 00:00"])})
+def test_a_changed_row_reaches_its_merchants_values_after_its_time_only():
+    entities = pd.DataFrame({"merchant_id": ["M1", "M1", "M1", "M2"], "as_of": pd.to_datetime(
+        ["2025-03-10 12:00:00", "2025-03-10 12:00:01", "2025-09-10 00:00:00", "2025-09-10 00:00:00"])})
+    changed = pd.DataFrame({"merchant_id": ["M1"], "first": [pd.Timestamp("2025-03-10 12:00")]})
     orders = with_inputs(["net_sales_90d"])
-    assert stale(entities, {"orders": {("2025-03", b)}}, orders, 8).tolist() == [False, True, True, False]
+    assert stale(entities, {"orders": changed}, orders).tolist() == [False, True, True, False]
     # A table these features do not read, or no change at all, reaches nothing.
-    assert not stale(entities, {"receivables": {("2025-01", b)}}, orders, 8).any()
-    assert not stale(entities, {}, orders, 8).any()
-    # A release is dated after its receipt (validated): a receipt's month bounds the releases it holds.
+    assert not stale(entities, {"receivables": changed}, orders).any()
+    assert not stale(entities, {}, orders).any()
+    # A release is dated after its receipt (validated): a receipt's time bounds the releases it holds.
     releases = with_inputs(["inventory_released_90d"])
-    assert stale(entities, {"inventory_receipts": {("2025-03", b)}}, releases, 8).tolist() == [False, True, True, False]
+    assert stale(entities, {"inventory_receipts": changed}, releases).tolist() == [False, True, True, False]
     # Month-end rows read their loan's principal with no time bound: a loan changed later reaches every time.
-    repayments = with_inputs(["worst_dpd_365d"])
-    assert stale(entities, {"loans": {("2025-12", b)}}, repayments, 8).tolist() == [True, True, True, False]
+    later = changed.assign(first=pd.Timestamp("2025-12-01"))
+    assert stale(entities, {"loans": later}, with_inputs(["worst_dpd_365d"])).tolist() == [True, True, True, False]
 
 
 @pytest.fixture(scope="module")
@@ -89,14 +77,15 @@ def test_a_correction_before_an_application_recomputes_the_pds_it_reaches_only(w
     before = cached_origination_pd(tmp_path, store, model, loans)
     assert before.computed.all()
 
-    # The live loan whose merchant has the most orders in the 90 days before its application: those orders
-    # re-delivered with 100 times their amount.
+    # Of the merchants with one live loan, the one with the most orders in the 90 days before its application:
+    # those orders re-delivered with 100 times their amount.
     orders = f"{workspace['root']}/base/orders.parquet"
     con = duckdb.connect()
     con.register("loans", loans[["loan_id", "merchant_id", "applied_at"]])
     loan_id, merchant, applied = con.execute(f"""
         SELECT l.loan_id, l.merchant_id, l.applied_at FROM loans l JOIN '{orders}' o ON o.merchant_id = l.merchant_id
             AND o.ordered_at < l.applied_at AND o.ordered_at >= l.applied_at - INTERVAL 90 DAY
+        WHERE l.merchant_id IN (SELECT merchant_id FROM loans GROUP BY merchant_id HAVING count(*) = 1)
         GROUP BY ALL ORDER BY count(*) DESC, l.loan_id LIMIT 1""").fetchone()
     fix = tmp_path / "correction"
     fix.mkdir()
@@ -104,7 +93,6 @@ def test_a_correction_before_an_application_recomputes_the_pds_it_reaches_only(w
                           WHERE merchant_id = '{merchant}' AND ordered_at < TIMESTAMP '{applied}'
                           AND ordered_at >= TIMESTAMP '{applied}' - INTERVAL 90 DAY)
                     TO '{fix / "orders.parquet"}' (FORMAT parquet)""")
-    (first_month,) = con.execute(f"SELECT strftime(min(ordered_at), '%Y-%m') FROM '{fix}/orders.parquet'").fetchone()
     ingest(fix, settings)
     store = RawStore.from_settings(settings)
 
@@ -113,11 +101,8 @@ def test_a_correction_before_an_application_recomputes_the_pds_it_reaches_only(w
     np.testing.assert_array_equal(after.pd, cold)
     target = (loans["loan_id"] == loan_id).to_numpy()
     assert after.pd[target] != before.pd[target]  # the correction moved that loan's PD: a reused one would be wrong
-    # Recomputed: the loans of the merchant's bucket applied in or after the corrected month; the rest reused.
-    reached = (np.array([_bucket(m) for m in loans["merchant_id"]]) == _bucket(merchant)) & (
-        loans["applied_at"].dt.strftime("%Y-%m").to_numpy() >= first_month)
-    np.testing.assert_array_equal(after.computed, reached)
-    assert target[after.computed].any() and 0 < after.computed.sum() < len(loans)
+    # Recomputed: that loan's PD alone (its merchant's only loan); every other one reused.
+    np.testing.assert_array_equal(after.computed, target)
 
 
 def test_another_model_reuses_none_of_the_kept_pds(workspace, tmp_path):
