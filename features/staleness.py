@@ -48,14 +48,14 @@ def reads(features: tuple[Feature, ...]) -> dict[str, Reads]:
         spec = TABLES[source.table]
         words = set(re.findall(r"\w+", " ".join([source.time_column, source.relation,
                                                  *(expr for _, expr in used_columns(source, fs))])))
+        own = {*words, spec.time_column, "merchant_id"} & set(spec.column_index)
+        bounded = source.time_column == spec.time_column or (spec.time_column, source.time_column) in spec.ordered
         for table in source_tables(tuple(fs)):
-            own = table == source.table
-            columns = {*words, spec.time_column, "merchant_id"} & set(spec.column_index) if own else set(
-                TABLES[table].column_index)  # a joined table: its relation may read any column
-            bounded = own and (source.time_column == spec.time_column
-                               or (spec.time_column, source.time_column) in spec.ordered)
+            # A joined table is read through its relation, which may use any of its columns, at any time.
+            read = Reads(frozenset(own), bounded) if table == source.table else Reads(
+                frozenset(TABLES[table].column_index), False)
             seen = out.get(table, Reads(frozenset(), True))
-            out[table] = Reads(seen.columns | columns, seen.bounded and bounded)
+            out[table] = Reads(seen.columns | read.columns, seen.bounded and read.bounded)
     return out
 
 

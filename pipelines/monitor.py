@@ -2,8 +2,9 @@
 
 Thin glue around `credit.monitoring`: the raw store gives the day's live loans, their latest month-end
 repayment status and collateral figures (DuckDB), the feature store's SQL the merchants' features now, at
-each spike's baseline and at each loan's application (point in time), and the live bundle's model the PD
-now and at origination. The alerts go to `$SCFRISK_HOME/monitor/as_of=<day>/` (table and watch-list page)
+each spike's baseline and at each loan's application (point in time), each query only the features its part
+reads, and the live bundle's model the PD now and at origination (kept from one day to the next,
+`pipelines.origination`). The alerts go to `$SCFRISK_HOME/monitor/as_of=<day>/` (table and watch-list page)
 and into a new bundle (the live one's parts plus the alerts), so the service applies the day's freezes and
 cuts as soon as it is live. A failed run publishes nothing; the live bundle stays live.
 
