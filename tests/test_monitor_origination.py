@@ -18,6 +18,7 @@ from credit.monitoring import early_warnings
 from credit.policy import load_policy
 from features.definitions import with_inputs
 from features.staleness import stale
+from features.training_set import get_training_set
 from pipelines.ingest import ingest
 from pipelines.monitor import live_loans, loan_book
 from pipelines.origination import cached_origination_pd, origination_pd
@@ -115,3 +116,16 @@ def test_another_model_reuses_none_of_the_kept_pds(workspace, tmp_path):
     np.testing.assert_array_equal(other.pd, origination_pd(store, challenger, loans))
     assert (other.pd != kept.pd).any()
     assert cached_origination_pd(tmp_path, store, challenger, loans).computed.sum() == 0
+
+
+def test_a_subset_of_the_features_has_the_values_of_the_whole_query(workspace):
+    """The monitor asks the point-in-time query for the features it reads only: derived ones with their inputs."""
+    store = RawStore.from_settings(workspace["settings"])
+    subset = with_inputs(["complaint_rate_90d", "refund_rate_90d"])
+    assert [f.name for f in subset] == ["orders_90d", "refund_rate_90d", "complaints_90d", "complaint_rate_90d"]
+    loans = live_loans(store, DAY.to_pydatetime())
+    entities = loans[["merchant_id", "applied_at"]].rename(columns={"applied_at": "as_of"})
+    part = get_training_set(entities, store, features=subset)
+    whole = get_training_set(entities, store)
+    assert list(part.columns) == ["merchant_id", "as_of", *(f.name for f in subset)]
+    pd.testing.assert_frame_equal(part, whole[list(part.columns)], check_exact=True)
