@@ -260,24 +260,51 @@ class RawStore:
                                                     filesystem=filesystem)
 
     def register(self, con: duckdb.DuckDBPyConnection, name: str, buckets: Sequence[int] | None = None,
-                 view: str | None = None, months: Sequence[str] | None = None) -> str:
+                 view: str | None = None, months: Sequence[str] | None = None,
+                 during: tuple[str, datetime, datetime] | None = None) -> str:
         """Make the table at the snapshot's version readable in `con` as a view of the same name, or `view`
         (its schema's columns, no partition column); return the view's name. `buckets`: only those merchant
-        buckets' files (a worker's share), all when None; `months`: only those months' files.
+        buckets' files (a worker's share), all when None; `months`: only those months' files; `during`
+        (column, start, end): only the files that may hold a time of that column in [start, end), by the
+        first and last times the manifest records of each partition (`_time_ranges`).
 
         On a local disk DuckDB reads the version's Parquet files itself (measured: half the CPU of an Arrow
         dataset scan for the features); elsewhere it scans the Arrow dataset, so no DuckDB extension is
         needed for object storage. Either way filters and projections are pushed down."""
         columns = ", ".join(c.name for c in TABLES[name].columns)
-        files = self._delta(name).file_uris(_partition_filter(buckets, months)) if self.has_table(name) else []
+        if during is not None and self.has_table(name):
+            paths = self._files_during(name, buckets, months, *during)
+            filesystem = pa_fs.SubTreeFileSystem(self._file(name), storage.arrow_filesystem(self.fs))
+            dataset = pads.dataset(paths, schema=TABLES[name].arrow_schema, format="parquet", filesystem=filesystem)
+            files = [self._file(name, p) for p in paths]
+        else:
+            dataset = None
+            files = self._delta(name).file_uris(_partition_filter(buckets, months)) if self.has_table(name) else []
         if files and isinstance(self.root, Path):
             listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
             source = f"read_parquet([{listed}], hive_partitioning = false)"
         else:
-            con.register(f"{view or name}__delta", self.dataset(name, buckets, months))
+            con.register(f"{view or name}__delta", dataset or self.dataset(name, buckets, months))
             source = f"{view or name}__delta"
         con.execute(f"CREATE OR REPLACE TEMP VIEW {view or name} AS SELECT {columns} FROM {source}")
         return view or name
+
+    def _files_during(self, name: str, buckets: Sequence[int] | None, months: Sequence[str] | None, column: str,
+                      start: datetime, end: datetime) -> list[str]:
+        """The snapshot's files (paths in the table) of those buckets and months whose `column` may hold a time
+        in [start, end): the partition's first time of it before end and its last at or after start (none:
+        only nulls), or no times recorded (a partition written before they were: kept, the scan decides)."""
+        chosen = []
+        for key, part in self.manifest()["tables"][name]["partitions"].items():
+            month, bucket = parse_partition_key(key)
+            if (buckets is not None and bucket not in buckets) or (months is not None and month not in months):
+                continue
+            times = part.get("times")
+            span = None if times is None else times.get(column)
+            if times is None or span is not None and (datetime.fromisoformat(span[0]) < end
+                                                      and datetime.fromisoformat(span[1]) >= start):
+                chosen.append(_file_name(key, part["sha256"]))
+        return chosen
 
     def distinct_values(
         self, name: str, column: str, buckets: Sequence[int] | None = None,
@@ -370,7 +397,7 @@ class RawStore:
         pq.write_table(merged.combine_chunks(), sink, compression="zstd", row_group_size=1 << 20)
         data = sink.getvalue().to_pybytes()
         digest = hashlib.sha256(data).hexdigest()
-        entry = {"rows": merged.num_rows, "sha256": digest}
+        entry = {"rows": merged.num_rows, "sha256": digest, **_time_ranges(merged, spec.timestamp_columns)}
         if old and old["sha256"] == digest:
             return StagedPartition(name, key, entry, stale=kept_out)
         path = self._file(name, _file_name(key, digest))
@@ -642,6 +669,19 @@ def _write_json(fs: fsspec.AbstractFileSystem, path: str, content: dict[str, Any
         return
     fs.pipe_file(path + ".tmp", data)
     fs.mv(path + ".tmp", path)
+
+
+def _time_ranges(table: pa.Table, columns: Sequence[str]) -> dict[str, Any]:
+    """A partition's first and last time of each time column that holds one (`RawStore.register`'s `during`:
+    a reader of the rows of a time range opens only the files that may hold it). In the manifest, not in the
+    Delta log's statistics: delta-rs turns statistics of some columns only into a guarantee that no row of
+    the file matches a filter on any other column."""
+    times = {}
+    for name in columns:
+        bounds = pc.min_max(table.column(name))
+        if bounds["min"].is_valid:
+            times[name] = [bounds["min"].as_py().isoformat(), bounds["max"].as_py().isoformat()]
+    return {"times": times} if columns else {}
 
 
 def _file_name(key: str, digest: str) -> str:

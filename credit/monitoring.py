@@ -364,22 +364,29 @@ LIMIT_ACTIONS = ("freeze", "cut", "escalate")
 
 
 def limit_effects(alerts: pd.DataFrame) -> dict[str, dict[str, LimitEffect]]:
-    """Per merchant and product, the effect of the alerts that change limits (`LIMIT_ACTIONS`)."""
-    acting = alerts[alerts["action"].isin(LIMIT_ACTIONS)]
+    """Per merchant and product, the effect of the alerts that change limits (`LIMIT_ACTIONS`).
+
+    Plain tuples, not a pandas group per (merchant, product): the service builds this at every bundle load
+    and a live book's day has tens of thousands of alerts."""
+    acting = alerts[alerts["action"].isin(LIMIT_ACTIONS)].sort_values(["merchant_id", "product"], kind="stable")
+    grouped: dict[tuple[str, str], list[tuple[str, str, str, Any, float]]] = {}
+    for merchant, product, action, reason, signal, at, share in zip(
+            acting["merchant_id"], acting["product"], acting["action"], acting["reason"], acting["signal"],
+            acting["as_of"], acting["cut_share"], strict=True):
+        grouped.setdefault((str(merchant), str(product)), []).append((action, reason, signal, at, share))
     out: dict[str, dict[str, LimitEffect]] = {}
-    for (merchant, product), group in acting.groupby(["merchant_id", "product"], sort=True):
-        actions = group["action"].tolist()
+    for (merchant, product), group in grouped.items():
         sentences: dict[str, list[str]] = {}
-        for action, reason, signal, at, share in zip(group["action"], group["reason"], group["signal"],
-                                                     group["as_of"], group["cut_share"]):
+        for action, reason, signal, at, share in group:
             sentences.setdefault(f"monitoring.{action}", []).append(
                 f"{reason} ({signal.replace('_', ' ')} alert of {pd.Timestamp(at):%Y-%m-%d}: "
                 f"{action_text(action, product, share)})")
         reasons = tuple((code, "; ".join(dict.fromkeys(texts))) for code, texts in sentences.items())
-        cuts = group.loc[group["action"] == "cut", "cut_share"]
-        out.setdefault(str(merchant), {})[str(product)] = LimitEffect(
+        actions = {action for action, *_ in group}
+        cuts = [float(share) for action, *_, share in group if action == "cut" and not math.isnan(share)]
+        out.setdefault(merchant, {})[product] = LimitEffect(
             frozen="freeze" in actions, escalated="escalate" in actions,
-            cut_share=float(cuts.max()) if len(cuts) else 0.0, reasons=reasons)
+            cut_share=max(cuts) if cuts else 0.0, reasons=reasons)
     return out
 
 

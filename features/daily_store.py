@@ -236,10 +236,11 @@ class DailyStore:
             return None  # a joined table whose columns the partials use changed: its rows reach any day
         time = source.time_column
         pair = f"SELECT merchant_id, CAST({time} AS DATE) AS day FROM"
-        # One scan per time, each a plain range: DuckDB prunes by the Parquet files' min/max of that column
-        # (most files hold no time in the day), which it does not do for an OR of them.
-        pairs = [f"{pair} {source.table} WHERE {c} >= $old AND {c} < $new AND {time} < $new"
-                 for c in spec.timestamp_columns if c in read]
+        # One scan per time, each of the files whose Delta statistics say they may hold a time of that column
+        # in the range (most hold none), each a plain range for DuckDB to prune the rest by.
+        now = stores[0]
+        pairs = [f"{pair} {now.register(con, source.table, view=f'{source.table}__{c}', during=(c, old_as_of, as_of))}"
+                 f" WHERE {c} >= $old AND {c} < $new AND {time} < $new" for c in spec.timestamp_columns if c in read]
         moved = changed.get(source.table, set())
         if moved:  # the rows of the changed partitions that differ in a column read, before or after
             buckets, months = sorted({b for _, b in moved}), sorted({m for m, _ in moved})

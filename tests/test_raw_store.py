@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import zlib
+from datetime import datetime
 
 import duckdb
 import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
+from core import raw_store
 from core.partitioning import merchant_bucket, parse_partition_key
 from core.raw_store import RawStore
 from core.schemas import TABLES, conform
@@ -94,6 +96,41 @@ def test_a_worker_registers_only_its_buckets(tmp_path):
     assert con.sql(f"SELECT count(*) FROM {store.register(con, 'orders', buckets=[])}").fetchall() == [(0,)]
     assert sorted(store.distinct_values("merchants", "merchant_id", [buckets[0]]).to_pylist()) == sorted(
         {m for m, b in zip(valid_batch()["orders"]["merchant_id"], buckets, strict=True) if b == buckets[0]})
+
+
+def test_a_time_range_reads_only_the_files_that_may_hold_it_and_every_row_of_it(tmp_path, monkeypatch):
+    """The daily refresh looks for the rows whose times fall in the day, one time column at a time; the first
+    and last times of each partition, in the manifest, let it open only the files that may hold one."""
+    batch = valid_batch()
+    orders = batch["orders"]
+    store = RawStore(tmp_path / "raw", buckets=1)
+    # The January file as an older writer left it: no times recorded. It must be read whatever the range.
+    monkeypatch.setattr(raw_store, "_time_ranges", lambda table, columns: {})
+    load(store, {**batch, "orders": orders[orders["ordered_at"] < "2024-02-01"]})
+    monkeypatch.undo()
+    load(store, {"orders": orders[orders["ordered_at"] >= "2024-02-01"]})
+    (february,) = [p for k, p in store.manifest()["tables"]["orders"]["partitions"].items() if "2024-02" in k]
+    assert february["times"]["ordered_at"] == ["2024-02-02T12:00:00", "2024-02-15T20:00:00"]
+    assert february["times"]["delivered_at"] == ["2024-02-06T00:00:00", "2024-02-06T00:00:00"]
+    assert "refunded_at" not in february["times"]  # nulls only
+
+    def read(column: str, start: datetime, end: datetime) -> tuple[list[int], int]:
+        con = duckdb.connect()
+        view = store.register(con, "orders", view="during", during=(column, start, end))
+        rows = con.sql(f"SELECT order_id FROM {view} WHERE {column} >= $s AND {column} < $e ORDER BY 1",
+                       params={"s": start, "e": end}).fetchall()
+        (sql,), = con.execute("SELECT sql FROM duckdb_views() WHERE view_name = 'during'").fetchall()
+        files = sql.count(".parquet")
+        return [r[0] for r in rows], files
+
+    assert read("ordered_at", datetime(2024, 2, 10), datetime(2024, 2, 11)) == ([5], 2)  # January kept: no stats
+    assert read("delivered_at", datetime(2024, 1, 7), datetime(2024, 1, 8)) == ([1], 1)  # February's: 2024-02-06
+    assert read("delivered_at", datetime(2024, 2, 6), datetime(2024, 2, 7)) == ([4], 2)
+    assert read("refunded_at", datetime(2024, 2, 1), datetime(2024, 3, 1)) == ([], 1)  # February's are all null
+    january = orders[orders["ordered_at"] < "2024-02-01"].assign(amount=lambda o: o["amount"] + 1)
+    load(store, {"orders": january})  # a correction: the file rewritten, with its statistics
+    assert read("ordered_at", datetime(2024, 2, 10), datetime(2024, 2, 11)) == ([5], 1)
+    assert read("refunded_at", datetime(2024, 1, 30), datetime(2024, 1, 31)) == ([3], 1)
 
 
 def test_source_state_moves_only_with_its_batch(tmp_path, monkeypatch):
