@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -408,6 +409,16 @@ def feature(name: str) -> Feature:
 
 def feature_names() -> list[str]:
     return [f.name for f in FEATURES]
+
+
+def with_inputs(names: Iterable[str]) -> tuple[Feature, ...]:
+    """The named features and the features their derived ones are computed from, in definition order: the
+    subset a query computes when a caller reads only these (`features.sql.features_sql` takes any closed subset)."""
+    wanted = {feature(name).name for name in names}
+    for f in reversed(FEATURES):  # a derived feature reads only earlier ones
+        if f.name in wanted and f.source == DERIVED:
+            wanted |= _identifiers(f.aggregation) & FEATURE_INDEX.keys()
+    return tuple(f for f in FEATURES if f.name in wanted)
 
 
 WORDING = ("description", "unit", "direction")

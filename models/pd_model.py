@@ -7,6 +7,7 @@ Saved as the booster's own text format plus one JSON file: no pickled code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -166,6 +167,13 @@ class PDModel:
     def predict_pd_prepared(self, inputs: pd.DataFrame) -> np.ndarray:
         """`predict_pd` of a frame `prepare` already made."""
         return self.calibrator.transform(self.raw_margin_prepared(inputs))
+
+    def fingerprint(self) -> str:
+        """A hash of all `predict_pd` depends on (booster, inputs, calibration): PDs kept for one model are
+        reused only by the same model, whatever version number a registry gave it."""
+        spec = {"booster": self.booster.model_to_string(), "features": [asdict(f) for f in self.features],
+                "calibrator": self.calibrator.to_dict()}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def grade(self, df: pd.DataFrame) -> np.ndarray:
         if self.master_scale is None:

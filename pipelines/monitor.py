@@ -2,8 +2,9 @@
 
 Thin glue around `credit.monitoring`: the raw store gives the day's live loans, their latest month-end
 repayment status and collateral figures (DuckDB), the feature store's SQL the merchants' features now, at
-each spike's baseline and at each loan's application (point in time), and the live bundle's model the PD
-now and at origination. The alerts go to `$SCFRISK_HOME/monitor/as_of=<day>/` (table and watch-list page)
+each spike's baseline and at each loan's application (point in time), each query only the features its part
+reads, and the live bundle's model the PD now and at origination (kept from one day to the next,
+`pipelines.origination`). The alerts go to `$SCFRISK_HOME/monitor/as_of=<day>/` (table and watch-list page)
 and into a new bundle (the live one's parts plus the alerts), so the service applies the day's freezes and
 cuts as soon as it is live. A failed run publishes nothing; the live bundle stays live.
 
@@ -28,9 +29,10 @@ from core.settings import Settings
 from core.sql import fetch_one
 from credit.monitoring import baseline_column, baselines, early_warnings
 from credit.policy import CreditPolicy, load_policy
-from features.definitions import MONEY, feature_set_version
+from features.definitions import MONEY, feature_set_version, with_inputs
 from features.training_set import get_training_set, table_readers
 from models.pd_model import PDModel
+from pipelines.origination import cached_origination_pd, origination_pd
 from pipelines.publish import BundleParts, publish
 from reporting.watch_list import write_watch_list
 from serving.bundle import (
@@ -141,44 +143,47 @@ def live_loans(store: RawStore, as_of: datetime) -> pd.DataFrame:
 
 
 def loan_book(store: RawStore, model: PDModel, policy: CreditPolicy, as_of: datetime,
-              current: pd.DataFrame | None = None) -> pd.DataFrame:
+              current: pd.DataFrame | None = None, kept: Path | None = None) -> pd.DataFrame:
     """The book `credit.monitoring.early_warnings` reads: live loans, features now and at each baseline,
     and the model's PD now and at origination (the same model on the application's features).
     `current`: the features of every merchant as of `as_of` when the caller has them (the refresh's online
-    vector, equal to the point-in-time SQL's), so they are not computed a second time."""
+    vector, equal to the point-in-time SQL's), so they are not computed a second time. `kept`: the folder the
+    PDs at origination are kept in from one day to the next (`pipelines.origination`); None: all computed.
+    Each point-in-time query computes only the features its part reads (the baselines: the spikes')."""
     loans = live_loans(store, as_of)
     lags = baselines(policy.monitoring)
     merchants = loans["merchant_id"].drop_duplicates()
-    times = {days: as_of - timedelta(days=days) for days in lags}
-    if current is None:
-        times[0] = as_of
-    entities = pd.concat(
-        [pd.DataFrame({"merchant_id": merchants, "as_of": at}) for at in times.values()]
-        + [loans[["merchant_id", "applied_at"]].rename(columns={"applied_at": "as_of"})], ignore_index=True)
-    features = get_training_set(entities.drop_duplicates(), store)
-    features["as_of"] = features["as_of"].astype("datetime64[us]")
-    at = features.set_index(["merchant_id", "as_of"])
 
-    def rows(when: pd.Series | datetime, columns: list[str]) -> pd.DataFrame:
-        keys = pd.MultiIndex.from_arrays([loans["merchant_id"], pd.Series(when, index=loans.index)
+    def features_at(times: list[datetime], names: list[str]) -> pd.DataFrame:
+        """The merchants' features `names` at each time, indexed by (merchant_id, as_of)."""
+        entities = pd.concat([pd.DataFrame({"merchant_id": merchants, "as_of": at}) for at in times],
+                             ignore_index=True)
+        found = get_training_set(entities, store, features=with_inputs(names))
+        found["as_of"] = found["as_of"].astype("datetime64[us]")
+        return found.set_index(["merchant_id", "as_of"])
+
+    def rows(at: pd.DataFrame, when: datetime, columns: list[str]) -> pd.DataFrame:
+        keys = pd.MultiIndex.from_arrays([loans["merchant_id"], pd.Series(pd.Timestamp(when), index=loans.index)
                                           .astype("datetime64[us]")])
         return at.reindex(keys)[columns].reset_index(drop=True)
 
     spike_features = sorted({f for names in lags.values() for f in names})
     columns = list(dict.fromkeys([*MERCHANT_FEATURES, *spike_features, *model.feature_names]))
     if current is None:
-        now = rows(pd.Timestamp(as_of), columns)
+        now = rows(features_at([as_of], columns), as_of, columns)
     else:
         now = current.set_index("merchant_id").reindex(loans["merchant_id"])[columns].reset_index(drop=True)
     book = pd.concat([loans.reset_index(drop=True), now[list(dict.fromkeys([*MERCHANT_FEATURES, *spike_features]))]],
                      axis=1)
     book["pd_now"] = model.predict_pd(now) if len(now) else []
-    origination = rows(loans["applied_at"], model.feature_names)
-    book["pd_origination"] = model.predict_pd(origination) if len(origination) else []
-    for days, names in lags.items():
-        before = rows(pd.Timestamp(as_of - timedelta(days=days)), names)
-        for name in names:
-            book[baseline_column(name, days)] = before[name].to_numpy()
+    book["pd_origination"] = (origination_pd(store, model, loans) if kept is None
+                              else cached_origination_pd(kept, store, model, loans).pd)
+    if lags:
+        before = features_at([as_of - timedelta(days=days) for days in lags], spike_features)
+        for days, names in lags.items():
+            earlier = rows(before, as_of - timedelta(days=days), names)
+            for name in names:
+                book[baseline_column(name, days)] = earlier[name].to_numpy()
     return book
 
 
@@ -241,7 +246,7 @@ def watch(settings: Settings, store: RawStore, model: PDModel, policy: CreditPol
     for name in ("merchants", "orders", "loans", "loan_applications"):
         if not store.has_table(name):
             raise ScfriskError(f"raw store {store.root} has no {name}; run `scfrisk ingest` first")
-    book = loan_book(store, model, policy, as_of, current)
+    book = loan_book(store, model, policy, as_of, current, settings.home_dir / "monitor")
     alerts = early_warnings(book, policy, as_of)
     folder = settings.home_dir / "monitor" / f"as_of={as_of:%Y-%m-%d}"
     folder.mkdir(parents=True, exist_ok=True)
