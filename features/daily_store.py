@@ -42,7 +42,6 @@ import duckdb
 import pandas as pd
 
 from core.errors import ScfriskError
-from core.partitioning import parse_partition_key
 from core.raw_store import RawStore
 from core.schemas import TABLES
 from core.sql import fetch_one
@@ -98,17 +97,6 @@ class DailyRefresh:
 def _plan_hash(p: Plan) -> str:
     text = json.dumps([LAYOUT, [[s.source.name, s.partials] for s in p.sources]])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def changed_partitions(old: dict[str, Any], new: dict[str, Any]) -> dict[str, set[tuple[str, int]]]:
-    """Per raw table, the partitions (month, bucket) whose content differs between two manifests."""
-    out = {}
-    for name in set(old["tables"]) | set(new["tables"]):
-        a = old["tables"].get(name, {}).get("partitions", {})
-        b = new["tables"].get(name, {}).get("partitions", {})
-        out[name] = {parse_partition_key(k) for k in set(a) | set(b)
-                     if a.get(k, {}).get("sha256") != b.get(k, {}).get("sha256")}
-    return out
 
 
 def _touched_sql(row: str = "o", day: str = "o.day") -> str:
@@ -181,7 +169,7 @@ class DailyStore:
         store = self.raw_store.pinned()  # one snapshot throughout, its manifest read once
         con = store.connect()
         tables = table_readers(store, con)
-        changed = changed_partitions(before.manifest(), store.manifest()) if before else {}
+        changed = store.changed_partitions(before) if before else {}
         files: dict[str, dict[str, str]] = {s.source.name: dict(old["files"].get(s.source.name, {})) if old else {}
                                             for s in self.plan.sources}
         generation = uuid.uuid4().hex[:12]
@@ -236,24 +224,15 @@ class DailyStore:
             return None  # a joined table whose columns the partials use changed: its rows reach any day
         time = source.time_column
         pair = f"SELECT merchant_id, CAST({time} AS DATE) AS day FROM"
-        # One scan per time, each of the files whose Delta statistics say they may hold a time of that column
-        # in the range (most hold none), each a plain range for DuckDB to prune the rest by.
+        # One scan per time, of the files whose time ranges (the manifest's) say they may hold a time of that
+        # column in the range (most hold none), each a plain range for DuckDB to prune the rest by.
         now = stores[0]
         pairs = [f"{pair} {now.register(con, source.table, view=f'{source.table}__{c}', during=(c, old_as_of, as_of))}"
                  f" WHERE {c} >= $old AND {c} < $new AND {time} < $new" for c in spec.timestamp_columns if c in read]
         moved = changed.get(source.table, set())
         if moved:  # the rows of the changed partitions that differ in a column read, before or after
-            buckets, months = sorted({b for _, b in moved}), sorted({m for m, _ in moved})
-            views = [store.register(con, source.table, buckets, view=f"{source.table}__{side}", months=months)
-                     for side, store in zip(("now", "before"), stores, strict=True)]
-            # A row counted +1 now and -1 before, by its merchant, time and a hash of the columns read: what
-            # does not add up to 0 changed (one group-by, a sixth of the CPU of EXCEPT ALL both ways on 10M
-            # orders; a changed row whose 64-bit hash collides with its old one's would be missed).
-            row = f"merchant_id, {time}, hash({', '.join(sorted(read & set(spec.column_index)))}) AS h"
-            where = f"{time} IS NOT NULL"
-            rows = " UNION ALL ".join(f"SELECT {row}, {sign} AS s FROM {view} WHERE {where}"
-                                      for sign, view in zip((1, -1), views, strict=True))
-            pairs.append(f"{pair} ({rows}) GROUP BY merchant_id, {time}, h HAVING sum(s) <> 0")
+            rows = now.changed_rows(con, stores[1], source.table, moved, read & set(spec.column_index), time)
+            pairs.append(f"{pair} ({rows}) WHERE {time} IS NOT NULL")
         params = {"old": old_as_of.to_pydatetime(), "new": as_of.to_pydatetime()}
         con.execute(f"CREATE OR REPLACE TEMP TABLE touched AS SELECT DISTINCT * FROM ({' UNION ALL '.join(pairs)})",
                     params)

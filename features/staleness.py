@@ -8,9 +8,8 @@ time before t: the source's time when it is its table's own time, or one validat
 release after its receipt: `TableSpec.ordered`). A table joined into a source's relation (a loan's principal
 beside its month-end rows) is read with no time bound of its own: a changed row of it reaches m at every t.
 
-The changed rows are found in the partitions whose content changed (`features.daily_store.changed_partitions`:
-month and bucket) by comparing them row by row between the snapshots (a row counted +1 now and -1 before,
-by its merchant, time and a hash of the columns read: what does not add up to 0 changed). The rule is a
+The changed rows are found in the partitions whose content changed (`RawStore.changed_partitions`:
+month and bucket) by comparing them row by row between the snapshots (`RawStore.changed_rows`). The rule is a
 bound: a value it calls stale may not have changed, one it keeps cannot have (but for a changed row whose
 64-bit hash collides with its old one's).
 """
@@ -63,21 +62,15 @@ def changed_rows(now: RawStore, before: RawStore, changed: Mapping[str, set[tupl
                  features: tuple[Feature, ...], con: duckdb.DuckDBPyConnection) -> dict[str, pd.DataFrame]:
     """Per raw table the features read, the merchants with a row that differs in a column they read between
     the two snapshots, with the earliest time of such a row (`merchant_id`, `first`). `changed`: the
-    partitions whose content changed between them (`features.daily_store.changed_partitions`)."""
+    partitions whose content changed between them (`RawStore.changed_partitions`)."""
     out = {}
     for table, read in reads(features).items():
         moved = changed.get(table)
-        if not moved:
-            continue
-        buckets, months = sorted({b for _, b in moved}), sorted({m for m, _ in moved})
-        time = TABLES[table].time_column
-        views = [store.register(con, table, buckets, view=f"{table}__{side}", months=months)
-                 for side, store in (("now", now), ("before", before))]
-        row = f"merchant_id, {time} AS t, hash({', '.join(sorted(read.columns))}) AS h"
-        rows = " UNION ALL ".join(f"SELECT {row}, {sign} AS s FROM {view}" for sign, view in zip((1, -1), views,
-                                                                                                strict=True))
-        out[table] = con.execute(f"SELECT merchant_id, min(t) AS first FROM (SELECT merchant_id, t FROM ({rows}) "
-                                 "GROUP BY merchant_id, t, h HAVING sum(s) <> 0) GROUP BY merchant_id").df()
+        if moved:
+            time = TABLES[table].time_column
+            rows = now.changed_rows(con, before, table, moved, read.columns, time)
+            out[table] = con.execute(f"SELECT merchant_id, min({time}) AS first FROM ({rows}) "
+                                     "GROUP BY merchant_id").df()
     return out
 
 

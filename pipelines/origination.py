@@ -27,7 +27,6 @@ import pyarrow.parquet as pq
 
 from core.errors import ScfriskError
 from core.raw_store import RawStore
-from features.daily_store import changed_partitions
 from features.definitions import feature_set_version, with_inputs
 from features.staleness import changed_rows, stale
 from features.training_set import get_training_set
@@ -78,7 +77,7 @@ def _kept(path: Path, store: RawStore, tag: dict[str, str | None], model: PDMode
         except ScfriskError:  # that snapshot was vacuumed: what changed since cannot be told
             return None
         features = with_inputs(model.feature_names)
-        changed = changed_partitions(before.manifest(), store.manifest())
+        changed = store.changed_partitions(before)
         changes = changed_rows(store, before, changed, features, store.connect())
         entities = kept[["merchant_id", "applied_at"]].rename(columns={"applied_at": "as_of"})
         kept = kept[~stale(entities, changes, features)]
