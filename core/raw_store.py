@@ -255,9 +255,12 @@ class RawStore:
         no data. `buckets`: only those buckets' files; `months`: those months' (`register`)."""
         if not self.has_table(name):
             return pads.dataset(pa.schema([*TABLES[name].arrow_schema, *PARTITION_FIELDS]).empty_table())
-        filesystem = pa_fs.SubTreeFileSystem(self._file(name), storage.arrow_filesystem(self.fs))
         return self._delta(name).to_pyarrow_dataset(partitions=_partition_filter(buckets, months),
-                                                    filesystem=filesystem)
+                                                    filesystem=self._arrow_filesystem(name))
+
+    def _arrow_filesystem(self, name: str) -> pa_fs.FileSystem:
+        """The table's folder as an Arrow file system: paths in it are the table's own (`month=.../...`)."""
+        return pa_fs.SubTreeFileSystem(self._file(name), storage.arrow_filesystem(self.fs))
 
     def register(self, con: duckdb.DuckDBPyConnection, name: str, buckets: Sequence[int] | None = None,
                  view: str | None = None, months: Sequence[str] | None = None,
@@ -281,12 +284,8 @@ class RawStore:
             listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
             source = f"read_parquet([{listed}], hive_partitioning = false)"
         else:
-            if paths is None:
-                dataset = self.dataset(name, buckets, months)
-            else:
-                filesystem = pa_fs.SubTreeFileSystem(self._file(name), storage.arrow_filesystem(self.fs))
-                dataset = pads.dataset(paths, schema=TABLES[name].arrow_schema, format="parquet",
-                                       filesystem=filesystem)
+            dataset = self.dataset(name, buckets, months) if paths is None else pads.dataset(
+                paths, schema=TABLES[name].arrow_schema, format="parquet", filesystem=self._arrow_filesystem(name))
             con.register(f"{view or name}__delta", dataset)
             source = f"{view or name}__delta"
         con.execute(f"CREATE OR REPLACE TEMP VIEW {view or name} AS SELECT {columns} FROM {source}")
@@ -303,10 +302,13 @@ class RawStore:
             if (buckets is not None and bucket not in buckets) or (months is not None and month not in months):
                 continue
             times = part.get("times")
-            span = None if times is None else times.get(column)
-            first, last = map(datetime.fromisoformat, span.split("/")) if span else (None, None)
-            if times is None or span is not None and first < end and last + timedelta(days=1) > start:
-                chosen.append(_file_name(key, part["sha256"]))
+            if times is not None:
+                if column not in times:
+                    continue  # nulls only
+                first, last = map(datetime.fromisoformat, times[column].split("/"))
+                if first >= end or last + timedelta(days=1) <= start:
+                    continue
+            chosen.append(_file_name(key, part["sha256"]))
         return chosen
 
     def changed_partitions(self, before: RawStore) -> dict[str, set[tuple[str, int]]]:
