@@ -264,17 +264,17 @@ class RawStore:
 
     def register(self, con: duckdb.DuckDBPyConnection, name: str, buckets: Sequence[int] | None = None,
                  view: str | None = None, months: Sequence[str] | None = None,
-                 during: tuple[str, datetime, datetime] | None = None) -> str:
+                 during: tuple[str, datetime, datetime] | None = None, partitions: bool = False) -> str:
         """Make the table at the snapshot's version readable in `con` as a view of the same name, or `view`
-        (its schema's columns, no partition column); return the view's name. `buckets`: only those merchant
-        buckets' files (a worker's share), all when None; `months`: only those months' files; `during`
-        (column, start, end): only the files that may hold a time of that column in [start, end), by the
-        first and last days the manifest records of each partition (`_time_ranges`).
+        (its schema's columns, and `month` and `bucket` when `partitions`); return the view's name. `buckets`:
+        only those merchant buckets' files (a worker's share), all when None; `months`: only those months'
+        files; `during` (column, start, end): only the files that may hold a time of that column in
+        [start, end), by the first and last days the manifest records of each partition (`_time_ranges`).
 
         On a local disk DuckDB reads the version's Parquet files itself (measured: half the CPU of an Arrow
         dataset scan for the features); elsewhere it scans the Arrow dataset, so no DuckDB extension is
         needed for object storage. Either way filters and projections are pushed down."""
-        columns = ", ".join(c.name for c in TABLES[name].columns)
+        columns = ", ".join([c.name for c in TABLES[name].columns] + ([MONTH, BUCKET] if partitions else []))
         paths = self._files_during(name, buckets, months, *during) if during and self.has_table(name) else None
         if paths is not None:
             files = [self._file(name, p) for p in paths]
@@ -282,10 +282,13 @@ class RawStore:
             files = self._delta(name).file_uris(_partition_filter(buckets, months)) if self.has_table(name) else []
         if files and isinstance(self.root, Path):
             listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-            source = f"read_parquet([{listed}], hive_partitioning = false)"
+            hive = f"true, hive_types = {{'{MONTH}': VARCHAR, '{BUCKET}': SMALLINT}}" if partitions else "false"
+            source = f"read_parquet([{listed}], hive_partitioning = {hive})"
         else:
             dataset = self.dataset(name, buckets, months) if paths is None else pads.dataset(
-                paths, schema=TABLES[name].arrow_schema, format="parquet", filesystem=self._arrow_filesystem(name))
+                paths, schema=pa.schema([*TABLES[name].arrow_schema, *PARTITION_FIELDS]), format="parquet",
+                partitioning=pads.partitioning(pa.schema(PARTITION_FIELDS), flavor="hive"),
+                filesystem=self._arrow_filesystem(name))
             con.register(f"{view or name}__delta", dataset)
             source = f"{view or name}__delta"
         con.execute(f"CREATE OR REPLACE TEMP VIEW {view or name} AS SELECT {columns} FROM {source}")
@@ -347,26 +350,22 @@ class RawStore:
             values = con.sql(f"SELECT DISTINCT {column} FROM {view}").to_arrow_table().column(0).combine_chunks()
         return values.cast(TABLES[name].column_index[column].type)
 
-    def key_moves(
-        self, name: str, batch_keys: pads.Dataset | pa.Table, con: duckdb.DuckDBPyConnection | None = None
-    ) -> KeyMoves:
+    def key_moves(self, name: str, con: duckdb.DuckDBPyConnection, batch_keys: str) -> KeyMoves:
         """Stored rows a batch re-delivers into another partition (its time or merchant changed): they leave
         their old one, unless the delivered row is the older (`TableSpec.changed_at`): then it is stale and
-        kept out (a stale row of the same partition is found at staging, `stage_partition`). `batch_keys`: the
-        batch's key column and each row's `month`, `bucket` and `changed_at`. Key columns only, in DuckDB
-        (which spills to disk a join larger than memory; `con` as for `distinct_values`)."""
+        kept out (a stale row of the same partition is found at staging, `stage_partition`). `batch_keys`: a
+        relation of `con` holding the batch's key column and each row's `month`, `bucket` and `changed_at`.
+        Key columns only, in DuckDB (which spills to disk a join larger than memory)."""
         if not self.has_table(name):
             return KeyMoves({}, {})
         spec = TABLES[name]
         key = spec.key
-        with _connection(self, con) as con:
-            con.register("batch_keys", batch_keys)
-            con.register("stored", self.dataset(name))
-            moved = con.sql(
-                f"SELECT s.{MONTH}, s.{BUCKET}, b.{MONTH} AS b_month, b.{BUCKET} AS b_bucket, s.{key} AS key, "
-                f"b.{CHANGED_AT} AS changed FROM stored s JOIN batch_keys b ON s.{key} = b.{key} "
-                f"WHERE s.{MONTH} <> b.{MONTH} OR s.{BUCKET} <> b.{BUCKET} ORDER BY key"
-            ).to_arrow_table()
+        stored = self.register(con, name, view=f"{name}__stored", partitions=True)
+        moved = con.sql(
+            f"SELECT s.{MONTH}, s.{BUCKET}, b.{MONTH} AS b_month, b.{BUCKET} AS b_bucket, s.{key} AS key, "
+            f"b.{CHANGED_AT} AS changed FROM {stored} s JOIN {batch_keys} b ON s.{key} = b.{key} "
+            f"WHERE s.{MONTH} <> b.{MONTH} OR s.{BUCKET} <> b.{BUCKET} ORDER BY key"
+        ).to_arrow_table()
         newer: set[Any] = set()
         if moved.num_rows and moved.column("changed").null_count < moved.num_rows:
             stored = self.dataset(name, sorted(set(moved.column(BUCKET).to_pylist())),
@@ -635,7 +634,11 @@ class Transaction:
                       CHANGED_AT: spec.changed_at(rows)})
             for (month, bucket), rows in ((parse_partition_key(k), rows) for k, rows in parts.items())
         ]) if parts else None
-        moves = store.key_moves(name, keys) if keys is not None else KeyMoves({}, {})
+        moves = KeyMoves({}, {})
+        if keys is not None:
+            with _connection(store, None) as con:
+                con.register("batch_keys", keys)
+                moves = store.key_moves(name, con, "batch_keys")
         self.add([store.stage_partition(name, key, parts.get(key), moves.leaving.get(key), None,
                                         moves.stale.get(key))
                   for key in sorted({*parts, *moves.leaving})])

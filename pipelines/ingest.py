@@ -320,17 +320,19 @@ def _key_checks(batch: _Batch, name: str) -> KeyResult:
     spec, spill, settings = TABLES[name], batch.spill, batch.settings
     if not spill.has_keys(name, spec.key):
         return KeyResult(name, 0, (), KeyMoves({}, {}))
-    keys = spill.key_dataset(name)
     examples_wanted = settings.ingest.max_failure_examples
     con = duckdb_connect(settings)
     try:
-        con.register("spill_keys", keys)
+        # Read once into DuckDB (which spills it to disk beyond its budget), then scanned as often as needed.
+        con.register("spill_reader", spill.key_reader(name))
+        con.execute("CREATE TEMP TABLE spill_keys AS FROM spill_reader")
+        rows = fetch_one(con, "SELECT count(*) FROM spill_keys")[0]
         # A distinct count first (2/3 of the CPU of a grouping, measured): the repeated keys only if any.
-        ((count, examples),) = [(0, ())] if _all_distinct(con, spec.key, keys.count_rows()) else con.execute(
+        ((count, examples),) = [(0, ())] if _all_distinct(con, spec.key, rows) else con.execute(
             f"WITH repeated AS (SELECT {spec.key} AS key, count(*) AS n FROM spill_keys GROUP BY {spec.key} "
             f"HAVING n > 1) SELECT sum(n), list(key ORDER BY key)[1:{examples_wanted}] FROM repeated"
         ).fetchall()
-        moves = batch.store.key_moves(name, keys, con)
+        moves = batch.store.key_moves(name, con, "spill_keys")
     finally:
         con.close()
     return KeyResult(name, int(count or 0), tuple(examples or ()), moves)
