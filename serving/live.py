@@ -8,6 +8,7 @@ not swapped in: the old one keeps serving and `/readyz` says so.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from pathlib import Path
 from typing import Any
@@ -74,10 +75,11 @@ class LiveBundle:
             state = await asyncio.to_thread(self._state, target)
             if state == self._tried:
                 return None
-            bundle = await asyncio.to_thread(check_bundle, bundle_path(self.published, target), self.key)
+            bundle = await asyncio.to_thread(_load, bundle_path(self.published, target), self.key)
         except Exception as exc:  # any failure to load must leave the old bundle serving
             return self._failure(target, exc, state)
         self.bundle, self.failed, self._tried = bundle, None, None
+        gc.freeze()  # the live bundle is never garbage: no collection need walk its objects again
         log.info("serving bundle %s (model %s, policy %s)", target, bundle.model_version, bundle.policy_version)
         return None
 
@@ -91,3 +93,16 @@ class LiveBundle:
     def _public(self, message: str) -> str:
         """The error without the workspace's absolute path."""
         return message.replace(str(self.published), "published")
+
+
+def _load(path: Path, key: BundleKey | None) -> Bundle:
+    """`check_bundle` without the cyclic garbage collector: building a bundle makes millions of objects
+    (about 15 s of CPU at 39,000 merchants), and each full collection they set off walked all of them and the
+    live bundle's with the GIL held, stalling every request for 0.6 to 0.9 s, four times a load (measured).
+    A bundle has no reference cycles (a dropped one is freed by reference counting alone, checked): the
+    collector has nothing to find in it. Frozen once live (`LiveBundle.refresh`)."""
+    gc.disable()
+    try:
+        return check_bundle(path, key)
+    finally:
+        gc.enable()
