@@ -15,10 +15,12 @@ Goals: the day end to end < 30 s on the sample, < 120 s on 10M orders.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import duckdb
@@ -28,11 +30,17 @@ import pandas as pd
 
 from benchmarks.bench_simulate import BENCH_DATA
 from benchmarks.common import self_peak_mb, write_section
+from core.settings import Settings
 from core.sql import fetch_one
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SCFRISK_BENCH_DATA", BENCH_DATA))
 """The simulator's batches (`bench_simulate`): `$SCFRISK_BENCH_DATA`, default `bench_data/` in the repository."""
+RATE = 50.0
+"""Requests a second to the scoring service during a refresh (`service_during_refresh`)."""
+STEADY_SECONDS = 8.0
+"""From the load generator's start (which takes 2 to 3 s) to the refresh's: the service undisturbed, the
+baseline of the same run."""
 PLATFORMS = {"data_samples/platform": (REPO / "data_samples" / "platform", 30.0),
              "bench_data/orders_10m": (DATA / "orders_10m", 120.0)}
 
@@ -58,9 +66,56 @@ def _max_gap(a: pd.DataFrame, b: pd.DataFrame) -> float:
     return max(gaps)
 
 
+def service_during_refresh(settings: Settings, source: Path, as_of: pd.Timestamp, merchant: str,
+                           seconds: float) -> dict[str, dict[str, float]]:
+    """The scoring service's latency (open loop, `RATE` requests a second for one merchant) while a refresh
+    runs beside it and it switches to the refresh's bundle: per window (steady before the refresh, during the
+    refresh, from its publish until the service answers with the new bundle, after), p50 / p99 / max ms and
+    the requests that were not answered 200."""
+    import httpx
+
+    from benchmarks.bench_service import KEY, _free_port, _start, _stop, load_process
+    from pipelines.refresh import refresh
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {"SCFRISK_HOME": str(settings.home), "SCFRISK_API_KEYS": KEY}
+    proc = _start([sys.executable, "-m", "pipelines.cli", "serve", "--port", str(port)], env, f"{url}/readyz",
+                  settings.home / "bench_serve.log")
+    marks: dict[str, float] = {}
+
+    def day() -> None:
+        time.sleep(STEADY_SECONDS)
+        marks["refresh"] = time.time()
+        bundle = refresh(settings, source, as_of).bundle_id
+        marks["published"] = time.time()
+        while httpx.get(f"{url}/readyz", headers={"X-API-Key": KEY}).json().get("bundle_id") != bundle:
+            time.sleep(0.05)
+        marks["switched"] = time.time()
+
+    body = json.dumps({"merchant_id": merchant, "product": "order_financing", "requested_amount": 1000})
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            done = pool.submit(day)
+            series = np.array(load_process(url, "/v1/score", body, RATE, seconds, series=True)["series"])
+            done.result()
+    finally:
+        _stop(proc)
+    due, ms, ok = series[:, 0], series[:, 1], series[:, 2].astype(bool)
+    edges = {"steady": (due.min(), marks["refresh"]), "refresh": (marks["refresh"], marks["published"]),
+             "switch": (marks["published"], marks["switched"]), "after": (marks["switched"], np.inf)}
+    out = {}
+    for window, (start, end) in edges.items():
+        inside = (due >= start) & (due < end)
+        if inside.any():
+            out[window] = {"n": int(inside.sum()), "p50": float(np.percentile(ms[inside], 50)),
+                           "p99": float(np.percentile(ms[inside], 99)), "max": float(ms[inside].max()),
+                           "failed": int((~ok[inside]).sum()), "seconds": min(end, due.max()) - start}
+    return out
+
+
 def measure(name: str, source: Path) -> dict:
     from core.raw_store import RawStore
-    from core.settings import Settings
     from features.daily import plan
     from features.daily_store import DailyStore
     from features.offline_store import OfflineStore
@@ -112,7 +167,10 @@ def measure(name: str, source: Path) -> dict:
                              features=plan().direct, con=con)
             return time.process_time() - cpu
 
+        service = service_during_refresh(settings, work / "day", quiet_day + pd.Timedelta(days=1),
+                                         str(incremental["merchant_id"].iloc[0]), STEADY_SECONDS + 2 * day_s + 30)
         return {
+            "service": service,
             "name": name, "day": day, "counts": counts, "merchants": summary.merchants, "base_s": base_s,
             "first_s": first_s, "first_cpu": first_cpu, "first_rows": len(first.features),
             "seconds": summary.seconds, "cpu": summary.cpu_seconds, "day_s": day_s, "day_cpu": day_cpu,
@@ -178,6 +236,21 @@ def render(results: list[dict], goals: dict[str, float]) -> str:
             parts.append(f"{label}: {r['direct']} direct features {direct:.1f} s CPU; the windows incremental "
                          f"{inc - direct:.1f} against full {full - direct:.1f}: **{(inc - direct) / (full - direct):.2f}**")
         lines.append(f"- `{r['name']}`: " + "; ".join(parts) + ".")
+    lines += ["", f"The scoring service during a refresh: `scfrisk serve` on the workspace, {RATE:.0f} requests a "
+                  "second (open loop, one online-store merchant; latency from each request's due time, so a stall "
+                  "is not hidden), a few seconds undisturbed (the baseline), then a refresh (the day after "
+                  "D + 2, nothing pulled) in the benchmark's process beside it, which publishes a bundle the "
+                  "service switches to (loads and checks it in a thread, then swaps one reference); latency ms "
+                  "per window, and the requests not answered 200:", "",
+              "| platform | window | s | requests | p50 | p99 | max | not 200 | p99 / steady p99 |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    labels = {"steady": "steady, before", "refresh": "the refresh running", "switch": "publish to switch",
+              "after": "after the switch"}
+    for r in results:
+        steady = r["service"]["steady"]["p99"]
+        for window, w in r["service"].items():
+            lines.append(f"| `{r['name']}` | {labels[window]} | {w['seconds']:.1f} | {w['n']:,} | {w['p50']:.1f} "
+                         f"| {w['p99']:.1f} | {w['max']:.1f} | {w['failed']} | {w['p99'] / steady:.1f} |")
     lines += ["", "Set-up, not part of the day: base ingest and the first (full) build of the daily partials:"]
     lines += [f"- `{r['name']}` (D = {r['day']:%Y-%m-%d}): base ingest {r['base_s']:.0f} s wall; first build "
               f"{r['first_s']:.1f} s wall / {r['first_cpu']:.1f} s CPU; the day: {r['features']}; {r['monitor']}."

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import mlflow
@@ -105,16 +106,19 @@ def _stop(proc: subprocess.Popen) -> None:
 
 # ---- load generators ---------------------------------------------------------------------------------
 
-async def constant_rate(url: str, path: str, body: str, rate: float, seconds: float) -> dict[str, float]:
-    """Open loop: request i is due at i / rate; latency runs from when it was due to the last byte."""
+async def constant_rate(url: str, path: str, body: str, rate: float, seconds: float,
+                        series: bool = False) -> dict[str, Any]:
+    """Open loop: request i is due at i / rate; latency runs from when it was due to the last byte. `series`:
+    also every request's (due time as a Unix time, latency ms, answered 200)."""
     host, port = url.removeprefix("http://").split(":")
     request = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
                f"X-API-Key: {KEY}\r\nContent-Length: {len(body.encode())}\r\n\r\n{body}").encode()
     connections = max(4, int(rate // 10))
     total = int(rate * seconds)
     latencies = np.zeros(total)
+    answered = np.zeros(total, dtype=bool)
     failures = 0
-    start = time.perf_counter() + 0.2
+    start, wall = time.perf_counter() + 0.2, time.time() + 0.2
 
     async def worker(k: int) -> None:
         nonlocal failures
@@ -127,20 +131,25 @@ async def constant_rate(url: str, path: str, body: str, rate: float, seconds: fl
             length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
             await reader.readexactly(length)
             latencies[i] = time.perf_counter() - due
-            failures += not head.startswith(b"HTTP/1.1 200")
+            answered[i] = head.startswith(b"HTTP/1.1 200")
+            failures += not answered[i]
         writer.close()
 
     await asyncio.gather(*(worker(k) for k in range(connections)))
     elapsed = time.perf_counter() - start
-    return {"rate": total / elapsed, "p50": float(np.percentile(latencies, 50)) * 1e3,
-            "p99": float(np.percentile(latencies, 99)) * 1e3, "failures": failures}
+    out: dict[str, Any] = {"rate": total / elapsed, "p50": float(np.percentile(latencies, 50)) * 1e3,
+                           "p99": float(np.percentile(latencies, 99)) * 1e3, "failures": failures}
+    if series:
+        out["series"] = [[wall + i / rate, latencies[i] * 1e3, bool(answered[i])] for i in range(total)]
+    return out
 
 
-def load_process(url: str, path: str, body: str, rate: float, seconds: float) -> dict[str, float]:
+def load_process(url: str, path: str, body: str, rate: float, seconds: float,
+                 series: bool = False) -> dict[str, Any]:
     """Run the constant-rate generator in its own process (so it does not share the benchmark's GIL)."""
     code = ("import asyncio, json, sys; from benchmarks.bench_service import constant_rate; "
             "print(json.dumps(asyncio.run(constant_rate(*json.loads(sys.argv[1])))))")
-    args = json.dumps([url, path, body, rate, seconds])
+    args = json.dumps([url, path, body, rate, seconds, series])
     out = subprocess.run([sys.executable, "-c", code, args], cwd=REPO, capture_output=True, text=True,
                          check=True)
     return json.loads(out.stdout)

@@ -398,3 +398,30 @@ def test_a_bundle_loads_without_the_cyclic_collector_and_is_frozen_out_of_it_onc
          "b = check_bundle(Path(sys.argv[1]), None); gc.collect(); del b; print(gc.collect())",
          str(published / BUNDLES_DIR / bundle_id)], capture_output=True, text=True, check=True)
     assert cycles.stdout.strip() == "0", cycles.stdout + cycles.stderr
+
+
+def test_a_replaced_bundle_is_freed_a_slice_at_a_time_and_never_under_a_request(service, tmp_path, monkeypatch):
+    """Dropped at once, a replaced 10M bundle held the GIL 0.36 and 0.42 s while its objects were freed: it is
+    freed a slice of merchants at a time, but only once no request holds it (a request in flight keeps its
+    whole bundle to the end: its answers are never torn down under it)."""
+    import asyncio
+
+    import serving.live
+    from serving.live import LiveBundle
+
+    monkeypatch.setattr(serving.live, "RELEASE_WAIT_SECONDS", 0.2)
+    settings = Settings(home=tmp_path / "home")
+    live = LiveBundle(settings.path("published"), None)
+
+    def publish_and_switch(seed: int) -> None:  # another snapshot each time: another bundle
+        publish(make_parts(tmp_path, service["model"], online_snapshot(300, seed)), settings)
+        asyncio.run(live.refresh())
+
+    publish_and_switch(1)
+    in_flight = live.bundle  # a request still answering with the first bundle
+    merchants = len(in_flight.online)
+    publish_and_switch(2)
+    assert live.bundle is not in_flight and len(in_flight.online) == merchants > 0
+    second = live.bundle.online  # its answers, not the bundle: nobody holds the second bundle itself
+    publish_and_switch(3)
+    assert len(second) == 0 and len(live.bundle.online) == merchants
