@@ -167,7 +167,7 @@ def stop_server(home: Path) -> ServerState | None:
         (prefect_home(home) / STATE_FILE).unlink(missing_ok=True)
         if state is None or not is_running(state, home):
             return None
-        _terminate(state, home, "stopped on request (`scfrisk server stop`)")
+        _terminate(state, home, "on request (`scfrisk server stop`)")
         return state
 
 

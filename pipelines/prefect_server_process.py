@@ -18,7 +18,8 @@ watchdog gets the lock, and one that waited finds `server.json` gone and starts 
 stays held until this process ends, so no command reuses a server that is shutting down.
 
 The app is the one uvicorn's `--factory` would build, wrapped in an ASGI middleware counting requests;
-the factory stays on the command line, where `prefect_server.is_running` looks for it.
+the factory stays on the command line, where `prefect_server.is_running` looks for it. In-process rather
+than a supervisor around `uvicorn`: one process to find and stop, and only the app sees every request.
 """
 
 from __future__ import annotations
