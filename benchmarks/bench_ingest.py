@@ -213,7 +213,7 @@ def _engine_run(source: str, home: str, engine: str, workers: str) -> None:
     compute = ComputeConfig(engine=engine, n_workers=max(int(workers), 1))
     settings = Settings(home=Path(home), compute=compute)
     prepare_environment(settings)
-    ensure_server(settings.home_dir)
+    ensure_server(settings.home_dir, settings.prefect)
     import great_expectations  # noqa: F401  (import time is not ingest time)
 
     from pipelines.compute import on_engine

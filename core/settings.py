@@ -285,6 +285,19 @@ class ServiceConfig(_Section):
         return _local("audit_log", value)
 
 
+class PrefectConfig(_Section):
+    """The workspace's Prefect server (`pipelines.prefect_server`), which flow commands start and reuse."""
+
+    idle_minutes: float = Field(60.0, gt=0.0)
+    """It stops after this long without an API request (a running command pings it, so never under one).
+    An hour spans the pauses of a working session (reading a report, editing the policy) so that commands
+    keep finding it, while a server left by a session, a demo or a test run ends the same hour: each holds
+    about 250 MB, and starting one again costs 3 to 13 s. A running server keeps the value it started with."""
+    check_seconds: float = Field(15.0, gt=0.0)
+    """How often it checks its idle time and its folder: it stops within this long of its idle limit, or of
+    its workspace's removal."""
+
+
 class Settings(BaseSettings):
     """The validated configuration of one workspace."""
 
@@ -312,6 +325,7 @@ class Settings(BaseSettings):
     compute: ComputeConfig = ComputeConfig()
     retention: RetentionConfig = RetentionConfig()
     service: ServiceConfig = ServiceConfig()
+    prefect: PrefectConfig = PrefectConfig()
 
     @classmethod
     def settings_customise_sources(

@@ -69,7 +69,7 @@ def _orchestrated(ctx: typer.Context, stage: str | None = None, source: Path | s
 
         load_policy(settings.policy_file)
     with loading():
-        ensure_server(settings.home_dir)
+        ensure_server(settings.home_dir, settings.prefect)
         ctx.with_resource(without_heartbeats())
     return settings
 
@@ -526,7 +526,8 @@ def demo(
 
 
 server_app = typer.Typer(help="The workspace's Prefect server, which records every flow run: flow commands "
-                           "start it when needed and reuse it; it runs until stopped.",
+                           "start it when needed and reuse it; it stops after [prefect] idle_minutes without "
+                           "use, when its workspace is removed, or on `scfrisk server stop`.",
                            no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(server_app, name="server")
 
@@ -534,7 +535,8 @@ app.add_typer(server_app, name="server")
 @server_app.command("start")
 def server_start(ctx: typer.Context) -> None:
     """Start the workspace's Prefect server now (flow commands otherwise start it on first use)."""
-    typer.echo(f"Prefect API: {ensure_server(_settings(ctx).home_dir)}")
+    settings = _settings(ctx)
+    typer.echo(f"Prefect API: {ensure_server(settings.home_dir, settings.prefect)}")
 
 
 @server_app.command("status")
