@@ -41,6 +41,8 @@ RATE = 50.0
 STEADY_SECONDS = 8.0
 """From the load generator's start (which takes 2 to 3 s) to the refresh's: the service undisturbed, the
 baseline of the same run."""
+SWITCH_TIMEOUT_SECONDS = 300.0
+"""A service that never switches (a bundle it refuses) fails the benchmark instead of hanging it."""
 PLATFORMS = {"data_samples/platform": (REPO / "data_samples" / "platform", 30.0),
              "bench_data/orders_10m": (DATA / "orders_10m", 120.0)}
 
@@ -90,6 +92,9 @@ def service_during_refresh(settings: Settings, source: Path, as_of: pd.Timestamp
         bundle = refresh(settings, source, as_of).bundle_id
         marks["published"] = time.time()
         while httpx.get(f"{url}/readyz", headers={"X-API-Key": KEY}).json().get("bundle_id") != bundle:
+            if time.time() - marks["published"] > SWITCH_TIMEOUT_SECONDS:
+                raise RuntimeError(f"the service did not switch to bundle {bundle} within "
+                                   f"{SWITCH_TIMEOUT_SECONDS:.0f} s: {settings.home / 'bench_serve.log'}")
             time.sleep(0.05)
         marks["switched"] = time.time()
 

@@ -360,10 +360,10 @@ class RawStore:
             return KeyMoves({}, {})
         spec = TABLES[name]
         key = spec.key
-        stored = self.register(con, name, view=f"{name}__stored", partitions=True)
+        view = self.register(con, name, view=f"{name}__stored", partitions=True)
         moved = con.sql(
             f"SELECT s.{MONTH}, s.{BUCKET}, b.{MONTH} AS b_month, b.{BUCKET} AS b_bucket, s.{key} AS key, "
-            f"b.{CHANGED_AT} AS changed FROM {stored} s JOIN {batch_keys} b ON s.{key} = b.{key} "
+            f"b.{CHANGED_AT} AS changed FROM {view} s JOIN {batch_keys} b ON s.{key} = b.{key} "
             f"WHERE s.{MONTH} <> b.{MONTH} OR s.{BUCKET} <> b.{BUCKET} ORDER BY key"
         ).to_arrow_table()
         newer: set[Any] = set()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
 import secrets
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +18,7 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
+import serving.live
 from core.errors import ScfriskError
 from core.settings import ServiceConfig, Settings
 from credit.policy import load_policy
@@ -24,6 +28,7 @@ from serving.app import create_app
 from serving.audit import read_audit
 from serving.auth import Keyring
 from serving.bundle import BUNDLES_DIR, LIMITS_FILE, POINTER, BundleError, replay
+from serving.live import LiveBundle
 from serving.signing import bundle_key
 from testkit.service import (
     POLICY,
@@ -372,12 +377,6 @@ def test_a_bundle_loads_without_the_cyclic_collector_and_is_frozen_out_of_it_onc
     runs without the collector, which is back on after it, even when the load fails; the live bundle is frozen
     out of later collections. Freezing leaks nothing only while a bundle holds no reference cycles: a dropped
     bundle is freed by reference counting alone (in a process of its own, where no other thread makes garbage)."""
-    import asyncio
-    import gc
-    import sys
-
-    from serving.live import LiveBundle
-
     settings = Settings(home=tmp_path / "home")
     bundle_id = publish(make_parts(tmp_path, service["model"], service["snapshot"]), settings)
     published = settings.path("published")
@@ -404,11 +403,6 @@ def test_a_replaced_bundle_is_freed_a_slice_at_a_time_and_never_under_a_request(
     """Dropped at once, a replaced 10M bundle held the GIL 0.36 and 0.42 s while its objects were freed: it is
     freed a slice of merchants at a time, but only once no request holds it (a request in flight keeps its
     whole bundle to the end: its answers are never torn down under it)."""
-    import asyncio
-
-    import serving.live
-    from serving.live import LiveBundle
-
     monkeypatch.setattr(serving.live, "RELEASE_WAIT_SECONDS", 0.2)
     settings = Settings(home=tmp_path / "home")
     live = LiveBundle(settings.path("published"), None)
