@@ -122,12 +122,12 @@ async def _release(holder: list[Bundle]) -> None:
 
 
 def _load(path: Path, key: BundleKey | None) -> Bundle:
-    """`check_bundle` without the cyclic garbage collector: building a bundle makes millions of objects
-    (about 15 s of CPU at 39,000 merchants), and each full collection they set off walked all of them and the
-    live bundle's with the GIL held, stalling every request for 0.6 to 0.9 s, four times a load (measured).
-    A bundle has no reference cycles (a dropped one is freed by reference counting alone, checked): the
-    collector has nothing to find in it: it is frozen out of every later collection, before the collector is
-    back on (else its first collection walks all the objects made meanwhile: a 0.6 s stall, measured)."""
+    """`check_bundle` without the cyclic garbage collector: each full collection that building a bundle's
+    millions of objects set off walked all of them and the live bundle's with the GIL held, stalling every
+    request for 0.6 to 0.9 s, four times a load at 39,000 merchants (measured). A bundle has no reference
+    cycles (a dropped one is freed by reference counting alone, checked): the collector has nothing to find
+    in it: it is frozen out of every later collection, before the collector is back on (else its first
+    collection walks all the objects made meanwhile: a 0.6 s stall, measured)."""
     gc.disable()
     try:
         bundle = check_bundle(path, key)

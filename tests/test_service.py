@@ -232,6 +232,7 @@ def test_publish_during_traffic_fails_no_request_then_rollback_and_broken_bundle
     assert ready["bundle_id"] == before and second in ready["detail"] and "hash mismatch" in ready["detail"]
     assert client.post("/v1/score", json={"merchant_id": MERCHANT}).json()["bundle_id"] == before
     switch_to(published, before)
+    _wait(lambda: client.get("/readyz").json()["status"] == "ready")  # the next test starts on a ready service
 
 
 def test_readiness_without_a_key_says_only_ready_or_not(service):
@@ -239,7 +240,7 @@ def test_readiness_without_a_key_says_only_ready_or_not(service):
     anonymous = httpx.get(f"{url}/readyz")
     assert anonymous.status_code == 200 and anonymous.json() == {"status": "ready", "bundle_id": None, "detail": None}
     keyed = httpx.get(f"{url}/readyz", headers={"X-API-Key": READ_KEY}).json()
-    assert keyed["status"] == "ready" and keyed["bundle_id"] == _live(service["client"])
+    assert keyed["status"] == "ready" and keyed["bundle_id"] == _live(service["client"]), keyed
     assert httpx.get(f"{url}/readyz", headers={"X-API-Key": "x" * 30}).status_code == 401
 
 
