@@ -114,6 +114,9 @@ def simulate(
     months: Annotated[int, typer.Option(min=3, max=120, help="Months of history.")] = 24,
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same data.")] = 42,
     start: Annotated[str, typer.Option(help="First day of the simulated history (YYYY-MM-DD).")] = "2024-01-01",
+    orders_per_month: Annotated[float, typer.Option(
+        min=0.1, help="Average orders per merchant and month (heavy-tailed across merchants): larger sellers "
+                      "with more orders each, for the same number of merchants.")] = 10.0,
     days: Annotated[
         int,
         typer.Option(
@@ -143,7 +146,8 @@ def simulate(
             f"{needed} months ({HISTORY_MONTHS} of history before the first application, applications over 1 "
             f"training + {model.valid_months} validation + {model.test_months} test months, and the "
             f"{model.label_horizon_months}-month label horizon after them); use --months {needed} or more")
-    config = SimulationConfig(n_merchants=merchants, months=months, seed=seed, start=start)
+    config = SimulationConfig(n_merchants=merchants, months=months, seed=seed, start=start,
+                              orders_per_month=orders_per_month)
     if "://" not in out:
         typer.echo(simulate_platform(config, Path(out), days=days).describe())
         return

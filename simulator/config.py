@@ -33,6 +33,8 @@ class SimulationConfig:
             raise ScfriskError(f"n_merchants must be at least 1, got {self.n_merchants}")
         if self.months < HISTORY_MONTHS:
             raise ScfriskError(f"months must be at least {HISTORY_MONTHS}, got {self.months}")
+        if not self.orders_per_month > 0:
+            raise ScfriskError(f"orders_per_month must be above 0, got {self.orders_per_month}")
         if self.chunk_size < 1:
             raise ScfriskError(f"chunk_size must be at least 1, got {self.chunk_size}")
         try:

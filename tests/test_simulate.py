@@ -8,9 +8,11 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
 
 from core.errors import ScfriskError
 from core.schemas import TABLES
+from pipelines.cli import app
 from simulator import SimulationConfig, simulate_platform
 from tests.conftest import SAMPLE
 
@@ -235,6 +237,7 @@ def test_sample_health_drives_behaviour(sample: Path) -> None:
         ({"start": "2024-01-15"}, "first day of a month"),
         ({"start": "soon"}, "YYYY-MM-DD"),
         ({"months": 2}, "months"),
+        ({"orders_per_month": 0}, "orders_per_month must be above 0"),
     ],
 )
 def test_bad_config_is_a_user_error(kwargs: dict[str, object], message: str) -> None:
@@ -242,10 +245,16 @@ def test_bad_config_is_a_user_error(kwargs: dict[str, object], message: str) -> 
         SimulationConfig(**kwargs)
 
 
-def test_total_orders_follow_the_configured_volume(small: Path) -> None:
+def test_total_orders_follow_the_configured_volume(small: Path, tmp_path: Path) -> None:
     total = sum(pq.read_metadata(p).num_rows for p in (small / "orders").glob("part-*.parquet"))
     per_merchant_month = total / (SMALL.n_merchants * SMALL.months)
     assert 5 < per_merchant_month < 20, per_merchant_month
+    # Larger sellers: ten times the orders per merchant-month (the CLI's shortest history, few merchants).
+    result = CliRunner().invoke(app, ["simulate", "--merchants", "40", "--months", "20", "--seed", "3",
+                                      "--orders-per-month", "100", "--out", str(tmp_path / "dense")])
+    assert result.exit_code == 0, result.output
+    dense = sum(pq.read_metadata(p).num_rows for p in (tmp_path / "dense" / "orders").glob("part-*.parquet"))
+    assert 7 * per_merchant_month < dense / (40 * 20) < 13 * per_merchant_month, (per_merchant_month, dense)
 
 
 def test_sample_secured_products_go_to_merchants_with_the_collateral(sample: Path) -> None:
