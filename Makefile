@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 RUN := $(UV) run --frozen --no-sync
 
-.PHONY: setup demo test lint browser postgres bench docs clean
+.PHONY: setup demo test check lint browser postgres bench docs clean
 
 .tools/bin/uv:
 	$(PYTHON) -m venv .tools
@@ -43,6 +43,9 @@ TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ "$$n" -ge 4 ] && ec
 
 test: setup browser postgres lint  ## the lint, then the whole test suite
 	$(RUN) pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
+
+check: setup browser postgres lint  ## the lint, then the tests not marked slow: the loop while working
+	$(RUN) pytest -m "not slow" $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
 
 bench: setup  ## benchmarks; figures go to docs/benchmarks.md
 	$(RUN) python -m benchmarks
