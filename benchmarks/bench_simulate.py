@@ -1,4 +1,5 @@
-"""Simulator throughput and peak memory at ~1M and ~10M orders; leaves the data in bench_data/ for reuse.
+"""Simulator throughput and peak memory at ~1M and ~10M orders (and ~10M from ten times larger sellers);
+leaves the data in bench_data/ for reuse.
 
 Each size runs `scfrisk simulate` in its own process (its peak RSS and CPU seconds). Baseline: re-writing the
 very same rows with plain pyarrow (read every part, write it back zstd-compressed), i.e. the Parquet I/O
@@ -23,13 +24,16 @@ from core.schemas import TABLES
 BENCH_DATA = Path(__file__).resolve().parents[1] / "bench_data"
 MONTHS = 24
 SEED = 42
-SIZES = {"orders_1m": 3_900, "orders_10m": 39_000}
-"""Folder under bench_data/ -> merchants; ~10.7 orders per merchant-month over 24 months."""
+SIZES = {"orders_1m": 3_900, "orders_10m": 39_000, "orders_10m_dense": 3_900}
+"""Folder under bench_data/ -> merchants; ~10.7 orders per merchant-month over 24 months, but `DENSE`."""
+DENSE = {"orders_10m_dense": 100.0}
+"""Folder -> orders per merchant-month: larger sellers (`bench_refresh` measures what that changes)."""
 
 
 def command(folder: str, merchants: int) -> list[str]:
+    density = ["--orders-per-month", str(DENSE[folder])] if folder in DENSE else []
     return [
-        sys.executable, "-m", "pipelines.cli", "simulate", "--merchants", str(merchants),
+        sys.executable, "-m", "pipelines.cli", "simulate", "--merchants", str(merchants), *density,
         "--months", str(MONTHS), "--seed", str(SEED), "--out", str(BENCH_DATA / folder),
     ]  # fmt: skip
 
