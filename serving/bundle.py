@@ -424,7 +424,7 @@ def _same_rows(fresh: tuple[dict[str, Any], ...], stored: tuple[dict[str, Any], 
 def _decide_every_row(bundle: Bundle) -> None:
     """Decide every stored limit row for more than its limit, the path that reads every field the decision
     uses (exclusion, monitoring, APR, limit, binding constraint): a row it cannot read would answer 500 to
-    the loan engine. About 30 us per merchant."""
+    the loan engine. About 0.6 s at 39,000 merchants (4 products each)."""
     for merchant, scored in bundle.online.items():
         for product, row in scored.by_product.items():
             try:
