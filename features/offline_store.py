@@ -372,10 +372,11 @@ def complete_rows(path: str, columns: list[str],
     return table.to_pandas(self_destruct=True, split_blocks=True), file.metadata.num_rows
 
 
-def training_frame(settings: Settings) -> pd.DataFrame:
+def training_frame(settings: Settings, map_parts: PartitionMap = in_turn) -> pd.DataFrame:
     """Completed loan outcomes with point-in-time features as of each application (the offline store's
-    training set, reused while the raw snapshot and the feature definitions are unchanged)."""
-    offline = OfflineStore.from_settings(settings)
+    training set, reused while the raw snapshot and the feature definitions are unchanged; built, when it is
+    stale, a merchant bucket at a time by `map_parts`)."""
+    offline = OfflineStore.from_settings(settings, map_parts=map_parts)
     store, horizon = offline.raw_store, settings.model.label_horizon_months
     path = offline.arrow_path(offline.training_set(horizon))
     complete, loans = complete_rows(path, [*ENTITY_COLUMNS, *feature_names()], offline.arrow_fs)

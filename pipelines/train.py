@@ -48,7 +48,7 @@ from models.registry import (
 )
 from models.splits import split_summary, stratified_split, time_split
 from models.training import TrainingResult, binary_target, infer_features, rows_of, train_pd_model
-from pipelines.compute import dask_client, worker_count
+from pipelines.compute import dask_client, run_partitions, worker_count
 from pipelines.report import write_risk_report
 from reporting.model_card import render_model_card
 from reporting.plots import calibration_plot, ks_plot, roc_plot, score_distribution_plot
@@ -329,7 +329,7 @@ def train_flow(settings: Settings, oracle: str | None = None, metrics_out: str |
     from features.definitions import FEATURES, feature_set_version
     from features.offline_store import ENTITY_COLUMNS, training_frame
 
-    frame = training_frame(settings)
+    frame = training_frame(settings, run_partitions)  # the flow's engine, as `features build` builds it
     outcome = run_training(
         settings, frame, "defaulted", time_col="as_of", id_col="application_id",
         directions={f.name: f.direction for f in FEATURES}, kinds={f.name: f.kind for f in FEATURES},

@@ -325,6 +325,26 @@ def test_a_commands_duckdb_keeps_to_its_budget_and_spills_under_scfrisk_home(tmp
     assert not (tmp_path / ".tmp").exists()
 
 
+@pytest.mark.slow
+def test_train_out_of_memory_names_the_stage(prefect_server, tmp_path):
+    """`scfrisk train` builds a stale training set on the flow's engine, bucket by bucket like `features build`:
+    DuckDB running out of memory there is the one line naming that stage (it named none when train built it on
+    its own), and the console has no traceback."""
+    from tests.rawdata import write_raw_store
+    from tests.test_features import TABLES
+
+    home = tmp_path / "home"
+    write_raw_store(Path(RawStore.from_settings(Settings(home=home)).root), TABLES)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "train"], capture_output=True, text=True, cwd=tmp_path,
+        env={**os.environ, "SCFRISK_HOME": str(home), "PREFECT_API_URL": prefect_server,
+             "SCFRISK_COMPUTE__MEMORY_LIMIT": "2MB"},
+    )
+    assert proc.returncode == 2
+    error = _one_error_line(proc.stderr)
+    assert "DuckDB ran out of memory in training set: its budget was 1.0 MiB" in error, error
+
+
 def test_prefects_traceback_of_duckdb_out_of_memory_stays_off_the_console():
     """Raised in a flow's own process (outside its partitions), the CLI prints it as one line (`invoke`): Prefect's
     traceback of it and its 'Finished in state Failed' are dropped as for a `ScfriskError`."""
