@@ -216,7 +216,10 @@ def render(results: list[dict], goals: dict[str, float]) -> str:
         "the same online vector (`OfflineStore.materialize`, the monthly path) runs in the same process right "
         "after; the two vectors are compared feature by feature (largest gap, relative above 1). One run each; "
         "the machine is shared, so CPU seconds (this process, all threads) are given beside wall seconds, with "
-        "the 1-minute load average before / after the day.",
+        "the 1-minute load average before / after the day. The platforms: the 3,300-merchant sample; "
+        "`bench_data/orders_10m` (39,000 merchants, about 10 orders a month each over 24 months); "
+        "`bench_data/orders_10m_dense` (as many orders from 3,900 merchants, ten times larger sellers: "
+        "`scfrisk simulate --orders-per-month 100`, `bench_simulate`).",
         "",
         "| platform | merchants | day's pull (orders new + changed) | pull s (CPU) | features s (CPU) | score s (CPU) "
         "| monitor s (CPU) | publish s (CPU) | **day end to end s (CPU)** | full rebuild of the features s (CPU) "
