@@ -126,6 +126,7 @@ def measure(name: str, source: Path) -> dict:
     from core.raw_store import RawStore
     from features.daily import plan
     from features.daily_store import DailyStore
+    from features.definitions import FEATURES
     from features.offline_store import OfflineStore
     from features.online_store import ONLINE_FILE
     from features.training_set import compute_features, normalise_entities, table_readers
@@ -166,14 +167,13 @@ def measure(name: str, source: Path) -> dict:
         quiet_full = offline.read(quiet_day)
         quiet_full_cpu = time.process_time() - cpu
 
-        def computed(frame: pd.DataFrame, features: tuple | None = None) -> tuple[pd.DataFrame, float, float]:
-            """`compute_features` of the frame's merchants at once (all features, or these), in the frame's row
-            order; wall and CPU s."""
+        def computed(frame: pd.DataFrame, features: tuple = FEATURES) -> tuple[pd.DataFrame, float, float]:
+            """`compute_features` of the frame's merchants at once, in the frame's row order; wall and CPU s."""
             store = RawStore.from_settings(settings).pinned()
             con = store.connect()
             wall, cpu = time.perf_counter(), time.process_time()
             out = compute_features(normalise_entities(frame[["merchant_id", "as_of"]]), table_readers(store, con),
-                                   **({"features": features} if features else {}), con=con)
+                                   features=features, con=con)
             seconds = time.perf_counter() - wall, time.process_time() - cpu
             return out.set_index("merchant_id").loc[frame["merchant_id"]].reset_index(), *seconds
 
