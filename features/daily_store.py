@@ -1,22 +1,23 @@
 """The daily partials of the feature store, and the online vector rolled up from them (the I/O edge of
 `features.daily`).
 
-Layout under `<feature_store>/version=<feature_set_version>/daily/`:
-    <source>/gen=<id>/month=<YYYY-MM>/*.parquet         partials per merchant and day of one month of facts
-    <source>/gen=<id>/whole/month=<YYYY-MM>/*.parquet   the same added up per merchant and month
-    <source>/gen=<id>/prefix.parquet                     the prefix sums per merchant and offset (`prefix_sql`)
-    state.json   the as_of and raw snapshot they hold, and the folder of every (source, month)
-A refresh rewrites only the months it must, into a new generation, then replaces `state.json` (temp file
-and rename): a refresh that fails leaves the previous state and its files; files no state names any more
-are removed after the switch.
+They live in one DuckDB database, `<feature_store>/version=<feature_set_version>/daily/daily.duckdb`:
+    <source>_days     partials per merchant and day of facts (`features.daily.partials_sql`)
+    <source>_months   the same added up per merchant and month (`months_sql`)
+    <source>_prefix   the prefix sums per merchant and offset (`prefix_sql`)
+    state             the as_of and raw snapshot they hold, and the plan they were computed for
+A refresh is one transaction: it deletes the partials it must recompute and inserts the new ones, then
+rolls the month sums and prefix sums of what changed. A refresh that fails leaves the previous state, whole;
+the cost of a day follows the (merchant, day) pairs it recomputes, not the months they fall in (measured:
+the same day's partials as Parquet folders rewrote every touched month). `state.json` beside the database is
+a copy of the state last committed, for readers that must not wait on the database's lock (retention).
 
 What to recompute, from the state's (as_of, snapshot) to the new ones, for each source: the (merchant,
 day) pairs of its facts with any time it reads (a refund, a delivery, a due date, the fact's own time) in
 [old as_of, new as_of), whose point-in-time masks flip, and of the rows that differ in a column it reads
 between the two snapshots in the raw partitions whose content changed (new rows, re-delivered rows whose
 state changed, corrections). Everything else is as it was: a day's partials depend only on its rows and on
-which of their times are before as_of. Only those pairs' partials are computed from the raw store; the
-other days of their months are copied from the previous generation.
+which of their times are before as_of.
 
 The prefix sums are rolled forward, not recomputed: from the previous ones, the change of the recomputed
 pairs' partials (new minus old, the unchanged left out) and the few days each window boundary moved past; a
@@ -31,7 +32,6 @@ import logging
 import re
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -48,7 +48,6 @@ from core.sql import fetch_one
 from features.daily import (
     Plan,
     SourcePlan,
-    crossed_days,
     delta_sql,
     edge_months,
     months_sql,
@@ -63,10 +62,9 @@ from features.training_set import KEYS, normalise_entities, table_readers
 
 log = logging.getLogger(__name__)
 
+DATABASE = "daily.duckdb"
 STATE = "state.json"
-WHOLE = "whole"
-"""Folder of a generation holding its months' partials added up per merchant and month."""
-LAYOUT = 3
+LAYOUT = 4
 T = TypeVar("T")
 
 
@@ -83,7 +81,7 @@ class DailyRefresh:
     days: dict[str, int] = field(default_factory=dict)
     """(merchant, day) pairs recomputed per source, when not whole months (a refresh of an earlier state)."""
     cpu_seconds: dict[str, float] = field(default_factory=dict)
-    """CPU seconds (this process, all threads) per phase: changes (the months to recompute), partials (their
+    """CPU seconds (this process, all threads) per phase: changes (the pairs to recompute), partials (their
     recomputation), prefix (the prefix sums rolled forward), roll-up (the online vector)."""
 
     def describe(self) -> str:
@@ -128,6 +126,16 @@ def _months_sql(months: set[str], column: str = "fact_time") -> str:
     return " OR ".join(ranges)
 
 
+def _table(source_plan: SourcePlan, kind: str) -> str:
+    """A table of the daily database: `days`, `months` or `prefix` of a source."""
+    return f"daily.{source_plan.source.name}_{kind}"
+
+
+def _rows(source_plan: SourcePlan, tables: dict[str, str]) -> dict[str, str]:
+    """The source's rows (`features.sql.source_rows_sql`), as `partials_sql` reads them."""
+    return {source_plan.source.name: source_rows_sql(source_plan.source, source_plan.features, tables)}
+
+
 class DailyStore:
     """Daily partial aggregates of one raw store as of one midnight, for the current feature-set version."""
 
@@ -137,6 +145,7 @@ class DailyStore:
         self.plan = plan()
 
     def state(self) -> dict[str, Any] | None:
+        """The state last committed (a copy: the database may be locked by a refresh)."""
         path = self.dir / STATE
         return json.loads(path.read_text()) if path.is_file() else None
 
@@ -149,14 +158,29 @@ class DailyStore:
         except ScfriskError:
             return None
 
+    def _attach(self, con: duckdb.DuckDBPyConnection) -> dict[str, Any] | None:
+        """Open the database as `daily` in `con`; the state it holds."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            con.execute(f"ATTACH '{self.dir / DATABASE}' AS daily")
+        except duckdb.IOException as e:
+            raise ScfriskError(f"the daily features in {self.dir} cannot be opened (is another refresh running?): "
+                               f"{str(e).splitlines()[0]}") from e
+        con.execute("CREATE TABLE IF NOT EXISTS daily.state (state VARCHAR)")
+        row = con.execute("SELECT state FROM daily.state").fetchone()
+        return json.loads(row[0]) if row else None
+
     def refresh(self, as_of: pd.Timestamp | str) -> DailyRefresh:
         """Bring the partials to as_of (a midnight) and the current raw snapshot; the online vector of
         every merchant onboarded before as_of, equal to the point-in-time SQL's."""
         as_of = pd.Timestamp(as_of)
         if as_of != as_of.normalize():
             raise ScfriskError(f"the online features roll by whole days: as_of must be a midnight, not {as_of}")
-        before = self._usable(self.state(), as_of)
-        old = self.state() if before is not None else None
+        store = self.raw_store.pinned()  # one snapshot throughout, its manifest read once
+        with store.connect() as con:  # closed at the end: it holds the database's lock
+            return self._refresh(con, store, as_of)
+
+    def _refresh(self, con: duckdb.DuckDBPyConnection, store: RawStore, as_of: pd.Timestamp) -> DailyRefresh:
         cpu: dict[str, float] = {}
 
         def timed(phase: str, fn: Callable[..., T], *args: Any) -> T:
@@ -166,49 +190,55 @@ class DailyStore:
             finally:
                 cpu[phase] = cpu.get(phase, 0.0) + time.process_time() - start
 
-        store = self.raw_store.pinned()  # one snapshot throughout, its manifest read once
-        con = store.connect()
         tables = table_readers(store, con)
+        stored = self._attach(con)
+        before = self._usable(stored, as_of)
+        old = stored if before is not None else None
         changed = store.changed_partitions(before) if before else {}
-        files: dict[str, dict[str, str]] = {s.source.name: dict(old["files"].get(s.source.name, {})) if old else {}
-                                            for s in self.plan.sources}
-        generation = uuid.uuid4().hex[:12]
         con.execute("CREATE OR REPLACE TEMP TABLE entities AS SELECT row_number() OVER () AS eid, merchant_id, "
                     "?::TIMESTAMP AS as_of FROM merchants", [as_of.to_pydatetime()])
         recomputed: dict[str, list[str]] = {}
         days: dict[str, int] = {}
-        prefix: dict[str, str] = dict(old.get("prefix", {})) if old else {}
-        for source_plan in self.plan.sources:
-            name = source_plan.source.name
-            months = None if old is None else timed("changes", self._touched, con, (store, before), source_plan,
-                                                     changed, pd.Timestamp(old["as_of"]), as_of)
-            previous = dict(files[name])
-            delta = None
-            if months is None:
-                files[name] = timed("partials", self._write, con, source_plan, tables, None, generation, previous)
-                recomputed[name] = sorted(files[name])
-            elif months:
-                written = timed("partials", self._write, con, source_plan, tables, months, generation, previous)
-                for m in months:
-                    files[name].pop(m, None)
-                files[name].update(written)
-                recomputed[name] = sorted(months)
-                (days[name],) = fetch_one(con, "SELECT count(*) FROM touched")
-                kept = self._read([self.dir / previous[m] for m in sorted(months) if m in previous], source_plan,
-                                  tables)
-                delta = delta_sql(source_plan, "touched_partials", f"(SELECT * FROM {kept} o WHERE {_touched_sql()})")
-            if source_plan.prefixed:
-                prefix[name] = timed("prefix", self._prefix, con, source_plan, tables,
-                                     old if months is not None else None, files[name], delta, as_of, generation)
-        new_state = {"as_of": as_of.isoformat(), "raw_snapshot_id": store.snapshot_id,
-                     "plan": _plan_hash(self.plan), "files": files, "prefix": prefix}
-        self.dir.mkdir(parents=True, exist_ok=True)
+        new_state = {"as_of": as_of.isoformat(), "raw_snapshot_id": store.snapshot_id, "plan": _plan_hash(self.plan)}
+        con.execute("BEGIN TRANSACTION")
+        try:
+            if old is None:
+                self._clear(con)
+            for source_plan in self.plan.sources:
+                name = source_plan.source.name
+                months = None if old is None else timed("changes", self._touched, con, (store, before), source_plan,
+                                                         changed, pd.Timestamp(old["as_of"]), as_of)
+                delta = None
+                if months is None:
+                    recomputed[name] = timed("partials", self._build, con, source_plan, tables)
+                elif months:
+                    timed("partials", self._update, con, source_plan, tables, months)
+                    recomputed[name] = sorted(months)
+                    (days[name],) = fetch_one(con, "SELECT count(*) FROM touched")
+                    delta = delta_sql(source_plan, "touched_partials", "replaced_partials")
+                if source_plan.prefixed:
+                    timed("prefix", self._prefix, con, source_plan, old if months is not None else None, delta,
+                          as_of)
+            con.execute("DELETE FROM daily.state")
+            con.execute("INSERT INTO daily.state VALUES (?)", [json.dumps(new_state)])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
         tmp = self.dir / f"{STATE}.tmp"
         tmp.write_text(json.dumps(new_state, indent=1, sort_keys=True))
         tmp.replace(self.dir / STATE)
-        self._collect(new_state)
-        frame = timed("roll-up", self._roll_up, con, tables, files, prefix, as_of)
+        frame = timed("roll-up", self._roll_up, con, tables, as_of)
         return DailyRefresh(frame, as_of, recomputed, full=old is None, cpu_seconds=cpu, days=days)
+
+    def _clear(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Before a first build: no table of another plan is left, nor the folders of the Parquet layout the
+        partials had before this database."""
+        for (table,) in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = 'daily' "
+                                    "AND table_name <> 'state'").fetchall():
+            con.execute(f'DROP TABLE daily."{table}"')
+        for folder in self.dir.glob("*/gen=*"):
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _touched(self, con: duckdb.DuckDBPyConnection, stores: tuple[RawStore, RawStore], source_plan: SourcePlan,
                  changed: dict[str, set[tuple[str, int]]], old_as_of: pd.Timestamp,
@@ -238,88 +268,67 @@ class DailyStore:
                     params)
         return {m for (m,) in con.execute("SELECT DISTINCT strftime(day, '%Y-%m') FROM touched").fetchall()}
 
-    def _write(self, con: duckdb.DuckDBPyConnection, source_plan: SourcePlan, tables: dict[str, str],
-               months: set[str] | None, generation: str, previous: dict[str, str]) -> dict[str, str]:
-        """The partials of the given months (None: all) into a new generation, per day and per month
-        (`whole/`); month -> its folder. Of a month, only the `touched` days are computed (into the temp
-        table `touched_partials`); the other days' partials are copied from its `previous` folder."""
-        source = source_plan.source
-        rows = {source.name: source_rows_sql(source, source_plan.features, tables)}
-        folder = self.dir / source.name / f"gen={generation}"
-        folder.mkdir(parents=True, exist_ok=True)
-        if months is None:
-            days = partials_sql(source_plan, rows, "true")
-        else:
-            touched = _touched_sql("facts", "CAST(facts.fact_time AS DATE)")
-            con.execute("CREATE OR REPLACE TEMP TABLE touched_partials AS "
-                        + partials_sql(source_plan, rows, f"({_months_sql(months)}) AND {touched}"))
-            kept = self._read([self.dir / previous[m] for m in sorted(months) if m in previous], source_plan, tables)
-            days = f"SELECT * FROM {kept} o WHERE NOT {_touched_sql()} UNION ALL BY NAME SELECT * FROM touched_partials"
-        by_month = "(FORMAT parquet, PARTITION_BY (month), OVERWRITE_OR_IGNORE)"
-        con.execute(f"COPY (SELECT strftime(day, '%Y-%m') AS month, * FROM ({days})) TO '{folder}' {by_month}")
-        written = {p.name.removeprefix("month="): str(p.relative_to(self.dir)) for p in sorted(folder.glob("month=*"))}
-        if written:
-            read = f"read_parquet('{folder}/month=*/*.parquet', hive_partitioning = false)"
-            con.execute(f"COPY (SELECT strftime(day, '%Y-%m') AS month, * FROM ({months_sql(source_plan, read)})) "
-                        f"TO '{folder / WHOLE}' {by_month}")
-        return written
+    def _build(self, con: duckdb.DuckDBPyConnection, source_plan: SourcePlan, tables: dict[str, str]) -> list[str]:
+        """Every day's partials of the source, and their month sums, anew; the months they hold."""
+        days, months = _table(source_plan, "days"), _table(source_plan, "months")
+        con.execute(f"CREATE OR REPLACE TABLE {days} AS "
+                    f"SELECT * FROM ({partials_sql(source_plan, _rows(source_plan, tables), 'true')}) ORDER BY day")
+        con.execute(f"CREATE OR REPLACE TABLE {months} AS SELECT * FROM ({months_sql(source_plan, days)}) ORDER BY day")
+        held = con.execute(f"SELECT DISTINCT strftime(day, '%Y-%m') FROM {months} ORDER BY 1").fetchall()
+        return [m for (m,) in held]
 
-    def _prefix(self, con: duckdb.DuckDBPyConnection, source_plan: SourcePlan, tables: dict[str, str],
-                old: dict[str, Any] | None, files: dict[str, str], delta: str | None, as_of: pd.Timestamp,
-                generation: str) -> str:
-        """Write the source's prefix sums as of as_of (`features.daily.prefix_sql`): rolled forward from the old
-        state's with the change `delta` (`delta_sql`) of the days recomputed into `files`; anew without it."""
-        name = source_plan.source.name
-        folder = self.dir / name / f"gen={generation}"
-        folder.mkdir(parents=True, exist_ok=True)
-        read = partial(self._read, source_plan=source_plan, tables=tables)
-        current = read([self.dir / f for f in files.values()])
-        types = {c: _sum_type(t) for c, t, *_ in con.execute(f"DESCRIBE SELECT * FROM {current}").fetchall()}
-        if old is None or name not in old.get("prefix", {}):
-            sql = prefix_sql(source_plan, as_of, current, types)
-        else:
-            old_as_of = pd.Timestamp(old["as_of"])
-            crossed = {f"{d:%Y-%m}" for d in crossed_days(source_plan, old_as_of, as_of)}
-            days = read([self.dir / f for m, f in files.items() if m in crossed])
-            sql = prefix_sql(source_plan, as_of, days, types, f"read_parquet('{self.dir / old['prefix'][name]}')",
-                             old_as_of, delta)
-        con.execute(f"COPY ({sql}) TO '{folder / 'prefix.parquet'}' (FORMAT parquet)")
-        return str((folder / "prefix.parquet").relative_to(self.dir))
+    def _update(self, con: duckdb.DuckDBPyConnection, source_plan: SourcePlan, tables: dict[str, str],
+                months: set[str]) -> None:
+        """Replace the partials of the `touched` pairs (in `months`) and the month sums of their merchants'
+        months. What they replace is kept in the temp table `replaced_partials`, the new ones in
+        `touched_partials`, for the prefix sums' change."""
+        days, sums = _table(source_plan, "days"), _table(source_plan, "months")
+        touched = _touched_sql("facts", "CAST(facts.fact_time AS DATE)")
+        con.execute("CREATE OR REPLACE TEMP TABLE touched_partials AS " + partials_sql(
+            source_plan, _rows(source_plan, tables), f"({_months_sql(months)}) AND {touched}"))
+        con.execute(f"CREATE OR REPLACE TEMP TABLE replaced_partials AS SELECT * FROM {days} o WHERE {_touched_sql()}")
+        con.execute(f"DELETE FROM {days} o WHERE {_touched_sql()}")
+        con.execute(f"INSERT INTO {days} BY NAME SELECT * FROM touched_partials")
+        con.execute("CREATE OR REPLACE TEMP TABLE touched_months AS SELECT DISTINCT merchant_id, "
+                    "CAST(date_trunc('month', day) AS DATE) AS day FROM touched")
 
-    def _collect(self, state: dict[str, Any]) -> None:
-        """Remove the generations no month of the state names any more."""
-        kept = {Path(f).parts[1] for months in state["files"].values() for f in months.values()}
-        kept |= {Path(f).parts[1] for f in state["prefix"].values()}
-        for folder in self.dir.glob("*/gen=*"):
-            if folder.name not in kept:
-                shutil.rmtree(folder, ignore_errors=True)
+        def in_month(row: str, month: str) -> str:
+            return (f"EXISTS (SELECT 1 FROM touched_months t WHERE t.merchant_id = {row}.merchant_id "
+                    f"AND t.day = {month})")
 
-    def _partials(self, files: dict[str, str], source_plan: SourcePlan, tables: dict[str, str],
-                  as_of: pd.Timestamp, features: list[Feature], mixed: bool) -> str:
-        """The partials these features read as of as_of (`features.daily.rolled_sql`): the days of the months
-        they reach back to, or (mixed) the days of their edge months and the other months whole."""
-        days = [f.lookback_days for f in features]
-        first = None if None in days else f"{as_of - pd.Timedelta(days=max(days)):%Y-%m}"  # type: ignore[type-var]
-        reach = {m: f for m, f in files.items() if first is None or m >= first}
+        con.execute(f"DELETE FROM {sums} o WHERE {in_month('o', 'o.day')}")
+        month = "CAST(date_trunc('month', d.day) AS DATE)"
+        con.execute(f"INSERT INTO {sums} BY NAME "
+                    + months_sql(source_plan, f"(SELECT * FROM {days} d WHERE {in_month('d', month)})"))
+
+    def _prefix(self, con: duckdb.DuckDBPyConnection, source_plan: SourcePlan, old: dict[str, Any] | None,
+                delta: str | None, as_of: pd.Timestamp) -> None:
+        """The source's prefix sums as of as_of (`features.daily.prefix_sql`): rolled forward from the old
+        state's with the change `delta` (`delta_sql`) of the recomputed days; anew without an old state."""
+        days, sums = _table(source_plan, "days"), _table(source_plan, "prefix")
+        types = {c: _sum_type(t) for c, t, *_ in con.execute(f"DESCRIBE SELECT * FROM {days}").fetchall()}
+        if old is None:
+            con.execute(f"CREATE OR REPLACE TABLE {sums} AS {prefix_sql(source_plan, as_of, days, types)}")
+            return
+        con.execute("CREATE OR REPLACE TEMP TABLE rolled_prefix AS "
+                    + prefix_sql(source_plan, as_of, days, types, sums, pd.Timestamp(old["as_of"]), delta))
+        con.execute(f"DELETE FROM {sums}")
+        con.execute(f"INSERT INTO {sums} BY NAME SELECT * FROM rolled_prefix")
+
+    def _partials(self, source_plan: SourcePlan, as_of: pd.Timestamp, features: list[Feature], mixed: bool) -> str:
+        """The partials these features read as of as_of (`features.daily.rolled_sql`): the days they reach
+        back to, or (mixed) the days of their edge months and the other months whole."""
+        lookbacks = [f.lookback_days for f in features]
+        first = None if None in lookbacks else f"{as_of - pd.Timedelta(days=max(lookbacks)):%Y-%m-01}"  # type: ignore[type-var]
+        reach = "" if first is None else f" WHERE day >= DATE '{first}'"
+        days = f"(SELECT * FROM {_table(source_plan, 'days')}{reach})"
         if not mixed:
-            return self._read([self.dir / f for f in reach.values()], source_plan, tables)
-        edges = edge_months(features, as_of)
-        day_rows = self._read([self.dir / f for m, f in reach.items() if m in edges], source_plan, tables)
-        whole = [self.dir / Path(f).parent / WHOLE / Path(f).name for f in reach.values()]
-        month_rows = self._read(whole, source_plan, tables)
-        return (f"(SELECT *, false AS is_month FROM {day_rows} UNION ALL BY NAME "
-                f"SELECT *, true AS is_month FROM {month_rows})")
+            return days
+        edges = _months_sql(edge_months(features, as_of), "day")
+        return (f"(SELECT *, false AS is_month FROM {days} WHERE {edges} UNION ALL BY NAME "
+                f"SELECT *, true AS is_month FROM {_table(source_plan, 'months')}{reach})")
 
-    def _read(self, folders: list[Path], source_plan: SourcePlan, tables: dict[str, str]) -> str:
-        """Partial files as one relation (an empty one of the same columns when there are none)."""
-        if not folders:
-            rows = {source_plan.source.name: source_rows_sql(source_plan.source, source_plan.features, tables)}
-            return f"({partials_sql(source_plan, rows, 'false')})"
-        listed = ", ".join(f"'{p}/*.parquet'" for p in sorted(folders))
-        return f"read_parquet([{listed}], hive_partitioning = false)"
-
-    def _roll_up(self, con: duckdb.DuckDBPyConnection, tables: dict[str, str], files: dict[str, dict[str, str]],
-                 prefix: dict[str, str], as_of: pd.Timestamp) -> pd.DataFrame:
+    def _roll_up(self, con: duckdb.DuckDBPyConnection, tables: dict[str, str], as_of: pd.Timestamp) -> pd.DataFrame:
         merchants = con.execute(
             f"SELECT merchant_id, ?::TIMESTAMP AS as_of FROM {tables.get('merchants', 'merchants')} "
             "WHERE onboarded_at < ?::TIMESTAMP ORDER BY merchant_id", [as_of.to_pydatetime()] * 2).df()
@@ -328,11 +337,9 @@ class DailyStore:
         con.execute("CREATE OR REPLACE TEMP TABLE entities AS SELECT row_number() OVER () AS eid, * FROM batch")
         relations = {}
         for source_plan in self.plan.sources:
-            relation = partial(self._partials, files[source_plan.source.name], source_plan, tables, as_of)
-            sums = prefix.get(source_plan.source.name)
-            relations[f"r_{source_plan.source.name}"] = (
-                rolled_sql(source_plan, relation, f"read_parquet('{self.dir / sums}')" if sums else None),
-                source_plan.features)
+            relation = partial(self._partials, source_plan, as_of)
+            sums = _table(source_plan, "prefix") if source_plan.prefixed else None
+            relations[f"r_{source_plan.source.name}"] = (rolled_sql(source_plan, relation, sums), source_plan.features)
         direct = by_source(self.plan.direct)
         rows = {name: source_rows_sql(SOURCES[name], fs, tables) for name, fs in direct.items()}
         for name, fs in direct.items():
