@@ -118,6 +118,18 @@ class SourcePlan:
         return sorted({a for r in self.prefixed for a in r.offsets or ()})
 
     @property
+    def summed_by_month(self) -> list[Rolled]:
+        """The features read from month sums and edge days (`rolled_sql`'s mixed passes): plain windows not
+        read from prefix sums."""
+        return [r for r in self.rolled if r.feature.per is None and r.day_filter is None and r.offsets is None]
+
+    @property
+    def month_columns(self) -> list[str]:
+        """The partials those features read: all the month sums keep (`months_sql`)."""
+        used = {c for r in self.summed_by_month for c in re.findall(r"\bp\d+\b", r.template)}
+        return [c for c, _ in self.partials if c in used]
+
+    @property
     def prefix_columns(self) -> list[str]:
         """The partials the prefixed features sum."""
         used = {c for r in self.prefixed for c in re.findall(SUM, r.template)}
@@ -302,8 +314,9 @@ def _lookback(features: list[Feature]) -> int | None:
 
 def months_sql(plan: SourcePlan, days: str) -> str:
     """The daily partials (`days`, a relation of `partials_sql`'s shape) added up per merchant and month,
-    `day` being the month's first: sums and counts add, maxima take the max."""
-    parts = "".join(f", {'max' if sql.startswith('max(') else 'sum'}({c}) AS {c}" for c, sql in plan.partials)
+    `day` being the month's first: sums and counts add, maxima take the max. Only the `month_columns`."""
+    parts = "".join(f", {'max' if sql.startswith('max(') else 'sum'}({c}) AS {c}" for c, sql in plan.partials
+                    if c in plan.month_columns)
     return f"SELECT merchant_id, CAST(date_trunc('month', day) AS DATE) AS day{parts} FROM {days} GROUP BY ALL"
 
 
@@ -318,11 +331,12 @@ def edge_months(features: list[Feature], as_of: pd.Timestamp) -> set[str]:
     return out
 
 
-def rolled_sql(plan: SourcePlan, partials: Callable[[list[Feature], bool], str], prefix: str | None = None) -> str:
+def rolled_sql(plan: SourcePlan, partials: Callable[[list[Feature], bool], str], prefix: str | None) -> str:
     """One row per entity with partials in reach, one column per rolled feature: the windows as of the
     entity's midnight `as_of` over the partials. `partials(features, mixed)` is a relation of
     `partials_sql`'s shape holding at least the days these features reach back to; with `mixed`, the
-    days of their `edge_months` and the `months_sql` rows of the rest, told apart by `is_month`.
+    days of their `edge_months` and the `months_sql` rows of the rest, told apart by `is_month`. `prefix`:
+    the prefix sums (`prefix_sql`) the `prefixed` features read (None when there are none).
 
     Like `features.sql.source_sql`, the aggregates run in passes each bounded by its longest window: the
     plain features in three (within RECENT_DAYS, longer, all history) over month rows and edge days, each
@@ -348,9 +362,8 @@ def rolled_sql(plan: SourcePlan, partials: Callable[[list[Feature], bool], str],
             f"FROM entities e JOIN {partials(fs, mixed)} p ON p.merchant_id = e.merchant_id{bound})) AS facts"
         )
 
-    prefixed = {r.feature.name for r in plan.prefixed} if prefix is not None else set()
-    plain = [f for f in plan.features if f.per is None and by_name[f.name].day_filter is None
-             and f.name not in prefixed]
+    prefixed = {r.feature.name for r in plan.prefixed}
+    plain = [r.feature for r in plan.summed_by_month]
     recent = [f for f in plain if f.lookback_days is not None and f.lookback_days <= RECENT_DAYS]
     forever = [f for f in plain if f.lookback_days is None]
     groups = [fs for fs in (recent, [f for f in plain if f not in recent + forever], forever) if fs]

@@ -273,8 +273,10 @@ class DailyStore:
         days, months = _table(source_plan, "days"), _table(source_plan, "months")
         con.execute(f"CREATE OR REPLACE TABLE {days} AS "
                     f"SELECT * FROM ({partials_sql(source_plan, _rows(source_plan, tables), 'true')}) ORDER BY day")
-        con.execute(f"CREATE OR REPLACE TABLE {months} AS SELECT * FROM ({months_sql(source_plan, days)}) ORDER BY day")
-        held = con.execute(f"SELECT DISTINCT strftime(day, '%Y-%m') FROM {months} ORDER BY 1").fetchall()
+        if source_plan.month_columns:
+            con.execute(f"CREATE OR REPLACE TABLE {months} AS SELECT * FROM ({months_sql(source_plan, days)}) "
+                        "ORDER BY day")
+        held = con.execute(f"SELECT DISTINCT strftime(day, '%Y-%m') FROM {days} ORDER BY 1").fetchall()
         return [m for (m,) in held]
 
     def _update(self, con: duckdb.DuckDBPyConnection, source_plan: SourcePlan, tables: dict[str, str],
@@ -289,6 +291,8 @@ class DailyStore:
         con.execute(f"CREATE OR REPLACE TEMP TABLE replaced_partials AS SELECT * FROM {days} o WHERE {_touched_sql()}")
         con.execute(f"DELETE FROM {days} o WHERE {_touched_sql()}")
         con.execute(f"INSERT INTO {days} BY NAME SELECT * FROM touched_partials")
+        if not source_plan.month_columns:
+            return
         con.execute("CREATE OR REPLACE TEMP TABLE touched_months AS SELECT DISTINCT merchant_id, "
                     "CAST(date_trunc('month', day) AS DATE) AS day FROM touched")
 
