@@ -66,8 +66,8 @@ class RefreshSummary:
 
 
 def partials_folder(settings: Settings) -> Path:
-    """Where the daily partials live. They are a cache a refresh rebuilds whole when it is missing, written by
-    DuckDB into partitioned folders: on this machine's disk, under the workspace, when the feature store is not."""
+    """Where the daily partials live. They are a cache a refresh rebuilds whole when it is missing, a DuckDB
+    database (`features.daily_store`): on this machine's disk, under the workspace, when the feature store is not."""
     if is_local(settings.store_url("feature_store")):
         return settings.path("feature_store")
     return settings.home_dir / "features"

@@ -126,6 +126,46 @@ def test_online_features_roll_by_whole_days_only(settings):
 
 KEY = "refresh-test-key-0123456789"
 
+def test_a_refresh_that_fails_or_finds_the_partials_open_leaves_the_last_state_whole(days, settings, monkeypatch):
+    """The partials are one database and a refresh one transaction: a refresh that fails midway (here after
+    the partials of every source were replaced, before a prefix sum) keeps the last state, and the next one
+    rolls forward from it exactly; a second process holding the database is one clear line."""
+    import subprocess
+    import sys
+
+    ingest(days["base"], settings)
+    daily = DailyStore(settings.path("feature_store"), RawStore(settings.path("raw_store")))
+    daily.refresh(DAY)
+    ingest(days["day"], settings)
+    store = RawStore(settings.path("raw_store"))
+    state = DailyStore(settings.path("feature_store"), store).state()
+
+    def crash(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(DailyStore, "_prefix", crash)
+        with pytest.raises(OSError, match="No space left"):
+            DailyStore(settings.path("feature_store"), store).refresh(DAY + pd.Timedelta(days=1))
+    assert DailyStore(settings.path("feature_store"), store).state() == state
+
+    database = daily.dir / "daily.duckdb"
+    holder = subprocess.Popen([sys.executable, "-c", f"import duckdb, sys; c = duckdb.connect({str(database)!r}); "
+                               "print('open', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(ScfriskError, match=r"^the daily features in .* cannot be opened \(is another refresh "
+                                               r"running\?\): .*lock"):
+            DailyStore(settings.path("feature_store"), store).refresh(DAY + pd.Timedelta(days=1))
+    finally:
+        holder.communicate("")
+    after = DailyStore(settings.path("feature_store"), store).refresh(DAY + pd.Timedelta(days=1))
+    assert not after.full and after.days["orders"] > 0
+    assert_same_features(after.features, OfflineStore(settings.path("feature_store"), store).read(
+        DAY + pd.Timedelta(days=1)))
+
+
 
 @pytest.mark.slow
 def test_scfrisk_refresh_publishes_the_day_and_the_running_service_switches_with_no_failed_request(
