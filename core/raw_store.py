@@ -71,7 +71,7 @@ from deltalake.transaction import Transaction as AppTransaction
 from core import storage
 from core.errors import ScfriskError
 from core.partitioning import BUCKET, MONTH, parse_partition_key, partition_key, split_by_partition
-from core.schemas import CHANGED_AT, TABLES, UPDATED_AT
+from core.schemas import CHANGED_AT, TABLES, UPDATED_AT, TableSpec
 from core.sql import duckdb_connect
 from core.storage import is_local, local_path, modified_time
 
@@ -88,6 +88,9 @@ SNAPSHOTS = "_snapshots"
 JOURNAL = "_commit.json"
 STAGING = "_staging"
 """The folder of the batches being staged (`core.staging`): while it exists, a batch may be writing files."""
+CHANGES = "_changes"
+"""A table's folder of change files: beside a partition file that replaced an earlier version, the rows that
+differ from it (`RawStore.stage_partition`), so a reader of what changed need not compare the versions."""
 APP_ID = "scfrisk-raw-store"
 """Delta transaction id of the store's batches: a table's commit records the batch's sequence number."""
 
@@ -326,18 +329,47 @@ class RawStore:
 
     def changed_rows(self, con: duckdb.DuckDBPyConnection, before: RawStore, name: str,
                      partitions: Collection[tuple[str, int]], columns: Collection[str], time: str) -> str:
-        """SQL of the rows (`merchant_id`, `time`) of those partitions of a table that differ in `columns`
-        between `before` and this snapshot, either side (a new row, a changed one, a gone one): each counted
-        +1 now and -1 before by its merchant, time and a hash of the columns, what does not add up to 0
-        changed. One group-by, a sixth of the CPU of EXCEPT ALL both ways on 10M orders; a changed row whose
-        64-bit hash collides with its old one's would be missed. Views of both snapshots go into `con`."""
-        buckets, months = sorted({b for _, b in partitions}), sorted({m for m, _ in partitions})
-        views = [store.register(con, name, buckets, view=f"{name}__{side}", months=months)
-                 for side, store in (("now", self), ("before", before))]
-        row = f"merchant_id, {time}, hash({', '.join(sorted(columns))}) AS h"
-        rows = " UNION ALL ".join(f"SELECT {row}, {sign} AS s FROM {view}"
-                                  for sign, view in zip((1, -1), views, strict=True))
-        return f"SELECT merchant_id, {time} FROM ({rows}) GROUP BY merchant_id, {time}, h HAVING sum(s) <> 0"
+        """SQL of the rows (`merchant_id`, `time`) of those partitions of a table that differ between `before` and
+        this snapshot, either side (a new row, a changed one, a gone one). Views go into `con`.
+
+        A partition whose version here was written over its version in `before` (the usual day: one batch
+        between them) has a change file (`stage_partition`): the rows delivered and those they replaced, read
+        alone (a superset of the rows that differ: a row delivered again unchanged is in it). Elsewhere (several
+        batches between the snapshots, a partition new or gone) both versions are compared in `columns`: each
+        row counted +1 now and -1 before by its merchant, time and a hash of the columns, what does not add up
+        to 0 changed (one group-by, a sixth of the CPU of EXCEPT ALL both ways on 10M orders; a changed row
+        whose 64-bit hash collides with its old one's would be missed)."""
+        now_parts = self.manifest()["tables"].get(name, {}).get("partitions", {})
+        old_parts = before.manifest()["tables"].get(name, {}).get("partitions", {})
+        logged, compared = [], set()
+        for month, bucket in sorted(partitions):
+            key = partition_key(month, bucket)
+            part, was = now_parts.get(key), old_parts.get(key)
+            if part and was and part.get("changed_from") == was["sha256"]:
+                logged.append(self._file(name, _change_file(key, part["sha256"], was["sha256"])))
+            else:
+                compared.add((month, bucket))
+        selects = []
+        if logged:
+            selects.append(f"SELECT merchant_id, {time} FROM {self._scan(con, f'{name}__changes', logged)}")
+        if compared:
+            buckets, months = sorted({b for _, b in compared}), sorted({m for m, _ in compared})
+            views = [store.register(con, name, buckets, view=f"{name}__{side}", months=months)
+                     for side, store in (("now", self), ("before", before))]
+            row = f"merchant_id, {time}, hash({', '.join(sorted(columns))}) AS h"
+            rows = " UNION ALL ".join(f"SELECT {row}, {sign} AS s FROM {view}"
+                                      for sign, view in zip((1, -1), views, strict=True))
+            selects.append(f"SELECT merchant_id, {time} FROM ({rows}) GROUP BY merchant_id, {time}, h "
+                           "HAVING sum(s) <> 0")
+        return " UNION ALL ".join(selects)
+
+    def _scan(self, con: duckdb.DuckDBPyConnection, view: str, files: Sequence[str]) -> str:
+        """Parquet files of the store as a relation of `con` (DuckDB reads them itself on a local disk; elsewhere
+        through an Arrow dataset, as `register`)."""
+        if isinstance(self.root, Path):
+            return "read_parquet([" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "])"
+        con.register(view, pads.dataset(files, format="parquet", filesystem=storage.arrow_filesystem(self.fs)))
+        return view
 
     def distinct_values(
         self, name: str, column: str, buckets: Sequence[int] | None = None,
@@ -410,12 +442,14 @@ class RawStore:
                 kept_out = pc.sum(drop).as_py() or 0
                 rows = rows.filter(pc.invert(drop))
         parts = [rows] if rows is not None else []
+        replaced = None
         if stored is not None:
             gone = [a for a in (rows.column(spec.key).combine_chunks() if rows is not None else None, leaving)
                     if a is not None]
             if gone:
                 drop = pc.is_in(stored.column(spec.key), value_set=pa.concat_arrays([a.cast(stored.schema.field(
                     spec.key).type) for a in gone]))
+                replaced = stored.filter(drop)
                 stored = stored.filter(pc.invert(drop))
             parts.insert(0, stored.select([c.name for c in spec.columns]).cast(spec.arrow_schema))
         merged = pa.concat_tables(parts).sort_by(spec.key) if parts else spec.arrow_schema.empty_table()
@@ -438,6 +472,18 @@ class RawStore:
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             self.fs.pipe_file(path, data)
             written = path
+        if old:  # the rows delivered and those they replace or move away: what differs from the old version
+            changes = pa.concat_tables([t.select(_change_schema(spec).names).cast(_change_schema(spec))
+                                        for t in (rows, replaced) if t is not None])
+            sink = pa.BufferOutputStream()
+            pq.write_table(changes, sink, compression="zstd")
+            change_file = self._file(name, _change_file(key, digest, old["sha256"]))
+            if ledger is not None:
+                self.fs.makedirs(ledger, exist_ok=True)
+                self.fs.pipe_file(f"{ledger}/{name}.{key.replace('/', '.')}.{digest}.{old['sha256']}", b"")
+            self.fs.makedirs(change_file.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.pipe_file(change_file, sink.getvalue().to_pybytes())
+            entry["changed_from"] = old["sha256"]
         month, bucket = parse_partition_key(key)
         add = {
             "path": _file_name(key, digest), "size": len(data),
@@ -448,16 +494,23 @@ class RawStore:
         return StagedPartition(name, key, entry, add, written, kept_out)
 
     def remove_unreferenced(self, ledger: str) -> None:
-        """Remove the partition files a ledger notes (`stage_partition`) that the current snapshot does not
-        hold: written for a batch that never committed (the caller removes the ledger). Left alone while a
-        commit cut short waits for `recover` (it needs them; once finished, its snapshot holds them)."""
+        """Remove the partition files and change files a ledger notes (`stage_partition`) that the current
+        snapshot does not hold: written for a batch that never committed (the caller removes the ledger). Left
+        alone while a commit cut short waits for `recover` (it needs them; once finished, its snapshot holds
+        them)."""
         if not self.fs.exists(ledger) or self.fs.isfile(self._file(JOURNAL)):
             return
         manifest = RawStore(self.url, self.storage_options).manifest()  # the live one, whatever this is pinned to
         for note in self.fs.ls(ledger, detail=False):
-            name, month, bucket, digest = note.rsplit("/", 1)[1].split(".")
-            key, path = f"{month}/{bucket}", self._file(name, _file_name(f"{month}/{bucket}", digest))
-            if _entry(manifest, name, key) != digest and self.fs.exists(path):  # killed before it wrote it
+            name, month, bucket, digest, *old = note.rsplit("/", 1)[1].split(".")
+            key = f"{month}/{bucket}"
+            part = manifest["tables"].get(name, {}).get("partitions", {}).get(key, {})
+            if old:
+                path = self._file(name, _change_file(key, digest, old[0]))
+                held = (part.get("sha256"), part.get("changed_from")) == (digest, old[0])
+            else:
+                path, held = self._file(name, _file_name(key, digest)), part.get("sha256") == digest
+            if not held and self.fs.exists(path):  # killed before it wrote it
                 self.fs.rm_file(path)
 
     def recover(self) -> bool:
@@ -545,7 +598,9 @@ class RawStore:
         out = {}
         for path, info in self.fs.find(folder, detail=True).items():
             relative = path[len(folder.rstrip("/")) + 1:]
-            if any(part.startswith(("_", ".")) for part in relative.split("/")):
+            if relative.startswith(f"{CHANGES}/"):  # a change file goes with the partition file it leads to
+                relative = relative.removeprefix(f"{CHANGES}/").split(".from-")[0] + ".parquet"
+            elif any(part.startswith(("_", ".")) for part in relative.split("/")):
                 continue  # the Delta log, and anything that is not a data file
             if relative not in listed and modified_time(info) < cutoff:
                 out[path] = int(info["size"])
@@ -718,9 +773,20 @@ def _time_ranges(table: pa.Table, columns: Sequence[str]) -> dict[str, Any]:
     return {"times": times} if columns else {}
 
 
+def _change_schema(spec: TableSpec) -> pa.Schema:
+    """The columns a change file keeps: the merchant and every time (what a reader maps a row to a day by)."""
+    return pa.schema([spec.arrow_schema.field(c) for c in ("merchant_id", *spec.timestamp_columns)])
+
+
 def _file_name(key: str, digest: str) -> str:
     """A partition file's path in its table: in the partition's folder, named by its content."""
     return f"{key}/part-{digest[:32]}.parquet"
+
+
+def _change_file(key: str, digest: str, old_digest: str) -> str:
+    """The path in its table of the change file from one version of a partition to another: named by both
+    (a version reached again from another one has other changes)."""
+    return f"{CHANGES}/{_file_name(key, digest).removesuffix('.parquet')}.from-{old_digest[:32]}.parquet"
 
 
 def _partition_values(path: str) -> dict[str, str | None]:
