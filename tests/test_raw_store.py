@@ -7,6 +7,7 @@ import zlib
 from datetime import datetime
 
 import duckdb
+import pandas as pd
 import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
@@ -166,3 +167,53 @@ def test_a_store_keeps_its_bucket_count_whatever_the_setting(tmp_path, caplog):
         load(store, {"orders": valid_batch()["orders"]})
     assert "keeps its 4 merchant buckets" in caplog.text and store.buckets == 4
     assert {b for _, b in store.partitions("orders")} <= set(range(4))
+
+
+def test_a_rewritten_partition_says_what_changed_so_a_reader_need_not_compare_the_versions(tmp_path):
+    """A day's pull rewrites partitions of millions of rows for a few changed ones. Beside each rewritten
+    partition a change file holds the rows delivered and those they replace; `changed_rows` between two
+    snapshots one batch apart reads it alone (here: with the old version's file gone, comparing is impossible),
+    and compares the versions where it cannot (two batches apart). A vacuum removes it with its partition."""
+    from datetime import timedelta, timezone
+
+    batch = valid_batch()
+    orders = batch["orders"]
+    store = RawStore(tmp_path / "raw", buckets=1)
+    load(store, batch)
+    first = store.pinned()
+    january = orders[orders["ordered_at"] < "2024-02-01"]
+    fixed = january.iloc[:1].assign(amount=lambda o: o["amount"] + 1)
+    new = january.iloc[:1].assign(order_id=999, merchant_id=january["merchant_id"].iloc[1],
+                                  ordered_at=january["ordered_at"].iloc[1])
+    load(store, {"orders": pd.concat([fixed, new])})
+    second = store.pinned()
+    (key,) = [k for k in second.partitions("orders") if k[0] == "2024-01"]
+    part = second.manifest()["tables"]["orders"]["partitions"][raw_store.partition_key(*key)]
+    was = first.manifest()["tables"]["orders"]["partitions"][raw_store.partition_key(*key)]
+    assert part["changed_from"] == was["sha256"]
+
+    def changed(now: RawStore, before: RawStore) -> list[tuple]:
+        con = duckdb.connect()
+        sql = now.changed_rows(con, before, "orders", now.changed_partitions(before)["orders"],
+                               ["amount", "ordered_at"], "ordered_at")
+        return sorted(con.execute(sql).fetchall())
+
+    expected = sorted([(fixed["merchant_id"].iloc[0], fixed["ordered_at"].iloc[0].to_pydatetime())] * 2
+                      + [(new["merchant_id"].iloc[0], new["ordered_at"].iloc[0].to_pydatetime())])
+    old_file = store._file("orders", raw_store._file_name(raw_store.partition_key(*key), was["sha256"]))
+    saved = store.fs.cat_file(old_file)
+    store.fs.rm_file(old_file)
+    assert changed(second, first) == expected  # the change file: the old version is not read
+    store.fs.pipe_file(old_file, saved)
+
+    load(store, {"orders": january.iloc[2:3].assign(amount=lambda o: o["amount"] * 2)})
+    third = store.pinned()
+    row = january.iloc[2]
+    assert changed(third, first) == sorted(expected + [(row["merchant_id"], row["ordered_at"].to_pydatetime())] * 2)
+
+    change_files = store.fs.glob(f"{store._file('orders', raw_store.CHANGES)}/**/*.parquet")
+    assert len(change_files) == 2
+    store.vacuum(protected=[], cutoff=datetime.now(timezone.utc) + timedelta(days=1))
+    assert store.fs.glob(f"{store._file('orders', raw_store.CHANGES)}/**/*.parquet") == [
+        f for f in change_files if third.manifest()["tables"]["orders"]["partitions"][
+            raw_store.partition_key(*key)]["sha256"][:32] in f]
