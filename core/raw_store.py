@@ -25,7 +25,9 @@ process that can reach the store may stage some (`RawStore.stage_partition`). On
 has passed does `commit` write a journal (each table's files added and removed), commit each table (one
 Delta commit removing the touched partitions' old files and adding the new ones: the copy-on-write form of
 a MERGE by key), then the manifest (which also carries the source's state, e.g. a database's watermarks,
-so they move exactly when the data does). A crash
+so they move exactly when the data does). Beside a partition rewritten over an earlier version, staging also
+writes what changed (`_changes/`: the rows delivered and those they replace), so a reader of a day's changes
+(`changed_rows`) need not compare millions of rows for a few. A crash
 between two tables' commits leaves the manifest, and so every reader, on the old snapshot; the next write
 rolls the journal forward, skipping tables whose commit carries the batch's transaction number (Delta's
 idempotent `txn` action). A batch that fails before `commit` removes the files it staged.

@@ -9,9 +9,9 @@ release after its receipt: `TableSpec.ordered`). A table joined into a source's 
 beside its month-end rows) is read with no time bound of its own: a changed row of it reaches m at every t.
 
 The changed rows are found in the partitions whose content changed (`RawStore.changed_partitions`:
-month and bucket) by comparing them row by row between the snapshots (`RawStore.changed_rows`). The rule is a
-bound: a value it calls stale may not have changed, one it keeps cannot have (but for a changed row whose
-64-bit hash collides with its old one's).
+month and bucket), from their change files or by comparing them row by row between the snapshots
+(`RawStore.changed_rows`). The rule is a bound: a value it calls stale may not have changed, one it keeps
+cannot have (but for a changed row whose 64-bit hash collides with its old one's).
 """
 
 from __future__ import annotations
