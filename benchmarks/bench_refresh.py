@@ -236,9 +236,11 @@ def render(results: list[dict], goals: dict[str, float]) -> str:
             f"| {c['features'] / r['full_cpu']:.2f}, {s['features'] / r['full_s']:.2f} | {r['gap']:.1e} "
             f"| {r['load']:.1f} / {r['load_after']:.1f} |"
         )
-    lines += ["", "The feature step's CPU seconds by phase (changes: the months to recompute; partials: their "
-                  "recomputation from the raw store; prefix: the prefix sums rolled forward; roll-up: the online "
-                  "vector, including the features read from the raw store directly):"]
+    lines += ["", "The feature step's CPU seconds by phase (changes: the (merchant, day) pairs to recompute, from "
+                  "the pull's change files and the times that passed; partials: their recomputation from the raw "
+                  "store, replacing theirs in the daily database with their month sums, and its commit; prefix: "
+                  "the prefix sums rolled forward; roll-up: the online vector, including the features read from "
+                  "the raw store directly):"]
     lines += [f"- `{r['name']}`: " + ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items()) for r in results]
     lines += ["", "The next day with nothing pulled (D + 2: the windows roll, the masks flip as due dates pass; "
                   "what the incremental step costs without the day's corrections), features only, against the full "
