@@ -26,6 +26,7 @@ first build, or a change reaching every day (a joined table), sums them anew.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -224,7 +225,8 @@ class DailyStore:
             con.execute("INSERT INTO daily.state VALUES (?)", [json.dumps(new_state)])
             timed("partials", con.execute, "COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            with contextlib.suppress(duckdb.TransactionException):  # a COMMIT that failed has rolled back
+                con.execute("ROLLBACK")
             raise
         tmp = self.dir / f"{STATE}.tmp"
         tmp.write_text(json.dumps(new_state, indent=1, sort_keys=True))
