@@ -169,8 +169,8 @@ class DailyStore:
             raise ScfriskError(f"the daily features in {self.dir} cannot be opened (is another refresh running?): "
                                f"{str(e).splitlines()[0]}") from e
         con.execute("CREATE TABLE IF NOT EXISTS daily.state (state VARCHAR)")
-        row = con.execute("SELECT state FROM daily.state").fetchone()
-        return json.loads(row[0]) if row else None
+        rows = con.execute("SELECT state FROM daily.state").fetchall()
+        return json.loads(rows[0][0]) if rows else None
 
     def refresh(self, as_of: pd.Timestamp | str) -> DailyRefresh:
         """Bring the partials to as_of (a midnight) and the current raw snapshot; the online vector of
