@@ -286,9 +286,8 @@ class RawStore:
         else:
             files = self._delta(name).file_uris(_partition_filter(buckets, months)) if self.has_table(name) else []
         if files and isinstance(self.root, Path):
-            listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
             hive = f"true, hive_types = {{'{MONTH}': VARCHAR, '{BUCKET}': SMALLINT}}" if partitions else "false"
-            source = f"read_parquet([{listed}], hive_partitioning = {hive})"
+            source = _read_parquet(files, hive)
         else:
             dataset = self.dataset(name, buckets, months) if paths is None else pads.dataset(
                 paths, schema=pa.schema([*TABLES[name].arrow_schema, *PARTITION_FIELDS]), format="parquet",
@@ -369,7 +368,7 @@ class RawStore:
         """Parquet files of the store as a relation of `con` (DuckDB reads them itself on a local disk; elsewhere
         through an Arrow dataset, as `register`)."""
         if isinstance(self.root, Path):
-            return "read_parquet([" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "])"
+            return _read_parquet(files, "false")
         con.register(view, pads.dataset(files, format="parquet", filesystem=storage.arrow_filesystem(self.fs)))
         return view
 
@@ -475,8 +474,8 @@ class RawStore:
             self.fs.pipe_file(path, data)
             written = path
         if old:  # the rows delivered and those they replace or move away: what differs from the old version
-            changes = pa.concat_tables([t.select(_change_schema(spec).names).cast(_change_schema(spec))
-                                        for t in (rows, replaced) if t is not None])
+            schema = _change_schema(spec)
+            changes = pa.concat_tables([t.select(schema.names).cast(schema) for t in (rows, replaced) if t is not None])
             sink = pa.BufferOutputStream()
             pq.write_table(changes, sink, compression="zstd")
             change_file = self._file(name, _change_file(key, digest, old["sha256"]))
@@ -506,7 +505,7 @@ class RawStore:
         for note in self.fs.ls(ledger, detail=False):
             name, month, bucket, digest, *old = note.rsplit("/", 1)[1].split(".")
             key = f"{month}/{bucket}"
-            part = manifest["tables"].get(name, {}).get("partitions", {}).get(key, {})
+            part = _partition(manifest, name, key)
             if old:
                 path = self._file(name, _change_file(key, digest, old[0]))
                 held = (part.get("sha256"), part.get("changed_from")) == (digest, old[0])
@@ -775,6 +774,12 @@ def _time_ranges(table: pa.Table, columns: Sequence[str]) -> dict[str, Any]:
     return {"times": times} if columns else {}
 
 
+def _read_parquet(files: Sequence[str], hive: str) -> str:
+    """DuckDB's scan of local Parquet files, `hive` its `hive_partitioning` option."""
+    listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+    return f"read_parquet([{listed}], hive_partitioning = {hive})"
+
+
 def _change_schema(spec: TableSpec) -> pa.Schema:
     """The columns a change file keeps: the merchant and every time (what a reader maps a row to a day by)."""
     return pa.schema([spec.arrow_schema.field(c) for c in ("merchant_id", *spec.timestamp_columns)])
@@ -803,8 +808,13 @@ def _partition_filter(buckets: Sequence[int] | None,
     return chosen or None
 
 
+def _partition(manifest: dict[str, Any], name: str, key: str) -> dict[str, Any]:
+    """A partition's entry in a manifest (empty when it has none)."""
+    return manifest["tables"].get(name, {}).get("partitions", {}).get(key, {})
+
+
 def _entry(manifest: dict[str, Any], name: str, key: str) -> str | None:
-    return manifest["tables"].get(name, {}).get("partitions", {}).get(key, {}).get("sha256")
+    return _partition(manifest, name, key).get("sha256")
 
 
 def _next_manifest(old: dict[str, Any], staged: Mapping[str, Mapping[str, dict[str, Any]]]) -> dict[str, Any]:

@@ -307,7 +307,8 @@ def delta_sql(plan: SourcePlan, new: str, old: str | None) -> str:
             f"GROUP BY ALL HAVING {changed})")
 
 
-def _lookback(features: list[Feature]) -> int | None:
+def lookback(features: list[Feature]) -> int | None:
+    """The longest lookback of these features in days; None when one reads all history."""
     lookbacks = [f.lookback_days for f in features]
     return None if None in lookbacks else max(lookbacks)  # type: ignore[type-var]
 
@@ -348,7 +349,7 @@ def rolled_sql(plan: SourcePlan, partials: Callable[[list[Feature], bool], str],
     by_name = {r.feature.name: r for r in plan.rolled}
 
     def facts(fs: list[Feature], mixed: bool) -> str:
-        days = _lookback(fs)
+        days = lookback(fs)
         bound = "" if days is None else f" AND p.day >= CAST(e.as_of AS DATE) - {days + 31}"
         today = "CAST(e.as_of AS DATE)"
         ranges = (f"date_diff('day', last_day(p.day), {today}) AS m_lo, "

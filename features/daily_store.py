@@ -51,6 +51,7 @@ from features.daily import (
     SourcePlan,
     delta_sql,
     edge_months,
+    lookback,
     months_sql,
     partials_sql,
     plan,
@@ -326,9 +327,8 @@ class DailyStore:
     def _partials(self, source_plan: SourcePlan, as_of: pd.Timestamp, features: list[Feature], mixed: bool) -> str:
         """The partials these features read as of as_of (`features.daily.rolled_sql`): the days they reach
         back to, or (mixed) the days of their edge months and the other months whole."""
-        lookbacks = [f.lookback_days for f in features]
-        first = None if None in lookbacks else f"{as_of - pd.Timedelta(days=max(lookbacks)):%Y-%m-01}"  # type: ignore[type-var]
-        reach = "" if first is None else f" WHERE day >= DATE '{first}'"
+        days_back = lookback(features)
+        reach = "" if days_back is None else f" WHERE day >= DATE '{as_of - pd.Timedelta(days=days_back):%Y-%m-01}'"
         days = f"(SELECT * FROM {_table(source_plan, 'days')}{reach})"
         if not mixed:
             return days
