@@ -130,9 +130,14 @@ class SourcePlan:
         return [c for c, _ in self.partials if c in used]
 
     @property
+    def prefix_sums(self) -> list[tuple[int, str]]:
+        """The (offset, partial) pairs of the prefix sums the prefixed features read."""
+        return sorted({(a, c) for r in self.prefixed for c in re.findall(SUM, r.template) for a in r.offsets or ()})
+
+    @property
     def prefix_columns(self) -> list[str]:
         """The partials the prefixed features sum."""
-        used = {c for r in self.prefixed for c in re.findall(SUM, r.template)}
+        used = {c for _, c in self.prefix_sums}
         return [c for c, _ in self.partials if c in used]
 
 
@@ -246,21 +251,22 @@ def plan(features: tuple[Feature, ...] = FEATURES) -> Plan:
     return Plan(tuple(sources), tuple(direct))
 
 
-def partials_sql(plan: SourcePlan, rows: Mapping[str, str], where: str) -> str:
-    """Partial aggregates per (merchant_id, day) of the source's facts as of each entity's `as_of`, for the
-    facts whose time satisfies `where` (a predicate on `fact_time`, e.g. the months to recompute)."""
+def partials_sql(plan: SourcePlan, rows: Mapping[str, str]) -> str:
+    """Partial aggregates per (merchant_id, day) of the source's facts (from `rows`: all of them, or the
+    days to recompute) as of each entity's `as_of`."""
     facts = facts_sql(plan.source, plan.features, rows)
     parts = "".join(f",\n       {sql} AS {column}" for column, sql in plan.partials)
     return (
         f"SELECT merchant_id, CAST(fact_time AS DATE) AS day{parts}\n"
-        f"FROM (\n{facts}\n) AS facts WHERE {where}\nGROUP BY ALL"
+        f"FROM (\n{facts}\n) AS facts\nGROUP BY ALL"
     )
 
 
 def prefix_sql(plan: SourcePlan, as_of: pd.Timestamp, days: str, types: Mapping[str, str],
                old: str | None = None, old_as_of: pd.Timestamp | None = None, delta: str | None = None) -> str:
-    """The prefix sums as of the midnight as_of: per merchant and offset a (`SourcePlan.offsets`), each of
-    `prefix_columns` summed over the days before as_of - a; a window is then two of them (`Rolled.prefix_value`).
+    """The prefix sums as of the midnight as_of: one row per merchant, a column `s<a>_<p>` for each (offset
+    a, partial p) a feature reads (`SourcePlan.prefix_sums`): p summed over the days before as_of - a; a
+    window is then two of them (`Rolled.prefix_value`).
 
     Rolled forward from `old` (the same as of old_as_of): S_a = old S_a, plus `delta` (rows of new minus old
     partials, `partials_sql`'s shape) on the days before old_as_of - a (a refund months ago shifts every
@@ -268,25 +274,30 @@ def prefix_sql(plan: SourcePlan, as_of: pd.Timestamp, days: str, types: Mapping[
     roll moved past each boundary). Without `old`, the sums of `days` before as_of - a (the first build).
     Sums and counts of exact numbers (integers, fixed-point decimals), so rolled forward or summed anew
     they are equal; `types` casts each back to its partial's type."""
-    columns = plan.prefix_columns
-    offsets = f"(SELECT unnest({plan.offsets}) AS a)"
-    new, before = f"DATE '{as_of:%Y-%m-%d}' - o.a", f"DATE '{old_as_of:%Y-%m-%d}' - o.a" if old_as_of else None
+    def boundary(t: pd.Timestamp, a: int) -> str:
+        return f"DATE '{t:%Y-%m-%d}' - {a}"
 
-    def spread(relation: str, condition: str, sign: str = "") -> str:
-        values = ", ".join(f"{sign}coalesce(r.{c}, 0) AS {c}" for c in columns)
-        return f"SELECT r.merchant_id, o.a, {values} FROM {relation} r JOIN {offsets} o ON {condition}"
+    def sums(relation: str, days_of: Callable[[int], str]) -> str:
+        # One grouping per offset over its own days (not a FILTER per column: DuckDB evaluates each alone).
+        by_offset: dict[int, list[str]] = {}
+        for a, c in plan.prefix_sums:
+            by_offset.setdefault(a, []).append(f"sum({c}) AS s{a}_{c}")
+        return "\n  UNION ALL BY NAME ".join(
+            f"SELECT merchant_id, {', '.join(values)} FROM {relation} WHERE {days_of(a)} GROUP BY merchant_id"
+            for a, values in by_offset.items())
 
-    if old_as_of is not None:
+    if old is None or old_as_of is None:
+        parts = [sums(days, lambda a: f"day < {boundary(as_of, a)}")]
+    else:
         listed = ", ".join(f"DATE '{d:%Y-%m-%d}'" for d in crossed_days(plan, old_as_of, as_of)) or "NULL"
-        days = f"(SELECT * FROM {days} WHERE day IN ({listed}))"
-    parts = [spread(days, f"r.day < {new}" + (f" AND r.day >= {before}" if before else ""))]
-    if old is not None:
-        parts.append(f"SELECT merchant_id, a, {', '.join(columns)} FROM {old}")
-    if delta is not None:
-        parts.append(spread(delta, f"r.day < {before}"))
-    sums = ", ".join(f"CAST(sum({c}) AS {types[c]}) AS {c}" for c in columns)
+        parts = [sums(f"(SELECT * FROM {days} WHERE day IN ({listed}))",
+                      lambda a: f"day >= {boundary(old_as_of, a)} AND day < {boundary(as_of, a)}"),
+                 f"SELECT * FROM {old}"]
+        if delta is not None:
+            parts.append(sums(delta, lambda a: f"day < {boundary(old_as_of, a)}"))
+    totals = ", ".join(f"CAST(coalesce(sum(s{a}_{c}), 0) AS {types[c]}) AS s{a}_{c}" for a, c in plan.prefix_sums)
     union = "\n  UNION ALL BY NAME ".join(parts)
-    return f"SELECT merchant_id, a, {sums} FROM (\n  {union}) GROUP BY merchant_id, a"
+    return f"SELECT merchant_id, {totals} FROM (\n  {union}) GROUP BY merchant_id"
 
 
 def crossed_days(plan: SourcePlan, old_as_of: pd.Timestamp, as_of: pd.Timestamp) -> list[pd.Timestamp]:
@@ -370,11 +381,8 @@ def rolled_sql(plan: SourcePlan, partials: Callable[[list[Feature], bool], str],
     groups = [fs for fs in (recent, [f for f in plain if f not in recent + forever], forever) if fs]
     passes = [single_sql(facts(fs, True), fs, lambda f: by_name[f.name].mixed_value()) for fs in groups]
     if prefixed:
-        sums = ", ".join(f"coalesce(any_value({c}) FILTER (WHERE a = {a}), 0) AS s{a}_{c}"
-                         for a in plan.offsets for c in plan.prefix_columns)
         values = "".join(f", {r.prefix_value()} AS {r.feature.name}" for r in plan.prefixed)
-        passes.insert(0, f"(SELECT e.eid{values} FROM entities e JOIN (SELECT merchant_id, {sums} FROM {prefix} "
-                         "GROUP BY merchant_id) s ON s.merchant_id = e.merchant_id)")
+        passes.insert(0, f"(SELECT e.eid{values} FROM entities e JOIN {prefix} s ON s.merchant_id = e.merchant_id)")
     keys: dict[str | None, list[Feature]] = {}
     for f in plan.features:
         if f not in plain and f.name not in prefixed:

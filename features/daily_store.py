@@ -4,7 +4,7 @@
 They live in one DuckDB database, `<feature_store>/version=<feature_set_version>/daily/daily.duckdb`:
     <source>_days     partials per merchant and day of facts (`features.daily.partials_sql`)
     <source>_months   the same added up per merchant and month (`months_sql`)
-    <source>_prefix   the prefix sums per merchant and offset (`prefix_sql`)
+    <source>_prefix   the prefix sums per merchant, a column per offset and partial read (`prefix_sql`)
     state             the as_of and raw snapshot they hold, and the plan they were computed for
 A refresh is one transaction: it deletes the partials it must recompute and inserts the new ones, then
 rolls the month sums and prefix sums of what changed. A refresh that fails leaves the previous state, whole;
@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 
 DATABASE = "daily.duckdb"
 STATE = "state.json"
-LAYOUT = 4
+LAYOUT = 5
 T = TypeVar("T")
 
 
@@ -100,9 +100,8 @@ def _plan_hash(p: Plan) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _touched_sql(row: str = "o", day: str = "o.day") -> str:
-    """The row is of a (merchant, day) pair the refresh recomputes (`DailyStore._touched`)."""
-    return f"EXISTS (SELECT 1 FROM touched t WHERE t.merchant_id = {row}.merchant_id AND t.day = {day})"
+TOUCHED = "EXISTS (SELECT 1 FROM touched t WHERE t.merchant_id = o.merchant_id AND t.day = o.day)"
+"""The partials row `o` is of a (merchant, day) pair the refresh recomputes (`DailyStore._touched`)."""
 
 
 def _words(*sql: str) -> set[str]:
@@ -117,7 +116,7 @@ def _sum_type(partial_type: str) -> str:
     return "BIGINT" if partial_type.endswith("INT") or partial_type == "INTEGER" else partial_type
 
 
-def _months_sql(months: set[str], column: str = "fact_time") -> str:
+def _months_sql(months: set[str], column: str) -> str:
     """A predicate keeping the times of the given months."""
     if not months:
         return "false"
@@ -134,9 +133,16 @@ def _table(source_plan: SourcePlan, kind: str) -> str:
     return f"daily.{source_plan.source.name}_{kind}"
 
 
-def _rows(source_plan: SourcePlan, tables: dict[str, str]) -> dict[str, str]:
-    """The source's rows (`features.sql.source_rows_sql`), as `partials_sql` reads them."""
-    return {source_plan.source.name: source_rows_sql(source_plan.source, source_plan.features, tables)}
+def _rows(source_plan: SourcePlan, tables: dict[str, str], months: set[str] | None = None) -> dict[str, str]:
+    """The source's rows (`features.sql.source_rows_sql`), as `partials_sql` reads them; given `months`, only
+    those of the `touched` pairs, filtered before the facts' join and columns (a filter on the facts' time
+    is not pushed down to the raw rows: 1.3-2.5x the CPU, measured)."""
+    name, time = source_plan.source.name, source_plan.source.time_column
+    rows = source_rows_sql(source_plan.source, source_plan.features, tables)
+    if months is not None:
+        rows = (f"(SELECT r.* FROM {rows} r SEMI JOIN touched t ON t.merchant_id = r.merchant_id "
+                f"AND t.day = CAST(r.{time} AS DATE) WHERE {_months_sql(months, f'r.{time}')})")
+    return {name: rows}
 
 
 class DailyStore:
@@ -276,7 +282,7 @@ class DailyStore:
         """Every day's partials of the source, and their month sums, anew; the months they hold."""
         days, months = _table(source_plan, "days"), _table(source_plan, "months")
         con.execute(f"CREATE OR REPLACE TABLE {days} AS "
-                    f"SELECT * FROM ({partials_sql(source_plan, _rows(source_plan, tables), 'true')}) ORDER BY day")
+                    f"SELECT * FROM ({partials_sql(source_plan, _rows(source_plan, tables))}) ORDER BY day")
         if source_plan.month_columns:
             con.execute(f"CREATE OR REPLACE TABLE {months} AS SELECT * FROM ({months_sql(source_plan, days)}) "
                         "ORDER BY day")
@@ -289,15 +295,14 @@ class DailyStore:
         months. What they replace is kept in the temp table `replaced_partials`, the new ones in
         `touched_partials`, for the prefix sums' change."""
         days, sums = _table(source_plan, "days"), _table(source_plan, "months")
-        touched = _touched_sql("facts", "CAST(facts.fact_time AS DATE)")
-        con.execute("CREATE OR REPLACE TEMP TABLE touched_partials AS " + partials_sql(
-            source_plan, _rows(source_plan, tables), f"({_months_sql(months)}) AND {touched}"))
+        con.execute("CREATE OR REPLACE TEMP TABLE touched_partials AS "
+                    + partials_sql(source_plan, _rows(source_plan, tables, months)))
         # The days' first touched one, a constant DuckDB skips whole row groups by (the table is in day order).
         (first,) = fetch_one(con, "SELECT min(day) FROM touched")
         since = f"o.day >= DATE '{first:%Y-%m-%d}'"
         con.execute(f"CREATE OR REPLACE TEMP TABLE replaced_partials AS SELECT * FROM {days} o "
-                    f"WHERE {since} AND {_touched_sql()}")
-        con.execute(f"DELETE FROM {days} o WHERE {since} AND {_touched_sql()}")
+                    f"WHERE {since} AND {TOUCHED}")
+        con.execute(f"DELETE FROM {days} o WHERE {since} AND {TOUCHED}")
         con.execute(f"INSERT INTO {days} BY NAME SELECT * FROM touched_partials")
         if not source_plan.month_columns:
             return
