@@ -3,9 +3,10 @@
 pull the day (a batch folder or the platform's database) -> raw store (the ingest: validated whole, all or
 nothing) -> online features as of the next midnight, rolled forward from the daily partials and prefix sums
 (`features.daily_store`), no full rebuild -> every merchant re-scored by the champion, limits recomputed ->
-the early warning on every live loan (`pipelines.monitor.watch`, the `scfrisk monitor` check) -> one new
-bundle with the day's features, limits and alerts, switched in by the pointer the service polls
-(`serving.live`: requests in flight keep the bundle they started with).
+the early warning on every live loan (`pipelines.monitor.watch`, the `scfrisk monitor` check) -> the day's
+snapshot of the features (offline store, online file) -> one new bundle with the day's features, limits and
+alerts, switched in by the pointer the service polls (`serving.live`: requests in flight keep the bundle they
+started with).
 
 The monitor is a step of the refresh rather than a deployment of its own: its alerts then always belong
 to the bundle's features and limits (a separate daily run would publish a second bundle, and between the
@@ -22,7 +23,6 @@ import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 from prefect import flow
@@ -97,12 +97,7 @@ def refresh(settings: Settings, source: str | Path, as_of: pd.Timestamp | None =
 
     offline = OfflineStore.from_settings(settings, store)
 
-    def features() -> tuple[Any, Path | str]:
-        daily = DailyStore(partials_folder(settings), store).refresh(as_of)
-        offline.write(daily.features, offline.snapshot_path(as_of), offline.metadata(as_of.isoformat()))
-        return daily, publish_online(offline, as_of)
-
-    daily, online = steps.time("features", features)
+    daily = steps.time("features", DailyStore(partials_folder(settings), store).refresh, as_of)
     found = champion(settings)
     model, version = found.model, found.version
     policy = load_policy(settings.policy_file)
@@ -117,6 +112,14 @@ def refresh(settings: Settings, source: str | Path, as_of: pd.Timestamp | None =
     limits, reasons = steps.time("score", score)
     day = steps.time("monitor", watch, settings, store, model, policy, as_of.to_pydatetime(), daily.features)
     report = report_file(settings, version)
+
+    def snapshot() -> Path | str:
+        """The day's vector in the offline store (what a monthly run would read as of that midnight) and as
+        the online file the bundle carries: written once every step before has succeeded."""
+        offline.write(daily.features, offline.snapshot_path(as_of), offline.metadata(as_of.isoformat()))
+        return publish_online(offline, as_of)
+
+    online = steps.time("snapshot", snapshot)
 
     def switch_in() -> str:
         with tempfile.TemporaryDirectory() as tmp:
