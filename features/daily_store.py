@@ -204,8 +204,11 @@ class DailyStore:
         before = self._usable(stored, as_of)
         old = stored if before is not None else None
         changed = store.changed_partitions(before) if before else {}
+        # Every merchant's partials (one onboarded later may have facts before); read once (hundreds of files).
+        con.execute(f"CREATE OR REPLACE TEMP TABLE merchant_list AS SELECT merchant_id, onboarded_at "
+                    f"FROM {tables['merchants']}")
         con.execute("CREATE OR REPLACE TEMP TABLE entities AS SELECT row_number() OVER () AS eid, merchant_id, "
-                    "?::TIMESTAMP AS as_of FROM merchants", [as_of.to_pydatetime()])
+                    "?::TIMESTAMP AS as_of FROM merchant_list", [as_of.to_pydatetime()])
         recomputed: dict[str, list[str]] = {}
         days: dict[str, int] = {}
         new_state = {"as_of": as_of.isoformat(), "raw_snapshot_id": store.snapshot_id, "plan": _plan_hash(self.plan)}
@@ -342,9 +345,10 @@ class DailyStore:
                 f"SELECT *, true AS is_month FROM {_table(source_plan, 'months')}{reach})")
 
     def _roll_up(self, con: duckdb.DuckDBPyConnection, tables: dict[str, str], as_of: pd.Timestamp) -> pd.DataFrame:
+        """The vector of every merchant onboarded before as_of (from `merchant_list`)."""
         merchants = con.execute(
-            f"SELECT merchant_id, ?::TIMESTAMP AS as_of FROM {tables.get('merchants', 'merchants')} "
-            "WHERE onboarded_at < ?::TIMESTAMP ORDER BY merchant_id", [as_of.to_pydatetime()] * 2).df()
+            "SELECT merchant_id, ?::TIMESTAMP AS as_of FROM merchant_list WHERE onboarded_at < ?::TIMESTAMP "
+            "ORDER BY merchant_id", [as_of.to_pydatetime()] * 2).df()
         entities = normalise_entities(merchants)
         con.register("batch", entities)
         con.execute("CREATE OR REPLACE TEMP TABLE entities AS SELECT row_number() OVER () AS eid, * FROM batch")
