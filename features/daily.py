@@ -361,7 +361,8 @@ def rolled_sql(plan: SourcePlan, partials: Callable[[list[Feature], bool], str],
 
     def facts(fs: list[Feature], mixed: bool) -> str:
         days = lookback(fs)
-        bound = "" if days is None else f" AND p.day >= CAST(e.as_of AS DATE) - {days + 31}"
+        # A month row is dated its first day: up to a month before the window's first day.
+        bound = "" if days is None else f" AND p.day >= CAST(e.as_of AS DATE) - {days + 31 if mixed else days}"
         today = "CAST(e.as_of AS DATE)"
         ranges = (f"date_diff('day', last_day(p.day), {today}) AS m_lo, "
                   f"date_diff('day', CAST(date_trunc('month', p.day) AS DATE), {today}) AS m_hi, "
