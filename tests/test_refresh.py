@@ -264,6 +264,32 @@ def test_the_days_refresh_publishes_the_alerts_of_that_day(days, tmp_path):
     assert "have been released" in fired["reason"].iloc[0]
 
 
+def test_a_refresh_that_fails_after_its_features_writes_and_publishes_nothing(days, tmp_path, monkeypatch):
+    """The monitor fails on the day: the live bundle stays, and neither the day's offline snapshot nor the
+    online file is written (the snapshot step comes once every step before it has succeeded)."""
+    import pipelines.monitor
+    from features.online_store import ONLINE_FILE
+    from pipelines.refresh import refresh
+    from serving.bundle import current_bundle_id
+    from testkit.service import register_champion
+
+    settings = Settings(home=tmp_path / "home")
+    register_champion(settings)
+    before = refresh(settings, days["base"])
+    offline = OfflineStore.from_settings(settings)
+    online = offline.fs.cat_file(str(offline.location(*ONLINE_FILE.parts)))
+
+    def down(*args, **kwargs):
+        raise ScfriskError("the monitor is down")
+
+    monkeypatch.setattr(pipelines.monitor, "watch", down)
+    with pytest.raises(ScfriskError, match="the monitor is down"):
+        refresh(settings, days["day"])
+    assert not offline.fs.exists(str(offline.snapshot_path(DAY + pd.Timedelta(days=1))))
+    assert offline.fs.cat_file(str(offline.location(*ONLINE_FILE.parts))) == online
+    assert current_bundle_id(settings.path("published")) == before.bundle_id
+
+
 def bundle_alerts(settings: Settings, bundle_id: str) -> pd.DataFrame:
     from serving.bundle import ALERTS_FILE, BUNDLES_DIR
 
