@@ -115,7 +115,8 @@ class SourcePlan:
 
     @property
     def offsets(self) -> list[int]:
-        return sorted({a for r in self.prefixed for a in r.offsets or ()})
+        """The offsets of the prefix sums kept (`prefix_sums`)."""
+        return sorted({a for a, _ in self.prefix_sums})
 
     @property
     def summed_by_month(self) -> list[Rolled]:

@@ -337,12 +337,13 @@ class DailyStore:
         back to, or (mixed) the days of their edge months and the other months whole."""
         days_back = lookback(features)
         first = None if days_back is None else as_of - pd.Timedelta(days=days_back)
+        table = _table(source_plan, "days")
         if not mixed:
-            return f"(SELECT * FROM {_table(source_plan, 'days')}" + ("" if first is None else
-                                                                      f" WHERE day >= DATE '{first:%Y-%m-%d}'") + ")"
+            since = "" if first is None else f" WHERE day >= DATE '{first:%Y-%m-%d}'"
+            return f"(SELECT * FROM {table}{since})"
         # Month rows are dated their month's first day: the edge month's days too, from that day.
         reach = "" if first is None else f" WHERE day >= DATE '{first:%Y-%m-01}'"
-        days = f"(SELECT * FROM {_table(source_plan, 'days')}{reach})"
+        days = f"(SELECT * FROM {table}{reach})"
         edges = _months_sql(edge_months(features, as_of), "day")
         return (f"(SELECT *, false AS is_month FROM {days} WHERE {edges} UNION ALL BY NAME "
                 f"SELECT *, true AS is_month FROM {_table(source_plan, 'months')}{reach})")
